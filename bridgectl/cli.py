@@ -1,0 +1,145 @@
+"""`bridgectl`: the command-line entry point. Each command only wires one module; errors are printed as
+`Error:` + `Hint:` with exit code 2 (bad input), 1 (training failed) or 130 (interrupted). Set BRIDGECTL_DEBUG=1
+to see full tracebacks."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from omegaconf import OmegaConf
+from rich.table import Table
+
+from bridgectl.config import compose, group_options, register_recipe_file, stage_budgets
+from bridgectl.core.ui import console
+from bridgectl.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False,
+                  help="Compare SFT, RL, two-stage, interleaved and BRIDGE post-training recipes.")
+
+
+def _fail(message: str, hint: str, code: int) -> None:
+    console.print(f"[red]Error:[/red] {message}")
+    if hint:
+        console.print(f"Hint: {hint}")
+    raise typer.Exit(code)
+
+
+def _resolve_overrides(overrides: list[str]) -> list[str]:
+    """A `recipe=path/to/file.yaml` override registers that file as a recipe and selects it."""
+    resolved = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "recipe" and value.endswith((".yaml", ".yml")):
+            value = register_recipe_file(Path(value))
+        resolved.append(f"{key}={value}" if _ else item)
+    return resolved
+
+
+def _default_name(cfg) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{cfg.recipe.name}-{cfg.task.name}-seed{cfg.seed}-{stamp}"
+
+
+@app.command()
+def run(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Hydra overrides, e.g. recipe=rl seed=1 train.max_steps=40"),
+    out: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run directory name (default: recipe-task-seed-time)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and plan; write nothing."),
+) -> None:
+    """Train one recipe into a new run directory and print eval accuracy before and after."""
+    try:
+        cfg = compose(_resolve_overrides(list(overrides or [])))
+        budgets = stage_budgets(cfg)
+        run_path = out / (name or _default_name(cfg))
+        if run_path.exists():
+            raise UserError(f"run directory {run_path} already exists",
+                            "choose another --name or --out; runs are never overwritten")
+    except UserError as error:
+        _fail(error.message, error.hint, 2)
+    plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))
+    if dry_run:
+        console.print(OmegaConf.to_yaml(cfg, resolve=True))
+        console.print(f"plan: recipe {cfg.recipe.name}: {plan} steps -> {run_path}")
+        return
+    console.print(f"[bold]bridgectl run[/bold] recipe [cyan]{cfg.recipe.name}[/cyan] ({plan} steps), "
+                  f"task {cfg.task.name}, model {cfg.model.name}, seed {cfg.seed} -> {run_path}")
+    from bridgectl.runner import run as run_training  # torch and transformers load only when training
+
+    try:
+        summary = run_training(cfg, run_path)
+    except KeyboardInterrupt:
+        console.print(f"Interrupted: {run_path} has status 'interrupted'")
+        raise typer.Exit(130)
+    except Exception as error:
+        if os.environ.get("BRIDGECTL_DEBUG"):
+            raise
+        _fail(f"training failed: {type(error).__name__}: {error}",
+              f"the run directory {run_path} has the details; set BRIDGECTL_DEBUG=1 for a traceback", 1)
+    _print_eval_table(summary, run_path)
+
+
+def _print_eval_table(summary: dict, run_path: Path) -> None:
+    table = Table(title=f"{summary['recipe']}: greedy pass@1 ({summary['wall_s']:.0f} s)")
+    for column in ("split", "n", "before", "after", "change"):
+        table.add_column(column, justify="right" if column != "split" else "left")
+    for split, result in summary["eval"].items():
+        before = summary["eval_initial"][split]["accuracy"]
+        after = result["accuracy"]
+        table.add_row(split, str(result["n"]), f"{before:.1%}", f"{after:.1%}", f"{after - before:+.1%}")
+    console.print(table)
+    console.print(f"run directory: {run_path}")
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes and their stages."""
+    table = Table(title="recipes (bridgectl run recipe=NAME)")
+    for column in ("recipe", "stages", "default steps", "what it does"):
+        table.add_column(column)
+    for option in group_options("recipe"):
+        cfg = compose([f"recipe={option}"])
+        budgets = stage_budgets(cfg)
+        stages = " -> ".join(f"{k}({b})" for k, b in zip(cfg.recipe.stages, budgets))
+        table.add_row(option, stages, str(sum(budgets)), cfg.recipe.description)
+    console.print(table)
+
+
+@app.command("build-tiny")
+def build_tiny(
+    overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of model.* and task.* keys."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write here instead of the cache."),
+) -> None:
+    """(Re)build the tiny base model's weights by deterministic pretraining on task text."""
+    try:
+        cfg = compose(list(overrides or []))
+    except UserError as error:
+        _fail(error.message, error.hint, 2)
+    from bridgectl.models import tiny
+
+    if out is not None:
+        if out.exists():
+            _fail(f"{out} already exists", "give a new directory; nothing is overwritten", 2)
+        path = tiny.pretrain(cfg.model, cfg.task, out)
+    else:
+        path = tiny.base_model_dir(cfg.model, cfg.task)
+    console.print(f"tiny base model: {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as error:  # raised outside a command's own handling
+        console.print(f"[red]Error:[/red] {error.message}")
+        if error.hint:
+            console.print(f"Hint: {error.hint}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Typed configuration: dataclasses registered with Hydra are the single source of truth.
+
+`compose(overrides)` builds the config exactly as `bridgectl run` does (Hydra's compose API over the YAML files in
+`bridgectl/conf/`, checked against these dataclasses), then `validate` rejects values no run could use. Every problem
+is raised as `UserError`, which the CLI prints as `Error:` + `Hint:` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from bridgectl.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+STAGE_KINDS = ("sft", "rl", "interleaved")
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    """Recipe name, shown in tables and used to group runs in `compare`."""
+    description: str = ""
+    """One line for `bridgectl recipes`."""
+    stages: list[str] = field(default_factory=list)
+    """Stage kinds run in order, e.g. [sft, rl]. Kinds: sft, rl, interleaved."""
+    fractions: Optional[list[float]] = None
+    """Share of `train.max_steps` given to each stage; equal shares when null."""
+    steps: Optional[list[int]] = None
+    """Explicit step budget per stage; overrides `fractions` and `train.max_steps` when set."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"
+    """Task name (built-in: arith)."""
+    modulus: int = 10
+    """Every intermediate result is reduced modulo this (10: each trace step is a single-digit fact)."""
+    max_operand: int = 9
+    """Operands are drawn from 1..max_operand."""
+    train_ops: list[int] = field(default_factory=lambda: [2, 4])
+    """[min, max] operations in SFT examples and RL prompts."""
+    test_ops: list[int] = field(default_factory=lambda: [3, 4])
+    """[min, max] operations in the held-out `test` split."""
+    ood_ops: list[int] = field(default_factory=lambda: [5, 5])
+    """[min, max] operations in the `ood` split (longer than anything SFT or RL trains on)."""
+    pretrain_ops: list[int] = field(default_factory=lambda: [1, 5])
+    """[min, max] operations in the tiny model's pretraining text."""
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 800
+    """Pretraining steps of the tiny base model."""
+    batch_size: int = 128
+    """Problems per pretraining step."""
+    lr: float = 1.0e-3
+    """Peak learning rate (one-cycle cosine schedule)."""
+    trace_fraction: float = 0.3
+    """Share of pretraining examples written as step-by-step traces (the rest are direct answers)."""
+    seed: int = 0
+    """Seed of the weights' initialisation and of the pretraining data."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    """Model name (built-in: tiny)."""
+    finetune: str = "full"
+    """What trains: `full` (every weight; the tiny model learns best so) or `lora` (a peft adapter, base frozen)."""
+    hidden_size: int = 128
+    """Width of the tiny Llama."""
+    num_layers: int = 4
+    """Transformer blocks of the tiny Llama."""
+    num_heads: int = 4
+    """Attention heads of the tiny Llama."""
+    max_positions: int = 96
+    """Longest sequence the tiny Llama handles (prompt + completion)."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: sdpa or eager (eager is needed for double backward on CPU)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """How the tiny base weights are built."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    """Module names that get adapters."""
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip per update (0 disables)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in updates of each optimizer."""
+    schedule: str = "constant"
+    """Learning-rate schedule after warm-up: constant or cosine (to 10% of the peak)."""
+
+
+@dataclass
+class SFTConfig:
+    lr: float = 5.0e-4
+    """Learning rate of SFT updates."""
+    batch_size: int = 64
+    """Examples per SFT update."""
+
+
+@dataclass
+class RLConfig:
+    lr: float = 1.0e-4
+    """Learning rate of RL updates (the tiny base collapses above ~1e-4 with RL on a direct-answer base)."""
+    prompts_per_step: int = 16
+    """Distinct prompts per RL update."""
+    num_generations: int = 8
+    """Completions sampled per prompt (the GRPO group size; TRL's name). At least 2."""
+    beta: float = 0.0
+    """KL coefficient to the frozen reference (TRL's default is 0.0: no reference model is kept)."""
+    epsilon: float = 0.2
+    """PPO clip range of the importance ratio."""
+    temperature: float = 1.0
+    """Sampling temperature of rollouts (log-probs are computed at the same temperature)."""
+    max_completion_length: int = 48
+    """Most tokens generated per completion."""
+    scale_rewards: str = "group"
+    """Advantage scaling: group (divide by the group's std, GRPO) or none (Dr. GRPO)."""
+
+
+@dataclass
+class InterleaveConfig:
+    rl_steps: int = 1
+    """RL updates per cycle of the interleaved stage."""
+    sft_steps: int = 1
+    """SFT updates per cycle of the interleaved stage."""
+
+
+@dataclass
+class EvalConfig:
+    n: int = 300
+    """Problems per evaluation split (the same problems for every run)."""
+    max_new_tokens: int = 48
+    """Most tokens generated per greedy answer."""
+    batch_size: int = 300
+    """Problems per generation batch."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200
+    """Total updates over all stages (recipes split it with `recipe.fractions`)."""
+    eval_every: int = 50
+    """Greedy evaluation of every split each this many steps (0: only before and after)."""
+    log_completions_every: int = 25
+    """Write a sample of rollouts to completions.jsonl each this many RL steps."""
+    threads: int = 2
+    """torch CPU threads (0: torch's default)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+
+
+@dataclass
+class Config:
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    interleave: InterleaveConfig = field(default_factory=InterleaveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+    """Seed of data order, sampling and any fresh weights."""
+
+
+ConfigStore.instance().store(name="bridgectl_schema", node=Config)
+
+
+_user_recipes: set[str] = set()
+
+
+def group_options(group: str) -> list[str]:
+    options = {p.stem for p in (CONF_DIR / group).glob("*.yaml")}
+    return sorted(options | _user_recipes) if group == "recipe" else sorted(options)
+
+
+def register_recipe_file(path: Path) -> str:
+    """Makes a user's recipe YAML selectable as `recipe=<its stem>`. The file holds `recipe:` (and optionally
+    `train:` or any other section), like the shipped recipes; command-line overrides still win over it."""
+    if not path.is_file():
+        raise UserError(f"recipe file {path} does not exist", "give a path to a YAML file like bridgectl/conf/recipe/two_stage.yaml")
+    try:
+        content = OmegaConf.load(path)
+    except Exception as error:  # yaml's own errors: any unreadable file is bad input
+        raise UserError(f"recipe file {path} is not valid YAML: {_first_line(error)}", "check its indentation") from None
+    if not isinstance(content, DictConfig) or "recipe" not in content:
+        raise UserError(f"recipe file {path} has no `recipe:` section",
+                        "write `recipe: {name: mine, stages: [sft, rl]}` at the top level")
+    name = f"file:{path.stem}"
+    ConfigStore.instance().store(group="recipe", name=name, node=content, package="_global_")
+    _user_recipes.add(name)
+    return name
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The resolved, typed, validated config for these Hydra overrides."""
+    overrides = list(overrides)
+    for group in ("recipe", "task", "model"):
+        for item in overrides:
+            if item.startswith(f"{group}=") and item.split("=", 1)[1] not in group_options(group):
+                raise UserError(f"unknown {group} '{item.split('=', 1)[1]}'",
+                                f"choose one of: {', '.join(group_options(group))}")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise _translate(error) from None
+    validate(cfg)
+    return cfg
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _translate(error: Exception) -> UserError:
+    """Hydra/OmegaConf errors as one readable line and a hint naming the valid choices."""
+    cause = error.__cause__ or error
+    full_key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and full_key:
+        parent, _, leaf = full_key.rpartition(".")
+        node = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else OmegaConf.structured(Config)
+        valid = list(node.keys()) if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f"did you mean '{parent + '.' if parent else ''}{close[0]}'? " if close else ""
+        return UserError(f"unknown key '{full_key}'",
+                         hint + f"keys under '{parent or 'the root'}': {', '.join(valid)}")
+    if isinstance(cause, ValidationError) and full_key:
+        return UserError(f"bad value for '{full_key}': {_first_line(cause)}",
+                         "`bridgectl run --dry-run` shows every key with a value of the right type")
+    return UserError(_first_line(error),
+                     "overrides look like key=value, e.g. `bridgectl run recipe=rl train.max_steps=40 seed=1`")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Values that type-check but no run could use."""
+    def require(condition: bool, message: str, hint: str) -> None:
+        if not condition:
+            raise UserError(message, hint)
+
+    recipe = cfg.recipe
+    require(len(recipe.stages) > 0, "recipe.stages is empty", "give at least one stage, e.g. recipe.stages=[sft,rl]")
+    for stage in recipe.stages:
+        require(stage in STAGE_KINDS, f"unknown stage '{stage}' in recipe.stages",
+                f"stages are: {', '.join(STAGE_KINDS)}")
+    for name, values in (("recipe.fractions", recipe.fractions), ("recipe.steps", recipe.steps)):
+        if values is not None:
+            require(len(values) == len(recipe.stages), f"{name} has {len(values)} entries for "
+                    f"{len(recipe.stages)} stages", f"give one value per stage of {list(recipe.stages)}")
+            require(all(v > 0 for v in values), f"{name} must be positive, got {list(values)}",
+                    "every stage needs a positive budget")
+    require(cfg.train.max_steps > 0, f"train.max_steps must be positive, got {cfg.train.max_steps}",
+            "e.g. train.max_steps=200")
+    for key in ("sft.lr", "rl.lr", "sft.batch_size", "rl.prompts_per_step", "rl.max_completion_length",
+                "eval.n", "eval.batch_size", "eval.max_new_tokens", "interleave.rl_steps", "interleave.sft_steps"):
+        value = OmegaConf.select(cfg, key)
+        require(value > 0, f"{key} must be positive, got {value}", f"e.g. {key}={_example(key)}")
+    require(cfg.rl.num_generations >= 2, f"rl.num_generations must be at least 2, got {cfg.rl.num_generations}",
+            "GRPO compares completions within a group: use rl.num_generations=8")
+    require(cfg.rl.temperature > 0, f"rl.temperature must be positive, got {cfg.rl.temperature}",
+            "sampling needs a positive temperature, e.g. rl.temperature=1.0")
+    require(cfg.rl.beta >= 0 and cfg.rl.epsilon > 0, "rl.beta must be >= 0 and rl.epsilon > 0",
+            "e.g. rl.beta=0.0 rl.epsilon=0.2")
+    require(cfg.rl.scale_rewards in ("group", "none"), f"unknown rl.scale_rewards '{cfg.rl.scale_rewards}'",
+            "choose group or none")
+    require(cfg.model.finetune in ("full", "lora"), f"unknown model.finetune '{cfg.model.finetune}'",
+            "choose full or lora")
+    require(cfg.optim.schedule in ("constant", "cosine"), f"unknown optim.schedule '{cfg.optim.schedule}'",
+            "choose constant or cosine")
+    require(cfg.train.device in ("auto", "cpu", "cuda"), f"unknown train.device '{cfg.train.device}'",
+            "choose auto, cpu or cuda")
+    require(cfg.lora.rank > 0, f"lora.rank must be positive, got {cfg.lora.rank}", "e.g. lora.rank=8")
+    for key in ("train_ops", "test_ops", "ood_ops", "pretrain_ops"):
+        low_high = list(cfg.task[key])
+        require(len(low_high) == 2 and 1 <= low_high[0] <= low_high[1],
+                f"task.{key} must be [min, max] with 1 <= min <= max, got {low_high}", f"e.g. task.{key}=[2,4]")
+    require(cfg.task.modulus >= 2 and cfg.task.max_operand >= 1, "task.modulus must be >= 2, task.max_operand >= 1",
+            "e.g. task.modulus=10 task.max_operand=9")
+
+
+def _example(key: str) -> Any:
+    return OmegaConf.select(OmegaConf.structured(Config), key)
+
+
+def stage_budgets(cfg: DictConfig) -> list[int]:
+    """Steps of each stage: explicit `recipe.steps`, else `train.max_steps` split by `recipe.fractions`."""
+    if cfg.recipe.steps is not None:
+        return [int(s) for s in cfg.recipe.steps]
+    fractions = cfg.recipe.fractions or [1.0] * len(cfg.recipe.stages)
+    total = sum(fractions)
+    budgets = [max(1, round(cfg.train.max_steps * f / total)) for f in fractions]
+    budgets[-1] = max(1, cfg.train.max_steps - sum(budgets[:-1]))
+    return budgets

@@ -1,0 +1,93 @@
+"""Losses shared by every stage: SFT negative log-likelihood and the GRPO policy loss.
+
+Conventions follow TRL's GRPOTrainer so its users feel at home: group-normalised advantages (`scale_rewards`),
+a clipped importance ratio with `epsilon`, the k3 KL estimator weighted by `beta`, and token-level averaging over
+all completion tokens of the batch (TRL's `dapo` loss type, its default since v0.22), which avoids the length bias
+of per-sequence averaging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bridgectl.core.rollout import positions
+
+
+@dataclass
+class SFTBatch:
+    input_ids: torch.Tensor  # [B, T] right-padded `<s>question=completion</s>`
+    attention_mask: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T] completion tokens, -100 on the prompt and padding
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.labels[:, 1:] != -100).sum())
+
+
+def make_sft_batch(tokenizer, prompts: list[str], completions: list[str], device) -> SFTBatch:
+    """Tokenises (prompt, completion) pairs; the loss will see only the completion and its EOS."""
+    rows, labels = [], []
+    for prompt, completion in zip(prompts, completions):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt_ids + completion_ids)
+        labels.append([-100] * len(prompt_ids) + completion_ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels], device=device)
+    return SFTBatch(input_ids, attention_mask, label_ids)
+
+
+def sft_loss(model, batch: SFTBatch) -> torch.Tensor:
+    """Mean negative log-likelihood of the completion tokens: -log pi(trace, answer | question) per token."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=positions(batch.attention_mask)).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+    """GRPO advantages: reward minus its group's mean, divided by the group's std when `scale_rewards=group`.
+    Rows are grouped consecutively: rows [k*G, (k+1)*G) are the completions of prompt k."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+@dataclass
+class GRPOStats:
+    clip_fraction: float
+    kl: float
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              epsilon: float, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, GRPOStats]:
+    """Clipped surrogate  -min(r A, clip(r, 1-eps, 1+eps) A)  with r = pi / pi_old per token, plus
+    beta * KL(pi || pi_ref) with the k3 estimator exp(ref - logp) - (ref - logp) - 1, averaged over every
+    completion token of the batch. `old_logprobs` are the sampling policy's (detached)."""
+    mask = mask.float()
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantage = advantages.unsqueeze(1)
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantage
+    per_token = -torch.min(unclipped, clipped)
+    kl_value = 0.0
+    if beta > 0:
+        if ref_logprobs is None:
+            raise ValueError("beta > 0 needs reference log-probs")
+        log_ratio = ref_logprobs - logprobs
+        per_token_kl = torch.exp(log_ratio) - log_ratio - 1
+        per_token = per_token + beta * per_token_kl
+        kl_value = float((per_token_kl * mask).sum() / mask.sum().clamp(min=1))
+    n_tokens = mask.sum().clamp(min=1)
+    loss = (per_token * mask).sum() / n_tokens
+    was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon) & (advantage > 0))
+    clip_fraction = float((was_clipped.float() * mask).sum() / n_tokens)
+    return loss, GRPOStats(clip_fraction=clip_fraction, kl=kl_value)

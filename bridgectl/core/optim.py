@@ -1,0 +1,37 @@
+"""One optimizer per update rule: AdamW with linear warm-up and a constant or cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def make_optimizer(params, lr: float, optim_cfg, total_updates: int):
+    """AdamW over `params` and its LambdaLR scheduler for `total_updates` updates."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=optim_cfg.weight_decay,
+                                  betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2))
+    warmup, schedule = optim_cfg.warmup_steps, optim_cfg.schedule
+
+    def factor(update: int) -> float:
+        if update < warmup:
+            return (update + 1) / warmup
+        if schedule == "cosine":
+            progress = (update - warmup) / max(1, total_updates - warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_update(loss: torch.Tensor, params, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Backward, clip, step; returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    optimizer.step()
+    scheduler.step()
+    return float(grad_norm)

@@ -1,0 +1,95 @@
+"""Batched generation with a KV cache, and the log-prob pass that scores completions for training.
+
+Both sides must agree to ~1e-6 for the importance ratio to mean anything (measured on the prototype): prompts are
+left-padded and every forward pass gets explicit `position_ids = cumsum(mask) - 1`, and completions are masked
+after their first EOS. Log-probs are taken at the sampling temperature on both sides (as TRL does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, C] right-padded with pad after EOS
+    completion_mask: torch.Tensor  # [N, C] 1 on generated tokens up to and including EOS
+    sampling_logprobs: torch.Tensor  # [N, C] log-prob of each generated token under the sampling policy
+    completions: list[str]  # decoded completion text, special tokens removed
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)
+
+
+def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer(prompts, padding=True, return_tensors="pt")
+    return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+             greedy: bool = False, generator: torch.Generator | None = None) -> Rollouts:
+    """Samples one completion per prompt (repeat prompts for groups). Stops when every row has hit EOS."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    n_rows = prompt_ids.size(0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    mask = prompt_mask
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                logits_to_keep=1)
+    cache, next_logits = out.cache, out.logits[:, -1]
+    position = positions(mask)[:, -1:]
+    tokens, logprobs = [], []
+    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        scaled = torch.log_softmax(next_logits.float() / temperature, dim=-1)
+        if greedy:
+            token = scaled.argmax(dim=-1)
+        else:
+            token = torch.multinomial(scaled.exp(), 1, generator=generator).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        tokens.append(token)
+        logprobs.append(scaled.gather(1, token.unsqueeze(1)).squeeze(1))
+        finished |= token == eos
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, cache=cache,
+                    use_cache=True)
+        cache, next_logits = out.cache, out.logits[:, -1]
+    completion_ids = torch.stack(tokens, dim=1)
+    completion_mask = completion_mask_from(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    sampling_logprobs = torch.stack(logprobs, dim=1) * completion_mask
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, texts)
+
+
+def completion_mask_from(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 on every token up to and including the first EOS, 0 after it."""
+    is_eos = (completion_ids == eos_id).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+def completion_logprobs(model, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs [N, C] of the completions under `model` (with grad), masked to the completion."""
+    input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
+    mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
+    n_completion = rollouts.completion_ids.size(1)
+    # logits at position t predict token t+1: keep the last C+1 positions, drop the final one
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask),
+                   logits_to_keep=n_completion + 1).logits[:, :-1]
+    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
+    token_logprobs = logprobs.gather(2, rollouts.completion_ids.unsqueeze(2)).squeeze(2)
+    return token_logprobs * rollouts.completion_mask

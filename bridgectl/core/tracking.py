@@ -1,0 +1,77 @@
+"""The run directory, source of truth for `compare` and `sweep` (format fixed by shared/design.md):
+
+    config.yaml        fully resolved config
+    metrics.jsonl      one JSON object per logged step: {"step", "stage", "wall_s", <metric>: value, ...}
+    summary.json       {"status", "recipe", "seed", "eval", "eval_initial", "wall_s", "peak_mem_mb", ...}
+    completions.jsonl  sampled rollouts and eval answers: prompt, completion, reward, step
+    checkpoints/       safetensors weights
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _finite(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+class RunDir:
+    """Appends metrics and completions as training goes, writes the summary at the end."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.started = time.perf_counter()
+        self.path.mkdir(parents=True, exist_ok=False)
+        (self.path / "checkpoints").mkdir()
+        self._metrics = open(self.path / "metrics.jsonl", "a")
+        self._completions = open(self.path / "completions.jsonl", "a")
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.started
+
+    def write_config(self, cfg: DictConfig) -> None:
+        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+    def log_metrics(self, step: int, stage: str, metrics: dict) -> None:
+        row = {"step": step, "stage": stage, "wall_s": round(self.wall_s, 3)}
+        row.update({key: _finite(value) for key, value in metrics.items()})
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+
+    def log_completions(self, step: int, rows: list[dict]) -> None:
+        for row in rows:
+            self._completions.write(json.dumps({"step": step, **row}) + "\n")
+        self._completions.flush()
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._completions.close()

@@ -1,0 +1,147 @@
+"""One training run: load, evaluate, run the recipe's stages in order, evaluate, write the run directory.
+
+This is the only place that knows a recipe is a list of stages; the stages and the core never ask which recipe
+is running.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from bridgectl.config import stage_budgets
+from bridgectl.core.context import TrainContext
+from bridgectl.core.evaluate import evaluate_split
+from bridgectl.core.model import load_policy
+from bridgectl.core.tracking import RunDir, peak_memory_mb
+from bridgectl.core.ui import console, progress_bar
+from bridgectl.stages.interleaved import InterleavedStage
+from bridgectl.stages.rl import RLStage
+from bridgectl.stages.sft import SFTStage
+from bridgectl.tasks.arith import ArithTask
+
+STAGES = {"sft": SFTStage, "rl": RLStage, "interleaved": InterleavedStage}
+TASKS = {"arith": ArithTask}
+RL_STAGES = {"rl", "interleaved"}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate_all(ctx: TrainContext, eval_problems: dict) -> dict:
+    """{split: SplitResult} for every eval split of the task."""
+    cfg = ctx.cfg.eval
+    return {split: evaluate_split(ctx.policy.model, ctx.policy.tokenizer, problems, ctx.task.reward,
+                                  cfg.max_new_tokens, cfg.batch_size)
+            for split, problems in eval_problems.items()}
+
+
+def eval_metrics(results: dict) -> dict:
+    metrics = {}
+    for split, result in results.items():
+        metrics[f"eval/{split}/accuracy"] = result.accuracy
+        metrics[f"eval/{split}/response_len"] = result.mean_length
+    return metrics
+
+
+def run(cfg: DictConfig, run_path: Path, show_progress: bool = True) -> dict:
+    """Trains the recipe of `cfg` into a new run directory at `run_path` and returns its summary."""
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.train.device)
+    task = TASKS[cfg.task.name](cfg.task)
+    keep_reference = cfg.rl.beta > 0 and any(stage in RL_STAGES for stage in cfg.recipe.stages)
+    policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference, show_progress=show_progress)
+    ctx = TrainContext(cfg=cfg, policy=policy, task=task, device=device,
+                       sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
+                       sft_examples=task.sft_examples(cfg.seed), rl_problems=task.rl_prompts(cfg.seed))
+    eval_problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}
+
+    run_dir = RunDir(run_path)
+    run_dir.write_config(cfg)
+    budgets = stage_budgets(cfg)
+    summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
+               "model": cfg.model.name, "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
+    run_dir.write_summary(summary)
+
+    initial = evaluate_all(ctx, eval_problems)
+    run_dir.log_metrics(0, "init", eval_metrics(initial))
+    run_dir.log_completions(0, [dict(s, split=split) for split, r in initial.items() for s in r.samples])
+    counters = {"train_tokens": 0, "gen_tokens": 0}
+    step, total_steps = 0, sum(budgets)
+    train_started = time.perf_counter()
+    try:
+        with progress_bar(enabled=show_progress) as progress:
+            for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, budgets)):
+                stage = STAGES[kind](ctx, budget)
+                label = f"stage {index + 1}/{len(budgets)} {kind}"
+                bar = progress.add_task(label, total=budget, info="")
+                recent = deque(maxlen=10)
+                for _ in range(budget):
+                    started = time.perf_counter()
+                    output = stage.step()
+                    step += 1
+                    output.metrics["perf/step_s"] = time.perf_counter() - started
+                    counters["train_tokens"] += output.train_tokens
+                    counters["gen_tokens"] += output.gen_tokens
+                    if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
+                        output.metrics.update(eval_metrics(evaluate_all(ctx, eval_problems)))
+                    run_dir.log_metrics(step, kind, output.metrics)
+                    if output.completions:
+                        run_dir.log_completions(step, output.completions)
+                    recent.append(output.metrics)
+                    progress.update(bar, advance=1, info=_progress_info(recent))
+    except BaseException as error:
+        summary.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
+                       error=f"{type(error).__name__}: {error}", steps=step, wall_s=run_dir.wall_s, **counters)
+        run_dir.write_summary(summary)
+        run_dir.close()
+        raise
+    train_wall = time.perf_counter() - train_started
+
+    final = evaluate_all(ctx, eval_problems)
+    run_dir.log_metrics(step, "final", eval_metrics(final))
+    run_dir.log_completions(step, [dict(s, split=split) for split, r in final.items() for s in r.samples])
+    checkpoint = run_path / "checkpoints" / "final"
+    policy.model.save_pretrained(checkpoint, safe_serialization=True)
+    policy.tokenizer.save_pretrained(checkpoint)
+    summary.update(
+        status="completed", steps=step,
+        eval={split: {"accuracy": r.accuracy, "n": r.n} for split, r in final.items()},
+        eval_initial={split: {"accuracy": r.accuracy, "n": r.n} for split, r in initial.items()},
+        wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device), **counters,
+    )
+    run_dir.write_summary(summary)
+    run_dir.close()
+    return summary
+
+
+def _progress_info(recent) -> str:
+    """Stage-agnostic progress text: the mean of whatever losses and rewards the recent steps reported."""
+    def mean(key):
+        values = [m[key] for m in recent if m.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    parts = []
+    for key, label in (("train/reward_mean", "reward"), ("train/rl_loss", "rl_loss"),
+                       ("train/sft_loss", "sft_loss"), ("perf/step_s", "s/step")):
+        value = mean(key)
+        if value is not None:
+            parts.append(f"{label} {value:.3f}")
+    return "  ".join(parts)

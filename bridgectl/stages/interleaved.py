@@ -1,0 +1,29 @@
+"""Stage `interleaved`: the paper's "naive alternating" baseline, RL updates and SFT updates in turn.
+
+Each step is one update; a cycle is `interleave.rl_steps` RL updates then `interleave.sft_steps` SFT updates
+(default 1:1, as in the paper). The two update rules keep their own optimizers and learning rates, so the
+alternation does not mix Adam statistics of two different losses.
+"""
+
+from __future__ import annotations
+
+from bridgectl.core.context import StepOutput, TrainContext
+from bridgectl.stages.rl import RLStage
+from bridgectl.stages.sft import SFTStage
+
+
+class InterleavedStage:
+    name = "interleaved"
+
+    def __init__(self, ctx: TrainContext, total_updates: int) -> None:
+        pattern = ["rl"] * ctx.cfg.interleave.rl_steps + ["sft"] * ctx.cfg.interleave.sft_steps
+        self.schedule = [pattern[i % len(pattern)] for i in range(total_updates)]
+        self.rules = {"rl": RLStage(ctx, self.schedule.count("rl")), "sft": SFTStage(ctx, self.schedule.count("sft"))}
+        self.updates = 0
+
+    def step(self) -> StepOutput:
+        rule = self.schedule[self.updates % len(self.schedule)]
+        self.updates += 1
+        output = self.rules[rule].step()
+        output.metrics["interleave/is_rl"] = float(rule == "rl")
+        return output

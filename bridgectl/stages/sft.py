@@ -1,0 +1,33 @@
+"""Stage `sft`: supervised fine-tuning on reasoning traces.
+
+Paper Eq. 1: maximise J_SFT = E[log pi(r, y | x)] over (question x, trace r, answer y); here as the mean
+negative log-likelihood of the trace and answer tokens (the question is not scored).
+"""
+
+from __future__ import annotations
+
+from bridgectl.core.context import StepOutput, TrainContext
+from bridgectl.core.losses import make_sft_batch, sft_loss
+from bridgectl.core.optim import apply_update, make_optimizer
+
+
+class SFTStage:
+    name = "sft"
+
+    def __init__(self, ctx: TrainContext, total_updates: int) -> None:
+        self.ctx = ctx
+        self.params = ctx.policy.trainable_parameters()
+        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.sft.lr, ctx.cfg.optim, total_updates)
+
+    def step(self) -> StepOutput:
+        ctx = self.ctx
+        problems = [next(ctx.sft_examples) for _ in range(ctx.cfg.sft.batch_size)]
+        batch = make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems],
+                               [p.trace_completion for p in problems], ctx.device)
+        loss = sft_loss(ctx.policy.model, batch)
+        grad_norm = apply_update(loss, self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+        return StepOutput(
+            metrics={"train/sft_loss": loss.item(), "train/grad_norm": grad_norm,
+                     "train/lr": self.scheduler.get_last_lr()[0]},
+            train_tokens=batch.n_tokens,
+        )

@@ -85,7 +85,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         log_ratio = ref_logprobs - logprobs
         per_token_kl = torch.exp(log_ratio) - log_ratio - 1
         per_token = per_token + beta * per_token_kl
-        kl_value = float((per_token_kl * mask).sum() / mask.sum().clamp(min=1))
+        kl_value = float((per_token_kl.detach() * mask).sum() / mask.sum().clamp(min=1))
     n_tokens = mask.sum().clamp(min=1)
     loss = (per_token * mask).sum() / n_tokens
     was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon) & (advantage > 0))

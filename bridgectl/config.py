@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from bridgectl.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-STAGE_KINDS = ("sft", "rl", "interleaved")
+STAGE_KINDS = ("sft", "rl", "interleaved", "mix", "bridge")
 
 
 @dataclass
@@ -32,7 +32,7 @@ class RecipeConfig:
     description: str = ""
     """One line for `bridgectl recipes`."""
     stages: list[str] = field(default_factory=list)
-    """Stage kinds run in order, e.g. [sft, rl]. Kinds: sft, rl, interleaved."""
+    """Stage kinds run in order, e.g. [sft, rl]. Kinds: sft, rl, interleaved, mix, bridge."""
     fractions: Optional[list[float]] = None
     """Share of `train.max_steps` given to each stage; equal shares when null."""
     steps: Optional[list[int]] = None
@@ -157,6 +157,45 @@ class InterleaveConfig:
 
 
 @dataclass
+class BridgeConfig:
+    lower: str = "full"
+    """What theta and theta_hat are: full (the model's weights; the paper) or lora (an adapter of rank lora.rank)."""
+    lam: float = 0.5
+    """lambda in [0, 1]: weight of RL (and of the cooperative gain) against SFT, Eq. 7 (paper: 0.5)."""
+    lam_start: Optional[float] = None
+    """With lam_end: ramp lambda linearly from lam_start to lam_end over the stage instead of constant lam."""
+    lam_end: Optional[float] = None
+    """End of the lambda ramp (see lam_start)."""
+    alpha: float = 1.0e-4
+    """Learning rate of the lower level theta and of the shadow theta_hat (paper's alpha)."""
+    beta: float = 1.0e-3
+    """Learning rate of the upper-level LoRA adapter w (paper's beta; not reported there)."""
+    sft_scale: float = 1.0
+    """Multiplies the SFT term at both levels (1 = paper; a deviation for scales where SFT and RL want
+    different step sizes)."""
+    w_rank: int = 8
+    """Rank of the upper-level adapter w."""
+    w_alpha: int = 16
+    """LoRA alpha of w."""
+    shadow: str = "persistent"
+    """persistent (Algorithm 2: an RL-only copy trained alongside) or lookahead (Eq. 10: theta + one RL step)."""
+    shadow_rollouts: bool = False
+    """Also sample the shadow's own rollouts each step and log bridge/reward_gap (costs one more generation)."""
+    optimizer: str = "adamw"
+    """adamw, or sgd (plain theta -= lr * grad, for exact-update checks)."""
+
+
+@dataclass
+class MixConfig:
+    mu: float = 0.5
+    """Weight of the SFT loss in L_rl + mu * L_sft (start value when mu_end is set)."""
+    mu_end: Optional[float] = None
+    """When set, mu decays linearly from mu to mu_end over the stage."""
+    lr: float = 2.0e-4
+    """Learning rate of the mixed update."""
+
+
+@dataclass
 class EvalConfig:
     n: int = 300
     """Problems per evaluation split (the same problems for every run)."""
@@ -190,6 +229,8 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     interleave: InterleaveConfig = field(default_factory=InterleaveConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0
@@ -307,6 +348,26 @@ def validate(cfg: DictConfig) -> None:
         low_high = list(cfg.task[key])
         require(len(low_high) == 2 and 1 <= low_high[0] <= low_high[1],
                 f"task.{key} must be [min, max] with 1 <= min <= max, got {low_high}", f"e.g. task.{key}=[2,4]")
+    bridge = cfg.bridge
+    for key in ("lam", "lam_start", "lam_end"):
+        value = bridge[key]
+        require(value is None or 0.0 <= value <= 1.0, f"bridge.{key} must be in [0, 1], got {value}",
+                "lambda weighs RL against SFT: e.g. bridge.lam=0.5")
+    require((bridge.lam_start is None) == (bridge.lam_end is None), "bridge.lam_start and bridge.lam_end go together",
+            "set both for a ramp, e.g. bridge.lam_start=0.2 bridge.lam_end=0.8, or neither")
+    require(bridge.alpha > 0, f"bridge.alpha must be positive, got {bridge.alpha}", "e.g. bridge.alpha=1e-4")
+    require(bridge.beta > 0, f"bridge.beta must be positive, got {bridge.beta}",
+            "bridge.beta is the learning rate of the LoRA adapter w, e.g. bridge.beta=1e-3 (the KL coefficient is rl.beta)")
+    require(bridge.lower in ("full", "lora"), f"unknown bridge.lower '{bridge.lower}'", "choose full or lora")
+    require(bridge.shadow in ("persistent", "lookahead"), f"unknown bridge.shadow '{bridge.shadow}'",
+            "choose persistent (Algorithm 2) or lookahead (Eq. 10)")
+    require(bridge.optimizer in ("adamw", "sgd"), f"unknown bridge.optimizer '{bridge.optimizer}'", "choose adamw or sgd")
+    require(not (bridge.shadow_rollouts and bridge.shadow == "lookahead"),
+            "bridge.shadow_rollouts needs the persistent shadow", "drop bridge.shadow_rollouts or use bridge.shadow=persistent")
+    require(bridge.w_rank > 0 and bridge.sft_scale >= 0, "bridge.w_rank must be positive and bridge.sft_scale >= 0",
+            "e.g. bridge.w_rank=8 bridge.sft_scale=1.0")
+    require(cfg.mix.mu >= 0 and (cfg.mix.mu_end is None or cfg.mix.mu_end >= 0) and cfg.mix.lr > 0,
+            "mix.mu and mix.mu_end must be >= 0 and mix.lr positive", "e.g. mix.mu=0.5 mix.mu_end=0.05 mix.lr=2e-4")
     require(cfg.task.modulus >= 2 and cfg.task.max_operand >= 1, "task.modulus must be >= 2, task.max_operand >= 1",
             "e.g. task.modulus=10 task.max_operand=9")
 

@@ -18,17 +18,19 @@ from omegaconf import DictConfig
 from bridgectl.config import stage_budgets
 from bridgectl.core.context import TrainContext
 from bridgectl.core.evaluate import evaluate_split
-from bridgectl.core.model import load_policy
+from bridgectl.core.model import load_policy, save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb
 from bridgectl.core.ui import console, progress_bar
+from bridgectl.stages.bridge import BridgeStage
 from bridgectl.stages.interleaved import InterleavedStage
+from bridgectl.stages.mix import MixStage
 from bridgectl.stages.rl import RLStage
 from bridgectl.stages.sft import SFTStage
 from bridgectl.tasks.arith import ArithTask
 
-STAGES = {"sft": SFTStage, "rl": RLStage, "interleaved": InterleavedStage}
+STAGES = {"sft": SFTStage, "rl": RLStage, "interleaved": InterleavedStage, "mix": MixStage, "bridge": BridgeStage}
 TASKS = {"arith": ArithTask}
-RL_STAGES = {"rl", "interleaved"}
+RL_STAGES = {"rl", "interleaved", "mix", "bridge"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -67,7 +69,10 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True) -> dict:
     device = pick_device(cfg.train.device)
     task = TASKS[cfg.task.name](cfg.task)
     keep_reference = cfg.rl.beta > 0 and any(stage in RL_STAGES for stage in cfg.recipe.stages)
-    policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference, show_progress=show_progress)
+    # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
+    finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune
+    policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference, finetune=finetune,
+                         show_progress=show_progress)
     ctx = TrainContext(cfg=cfg, policy=policy, task=task, device=device,
                        sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
                        sft_examples=task.sft_examples(cfg.seed), rl_problems=task.rl_prompts(cfg.seed))
@@ -118,9 +123,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True) -> dict:
     final = evaluate_all(ctx, eval_problems)
     run_dir.log_metrics(step, "final", eval_metrics(final))
     run_dir.log_completions(step, [dict(s, split=split) for split, r in final.items() for s in r.samples])
-    checkpoint = run_path / "checkpoints" / "final"
-    policy.model.save_pretrained(checkpoint, safe_serialization=True)
-    policy.tokenizer.save_pretrained(checkpoint)
+    save_policy(policy, run_path / "checkpoints" / "final")
     summary.update(
         status="completed", steps=step,
         eval={split: {"accuracy": r.accuracy, "n": r.n} for split, r in final.items()},

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 from omegaconf import DictConfig
 
+from bridgectl.core.losses import SFTBatch, make_sft_batch
 from bridgectl.core.model import Policy
 
 
@@ -24,6 +25,13 @@ class TrainContext:
     """Endless SFT problems (question, trace, answer)."""
     rl_problems: Iterator
     """Endless RL problems (question, gold answer)."""
+
+
+def next_sft_batch(ctx: TrainContext) -> SFTBatch:
+    """`sft.batch_size` fresh SFT examples, tokenised with the trace and answer as the completion."""
+    problems = [next(ctx.sft_examples) for _ in range(ctx.cfg.sft.batch_size)]
+    return make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems],
+                          [p.trace_completion for p in problems], ctx.device)
 
 
 @dataclass

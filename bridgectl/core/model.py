@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
@@ -35,10 +35,14 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    @property
+    def has_adapters(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
     @contextlib.contextmanager
     def reference(self):
         """Yields the frozen reference model pi_ref (the base before any training)."""
-        if self.finetune == "lora":
+        if self.frozen_reference is None and self.has_adapters:
             with self.model.disable_adapter():
                 yield self.model
         else:
@@ -50,7 +54,7 @@ class Policy:
     def merged_for_generation(self):
         """LoRA weights merged into the base while sampling: unmerged adapters slowed generation ~40% on the
         tiny model (measured); full fine-tuning has nothing to merge."""
-        if self.finetune == "lora":
+        if self.has_adapters:
             self.model.merge_adapter()
             try:
                 yield self.model
@@ -67,7 +71,10 @@ def base_model_path(model_cfg, task_cfg, show_progress: bool = True) -> Path:
 
 
 def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_reference: bool,
-                show_progress: bool = True) -> Policy:
+                finetune: str | None = None, show_progress: bool = True) -> Policy:
+    """The base model with LoRA (`finetune=lora`) or every weight trainable (`full`); `finetune` defaults to
+    model.finetune."""
+    finetune = finetune or model_cfg.finetune
     hf_logging.disable_progress_bar()  # our own progress bars are the only ones
     path = base_model_path(model_cfg, task_cfg, show_progress=show_progress)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -75,10 +82,50 @@ def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_refere
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation=model_cfg.attn_implementation).to(device)
     reference = None
-    if model_cfg.finetune == "lora":
+    if finetune == "lora":
         model = get_peft_model(model, PeftLoraConfig(
             r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
             target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM"))
     elif keep_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return Policy(model=model, tokenizer=tokenizer, finetune=model_cfg.finetune, frozen_reference=reference)
+    return Policy(model=model, tokenizer=tokenizer, finetune=finetune, frozen_reference=reference)
+
+
+def add_upper_adapter(policy: Policy, name: str, rank: int, alpha: int, lora_cfg, train_base: bool) -> None:
+    """Adds a LoRA adapter `name` on top of whatever the policy trains and makes every adapter active and
+    trainable; the base weights stay trainable only when `train_base` (BRIDGE with full lower-level weights)."""
+    config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=lora_cfg.dropout,
+                            target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+    if policy.has_adapters:
+        policy.model.add_adapter(name, config)
+        names = list(policy.model.peft_config)
+    else:
+        policy.model = get_peft_model(policy.model, config, adapter_name=name)  # freezes the base weights
+        names = [name]
+    policy.model.base_model.set_adapter(names)  # several active adapters: their updates add up
+    for param_name, param in policy.model.named_parameters():
+        if adapter_of(param_name) is None:
+            param.requires_grad_(train_base)
+
+
+def adapter_of(param_name: str) -> str | None:
+    """The adapter a parameter belongs to (`...lora_A.<adapter>.weight`), or None for base weights."""
+    parts = param_name.split(".")
+    for index, part in enumerate(parts[:-1]):
+        if part.startswith("lora_"):
+            return parts[index + 1]
+    return None
+
+
+def save_policy(policy: Policy, path: Path) -> None:
+    """safetensors weights a user can load: adapters alone when the base is frozen (it did not change), the
+    merged full model when base weights were trained as well, the plain model otherwise."""
+    if policy.has_adapters:
+        base_trained = any(p.requires_grad for n, p in policy.model.named_parameters() if adapter_of(n) is None)
+        policy.model.save_pretrained(path / "adapters" if base_trained else path, safe_serialization=True)
+        if base_trained:
+            merged = copy.deepcopy(policy.model).merge_and_unload()
+            merged.save_pretrained(path, safe_serialization=True)
+    else:
+        policy.model.save_pretrained(path, safe_serialization=True)
+    policy.tokenizer.save_pretrained(path)

@@ -6,8 +6,8 @@ negative log-likelihood of the trace and answer tokens (the question is not scor
 
 from __future__ import annotations
 
-from bridgectl.core.context import StepOutput, TrainContext
-from bridgectl.core.losses import make_sft_batch, sft_loss
+from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
+from bridgectl.core.losses import sft_loss
 from bridgectl.core.optim import apply_update, make_optimizer
 
 
@@ -21,9 +21,7 @@ class SFTStage:
 
     def step(self) -> StepOutput:
         ctx = self.ctx
-        problems = [next(ctx.sft_examples) for _ in range(ctx.cfg.sft.batch_size)]
-        batch = make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems],
-                               [p.trace_completion for p in problems], ctx.device)
+        batch = next_sft_batch(ctx)
         loss = sft_loss(ctx.policy.model, batch)
         grad_norm = apply_update(loss, self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         return StepOutput(

@@ -1,0 +1,82 @@
+"""The RL half of every stage that uses rewards (rl, interleaved, mix, bridge): sample groups, score them, and the
+GRPO loss of any model on those rollouts. Kept in one place so every stage samples and scores identically."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bridgectl.core.context import TrainContext
+from bridgectl.core.losses import GRPOStats, group_advantages, grpo_loss
+from bridgectl.core.rollout import Rollouts, completion_logprobs, generate
+
+
+@dataclass
+class ScoredRollouts:
+    problems: list  # one per row: each prompt's problem repeated num_generations times
+    rollouts: Rollouts
+    rewards: torch.Tensor  # [N] verifier rewards
+    advantages: torch.Tensor  # [N] group-normalised
+    gen_seconds: float
+
+    @property
+    def gen_tokens(self) -> int:
+        return int(self.rollouts.lengths.sum())
+
+
+def sample_groups(ctx: TrainContext) -> ScoredRollouts:
+    """`rl.prompts_per_step` fresh RL problems x `rl.num_generations` samples from the current policy, scored by
+    the task's verifier, with GRPO advantages."""
+    rl = ctx.cfg.rl
+    problems = [next(ctx.rl_problems) for _ in range(rl.prompts_per_step)]
+    grouped = [p for p in problems for _ in range(rl.num_generations)]
+    return sample_and_score(ctx, grouped)
+
+
+def sample_and_score(ctx: TrainContext, grouped: list) -> ScoredRollouts:
+    rl, policy = ctx.cfg.rl, ctx.policy
+    started = time.perf_counter()
+    was_training = policy.model.training
+    policy.model.eval()
+    with policy.merged_for_generation() as sampler:
+        rollouts = generate(sampler, policy.tokenizer, [p.question for p in grouped], rl.max_completion_length,
+                            temperature=rl.temperature, generator=ctx.sampling_generator)
+    policy.model.train(was_training)
+    gen_seconds = time.perf_counter() - started
+    rewards = torch.tensor([ctx.task.reward(c, p.answer) for c, p in zip(rollouts.completions, grouped)],
+                           device=ctx.device)
+    advantages = group_advantages(rewards, rl.num_generations, rl.scale_rewards)
+    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds)
+
+
+def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext) -> tuple[torch.Tensor, GRPOStats]:
+    """GRPO loss of `model` (any callable with the model's signature) on shared rollouts. The ratio is taken
+    against the sampling policy, so scoring another model (BRIDGE's shadow) is properly off-policy."""
+    rl = ctx.cfg.rl
+    logprobs = completion_logprobs(model, scored.rollouts, rl.temperature)
+    ref_logprobs = None
+    if rl.beta > 0:
+        with torch.no_grad(), ctx.policy.reference() as reference:
+            ref_logprobs = completion_logprobs(reference, scored.rollouts, rl.temperature)
+    return grpo_loss(logprobs, scored.rollouts.sampling_logprobs, scored.advantages, scored.rollouts.completion_mask,
+                     rl.epsilon, rl.beta, ref_logprobs)
+
+
+def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -> dict:
+    rewards = scored.rewards
+    return {
+        "train/reward_mean": rewards.mean().item(), "train/reward_std": rewards.std().item(),
+        "train/response_len": scored.rollouts.lengths.float().mean().item(),
+        "train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction,
+        # groups whose rewards are all equal carry no learning signal: counted, not an error
+        "train/zero_std_groups": int((rewards.view(-1, group_size).std(dim=1) == 0).sum()),
+        "perf/gen_tokens_per_s": scored.gen_tokens / max(scored.gen_seconds, 1e-9),
+    }
+
+
+def completion_rows(scored: ScoredRollouts, group_size: int) -> list[dict]:
+    """The first group of a step, for completions.jsonl."""
+    return [{"prompt": p.question, "completion": c, "reward": r, "gold": p.answer, "split": "train"}
+            for p, c, r in zip(scored.problems[:group_size], scored.rollouts.completions, scored.rewards.tolist())]

@@ -1,0 +1,190 @@
+"""Stage `bridge`: BRIDGE, bilevel cooperative SFT + RL (Chen et al., arXiv 2509.06948, ICML 2026).
+
+Parameters (paper §2): the lower level theta (RL, with SFT supervision), an upper-level LoRA adapter w (SFT), and
+an RL-only shadow theta_hat that starts at theta_0 and is always run with the same w. One meta-step per optimizer
+step, Algorithm 2 of the paper:
+
+    rollouts  <- sample pi(theta, w)                      shared by both branches (v3)
+    L_sft     =  -log pi(trace | x; theta, w)             Eq. 1, token-averaged
+    L_rl      =  grpo(pi(theta, w), rollouts)             Eq. 2 (+ beta KL)
+    L_rl_hat  =  grpo(pi(theta_hat, w), rollouts)         off-policy ratio against the sampling policy
+    theta     -= alpha * grad_theta[(1-lam) L_sft + lam L_rl]                 Eq. 8
+    theta_hat -= alpha * grad_theta_hat[L_rl_hat]                             Algorithm 2 (persistent shadow)
+    w         -= beta  * grad_w[(1-lam) L_sft + lam (L_rl - L_rl_hat)]        Eqs. 11-12: the cooperative gain
+    log bridge/coop_gain = L_rl_hat - L_rl  (> 0: the jointly trained model scores better than RL alone)
+
+Cost: one generation, three forward passes (SFT, RL on theta, RL on theta_hat) and two backward passes: the
+joint loss (1-lam) L_sft + lam L_rl is differentiated once for both theta and w (its w-gradient is exactly the
+first two terms of Eq. 11), and L_rl_hat once for theta_hat and w.
+
+`bridge.lower=full` is the paper: theta are the model's full weights and theta_hat a second full copy.
+`bridge.lower=lora` makes theta a larger LoRA adapter (rank `lora.rank`) over one frozen base and theta_hat a copy of
+that adapter, so there is no second full copy (memory close to the `rl` recipe). The shadow is not a second module:
+its forward pass is the live model called with theta_hat's tensors in place of theta's (torch.func.functional_call),
+sharing w and everything else.
+
+Choices the paper leaves open, with the value chosen here (all configurable):
+  - RL algorithm: GRPO as in `rl` (group-normalised advantages, clip `rl.epsilon`=0.2, token-level averaging);
+  - KL coefficient: `rl.beta`=0 (no reference model, TRL's default);
+  - beta (w's learning rate): `bridge.beta`=1e-3; alpha: `bridge.alpha`; optimizer: AdamW (SGD selectable);
+  - LoRA targets: every attention and MLP projection; w rank `bridge.w_rank`=8, alpha 16;
+  - shadow: the persistent copy of Algorithm 2 (the ICML text); Eq. 10's one-step look-ahead
+    theta_hat = theta - alpha grad L_rl(theta, w), recomputed each step, is `bridge.shadow=lookahead` (ablation).
+Deviations from the paper, each off by default where possible and reachable by config:
+  - the paper uses one learning rate (5e-7) everywhere; at the tiny scale SFT wants ~1e-3 and RL diverges above
+    ~1e-4 (shared/notes/tiny-task-measurements.md), so alpha and beta are separate and `bridge.sft_scale` (default
+    1 = paper) multiplies the SFT term of both levels;
+  - gradient-norm clipping (`optim.max_grad_norm`) applies to each parameter group separately;
+  - lam may ramp linearly from `bridge.lam_start` to `bridge.lam_end` (the paper's text mentions a ramp; its
+    experiments use a constant 0.5).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
+from bridgectl.core.grpo import completion_rows, rl_loss, rollout_metrics, sample_and_score, sample_groups
+from bridgectl.core.losses import sft_loss
+from bridgectl.core.model import adapter_of, add_upper_adapter
+from bridgectl.core.optim import make_optimizer
+
+UPPER = "w"  # adapter name of the upper level
+
+
+class WithWeights:
+    """Calls `model` with some of its parameters replaced by other tensors: the shadow's forward pass."""
+
+    def __init__(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self.model, self.weights = model, weights
+
+    def __call__(self, **kwargs):
+        return functional_call(self.model, self.weights, args=(), kwargs=kwargs, strict=False)
+
+
+def lam_at(cfg, update: int, total_updates: int) -> float:
+    """Constant `bridge.lam`, or a linear ramp from `lam_start` to `lam_end` over the stage."""
+    if cfg.lam_start is None or cfg.lam_end is None:
+        return cfg.lam
+    fraction = update / max(1, total_updates - 1)
+    return cfg.lam_start + (cfg.lam_end - cfg.lam_start) * fraction
+
+
+def _optimizer(params, lr, cfg, optim_cfg, total_updates):
+    if cfg.optimizer == "sgd":  # exact updates theta -= lr * grad: what the gradient tests check
+        optimizer = torch.optim.SGD(params, lr=lr)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return make_optimizer(params, lr, optim_cfg, total_updates)
+
+
+def _clip(params, max_norm: float) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
+class BridgeStage:
+    name = "bridge"
+
+    def __init__(self, ctx: TrainContext, total_updates: int) -> None:
+        self.ctx, self.cfg, self.total_updates = ctx, ctx.cfg.bridge, total_updates
+        lower_is_full = self.cfg.lower == "full"
+        add_upper_adapter(ctx.policy, UPPER, self.cfg.w_rank, self.cfg.w_alpha, ctx.cfg.lora, train_base=lower_is_full)
+        model = ctx.policy.model
+        self.lower = {n: p for n, p in model.named_parameters() if p.requires_grad and adapter_of(n) != UPPER}
+        self.upper = {n: p for n, p in model.named_parameters() if adapter_of(n) == UPPER}
+        # theta_hat_0 = theta_0 (Algorithm 2); it never receives SFT gradients.
+        self.shadow = {n: p.detach().clone().requires_grad_(True) for n, p in self.lower.items()}
+        opt = ctx.cfg.optim
+        self.lower_opt = _optimizer(list(self.lower.values()), self.cfg.alpha, self.cfg, opt, total_updates)
+        self.upper_opt = _optimizer(list(self.upper.values()), self.cfg.beta, self.cfg, opt, total_updates)
+        self.shadow_opt = _optimizer(list(self.shadow.values()), self.cfg.alpha, self.cfg, opt, total_updates)
+        self.updates = 0
+
+    # ---- the meta-step -----------------------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        ctx, cfg, rl = self.ctx, self.cfg, self.ctx.cfg.rl
+        model = ctx.policy.model
+        lam = lam_at(cfg, self.updates, self.total_updates)
+        scored = sample_groups(ctx)  # shared rollouts from pi(theta, w)
+        # measured before any forward pass: sampling swaps theta_hat into the live weights, which must not
+        # happen while an autograd graph holds them
+        shadow_reward = self._shadow_reward(scored) if cfg.shadow_rollouts else None
+        batch = next_sft_batch(ctx)
+        for optimizer, _ in (self.lower_opt, self.upper_opt, self.shadow_opt):
+            optimizer.zero_grad(set_to_none=True)
+
+        # Joint branch: grad of (1-lam) L_sft + lam L_rl gives theta's Eq. 8 step and w's first two terms.
+        loss_sft = sft_loss(model, batch)
+        loss_rl, stats = rl_loss(model, scored, ctx)
+        shadow_weights = self._shadow_weights(loss_rl)
+        ((1 - lam) * cfg.sft_scale * loss_sft + lam * loss_rl).backward()
+
+        # Shadow branch: L_rl(theta_hat, w) on the same rollouts; theta_hat takes its gradient, w takes minus lam
+        # times it (the cooperative gain's second term).
+        loss_rl_shadow, _ = rl_loss(WithWeights(model, shadow_weights), scored, ctx)
+        upper_params = list(self.upper.values())
+        shadow_params = list(self.shadow.values()) if cfg.shadow == "persistent" else []
+        grads = torch.autograd.grad(loss_rl_shadow, shadow_params + upper_params, allow_unused=True)
+        for param, grad in zip(shadow_params, grads[:len(shadow_params)]):
+            param.grad = grad
+        for param, grad in zip(upper_params, grads[len(shadow_params):]):
+            if grad is not None:
+                param.grad = -lam * grad if param.grad is None else param.grad - lam * grad
+
+        max_norm = ctx.cfg.optim.max_grad_norm
+        norms = {"bridge/grad_norm_theta": _clip(list(self.lower.values()), max_norm),
+                 "bridge/grad_norm_w": _clip(upper_params, max_norm)}
+        steps = [self.lower_opt, self.upper_opt]
+        if shadow_params:
+            norms["bridge/grad_norm_theta_hat"] = _clip(shadow_params, max_norm)
+            steps.append(self.shadow_opt)
+        for optimizer, scheduler in steps:
+            optimizer.step()
+            scheduler.step()
+        self.updates += 1
+
+        metrics = {
+            "train/sft_loss": loss_sft.item(), "train/rl_loss": loss_rl.item(),
+            "train/rl_loss_shadow": loss_rl_shadow.item(),
+            "bridge/coop_gain": loss_rl_shadow.item() - loss_rl.item(), "bridge/lambda": lam,
+            **norms, **rollout_metrics(scored, stats, rl.num_generations),
+        }
+        if shadow_reward is not None:
+            metrics["bridge/reward_gap"] = scored.rewards.mean().item() - shadow_reward
+        every = ctx.cfg.train.log_completions_every
+        log_now = every > 0 and (self.updates - 1) % every == 0
+        return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + batch.n_tokens,
+                          gen_tokens=scored.gen_tokens,
+                          completions=completion_rows(scored, rl.num_generations) if log_now else [])
+
+    def _shadow_weights(self, loss_rl: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cfg.shadow == "persistent":
+            return self.shadow
+        # Eq. 10: theta_hat = theta + alpha grad J_RL(theta, w), one RL step from the current theta, a constant
+        # for w's gradient. theta's RL gradient alone is needed (the joint backward mixes in SFT): one more
+        # backward pass, the price of this ablation.
+        params = list(self.lower.values())
+        grads = torch.autograd.grad(loss_rl, params, retain_graph=True, allow_unused=True)
+        return {n: (p - self.cfg.alpha * g).detach() if g is not None else p.detach()
+                for (n, p), g in zip(self.lower.items(), grads)}
+
+    def _shadow_reward(self, scored) -> float:
+        """Mean reward of the persistent shadow's own rollouts on the same prompts (the measured reward gap,
+        optional). theta_hat's tensors are swapped into the live model while sampling, so generation keeps its
+        KV cache and merged LoRA."""
+        with torch.no_grad():
+            saved = {n: p.detach().clone() for n, p in self.lower.items()}
+            for n, p in self.lower.items():
+                p.copy_(self.shadow[n])
+        try:
+            shadow_scored = sample_and_score(self.ctx, scored.problems)
+        finally:
+            with torch.no_grad():
+                for n, p in self.lower.items():
+                    p.copy_(saved[n])
+        return shadow_scored.rewards.mean().item()

@@ -1,0 +1,48 @@
+"""Stage `mix`: single-level mixed loss L_rl + mu * L_sft (the paper's later "naive mixing" baseline, CHORD-mu
+style), one optimizer, one update per step on shared weights.
+
+mu is constant (`mix.mu`) or decays linearly from `mix.mu` to `mix.mu_end` over the stage, so training can lean on
+demonstrations early and on rewards later.
+"""
+
+from __future__ import annotations
+
+from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
+from bridgectl.core.grpo import completion_rows, rl_loss, rollout_metrics, sample_groups
+from bridgectl.core.losses import sft_loss
+from bridgectl.core.optim import apply_update, make_optimizer
+
+
+def mu_at(cfg, update: int, total_updates: int) -> float:
+    if cfg.mu_end is None:
+        return cfg.mu
+    return cfg.mu + (cfg.mu_end - cfg.mu) * update / max(1, total_updates - 1)
+
+
+class MixStage:
+    name = "mix"
+
+    def __init__(self, ctx: TrainContext, total_updates: int) -> None:
+        self.ctx, self.total_updates = ctx, total_updates
+        self.params = ctx.policy.trainable_parameters()
+        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.mix.lr, ctx.cfg.optim, total_updates)
+        self.updates = 0
+
+    def step(self) -> StepOutput:
+        ctx, rl = self.ctx, self.ctx.cfg.rl
+        mu = mu_at(ctx.cfg.mix, self.updates, self.total_updates)
+        scored = sample_groups(ctx)
+        batch = next_sft_batch(ctx)
+        loss_rl, stats = rl_loss(ctx.policy.model, scored, ctx)
+        loss_sft = sft_loss(ctx.policy.model, batch)
+        grad_norm = apply_update(loss_rl + mu * loss_sft, self.params, self.optimizer, self.scheduler,
+                                 ctx.cfg.optim.max_grad_norm)
+        self.updates += 1
+        every = ctx.cfg.train.log_completions_every
+        log_now = every > 0 and (self.updates - 1) % every == 0
+        metrics = {"train/rl_loss": loss_rl.item(), "train/sft_loss": loss_sft.item(), "mix/mu": mu,
+                   **rollout_metrics(scored, stats, rl.num_generations), "train/grad_norm": grad_norm,
+                   "train/lr": self.scheduler.get_last_lr()[0]}
+        return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + batch.n_tokens,
+                          gen_tokens=scored.gen_tokens,
+                          completions=completion_rows(scored, rl.num_generations) if log_now else [])

@@ -1,0 +1,165 @@
+"""BRIDGE's update rule checked against gradients computed independently (plain SGD, so updates are exact):
+
+    theta     -= alpha * [(1-lam) g_sft(theta, w) + lam g_rl(theta, w)]
+    theta_hat -= alpha * g_rl(theta_hat, w)
+    w         -= beta  * [(1-lam) g_sft_w + lam (g_rl_w(theta, w) - g_rl_w(theta_hat, w))]
+
+The expected gradients come from separate deep copies of the model (theta, w) and (theta_hat, w), not from the
+stage's functional_call shadow, on the very rollouts and SFT batch the stage used (recorded by a spy)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import bridgectl.stages.bridge as bridge_module
+from bridgectl.config import compose
+from bridgectl.core.context import TrainContext
+from bridgectl.core.grpo import rl_loss
+from bridgectl.core.losses import sft_loss
+from bridgectl.core.model import load_policy
+from bridgectl.stages.bridge import BridgeStage
+from bridgectl.tasks.arith import ArithTask
+
+SMALL = ["rl.prompts_per_step=2", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=4",
+         "optim.max_grad_norm=0", "bridge.optimizer=sgd", "bridge.alpha=0.05", "bridge.beta=0.5",
+         "train.threads=1", "lora.rank=4", "bridge.w_rank=2"]
+
+
+def make_stage(overrides, monkeypatch):
+    cfg = compose(["recipe=bridge", *SMALL, *overrides])
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    policy = load_policy(cfg.model, cfg.lora, cfg.task, torch.device("cpu"), keep_reference=False,
+                         finetune=cfg.bridge.lower, show_progress=False)
+    task = ArithTask(cfg.task)
+    ctx = TrainContext(cfg=cfg, policy=policy, task=task, device=torch.device("cpu"),
+                       sampling_generator=torch.Generator().manual_seed(0), sft_examples=task.sft_examples(0),
+                       rl_problems=task.rl_prompts(0))
+    stage = BridgeStage(ctx, total_updates=3)
+    recorded = {}
+
+    def spy(name, real):
+        def wrapper(*args, **kwargs):
+            recorded[name] = real(*args, **kwargs)
+            return recorded[name]
+        monkeypatch.setattr(bridge_module, name, wrapper)
+
+    spy("sample_groups", bridge_module.sample_groups)
+    spy("next_sft_batch", bridge_module.next_sft_batch)
+    return ctx, stage, recorded
+
+
+def snapshot(params: dict) -> dict:
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def grads_of(loss, model, names):
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return {n: g if g is not None else torch.zeros_like(params[n]) for n, g in zip(names, grads)}
+
+
+def expected_gradients(ctx, stage, theta, w, theta_hat, recorded):
+    """g_sft and g_rl at (theta, w), g_rl at (theta_hat, w), each from its own copy of the model."""
+    def model_at(lower_values):
+        model = copy.deepcopy(ctx.policy.model)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            for n, value in {**lower_values, **w}.items():
+                params[n].copy_(value)
+        return model
+
+    joint, shadow = model_at(theta), model_at(theta_hat)
+    names = list(theta) + list(w)
+    g_sft = grads_of(sft_loss(joint, recorded["next_sft_batch"]), joint, names)
+    g_rl = grads_of(rl_loss(joint, recorded["sample_groups"], ctx)[0], joint, names)
+    g_hat = grads_of(rl_loss(shadow, recorded["sample_groups"], ctx)[0], shadow, names)
+    return g_sft, g_rl, g_hat
+
+
+@pytest.mark.parametrize("lower", ["full", "lora"])
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_one_bridge_step_matches_the_paper_update(lower, lam, monkeypatch):
+    ctx, stage, recorded = make_stage([f"bridge.lower={lower}", f"bridge.lam={lam}"], monkeypatch)
+    alpha, beta = ctx.cfg.bridge.alpha, ctx.cfg.bridge.beta
+    if lower == "lora":  # theta is an adapter over a frozen base; no base weight is in theta
+        assert stage.lower and all(".default." in n for n in stage.lower)
+    else:
+        assert any("embed_tokens" in n for n in stage.lower) and not any("lora_" in n for n in stage.lower)
+    assert stage.upper and all(".w." in n for n in stage.upper)
+
+    stage.step()  # after one step theta and theta_hat differ (unless lam = 1: then both took the same RL step)
+    theta, w, theta_hat = snapshot(stage.lower), snapshot(stage.upper), snapshot(stage.shadow)
+    divergence = max(float((theta[n] - theta_hat[n]).abs().max()) for n in theta)
+    assert divergence > 0 if lam < 1 else divergence == 0
+    stage.step()
+    g_sft, g_rl, g_hat = expected_gradients(ctx, stage, theta, w, theta_hat, recorded)
+
+    for n, before in theta.items():  # Eq. 8: fused SFT + RL gradient
+        expected = before - alpha * ((1 - lam) * g_sft[n] + lam * g_rl[n])
+        torch.testing.assert_close(stage.lower[n].detach(), expected, atol=1e-6, rtol=1e-4)
+    for n, before in theta_hat.items():  # Algorithm 2: RL only
+        torch.testing.assert_close(stage.shadow[n].detach(), before - alpha * g_hat[n], atol=1e-6, rtol=1e-4)
+
+    shadow_term_size = 0.0  # how far a wrong sign (+g_hat) would move w from the expected value
+    for n, before in w.items():  # Eq. 11: cooperative gain
+        expected = before - beta * ((1 - lam) * g_sft[n] + lam * (g_rl[n] - g_hat[n]))
+        torch.testing.assert_close(stage.upper[n].detach(), expected, atol=1e-6, rtol=1e-4)
+        shadow_term_size = max(shadow_term_size, float((beta * lam * 2 * g_hat[n]).abs().max()))
+    # the sign matters: with +g_hat instead of -g_hat the update would be off by 2 beta lam g_hat, far above
+    # the tolerance used above
+    assert shadow_term_size > 1e-3
+
+
+def test_lambda_one_removes_sft_and_lambda_zero_removes_rl(monkeypatch):
+    ctx, stage, recorded = make_stage(["bridge.lam=1.0"], monkeypatch)
+    theta, w, theta_hat = snapshot(stage.lower), snapshot(stage.upper), snapshot(stage.shadow)
+    stage.step()
+    g_sft, g_rl, _ = expected_gradients(ctx, stage, theta, w, theta_hat, recorded)
+    moved_by_sft = max(float(g.abs().max()) for g in g_sft.values())
+    assert moved_by_sft > 0
+    for n, before in theta.items():
+        torch.testing.assert_close(stage.lower[n].detach(), before - ctx.cfg.bridge.alpha * g_rl[n],
+                                   atol=1e-6, rtol=1e-4)
+
+    ctx, stage, recorded = make_stage(["bridge.lam=0.0"], monkeypatch)
+    theta, w, theta_hat = snapshot(stage.lower), snapshot(stage.upper), snapshot(stage.shadow)
+    stage.step()
+    g_sft, _, _ = expected_gradients(ctx, stage, theta, w, theta_hat, recorded)
+    for n, before in w.items():
+        torch.testing.assert_close(stage.upper[n].detach(), before - ctx.cfg.bridge.beta * g_sft[n],
+                                   atol=1e-6, rtol=1e-4)
+
+
+def test_lookahead_shadow_is_one_rl_step_from_theta(monkeypatch):
+    ctx, stage, recorded = make_stage(["bridge.shadow=lookahead", "bridge.lam=0.5"], monkeypatch)
+    shadow_before = snapshot(stage.shadow)
+    stage.step()  # the first step moves theta away from theta_0
+    theta, w = snapshot(stage.lower), snapshot(stage.upper)
+    stage.step()
+    # the persistent shadow is not used by the look-ahead variant
+    assert all(torch.equal(stage.shadow[n], shadow_before[n]) for n in shadow_before)
+    g_sft, g_rl, _ = expected_gradients(ctx, stage, theta, w, theta, recorded)
+    lookahead = {n: theta[n] - ctx.cfg.bridge.alpha * g_rl[n] for n in theta}
+    _, _, g_hat = expected_gradients(ctx, stage, theta, w, lookahead, recorded)
+    lam, beta = 0.5, ctx.cfg.bridge.beta
+    for n, before in w.items():
+        expected = before - beta * ((1 - lam) * g_sft[n] + lam * (g_rl[n] - g_hat[n]))
+        torch.testing.assert_close(stage.upper[n].detach(), expected, atol=1e-6, rtol=1e-4)
+
+
+def test_lambda_ramp_and_logged_quantities(monkeypatch):
+    ctx, stage, recorded = make_stage(["bridge.lam_start=0.2", "bridge.lam_end=0.8", "bridge.shadow_rollouts=true"],
+                                      monkeypatch)
+    outputs = [stage.step() for _ in range(3)]
+    assert [o.metrics["bridge/lambda"] for o in outputs] == pytest.approx([0.2, 0.5, 0.8])
+    for output in outputs:
+        m = output.metrics
+        assert m["bridge/coop_gain"] == pytest.approx(m["train/rl_loss_shadow"] - m["train/rl_loss"])
+        for key in ("train/sft_loss", "train/reward_mean", "bridge/grad_norm_theta", "bridge/grad_norm_w",
+                    "bridge/grad_norm_theta_hat", "bridge/reward_gap"):
+            assert key in m
+        assert -1.0 <= m["bridge/reward_gap"] <= 1.0

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(VENV)/bin/bridgectl run recipe=rl
+	$(VENV)/bin/bridgectl run
 
 test: install
 	WANDB_MODE=disabled $(VENV)/bin/pytest -q

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from omegaconf import OmegaConf
+from rich.markup import escape
 from rich.table import Table
 
 from bridgectl.config import compose, group_options, register_recipe_file, stage_budgets
@@ -22,10 +23,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=False,
                   help="Compare SFT, RL, two-stage, interleaved and BRIDGE post-training recipes.")
 
 
-def _fail(message: str, hint: str, code: int) -> None:
-    console.print(f"[red]Error:[/red] {message}")
+def _print_error(message: str, hint: str) -> None:
+    console.print(f"[red]Error:[/red] {escape(message)}")  # escape: `[sft, rl]` is not rich markup
     if hint:
-        console.print(f"Hint: {hint}")
+        console.print(f"Hint: {escape(hint)}")
+
+
+def _fail(message: str, hint: str, code: int) -> None:
+    _print_error(message, hint)
     raise typer.Exit(code)
 
 
@@ -135,9 +140,7 @@ def main() -> None:
     try:
         app()
     except UserError as error:  # raised outside a command's own handling
-        console.print(f"[red]Error:[/red] {error.message}")
-        if error.hint:
-            console.print(f"Hint: {error.hint}")
+        _print_error(error.message, error.hint)
         sys.exit(2)
 
 

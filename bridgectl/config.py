@@ -222,17 +222,29 @@ class TrainConfig:
 @dataclass
 class Config:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    """Which stages run, in which order, with which budgets (`recipe=NAME` picks a shipped one)."""
     task: TaskConfig = field(default_factory=TaskConfig)
+    """The task: data for SFT and RL, eval splits and the verifier."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model and what of it trains."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapter settings (model.finetune=lora, or BRIDGE's lower level with bridge.lower=lora)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer settings shared by every update rule."""
     sft: SFTConfig = field(default_factory=SFTConfig)
+    """SFT updates (stages sft, interleaved, and the SFT batches of mix and bridge)."""
     rl: RLConfig = field(default_factory=RLConfig)
+    """GRPO settings, used by every stage that samples rollouts."""
     interleave: InterleaveConfig = field(default_factory=InterleaveConfig)
+    """The alternation pattern of the interleaved stage."""
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    """BRIDGE (bilevel SFT + RL) settings."""
     mix: MixConfig = field(default_factory=MixConfig)
+    """Mixed-loss stage settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Greedy evaluation settings."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Budget, evaluation cadence, threads and device."""
     seed: int = 0
     """Seed of data order, sampling and any fresh weights."""
 
@@ -260,6 +272,11 @@ def register_recipe_file(path: Path) -> str:
     if not isinstance(content, DictConfig) or "recipe" not in content:
         raise UserError(f"recipe file {path} has no `recipe:` section",
                         "write `recipe: {name: mine, stages: [sft, rl]}` at the top level")
+    try:  # check every key and type against the schema before the file becomes selectable
+        OmegaConf.merge(OmegaConf.structured(Config), content)
+    except OmegaConfBaseException as error:
+        translated = _translate(error)
+        raise UserError(f"in recipe file {path}: {translated.message}", translated.hint) from None
     name = f"file:{path.stem}"
     ConfigStore.instance().store(group="recipe", name=name, node=content, package="_global_")
     _user_recipes.add(name)
@@ -325,6 +342,9 @@ def validate(cfg: DictConfig) -> None:
                     "every stage needs a positive budget")
     require(cfg.train.max_steps > 0, f"train.max_steps must be positive, got {cfg.train.max_steps}",
             "e.g. train.max_steps=200")
+    require(recipe.steps is not None or cfg.train.max_steps >= len(recipe.stages),
+            f"train.max_steps={cfg.train.max_steps} is fewer than the {len(recipe.stages)} stages",
+            "every stage needs at least one step: raise train.max_steps or set recipe.steps")
     for key in ("sft.lr", "rl.lr", "sft.batch_size", "rl.prompts_per_step", "rl.max_completion_length",
                 "eval.n", "eval.batch_size", "eval.max_new_tokens", "interleave.rl_steps", "interleave.sft_steps"):
         value = OmegaConf.select(cfg, key)
@@ -377,11 +397,20 @@ def _example(key: str) -> Any:
 
 
 def stage_budgets(cfg: DictConfig) -> list[int]:
-    """Steps of each stage: explicit `recipe.steps`, else `train.max_steps` split by `recipe.fractions`."""
+    """Steps of each stage: explicit `recipe.steps`, else `train.max_steps` split by `recipe.fractions` (largest
+    remainder, at least one step per stage), summing exactly to `train.max_steps`."""
     if cfg.recipe.steps is not None:
         return [int(s) for s in cfg.recipe.steps]
-    fractions = cfg.recipe.fractions or [1.0] * len(cfg.recipe.stages)
-    total = sum(fractions)
-    budgets = [max(1, round(cfg.train.max_steps * f / total)) for f in fractions]
-    budgets[-1] = max(1, cfg.train.max_steps - sum(budgets[:-1]))
+    fractions = list(cfg.recipe.fractions or [1.0] * len(cfg.recipe.stages))
+    total = cfg.train.max_steps
+    shares = [total * f / sum(fractions) for f in fractions]
+    budgets = [int(share) for share in shares]
+    # largest remainder first; ties go to the later stage
+    by_remainder = sorted(range(len(shares)), key=lambda i: (shares[i] - budgets[i], i), reverse=True)
+    for i in by_remainder[:total - sum(budgets)]:
+        budgets[i] += 1
+    for i, budget in enumerate(budgets):  # a stage rounded to zero takes a step from the largest one
+        if budget == 0:
+            budgets[budgets.index(max(budgets))] -= 1
+            budgets[i] = 1
     return budgets

@@ -1,0 +1,234 @@
+"""GRPO advantages and policy loss, and the SFT loss, against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bridgectl.core.losses import grpo_loss, group_advantages, make_sft_batch, sft_loss
+
+# ---- group_advantages --------------------------------------------------------------------------------------
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0,   1.0, 1.0, 1.0, 1.0,   0.0, 0.0, 1.0, 0.0])
+
+
+def test_group_advantages_unscaled_by_hand():
+    # group means 0.5, 1.0, 0.25
+    expected = torch.tensor([0.5, -0.5, -0.5, 0.5,   0.0, 0.0, 0.0, 0.0,   -0.25, -0.25, 0.75, -0.25])
+    assert torch.allclose(group_advantages(REWARDS, 4, "none"), expected, atol=1e-7)
+
+
+def test_group_advantages_scaled_by_hand():
+    # group 1: deviations +-0.5, sample std sqrt(4 * 0.25 / 3) = 1/sqrt(3)  -> +-0.5 * sqrt(3)
+    # group 3: deviations (-.25, -.25, .75, -.25), sample std sqrt(0.75 / 3) = 0.5  -> (-.5, -.5, 1.5, -.5)
+    h = 0.5 * math.sqrt(3)
+    expected = torch.tensor([h, -h, -h, h,   0.0, 0.0, 0.0, 0.0,   -0.5, -0.5, 1.5, -0.5])
+    assert torch.allclose(group_advantages(REWARDS, 4, "group"), expected, atol=1e-3)
+
+
+def test_group_advantages_zero_mean_unit_std_per_group():
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.rand(5 * 6, generator=generator) * 3
+    advantages = group_advantages(rewards, 6, "group").view(5, 6)
+    assert torch.allclose(advantages.mean(dim=1), torch.zeros(5), atol=1e-5)
+    assert torch.allclose(advantages.std(dim=1), torch.ones(5), atol=1e-3)
+    # each group is normalised on its own: scaling one group's rewards does not change any advantage
+    scaled = rewards.view(5, 6).clone()
+    scaled[2] *= 10
+    assert torch.allclose(group_advantages(scaled.reshape(-1), 6, "group").view(5, 6), advantages, atol=1e-3)
+
+
+def test_group_advantages_groups_are_consecutive_rows():
+    rewards = torch.tensor([0.0, 1.0, 2.0, 10.0, 20.0, 30.0])
+    advantages = group_advantages(rewards, 3, "none")
+    assert torch.allclose(advantages, torch.tensor([-1.0, 0.0, 1.0, -10.0, 0.0, 10.0]))
+
+
+def test_group_advantages_all_equal_group_is_zero():
+    for scale in ("group", "none"):
+        advantages = group_advantages(torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), 3, scale)
+        assert torch.equal(advantages, torch.zeros(6))
+        assert torch.isfinite(advantages).all()
+
+
+# ---- grpo_loss ---------------------------------------------------------------------------------------------
+def _batch():
+    """3 completions of lengths 4, 1, 3 (right padding) with random log-probs."""
+    generator = torch.Generator().manual_seed(1)
+    logprobs = (-torch.rand(3, 4, generator=generator) * 3).requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]])
+    return logprobs, mask
+
+
+def test_grpo_on_policy_gradient_is_minus_advantage_over_token_count():
+    logprobs, mask = _batch()
+    advantages = torch.tensor([1.5, -0.5, 2.0])
+    loss, stats = grpo_loss(logprobs, logprobs.detach(), advantages, mask, epsilon=0.2)
+    loss.backward()
+    n_tokens = 8  # 4 + 1 + 3
+    expected = torch.zeros(3, 4)
+    for i in range(3):
+        for t in range(4):
+            if mask[i, t]:
+                expected[i, t] = -advantages[i] / n_tokens
+    assert torch.allclose(logprobs.grad, expected, atol=1e-7)
+    assert stats.clip_fraction == 0.0
+    assert stats.kl == 0.0
+    # ratio is 1 everywhere, so the loss is minus the token-weighted mean advantage
+    assert loss.item() == pytest.approx(-(1.5 * 4 - 0.5 * 1 + 2.0 * 3) / 8)
+
+
+def test_grpo_token_level_averaging_weighs_long_completions_more():
+    # one long completion (6 tokens, A=+1) and one short one (1 token, A=-1), on-policy
+    logprobs = torch.full((2, 6), -1.0, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
+    loss, _ = grpo_loss(logprobs, logprobs.detach(), torch.tensor([1.0, -1.0]), mask, epsilon=0.2)
+    token_level = -(1.0 * 6 + (-1.0) * 1) / 7  # sum over all tokens / number of tokens
+    per_sequence = -(1.0 + (-1.0)) / 2  # what per-sequence averaging would give
+    assert loss.item() == pytest.approx(token_level)
+    assert loss.item() != pytest.approx(per_sequence)
+
+
+def test_grpo_padding_values_do_not_matter():
+    logprobs, mask = _batch()
+    old = logprobs.detach() + torch.tensor([[0.1, -0.1, 0.05, 0.0], [0.0, 0.0, 0.0, 0.0], [0.2, -0.3, 0.1, 0.0]])
+    advantages = torch.tensor([1.0, -1.0, 0.5])
+    loss, stats = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2)
+    # garbage in padded positions (huge ratios) must change neither the loss nor the clip fraction
+    noisy = logprobs.detach().clone()
+    noisy_old = old.clone()
+    noisy[mask == 0] = 5.0
+    noisy_old[mask == 0] = -5.0
+    loss2, stats2 = grpo_loss(noisy, noisy_old, advantages, mask, epsilon=0.2)
+    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert stats2.clip_fraction == pytest.approx(stats.clip_fraction)
+
+
+def _reference_surrogate_grad(delta: float, advantage: float, epsilon: float, n_tokens: int) -> float:
+    """d/d logp of -min(r A, clip(r) A) / n, by cases: zero on the clipped side, -A r / n elsewhere."""
+    ratio = math.exp(delta)
+    if (ratio > 1 + epsilon and advantage > 0) or (ratio < 1 - epsilon and advantage < 0):
+        return 0.0
+    return -advantage * ratio / n_tokens
+
+
+def test_grpo_clipping_gradients_and_clip_fraction():
+    epsilon = 0.2
+    # per-token log-ratio: far above 1+eps, far below 1-eps, inside, exactly on-policy; last column is padding
+    deltas = torch.tensor([0.5, -0.5, 0.1, 0.0, 3.0])
+    old = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -1.0]] * 2)
+    logprobs = (old + deltas).clone().requires_grad_(True)
+    mask = torch.tensor([[1, 1, 1, 1, 0]] * 2)
+    advantages = torch.tensor([1.0, -2.0])
+    loss, stats = grpo_loss(logprobs, old, advantages, mask, epsilon=epsilon)
+    loss.backward()
+
+    n_tokens = 8
+    expected_grad = torch.tensor([[_reference_surrogate_grad(float(d), float(a), epsilon, n_tokens) * int(m)
+                                   for d, m in zip(deltas, mask_row)] for a, mask_row in zip(advantages, mask)])
+    assert torch.allclose(logprobs.grad, expected_grad, atol=1e-6)
+    # spelled out: A>0 with r>1+eps and A<0 with r<1-eps are the clipped (zero-gradient) tokens ...
+    assert logprobs.grad[0, 0] == 0.0 and logprobs.grad[1, 1] == 0.0
+    # ... while the opposite sides keep their gradient
+    assert logprobs.grad[0, 1] < 0 and logprobs.grad[1, 0] > 0
+    # exactly those two tokens count as clipped (not the padded one with an enormous ratio)
+    assert stats.clip_fraction == pytest.approx(2 / n_tokens)
+
+    # loss value, token by token: -min(r A, clip(r) A)
+    total = 0.0
+    for a, mask_row in zip(advantages.tolist(), mask.tolist()):
+        for d, m in zip(deltas.tolist(), mask_row):
+            r = math.exp(d)
+            total += m * -min(r * a, min(max(r, 1 - epsilon), 1 + epsilon) * a)
+    assert loss.item() == pytest.approx(total / n_tokens, rel=1e-6)
+
+
+def test_grpo_kl_term_by_hand():
+    logprobs, mask = _batch()
+    generator = torch.Generator().manual_seed(2)
+    ref = logprobs.detach() + torch.randn(3, 4, generator=generator) * 0.5
+    beta = 0.3
+    zero = torch.zeros(3)  # no policy-gradient term: the loss is the KL term only
+    loss, stats = grpo_loss(logprobs, logprobs.detach(), zero, mask, epsilon=0.2, beta=beta, ref_logprobs=ref)
+    values = []
+    for i in range(3):
+        for t in range(4):
+            if mask[i, t]:
+                x = float(ref[i, t] - logprobs[i, t].detach())
+                values.append(math.exp(x) - x - 1)
+    kl = sum(values) / len(values)
+    assert kl > 0
+    assert stats.kl == pytest.approx(kl, rel=1e-5)
+    assert loss.item() == pytest.approx(beta * kl, rel=1e-5)
+
+
+def test_grpo_kl_is_zero_when_reference_equals_policy():
+    logprobs, mask = _batch()
+    advantages = torch.tensor([1.0, -1.0, 0.5])
+    plain, _ = grpo_loss(logprobs, logprobs.detach(), advantages, mask, epsilon=0.2)
+    with_kl, stats = grpo_loss(logprobs, logprobs.detach(), advantages, mask, epsilon=0.2, beta=0.5,
+                               ref_logprobs=logprobs.detach().clone())
+    assert stats.kl == pytest.approx(0.0, abs=1e-7)
+    assert with_kl.item() == pytest.approx(plain.item(), abs=1e-7)
+
+
+def test_grpo_kl_needs_reference():
+    logprobs, mask = _batch()
+    with pytest.raises(ValueError):
+        grpo_loss(logprobs, logprobs.detach(), torch.zeros(3), mask, epsilon=0.2, beta=0.1)
+
+
+# ---- SFT ---------------------------------------------------------------------------------------------------
+PROMPTS = ["4+9*3-5*3=", "1+2="]
+COMPLETIONS = ["9*3=7;5*3=5;4+7=1;1-5=6;#6", "#3"]
+
+
+def test_make_sft_batch_masks_prompt_and_appends_eos(tokenizer):
+    batch = make_sft_batch(tokenizer, PROMPTS, COMPLETIONS, "cpu")
+    vocab = tokenizer.get_vocab()
+    bos, eos, pad = vocab["<s>"], vocab["</s>"], vocab["<pad>"]
+    width = 1 + len(PROMPTS[0]) + len(COMPLETIONS[0]) + 1  # BOS + characters + EOS, the longest row
+    assert batch.input_ids.shape == (2, width)
+    for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS)):
+        prompt_ids = [bos] + [vocab[c] for c in prompt]
+        completion_ids = [vocab[c] for c in completion] + [eos]
+        length = len(prompt_ids) + len(completion_ids)
+        padding = width - length
+        assert batch.input_ids[row].tolist() == prompt_ids + completion_ids + [pad] * padding  # right padding
+        assert batch.attention_mask[row].tolist() == [1] * length + [0] * padding
+        assert batch.labels[row].tolist() == [-100] * len(prompt_ids) + completion_ids + [-100] * padding
+    assert batch.n_tokens == sum(len(c) + 1 for c in COMPLETIONS)
+
+
+def test_sft_loss_is_cross_entropy_of_completion_tokens_only(tiny_model, tokenizer):
+    batch = make_sft_batch(tokenizer, PROMPTS, COMPLETIONS, "cpu")
+    loss = sft_loss(tiny_model, batch)
+
+    # reference: each row on its own (no padding), log-softmax, gather the completion tokens' log-probs
+    vocab = tokenizer.get_vocab()
+    completion_nll, all_nll = [], []
+    with torch.no_grad():
+        for prompt, completion in zip(PROMPTS, COMPLETIONS):
+            ids = [vocab["<s>"]] + [vocab[c] for c in prompt + completion] + [vocab["</s>"]]
+            logprobs = torch.log_softmax(tiny_model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+            n_prompt = 1 + len(prompt)
+            for t in range(1, len(ids)):
+                nll = -float(logprobs[t - 1, ids[t]])
+                all_nll.append(nll)
+                if t >= n_prompt:
+                    completion_nll.append(nll)
+    assert len(completion_nll) == batch.n_tokens
+    expected = sum(completion_nll) / len(completion_nll)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # the prompt really is excluded: the all-token mean is different
+    assert sum(all_nll) / len(all_nll) != pytest.approx(expected, rel=1e-3)
+
+
+def test_sft_loss_gradient_flows(tiny_model, tokenizer):
+    batch = make_sft_batch(tokenizer, PROMPTS, COMPLETIONS, "cpu")
+    tiny_model.zero_grad()
+    sft_loss(tiny_model, batch).backward()
+    grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
+    tiny_model.zero_grad(set_to_none=True)

@@ -12,7 +12,6 @@ install: $(VENV)/.installed
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
@@ -25,3 +24,6 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench: install
+	$(PY) benchmarks/bench_bridge.py

@@ -61,8 +61,8 @@ def eval_metrics(results: dict) -> dict:
     return metrics
 
 
-def run(cfg: DictConfig, run_path: Path, show_progress: bool = True) -> dict:
-    """Trains the recipe of `cfg` into a new run directory at `run_path` and returns its summary."""
+def build_context(cfg: DictConfig, show_progress: bool = True) -> TrainContext:
+    """Seeds, device, task and policy: everything a stage needs, for `cfg` as composed."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
@@ -73,9 +73,15 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True) -> dict:
     finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune
     policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference, finetune=finetune,
                          show_progress=show_progress)
-    ctx = TrainContext(cfg=cfg, policy=policy, task=task, device=device,
-                       sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
-                       sft_examples=task.sft_examples(cfg.seed), rl_problems=task.rl_prompts(cfg.seed))
+    return TrainContext(cfg=cfg, policy=policy, task=task, device=device,
+                        sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
+                        sft_examples=task.sft_examples(cfg.seed), rl_problems=task.rl_prompts(cfg.seed))
+
+
+def run(cfg: DictConfig, run_path: Path, show_progress: bool = True) -> dict:
+    """Trains the recipe of `cfg` into a new run directory at `run_path` and returns its summary."""
+    ctx = build_context(cfg, show_progress)
+    task, policy, device = ctx.task, ctx.policy, ctx.device
     eval_problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}
 
     run_dir = RunDir(run_path)

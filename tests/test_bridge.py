@@ -16,12 +16,10 @@ import torch
 
 import bridgectl.stages.bridge as bridge_module
 from bridgectl.config import compose
-from bridgectl.core.context import TrainContext
 from bridgectl.core.grpo import rl_loss
 from bridgectl.core.losses import sft_loss
-from bridgectl.core.model import load_policy
+from bridgectl.runner import build_context
 from bridgectl.stages.bridge import BridgeStage
-from bridgectl.tasks.arith import ArithTask
 
 SMALL = ["rl.prompts_per_step=2", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=4",
          "optim.max_grad_norm=0", "bridge.optimizer=sgd", "bridge.alpha=0.05", "bridge.beta=0.5",
@@ -30,14 +28,7 @@ SMALL = ["rl.prompts_per_step=2", "rl.num_generations=4", "rl.max_completion_len
 
 def make_stage(overrides, monkeypatch):
     cfg = compose(["recipe=bridge", *SMALL, *overrides])
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    policy = load_policy(cfg.model, cfg.lora, cfg.task, torch.device("cpu"), keep_reference=False,
-                         finetune=cfg.bridge.lower, show_progress=False)
-    task = ArithTask(cfg.task)
-    ctx = TrainContext(cfg=cfg, policy=policy, task=task, device=torch.device("cpu"),
-                       sampling_generator=torch.Generator().manual_seed(0), sft_examples=task.sft_examples(0),
-                       rl_problems=task.rl_prompts(0))
+    ctx = build_context(cfg, show_progress=False)
     stage = BridgeStage(ctx, total_updates=3)
     recorded = {}
 
@@ -94,7 +85,7 @@ def test_one_bridge_step_matches_the_paper_update(lower, lam, monkeypatch):
     stage.step()  # after one step theta and theta_hat differ (unless lam = 1: then both took the same RL step)
     theta, w, theta_hat = snapshot(stage.lower), snapshot(stage.upper), snapshot(stage.shadow)
     divergence = max(float((theta[n] - theta_hat[n]).abs().max()) for n in theta)
-    assert divergence > 0 if lam < 1 else divergence == 0
+    assert divergence > 1e-4 if lam < 1 else divergence < 1e-6  # equal up to float rounding
     stage.step()
     g_sft, g_rl, g_hat = expected_gradients(ctx, stage, theta, w, theta_hat, recorded)
 

@@ -54,8 +54,13 @@ def sample_and_score(ctx: TrainContext, grouped: list) -> ScoredRollouts:
 def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO loss of `model` (any callable with the model's signature) on shared rollouts. The ratio is taken
     against the sampling policy, so scoring another model (BRIDGE's shadow) is properly off-policy."""
+    return rl_loss_from_logprobs(completion_logprobs(model, scored.rollouts, ctx.cfg.rl.temperature), scored, ctx)
+
+
+def rl_loss_from_logprobs(logprobs: torch.Tensor, scored: ScoredRollouts, ctx: TrainContext
+                          ) -> tuple[torch.Tensor, GRPOStats]:
+    """GRPO loss from the completions' log-probs under the trained model (with grad)."""
     rl = ctx.cfg.rl
-    logprobs = completion_logprobs(model, scored.rollouts, rl.temperature)
     ref_logprobs = None
     if rl.beta > 0:
         with torch.no_grad(), ctx.policy.reference() as reference:

@@ -93,3 +93,32 @@ def completion_logprobs(model, rollouts: Rollouts, temperature: float = 1.0) -> 
     logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
     token_logprobs = logprobs.gather(2, rollouts.completion_ids.unsqueeze(2)).squeeze(2)
     return token_logprobs * rollouts.completion_mask
+
+
+def sft_loss_and_completion_logprobs(model, batch, rollouts: Rollouts, temperature: float = 1.0
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SFT loss of `batch` and the completion log-probs of `rollouts` from ONE forward pass over both sets of
+    rows (right-padded to a common length; padding is masked and positions come from the mask, so each row sees
+    exactly what it would alone). One large call instead of two halves the per-call overhead that dominates small
+    models; the values equal `sft_loss(model, batch)` and `completion_logprobs(model, rollouts)`."""
+    rl_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
+    rl_mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
+    width = max(batch.input_ids.size(1), rl_ids.size(1))
+
+    def pad_right(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.size(1)), value=value)
+
+    n_sft = batch.input_ids.size(0)
+    input_ids = torch.cat([pad_right(batch.input_ids, 0), pad_right(rl_ids, 0)])
+    mask = torch.cat([pad_right(batch.attention_mask, 0), pad_right(rl_mask, 0)])
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits
+
+    sft_length = batch.input_ids.size(1)
+    sft_logits = logits[:n_sft, :sft_length - 1]
+    sft = torch.nn.functional.cross_entropy(sft_logits.reshape(-1, sft_logits.size(-1)).float(),
+                                            batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+    n_prompt, n_completion = rollouts.prompt_ids.size(1), rollouts.completion_ids.size(1)
+    rl_logits = logits[n_sft:, n_prompt - 1:n_prompt + n_completion - 1]
+    logprobs = torch.log_softmax(rl_logits.float() / temperature, dim=-1)
+    token_logprobs = logprobs.gather(2, rollouts.completion_ids.unsqueeze(2)).squeeze(2)
+    return sft, token_logprobs * rollouts.completion_mask

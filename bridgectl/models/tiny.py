@@ -26,6 +26,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bridgectl.core.losses import make_sft_batch
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.tasks.arith import ArithTask
 
@@ -74,22 +75,6 @@ def _fingerprint_hash(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _encode_batch(tokenizer, problems, with_trace: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded `<s>question=completion</s>` sequences with labels on the completion only (the question
-    digits are random: there is nothing to learn from them)."""
-    rows, labels = [], []
-    for problem in problems:
-        completion = problem.trace_completion if with_trace else problem.direct_completion
-        prompt_ids = tokenizer(problem.question)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt_ids + completion_ids)
-        labels.append([-100] * len(prompt_ids) + completion_ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-    label_ids = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
-    return input_ids, label_ids
-
-
 def pretrain(model_cfg, task_cfg, out_dir: Path, show_progress: bool = True) -> Path:
     """Deterministic pretraining of the base model on task text; writes a transformers model directory."""
     spec = model_cfg.pretrain
@@ -111,8 +96,12 @@ def pretrain(model_cfg, task_cfg, out_dir: Path, show_progress: bool = True) -> 
             for sub_batch, with_trace in ((batch[:n_trace], True), (batch[n_trace:], False)):
                 if not sub_batch:
                     continue
-                input_ids, labels = _encode_batch(tokenizer, sub_batch, with_trace)
-                logits = model(input_ids=input_ids, attention_mask=(input_ids != 0).long()).logits
+                # the question is not scored: its digits are random, there is nothing to learn from them
+                batch = make_sft_batch(tokenizer, [p.question for p in sub_batch],
+                                       [p.trace_completion if with_trace else p.direct_completion for p in sub_batch],
+                                       device="cpu")
+                input_ids, labels = batch.input_ids, batch.labels
+                logits = model(input_ids=input_ids, attention_mask=batch.attention_mask).logits
                 token_loss = torch.nn.functional.cross_entropy(
                     logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                     ignore_index=-100, reduction="sum")

@@ -13,9 +13,10 @@ step, Algorithm 2 of the paper:
     w         -= beta  * grad_w[(1-lam) L_sft + lam (L_rl - L_rl_hat)]        Eqs. 11-12: the cooperative gain
     log bridge/coop_gain = L_rl_hat - L_rl  (> 0: the jointly trained model scores better than RL alone)
 
-Cost: one generation, three forward passes (SFT, RL on theta, RL on theta_hat) and two backward passes: the
-joint loss (1-lam) L_sft + lam L_rl is differentiated once for both theta and w (its w-gradient is exactly the
-first two terms of Eq. 11), and L_rl_hat once for theta_hat and w.
+Cost: one generation and three forward+backward passes (SFT and RL on (theta, w), RL on (theta_hat, w)), run one
+after another so that only one branch's activations are alive at a time. The joint gradient is accumulated from
+the SFT and RL passes for theta and w together (its w part is exactly the first two terms of Eq. 11), and
+L_rl_hat is differentiated once for theta_hat and w.
 
 `bridge.lower=full` is the paper: theta are the model's full weights and theta_hat a second full copy.
 `bridge.lower=lora` makes theta a larger LoRA adapter (rank `lora.rank`) over one frozen base and theta_hat a copy of
@@ -118,11 +119,14 @@ class BridgeStage:
         for optimizer, _ in (self.lower_opt, self.upper_opt, self.shadow_opt):
             optimizer.zero_grad(set_to_none=True)
 
-        # Joint branch: grad of (1-lam) L_sft + lam L_rl gives theta's Eq. 8 step and w's first two terms.
+        # Joint branch: the gradient of (1-lam) L_sft + lam L_rl gives theta's Eq. 8 step and w's first two terms
+        # of Eq. 11. It is accumulated in two backward passes, each freeing its graph before the next forward, so
+        # peak memory is one branch's activations (close to an `rl` step), not the SFT and RL graphs together.
         loss_sft = sft_loss(model, batch)
+        ((1 - lam) * cfg.sft_scale * loss_sft).backward()
         loss_rl, stats = rl_loss(model, scored, ctx)
         shadow_weights = self._shadow_weights(loss_rl)
-        ((1 - lam) * cfg.sft_scale * loss_sft + lam * loss_rl).backward()
+        (lam * loss_rl).backward()
 
         # Shadow branch: L_rl(theta_hat, w) on the same rollouts; theta_hat takes its gradient, w takes minus lam
         # times it (the cooperative gain's second term).

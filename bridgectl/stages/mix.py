@@ -8,8 +8,8 @@ demonstrations early and on rewards later.
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import completion_rows, rl_loss, rollout_metrics, sample_groups
-from bridgectl.core.losses import sft_loss
+from bridgectl.core.grpo import completion_rows, rl_loss_from_logprobs, rollout_metrics, sample_groups
+from bridgectl.core.rollout import sft_loss_and_completion_logprobs
 from bridgectl.core.optim import apply_update, make_optimizer
 
 
@@ -33,8 +33,9 @@ class MixStage:
         mu = mu_at(ctx.cfg.mix, self.updates, self.total_updates)
         scored = sample_groups(ctx)
         batch = next_sft_batch(ctx)
-        loss_rl, stats = rl_loss(ctx.policy.model, scored, ctx)
-        loss_sft = sft_loss(ctx.policy.model, batch)
+        # one forward pass over the SFT rows and the rollouts together (core/rollout.py)
+        loss_sft, logprobs = sft_loss_and_completion_logprobs(ctx.policy.model, batch, scored.rollouts, rl.temperature)
+        loss_rl, stats = rl_loss_from_logprobs(logprobs, scored, ctx)
         grad_norm = apply_update(loss_rl + mu * loss_sft, self.params, self.optimizer, self.scheduler,
                                  ctx.cfg.optim.max_grad_norm)
         self.updates += 1

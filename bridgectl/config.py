@@ -60,7 +60,8 @@ class TaskConfig:
 @dataclass
 class PretrainConfig:
     steps: int = 800
-    """Pretraining steps of the tiny base model."""
+    """Pretraining steps of the tiny base model (0: keep the random initialisation, e.g. to benchmark a larger
+    width without pretraining it)."""
     batch_size: int = 128
     """Problems per pretraining step."""
     lr: float = 1.0e-3
@@ -363,6 +364,8 @@ def validate(cfg: DictConfig) -> None:
             "choose constant or cosine")
     require(cfg.train.device in ("auto", "cpu", "cuda"), f"unknown train.device '{cfg.train.device}'",
             "choose auto, cpu or cuda")
+    require(cfg.model.pretrain.steps >= 0, f"model.pretrain.steps must be >= 0, got {cfg.model.pretrain.steps}",
+            "e.g. model.pretrain.steps=800 (0 keeps the random initialisation)")
     require(cfg.lora.rank > 0, f"lora.rank must be positive, got {cfg.lora.rank}", "e.g. lora.rank=8")
     for key in ("train_ops", "test_ops", "ood_ops", "pretrain_ops"):
         low_high = list(cfg.task[key])

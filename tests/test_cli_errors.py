@@ -57,6 +57,7 @@ BAD_INPUTS = [
     ("shadow rollouts with lookahead", ["bridge.shadow=lookahead", "bridge.shadow_rollouts=true"],
      "needs the persistent shadow", ""),
     ("negative mix weight", ["recipe=mix", "mix.mu=-1"], "mix.mu", ""),
+    ("negative pretraining steps", ["model.pretrain.steps=-1"], "model.pretrain.steps must be >= 0", ""),
     ("fewer steps than stages", ["recipe=two_stage", "train.max_steps=1"], "fewer than the 2 stages", "recipe.steps"),
 ]
 

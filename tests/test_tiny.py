@@ -65,3 +65,11 @@ def test_pretraining_lowers_the_loss_on_held_out_task_text(bridgectl_cache):
     batch = make_sft_batch(tokenizer, [p.question for p in problems], [p.trace_completion for p in problems], "cpu")
     with torch.no_grad():
         assert sft_loss(trained, batch) < 0.7 * sft_loss(untrained, batch)
+
+
+def test_zero_pretraining_steps_keep_the_random_initialisation(tmp_path):
+    cfg = compose([*SMALL, "model.pretrain.steps=0"])
+    built = tiny.pretrain(cfg.model, cfg.task, tmp_path / "random", show_progress=False)
+    expected = tiny.build_model(cfg.model, len(tiny.build_tokenizer()), seed=cfg.model.pretrain.seed).state_dict()
+    saved = load_file(built / "model.safetensors")
+    assert all(torch.equal(saved[k], expected[k]) for k in saved)

@@ -83,8 +83,8 @@ def pretrain(model_cfg, task_cfg, out_dir: Path, show_progress: bool = True) -> 
     problems = ArithTask(task_cfg).pretrain_problems(seed=spec.seed)
     rng = random.Random(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.05, anneal_strategy="cos")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(  # (steps=0 keeps the random init: for benchmarks at scale)
+        optimizer, max_lr=spec.lr, total_steps=max(1, spec.steps), pct_start=0.05, anneal_strategy="cos")
     model.train()
     with progress_bar(enabled=show_progress) as progress:
         task_id = progress.add_task("pretraining tiny base", total=spec.steps, info="")

@@ -81,7 +81,11 @@ def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -
     }
 
 
-def completion_rows(scored: ScoredRollouts, group_size: int) -> list[dict]:
-    """The first group of a step, for completions.jsonl."""
+def completion_rows(scored: ScoredRollouts, ctx: TrainContext, update: int) -> list[dict]:
+    """The first group of the `update`-th update (counted from 1) for completions.jsonl, every
+    `train.log_completions_every` updates; nothing in between."""
+    every, group_size = ctx.cfg.train.log_completions_every, ctx.cfg.rl.num_generations
+    if every <= 0 or (update - 1) % every != 0:
+        return []
     return [{"prompt": p.question, "completion": c, "reward": r, "gold": p.answer, "split": "train"}
             for p, c, r in zip(scored.problems[:group_size], scored.rollouts.completions, scored.rewards.tolist())]

@@ -160,11 +160,9 @@ class BridgeStage:
         }
         if shadow_reward is not None:
             metrics["bridge/reward_gap"] = scored.rewards.mean().item() - shadow_reward
-        every = ctx.cfg.train.log_completions_every
-        log_now = every > 0 and (self.updates - 1) % every == 0
         return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + batch.n_tokens,
                           gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, rl.num_generations) if log_now else [])
+                          completions=completion_rows(scored, ctx, self.updates))
 
     def _shadow_weights(self, loss_rl: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.shadow == "persistent":

@@ -39,11 +39,9 @@ class MixStage:
         grad_norm = apply_update(loss_rl + mu * loss_sft, self.params, self.optimizer, self.scheduler,
                                  ctx.cfg.optim.max_grad_norm)
         self.updates += 1
-        every = ctx.cfg.train.log_completions_every
-        log_now = every > 0 and (self.updates - 1) % every == 0
         metrics = {"train/rl_loss": loss_rl.item(), "train/sft_loss": loss_sft.item(), "mix/mu": mu,
                    **rollout_metrics(scored, stats, rl.num_generations), "train/grad_norm": grad_norm,
                    "train/lr": self.scheduler.get_last_lr()[0]}
         return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + batch.n_tokens,
                           gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, rl.num_generations) if log_now else [])
+                          completions=completion_rows(scored, ctx, self.updates))

@@ -115,6 +115,49 @@ def recipes() -> None:
     console.print(table)
 
 
+@app.command("compare")
+def compare_command(
+    paths: Optional[List[str]] = typer.Argument(None, help="Run directories, directories of runs, or globs (default: runs)."),
+    by: Optional[List[str]] = typer.Option(None, "--by", help="Config key(s) to group by (default: recipe); repeat for several."),
+    metric: str = typer.Option("eval/test/accuracy", "--metric", help="Metric for time-to-target."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Group to compare against (e.g. rl)."),
+    output_format: str = typer.Option("table", "--format", help="table, markdown, csv or json."),
+) -> None:
+    """Compare finished runs side by side: mean, std and 95% bootstrap interval per group, costs."""
+    from bridgectl import compare as comparison
+
+    try:
+        if output_format not in ("table", "markdown", "csv", "json"):
+            raise UserError(f"unknown --format '{output_format}'", "choose table, markdown, csv or json")
+        loaded = comparison.load_runs(list(paths or ["runs"]))
+        if not loaded.runs:
+            raise UserError("no completed runs to compare", "failed and interrupted runs are left out: "
+                            + ", ".join(f"{n} {s}" for s, n in loaded.left_out.items()))
+        rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline)
+    except UserError as error:
+        _fail(error.message, error.hint, 2)
+    notes = comparison.footnotes(loaded, rows)
+    if loaded.malformed_lines:
+        typer.echo(f"Warning: skipped {loaded.malformed_lines} malformed metrics.jsonl line(s)", err=True)
+    if output_format == "markdown":
+        typer.echo(comparison.to_markdown(rows, notes), nl=False)
+    elif output_format == "csv":
+        typer.echo(comparison.to_csv(rows), nl=False)
+    elif output_format == "json":
+        typer.echo(comparison.to_json(rows, notes))
+    else:
+        for (task, model), section in comparison.sections_of(rows).items():
+            table = Table(title=f"task {task}, model {model}: final greedy pass@1, mean ± std [95% bootstrap CI]")
+            columns = comparison.display_columns(section)
+            for header, _ in columns:
+                table.add_column(header)
+            for row in section:
+                table.add_row(*(escape(fn(row)) for _, fn in columns))
+            console.print(table)
+        for note in notes:
+            console.print(escape(note))
+
+
 @app.command("build-tiny")
 def build_tiny(
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of model.* and task.* keys."),

@@ -1,0 +1,260 @@
+"""`bridgectl compare`: side-by-side statistics of finished runs, read from run directories only (config.yaml,
+metrics.jsonl, summary.json), never from a model.
+
+Runs are grouped by config keys (`--by recipe` by default). For each group and each final eval metric: n seeds,
+mean, std (n-1), and a 95% percentile-bootstrap interval of the mean; with `--baseline VALUE` the difference of
+each group's mean from that group's, with its own bootstrap interval, and the time-to-target (wall-clock at which
+a run first reaches the baseline's final mean on `--metric`, linearly interpolated between logged evals). Runs of
+different tasks or models are never averaged together; failed or interrupted runs are left out and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from bridgectl.errors import UserError
+
+MIN_SEEDS_TO_RANK = 3
+BOOTSTRAP_SAMPLES = 10_000
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    summary: dict
+    metrics: list[dict]
+
+    def value(self, key: str):
+        """A grouping key: `recipe` (the summary's), or any dotted config key such as `bridge.lam`."""
+        if key in self.summary and not isinstance(self.summary[key], dict):
+            return self.summary[key]
+        node = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    def final(self, metric: str) -> float | None:
+        """Final value of `eval/<split>/accuracy` from summary.json."""
+        parts = metric.split("/")
+        if len(parts) == 3 and parts[0] == "eval":
+            return self.summary.get("eval", {}).get(parts[1], {}).get(parts[2])
+        return None
+
+
+@dataclass
+class Loaded:
+    runs: list[Run] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)  # status -> count of runs not completed
+    malformed_lines: int = 0
+
+
+def find_run_dirs(paths: list[str]) -> list[Path]:
+    """Run directories under each PATH: a run directory itself, a directory of runs (searched recursively), or a
+    glob pattern."""
+    found: list[Path] = []
+    for pattern in paths:
+        matches = [Path(m) for m in sorted(glob.glob(pattern))] or [Path(pattern)]
+        for path in matches:
+            if (path / "summary.json").is_file():
+                found.append(path)
+            elif path.is_dir():
+                found.extend(sorted(p.parent for p in path.rglob("summary.json")))
+    return sorted(set(found))
+
+
+def load_runs(paths: list[str]) -> Loaded:
+    run_dirs = find_run_dirs(paths)
+    if not run_dirs:
+        raise UserError(f"no run directories under {', '.join(paths)}",
+                        "a run directory holds summary.json; train one with `bridgectl run`, or pass runs/")
+    loaded = Loaded()
+    for path in run_dirs:
+        try:
+            summary = json.loads((path / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            loaded.left_out["unreadable"] = loaded.left_out.get("unreadable", 0) + 1
+            continue
+        status = summary.get("status", "unknown")
+        if status != "completed":
+            loaded.left_out[status] = loaded.left_out.get(status, 0) + 1
+            continue
+        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")) if (path / "config.yaml").exists() else {}
+        metrics = []
+        metrics_file = path / "metrics.jsonl"
+        for line in metrics_file.read_text().splitlines() if metrics_file.exists() else []:
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError
+                metrics.append(row)
+            except ValueError:
+                loaded.malformed_lines += 1
+        loaded.runs.append(Run(path, config, summary, metrics))
+    return loaded
+
+
+# ---- statistics -----------------------------------------------------------------------------------------------
+def bootstrap_mean_interval(values: list[float], seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean (resampling seeds with replacement)."""
+    data = np.asarray(values, dtype=float)
+    if len(data) == 1:
+        return float(data[0]), float(data[0])
+    rng = np.random.default_rng(seed)
+    means = rng.choice(data, size=(BOOTSTRAP_SAMPLES, len(data)), replace=True).mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def bootstrap_difference_interval(values: list[float], baseline: list[float], seed: int = 0,
+                                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(values) - mean(baseline), each resampled on its own."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
+    diffs = (rng.choice(a, size=(BOOTSTRAP_SAMPLES, len(a))).mean(axis=1)
+             - rng.choice(b, size=(BOOTSTRAP_SAMPLES, len(b))).mean(axis=1))
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))
+
+
+def time_to_target(run: Run, metric: str, target: float) -> float | None:
+    """Wall-clock seconds at which `metric` first reaches `target`, interpolated linearly between logged evals."""
+    points = [(row["wall_s"], row[metric]) for row in run.metrics
+              if row.get(metric) is not None and row.get("wall_s") is not None]
+    for (t0, v0), (t1, v1) in zip([(None, None)] + points[:-1], points):
+        if v1 >= target:
+            if t0 is None or v1 == v0:
+                return float(t1)
+            return float(t0 + (t1 - t0) * (target - v0) / (v1 - v0))
+    return None
+
+
+# ---- the comparison --------------------------------------------------------------------------------------------
+def _label(values: tuple) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None) -> list[dict]:
+    """One row per (task, model, group): the numbers every output format carries."""
+    sections: dict[tuple, dict[tuple, list[Run]]] = {}
+    for run in loaded.runs:
+        section = (run.summary.get("task", run.value("task.name")), run.summary.get("model", run.value("model.name")))
+        sections.setdefault(section, {}).setdefault(tuple(run.value(k) for k in by), []).append(run)
+    rows = []
+    for (task, model), groups in sections.items():
+        metrics = sorted({f"eval/{split}/accuracy" for runs in groups.values() for r in runs
+                          for split in r.summary.get("eval", {})})
+        base_runs = next((runs for key, runs in groups.items() if _label(key) == baseline), None)
+        if baseline is not None and base_runs is None:
+            raise UserError(f"no group '{baseline}' to use as --baseline (task {task}, model {model})",
+                            f"groups by {', '.join(by)}: {', '.join(_label(k) for k in groups)}")
+        target = (np.mean([r.final(metric) for r in base_runs if r.final(metric) is not None])
+                  if base_runs else None)
+        for key, runs in groups.items():
+            row = {"task": task, "model": model, "group": _label(key), "n": len(runs),
+                   "too_few_seeds": len(runs) < MIN_SEEDS_TO_RANK}
+            for name in metrics:
+                values = [r.final(name) for r in runs if r.final(name) is not None]
+                if not values:
+                    continue
+                low, high = bootstrap_mean_interval(values)
+                row[f"{name}/mean"] = float(np.mean(values))
+                row[f"{name}/std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                row[f"{name}/ci_low"], row[f"{name}/ci_high"] = low, high
+                if base_runs is not None:
+                    base_values = [r.final(name) for r in base_runs if r.final(name) is not None]
+                    d_low, d_high = bootstrap_difference_interval(values, base_values)
+                    row[f"{name}/diff"] = float(np.mean(values) - np.mean(base_values))
+                    row[f"{name}/diff_ci_low"], row[f"{name}/diff_ci_high"] = d_low, d_high
+            for cost in ("wall_s", "gen_tokens", "peak_mem_mb"):
+                costs = [r.summary[cost] for r in runs if isinstance(r.summary.get(cost), (int, float))]
+                row[cost] = float(np.mean(costs)) if costs else None
+            if target is not None:
+                times = [time_to_target(r, metric, target) for r in runs]
+                reached = [t for t in times if t is not None]
+                row["time_to_target_s"] = float(np.mean(reached)) if len(reached) == len(runs) else None
+                row["reached_target"] = f"{len(reached)}/{len(runs)}"
+            rows.append(row)
+    return rows
+
+
+# ---- output formats --------------------------------------------------------------------------------------------
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "never" if key == "time_to_target_s" else "-"
+    return f"{value:.0f}" if isinstance(value, (int, float)) else str(value)
+
+
+def display_columns(rows: list[dict]) -> list[tuple[str, callable]]:
+    """(header, row -> text) pairs shared by the table and markdown outputs."""
+    metric_names = sorted({k.rsplit("/", 1)[0] for r in rows for k in r if k.endswith("/mean")})
+    columns = [("group", lambda r: r["group"] + (" *" if r["too_few_seeds"] else "")), ("n", lambda r: str(r["n"]))]
+    for name in metric_names:
+        columns.append((f"{name} (95% CI)", lambda r, n=name: "-" if f"{n}/mean" not in r else
+                        f"{r[f'{n}/mean']:.1%} ± {r[f'{n}/std']:.1%} [{r[f'{n}/ci_low']:.1%}, {r[f'{n}/ci_high']:.1%}]"))
+        if any(f"{name}/diff" in r for r in rows):
+            columns.append((f"Δ {name} (95% CI)", lambda r, n=name: "-" if f"{n}/diff" not in r else
+                            f"{r[f'{n}/diff']:+.1%} [{r[f'{n}/diff_ci_low']:+.1%}, {r[f'{n}/diff_ci_high']:+.1%}]"))
+    columns += [("wall-clock s", lambda r: _cell(r, "wall_s")), ("gen tokens", lambda r: _cell(r, "gen_tokens")),
+                ("peak MB", lambda r: _cell(r, "peak_mem_mb"))]
+    if any("time_to_target_s" in r for r in rows):
+        columns.append(("time to target s", lambda r: _cell(r, "time_to_target_s") +
+                        ("" if r.get("reached_target", "").split("/")[0] == str(r["n"]) else f" ({r['reached_target']})")))
+    return columns
+
+
+def footnotes(loaded: Loaded, rows: list[dict]) -> list[str]:
+    notes = []
+    if any(r["too_few_seeds"] for r in rows):
+        notes.append(f"* fewer than {MIN_SEEDS_TO_RANK} seeds: too few to rank.")
+    if len({(r["task"], r["model"]) for r in rows}) > 1:
+        notes.append("Runs of different tasks or models are compared in separate tables, never averaged together.")
+    if loaded.left_out:
+        notes.append("Left out: " + ", ".join(f"{n} {status}" for status, n in sorted(loaded.left_out.items())) + ".")
+    if loaded.malformed_lines:
+        notes.append(f"Skipped {loaded.malformed_lines} malformed metrics.jsonl line(s).")
+    return notes
+
+
+def sections_of(rows: list[dict]) -> dict[tuple, list[dict]]:
+    sections: dict[tuple, list[dict]] = {}
+    for row in rows:
+        sections.setdefault((row["task"], row["model"]), []).append(row)
+    return sections
+
+
+def to_markdown(rows: list[dict], notes: list[str]) -> str:
+    out = []
+    for (task, model), section in sections_of(rows).items():
+        columns = display_columns(section)
+        out += [f"**task {task}, model {model}**", "", "| " + " | ".join(h for h, _ in columns) + " |",
+                "|" + "---|" * len(columns)]
+        out += ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in section]
+        out.append("")
+    return "\n".join(out + notes) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("task", "model", "group", "n"), k))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def to_json(rows: list[dict], notes: list[str]) -> str:
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    return json.dumps({"groups": clean, "notes": notes}, indent=2)

@@ -1,0 +1,155 @@
+"""`bridgectl compare` on hand-made run directories with known numbers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from typer.testing import CliRunner
+
+from bridgectl import compare
+from bridgectl.cli import app
+
+
+def make_run(root: Path, name: str, recipe: str, seed: int, test_acc: float, ood_acc: float = 0.5,
+             status: str = "completed", task: str = "arith", lam: float = 0.5, curve=None, wall_s: float = 100.0,
+             extra_lines: tuple[str, ...] = ()) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(f"recipe:\n  name: {recipe}\nbridge:\n  lam: {lam}\ntask:\n  name: {task}\n"
+                                      f"seed: {seed}\n")
+    curve = curve or [(0.0, 0.1), (wall_s, test_acc)]
+    rows = [{"step": i, "stage": "x", "wall_s": t, "eval/test/accuracy": a} for i, (t, a) in enumerate(curve)]
+    (path / "metrics.jsonl").write_text("\n".join([json.dumps(r) for r in rows] + list(extra_lines)) + "\n")
+    summary = {"status": status, "recipe": recipe, "seed": seed, "task": task, "model": "tiny", "wall_s": wall_s,
+               "gen_tokens": 1000 * (seed + 1), "peak_mem_mb": 500.0,
+               "eval": {"test": {"accuracy": test_acc, "n": 100}, "ood": {"accuracy": ood_acc, "n": 100}}}
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    for seed, acc in enumerate([0.60, 0.70, 0.80]):
+        make_run(tmp_path / "runs", f"rl-{seed}", "rl", seed, acc, curve=[(0, 0.2), (10, 0.6), (20, acc)])
+    for seed, acc in enumerate([0.85, 0.90, 0.95]):
+        make_run(tmp_path / "runs", f"bridge-{seed}", "bridge", seed, acc, lam=0.3 if seed < 2 else 0.7,
+                 curve=[(0, 0.2), (10, 0.5), (20, 0.9), (30, acc)])
+    make_run(tmp_path / "runs", "sft-0", "sft", 0, 0.9)
+    make_run(tmp_path / "runs", "rl-dead", "rl", 9, 0.0, status="failed")
+    make_run(tmp_path / "runs", "rl-stopped", "rl", 8, 0.0, status="interrupted")
+    return tmp_path / "runs"
+
+
+def by_group(rows):
+    return {r["group"]: r for r in rows}
+
+
+def test_means_stds_n_and_intervals(sweep):
+    loaded = compare.load_runs([str(sweep)])
+    assert loaded.left_out == {"failed": 1, "interrupted": 1}
+    rows = by_group(compare.compare(loaded, ["recipe"], "eval/test/accuracy", None))
+    rl = rows["rl"]
+    assert rl["n"] == 3 and not rl["too_few_seeds"] and rows["sft"]["too_few_seeds"]
+    assert rl["eval/test/accuracy/mean"] == pytest.approx(0.70)
+    assert rl["eval/test/accuracy/std"] == pytest.approx(np.std([0.6, 0.7, 0.8], ddof=1))
+    reference = stats.bootstrap(([0.6, 0.7, 0.8],), np.mean, method="percentile", n_resamples=10_000,
+                                random_state=1).confidence_interval
+    assert rl["eval/test/accuracy/ci_low"] == pytest.approx(reference.low, abs=0.01)
+    assert rl["eval/test/accuracy/ci_high"] == pytest.approx(reference.high, abs=0.01)
+    assert rows["sft"]["eval/test/accuracy/ci_low"] == rows["sft"]["eval/test/accuracy/ci_high"] == 0.9
+    assert rl["gen_tokens"] == pytest.approx(2000) and rl["wall_s"] == pytest.approx(100)
+
+
+def test_baseline_difference_and_time_to_target(sweep):
+    rows = by_group(compare.compare(compare.load_runs([str(sweep)]), ["recipe"], "eval/test/accuracy", "rl"))
+    bridge = rows["bridge"]
+    assert bridge["eval/test/accuracy/diff"] == pytest.approx(0.90 - 0.70)
+    assert bridge["eval/test/accuracy/diff_ci_low"] < 0.2 < bridge["eval/test/accuracy/diff_ci_high"]
+    assert rows["rl"]["eval/test/accuracy/diff"] == pytest.approx(0.0)
+    # target = rl's final mean 0.70; bridge curves cross it between (10, 0.5) and (20, 0.9): t = 10 + 10 * 0.2/0.4
+    assert bridge["time_to_target_s"] == pytest.approx(15.0)
+    # rl seed 0 ends at 0.60 and never reaches 0.70: the group gets "never" with 2 of 3 runs reaching it
+    assert rows["rl"]["time_to_target_s"] is None and rows["rl"]["reached_target"] == "2/3"
+
+
+def test_time_to_target_interpolates_between_evals(tmp_path):
+    run = compare.load_runs([str(make_run(tmp_path, "r", "rl", 0, 0.9, curve=[(0, 0.2), (10, 0.6), (30, 0.9)]))]).runs[0]
+    assert compare.time_to_target(run, "eval/test/accuracy", 0.75) == pytest.approx(20.0)
+    assert compare.time_to_target(run, "eval/test/accuracy", 0.1) == pytest.approx(0.0)
+    assert compare.time_to_target(run, "eval/test/accuracy", 0.95) is None
+
+
+def test_group_by_nested_config_key(sweep):
+    loaded = compare.load_runs([str(sweep / "bridge-*")])
+    rows = by_group(compare.compare(loaded, ["bridge.lam"], "eval/test/accuracy", None))
+    assert set(rows) == {"0.3", "0.7"}
+    assert rows["0.3"]["n"] == 2 and rows["0.3"]["eval/test/accuracy/mean"] == pytest.approx(0.875)
+    two_keys = by_group(compare.compare(loaded, ["recipe", "bridge.lam"], "eval/test/accuracy", None))
+    assert set(two_keys) == {"bridge, 0.3", "bridge, 0.7"}
+
+
+def test_every_format_carries_the_same_numbers(sweep):
+    args = ["compare", str(sweep), "--baseline", "rl"]
+    as_json = json.loads(CliRunner().invoke(app, [*args, "--format", "json"]).output)
+    as_csv = list(csv.DictReader(io.StringIO(CliRunner().invoke(app, [*args, "--format", "csv"]).output)))
+    markdown = CliRunner().invoke(app, [*args, "--format", "markdown"]).output
+    table = CliRunner(env={"COLUMNS": "400"}).invoke(app, args).output
+    json_rows = {r["group"]: r for r in as_json["groups"]}
+    assert set(json_rows) == {r["group"] for r in as_csv} == {"rl", "bridge", "sft"}
+    for row in as_csv:
+        for key in ("eval/test/accuracy/mean", "eval/test/accuracy/ci_low", "eval/ood/accuracy/diff", "wall_s"):
+            assert float(row[key]) == pytest.approx(json_rows[row["group"]][key])
+    bridge = json_rows["bridge"]
+    shown = (f"{bridge['eval/test/accuracy/mean']:.1%} ± {bridge['eval/test/accuracy/std']:.1%} "
+             f"[{bridge['eval/test/accuracy/ci_low']:.1%}, {bridge['eval/test/accuracy/ci_high']:.1%}]")
+    assert shown in markdown and shown in table
+    assert "Left out: 1 failed, 1 interrupted." in markdown and "Left out: 1 failed, 1 interrupted." in as_json["notes"]
+
+
+def test_tasks_are_never_averaged_together(tmp_path):
+    make_run(tmp_path, "a", "rl", 0, 0.6, task="arith")
+    make_run(tmp_path, "b", "rl", 0, 0.2, task="gsm8k")
+    rows = compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", None)
+    assert sorted((r["task"], r["eval/test/accuracy/mean"]) for r in rows) == [("arith", 0.6), ("gsm8k", 0.2)]
+    output = CliRunner().invoke(app, ["compare", str(tmp_path), "--format", "markdown"]).output
+    assert "**task arith, model tiny**" in output and "**task gsm8k, model tiny**" in output
+    assert "never averaged together" in output
+
+
+def test_malformed_metrics_lines_are_skipped_and_counted(tmp_path):
+    make_run(tmp_path, "r", "rl", 0, 0.6, extra_lines=("{not json", "[1, 2]"))
+    loaded = compare.load_runs([str(tmp_path)])
+    assert loaded.malformed_lines == 2 and len(loaded.runs[0].metrics) == 2
+    result = CliRunner().invoke(app, ["compare", str(tmp_path), "--format", "json"])
+    assert result.exit_code == 0 and "skipped 2 malformed" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compare", "{missing}"], "no run directories"),
+    (["compare", "{only_failed}"], "no completed runs"),
+    (["compare", "{only_failed}", "--format", "xml"], "unknown --format"),
+    (["compare", "{good}", "--baseline", "nope"], "no group 'nope'"),
+])
+def test_bad_input_exits_2(tmp_path, args, message):
+    make_run(tmp_path / "failed", "r", "rl", 0, 0.1, status="failed")
+    make_run(tmp_path / "good", "r", "rl", 0, 0.1)
+    paths = {"missing": str(tmp_path / "none"), "only_failed": str(tmp_path / "failed"), "good": str(tmp_path / "good")}
+    result = CliRunner().invoke(app, [a.format(**paths) for a in args])
+    assert result.exit_code == 2 and "Error:" in result.output and message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_readme_results_table_is_what_compare_prints_for_the_recorded_runs():
+    root = Path(__file__).resolve().parent.parent
+    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "builtin-seed0"), "--format", "markdown"])
+    assert output.exit_code == 0
+    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    assert len(table) == 8  # header, rule, six recipes
+    readme = (root / "README.md").read_text()
+    assert all(line in readme for line in table)

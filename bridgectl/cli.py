@@ -122,6 +122,7 @@ def compare_command(
     metric: str = typer.Option("eval/test/accuracy", "--metric", help="Metric for time-to-target."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Group to compare against (e.g. rl)."),
     output_format: str = typer.Option("table", "--format", help="table, markdown, csv or json."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write report.md, comparison.csv and PNG plots here."),
 ) -> None:
     """Compare finished runs side by side: mean, std and 95% bootstrap interval per group, costs."""
     from bridgectl import compare as comparison
@@ -156,6 +157,11 @@ def compare_command(
             console.print(table)
         for note in notes:
             console.print(escape(note))
+    if report is not None:
+        from bridgectl.report import write_report
+
+        written = write_report(loaded, rows, list(by or ["recipe"]), metric, report)
+        typer.echo(f"report: {len(written)} files in {report}", err=True)
 
 
 @app.command("build-tiny")

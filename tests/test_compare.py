@@ -153,3 +153,19 @@ def test_readme_results_table_is_what_compare_prints_for_the_recorded_runs():
     assert len(table) == 8  # header, rule, six recipes
     readme = (root / "README.md").read_text()
     assert all(line in readme for line in table)
+
+
+def test_report_writes_markdown_csv_and_valid_pngs(sweep, tmp_path):
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["compare", str(sweep), "--baseline", "rl", "--format", "csv", "--report", str(out)])
+    assert result.exit_code == 0
+    assert (out / "comparison.csv").read_text() in result.output  # same numbers as the printed csv
+    images = sorted(p.name for p in out.glob("*.png"))
+    assert images == ["accuracy_vs_step.png", "accuracy_vs_wall.png"]  # the hand-made runs log only eval accuracy
+    from matplotlib.image import imread
+
+    for name in images:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = imread(out / name).shape
+        assert height > 100 and width > 100
+        assert f"![{name}]({name})" in (out / "report.md").read_text()

@@ -1,0 +1,91 @@
+"""`bridgectl compare --report DIR`: report.md, comparison.csv and PNG plots, one line per group with a band
+across seeds (mean ± std), from run directories only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bridgectl.compare import Loaded, footnotes, to_csv, to_markdown
+
+# (file name, metric, x axis, title, smoothing window in logged steps)
+PLOTS = [
+    ("reward_vs_step.png", "train/reward_mean", "step", "training reward (sampled)", 10),
+    ("reward_vs_wall.png", "train/reward_mean", "wall_s", "training reward (sampled)", 10),
+    ("accuracy_vs_step.png", "{metric}", "step", "{metric} (greedy)", 1),
+    ("accuracy_vs_wall.png", "{metric}", "wall_s", "{metric} (greedy)", 1),
+    ("response_len_vs_step.png", "train/response_len", "step", "response length (tokens)", 10),
+    ("coop_gain_vs_step.png", "bridge/coop_gain", "step", "BRIDGE cooperative gain L_rl(shadow) - L_rl", 10),
+]
+
+
+def _series(run, metric: str, x_key: str, window: int) -> tuple[np.ndarray, np.ndarray] | None:
+    points = [(row[x_key], row[metric]) for row in run.metrics
+              if isinstance(row.get(metric), (int, float)) and isinstance(row.get(x_key), (int, float))]
+    if len(points) < 2:
+        return None
+    x, y = np.array(points, dtype=float).T
+    if window > 1 and len(y) >= window:  # trailing moving average: rewards of single steps are noisy
+        y = np.convolve(y, np.ones(window) / window, mode="valid")
+        x = x[window - 1:]
+    return x, y
+
+
+def plot(groups: dict[str, list], metric: str, x_key: str, title: str, window: int, path: Path) -> bool:
+    """One line per group (mean over its runs on a common x grid) with a ±std band; False when no run has it."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for label, runs in groups.items():
+        series = [s for s in (_series(r, metric, x_key, window) for r in runs) if s is not None]
+        if not series:
+            continue
+        grid = np.linspace(max(s[0][0] for s in series), min(s[0][-1] for s in series), 200)
+        if grid[0] >= grid[-1]:
+            continue
+        values = np.stack([np.interp(grid, x, y) for x, y in series])
+        mean, std = values.mean(axis=0), values.std(axis=0)
+        (line,) = axes.plot(grid, mean, label=f"{label} (n={len(series)})")
+        if len(series) > 1:
+            axes.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        drawn = True
+    if drawn:
+        axes.set_xlabel("wall-clock (s)" if x_key == "wall_s" else "step")
+        axes.set_ylabel(metric)
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return drawn
+
+
+def write_report(loaded: Loaded, rows: list[dict], by: list[str], metric: str, out_dir: Path) -> list[Path]:
+    """report.md, comparison.csv and every plot some run has data for; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups: dict[str, list] = {}
+    for run in loaded.runs:
+        label = ", ".join(str(run.value(k)) for k in by)
+        groups.setdefault(label, []).append(run)
+    written = []
+    (out_dir / "comparison.csv").write_text(to_csv(rows))
+    written.append(out_dir / "comparison.csv")
+    images = []
+    for name, plot_metric, x_key, title, window in PLOTS:
+        plot_metric, title = plot_metric.format(metric=metric), title.format(metric=metric)
+        if plot(groups, plot_metric, x_key, title, window, out_dir / name):
+            images.append(name)
+            written.append(out_dir / name)
+    notes = footnotes(loaded, rows)
+    report = ["# bridgectl comparison", "", f"Runs grouped by {', '.join(by)}; final greedy pass@1 as mean ± std "
+              "[95% bootstrap interval of the mean].", "", to_markdown(rows, notes).strip(), ""]
+    report += [f"![{name}]({name})" for name in images]
+    (out_dir / "report.md").write_text("\n".join(report) + "\n")
+    written.append(out_dir / "report.md")
+    return written

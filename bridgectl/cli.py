@@ -123,6 +123,7 @@ def compare_command(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Group to compare against (e.g. rl)."),
     output_format: str = typer.Option("table", "--format", help="table, markdown, csv or json."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write report.md, comparison.csv and PNG plots here."),
+    against: Optional[str] = typer.Option(None, "--against", help="Reference: recorded run directories or a published-results YAML in baselines/."),
 ) -> None:
     """Compare finished runs side by side: mean, std and 95% bootstrap interval per group, costs."""
     from bridgectl import compare as comparison
@@ -135,6 +136,7 @@ def compare_command(
             raise UserError("no completed runs to compare", "failed and interrupted runs are left out: "
                             + ", ".join(f"{n} {s}" for s, n in loaded.left_out.items()))
         rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline)
+        reference = comparison.load_reference(against, list(by or ["recipe"]), metric) if against else None
     except UserError as error:
         _fail(error.message, error.hint, 2)
     notes = comparison.footnotes(loaded, rows)
@@ -144,8 +146,9 @@ def compare_command(
         typer.echo(comparison.to_markdown(rows, notes), nl=False)
     elif output_format == "csv":
         typer.echo(comparison.to_csv(rows), nl=False)
-    elif output_format == "json":
-        typer.echo(comparison.to_json(rows, notes))
+    elif output_format == "json":  # one JSON document, the --against deltas inside it
+        against_entries = comparison.against_rows(rows, reference, metric) if reference is not None else None
+        typer.echo(comparison.to_json(rows, notes, against_entries))
     else:
         for (task, model), section in comparison.sections_of(rows).items():
             table = Table(title=f"task {task}, model {model}: final greedy pass@1, mean ± std [95% bootstrap CI]")
@@ -157,6 +160,8 @@ def compare_command(
             console.print(table)
         for note in notes:
             console.print(escape(note))
+    if reference is not None and output_format != "json":
+        typer.echo(comparison.against_markdown(comparison.against_rows(rows, reference, metric), reference))
     if report is not None:
         from bridgectl.report import write_report
 

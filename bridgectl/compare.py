@@ -255,6 +255,67 @@ def to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def to_json(rows: list[dict], notes: list[str]) -> str:
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
-    return json.dumps({"groups": clean, "notes": notes}, indent=2)
+def to_json(rows: list[dict], notes: list[str], against: list[dict] | None = None) -> str:
+    def clean(items):
+        return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in items]
+
+    document = {"groups": clean(rows), "notes": notes}
+    if against is not None:
+        document["against"] = clean(against)
+    return json.dumps(document, indent=2)
+
+
+# ---- --against: deltas from recorded or published results ----------------------------------------------------
+def load_reference(path: str, by: list[str], metric: str) -> dict:
+    """A reference: run directories (recorded results, compared metric by metric) or a YAML file of published
+    numbers (`models: {MODEL: {recipe: {metric: value}}}`, compared by each recipe's gain over `rl`)."""
+    target = Path(path)
+    if target.is_file() and target.suffix in (".yaml", ".yml"):
+        content = OmegaConf.to_container(OmegaConf.load(target))
+        if not isinstance(content, dict) or not isinstance(content.get("models"), dict):
+            raise UserError(f"{path} is not a reference file", "it needs `models: {MODEL: {recipe: {metric: value}}}`")
+        return {"kind": "published", "source": content.get("source", path), "models": content["models"]}
+    loaded = load_runs([path])
+    return {"kind": "runs", "source": path, "rows": compare(loaded, by, metric, None)}
+
+
+def against_rows(rows: list[dict], reference: dict, metric: str) -> list[dict]:
+    """Recorded runs: current minus reference mean for every final metric of matching (task, model, group).
+    Published tables: the current gain of each group over `rl` beside the published gain over `rl` per model
+    (different tasks and models, so only the ordering is comparable, not absolute numbers)."""
+    out = []
+    if reference["kind"] == "runs":
+        by_key = {(r["task"], r["model"], r["group"]): r for r in reference["rows"]}
+        for row in rows:
+            ref = by_key.get((row["task"], row["model"], row["group"]))
+            if ref is None:
+                continue
+            entry = {"task": row["task"], "model": row["model"], "group": row["group"], "n": row["n"], "n_ref": ref["n"]}
+            for key in row:
+                if key.endswith("/mean") and key in ref:
+                    entry[key.replace("/mean", "/delta")] = row[key] - ref[key]
+            out.append(entry)
+        return out
+    current = {r["group"]: r.get(f"{metric}/mean") for r in rows}
+    for group, value in current.items():
+        entry = {"group": group, f"{metric}/gain_over_rl": None if value is None or current.get("rl") is None
+                 else value - current["rl"]}
+        for model, table in reference["models"].items():
+            published = table.get(group, {})
+            rl = table.get("rl", {})
+            for name, number in published.items():
+                if name in rl and isinstance(number, (int, float)):
+                    entry[f"{model}/{name}/gain_over_rl"] = number - rl[name]
+        out.append(entry)
+    return out
+
+
+def against_markdown(entries: list[dict], reference: dict) -> str:
+    if not entries:
+        return f"No group matches the reference {reference['source']}.\n"
+    keys = [k for k in dict.fromkeys(k for e in entries for k in e) if k not in ("task", "model", "group", "n")]
+    lines = [f"Against {reference['source']}:", "", "| group | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for entry in entries:
+        cells = [f"{entry[k]:+.3f}" if isinstance(entry.get(k), float) else str(entry.get(k, "-")) for k in keys]
+        lines.append(f"| {entry['group']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -169,3 +169,34 @@ def test_report_writes_markdown_csv_and_valid_pngs(sweep, tmp_path):
         height, width, _ = imread(out / name).shape
         assert height > 100 and width > 100
         assert f"![{name}]({name})" in (out / "report.md").read_text()
+
+
+def test_against_recorded_runs_shows_a_regression(tmp_path):
+    make_run(tmp_path / "reference", "rl", "rl", 0, 0.80, ood_acc=0.50)
+    make_run(tmp_path / "current", "rl", "rl", 0, 0.70, ood_acc=0.55)
+    args = ["compare", str(tmp_path / "current"), "--against", str(tmp_path / "reference")]
+    as_json = json.loads(CliRunner().invoke(app, [*args, "--format", "json"]).output)
+    assert as_json["against"][0]["eval/test/accuracy/delta"] == pytest.approx(-0.10)
+    result = CliRunner().invoke(app, [*args, "--format", "markdown"])
+    assert result.exit_code == 0
+    row = next(line for line in result.output.splitlines() if line.startswith("| rl |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["rl", "1", "+0.050", "-0.100"]  # n_ref, ood delta, test delta
+
+
+def test_against_published_table_compares_gains_over_rl(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    make_run(tmp_path, "rl", "rl", 0, 0.70)
+    make_run(tmp_path, "bridge", "bridge", 0, 0.75)
+    loaded = compare.load_runs([str(tmp_path)])
+    rows = compare.compare(loaded, ["recipe"], "eval/test/accuracy", None)
+    reference = compare.load_reference(str(root / "baselines" / "paper-bridge-2509.06948.yaml"), ["recipe"],
+                                       "eval/test/accuracy")
+    entries = {e["group"]: e for e in compare.against_rows(rows, reference, "eval/test/accuracy")}
+    assert entries["bridge"]["eval/test/accuracy/gain_over_rl"] == pytest.approx(0.05)
+    assert entries["bridge"]["Qwen2.5-3B/avg_pass@1/gain_over_rl"] == pytest.approx(36.0 - 32.2)
+    assert entries["bridge"]["Qwen3-8B-Base/avg_pass@1/gain_over_rl"] == pytest.approx(49.9 - 42.9)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("results: 1\n")
+    result = CliRunner().invoke(app, ["compare", str(tmp_path), "--against", str(bad)])
+    assert result.exit_code == 2 and "not a reference file" in result.output

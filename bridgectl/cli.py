@@ -124,6 +124,7 @@ def compare_command(
     output_format: str = typer.Option("table", "--format", help="table, markdown, csv or json."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write report.md, comparison.csv and PNG plots here."),
     against: Optional[str] = typer.Option(None, "--against", help="Reference: recorded run directories or a published-results YAML in baselines/."),
+    wandb: bool = typer.Option(False, "--wandb", help="Also log the table and plots to W&B (offline without credentials)."),
 ) -> None:
     """Compare finished runs side by side: mean, std and 95% bootstrap interval per group, costs."""
     from bridgectl import compare as comparison
@@ -162,11 +163,18 @@ def compare_command(
             console.print(escape(note))
     if reference is not None and output_format != "json":
         typer.echo(comparison.against_markdown(comparison.against_rows(rows, reference, metric), reference))
-    if report is not None:
-        from bridgectl.report import write_report
+    if report is not None or wandb:
+        import tempfile
 
-        written = write_report(loaded, rows, list(by or ["recipe"]), metric, report)
-        typer.echo(f"report: {len(written)} files in {report}", err=True)
+        from bridgectl.report import log_to_wandb, write_report
+
+        report_dir = report or Path(tempfile.mkdtemp(prefix="bridgectl-report-"))
+        written = write_report(loaded, rows, list(by or ["recipe"]), metric, report_dir)
+        if report is not None:
+            typer.echo(f"report: {len(written)} files in {report}", err=True)
+        if wandb:
+            directory = log_to_wandb(rows, [p for p in written if p.suffix == ".png"], list(by or ["recipe"]))
+            typer.echo(f"W&B: logged to {directory}", err=True)
 
 
 @app.command("build-tiny")

@@ -89,3 +89,21 @@ def write_report(loaded: Loaded, rows: list[dict], by: list[str], metric: str, o
     (out_dir / "report.md").write_text("\n".join(report) + "\n")
     written.append(out_dir / "report.md")
     return written
+
+
+def log_to_wandb(rows: list[dict], images: list[Path], by: list[str]) -> str:
+    """Logs the comparison table and plots to a W&B run (job_type=compare): online with credentials, offline
+    otherwise (WANDB_MODE wins). Returns the run's local directory."""
+    import os
+
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "bridgectl"), job_type="compare", mode=mode,
+                     config={"by": by})
+    columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("task", "model", "group", "n"), k))
+    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    run.log({"comparison": table, **{image.stem: wandb.Image(str(image)) for image in images}})
+    directory = run.dir
+    run.finish()
+    return directory

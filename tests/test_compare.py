@@ -200,3 +200,14 @@ def test_against_published_table_compares_gains_over_rl(tmp_path):
     bad.write_text("results: 1\n")
     result = CliRunner().invoke(app, ["compare", str(tmp_path), "--against", str(bad)])
     assert result.exit_code == 2 and "not a reference file" in result.output
+
+
+def test_wandb_logs_table_and_plots_offline(sweep, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["compare", str(sweep), "--wandb", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    run_dirs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1 and list(run_dirs[0].glob("*.wandb"))
+    media = list(run_dirs[0].rglob("*.png")) + list(run_dirs[0].rglob("*table.json"))
+    assert any(p.suffix == ".png" for p in media) and any(p.name.endswith("table.json") for p in media)

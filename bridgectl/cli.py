@@ -152,7 +152,7 @@ def compare_command(
         typer.echo(comparison.to_json(rows, notes, against_entries))
     else:
         for (task, model), section in comparison.sections_of(rows).items():
-            table = Table(title=f"task {task}, model {model}: final greedy pass@1, mean ± std [95% bootstrap CI]")
+            table = Table(title=f"task {task}, model {model}: final greedy pass@1")
             columns = comparison.display_columns(section)
             for header, _ in columns:
                 table.add_column(header)

@@ -197,26 +197,36 @@ def _cell(row: dict, key: str) -> str:
     return f"{value:.0f}" if isinstance(value, (int, float)) else str(value)
 
 
+def _short(metric: str) -> str:
+    """`eval/test/accuracy` -> `test acc`: column headers that fit a terminal."""
+    parts = metric.split("/")
+    return f"{parts[1]} acc" if len(parts) == 3 and parts[0] == "eval" and parts[2] == "accuracy" else metric
+
+
 def display_columns(rows: list[dict]) -> list[tuple[str, callable]]:
-    """(header, row -> text) pairs shared by the table and markdown outputs."""
+    """(header, row -> text) pairs shared by the table and markdown outputs. Percentages: mean ± std [95% CI]."""
     metric_names = sorted({k.rsplit("/", 1)[0] for r in rows for k in r if k.endswith("/mean")})
     columns = [("group", lambda r: r["group"] + (" *" if r["too_few_seeds"] else "")), ("n", lambda r: str(r["n"]))]
     for name in metric_names:
-        columns.append((f"{name} (95% CI)", lambda r, n=name: "-" if f"{n}/mean" not in r else
-                        f"{r[f'{n}/mean']:.1%} ± {r[f'{n}/std']:.1%} [{r[f'{n}/ci_low']:.1%}, {r[f'{n}/ci_high']:.1%}]"))
+        columns.append((f"{_short(name)} %", lambda r, n=name: "-" if f"{n}/mean" not in r else
+                        f"{100 * r[f'{n}/mean']:.1f} ± {100 * r[f'{n}/std']:.1f} "
+                        f"[{100 * r[f'{n}/ci_low']:.1f}, {100 * r[f'{n}/ci_high']:.1f}]"))
         if any(f"{name}/diff" in r for r in rows):
-            columns.append((f"Δ {name} (95% CI)", lambda r, n=name: "-" if f"{n}/diff" not in r else
-                            f"{r[f'{n}/diff']:+.1%} [{r[f'{n}/diff_ci_low']:+.1%}, {r[f'{n}/diff_ci_high']:+.1%}]"))
-    columns += [("wall-clock s", lambda r: _cell(r, "wall_s")), ("gen tokens", lambda r: _cell(r, "gen_tokens")),
+            columns.append((f"Δ {_short(name)} pts", lambda r, n=name: "-" if f"{n}/diff" not in r else
+                            f"{100 * r[f'{n}/diff']:+.1f} [{100 * r[f'{n}/diff_ci_low']:+.1f}, "
+                            f"{100 * r[f'{n}/diff_ci_high']:+.1f}]"))
+    columns += [("wall s", lambda r: _cell(r, "wall_s")), ("gen tokens", lambda r: _cell(r, "gen_tokens")),
                 ("peak MB", lambda r: _cell(r, "peak_mem_mb"))]
     if any("time_to_target_s" in r for r in rows):
-        columns.append(("time to target s", lambda r: _cell(r, "time_to_target_s") +
+        columns.append(("to target s", lambda r: _cell(r, "time_to_target_s") +
                         ("" if r.get("reached_target", "").split("/")[0] == str(r["n"]) else f" ({r['reached_target']})")))
     return columns
 
 
 def footnotes(loaded: Loaded, rows: list[dict]) -> list[str]:
     notes = []
+    notes.append("Accuracy in %: mean ± std over seeds [95% bootstrap interval of the mean]; Δ in points against "
+                 "--baseline.")
     if any(r["too_few_seeds"] for r in rows):
         notes.append(f"* fewer than {MIN_SEEDS_TO_RANK} seeds: too few to rank.")
     if len({(r["task"], r["model"]) for r in rows}) > 1:

@@ -106,8 +106,8 @@ def test_every_format_carries_the_same_numbers(sweep):
         for key in ("eval/test/accuracy/mean", "eval/test/accuracy/ci_low", "eval/ood/accuracy/diff", "wall_s"):
             assert float(row[key]) == pytest.approx(json_rows[row["group"]][key])
     bridge = json_rows["bridge"]
-    shown = (f"{bridge['eval/test/accuracy/mean']:.1%} ± {bridge['eval/test/accuracy/std']:.1%} "
-             f"[{bridge['eval/test/accuracy/ci_low']:.1%}, {bridge['eval/test/accuracy/ci_high']:.1%}]")
+    shown = (f"{100 * bridge['eval/test/accuracy/mean']:.1f} ± {100 * bridge['eval/test/accuracy/std']:.1f} "
+             f"[{100 * bridge['eval/test/accuracy/ci_low']:.1f}, {100 * bridge['eval/test/accuracy/ci_high']:.1f}]")
     assert shown in markdown and shown in table
     assert "Left out: 1 failed, 1 interrupted." in markdown and "Left out: 1 failed, 1 interrupted." in as_json["notes"]
 

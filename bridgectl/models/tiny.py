@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -136,5 +137,8 @@ def base_model_dir(model_cfg, task_cfg, show_progress: bool = True) -> Path:
         console.print(f"Building the tiny base model for these settings (once) into {cached}")
         tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
         pretrain(model_cfg, task_cfg, tmp, show_progress=show_progress)
-        tmp.rename(cached)  # atomic: a killed build never leaves a half-written cache entry
+        try:
+            tmp.rename(cached)  # atomic: a killed build never leaves a half-written cache entry
+        except OSError:  # another process finished the same build first: theirs is identical (deterministic)
+            shutil.rmtree(tmp, ignore_errors=True)
     return cached

@@ -177,6 +177,62 @@ def compare_command(
             typer.echo(f"W&B: logged to {directory}", err=True)
 
 
+@app.command("sweep")
+def sweep_command(
+    spec: Path = typer.Argument(..., help="Sweep spec YAML (format: sweeps/README.md)."),
+    workers: int = typer.Option(1, "--workers", help="Trials run at once, as separate processes."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL (default: a journal file in the sweep directory)."),
+    out: Path = typer.Option(Path("runs/sweeps"), "--out", help="Parent of the sweep directory <out>/<name>/."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the spec and print the plan; run nothing."),
+) -> None:
+    """Run (or resume) an Optuna study over `bridgectl run` configs, then compare its trials."""
+    from bridgectl import sweep as sweeping
+
+    try:
+        if workers < 1:
+            raise UserError(f"--workers must be at least 1, got {workers}", "e.g. --workers 2")
+        parsed = sweeping.load_spec(spec)
+    except UserError as error:
+        _fail(error.message, error.hint, 2)
+    total = len(parsed.grid()) if parsed.sampler == "grid" else parsed.n_trials
+    console.print(f"sweep [cyan]{parsed.name}[/cyan]: {total} trials x {len(parsed.seeds)} seeds, sampler "
+                  f"{parsed.sampler}, objective {parsed.direction} {parsed.metric} -> {out / parsed.name}")
+    if dry_run:
+        for key, param in parsed.params.items():
+            console.print(f"  {key}: {escape(str(param))}")
+        console.print(f"  every run: {escape(' '.join(parsed.base))} (+ params, seed)")
+        return
+    from bridgectl.core.ui import progress_bar
+    from optuna.trial import TrialState
+
+    with progress_bar() as progress:
+        bar = progress.add_task("trials", total=total, info="")
+
+        def on_trial(study, trial):
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            counts = {name: states.count(state) for name, state in
+                      (("done", TrialState.COMPLETE), ("pruned", TrialState.PRUNED), ("failed", TrialState.FAIL))}
+            best = f"{study.best_value:.3f}" if counts["done"] else "-"
+            progress.update(bar, completed=counts["done"] + counts["pruned"],
+                            info=f"done {counts['done']} pruned {counts['pruned']} failed {counts['failed']} best {best}")
+
+        study = sweeping.run_sweep(spec, out, workers, storage, on_trial=on_trial)
+    from bridgectl import compare as comparison
+
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    if (out / parsed.name).exists() and any((out / parsed.name).rglob("summary.json")):
+        loaded = comparison.load_runs([str(out / parsed.name)])
+        if loaded.runs:
+            rows = comparison.compare(loaded, list(parsed.params) or ["trial"], parsed.metric, None)
+            console.print(escape(comparison.to_markdown(rows, comparison.footnotes(loaded, rows))))
+    if failed:
+        console.print(f"{len(failed)} trial(s) failed; their run directories hold the error in summary.json")
+    if completed:
+        console.print(f"best trial {study.best_trial.number}: {parsed.metric} = {study.best_value:.3f} with "
+                      f"{escape(str(study.best_params))}")
+
+
 @app.command("build-tiny")
 def build_tiny(
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides of model.* and task.* keys."),

@@ -6,3 +6,11 @@ class UserError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+class StopRun(Exception):
+    """Raised by a run's eval callback to end it early with a given summary status (e.g. `pruned` by a sweep)."""
+
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self.status = status

@@ -10,12 +10,14 @@ import random
 import time
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from bridgectl.config import stage_budgets
+from bridgectl.errors import StopRun
 from bridgectl.core.context import TrainContext
 from bridgectl.core.evaluate import evaluate_split
 from bridgectl.core.model import load_policy, save_policy
@@ -79,67 +81,80 @@ def build_context(cfg: DictConfig, show_progress: bool = True) -> TrainContext:
                         sft_examples=task.sft_examples(cfg.seed), rl_problems=task.rl_prompts(cfg.seed))
 
 
-def run(cfg: DictConfig, run_path: Path, show_progress: bool = True) -> dict:
-    """Trains the recipe of `cfg` into a new run directory at `run_path` and returns its summary."""
-    ctx = build_context(cfg, show_progress)
-    task, policy, device = ctx.task, ctx.policy, ctx.device
-    eval_problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}
-
+def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict | None = None,
+        on_eval: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains the recipe of `cfg` into a new run directory at `run_path` and returns its summary. `tags` go into
+    summary.json (a sweep's study and trial); `on_eval(step, metrics)` is called after each periodic evaluation and
+    may raise StopRun to end the run early with that status. Whatever goes wrong, from loading on, the run
+    directory's summary says so (status failed, interrupted or the StopRun status, and the error)."""
     run_dir = RunDir(run_path)
     run_dir.write_config(cfg)
     budgets = stage_budgets(cfg)
     summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
-               "model": cfg.model.name, "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
+               "model": cfg.model.name, **(tags or {}),
+               "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
     run_dir.write_summary(summary)
+    counters = {"steps": 0, "train_tokens": 0, "gen_tokens": 0}
+    try:
+        _train(cfg, run_dir, summary, budgets, counters, show_progress, on_eval)
+    except BaseException as error:
+        status = error.status if isinstance(error, StopRun) else (
+            "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+        summary.update(status=status, error=f"{type(error).__name__}: {error}", wall_s=run_dir.wall_s, **counters)
+        run_dir.write_summary(summary)
+        raise
+    finally:
+        run_dir.close()
+    return summary
 
+
+def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], counters: dict,
+           show_progress: bool, on_eval) -> None:
+    ctx = build_context(cfg, show_progress)
+    task, policy, device = ctx.task, ctx.policy, ctx.device
+    eval_problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}
     initial = evaluate_all(ctx, eval_problems)
     run_dir.log_metrics(0, "init", eval_metrics(initial))
     run_dir.log_completions(0, [dict(s, split=split) for split, r in initial.items() for s in r.samples])
-    counters = {"train_tokens": 0, "gen_tokens": 0}
-    step, total_steps = 0, sum(budgets)
+    total_steps = sum(budgets)
     train_started = time.perf_counter()
-    try:
-        with progress_bar(enabled=show_progress) as progress:
-            for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, budgets)):
-                stage = STAGES[kind](ctx, budget)
-                label = f"stage {index + 1}/{len(budgets)} {kind}"
-                bar = progress.add_task(label, total=budget, info="")
-                recent = deque(maxlen=10)
-                for _ in range(budget):
-                    started = time.perf_counter()
-                    output = stage.step()
-                    step += 1
-                    output.metrics["perf/step_s"] = time.perf_counter() - started
-                    counters["train_tokens"] += output.train_tokens
-                    counters["gen_tokens"] += output.gen_tokens
-                    if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps:
-                        output.metrics.update(eval_metrics(evaluate_all(ctx, eval_problems)))
-                    run_dir.log_metrics(step, kind, output.metrics)
-                    if output.completions:
-                        run_dir.log_completions(step, output.completions)
-                    recent.append(output.metrics)
-                    progress.update(bar, advance=1, info=_progress_info(recent))
-    except BaseException as error:
-        summary.update(status="interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
-                       error=f"{type(error).__name__}: {error}", steps=step, wall_s=run_dir.wall_s, **counters)
-        run_dir.write_summary(summary)
-        run_dir.close()
-        raise
+    with progress_bar(enabled=show_progress) as progress:
+        for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, budgets)):
+            stage = STAGES[kind](ctx, budget)
+            bar = progress.add_task(f"stage {index + 1}/{len(budgets)} {kind}", total=budget, info="")
+            recent = deque(maxlen=10)
+            for _ in range(budget):
+                started = time.perf_counter()
+                output = stage.step()
+                counters["steps"] += 1
+                step = counters["steps"]
+                output.metrics["perf/step_s"] = time.perf_counter() - started
+                counters["train_tokens"] += output.train_tokens
+                counters["gen_tokens"] += output.gen_tokens
+                evaluated = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps
+                if evaluated:
+                    output.metrics.update(eval_metrics(evaluate_all(ctx, eval_problems)))
+                run_dir.log_metrics(step, kind, output.metrics)
+                if evaluated and on_eval is not None:
+                    on_eval(step, output.metrics)
+                if output.completions:
+                    run_dir.log_completions(step, output.completions)
+                recent.append(output.metrics)
+                progress.update(bar, advance=1, info=_progress_info(recent))
     train_wall = time.perf_counter() - train_started
 
     final = evaluate_all(ctx, eval_problems)
+    step = counters["steps"]
     run_dir.log_metrics(step, "final", eval_metrics(final))
     run_dir.log_completions(step, [dict(s, split=split) for split, r in final.items() for s in r.samples])
-    save_policy(policy, run_path / "checkpoints" / "final")
+    save_policy(policy, run_dir.path / "checkpoints" / "final")
     summary.update(
-        status="completed", steps=step,
+        status="completed",
         eval={split: {"accuracy": r.accuracy, "n": r.n} for split, r in final.items()},
         eval_initial={split: {"accuracy": r.accuracy, "n": r.n} for split, r in initial.items()},
         wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device), **counters,
     )
     run_dir.write_summary(summary)
-    run_dir.close()
-    return summary
 
 
 def _progress_info(recent) -> str:

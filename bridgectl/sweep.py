@@ -1,0 +1,198 @@
+"""`bridgectl sweep SPEC.yaml`: an Optuna study over `bridgectl run` configs (Optuna driven directly:
+hydra-optuna-sweeper does not work with Optuna 5). Each trial composes its config with Hydra's compose API, exactly
+as `bridgectl run` would, runs every seed of the spec as an ordinary run directory under the sweep directory
+(tagged with the study and trial number, so `compare` reads them), and scores the trial by the mean over seeds.
+
+Storage: an Optuna journal file in the sweep directory by default (`--storage URL` for any Optuna RDB URL, e.g.
+PostgreSQL shared by workers on many machines). Re-running the same command resumes: completed trials are kept
+and only the missing ones run. `--workers N` runs N trials at once as separate processes on the same storage.
+The spec format is documented in sweeps/README.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from bridgectl.config import compose
+from bridgectl.errors import StopRun, UserError
+
+SAMPLERS = ("grid", "random", "tpe")
+PRUNERS = ("none", "median", "hyperband")
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: list[str]
+    seeds: list[int]
+    metric: str
+    direction: str
+    sampler: str
+    n_trials: int
+    pruner: str
+    params: dict[str, dict]
+
+    def grid(self) -> list[dict]:
+        """Every combination of the params' `choices` (grid search; floats and ints need `values`)."""
+        keys = list(self.params)
+        values = [self.params[k].get("choices") or self.params[k].get("values") for k in keys]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def load_spec(path: Path) -> SweepSpec:
+    if not path.is_file():
+        raise UserError(f"sweep spec {path} does not exist", "give a YAML file like sweeps/quick.yaml")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as error:  # yaml's own errors: any unreadable file is bad input
+        raise UserError(f"sweep spec {path} is not valid YAML: {str(error).splitlines()[0]}", "check its indentation") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"sweep spec {path} is not a mapping", "see sweeps/README.md for the format")
+    known = {"name", "base", "seeds", "objective", "sampler", "n_trials", "pruner", "params"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"unknown key(s) in sweep spec: {', '.join(unknown)}", f"keys are: {', '.join(sorted(known))}")
+    objective = raw.get("objective") or {}
+    spec = SweepSpec(
+        name=str(raw.get("name") or path.stem), base=[str(b) for b in raw.get("base") or []],
+        seeds=[int(s) for s in raw.get("seeds") or [0]], metric=objective.get("metric", "eval/test/accuracy"),
+        direction=objective.get("direction", "maximize"), sampler=raw.get("sampler", "tpe"),
+        n_trials=int(raw.get("n_trials", 10)), pruner=raw.get("pruner", "none"), params=raw.get("params") or {})
+    checks = [
+        (spec.sampler in SAMPLERS, f"unknown sampler '{spec.sampler}'", f"choose one of: {', '.join(SAMPLERS)}"),
+        (spec.pruner in PRUNERS, f"unknown pruner '{spec.pruner}'", f"choose one of: {', '.join(PRUNERS)}"),
+        (spec.direction in ("maximize", "minimize"), f"unknown direction '{spec.direction}'", "maximize or minimize"),
+        (spec.n_trials > 0, f"n_trials must be positive, got {spec.n_trials}", "e.g. n_trials: 12"),
+        (spec.metric.startswith("eval/") and spec.metric.endswith("/accuracy"), f"unsupported objective metric "
+         f"'{spec.metric}'", "use a final eval metric, e.g. eval/test/accuracy or eval/ood/accuracy"),
+    ]
+    for ok, message, hint in checks:
+        if not ok:
+            raise UserError(message, hint)
+    for key, param in spec.params.items():
+        kind = param.get("type") if isinstance(param, dict) else None
+        if kind not in PARAM_TYPES:
+            raise UserError(f"param '{key}' needs a type", f"type is one of: {', '.join(PARAM_TYPES)}")
+        if kind == "categorical" and not param.get("choices"):
+            raise UserError(f"categorical param '{key}' has no choices", "e.g. choices: [4, 8, 16]")
+        if kind != "categorical" and not ({"low", "high"} <= set(param) or param.get("values")):
+            raise UserError(f"param '{key}' needs low and high (or values for a grid)", "e.g. {type: float, low: 0.1, high: 0.9}")
+        if spec.sampler == "grid" and kind != "categorical" and not param.get("values"):
+            raise UserError(f"grid sampler: param '{key}' needs a list of values", "e.g. values: [0.3, 0.5, 0.7]")
+    # Every key and value must compose exactly as `bridgectl run` would: check one example of each param.
+    example = {k: (p.get("choices") or p.get("values") or [p["low"]])[0] for k, p in spec.params.items()}
+    compose(trial_overrides(spec, example, spec.seeds[0]))
+    return spec
+
+
+def trial_overrides(spec: SweepSpec, params: dict, seed: int) -> list[str]:
+    return [*spec.base, *(f"{key}={value}" for key, value in params.items()), f"seed={seed}"]
+
+
+def _suggest(trial, spec: SweepSpec) -> dict:
+    params = {}
+    for key, param in spec.params.items():
+        kind = param["type"]
+        if kind == "categorical" or spec.sampler == "grid":
+            params[key] = trial.suggest_categorical(key, param.get("choices") or param.get("values"))
+        elif kind == "float":
+            params[key] = trial.suggest_float(key, param["low"], param["high"], log=bool(param.get("log")))
+        else:
+            params[key] = trial.suggest_int(key, int(param["low"]), int(param["high"]), log=bool(param.get("log")))
+    return params
+
+
+def make_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = storage_url or JournalStorage(JournalFileBackend(str(sweep_dir / "optuna-journal.log")))
+    samplers = {"grid": lambda: optuna.samplers.GridSampler(
+                    {k: p.get("choices") or p.get("values") for k, p in spec.params.items()}, seed=0),
+                "random": lambda: optuna.samplers.RandomSampler(seed=0),
+                "tpe": lambda: optuna.samplers.TPESampler(seed=0)}
+    pruners = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+               "hyperband": optuna.pruners.HyperbandPruner}
+    return optuna.create_study(study_name=spec.name, storage=storage, sampler=samplers[spec.sampler](),
+                               pruner=pruners[spec.pruner](), direction=spec.direction, load_if_exists=True)
+
+
+def objective(trial, spec: SweepSpec, sweep_dir: Path) -> float:
+    """Runs every seed of one trial; its value is the mean of the objective metric over seeds. Pruning watches
+    the first seed's periodic evaluations."""
+    import optuna
+
+    from bridgectl.runner import run
+
+    params = _suggest(trial, spec)
+    values = []
+    for index, seed in enumerate(spec.seeds):
+        cfg = compose(trial_overrides(spec, params, seed))
+        run_path = sweep_dir / f"trial-{trial.number:03d}-seed{seed}"
+        attempt = 1
+        while run_path.exists():  # never reuse a directory left by an earlier attempt: runs are not overwritten
+            attempt += 1
+            run_path = sweep_dir / f"trial-{trial.number:03d}-seed{seed}-attempt{attempt}"
+
+        def report(step: int, metrics: dict) -> None:
+            if index == 0 and metrics.get(spec.metric) is not None:
+                trial.report(metrics[spec.metric], step)
+                if trial.should_prune():
+                    raise StopRun("pruned")
+
+        try:
+            summary = run(cfg, run_path, show_progress=False, on_eval=report,
+                          tags={"study": spec.name, "trial": trial.number, "params": params})
+        except StopRun:
+            raise optuna.TrialPruned() from None
+        split = spec.metric.split("/")[1]
+        values.append(summary["eval"][split]["accuracy"])
+    return sum(values) / len(values)
+
+
+def remaining_trials(study, spec: SweepSpec) -> int:
+    from optuna.trial import TrialState
+
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    total = len(spec.grid()) if spec.sampler == "grid" else spec.n_trials
+    return max(0, total - done)
+
+
+def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, n_trials: int) -> None:
+    spec = load_spec(Path(spec_path))
+    study = make_study(spec, Path(sweep_dir), storage_url)
+    study.optimize(lambda t: objective(t, spec, Path(sweep_dir)), n_trials=n_trials, catch=(Exception,))
+
+
+def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None, on_trial=None):
+    """Runs the trials still missing; returns the study. Crashing trials are marked failed (with their error in
+    their run directory) and the sweep goes on."""
+    spec = load_spec(spec_path)
+    sweep_dir = out / spec.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    study = make_study(spec, sweep_dir, storage_url)
+    missing = remaining_trials(study, spec)
+    if missing == 0:
+        return study
+    if workers <= 1:
+        callbacks = [lambda s, t: on_trial(s, t)] if on_trial else []
+        study.optimize(lambda t: objective(t, spec, sweep_dir), n_trials=missing, catch=(Exception,),
+                       callbacks=callbacks)
+        return study
+    shares = [missing // workers + (1 if i < missing % workers else 0) for i in range(workers)]
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    processes = [context.Process(target=_worker, args=(str(spec_path), str(sweep_dir), storage_url, share))
+                 for share in shares if share > 0]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    return make_study(spec, sweep_dir, storage_url)

@@ -216,7 +216,11 @@ def sweep_command(
             progress.update(bar, completed=counts["done"] + counts["pruned"],
                             info=f"done {counts['done']} pruned {counts['pruned']} failed {counts['failed']} best {best}")
 
-        study = sweeping.run_sweep(spec, out, workers, storage, on_trial=on_trial)
+        try:
+            study = sweeping.run_sweep(spec, out, workers, storage, on_trial=on_trial)
+        except KeyboardInterrupt:
+            console.print(f"Interrupted: the study in {out / parsed.name} is kept; re-run the same command to resume")
+            raise typer.Exit(130)
     from bridgectl import compare as comparison
 
     completed = [t for t in study.trials if t.state == TrialState.COMPLETE]

@@ -75,6 +75,9 @@ def load_spec(path: Path) -> SweepSpec:
     for ok, message, hint in checks:
         if not ok:
             raise UserError(message, hint)
+    if not spec.params and spec.sampler != "grid":
+        raise UserError(f"sampler {spec.sampler} has no params to search", "add params, or use sampler: grid to run "
+                        "the base config over seeds")
     for key, param in spec.params.items():
         kind = param.get("type") if isinstance(param, dict) else None
         if kind not in PARAM_TYPES:
@@ -83,11 +86,21 @@ def load_spec(path: Path) -> SweepSpec:
             raise UserError(f"categorical param '{key}' has no choices", "e.g. choices: [4, 8, 16]")
         if kind != "categorical" and not ({"low", "high"} <= set(param) or param.get("values")):
             raise UserError(f"param '{key}' needs low and high (or values for a grid)", "e.g. {type: float, low: 0.1, high: 0.9}")
+        if {"low", "high"} <= set(param) and not param["low"] < param["high"]:
+            raise UserError(f"param '{key}': low {param['low']} is not below high {param['high']}", "swap them")
+        if param.get("log") and {"low", "high"} <= set(param) and param["low"] <= 0:
+            raise UserError(f"param '{key}': a log scale needs low > 0, got {param['low']}", "e.g. low: 1.0e-5")
         if spec.sampler == "grid" and kind != "categorical" and not param.get("values"):
             raise UserError(f"grid sampler: param '{key}' needs a list of values", "e.g. values: [0.3, 0.5, 0.7]")
     # Every key and value must compose exactly as `bridgectl run` would: check one example of each param.
     example = {k: (p.get("choices") or p.get("values") or [p["low"]])[0] for k, p in spec.params.items()}
-    compose(trial_overrides(spec, example, spec.seeds[0]))
+    cfg = compose(trial_overrides(spec, example, spec.seeds[0]))
+    from bridgectl.runner import TASKS
+
+    splits = TASKS[cfg.task.name](cfg.task).eval_splits
+    if spec.metric.split("/")[1] not in splits:
+        raise UserError(f"objective metric {spec.metric} is never logged by task {cfg.task.name}",
+                        f"its eval splits are: {', '.join(splits)} (e.g. eval/{splits[0]}/accuracy)")
     return spec
 
 

@@ -94,6 +94,10 @@ def test_stop_run_from_an_eval_callback_ends_the_run_with_its_status(tmp_path):
     ("objective: {metric: train/reward_mean}\n", "unsupported objective metric"),
     ("colour: blue\n", "unknown key(s) in sweep spec"),
     ("params: [1, 2\n", "not valid YAML"),
+    ("sampler: tpe\n", "has no params to search"),
+    ("params: {bridge.lam: {type: float, low: 0.9, high: 0.1}}\n", "is not below high"),
+    ("params: {bridge.beta: {type: float, low: 0, high: 0.1, log: true}}\n", "log scale needs low > 0"),
+    ("objective: {metric: eval/valid/accuracy}\nparams: {seed: {type: int, low: 0, high: 1}}\n", "never logged"),
 ])
 def test_bad_specs_exit_2_and_run_nothing(tmp_path, body, message):
     spec = write_spec(tmp_path, body)

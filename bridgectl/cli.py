@@ -115,6 +115,21 @@ def recipes() -> None:
     console.print(table)
 
 
+def _print_comparison(rows: list[dict], notes: list[str]) -> None:
+    from bridgectl import compare as comparison
+
+    for (task, model), section in comparison.sections_of(rows).items():
+        table = Table(title=f"task {task}, model {model}: final greedy pass@1")
+        columns = comparison.display_columns(section)
+        for header, _ in columns:
+            table.add_column(header)
+        for row in section:
+            table.add_row(*(escape(fn(row)) for _, fn in columns))
+        console.print(table)
+    for note in notes:
+        console.print(escape(note))
+
+
 @app.command("compare")
 def compare_command(
     paths: Optional[List[str]] = typer.Argument(None, help="Run directories, directories of runs, or globs (default: runs)."),
@@ -151,16 +166,7 @@ def compare_command(
         against_entries = comparison.against_rows(rows, reference, metric) if reference is not None else None
         typer.echo(comparison.to_json(rows, notes, against_entries))
     else:
-        for (task, model), section in comparison.sections_of(rows).items():
-            table = Table(title=f"task {task}, model {model}: final greedy pass@1")
-            columns = comparison.display_columns(section)
-            for header, _ in columns:
-                table.add_column(header)
-            for row in section:
-                table.add_row(*(escape(fn(row)) for _, fn in columns))
-            console.print(table)
-        for note in notes:
-            console.print(escape(note))
+        _print_comparison(rows, notes)
     if reference is not None and output_format != "json":
         typer.echo(comparison.against_markdown(comparison.against_rows(rows, reference, metric), reference))
     if report is not None or wandb:
@@ -229,7 +235,7 @@ def sweep_command(
         loaded = comparison.load_runs([str(out / parsed.name)])
         if loaded.runs:
             rows = comparison.compare(loaded, list(parsed.params) or ["trial"], parsed.metric, None)
-            console.print(escape(comparison.to_markdown(rows, comparison.footnotes(loaded, rows))))
+            _print_comparison(rows, comparison.footnotes(loaded, rows))
     if failed:
         console.print(f"{len(failed)} trial(s) failed; their run directories hold the error in summary.json")
     if completed:

@@ -21,7 +21,7 @@ from bridgectl.errors import StopRun
 from bridgectl.core.context import TrainContext
 from bridgectl.core.evaluate import evaluate_split
 from bridgectl.core.model import load_policy, save_policy
-from bridgectl.core.tracking import RunDir, peak_memory_mb
+from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.stages.bridge import BridgeStage
 from bridgectl.stages.interleaved import InterleavedStage
@@ -110,6 +110,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
 
 def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], counters: dict,
            show_progress: bool, on_eval) -> None:
+    reset_peak_memory(pick_device(cfg.train.device))
     ctx = build_context(cfg, show_progress)
     task, policy, device = ctx.task, ctx.policy, ctx.device
     eval_problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}

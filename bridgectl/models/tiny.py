@@ -78,6 +78,9 @@ def _fingerprint_hash(fingerprint: dict) -> str:
 
 def pretrain(model_cfg, task_cfg, out_dir: Path, show_progress: bool = True) -> Path:
     """Deterministic pretraining of the base model on task text; writes a transformers model directory."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the only one
     spec = model_cfg.pretrain
     tokenizer = build_tokenizer()
     model = build_model(model_cfg, len(tokenizer), seed=spec.seed)

@@ -128,8 +128,9 @@ def make_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = storage_url or JournalStorage(JournalFileBackend(str(sweep_dir / "optuna-journal.log")))
-    samplers = {"grid": lambda: optuna.samplers.GridSampler(
-                    {k: p.get("choices") or p.get("values") for k, p in spec.params.items()}, seed=0),
+    # grid: every point is queued with fixed params by queue_missing (a failed or killed point is queued again,
+    # which Optuna's GridSampler would count as visited), so the sampler itself never chooses
+    samplers = {"grid": lambda: optuna.samplers.RandomSampler(seed=0),
                 "random": lambda: optuna.samplers.RandomSampler(seed=0),
                 "tpe": lambda: optuna.samplers.TPESampler(seed=0)}
     pruners = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
@@ -171,6 +172,25 @@ def objective(trial, spec: SweepSpec, sweep_dir: Path) -> float:
     return sum(values) / len(values)
 
 
+def queue_missing(study, spec: SweepSpec) -> int:
+    """Resume: trials left RUNNING by a killed process are marked failed; then every grid point, or every failed
+    trial's params, not yet covered by a finished trial is queued (once) to run next. Call only when no other
+    worker of the sweep is running. Returns the number of trials waiting to run."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    covered = [t.params for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    waiting = [t.system_attrs.get("fixed_params", {}) for t in trials if t.state == TrialState.WAITING]
+    wanted = spec.grid() if spec.sampler == "grid" else [t.params for t in trials if t.state == TrialState.FAIL]
+    for params in wanted:
+        if params and params not in covered and params not in waiting:
+            study.enqueue_trial(params, skip_if_exists=False)
+            waiting.append(params)
+    return len(waiting)
+
+
 def remaining_trials(study, spec: SweepSpec) -> int:
     from optuna.trial import TrialState
 
@@ -192,6 +212,7 @@ def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None,
     sweep_dir = out / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study = make_study(spec, sweep_dir, storage_url)
+    queue_missing(study, spec)
     missing = remaining_trials(study, spec)
     if missing == 0:
         return study

@@ -114,3 +114,25 @@ def test_missing_spec_and_dry_run(tmp_path):
         dry = CliRunner().invoke(app, ["sweep", str(shipped), "--dry-run", "--out", str(tmp_path / "out")])
         assert dry.exit_code == 0, (shipped.name, dry.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_after_a_kill_retries_the_dead_trial_and_reruns_no_completed_one(tmp_path):
+    spec_path = write_spec(tmp_path, f"name: kill\nbase: {TINY}\nsampler: grid\n"
+                                     "params:\n  bridge.lam: {type: float, values: [0.2, 0.5, 0.8]}\n")
+    spec = sweep.load_spec(spec_path)
+    sweep_dir = tmp_path / "out" / "kill"
+    sweep_dir.mkdir(parents=True)
+    study = sweep.make_study(spec, sweep_dir, None)
+    completed = study.ask()  # one trial that finished before the kill ...
+    study.tell(completed, sweep.objective(completed, spec, sweep_dir))
+    dead = study.ask()  # ... and one whose process was killed while it ran (left RUNNING, no result)
+    dead_lam = dead.suggest_categorical("bridge.lam", [0.2, 0.5, 0.8])
+    before = {p.name for p in sweep_dir.iterdir() if p.is_dir()}
+
+    resumed = sweep.run_sweep(spec_path, tmp_path / "out", workers=1, storage_url=None)
+    done = [t for t in resumed.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["bridge.lam"] for t in done) == [0.2, 0.5, 0.8]  # every point once, the dead one retried
+    assert dead_lam in [t.params["bridge.lam"] for t in done if t.number != completed.number]
+    new_dirs = {p.name for p in sweep_dir.iterdir() if p.is_dir()} - before
+    assert len(new_dirs) == 2  # the completed trial was not run again
+    assert len(sweep.run_sweep(spec_path, tmp_path / "out", workers=1, storage_url=None).trials) == len(resumed.trials)

@@ -31,8 +31,6 @@ class Policy:
     """The trained model (a peft model under LoRA)."""
     tokenizer: object
     """Its tokenizer; left padding for generation."""
-    finetune: str
-    """full or lora."""
     frozen_reference: torch.nn.Module | None = field(default=None, repr=False)
     """Frozen copy of the base under full fine-tuning with a KL term; None otherwise."""
 
@@ -92,7 +90,7 @@ def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_refere
             target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM"))
     elif keep_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return Policy(model=model, tokenizer=tokenizer, finetune=finetune, frozen_reference=reference)
+    return Policy(model=model, tokenizer=tokenizer, frozen_reference=reference)
 
 
 def add_upper_adapter(policy: Policy, name: str, rank: int, alpha: int, lora_cfg, train_base: bool) -> None:

@@ -24,14 +24,21 @@ def make_optimizer(params, lr: float, optim_cfg, total_updates: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def clip_gradients(params, max_grad_norm: float) -> float:
+    """Clips the gradients of `params` to `max_grad_norm` (0: no clipping); returns their norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_grad_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
 def apply_update(loss: torch.Tensor, params, optimizer, scheduler, max_grad_norm: float) -> float:
     """Backward, clip, step; returns the gradient norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    grad_norm = clip_gradients(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
-    return float(grad_norm)
+    return grad_norm

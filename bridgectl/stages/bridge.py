@@ -49,7 +49,7 @@ from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
 from bridgectl.core.grpo import completion_rows, rl_loss, rollout_metrics, sample_and_score, sample_groups
 from bridgectl.core.losses import sft_loss
 from bridgectl.core.model import adapter_of, add_upper_adapter
-from bridgectl.core.optim import make_optimizer
+from bridgectl.core.optim import clip_gradients, make_optimizer
 
 UPPER = "w"  # adapter name of the upper level
 
@@ -77,15 +77,6 @@ def _optimizer(params, lr, cfg, optim_cfg, total_updates):
         optimizer = torch.optim.SGD(params, lr=lr)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return make_optimizer(params, lr, optim_cfg, total_updates)
-
-
-def _clip(params, max_norm: float) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
 
 class BridgeStage:
@@ -141,11 +132,11 @@ class BridgeStage:
                 param.grad = -lam * grad if param.grad is None else param.grad - lam * grad
 
         max_norm = ctx.cfg.optim.max_grad_norm
-        norms = {"bridge/grad_norm_theta": _clip(list(self.lower.values()), max_norm),
-                 "bridge/grad_norm_w": _clip(upper_params, max_norm)}
+        norms = {"bridge/grad_norm_theta": clip_gradients(list(self.lower.values()), max_norm),
+                 "bridge/grad_norm_w": clip_gradients(upper_params, max_norm)}
         steps = [self.lower_opt, self.upper_opt]
         if shadow_params:
-            norms["bridge/grad_norm_theta_hat"] = _clip(shadow_params, max_norm)
+            norms["bridge/grad_norm_theta_hat"] = clip_gradients(shadow_params, max_norm)
             steps.append(self.shadow_opt)
         for optimizer, scheduler in steps:
             optimizer.step()

@@ -103,6 +103,10 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
     """Module names that get adapters."""
+    forward: str = "auto"
+    """How LoRA layers compute in training passes: merged (x @ (W + s B A)^T, one linear: faster on small models),
+    unmerged (peft's W x + s B A x: cheaper with a frozen base on large models) or auto (merged below 20M base
+    parameters). Same function either way; core/lora_forward.py has the measurements."""
 
 
 @dataclass
@@ -367,6 +371,8 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.model.pretrain.steps >= 0, f"model.pretrain.steps must be >= 0, got {cfg.model.pretrain.steps}",
             "e.g. model.pretrain.steps=800 (0 keeps the random initialisation)")
     require(cfg.lora.rank > 0, f"lora.rank must be positive, got {cfg.lora.rank}", "e.g. lora.rank=8")
+    require(cfg.lora.forward in ("auto", "merged", "unmerged"), f"unknown lora.forward '{cfg.lora.forward}'",
+            "choose auto, merged or unmerged")
     for key in ("train_ops", "test_ops", "ood_ops", "pretrain_ops"):
         low_high = list(cfg.task[key])
         require(len(low_high) == 2 and 1 <= low_high[0] <= low_high[1],

@@ -5,7 +5,9 @@
     w         -= beta  * [(1-lam) g_sft_w + lam (g_rl_w(theta, w) - g_rl_w(theta_hat, w))]
 
 The expected gradients come from separate deep copies of the model (theta, w) and (theta_hat, w), not from the
-stage's functional_call shadow, on the very rollouts and SFT batch the stage used (recorded by a spy)."""
+stage's functional_call shadow, on the very rollouts and SFT batch the stage used (recorded by a spy). The copies
+run peft's own LoRA forward, while the stage runs the merged-weight forward (lora.forward=auto on the tiny model),
+so these tests also check that the two compute the same gradients."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 import bridgectl.stages.bridge as bridge_module
 from bridgectl.config import compose
 from bridgectl.core.grpo import rl_loss
+from bridgectl.core.lora_forward import set_lora_forward
 from bridgectl.core.losses import sft_loss
 from bridgectl.runner import build_context
 from bridgectl.stages.bridge import BridgeStage
@@ -57,6 +60,7 @@ def expected_gradients(ctx, stage, theta, w, theta_hat, recorded):
     """g_sft and g_rl at (theta, w), g_rl at (theta_hat, w), each from its own copy of the model."""
     def model_at(lower_values):
         model = copy.deepcopy(ctx.policy.model)
+        assert set_lora_forward(model, merged=False) > 0  # peft's own forward, independent of the stage's
         with torch.no_grad():
             params = dict(model.named_parameters())
             for n, value in {**lower_values, **w}.items():

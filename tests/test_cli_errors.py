@@ -53,6 +53,7 @@ BAD_INPUTS = [
     ("zero bridge beta", ["bridge.beta=0"], "bridge.beta must be positive", "rl.beta"),
     ("negative bridge alpha", ["bridge.alpha=-1e-4"], "bridge.alpha must be positive", ""),
     ("unknown lower mode", ["bridge.lower=half"], "unknown bridge.lower 'half'", "full or lora"),
+    ("unknown lora forward", ["lora.forward=fused"], "unknown lora.forward 'fused'", "auto, merged or unmerged"),
     ("unknown shadow mode", ["bridge.shadow=ghost"], "unknown bridge.shadow 'ghost'", "lookahead"),
     ("shadow rollouts with lookahead", ["bridge.shadow=lookahead", "bridge.shadow_rollouts=true"],
      "needs the persistent shadow", ""),

@@ -19,6 +19,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from bridgectl.core.lora_forward import set_lora_forward, wants_merged_forward
 from bridgectl.models import tiny
 
 # peft calls a transformers method that transformers 5 deprecates; the warning is for peft's authors, not users.
@@ -88,6 +89,7 @@ def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_refere
         model = get_peft_model(model, PeftLoraConfig(
             r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
             target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM"))
+        _choose_lora_forward(model, lora_cfg)
     elif keep_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     return Policy(model=model, tokenizer=tokenizer, frozen_reference=reference)
@@ -108,6 +110,13 @@ def add_upper_adapter(policy: Policy, name: str, rank: int, alpha: int, lora_cfg
     for param_name, param in policy.model.named_parameters():
         if adapter_of(param_name) is None:
             param.requires_grad_(train_base)
+    _choose_lora_forward(policy.model, lora_cfg)
+
+
+def _choose_lora_forward(model: torch.nn.Module, lora_cfg) -> None:
+    """Merged-weight or peft's own forward in training passes (`lora.forward`; core/lora_forward.py)."""
+    base_parameters = sum(p.numel() for n, p in model.named_parameters() if adapter_of(n) is None)
+    set_lora_forward(model, wants_merged_forward(lora_cfg.forward, base_parameters))
 
 
 def adapter_of(param_name: str) -> str | None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+import yaml
 from omegaconf import OmegaConf
 from rich.markup import escape
 from rich.table import Table
@@ -32,6 +34,17 @@ def _print_error(message: str, hint: str) -> None:
 def _fail(message: str, hint: str, code: int) -> None:
     _print_error(message, hint)
     raise typer.Exit(code)
+
+
+def _key_values(items: list[str], option: str) -> dict:
+    """KEY=VALUE strings to a dict; values that read as numbers or booleans become those (YAML rules)."""
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{option} expects KEY=VALUE, got '{item}'", f"e.g. {option} timeout_min=120")
+        parsed[key] = yaml.safe_load(value) if value else value
+    return parsed
 
 
 def _resolve_overrides(overrides: list[str]) -> list[str]:
@@ -186,9 +199,11 @@ def compare_command(
 @app.command("sweep")
 def sweep_command(
     spec: Path = typer.Argument(..., help="Sweep spec YAML (format: sweeps/README.md)."),
-    workers: int = typer.Option(1, "--workers", help="Trials run at once, as separate processes."),
+    workers: int = typer.Option(1, "--workers", help="Trials run at once, as separate processes (or cluster jobs)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL (default: a journal file in the sweep directory)."),
     out: Path = typer.Option(Path("runs/sweeps"), "--out", help="Parent of the sweep directory <out>/<name>/."),
+    launcher: str = typer.Option("local", "--launcher", help="local (processes here), slurm (one sbatch job per worker, via submitit) or submitit-local."),
+    launcher_opt: Optional[List[str]] = typer.Option(None, "--launcher-opt", help="KEY=VALUE for submitit's update_parameters, e.g. timeout_min=120, slurm_partition=gpu (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the spec and print the plan; run nothing."),
 ) -> None:
     """Run (or resume) an Optuna study over `bridgectl run` configs, then compare its trials."""
@@ -197,7 +212,15 @@ def sweep_command(
     try:
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}", "e.g. --workers 2")
+        if launcher not in sweeping.LAUNCHERS:
+            raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(sweeping.LAUNCHERS)}")
+        launcher_options = _key_values(launcher_opt or [], "--launcher-opt")
+        if launcher_options and launcher == "local":
+            raise UserError("--launcher-opt applies to --launcher slurm or submitit-local", "drop it, or add --launcher slurm")
         parsed = sweeping.load_spec(spec)
+        if launcher != "local":  # settings checked now, in a scratch folder: nothing is written before a trial
+            with tempfile.TemporaryDirectory() as scratch:
+                sweeping.make_executor(launcher, Path(scratch), launcher_options)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     total = len(parsed.grid()) if parsed.sampler == "grid" else parsed.n_trials
@@ -214,19 +237,22 @@ def sweep_command(
     with progress_bar() as progress:
         bar = progress.add_task("trials", total=total, info="")
 
-        def on_trial(study, trial):
-            states = [t.state for t in study.get_trials(deepcopy=False)]
-            counts = {name: states.count(state) for name, state in
-                      (("done", TrialState.COMPLETE), ("pruned", TrialState.PRUNED), ("failed", TrialState.FAIL))}
-            best = f"{study.best_value:.3f}" if counts["done"] else "-"
-            progress.update(bar, completed=counts["done"] + counts["pruned"],
-                            info=f"done {counts['done']} pruned {counts['pruned']} failed {counts['failed']} best {best}")
+        def on_progress(state: "sweeping.Progress") -> None:  # read from the storage: every worker's trials
+            best = f"{state.best:.3f}" if state.best is not None else "-"
+            progress.update(bar, completed=state.done + state.pruned,
+                            info=f"done {state.done} running {state.running} pruned {state.pruned} "
+                                 f"failed {state.failed} best {best}")
 
         try:
-            study = sweeping.run_sweep(spec, out, workers, storage, on_trial=on_trial)
+            study = sweeping.run_sweep(spec, out, workers, storage, on_progress=on_progress, launcher=launcher,
+                                       launcher_options=launcher_options)
         except KeyboardInterrupt:
             console.print(f"Interrupted: the study in {out / parsed.name} is kept; re-run the same command to resume")
             raise typer.Exit(130)
+        except UserError as error:
+            _fail(error.message, error.hint, 2)
+        except RuntimeError as error:  # a cluster job died; its trial is retried when the sweep resumes
+            _fail(str(error), "re-run the same command to resume the study", 1)
     from bridgectl import compare as comparison
 
     completed = [t for t in study.trials if t.state == TrialState.COMPLETE]

@@ -5,14 +5,20 @@ as `bridgectl run` would, runs every seed of the spec as an ordinary run directo
 
 Storage: an Optuna journal file in the sweep directory by default (`--storage URL` for any Optuna RDB URL, e.g.
 PostgreSQL shared by workers on many machines). Re-running the same command resumes: completed trials are kept
-and only the missing ones run. `--workers N` runs N trials at once as separate processes on the same storage.
-The spec format is documented in sweeps/README.md.
+and only the missing ones run; trials whose process died (heartbeats) run again. `--workers N` runs N trials at once
+as separate processes on the same storage, or as N cluster jobs through submitit (`--launcher slurm`). The spec
+format, resume rules and multi-node use are documented in sweeps/README.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
+import os
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +29,11 @@ from bridgectl.errors import StopRun, UserError
 
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
+LAUNCHERS = ("local", "slurm", "submitit-local")
+HEARTBEAT_SECONDS = 15.0
+"""How often a running trial records that its process is alive (a system attribute in the study)."""
+STALE_AFTER_SECONDS = 120.0
+"""A running trial of another machine whose heartbeat is older than this is taken for dead on resume."""
 PARAM_TYPES = ("float", "int", "categorical")
 
 
@@ -141,12 +152,17 @@ def make_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
 
 def objective(trial, spec: SweepSpec, sweep_dir: Path) -> float:
     """Runs every seed of one trial; its value is the mean of the objective metric over seeds. Pruning watches
-    the first seed's periodic evaluations."""
+    the first seed's periodic evaluations. While it runs, the trial's heartbeat says which process runs it."""
+    params = _suggest(trial, spec)
+    with heartbeat(trial.storage, trial._trial_id):
+        return _run_seeds(trial, spec, sweep_dir, params)
+
+
+def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
     import optuna
 
     from bridgectl.runner import run
 
-    params = _suggest(trial, spec)
     values = []
     for index, seed in enumerate(spec.seeds):
         cfg = compose(trial_overrides(spec, params, seed))
@@ -172,16 +188,74 @@ def objective(trial, spec: SweepSpec, sweep_dir: Path) -> float:
     return sum(values) / len(values)
 
 
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int, interval: float = HEARTBEAT_SECONDS):
+    """Records {host, pid, time} in the trial's system attributes now and every `interval` seconds until the
+    block ends, from a daemon thread (Optuna's own heartbeat exists for RDB storage only; this one works with
+    the journal file too)."""
+    def beat() -> None:
+        storage.set_trial_system_attr(trial_id, "heartbeat",
+                                      {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+
+    beat()
+    with _every(interval, beat, "bridgectl-heartbeat"):  # a missed beat only makes the trial look older
+        yield
+
+
+@contextlib.contextmanager
+def _every(seconds: float, action, name: str):
+    """Runs `action` every `seconds` in a daemon thread while the block runs; an action that raises is skipped
+    until its next turn."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            with contextlib.suppress(Exception):
+                action()
+
+    thread = threading.Thread(target=loop, daemon=True, name=name)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_dead(trial, now: float | None = None, stale_after: float = STALE_AFTER_SECONDS) -> bool:
+    """Whether a RUNNING trial's process is gone: on this machine, its recorded pid no longer exists; on another
+    machine (shared storage), its last heartbeat is older than `stale_after`."""
+    now = time.time() if now is None else now
+    beat = trial.system_attrs.get("heartbeat")
+    if beat is None:  # died before its first beat (or written by an older version)
+        started = trial.datetime_start.timestamp() if trial.datetime_start else now
+        return now - started > stale_after
+    if beat["host"] == socket.gethostname():
+        return beat["pid"] != os.getpid() and not _process_alive(beat["pid"])
+    return now - beat["time"] > stale_after
+
+
 def queue_missing(study, spec: SweepSpec) -> int:
-    """Resume: trials left RUNNING by a killed process are marked failed; then every grid point, or every failed
-    trial's params, not yet covered by a finished trial is queued (once) to run next. Call only when no other
-    worker of the sweep is running. Returns the number of trials waiting to run."""
+    """Resume: trials left RUNNING by a dead process (is_dead) are marked failed; then every grid point, or every
+    failed trial's params, not yet covered by a finished or running trial is queued (once) to run next. Safe while
+    other workers of the sweep run: their trials are alive. Returns the number of trials waiting to run."""
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        if is_dead(trial):
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
     trials = study.get_trials(deepcopy=False)
-    covered = [t.params for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    covered = [t.params for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
     waiting = [t.system_attrs.get("fixed_params", {}) for t in trials if t.state == TrialState.WAITING]
     wanted = spec.grid() if spec.sampler == "grid" else [t.params for t in trials if t.state == TrialState.FAIL]
     for params in wanted:
@@ -192,11 +266,48 @@ def queue_missing(study, spec: SweepSpec) -> int:
 
 
 def remaining_trials(study, spec: SweepSpec) -> int:
+    """Trials still to start: the total minus those finished or running (other workers' included)."""
     from optuna.trial import TrialState
 
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    started = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
     total = len(spec.grid()) if spec.sampler == "grid" else spec.n_trials
-    return max(0, total - done)
+    return max(0, total - len(started))
+
+
+@dataclass
+class Progress:
+    """What the live view shows, read from the study's storage (so it covers every worker process)."""
+    done: int = 0
+    running: int = 0
+    pruned: int = 0
+    failed: int = 0
+    best: float | None = None
+
+
+def read_progress(study) -> Progress:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    progress = Progress(counts[TrialState.COMPLETE], counts[TrialState.RUNNING], counts[TrialState.PRUNED],
+                        counts[TrialState.FAIL])
+    if progress.done:
+        progress.best = study.best_value
+    return progress
+
+
+@contextlib.contextmanager
+def watching(spec: SweepSpec, sweep_dir: Path, storage_url: str | None, on_progress, every: float = 1.0):
+    """Calls on_progress(Progress) every `every` seconds from a thread reading its own handle on the storage,
+    and once more at the end."""
+    if on_progress is None:
+        yield
+        return
+    study = make_study(spec, sweep_dir, storage_url)
+    on_progress(read_progress(study))
+    with _every(every, lambda: on_progress(read_progress(study)), "bridgectl-sweep-view"):  # a torn read: skipped
+        yield
+    on_progress(read_progress(study))
 
 
 def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, n_trials: int) -> None:
@@ -205,9 +316,11 @@ def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, n_trials: i
     study.optimize(lambda t: objective(t, spec, Path(sweep_dir)), n_trials=n_trials, catch=(Exception,))
 
 
-def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None, on_trial=None):
+def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None, on_progress=None,
+              launcher: str = "local", launcher_options: dict | None = None, poll_seconds: float = 1.0):
     """Runs the trials still missing; returns the study. Crashing trials are marked failed (with their error in
-    their run directory) and the sweep goes on."""
+    their run directory) and the sweep goes on. `launcher`: local (this process, or `workers` spawned processes)
+    or a submitit executor (slurm, or submitit-local: the same path on this machine) running `workers` jobs."""
     spec = load_spec(spec_path)
     sweep_dir = out / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -216,17 +329,67 @@ def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None,
     missing = remaining_trials(study, spec)
     if missing == 0:
         return study
-    if workers <= 1:
-        callbacks = [lambda s, t: on_trial(s, t)] if on_trial else []
-        study.optimize(lambda t: objective(t, spec, sweep_dir), n_trials=missing, catch=(Exception,),
-                       callbacks=callbacks)
-        return study
+    workers = min(workers, missing)
     shares = [missing // workers + (1 if i < missing % workers else 0) for i in range(workers)]
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    processes = [context.Process(target=_worker, args=(str(spec_path), str(sweep_dir), storage_url, share))
-                 for share in shares if share > 0]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
+    with watching(spec, sweep_dir, storage_url, on_progress, every=poll_seconds):
+        if launcher != "local":
+            _submit_workers(launcher, launcher_options or {}, spec_path, sweep_dir, storage_url, shares)
+        elif workers == 1:
+            study.optimize(lambda t: objective(t, spec, sweep_dir), n_trials=missing, catch=(Exception,))
+        else:
+            context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+            processes = [context.Process(target=_worker, args=(str(spec_path), str(sweep_dir), storage_url, share))
+                         for share in shares]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join()
     return make_study(spec, sweep_dir, storage_url)
+
+
+def make_executor(launcher: str, folder: Path, options: dict):
+    """A submitit executor for `slurm` (sbatch) or `submitit-local` (subprocesses on this machine, for trying the
+    cluster path without a cluster). `options` go to submitit's update_parameters (timeout_min,
+    slurm_partition, gpus_per_node, cpus_per_task, mem_gb, slurm_account, ...)."""
+    try:
+        import submitit
+    except ImportError:
+        raise UserError(f"--launcher {launcher} needs submitit", "pip install 'bridgectl[slurm]'") from None
+    cluster = "slurm" if launcher == "slurm" else "local"
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    except RuntimeError as error:  # no srun/sbatch on this machine
+        raise UserError(f"--launcher {launcher}: {error}",
+                        "run the sweep from a Slurm login node, or start `bridgectl sweep SPEC --storage URL` on "
+                        "each machine by hand (sweeps/README.md)") from None
+    try:
+        executor.update_parameters(name="bridgectl-sweep", **options)
+    except (ValueError, TypeError, NameError) as error:
+        raise UserError(f"submitit rejected the {launcher} launcher settings: {error}",
+                        "--launcher-opt takes submitit's update_parameters names, e.g. timeout_min=120 "
+                        "slurm_partition=gpu gpus_per_node=1") from None
+    return executor
+
+
+def _submit_workers(launcher: str, options: dict, spec_path: Path, sweep_dir: Path, storage_url: str | None,
+                    shares: list[int]) -> None:
+    """One submitit job per worker, each joining the shared study; waits for them all. Ctrl-C cancels the jobs
+    (the study stays resumable). A job that dies is reported; its trial is retried on the next resume."""
+    executor = make_executor(launcher, sweep_dir / "submitit", options)
+    try:
+        jobs = [executor.submit(_worker, str(Path(spec_path).resolve()), str(sweep_dir.resolve()), storage_url,
+                                share) for share in shares]
+    except Exception as error:  # sbatch refused the job (partition, account, limits): the user's settings
+        raise UserError(f"submitting the sweep's worker jobs failed: {error}",
+                        "check --launcher-opt (partition, account, time) against `sinfo`") from None
+    try:
+        while not all(job.done() for job in jobs):
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for job in jobs:
+            with contextlib.suppress(Exception):
+                job.cancel()
+        raise
+    errors = [f"job {job.job_id}: {job.exception()}" for job in jobs if job.exception() is not None]
+    if errors:
+        raise RuntimeError(f"sweep worker job(s) failed; logs in {sweep_dir / 'submitit'}\n" + "\n".join(errors))

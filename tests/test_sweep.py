@@ -4,6 +4,12 @@ failed while the sweep goes on, bad specs exit 2, workers share one study."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,23 +122,115 @@ def test_missing_spec_and_dry_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_resume_after_a_kill_retries_the_dead_trial_and_reruns_no_completed_one(tmp_path):
+def test_a_sweep_killed_midway_resumes_without_rerunning_completed_trials(tmp_path):
+    """SIGKILL the real `bridgectl sweep` process while its second trial runs, then re-run the same command."""
     spec_path = write_spec(tmp_path, f"name: kill\nbase: {TINY}\nsampler: grid\n"
                                      "params:\n  bridge.lam: {type: float, values: [0.2, 0.5, 0.8]}\n")
-    spec = sweep.load_spec(spec_path)
     sweep_dir = tmp_path / "out" / "kill"
+    command = [sys.executable, "-m", "bridgectl.cli", "sweep", str(spec_path), "--out", str(tmp_path / "out")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.monotonic() + 300
+    while not (sweep_dir / "trial-001-seed0").exists():  # trial 0 is done, trial 1 has started
+        assert process.poll() is None and time.monotonic() < deadline, "the sweep ended before the kill"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    spec = sweep.load_spec(spec_path)
+    killed = sweep.make_study(spec, sweep_dir, None)
+    # every grid point was queued at the start: one done, one killed while running, one never started
+    assert [t.state for t in killed.trials] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING]
+    dead_lam = killed.trials[1].params["bridge.lam"]
+    assert sweep.is_dead(killed.trials[1])  # its recorded pid is gone
+
+    resumed = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out")])
+    assert resumed.exit_code == 0, resumed.output
+    study = sweep.make_study(spec, sweep_dir, None)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["bridge.lam"] for t in done) == [0.2, 0.5, 0.8]  # every point once
+    assert dead_lam in [t.params["bridge.lam"] for t in done if t.number >= 2]  # the killed one ran again
+    runs = summaries(sweep_dir)
+    assert sorted(r["trial"] for r in runs if r["status"] == "completed") == [0, 2, 3]  # trial 0 never re-ran
+    assert len(list(sweep_dir.glob("trial-000-*"))) == 1
+
+
+def test_resume_leaves_trials_of_live_workers_alone(tmp_path):
+    """A RUNNING trial whose process is alive (here, or on another machine with a fresh heartbeat) is neither
+    failed nor queued again, so a second worker can join a running sweep."""
+    spec_path = write_spec(tmp_path, f"name: live\nbase: {TINY}\nsampler: grid\n"
+                                     "params:\n  bridge.lam: {type: float, values: [0.2, 0.8]}\n")
+    spec = sweep.load_spec(spec_path)
+    sweep_dir = tmp_path / "out" / "live"
     sweep_dir.mkdir(parents=True)
     study = sweep.make_study(spec, sweep_dir, None)
-    completed = study.ask()  # one trial that finished before the kill ...
-    study.tell(completed, sweep.objective(completed, spec, sweep_dir))
-    dead = study.ask()  # ... and one whose process was killed while it ran (left RUNNING, no result)
-    dead_lam = dead.suggest_categorical("bridge.lam", [0.2, 0.5, 0.8])
-    before = {p.name for p in sweep_dir.iterdir() if p.is_dir()}
+    sweep.queue_missing(study, spec)
+    alive = study.ask()  # taken by a worker that is still running
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        study._storage.set_trial_system_attr(alive._trial_id, "heartbeat",
+                                             {"host": socket.gethostname(), "pid": helper.pid, "time": time.time()})
+        assert not sweep.is_dead(study.trials[alive.number])
+        sweep.queue_missing(study, spec)
+        assert study.trials[alive.number].state == TrialState.RUNNING
+        assert sweep.remaining_trials(study, spec) == 1  # only the other grid point is left to start
+    finally:
+        helper.kill()
+        helper.wait()
+    assert sweep.is_dead(study.trials[alive.number])  # its process is gone now
 
-    resumed = sweep.run_sweep(spec_path, tmp_path / "out", workers=1, storage_url=None)
-    done = [t for t in resumed.trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.params["bridge.lam"] for t in done) == [0.2, 0.5, 0.8]  # every point once, the dead one retried
-    assert dead_lam in [t.params["bridge.lam"] for t in done if t.number != completed.number]
-    new_dirs = {p.name for p in sweep_dir.iterdir() if p.is_dir()} - before
-    assert len(new_dirs) == 2  # the completed trial was not run again
-    assert len(sweep.run_sweep(spec_path, tmp_path / "out", workers=1, storage_url=None).trials) == len(resumed.trials)
+
+@pytest.mark.parametrize("host_is_here, beat_age, dead", [(False, 10, False), (False, 1000, True)])
+def test_heartbeats_from_other_machines_go_stale(host_is_here, beat_age, dead):
+    class Frozen:  # what is_dead reads of a FrozenTrial
+        system_attrs = {"heartbeat": {"host": "node-17", "pid": 1, "time": 5000.0 - beat_age}}
+        datetime_start = None
+
+    assert sweep.is_dead(Frozen(), now=5000.0, stale_after=120) is dead
+
+
+def test_heartbeat_records_the_process_while_the_trial_runs(tmp_path):
+    spec_path = write_spec(tmp_path, f"name: beat\nbase: {TINY}\nsampler: grid\n"
+                                     "params:\n  bridge.lam: {type: float, values: [0.5]}\n")
+    study = sweep.make_study(sweep.load_spec(spec_path), tmp_path, None)
+    trial = study.ask()
+    with sweep.heartbeat(study._storage, trial._trial_id, interval=0.05):
+        first = study.trials[0].system_attrs["heartbeat"]
+        time.sleep(0.3)
+        later = study.trials[0].system_attrs["heartbeat"]
+    assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
+    assert later["time"] > first["time"]
+
+
+def test_live_view_counts_running_trials_of_every_worker(tmp_path):
+    spec_path = write_spec(tmp_path, f"name: view\nbase: {TINY}\nsampler: random\nn_trials: 2\n"
+                                     "params:\n  bridge.lam: {type: float, low: 0.2, high: 0.8}\n")
+    seen = []
+    study = sweep.run_sweep(spec_path, tmp_path / "out", workers=2, storage_url=None, on_progress=seen.append,
+                            poll_seconds=0.1)
+    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
+    assert max(p.running for p in seen) >= 1  # trials running in the worker processes were seen live
+    assert seen[-1].done == 2 and seen[-1].running == 0 and seen[-1].best == study.best_value
+
+
+def test_submitit_local_launcher_completes_a_trial(tmp_path):
+    spec_path = write_spec(tmp_path, f"name: jobs\nbase: {TINY}\nsampler: grid\n"
+                                     "params:\n  bridge.lam: {type: float, values: [0.4]}\n")
+    result = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--launcher",
+                                      "submitit-local", "--launcher-opt", "timeout_min=10"])
+    assert result.exit_code == 0, result.output
+    runs = summaries(tmp_path / "out" / "jobs")
+    assert [(r["status"], r["params"]) for r in runs] == [("completed", {"bridge.lam": 0.4})]
+    assert any((tmp_path / "out" / "jobs" / "submitit").glob("*_result.pkl"))  # it ran as a submitit job
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--launcher", "pbs"], "unknown launcher 'pbs'"),
+    (["--launcher", "submitit-local", "--launcher-opt", "colour=blue"], "submitit rejected"),
+    (["--launcher", "submitit-local", "--launcher-opt", "timeout_min"], "expects KEY=VALUE"),
+    (["--launcher-opt", "timeout_min=5"], "applies to --launcher slurm"),
+    (["--launcher", "slurm"], "srun"),  # this machine has no Slurm
+])
+def test_bad_launcher_settings_exit_2_and_write_nothing(tmp_path, args, message):
+    spec = write_spec(tmp_path, f"name: l\nbase: {TINY}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.5]}}\n")
+    result = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2 and "Error:" in result.output and message in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()

@@ -94,6 +94,8 @@ def run(
     except KeyboardInterrupt:
         console.print(f"Interrupted: {run_path} has status 'interrupted'")
         raise typer.Exit(130)
+    except UserError as error:  # found while loading data or the model; the run directory was removed
+        _fail(error.message, error.hint, 2)
     except Exception as error:
         if os.environ.get("BRIDGECTL_DEBUG"):
             raise
@@ -267,6 +269,32 @@ def sweep_command(
     if completed:
         console.print(f"best trial {study.best_trial.number}: {parsed.metric} = {study.best_value:.3f} with "
                       f"{escape(str(study.best_params))}")
+
+
+@app.command("eval")
+def eval_command(
+    target: str = typer.Argument(..., help="A run directory (its checkpoints/final) or a model directory / Hub id."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Overrides, e.g. eval.n=500 eval.k=8 task.eval_sets={test:test.jsonl}"),
+    output: Optional[Path] = typer.Option(None, "--output", help="JSON file to write (default: <run>/eval-<time>.json)."),
+) -> None:
+    """Greedy pass@1 (and pass@k / mean@k with eval.k) of a trained run or a model on every eval split."""
+    from bridgectl.evaluation import run_eval
+
+    try:
+        results, path = run_eval(target, list(overrides or []), output)
+    except UserError as error:
+        _fail(error.message, error.hint, 2)
+    table = Table(title=f"eval of {escape(target)}")
+    ks = sorted({row["k"] for row in results.values() if "k" in row})
+    columns = ["split", "n", "greedy pass@1 %"] + [c for k in ks for c in (f"pass@{k} %", f"mean@{k} %")]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for split, row in results.items():
+        cells = [split, str(row["n"]), f"{100 * row['greedy_pass@1']:.1f}"]
+        cells += [f"{100 * row[c.rstrip(' %')]:.1f}" for c in columns[3:]]
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"written to {path}")
 
 
 @app.command("build-tiny")

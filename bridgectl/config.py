@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -23,6 +23,7 @@ from bridgectl.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 STAGE_KINDS = ("sft", "rl", "interleaved", "mix", "bridge")
+DICT_FIELDS = ("task.eval_sets",)  # config keys whose value is a {name: value} mapping
 
 
 @dataclass
@@ -42,7 +43,7 @@ class RecipeConfig:
 @dataclass
 class TaskConfig:
     name: str = "arith"
-    """Task name (built-in: arith)."""
+    """Task: arith (built in, generated), or gsm8k, math, jsonl (read from files or the Hub; tasks/data.py)."""
     modulus: int = 10
     """Every intermediate result is reduced modulo this (10: each trace step is a single-digit fact)."""
     max_operand: int = 9
@@ -55,6 +56,34 @@ class TaskConfig:
     """[min, max] operations in the `ood` split (longer than anything SFT or RL trains on)."""
     pretrain_ops: list[int] = field(default_factory=lambda: [1, 5])
     """[min, max] operations in the tiny model's pretraining text."""
+    path: Optional[str] = None
+    """(gsm8k, math, jsonl) SFT and RL data: a local .jsonl/.json/.parquet file or directory, or a Hub dataset name."""
+    sft_path: Optional[str] = None
+    """(dataset tasks) SFT traces from another source than task.path (e.g. traces distilled from a stronger model)."""
+    rl_path: Optional[str] = None
+    """(dataset tasks) RL prompts from another source than task.path."""
+    eval_sets: Dict[str, str] = field(default_factory=dict)
+    """(dataset tasks) evaluation sets, split name -> source, e.g. {test: data/math500.jsonl, gsm8k: gsm8k.jsonl}."""
+    subset: Optional[str] = None
+    """(dataset tasks) Hub dataset configuration, e.g. main for openai/gsm8k."""
+    train_split: str = "train"
+    """(dataset tasks) Hub split read for SFT and RL."""
+    eval_split: str = "test"
+    """(dataset tasks) Hub split read for each evaluation set."""
+    question_field: Optional[str] = None
+    """(dataset tasks) field holding the question (default: question; problem for math)."""
+    trace_field: Optional[str] = None
+    """(dataset tasks) field holding the reasoning trace for SFT (default: trace; answer for gsm8k; solution for
+    math)."""
+    answer_field: Optional[str] = None
+    """(dataset tasks) field holding the gold answer (default: answer; gsm8k reads it after `####`; math falls back
+    to the solution's last \\boxed{})."""
+    prompt_template: str = "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+    """(dataset tasks) the prompt around {question} (SimpleRL style by default), before the model's chat template."""
+    chat_template: bool = True
+    """(dataset tasks) wrap prompts in the tokenizer's chat template when it has one (a plain prompt otherwise)."""
+    verify_timeout_s: int = 5
+    """(dataset tasks) time limit of one math-verify check, in seconds (a check that overruns scores 0)."""
 
 
 @dataclass
@@ -75,7 +104,15 @@ class PretrainConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    """Model name (built-in: tiny)."""
+    """Model: tiny (built in) or hf (any causal LM by Hub id or local directory: model.name_or_path)."""
+    name_or_path: Optional[str] = None
+    """(model=hf) Hub id or local directory of a transformers causal LM and its tokenizer."""
+    trust_remote_code: bool = False
+    """(model=hf) run the model repository's own code; off unless you set it."""
+    dtype: str = "auto"
+    """Weights' dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, ~30% more compute)."""
     finetune: str = "full"
     """What trains: `full` (every weight; the tiny model learns best so) or `lora` (a peft adapter, base frozen)."""
     hidden_size: int = 128
@@ -100,9 +137,9 @@ class LoraConfig:
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.0
     """Dropout on the LoRA input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
-    """Module names that get adapters."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names that get adapters; [all-linear] is every linear layer except the output head, found by peft
+    for any architecture (on Llama-style models: q, k, v, o, gate, up and down projections)."""
     forward: str = "auto"
     """How LoRA layers compute in training passes: merged (x @ (W + s B A)^T, one linear: faster on small models),
     unmerged (peft's W x + s B A x: cheaper with a frozen base on large models) or auto (merged below 20M base
@@ -208,6 +245,10 @@ class EvalConfig:
     """Most tokens generated per greedy answer."""
     batch_size: int = 300
     """Problems per generation batch."""
+    k: int = 0
+    """(bridgectl eval) samples per problem for pass@k and mean@k (0: greedy pass@1 only)."""
+    temperature: float = 1.0
+    """(bridgectl eval) sampling temperature of the k samples."""
 
 
 @dataclass
@@ -222,6 +263,25 @@ class TrainConfig:
     """torch CPU threads (0: torch's default)."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    """W&B logging of each run: online, offline (a local run directory to `wandb sync` later) or disabled. The run
+    directory stays the source of truth for `compare`; W&B is a view of it."""
+    project: str = "bridgectl"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); your default when null."""
+    group: Optional[str] = None
+    """W&B group; default: the sweep's study name, else the recipe."""
+
+
+@dataclass
+class TrackerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases."""
 
 
 @dataclass
@@ -250,6 +310,8 @@ class Config:
     """Greedy evaluation settings."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Budget, evaluation cadence, threads and device."""
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    """Where runs are logged besides their run directory."""
     seed: int = 0
     """Seed of data order, sampling and any fresh weights."""
 
@@ -290,7 +352,8 @@ def register_recipe_file(path: Path) -> str:
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The resolved, typed, validated config for these Hydra overrides."""
-    overrides = list(overrides)
+    # Hydra refuses new keys in a dict-valued field (`task.eval_sets={test: a.jsonl}`) unless forced with ++
+    overrides = [f"++{item}" if item.split("=", 1)[0] in DICT_FIELDS else item for item in overrides]
     for group in ("recipe", "task", "model"):
         for item in overrides:
             if item.startswith(f"{group}=") and item.split("=", 1)[1] not in group_options(group):
@@ -354,6 +417,8 @@ def validate(cfg: DictConfig) -> None:
                 "eval.n", "eval.batch_size", "eval.max_new_tokens", "interleave.rl_steps", "interleave.sft_steps"):
         value = OmegaConf.select(cfg, key)
         require(value > 0, f"{key} must be positive, got {value}", f"e.g. {key}={_example(key)}")
+    require(cfg.eval.k >= 0 and cfg.eval.temperature > 0, "eval.k must be >= 0 and eval.temperature positive",
+            "e.g. eval.k=8 eval.temperature=1.0")
     require(cfg.rl.num_generations >= 2, f"rl.num_generations must be at least 2, got {cfg.rl.num_generations}",
             "GRPO compares completions within a group: use rl.num_generations=8")
     require(cfg.rl.temperature > 0, f"rl.temperature must be positive, got {cfg.rl.temperature}",
@@ -399,6 +464,16 @@ def validate(cfg: DictConfig) -> None:
             "mix.mu and mix.mu_end must be >= 0 and mix.lr positive", "e.g. mix.mu=0.5 mix.mu_end=0.05 mix.lr=2e-4")
     require(cfg.task.modulus >= 2 and cfg.task.max_operand >= 1, "task.modulus must be >= 2, task.max_operand >= 1",
             "e.g. task.modulus=10 task.max_operand=9")
+    require(cfg.tracker.wandb.mode in ("online", "offline", "disabled"),
+            f"unknown tracker.wandb.mode '{cfg.tracker.wandb.mode}'", "choose online, offline or disabled")
+    require(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown model.dtype '{cfg.model.dtype}'",
+            "choose auto, float32, bfloat16 or float16")
+    require(cfg.model.name != "hf" or bool(cfg.model.name_or_path), "model=hf needs model.name_or_path",
+            "e.g. model=hf model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct (or a local directory)")
+    require("{question}" in cfg.task.prompt_template, "task.prompt_template has no {question} placeholder",
+            "e.g. task.prompt_template='Question: {question}\\nAnswer:'")
+    require(cfg.task.verify_timeout_s > 0, f"task.verify_timeout_s must be positive, got {cfg.task.verify_timeout_s}",
+            "e.g. task.verify_timeout_s=5")
 
 
 def _example(key: str) -> Any:

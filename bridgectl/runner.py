@@ -7,6 +7,7 @@ is running.
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from collections import deque
 from pathlib import Path
@@ -14,13 +15,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config import stage_budgets
-from bridgectl.errors import StopRun
+from bridgectl.errors import StopRun, UserError
 from bridgectl.core.context import TrainContext
 from bridgectl.core.evaluate import evaluate_split
-from bridgectl.core.model import load_policy, save_policy
+from bridgectl.core.model import load_policy, load_tokenizer, save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.stages.bridge import BridgeStage
@@ -29,9 +30,10 @@ from bridgectl.stages.mix import MixStage
 from bridgectl.stages.rl import RLStage
 from bridgectl.stages.sft import SFTStage
 from bridgectl.tasks.arith import ArithTask
+from bridgectl.tasks.data import DatasetTask
 
 STAGES = {"sft": SFTStage, "rl": RLStage, "interleaved": InterleavedStage, "mix": MixStage, "bridge": BridgeStage}
-TASKS = {"arith": ArithTask}
+TASKS = {"arith": ArithTask, "gsm8k": DatasetTask, "math": DatasetTask, "jsonl": DatasetTask}
 RL_STAGES = {"rl", "interleaved", "mix", "bridge"}
 
 
@@ -51,7 +53,7 @@ def evaluate_all(ctx: TrainContext, eval_problems: dict) -> dict:
     """{split: SplitResult} for every eval split of the task."""
     cfg = ctx.cfg.eval
     with ctx.policy.merged_for_generation() as model:  # LoRA merged: generation is faster, results the same
-        return {split: evaluate_split(model, ctx.policy.tokenizer, problems, ctx.task.reward, cfg.max_new_tokens,
+        return {split: evaluate_split(model, ctx.policy.tokenizer, problems, ctx.task.rewards, cfg.max_new_tokens,
                                       cfg.batch_size)
                 for split, problems in eval_problems.items()}
 
@@ -64,13 +66,43 @@ def eval_metrics(results: dict) -> dict:
     return metrics
 
 
+def prompt_formatter(tokenizer, use_chat_template: bool) -> Callable[[str], str]:
+    """The question as the model should see it: one user turn of the tokenizer's chat template with the assistant
+    turn opened, or the text as is when the tokenizer has no template (or task.chat_template=false). The template's
+    leading BOS text is dropped when the tokenizer adds BOS itself, so prompts never start with two."""
+    if not (use_chat_template and getattr(tokenizer, "chat_template", None)):
+        return lambda text: text
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def format_prompt(text: str) -> str:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return rendered[len(bos):] if adds_bos and rendered.startswith(bos) else rendered
+
+    return format_prompt
+
+
+def make_task(cfg: DictConfig, show_progress: bool = True):
+    """The task of `cfg`; dataset tasks read and check their sources here, before any model weights load."""
+    if cfg.task.name == "arith":
+        return ArithTask(cfg.task)
+    tokenizer = load_tokenizer(cfg.model, cfg.task, show_progress=show_progress)
+    return TASKS[cfg.task.name](cfg.task, prompt_formatter(tokenizer, cfg.task.chat_template))
+
+
+def task_eval_splits(task_cfg) -> tuple[str, ...]:
+    """Names of a task's evaluation splits, without loading its data."""
+    return ArithTask.SPLITS if task_cfg.name == "arith" else tuple(task_cfg.eval_sets)
+
+
 def build_context(cfg: DictConfig, show_progress: bool = True) -> TrainContext:
     """Seeds, device, task and policy: everything a stage needs, for `cfg` as composed."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.train.device)
-    task = TASKS[cfg.task.name](cfg.task)
+    task = make_task(cfg, show_progress=show_progress)
     keep_reference = cfg.rl.beta > 0 and any(stage in RL_STAGES for stage in cfg.recipe.stages)
     # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
     finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune
@@ -96,7 +128,16 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
     run_dir.write_summary(summary)
     counters = {"steps": 0, "train_tokens": 0, "gen_tokens": 0}
     try:
+        if cfg.tracker.wandb.mode != "disabled":
+            from bridgectl.core.wandb_sink import WandbSink
+
+            run_dir.sink = WandbSink(cfg.tracker.wandb, run_path.name, OmegaConf.to_container(cfg, resolve=True),
+                                     tags, directory=run_path)
         _train(cfg, run_dir, summary, budgets, counters, show_progress, on_eval)
+    except UserError:  # bad input found while loading (a data file, a model path): nothing ran, nothing is kept
+        run_dir.close()
+        shutil.rmtree(run_path, ignore_errors=True)
+        raise
     except BaseException as error:
         status = error.status if isinstance(error, StopRun) else (
             "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")

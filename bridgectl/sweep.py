@@ -106,9 +106,9 @@ def load_spec(path: Path) -> SweepSpec:
     # Every key and value must compose exactly as `bridgectl run` would: check one example of each param.
     example = {k: (p.get("choices") or p.get("values") or [p["low"]])[0] for k, p in spec.params.items()}
     cfg = compose(trial_overrides(spec, example, spec.seeds[0]))
-    from bridgectl.runner import TASKS
+    from bridgectl.runner import task_eval_splits
 
-    splits = TASKS[cfg.task.name](cfg.task).eval_splits
+    splits = task_eval_splits(cfg.task)
     if spec.metric.split("/")[1] not in splits:
         raise UserError(f"objective metric {spec.metric} is never logged by task {cfg.task.name}",
                         f"its eval splits are: {', '.join(splits)} (e.g. eval/{splits[0]}/accuracy)")

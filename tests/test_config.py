@@ -36,14 +36,16 @@ def test_shipped_options_include_the_documented_ones():
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in SHIPPED.items() for o in options])
 def test_every_shipped_yaml_composes_validates_and_is_applied(group, option):
-    cfg = compose([f"{group}={option}"])
+    # what some options need besides their file (model=hf names no model of its own)
+    required = {("model", "hf"): {"model.name_or_path": "org/some-model"}}.get((group, option), {})
+    cfg = compose([f"{group}={option}", *(f"{key}={value}" for key, value in required.items())])
     validate(cfg)  # composing validated already; validating again must not raise either
     raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
     # recipe files are `@package _global_` (they hold recipe: and train:); task/model files are their group
     expected = flatten(raw) if group == "recipe" else flatten(raw, f"{group}.")
     assert expected
     for key, value in expected.items():
-        assert OmegaConf.select(cfg, key) == value, key
+        assert OmegaConf.select(cfg, key) == required.get(key, value), key
 
 
 def test_default_config_uses_the_default_recipe_of_config_yaml():

@@ -17,9 +17,10 @@ class SplitResult:
     samples: list[dict]  # a few (prompt, completion, reward) rows for completions.jsonl
 
 
-def evaluate_split(model, tokenizer, problems, reward_fn, max_new_tokens: int, batch_size: int,
+def evaluate_split(model, tokenizer, problems, rewards_fn, max_new_tokens: int, batch_size: int,
                    n_samples: int = 4) -> SplitResult:
-    """Greedy decoding of every problem; accuracy is the mean verifier reward."""
+    """Greedy decoding of every problem; accuracy is the mean verifier reward. `rewards_fn(completions, golds)`
+    scores a batch."""
     was_training = model.training
     model.eval()
     rewards, lengths, samples = [], [], []
@@ -27,12 +28,43 @@ def evaluate_split(model, tokenizer, problems, reward_fn, max_new_tokens: int, b
         for start in range(0, len(problems), batch_size):
             chunk = problems[start:start + batch_size]
             rollouts = generate(model, tokenizer, [p.question for p in chunk], max_new_tokens, greedy=True)
-            for problem, completion in zip(chunk, rollouts.completions):
-                rewards.append(reward_fn(completion, problem.answer))
+            chunk_rewards = rewards_fn(rollouts.completions, [p.answer for p in chunk])
+            for problem, completion, reward in zip(chunk, rollouts.completions, chunk_rewards):
+                rewards.append(reward)
                 if len(samples) < n_samples:
                     samples.append({"prompt": problem.question, "completion": completion,
-                                    "reward": rewards[-1], "gold": problem.answer})
+                                    "reward": reward, "gold": problem.answer})
             lengths.extend(rollouts.lengths.tolist())
     model.train(was_training)
     return SplitResult(accuracy=sum(rewards) / len(rewards), n=len(rewards),
                        mean_length=sum(lengths) / len(lengths), samples=samples)
+
+
+@dataclass
+class SampledResult:
+    pass_at_k: float  # share of problems with at least one correct sample among k
+    mean_at_k: float  # mean reward over all k samples of every problem
+    k: int
+    n: int
+
+
+def sample_split(model, tokenizer, problems, rewards_fn, k: int, temperature: float, max_new_tokens: int,
+                 batch_size: int, generator: torch.Generator | None = None) -> SampledResult:
+    """k samples per problem at `temperature`: pass@k (with n = k samples, the share of problems solved at least
+    once) and mean@k (the mean reward of all samples)."""
+    was_training = model.training
+    model.eval()
+    solved, total_reward = 0, 0.0
+    per_batch = max(1, batch_size // k)
+    with torch.no_grad():
+        for start in range(0, len(problems), per_batch):
+            chunk = problems[start:start + per_batch]
+            rollouts = generate(model, tokenizer, [p.question for p in chunk for _ in range(k)], max_new_tokens,
+                                temperature=temperature, generator=generator)
+            rewards = torch.tensor(rewards_fn(rollouts.completions, [p.answer for p in chunk for _ in range(k)]))
+            by_problem = rewards.view(len(chunk), k)
+            solved += int((by_problem.max(dim=1).values > 0).sum())
+            total_reward += float(by_problem.sum())
+    model.train(was_training)
+    return SampledResult(pass_at_k=solved / len(problems), mean_at_k=total_reward / (len(problems) * k), k=k,
+                         n=len(problems))

@@ -45,8 +45,7 @@ def sample_and_score(ctx: TrainContext, grouped: list) -> ScoredRollouts:
                             temperature=rl.temperature, generator=ctx.sampling_generator)
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
-    rewards = torch.tensor([ctx.task.reward(c, p.answer) for c, p in zip(rollouts.completions, grouped)],
-                           device=ctx.device)
+    rewards = torch.tensor(ctx.task.rewards(rollouts.completions, [p.answer for p in grouped]), device=ctx.device)
     advantages = group_advantages(rewards, rl.num_generations, rl.scale_rewards)
     return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds)
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from bridgectl.core.lora_forward import set_lora_forward, wants_merged_forward
+from bridgectl.errors import UserError
 from bridgectl.models import tiny
 
 # peft calls a transformers method that transformers 5 deprecates; the warning is for peft's authors, not users.
@@ -67,10 +68,40 @@ class Policy:
             yield self.model
 
 
-def base_model_path(model_cfg, task_cfg, show_progress: bool = True) -> Path:
+def base_model_path(model_cfg, task_cfg, show_progress: bool = True) -> Path | str:
+    """The directory (or Hub id) the base model and tokenizer load from."""
     if model_cfg.name == "tiny":
         return tiny.base_model_dir(model_cfg, task_cfg, show_progress=show_progress)
+    if model_cfg.name == "hf":
+        source = str(model_cfg.name_or_path)
+        looks_local = source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+        if looks_local and not (Path(source).expanduser() / "config.json").exists():
+            raise UserError(f"model directory {source} does not exist or has no config.json",
+                            "give a directory written by save_pretrained, or a Hub id such as Qwen/Qwen2.5-0.5B")
+        return Path(source).expanduser() if looks_local else source
     raise ValueError(f"unknown model '{model_cfg.name}'")
+
+
+def weights_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA (what real models train in), float32 elsewhere (CPU bf16 matmuls are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(model_cfg, task_cfg, show_progress: bool = True):
+    """The model's tokenizer with left padding (generation) and a pad token (its EOS when it has none)."""
+    path = base_model_path(model_cfg, task_cfg, show_progress=show_progress)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code))
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load the tokenizer of {path}: {error}",
+                        "check model.name_or_path; without network access only local directories and models "
+                        "already in the Hugging Face cache load") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_reference: bool,
@@ -80,26 +111,40 @@ def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_refere
     finetune = finetune or model_cfg.finetune
     hf_logging.disable_progress_bar()  # our own progress bars are the only ones
     path = base_model_path(model_cfg, task_cfg, show_progress=show_progress)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=model_cfg.attn_implementation).to(device)
+    tokenizer = load_tokenizer(model_cfg, task_cfg, show_progress=show_progress)
+    try:
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            path, dtype=weights_dtype(model_cfg.dtype, device), attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=bool(model_cfg.trust_remote_code), use_safetensors=True).to(device)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load the model {path}: {error}",
+                        "check model.name_or_path (safetensors weights are required); without network access only "
+                        "local directories and cached models load") from None
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # generation passes use_cache explicitly
     reference = None
     if finetune == "lora":
         model = get_peft_model(model, PeftLoraConfig(
             r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-            target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM"))
+            target_modules=peft_targets(lora_cfg), task_type="CAUSAL_LM"))
         _choose_lora_forward(model, lora_cfg)
     elif keep_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     return Policy(model=model, tokenizer=tokenizer, frozen_reference=reference)
 
 
+def peft_targets(lora_cfg) -> list[str] | str:
+    """`lora.target_modules` as peft takes it: [all-linear] becomes peft's "all-linear" detection."""
+    targets = list(lora_cfg.target_modules)
+    return "all-linear" if targets == ["all-linear"] else targets
+
+
 def add_upper_adapter(policy: Policy, name: str, rank: int, alpha: int, lora_cfg, train_base: bool) -> None:
     """Adds a LoRA adapter `name` on top of whatever the policy trains and makes every adapter active and
     trainable; the base weights stay trainable only when `train_base` (BRIDGE with full lower-level weights)."""
     config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=lora_cfg.dropout,
-                            target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM")
+                            target_modules=peft_targets(lora_cfg), task_type="CAUSAL_LM")
     if policy.has_adapters:
         policy.model.add_adapter(name, config)
         names = list(policy.model.peft_config)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bridgectl.core.wandb_sink import redact
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary name, fsync, rename: a kill leaves the old file or the new one, never half of one."""
@@ -61,10 +63,11 @@ def _finite(value):
 
 
 class RunDir:
-    """Appends metrics and completions as training goes, writes the summary at the end."""
+    """Appends metrics and completions as training goes, writes the summary at the end. An optional `sink` (W&B)
+    receives the same rows; the files stay the source of truth."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, sink=None) -> None:
+        self.path, self.sink, self._summary = path, sink, {}
         self.started = time.perf_counter()
         self.path.mkdir(parents=True, exist_ok=False)
         (self.path / "checkpoints").mkdir()
@@ -76,22 +79,30 @@ class RunDir:
         return time.perf_counter() - self.started
 
     def write_config(self, cfg: DictConfig) -> None:
-        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(self.path / "config.yaml", redact(OmegaConf.to_yaml(cfg, resolve=True)))
 
     def log_metrics(self, step: int, stage: str, metrics: dict) -> None:
         row = {"step": step, "stage": stage, "wall_s": round(self.wall_s, 3)}
         row.update({key: _finite(value) for key, value in metrics.items()})
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
+        if self.sink is not None:
+            self.sink.log(step, {key: value for key, value in row.items() if key != "step"})
 
     def log_completions(self, step: int, rows: list[dict]) -> None:
         for row in rows:
-            self._completions.write(json.dumps({"step": step, **row}) + "\n")
+            self._completions.write(json.dumps(redact({"step": step, **row})) + "\n")
         self._completions.flush()
+        if self.sink is not None:
+            self.sink.log_completions(step, rows)
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+        self._summary = dict(summary)
+        atomic_write_text(self.path / "summary.json", json.dumps(redact(summary), indent=2))
 
     def close(self) -> None:
         self._metrics.close()
         self._completions.close()
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            sink.finish(self._summary)

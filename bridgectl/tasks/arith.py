@@ -153,6 +153,12 @@ class ArithTask:
     def reward(completion: str, gold: str) -> float:
         return reward(completion, gold)
 
+    @staticmethod
+    def rewards(completions: list[str], golds: list[str]) -> list[float]:
+        return [reward(completion, gold) for completion, gold in zip(completions, golds)]
+
+    SPLITS = ("test", "ood")
+
     @property
     def eval_splits(self) -> tuple[str, ...]:
-        return ("test", "ood")
+        return self.SPLITS

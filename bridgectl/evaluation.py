@@ -1,0 +1,130 @@
+"""`bridgectl eval RUN_DIR|MODEL [OVERRIDES]`: greedy pass@1 and, with `eval.k`, sampled pass@k and mean@k of a
+trained run (its `checkpoints/final`) or of any model, on every evaluation split of the task.
+
+A run directory is evaluated with its own resolved config (config.yaml) plus the overrides, so a run trained on one
+set can be scored on others (`task.eval_sets={math500: ..., gsm8k: ...}`, `eval.n=500`, `eval.k=8`). A model path
+or Hub id is evaluated as `model=hf model.name_or_path=MODEL` with the overrides. Results are printed and written
+as JSON: `<run>/eval-<time>.json`, or `--output FILE`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+from bridgectl.config import Config, compose, validate
+from bridgectl.errors import UserError
+
+
+def config_for(target: str, overrides: list[str]) -> tuple[DictConfig, Path | None]:
+    """(config, checkpoint directory or None) for a run directory or a model."""
+    run_dir = Path(target)
+    if (run_dir / "config.yaml").is_file():
+        checkpoint = run_dir / "checkpoints" / "final"
+        if not checkpoint.is_dir():
+            raise UserError(f"run {run_dir} has no checkpoints/final", "only completed runs can be evaluated")
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml"))
+        try:
+            for override in OverridesParser.create().parse_overrides(overrides):
+                key = override.key_or_group
+                if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+                    raise UserError(f"unknown key '{key}'", "eval overrides are config keys, e.g. eval.n=500 eval.k=8")
+                OmegaConf.update(cfg, key, override.value(), merge=False)
+        except UserError:
+            raise
+        except Exception as error:  # Hydra's parse errors, wrong types
+            raise UserError(f"bad override: {error}", "e.g. eval.n=500 task.eval_sets={test:data/test.jsonl}") from None
+        validate(cfg)
+        return cfg, checkpoint
+    if run_dir.exists() and not (run_dir / "config.json").is_file():
+        raise UserError(f"{target} is neither a run directory (config.yaml) nor a model directory (config.json)",
+                        "give a run directory made by bridgectl run, or a model directory / Hub id")
+    return compose(["model=hf", f"model.name_or_path={target}", *overrides]), None
+
+
+def load_for_eval(cfg: DictConfig, checkpoint: Path | None, device: torch.device):
+    """(model, tokenizer) in eval mode: a run's final weights (adapters merged into their base) or the plain model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bridgectl.core.model import base_model_path, load_tokenizer, weights_dtype
+
+    if checkpoint is None:
+        from bridgectl.core.model import load_policy
+
+        policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference=False, finetune="full")
+        return policy.model.eval(), policy.tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = weights_dtype(cfg.model.dtype, device)
+    if (checkpoint / "config.json").is_file():  # full weights (adapters already merged when there were any)
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, use_safetensors=True)
+    else:  # adapters over the unchanged base: every saved adapter (BRIDGE's w sits in a subdirectory), merged
+        load_tokenizer(cfg.model, cfg.task, show_progress=False)  # a clear error when the base cannot be found
+        base = AutoModelForCausalLM.from_pretrained(base_model_path(cfg.model, cfg.task), dtype=dtype,
+                                                    use_safetensors=True,
+                                                    trust_remote_code=bool(cfg.model.trust_remote_code))
+        model = PeftModel.from_pretrained(base, checkpoint)
+        names = ["default"]
+        for sub in sorted(p for p in checkpoint.iterdir() if (p / "adapter_config.json").is_file()):
+            model.load_adapter(sub, adapter_name=sub.name)
+            names.append(sub.name)
+        model.base_model.set_adapter(names)
+        model = model.merge_and_unload(adapter_names=names)
+    return model.to(device).eval(), tokenizer
+
+
+def evaluate(cfg: DictConfig, model, tokenizer, task, device: torch.device, show_progress: bool = True) -> dict:
+    """{split: {n, greedy_pass@1, and with eval.k: pass@k, mean@k, k}} for every evaluation split."""
+    from bridgectl.core.evaluate import evaluate_split, sample_split
+    from bridgectl.core.ui import progress_bar
+
+    results = {}
+    splits = task.eval_splits
+    with progress_bar(enabled=show_progress) as progress:
+        bar = progress.add_task("evaluating", total=len(splits), info="")
+        for split in splits:
+            problems = task.eval_problems(split, cfg.eval.n)
+            greedy = evaluate_split(model, tokenizer, problems, task.rewards, cfg.eval.max_new_tokens,
+                                    cfg.eval.batch_size)
+            row = {"n": greedy.n, "greedy_pass@1": greedy.accuracy, "mean_length": greedy.mean_length}
+            if cfg.eval.k > 0:
+                sampled = sample_split(model, tokenizer, problems, task.rewards, cfg.eval.k, cfg.eval.temperature,
+                                       cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                       torch.Generator(device=device).manual_seed(cfg.seed))
+                row.update({f"pass@{sampled.k}": sampled.pass_at_k, f"mean@{sampled.k}": sampled.mean_at_k,
+                            "k": sampled.k, "temperature": cfg.eval.temperature})
+            results[split] = row
+            progress.update(bar, advance=1, info=split)
+    return results
+
+
+def run_eval(target: str, overrides: list[str], output: Path | None, show_progress: bool = True) -> tuple[dict, Path]:
+    """Evaluates and writes the JSON; returns (results, where they were written)."""
+    from bridgectl.runner import make_task, pick_device, seed_everything
+
+    cfg, checkpoint = config_for(target, overrides)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.train.device)
+    task = make_task(cfg, show_progress=show_progress)
+    model, tokenizer = load_for_eval(cfg, checkpoint, device)
+    results = evaluate(cfg, model, tokenizer, task, device, show_progress=show_progress)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = output or (Path(target) / f"eval-{stamp}.json" if checkpoint is not None else Path(f"eval-{stamp}.json"))
+    record = {"target": str(target), "overrides": overrides, "task": cfg.task.name, "model": cfg.model.name,
+              "eval": {"n": cfg.eval.n, "k": cfg.eval.k, "temperature": cfg.eval.temperature,
+                       "max_new_tokens": cfg.eval.max_new_tokens}, "results": results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return results, path

@@ -69,15 +69,23 @@ def run(
     out: Path = typer.Option(Path("runs"), "--out", help="Directory that holds run directories."),
     name: Optional[str] = typer.Option(None, "--name", help="Run directory name (default: recipe-task-seed-time)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and plan; write nothing."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its newest checkpoint."),
+    allow_change: Optional[List[str]] = typer.Option(None, "--allow-change", help="With --resume: a config key the overrides may change (repeatable)."),
 ) -> None:
     """Train one recipe into a new run directory and print eval accuracy before and after."""
     try:
-        cfg = compose(_resolve_overrides(list(overrides or [])))
+        if resume is not None:
+            cfg, run_path = _resume_config(resume, list(overrides or []), list(allow_change or []))
+        else:
+            if allow_change:
+                raise UserError("--allow-change applies to --resume only", "drop it, or add --resume RUN_DIR")
+            cfg = compose(_resolve_overrides(list(overrides or [])))
+            run_path = out / (name or _default_name(cfg))
+            if run_path.exists():
+                raise UserError(f"run directory {run_path} already exists",
+                                "choose another --name or --out (runs are never overwritten), or continue it "
+                                f"with --resume {run_path}")
         budgets = stage_budgets(cfg)
-        run_path = out / (name or _default_name(cfg))
-        if run_path.exists():
-            raise UserError(f"run directory {run_path} already exists",
-                            "choose another --name or --out; runs are never overwritten")
     except UserError as error:
         _fail(error.message, error.hint, 2)
     plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))
@@ -90,9 +98,10 @@ def run(
     from bridgectl.runner import run as run_training  # torch and transformers load only when training
 
     try:
-        summary = run_training(cfg, run_path)
-    except KeyboardInterrupt:
-        console.print(f"Interrupted: {run_path} has status 'interrupted'")
+        summary = run_training(cfg, run_path, resume=resume is not None)
+    except KeyboardInterrupt as stopped:
+        console.print(f"Interrupted: {run_path} has status 'interrupted' ({escape(str(stopped) or 'Ctrl-C')}); "
+                      f"continue with: bridgectl run --resume {run_path}")
         raise typer.Exit(130)
     except UserError as error:  # found while loading data or the model; the run directory was removed
         _fail(error.message, error.hint, 2)
@@ -102,6 +111,33 @@ def run(
         _fail(f"training failed: {type(error).__name__}: {error}",
               f"the run directory {run_path} has the details; set BRIDGECTL_DEBUG=1 for a traceback", 1)
     _print_eval_table(summary, run_path)
+
+
+def _resume_config(run_path: Path, overrides: list[str], allowed: list[str]):
+    """The run's saved config with the overrides on top; an override that changes a value needs --allow-change."""
+    import json
+
+    from bridgectl.config import apply_overrides, load_saved, validate
+
+    if not (run_path / "config.yaml").is_file() or not (run_path / "summary.json").is_file():
+        raise UserError(f"{run_path} is not a run directory (no config.yaml and summary.json)",
+                        "give a directory made by bridgectl run")
+    try:
+        status = json.loads((run_path / "summary.json").read_text()).get("status")
+    except json.JSONDecodeError:
+        raise UserError(f"{run_path}/summary.json is not valid JSON", "the run directory is damaged") from None
+    if status == "completed":
+        raise UserError(f"run {run_path} already completed", "start a new run; its weights are in "
+                        "checkpoints/final")
+    cfg = load_saved(run_path / "config.yaml")
+    changed = apply_overrides(cfg, overrides)
+    refused = [key for key in changed if key not in allowed]
+    if refused:
+        raise UserError(f"the overrides change {', '.join(refused)} of the run being resumed",
+                        "resume with the run's own config, or allow each change: "
+                        + " ".join(f"--allow-change {key}" for key in refused))
+    validate(cfg)
+    return cfg, run_path
 
 
 def _print_eval_table(summary: dict, run_path: Path) -> None:

@@ -16,7 +16,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from bridgectl.errors import UserError
@@ -263,6 +263,11 @@ class TrainConfig:
     """torch CPU threads (0: torch's default)."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint (weights, optimizers, RNG, data position) each this many steps (0: never; a
+    Ctrl-C or SIGTERM still writes one)."""
+    keep_checkpoints: int = 2
+    """How many of the newest resumable checkpoints to keep (checkpoints/final is always kept)."""
 
 
 @dataclass
@@ -368,6 +373,49 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     return cfg
 
 
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """Applies Hydra-syntax `key=value` overrides to an already resolved config (a run's config.yaml) in place and
+    returns the keys whose value changed. Unknown keys and unparsable values are UserErrors."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    changed = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception as error:
+        raise UserError(f"bad override: {_first_line(error)}", "overrides look like key=value, e.g. eval.n=500") from None
+    for override in parsed:
+        key = override.key_or_group
+        if key in ("recipe", "task", "model") and isinstance(override.value(), str):  # a config group choice
+            chosen, current = override.value(), cfg[key].name
+            if chosen != current and Path(chosen).stem != current:
+                raise UserError(f"{key}={chosen} does not match the saved config ({key} {current})",
+                                f"a run keeps its {key}; start a new run for {chosen}")
+            continue
+        missing = object()
+        before = OmegaConf.select(cfg, key, default=missing)
+        if before is missing:
+            raise UserError(f"unknown key '{key}'", "overrides name existing config keys, e.g. eval.n=500 "
+                                                   "(bridgectl run --dry-run lists them)")
+        try:
+            OmegaConf.update(cfg, key, override.value(), merge=False)
+        except OmegaConfBaseException as error:
+            raise _translate(error) from None
+        after = OmegaConf.select(cfg, key)
+        plain = (lambda v: OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v)
+        if plain(before) != plain(after):
+            changed.append(key)
+    return changed
+
+
+def load_saved(path: Path) -> DictConfig:
+    """A run's config.yaml, typed by the schema."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+    except OmegaConfBaseException as error:
+        raise UserError(f"{path} does not match this version's config: {_translate(error).message}",
+                        "it was written by another bridgectl version or edited by hand") from None
+
+
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
@@ -464,6 +512,9 @@ def validate(cfg: DictConfig) -> None:
             "mix.mu and mix.mu_end must be >= 0 and mix.lr positive", "e.g. mix.mu=0.5 mix.mu_end=0.05 mix.lr=2e-4")
     require(cfg.task.modulus >= 2 and cfg.task.max_operand >= 1, "task.modulus must be >= 2, task.max_operand >= 1",
             "e.g. task.modulus=10 task.max_operand=9")
+    require(cfg.train.checkpoint_every >= 0 and cfg.train.keep_checkpoints >= 1,
+            "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1",
+            "e.g. train.checkpoint_every=50 train.keep_checkpoints=2")
     require(cfg.tracker.wandb.mode in ("online", "offline", "disabled"),
             f"unknown tracker.wandb.mode '{cfg.tracker.wandb.mode}'", "choose online, offline or disabled")
     require(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown model.dtype '{cfg.model.dtype}'",

@@ -14,3 +14,7 @@ class StopRun(Exception):
     def __init__(self, status: str) -> None:
         super().__init__(status)
         self.status = status
+
+
+class NonFiniteError(Exception):
+    """A loss or gradient norm became NaN or infinite: the run stops before the update, its last checkpoint intact."""

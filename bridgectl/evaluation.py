@@ -14,10 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from bridgectl.config import Config, compose, validate
+from bridgectl.config import apply_overrides, compose, load_saved, validate
 from bridgectl.errors import UserError
 
 
@@ -28,17 +27,8 @@ def config_for(target: str, overrides: list[str]) -> tuple[DictConfig, Path | No
         checkpoint = run_dir / "checkpoints" / "final"
         if not checkpoint.is_dir():
             raise UserError(f"run {run_dir} has no checkpoints/final", "only completed runs can be evaluated")
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(run_dir / "config.yaml"))
-        try:
-            for override in OverridesParser.create().parse_overrides(overrides):
-                key = override.key_or_group
-                if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
-                    raise UserError(f"unknown key '{key}'", "eval overrides are config keys, e.g. eval.n=500 eval.k=8")
-                OmegaConf.update(cfg, key, override.value(), merge=False)
-        except UserError:
-            raise
-        except Exception as error:  # Hydra's parse errors, wrong types
-            raise UserError(f"bad override: {error}", "e.g. eval.n=500 task.eval_sets={test:data/test.jsonl}") from None
+        cfg = load_saved(run_dir / "config.yaml")
+        apply_overrides(cfg, overrides)
         validate(cfg)
         return cfg, checkpoint
     if run_dir.exists() and not (run_dir / "config.json").is_file():

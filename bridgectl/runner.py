@@ -6,8 +6,12 @@ is running.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 import shutil
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -18,8 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config import stage_budgets
-from bridgectl.errors import StopRun, UserError
-from bridgectl.core.context import TrainContext
+from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
+from bridgectl.errors import NonFiniteError, StopRun, UserError
+from bridgectl.core.context import CountingStream, TrainContext
 from bridgectl.core.evaluate import evaluate_split
 from bridgectl.core.model import load_policy, load_tokenizer, save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
@@ -96,8 +101,9 @@ def task_eval_splits(task_cfg) -> tuple[str, ...]:
     return ArithTask.SPLITS if task_cfg.name == "arith" else tuple(task_cfg.eval_sets)
 
 
-def build_context(cfg: DictConfig, show_progress: bool = True) -> TrainContext:
-    """Seeds, device, task and policy: everything a stage needs, for `cfg` as composed."""
+def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None = None) -> TrainContext:
+    """Seeds, device, task and policy: everything a stage needs, for `cfg` as composed. `skip`: how many items of
+    the sft and rl streams a resumed run already consumed."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
@@ -110,21 +116,36 @@ def build_context(cfg: DictConfig, show_progress: bool = True) -> TrainContext:
                          show_progress=show_progress)
     return TrainContext(cfg=cfg, policy=policy, task=task, device=device,
                         sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
-                        sft_examples=task.sft_examples(cfg.seed), rl_problems=task.rl_prompts(cfg.seed))
+                        sft_examples=CountingStream(lambda: task.sft_examples(cfg.seed), (skip or {}).get("sft", 0)),
+                        rl_problems=CountingStream(lambda: task.rl_prompts(cfg.seed), (skip or {}).get("rl", 0)))
 
 
 def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict | None = None,
-        on_eval: Callable[[int, dict], None] | None = None) -> dict:
+        on_eval: Callable[[int, dict], None] | None = None, resume: bool = False) -> dict:
     """Trains the recipe of `cfg` into a new run directory at `run_path` and returns its summary. `tags` go into
     summary.json (a sweep's study and trial); `on_eval(step, metrics)` is called after each periodic evaluation and
     may raise StopRun to end the run early with that status. Whatever goes wrong, from loading on, the run
-    directory's summary says so (status failed, interrupted or the StopRun status, and the error)."""
-    run_dir = RunDir(run_path)
-    run_dir.write_config(cfg)
+    directory's summary says so (status failed, interrupted or the StopRun status, and the error).
+
+    `resume`: continue the run at `run_path` from its newest checkpoint (from the start when it has none); the
+    result equals a run that was never stopped (same metrics and weights; tests/test_resume.py)."""
     budgets = stage_budgets(cfg)
-    summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
-               "model": cfg.model.name, **(tags or {}),
-               "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
+    checkpoint = None
+    if resume:
+        summary = json.loads((run_path / "summary.json").read_text())
+        found = list_checkpoints(run_path / "checkpoints")
+        checkpoint = read_checkpoint(found[-1]) if found else None
+        meta = checkpoint[0] if checkpoint else {"step": 0, "wall_s": 0.0}
+        run_dir = RunDir(run_path, resume_after_step=meta["step"], wall_offset=meta["wall_s"])
+        summary.update(status="running", resumed_from_step=meta["step"])
+        summary.pop("error", None)
+        run_dir.write_config(cfg)  # the keys --allow-change let through
+    else:
+        run_dir = RunDir(run_path)
+        run_dir.write_config(cfg)
+        summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
+                   "model": cfg.model.name, **(tags or {}),
+                   "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
     run_dir.write_summary(summary)
     counters = {"steps": 0, "train_tokens": 0, "gen_tokens": 0}
     try:
@@ -133,10 +154,11 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
 
             run_dir.sink = WandbSink(cfg.tracker.wandb, run_path.name, OmegaConf.to_container(cfg, resolve=True),
                                      tags, directory=run_path)
-        _train(cfg, run_dir, summary, budgets, counters, show_progress, on_eval)
+        _train(cfg, run_dir, summary, budgets, counters, show_progress, on_eval, checkpoint)
     except UserError:  # bad input found while loading (a data file, a model path): nothing ran, nothing is kept
         run_dir.close()
-        shutil.rmtree(run_path, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(run_path, ignore_errors=True)
         raise
     except BaseException as error:
         status = error.status if isinstance(error, StopRun) else (
@@ -149,28 +171,71 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
     return summary
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """While training: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current step (it then
+    writes a checkpoint); a second one stops at once. Yields a dict whose "signal" is set when asked."""
+    requested = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested["signal"] is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        requested["signal"] = signal.Signals(signum).name
+        console.print(f"{requested['signal']}: stopping after this step and writing a checkpoint "
+                      "(send it again to stop now)")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], counters: dict,
-           show_progress: bool, on_eval) -> None:
+           show_progress: bool, on_eval, checkpoint=None) -> None:
     reset_peak_memory(pick_device(cfg.train.device))
-    ctx = build_context(cfg, show_progress)
+    meta = checkpoint[0] if checkpoint else None
+    ctx = build_context(cfg, show_progress, skip=meta["consumed"] if meta else None)
     task, policy, device = ctx.task, ctx.policy, ctx.device
     eval_problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}
-    initial = evaluate_all(ctx, eval_problems)
-    run_dir.log_metrics(0, "init", eval_metrics(initial))
-    run_dir.log_completions(0, [dict(s, split=split) for split, r in initial.items() for s in r.samples])
+    if meta is None:
+        initial = evaluate_all(ctx, eval_problems)
+        run_dir.log_metrics(0, "init", eval_metrics(initial))
+        run_dir.log_completions(0, [dict(s, split=split) for split, r in initial.items() for s in r.samples])
+        summary["eval_initial"] = {split: {"accuracy": r.accuracy, "n": r.n} for split, r in initial.items()}
+        run_dir.write_summary(summary)
+        train_wall = 0.0
+    else:
+        counters.update(meta["counters"])
+        train_wall = meta["train_wall_s"]
     total_steps = sum(budgets)
-    train_started = time.perf_counter()
-    with progress_bar(enabled=show_progress) as progress:
+    with progress_bar(enabled=show_progress) as progress, stop_requests() as stop:
         for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, budgets)):
-            stage = STAGES[kind](ctx, budget)
-            bar = progress.add_task(f"stage {index + 1}/{len(budgets)} {kind}", total=budget, info="")
+            stage = STAGES[kind](ctx, budget)  # built in order even when resuming: stages may add adapters
+            done_in_stage = 0
+            if meta is not None:
+                if index < meta["stage_index"]:
+                    continue
+                if index == meta["stage_index"]:
+                    restore(policy.model, stage, ctx.sampling_generator, checkpoint[1], checkpoint[2])
+                    done_in_stage = meta["stage_step"]
+            bar = progress.add_task(f"stage {index + 1}/{len(budgets)} {kind}", total=budget,
+                                    completed=done_in_stage, info="")
             recent = deque(maxlen=10)
-            for _ in range(budget):
+            for stage_step in range(done_in_stage + 1, budget + 1):
                 started = time.perf_counter()
-                output = stage.step()
-                counters["steps"] += 1
-                step = counters["steps"]
+                step = counters["steps"] + 1
+                try:
+                    output = stage.step()
+                except NonFiniteError as error:  # nothing was updated; the last checkpoint is good
+                    raise NonFiniteError(f"step {step} ({kind}): {error}") from None
+                counters["steps"] = step
                 output.metrics["perf/step_s"] = time.perf_counter() - started
+                train_wall += output.metrics["perf/step_s"]
                 counters["train_tokens"] += output.train_tokens
                 counters["gen_tokens"] += output.gen_tokens
                 evaluated = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps
@@ -183,7 +248,16 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                     run_dir.log_completions(step, output.completions)
                 recent.append(output.metrics)
                 progress.update(bar, advance=1, info=_progress_info(recent))
-    train_wall = time.perf_counter() - train_started
+                every = cfg.train.checkpoint_every
+                if (every > 0 and step % every == 0 and step < total_steps) or stop["signal"]:
+                    save_checkpoint(run_dir.path / "checkpoints", step, policy.model, stage, ctx.sampling_generator,
+                                    {"stage_index": index, "stage_step": stage_step, "counters": dict(counters),
+                                     "consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed},
+                                     "wall_s": run_dir.wall_s, "train_wall_s": train_wall},
+                                    keep=cfg.train.keep_checkpoints)
+                if stop["signal"]:
+                    raise KeyboardInterrupt(f"{stop['signal']} at step {step}; resume with bridgectl run --resume "
+                                            f"{run_dir.path}")
 
     final = evaluate_all(ctx, eval_problems)
     step = counters["steps"]
@@ -193,7 +267,6 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
     summary.update(
         status="completed",
         eval={split: {"accuracy": r.accuracy, "n": r.n} for split, r in final.items()},
-        eval_initial={split: {"accuracy": r.accuracy, "n": r.n} for split, r in initial.items()},
         wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device), **counters,
     )
     run_dir.write_summary(summary)

@@ -69,7 +69,7 @@ def no_training(monkeypatch):
     (exit 1, not 2) instead of training for minutes."""
     started = []
 
-    def refuse(cfg, run_path, show_progress=True):
+    def refuse(cfg, run_path, show_progress=True, resume=False):
         started.append(run_path)
         raise RuntimeError("training was started")
 

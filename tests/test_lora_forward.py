@@ -113,3 +113,29 @@ def test_runs_pick_the_configured_forward(mode, merged):
     layers = [m for m in ctx.policy.model.modules() if isinstance(m, LoraLinear)]
     assert layers
     assert all(("forward" in vars(m) and m.forward.__func__ is _merged_weight_forward) is merged for m in layers)
+
+
+def test_sampling_with_merged_adapters_leaves_every_weight_bit_identical():
+    """Policy.merged_for_generation swaps W for W + s B A and puts the same W back: the frozen base never drifts,
+    where peft's in-place merge/unmerge (W += dW; W -= dW) changes it by rounding."""
+    import torch
+
+    policy = build_context(compose(["recipe=rl", "model.finetune=lora", "lora.rank=8"]), show_progress=False).policy
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    ids = torch.randint(3, 20, (2, 9))
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    for _ in range(20):
+        with policy.merged_for_generation() as sampler:
+            sampled = sampler(input_ids=ids).logits
+    assert all(torch.equal(p, before[n]) for n, p in policy.model.named_parameters())
+    torch.testing.assert_close(sampled, policy.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)  # adapted model
+    with policy.model.disable_adapter():
+        assert not torch.allclose(sampled, policy.model(input_ids=ids).logits, atol=1e-3)  # the adapters count
+
+    for _ in range(20):  # what the swap avoids
+        policy.model.merge_adapter()
+        policy.model.unmerge_adapter()
+    assert any(not torch.equal(p, before[n]) for n, p in policy.model.named_parameters() if "lora_" not in n)

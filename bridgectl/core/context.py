@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
 
 from bridgectl.core.losses import SFTBatch, make_sft_batch
 from bridgectl.core.model import Policy
+
+
+class CountingStream:
+    """An endless data stream that counts what it handed out, so a resumed run can rebuild it from its seed and
+    skip exactly that many items (data order and position, without pickling a generator)."""
+
+    def __init__(self, make: Callable[[], Iterator], skip: int = 0) -> None:
+        self.consumed = skip
+        self._items = itertools.islice(make(), skip, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self._items)
+        self.consumed += 1
+        return item
 
 
 @dataclass
@@ -21,9 +39,9 @@ class TrainContext:
     device: torch.device
     sampling_generator: torch.Generator
     """Seeded generator for rollout sampling (reproducible runs)."""
-    sft_examples: Iterator
+    sft_examples: CountingStream
     """Endless SFT problems (question, trace, answer)."""
-    rl_problems: Iterator
+    rl_problems: CountingStream
     """Endless RL problems (question, gold answer)."""
 
 

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from bridgectl.errors import NonFiniteError
+
 
 def make_optimizer(params, lr: float, optim_cfg, total_updates: int):
     """AdamW over `params` and its LambdaLR scheduler for `total_updates` updates."""
@@ -24,14 +26,20 @@ def make_optimizer(params, lr: float, optim_cfg, total_updates: int):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_gradients(params, max_grad_norm: float) -> float:
-    """Clips the gradients of `params` to `max_grad_norm` (0: no clipping); returns their norm before clipping."""
+def clip_gradients(params, max_grad_norm: float, what: str = "gradients") -> float:
+    """Clips the gradients of `params` to `max_grad_norm` (0: no clipping); returns their norm before clipping.
+    A NaN or infinite norm (a NaN loss gives one) raises NonFiniteError before any optimizer step, so the weights
+    and the last checkpoint stay good."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
     if max_grad_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"the norm of the {what} is {norm}")
+    return norm
 
 
 def apply_update(loss: torch.Tensor, params, optimizer, scheduler, max_grad_norm: float) -> float:

@@ -62,15 +62,37 @@ def _finite(value):
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+def _truncate_after(path: Path, step: int) -> None:
+    """Keeps the rows of a jsonl log with "step" <= `step` (and no torn last line), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
 class RunDir:
     """Appends metrics and completions as training goes, writes the summary at the end. An optional `sink` (W&B)
     receives the same rows; the files stay the source of truth."""
 
-    def __init__(self, path: Path, sink=None) -> None:
+    def __init__(self, path: Path, sink=None, resume_after_step: int | None = None, wall_offset: float = 0.0) -> None:
+        """A new run directory; or, with `resume_after_step`, an existing one whose logs are cut back to the rows
+        of steps up to that one (the checkpoint a resumed run continues from), with its clock continuing from
+        `wall_offset` seconds."""
         self.path, self.sink, self._summary = path, sink, {}
-        self.started = time.perf_counter()
-        self.path.mkdir(parents=True, exist_ok=False)
-        (self.path / "checkpoints").mkdir()
+        self.started = time.perf_counter() - wall_offset
+        if resume_after_step is None:
+            self.path.mkdir(parents=True, exist_ok=False)
+            (self.path / "checkpoints").mkdir()
+        else:
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                _truncate_after(self.path / name, resume_after_step)
         self._metrics = open(self.path / "metrics.jsonl", "a")
         self._completions = open(self.path / "completions.jsonl", "a")
 

@@ -132,11 +132,11 @@ class BridgeStage:
                 param.grad = -lam * grad if param.grad is None else param.grad - lam * grad
 
         max_norm = ctx.cfg.optim.max_grad_norm
-        norms = {"bridge/grad_norm_theta": clip_gradients(list(self.lower.values()), max_norm),
-                 "bridge/grad_norm_w": clip_gradients(upper_params, max_norm)}
+        norms = {"bridge/grad_norm_theta": clip_gradients(list(self.lower.values()), max_norm, "gradients of theta"),
+                 "bridge/grad_norm_w": clip_gradients(upper_params, max_norm, "gradients of w")}
         steps = [self.lower_opt, self.upper_opt]
         if shadow_params:
-            norms["bridge/grad_norm_theta_hat"] = clip_gradients(shadow_params, max_norm)
+            norms["bridge/grad_norm_theta_hat"] = clip_gradients(shadow_params, max_norm, "gradients of theta_hat")
             steps.append(self.shadow_opt)
         for optimizer, scheduler in steps:
             optimizer.step()

@@ -133,7 +133,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
     checkpoint = None
     if resume:
         summary = json.loads((run_path / "summary.json").read_text())
-        found = list_checkpoints(run_path / "checkpoints")
+        found = list_checkpoints(run_path / "checkpoints", remove_partial=True)
         checkpoint = read_checkpoint(found[-1]) if found else None
         meta = checkpoint[0] if checkpoint else {"step": 0, "wall_s": 0.0}
         run_dir = RunDir(run_path, resume_after_step=meta["step"], wall_offset=meta["wall_s"])

@@ -147,6 +147,9 @@ def test_checkpoints_survive_kills_while_being_written(tmp_path):
         assert stage.updates == meta["step"]  # every file of the checkpoint is from the same write
         assert all(torch.all(p == meta["step"]) for p in model.parameters())
     assert list_checkpoints(directory), "no kill landed after a complete checkpoint"
+    complete = list_checkpoints(directory)
+    list_checkpoints(directory, remove_partial=True)  # what --resume does first
+    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in complete)
 
 
 def test_a_nan_stops_the_run_naming_step_and_quantity_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

@@ -140,18 +140,31 @@ def save_checkpoint(directory: Path, step: int, model, stage, sampling_generator
         _fsync_file(file)
     _fsync_dir(tmp)
     if final.exists():  # the same step written again after a resume: replace it
-        shutil.rmtree(final)
+        _remove(final)
     os.rename(tmp, final)
     _fsync_dir(directory)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories of interrupted writes are ignored)."""
+def _remove(checkpoint: Path) -> None:
+    """Renamed out of the `step-*` names first (atomic), then deleted: a kill during the deletion leaves a
+    temporary directory, never a `step-*` directory with files missing."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.tmp-removed{os.getpid()}")
+    os.rename(checkpoint, doomed)
+    _fsync_dir(checkpoint.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def list_checkpoints(directory: Path, remove_partial: bool = False) -> list[Path]:
+    """Complete checkpoints, oldest first. Temporary directories of interrupted writes are ignored, and deleted
+    with `remove_partial` (when resuming: no writer is alive then)."""
     if not directory.is_dir():
         return []
+    if remove_partial:
+        for partial in directory.glob(f".{PREFIX}*.tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
              and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))

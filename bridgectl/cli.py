@@ -71,6 +71,7 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and plan; write nothing."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its newest checkpoint."),
     allow_change: Optional[List[str]] = typer.Option(None, "--allow-change", help="With --resume: a config key the overrides may change (repeatable)."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (one per GPU; gloo processes on CPU), launched through torchrun."),
 ) -> None:
     """Train one recipe into a new run directory and print eval accuracy before and after."""
     try:
@@ -81,11 +82,17 @@ def run(
                 raise UserError("--allow-change applies to --resume only", "drop it, or add --resume RUN_DIR")
             cfg = compose(_resolve_overrides(list(overrides or [])))
             run_path = out / (name or _default_name(cfg))
-            if run_path.exists():
+            if run_path.exists() and "LOCAL_RANK" not in os.environ:  # torchrun's processes: the launcher checked
                 raise UserError(f"run directory {run_path} already exists",
                                 "choose another --name or --out (runs are never overwritten), or continue it "
                                 f"with --resume {run_path}")
         budgets = stage_budgets(cfg)
+        if nproc < 1:
+            raise UserError(f"--nproc must be at least 1, got {nproc}", "e.g. --nproc 2")
+        for key in ("rl.prompts_per_step", "sft.batch_size"):
+            if OmegaConf.select(cfg, key) % nproc:
+                raise UserError(f"{key}={OmegaConf.select(cfg, key)} does not split evenly over --nproc {nproc}",
+                                f"use a multiple of {nproc}: the global batch is shared out across processes")
     except UserError as error:
         _fail(error.message, error.hint, 2)
     plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))
@@ -93,12 +100,17 @@ def run(
         console.print(OmegaConf.to_yaml(cfg, resolve=True))
         console.print(f"plan: recipe {cfg.recipe.name}: {plan} steps -> {run_path}")
         return
-    console.print(f"[bold]bridgectl run[/bold] recipe [cyan]{cfg.recipe.name}[/cyan] ({plan} steps), "
-                  f"task {cfg.task.name}, model {cfg.model.name}, seed {cfg.seed} -> {run_path}")
+    worker_rank = int(os.environ.get("RANK", "0"))  # set by torchrun in the processes it starts
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _launch_data_parallel(nproc, list(overrides or []), run_path, resume, list(allow_change or []))
+        return
+    if worker_rank == 0:
+        console.print(f"[bold]bridgectl run[/bold] recipe [cyan]{cfg.recipe.name}[/cyan] ({plan} steps), "
+                      f"task {cfg.task.name}, model {cfg.model.name}, seed {cfg.seed} -> {run_path}")
     from bridgectl.runner import run as run_training  # torch and transformers load only when training
 
     try:
-        summary = run_training(cfg, run_path, resume=resume is not None)
+        summary = run_training(cfg, run_path, resume=resume is not None, show_progress=worker_rank == 0)
     except KeyboardInterrupt as stopped:
         console.print(f"Interrupted: {run_path} has status 'interrupted' ({escape(str(stopped) or 'Ctrl-C')}); "
                       f"continue with: bridgectl run --resume {run_path}")
@@ -110,7 +122,28 @@ def run(
             raise
         _fail(f"training failed: {type(error).__name__}: {error}",
               f"the run directory {run_path} has the details; set BRIDGECTL_DEBUG=1 for a traceback", 1)
-    _print_eval_table(summary, run_path)
+    if worker_rank == 0:
+        _print_eval_table(summary, run_path)
+
+
+def _launch_data_parallel(nproc: int, overrides: list[str], run_path: Path, resume: Path | None,
+                          allow_change: list[str]) -> None:
+    """Runs this same command in `nproc` processes under torchrun (one host); its exit status becomes ours."""
+    import subprocess
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "bridgectl.cli", "run", *overrides]
+    if resume is not None:
+        command += ["--resume", str(resume), *(f"--allow-change={key}" for key in allow_change)]
+    else:  # the name is fixed here: each process would otherwise stamp its own time into the default name
+        command += ["--out", str(run_path.parent), "--name", run_path.name]
+    console.print(f"launching {nproc} data-parallel processes: {escape(' '.join(command[2:]))}")
+    try:
+        returncode = subprocess.run(command).returncode
+    except KeyboardInterrupt:  # torchrun passed the signal on; its processes checkpoint and stop
+        returncode = 130
+    if returncode != 0:
+        raise typer.Exit(returncode)
 
 
 def _resume_config(run_path: Path, overrides: list[str], allowed: list[str]):
@@ -187,6 +220,7 @@ def compare_command(
     by: Optional[List[str]] = typer.Option(None, "--by", help="Config key(s) to group by (default: recipe); repeat for several."),
     metric: str = typer.Option("eval/test/accuracy", "--metric", help="Metric for time-to-target."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Group to compare against (e.g. rl)."),
+    at_seconds: Optional[float] = typer.Option(None, "--at-seconds", help="Also show each eval metric as of this wall-clock second of every run (the equal-wall-clock view)."),
     output_format: str = typer.Option("table", "--format", help="table, markdown, csv or json."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write report.md, comparison.csv and PNG plots here."),
     against: Optional[str] = typer.Option(None, "--against", help="Reference: recorded run directories or a published-results YAML in baselines/."),
@@ -202,7 +236,9 @@ def compare_command(
         if not loaded.runs:
             raise UserError("no completed runs to compare", "failed and interrupted runs are left out: "
                             + ", ".join(f"{n} {s}" for s, n in loaded.left_out.items()))
-        rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline)
+        if at_seconds is not None and at_seconds <= 0:
+            raise UserError(f"--at-seconds must be positive, got {at_seconds:g}", "e.g. --at-seconds 120")
+        rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline, at_seconds)
         reference = comparison.load_reference(against, list(by or ["recipe"]), metric) if against else None
     except UserError as error:
         _fail(error.message, error.hint, 2)
@@ -312,12 +348,13 @@ def eval_command(
     target: str = typer.Argument(..., help="A run directory (its checkpoints/final) or a model directory / Hub id."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides, e.g. eval.n=500 eval.k=8 task.eval_sets={test:test.jsonl}"),
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file to write (default: <run>/eval-<time>.json)."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A resumable checkpoint of the run (e.g. step-000050) instead of its final weights."),
 ) -> None:
     """Greedy pass@1 (and pass@k / mean@k with eval.k) of a trained run or a model on every eval split."""
     from bridgectl.evaluation import run_eval
 
     try:
-        results, path = run_eval(target, list(overrides or []), output)
+        results, path = run_eval(target, list(overrides or []), output, checkpoint_name=checkpoint)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     table = Table(title=f"eval of {escape(target)}")

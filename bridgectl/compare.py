@@ -140,13 +140,26 @@ def time_to_target(run: Run, metric: str, target: float) -> float | None:
     return None
 
 
+def value_at(run: Run, metric: str, seconds: float) -> float | None:
+    """The equal-wall-clock view: `metric` as last evaluated at or before `seconds` of the run's wall-clock (what
+    stopping the run then would have given); the run's final value when it ended earlier."""
+    points = [(row["wall_s"], row[metric]) for row in run.metrics
+              if row.get(metric) is not None and row.get("wall_s") is not None]
+    if not points:
+        return None
+    before = [value for wall, value in points if wall <= seconds]
+    return float(before[-1]) if before else float(points[0][1])
+
+
 # ---- the comparison --------------------------------------------------------------------------------------------
 def _label(values: tuple) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None) -> list[dict]:
-    """One row per (task, model, group): the numbers every output format carries."""
+def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
+            at_seconds: float | None = None) -> list[dict]:
+    """One row per (task, model, group): the numbers every output format carries. `at_seconds` adds, for every
+    eval metric, its value at that wall-clock time (value_at) as `<metric>@<S>s`."""
     sections: dict[tuple, dict[tuple, list[Run]]] = {}
     for run in loaded.runs:
         section = (run.summary.get("task", run.value("task.name")), run.summary.get("model", run.value("model.name")))
@@ -161,11 +174,14 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None) ->
                             f"groups by {', '.join(by)}: {', '.join(_label(k) for k in groups)}")
         target = (np.mean([r.final(metric) for r in base_runs if r.final(metric) is not None])
                   if base_runs else None)
+        views = [(name, lambda r, n=name: r.final(n)) for name in metrics]
+        if at_seconds is not None:
+            views += [(f"{name}@{at_seconds:g}s", lambda r, n=name: value_at(r, n, at_seconds)) for name in metrics]
         for key, runs in groups.items():
             row = {"task": task, "model": model, "group": _label(key), "n": len(runs),
                    "too_few_seeds": len(runs) < MIN_SEEDS_TO_RANK}
-            for name in metrics:
-                values = [r.final(name) for r in runs if r.final(name) is not None]
+            for name, read in views:
+                values = [read(r) for r in runs if read(r) is not None]
                 if not values:
                     continue
                 low, high = bootstrap_mean_interval(values)
@@ -173,7 +189,7 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None) ->
                 row[f"{name}/std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
                 row[f"{name}/ci_low"], row[f"{name}/ci_high"] = low, high
                 if base_runs is not None:
-                    base_values = [r.final(name) for r in base_runs if r.final(name) is not None]
+                    base_values = [read(r) for r in base_runs if read(r) is not None]
                     d_low, d_high = bootstrap_difference_interval(values, base_values)
                     row[f"{name}/diff"] = float(np.mean(values) - np.mean(base_values))
                     row[f"{name}/diff_ci_low"], row[f"{name}/diff_ci_high"] = d_low, d_high
@@ -200,6 +216,8 @@ def _cell(row: dict, key: str) -> str:
 def _short(metric: str) -> str:
     """`eval/test/accuracy` -> `test acc`: column headers that fit a terminal."""
     parts = metric.split("/")
+    if len(parts) == 3 and parts[0] == "eval" and parts[2].startswith("accuracy@"):
+        return f"{parts[1]} acc @{parts[2].split('@', 1)[1]}"
     return f"{parts[1]} acc" if len(parts) == 3 and parts[0] == "eval" and parts[2] == "accuracy" else metric
 
 

@@ -20,12 +20,12 @@ from bridgectl.config import apply_overrides, compose, load_saved, validate
 from bridgectl.errors import UserError
 
 
-def config_for(target: str, overrides: list[str]) -> tuple[DictConfig, Path | None]:
-    """(config, checkpoint directory or None) for a run directory or a model."""
+def config_for(target: str, overrides: list[str], need_final: bool = True) -> tuple[DictConfig, Path | None]:
+    """(config, final checkpoint directory, or None for a model) for a run directory or a model."""
     run_dir = Path(target)
     if (run_dir / "config.yaml").is_file():
         checkpoint = run_dir / "checkpoints" / "final"
-        if not checkpoint.is_dir():
+        if need_final and not checkpoint.is_dir():
             raise UserError(f"run {run_dir} has no checkpoints/final", "only completed runs can be evaluated")
         cfg = load_saved(run_dir / "config.yaml")
         apply_overrides(cfg, overrides)
@@ -98,21 +98,54 @@ def evaluate(cfg: DictConfig, model, tokenizer, task, device: torch.device, show
     return results
 
 
-def run_eval(target: str, overrides: list[str], output: Path | None, show_progress: bool = True) -> tuple[dict, Path]:
-    """Evaluates and writes the JSON; returns (results, where they were written)."""
+def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: bool = True) -> dict:
+    """Evaluates a resumable checkpoint (checkpoints/step-NNNNNN) of a run: the policy is rebuilt as the run built
+    it (stages up to the checkpoint's, since stages may add adapters such as BRIDGE's w) and the checkpoint's
+    trainable weights are loaded into it."""
+    from bridgectl.config import stage_budgets
+    from bridgectl.core.checkpoint import read_checkpoint
+    from bridgectl.runner import STAGES, build_context
+
+    meta, _, tensors = read_checkpoint(path)
+    ctx = build_context(cfg, show_progress=show_progress)
+    for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, stage_budgets(cfg))):
+        if index <= meta["stage_index"]:
+            STAGES[kind](ctx, budget)
+    params = dict(ctx.policy.model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name.startswith("model/"):
+                params[name[len("model/"):]].copy_(value)
+    with ctx.policy.merged_for_generation() as model:
+        return evaluate(cfg, model, ctx.policy.tokenizer, ctx.task, ctx.device, show_progress=show_progress)
+
+
+def run_eval(target: str, overrides: list[str], output: Path | None, show_progress: bool = True,
+             checkpoint_name: str | None = None) -> tuple[dict, Path]:
+    """Evaluates and writes the JSON; returns (results, where they were written). `checkpoint_name`: a resumable
+    checkpoint of the run (e.g. step-000050) instead of its final weights."""
+    from bridgectl.core.checkpoint import list_checkpoints
     from bridgectl.runner import make_task, pick_device, seed_everything
 
-    cfg, checkpoint = config_for(target, overrides)
+    cfg, checkpoint = config_for(target, overrides, need_final=checkpoint_name is None)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.train.device)
-    task = make_task(cfg, show_progress=show_progress)
-    model, tokenizer = load_for_eval(cfg, checkpoint, device)
-    results = evaluate(cfg, model, tokenizer, task, device, show_progress=show_progress)
+    if checkpoint_name is not None:
+        found = {p.name: p for p in list_checkpoints(Path(target) / "checkpoints")}
+        if checkpoint is None or checkpoint_name not in found:
+            raise UserError(f"{target} has no checkpoint {checkpoint_name}",
+                            f"its checkpoints: {', '.join(found) or 'none'} (give a run directory and one of them)")
+        results = evaluate_training_checkpoint(cfg, found[checkpoint_name], show_progress)
+    else:
+        task = make_task(cfg, show_progress=show_progress)
+        model, tokenizer = load_for_eval(cfg, checkpoint, device)
+        results = evaluate(cfg, model, tokenizer, task, device, show_progress=show_progress)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = output or (Path(target) / f"eval-{stamp}.json" if checkpoint is not None else Path(f"eval-{stamp}.json"))
-    record = {"target": str(target), "overrides": overrides, "task": cfg.task.name, "model": cfg.model.name,
+    record = {"target": str(target), "checkpoint": checkpoint_name or "final", "overrides": overrides,
+              "task": cfg.task.name, "model": cfg.model.name,
               "eval": {"n": cfg.eval.n, "k": cfg.eval.k, "temperature": cfg.eval.temperature,
                        "max_new_tokens": cfg.eval.max_new_tokens}, "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config import stage_budgets
+from bridgectl.core import distributed
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
-from bridgectl.errors import NonFiniteError, StopRun, UserError
 from bridgectl.core.context import CountingStream, TrainContext
 from bridgectl.core.evaluate import evaluate_split
 from bridgectl.core.model import load_policy, load_tokenizer, save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
+from bridgectl.errors import NonFiniteError, StopRun, UserError
 from bridgectl.stages.bridge import BridgeStage
 from bridgectl.stages.interleaved import InterleavedStage
 from bridgectl.stages.mix import MixStage
@@ -43,9 +44,10 @@ RL_STAGES = {"rl", "interleaved", "mix", "bridge"}
 
 
 def pick_device(name: str) -> torch.device:
+    """auto: CUDA when available; under data parallelism each process takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", distributed.local_rank()) if name == "cuda" else torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -108,6 +110,12 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.train.device)
+    distributed.init_from_environment(device.type)
+    world = distributed.world_size()
+    for key in ("rl.prompts_per_step", "sft.batch_size"):
+        if OmegaConf.select(cfg, key) % world:
+            raise UserError(f"{key}={OmegaConf.select(cfg, key)} does not split evenly over {world} processes",
+                            f"use a multiple of {world} (the global batch is shared out across processes)")
     task = make_task(cfg, show_progress=show_progress)
     keep_reference = cfg.rl.beta > 0 and any(stage in RL_STAGES for stage in cfg.recipe.stages)
     # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
@@ -130,18 +138,20 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
     `resume`: continue the run at `run_path` from its newest checkpoint (from the start when it has none); the
     result equals a run that was never stopped (same metrics and weights; tests/test_resume.py)."""
     budgets = stage_budgets(cfg)
+    distributed.init_from_environment(pick_device(cfg.train.device).type)  # before anything is written
     checkpoint = None
     if resume:
         summary = json.loads((run_path / "summary.json").read_text())
         found = list_checkpoints(run_path / "checkpoints", remove_partial=True)
         checkpoint = read_checkpoint(found[-1]) if found else None
         meta = checkpoint[0] if checkpoint else {"step": 0, "wall_s": 0.0}
-        run_dir = RunDir(run_path, resume_after_step=meta["step"], wall_offset=meta["wall_s"])
+        run_dir = RunDir(run_path, resume_after_step=meta["step"], wall_offset=meta["wall_s"],
+                         enabled=distributed.is_main())
         summary.update(status="running", resumed_from_step=meta["step"])
         summary.pop("error", None)
         run_dir.write_config(cfg)  # the keys --allow-change let through
     else:
-        run_dir = RunDir(run_path)
+        run_dir = RunDir(run_path, enabled=distributed.is_main())  # rank 0 writes; other ranks only train
         run_dir.write_config(cfg)
         summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
                    "model": cfg.model.name, **(tags or {}),
@@ -149,7 +159,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
     run_dir.write_summary(summary)
     counters = {"steps": 0, "train_tokens": 0, "gen_tokens": 0}
     try:
-        if cfg.tracker.wandb.mode != "disabled":
+        if cfg.tracker.wandb.mode != "disabled" and distributed.is_main():
             from bridgectl.core.wandb_sink import WandbSink
 
             run_dir.sink = WandbSink(cfg.tracker.wandb, run_path.name, OmegaConf.to_container(cfg, resolve=True),
@@ -234,10 +244,12 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 except NonFiniteError as error:  # nothing was updated; the last checkpoint is good
                     raise NonFiniteError(f"step {step} ({kind}): {error}") from None
                 counters["steps"] = step
+                output.metrics = distributed.average_metrics(output.metrics)
                 output.metrics["perf/step_s"] = time.perf_counter() - started
                 train_wall += output.metrics["perf/step_s"]
-                counters["train_tokens"] += output.train_tokens
-                counters["gen_tokens"] += output.gen_tokens
+                train_tokens, gen_tokens = distributed.total(output.train_tokens, output.gen_tokens)
+                counters["train_tokens"] += train_tokens
+                counters["gen_tokens"] += gen_tokens
                 evaluated = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps
                 if evaluated:
                     output.metrics.update(eval_metrics(evaluate_all(ctx, eval_problems)))
@@ -249,21 +261,23 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 recent.append(output.metrics)
                 progress.update(bar, advance=1, info=_progress_info(recent))
                 every = cfg.train.checkpoint_every
-                if (every > 0 and step % every == 0 and step < total_steps) or stop["signal"]:
+                stopping = distributed.any_rank(stop["signal"] is not None)  # every rank stops at the same step
+                if ((every > 0 and step % every == 0 and step < total_steps) or stopping) and distributed.is_main():
                     save_checkpoint(run_dir.path / "checkpoints", step, policy.model, stage, ctx.sampling_generator,
                                     {"stage_index": index, "stage_step": stage_step, "counters": dict(counters),
                                      "consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed},
                                      "wall_s": run_dir.wall_s, "train_wall_s": train_wall},
                                     keep=cfg.train.keep_checkpoints)
-                if stop["signal"]:
-                    raise KeyboardInterrupt(f"{stop['signal']} at step {step}; resume with bridgectl run --resume "
-                                            f"{run_dir.path}")
+                if stopping:
+                    raise KeyboardInterrupt(f"{stop['signal'] or 'a stop on another rank'} at step {step}; resume with "
+                                            f"bridgectl run --resume {run_dir.path}")
 
     final = evaluate_all(ctx, eval_problems)
     step = counters["steps"]
     run_dir.log_metrics(step, "final", eval_metrics(final))
     run_dir.log_completions(step, [dict(s, split=split) for split, r in final.items() for s in r.samples])
-    save_policy(policy, run_dir.path / "checkpoints" / "final")
+    if distributed.is_main():
+        save_policy(policy, run_dir.path / "checkpoints" / "final")
     summary.update(
         status="completed",
         eval={split: {"accuracy": r.accuracy, "n": r.n} for split, r in final.items()},

@@ -24,7 +24,9 @@ from bridgectl.core.losses import sft_loss
 from bridgectl.runner import build_context
 from bridgectl.stages.bridge import BridgeStage
 
-SMALL = ["rl.prompts_per_step=2", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=4",
+# 8 groups of 4: with fewer, every group of a step can score all-equal rewards (no RL gradient at all), which
+# happened with 4 groups at seed 0 and would make the shadow-term checks vacuous
+SMALL = ["rl.prompts_per_step=8", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=4",
          "optim.max_grad_norm=0", "bridge.optimizer=sgd", "bridge.alpha=0.05", "bridge.beta=0.5",
          "train.threads=1", "lora.rank=4", "bridge.w_rank=2"]
 

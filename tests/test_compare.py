@@ -211,3 +211,20 @@ def test_wandb_logs_table_and_plots_offline(sweep, tmp_path, monkeypatch):
     assert len(run_dirs) == 1 and list(run_dirs[0].glob("*.wandb"))
     media = list(run_dirs[0].rglob("*.png")) + list(run_dirs[0].rglob("*table.json"))
     assert any(p.suffix == ".png" for p in media) and any(p.name.endswith("table.json") for p in media)
+
+
+def test_equal_wall_clock_view(sweep):
+    """--at-seconds S: each run's metric as last evaluated by S seconds (its final value when it ended earlier)."""
+    loaded = compare.load_runs([str(sweep)])
+    bridge_0 = next(r for r in loaded.runs if r.path.name == "bridge-0")  # evals (0, .2) (10, .5) (20, .9) (30, .85)
+    assert [compare.value_at(bridge_0, "eval/test/accuracy", s) for s in (0, 9.9, 10, 25, 1000)] == \
+        [0.2, 0.2, 0.5, 0.9, 0.85]
+    rows = by_group(compare.compare(loaded, ["recipe"], "eval/test/accuracy", "rl", at_seconds=15))
+    assert rows["rl"]["eval/test/accuracy@15s/mean"] == pytest.approx(0.6)  # every rl run: 0.6 at 10 s
+    assert rows["bridge"]["eval/test/accuracy@15s/mean"] == pytest.approx(0.5)
+    assert rows["bridge"]["eval/test/accuracy@15s/diff"] == pytest.approx(-0.1)
+    assert rows["bridge"]["eval/test/accuracy/mean"] == pytest.approx(0.9)  # the equal-steps view is unchanged
+    result = CliRunner().invoke(app, ["compare", str(sweep), "--at-seconds", "15", "--format", "markdown"])
+    assert result.exit_code == 0 and "test acc @15s %" in result.output
+    bad = CliRunner().invoke(app, ["compare", str(sweep), "--at-seconds", "0"])
+    assert bad.exit_code == 2 and "--at-seconds must be positive" in bad.output

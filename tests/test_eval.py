@@ -58,3 +58,23 @@ def test_bad_eval_targets_exit_2(tmp_path, target, args, message):
     result = CliRunner().invoke(app, ["eval", str(tmp_path / target), *args])
     assert result.exit_code == 2, result.output
     assert "Error:" in result.output and message in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("recipe", [["recipe=bridge", "bridge.lower=full"], ["recipe=rl", "model.finetune=lora"]])
+def test_eval_of_an_intermediate_checkpoint_reproduces_the_periodic_eval(tmp_path, recipe):
+    """--checkpoint step-000002: the run's state after step 2 (BRIDGE's upper adapter w included) scores what the
+    run's own evaluation at step 2 logged."""
+    trained = CliRunner().invoke(app, ["run", *recipe, *TINY_RUN, "train.max_steps=4", "train.eval_every=2",
+                                       "train.checkpoint_every=2", "--out", str(tmp_path), "--name", "r"])
+    assert trained.exit_code == 0, trained.output
+    logged = next(json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["step"] == 2)
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "r"), "--checkpoint", "step-000002",
+                                      "--output", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "e.json").read_text())
+    assert record["checkpoint"] == "step-000002"
+    for split in ("test", "ood"):
+        assert record["results"][split]["greedy_pass@1"] == pytest.approx(logged[f"eval/{split}/accuracy"])
+    missing = CliRunner().invoke(app, ["eval", str(tmp_path / "r"), "--checkpoint", "step-000003"])
+    assert missing.exit_code == 2 and "has no checkpoint step-000003" in " ".join(missing.output.split())

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import torch
 from omegaconf import DictConfig
 
+from bridgectl.core import distributed
 from bridgectl.core.losses import SFTBatch, make_sft_batch
 from bridgectl.core.model import Policy
 
@@ -46,8 +47,9 @@ class TrainContext:
 
 
 def next_sft_batch(ctx: TrainContext) -> SFTBatch:
-    """`sft.batch_size` fresh SFT examples, tokenised with the trace and answer as the completion."""
-    problems = [next(ctx.sft_examples) for _ in range(ctx.cfg.sft.batch_size)]
+    """`sft.batch_size` fresh SFT examples, tokenised with the trace and answer as the completion (this rank's
+    share of them under data parallelism)."""
+    problems = distributed.shard([next(ctx.sft_examples) for _ in range(ctx.cfg.sft.batch_size)])
     return make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems],
                           [p.trace_completion for p in problems], ctx.device)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.losses import GRPOStats, group_advantages, grpo_loss
 from bridgectl.core.rollout import Rollouts, completion_logprobs, generate
@@ -28,21 +29,33 @@ class ScoredRollouts:
 
 def sample_groups(ctx: TrainContext) -> ScoredRollouts:
     """`rl.prompts_per_step` fresh RL problems x `rl.num_generations` samples from the current policy, scored by
-    the task's verifier, with GRPO advantages."""
+    the task's verifier, with GRPO advantages. Under data parallelism this rank samples its share of the groups
+    (every rank draws the same problems and group seeds)."""
     rl = ctx.cfg.rl
     problems = [next(ctx.rl_problems) for _ in range(rl.prompts_per_step)]
-    grouped = [p for p in problems for _ in range(rl.num_generations)]
-    return sample_and_score(ctx, grouped)
+    mine = distributed.shard(list(zip(problems, group_seeds(ctx, len(problems)))))
+    grouped = [problem for problem, _ in mine for _ in range(rl.num_generations)]
+    return sample_and_score(ctx, grouped, [seed for _, seed in mine])
 
 
-def sample_and_score(ctx: TrainContext, grouped: list) -> ScoredRollouts:
+def group_seeds(ctx: TrainContext, n_groups: int) -> list[int]:
+    """One seed per prompt group, from the run's sampling generator (saved in checkpoints)."""
+    return torch.randint(0, 2**62, (n_groups,), generator=ctx.sampling_generator,
+                         device=ctx.sampling_generator.device).tolist()
+
+
+def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None = None) -> ScoredRollouts:
+    """Samples `grouped` (consecutive groups of rl.num_generations rows), one generator per group seeded from
+    `seeds` (fresh seeds when None)."""
     rl, policy = ctx.cfg.rl, ctx.policy
+    seeds = seeds if seeds is not None else group_seeds(ctx, len(grouped) // rl.num_generations)
+    generators = [torch.Generator(device=ctx.device).manual_seed(seed) for seed in seeds]
     started = time.perf_counter()
     was_training = policy.model.training
     policy.model.eval()
     with policy.merged_for_generation() as sampler:
         rollouts = generate(sampler, policy.tokenizer, [p.question for p in grouped], rl.max_completion_length,
-                            temperature=rl.temperature, generator=ctx.sampling_generator)
+                            temperature=rl.temperature, group_generators=generators)
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
     rewards = torch.tensor(ctx.task.rewards(rollouts.completions, [p.answer for p in grouped]), device=ctx.device)

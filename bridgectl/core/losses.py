@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bridgectl.core import distributed
 from bridgectl.core.rollout import positions
 
 
@@ -46,8 +47,17 @@ def sft_loss(model, batch: SFTBatch) -> torch.Tensor:
     """Mean negative log-likelihood of the completion tokens: -log pi(trace, answer | question) per token."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                    position_ids=positions(batch.attention_mask)).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(), batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+    return token_mean_cross_entropy(logits[:, :-1], batch.labels[:, 1:])
+
+
+def token_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over the labelled tokens; under data parallelism over the global batch's tokens
+    (distributed.mean_denominator), so averaged gradients equal the full-batch gradient."""
+    flat_logits, flat_labels = logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1)
+    if not distributed.active():
+        return torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+    total = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    return total / distributed.mean_denominator((flat_labels != -100).sum()).clamp(min=1)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
@@ -86,7 +96,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         per_token_kl = torch.exp(log_ratio) - log_ratio - 1
         per_token = per_token + beta * per_token_kl
         kl_value = float((per_token_kl.detach() * mask).sum() / mask.sum().clamp(min=1))
-    n_tokens = mask.sum().clamp(min=1)
+    n_tokens = distributed.mean_denominator(mask.sum()).clamp(min=1)  # the global batch's, per rank
     loss = (per_token * mask).sum() / n_tokens
     was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon) & (advantage > 0))
     clip_fraction = float((was_clipped.float() * mask).sum() / n_tokens)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from bridgectl.core import distributed
 from bridgectl.errors import NonFiniteError
 
 
@@ -30,6 +31,7 @@ def clip_gradients(params, max_grad_norm: float, what: str = "gradients") -> flo
     """Clips the gradients of `params` to `max_grad_norm` (0: no clipping); returns their norm before clipping.
     A NaN or infinite norm (a NaN loss gives one) raises NonFiniteError before any optimizer step, so the weights
     and the last checkpoint stay good."""
+    distributed.average_gradients(params)  # data parallelism: the full batch's gradient on every rank
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0

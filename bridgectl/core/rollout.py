@@ -37,8 +37,15 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-             greedy: bool = False, generator: torch.Generator | None = None) -> Rollouts:
-    """Samples one completion per prompt (repeat prompts for groups). Stops when every row has hit EOS."""
+             greedy: bool = False, generator: torch.Generator | None = None,
+             group_generators: list[torch.Generator] | None = None) -> Rollouts:
+    """Samples one completion per prompt (repeat prompts for groups). Stops when every row has hit EOS.
+
+    Randomness: `generator` for the whole batch, or `group_generators`, one per consecutive group of equal size
+    (len(prompts) / len(group_generators) rows): each group's tokens then come from its own generator by
+    Gumbel-max (argmax of log p + Gumbel noise, an exact sample of softmax), so a group's completions do not
+    depend on the other rows in the batch; data-parallel ranks sampling their share of the groups get exactly the
+    completions one process would (core/distributed.py)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     n_rows = prompt_ids.size(0)
@@ -50,17 +57,23 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     position = positions(mask)[:, -1:]
     tokens, logprobs = [], []
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    for index in range(max_new_tokens):
         scaled = torch.log_softmax(next_logits.float() / temperature, dim=-1)
         if greedy:
             token = scaled.argmax(dim=-1)
+        elif group_generators is not None:
+            rows_per_group = n_rows // len(group_generators)
+            uniform = torch.cat([torch.rand(rows_per_group, scaled.size(1), generator=g, device=device,
+                                            dtype=torch.float64) for g in group_generators])
+            gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300)))
+            token = (scaled.double() + gumbel).argmax(dim=-1)
         else:
             token = torch.multinomial(scaled.exp(), 1, generator=generator).squeeze(1)
         token = torch.where(finished, torch.full_like(token, pad), token)
         tokens.append(token)
         logprobs.append(scaled.gather(1, token.unsqueeze(1)).squeeze(1))
         finished |= token == eos
-        if bool(finished.all()):
+        if bool(finished.all()) or index == max_new_tokens - 1:  # no forward pass for logits nobody samples
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
@@ -113,10 +126,10 @@ def sft_loss_and_completion_logprobs(model, batch, rollouts: Rollouts, temperatu
     mask = torch.cat([pad_right(batch.attention_mask, 0), pad_right(rl_mask, 0)])
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits
 
+    from bridgectl.core.losses import token_mean_cross_entropy  # losses imports this module
+
     sft_length = batch.input_ids.size(1)
-    sft_logits = logits[:n_sft, :sft_length - 1]
-    sft = torch.nn.functional.cross_entropy(sft_logits.reshape(-1, sft_logits.size(-1)).float(),
-                                            batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+    sft = token_mean_cross_entropy(logits[:n_sft, :sft_length - 1], batch.labels[:, 1:])
     n_prompt, n_completion = rollouts.prompt_ids.size(1), rollouts.completion_ids.size(1)
     rl_logits = logits[n_sft:, n_prompt - 1:n_prompt + n_completion - 1]
     logprobs = torch.log_softmax(rl_logits.float() / temperature, dim=-1)

@@ -81,12 +81,16 @@ class RunDir:
     """Appends metrics and completions as training goes, writes the summary at the end. An optional `sink` (W&B)
     receives the same rows; the files stay the source of truth."""
 
-    def __init__(self, path: Path, sink=None, resume_after_step: int | None = None, wall_offset: float = 0.0) -> None:
+    def __init__(self, path: Path, sink=None, resume_after_step: int | None = None, wall_offset: float = 0.0,
+                 enabled: bool = True) -> None:
         """A new run directory; or, with `resume_after_step`, an existing one whose logs are cut back to the rows
         of steps up to that one (the checkpoint a resumed run continues from), with its clock continuing from
-        `wall_offset` seconds."""
-        self.path, self.sink, self._summary = path, sink, {}
+        `wall_offset` seconds. `enabled=False` (data-parallel ranks other than 0) writes nothing."""
+        self.path, self.sink, self._summary, self.enabled = path, sink, {}, enabled
         self.started = time.perf_counter() - wall_offset
+        if not enabled:
+            self._metrics = self._completions = None
+            return
         if resume_after_step is None:
             self.path.mkdir(parents=True, exist_ok=False)
             (self.path / "checkpoints").mkdir()
@@ -101,9 +105,13 @@ class RunDir:
         return time.perf_counter() - self.started
 
     def write_config(self, cfg: DictConfig) -> None:
+        if not self.enabled:
+            return
         atomic_write_text(self.path / "config.yaml", redact(OmegaConf.to_yaml(cfg, resolve=True)))
 
     def log_metrics(self, step: int, stage: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, "stage": stage, "wall_s": round(self.wall_s, 3)}
         row.update({key: _finite(value) for key, value in metrics.items()})
         self._metrics.write(json.dumps(row) + "\n")
@@ -112,6 +120,8 @@ class RunDir:
             self.sink.log(step, {key: value for key, value in row.items() if key != "step"})
 
     def log_completions(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
         for row in rows:
             self._completions.write(json.dumps(redact({"step": step, **row})) + "\n")
         self._completions.flush()
@@ -120,9 +130,13 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         self._summary = dict(summary)
+        if not self.enabled:
+            return
         atomic_write_text(self.path / "summary.json", json.dumps(redact(summary), indent=2))
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._metrics.close()
         self._completions.close()
         if self.sink is not None:

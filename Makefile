@@ -26,4 +26,5 @@ clean:
 	rm -rf $(VENV) .pytest_cache
 
 bench: install
+	$(VENV)/bin/pip install -q -e '.[bench]'  # TRL, for the comparison with GRPOTrainer (benchmark only)
 	$(PY) benchmarks/bench_bridge.py

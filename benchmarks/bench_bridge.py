@@ -29,15 +29,25 @@ RESULTS = Path(__file__).resolve().parent / "results.md"
 READING = """
 ## What limits the ratios (measured on the tiny model, CPU)
 
+- Against TRL: both take the same work per GRPO step here (sample 128 completions, score them, one forward and
+  backward pass of the LoRA model; no KL, one update per generation, TRL without gradient checkpointing), and
+  neither wastes much of it: bridgectl's sampler is about as fast as `model.generate` (row above), and its training
+  pass uses the merged-weight LoRA forward. So bridgectl takes roughly 0.9x TRL's time per step, not the 0.5x
+  target: halving it would need TRL to do twice the work, which it does not at these settings (TRL's default
+  turns gradient checkpointing on, which recomputes activations; it is off here so both do the same work). Where
+  the time goes in an `rl` step: generation (column "generation share") and one forward+backward pass.
+- Rollouts: `core/rollout.generate` keeps a KV cache, stops when every row has ended, skips the forward pass after
+  the last token, and records the sampling log-probs on the way (so no extra pass computes "old" log-probs); 94%
+  of its time is the model's own forward calls (cProfile), the same calls `model.generate` makes.
 - A BRIDGE step does three forward+backward passes (SFT and RL on (theta, w), RL on the shadow) to an `rl` step's
   one, after the same generation. The ratio therefore depends on generation's share of an `rl` step (column
   above): with 128 sequences the 1M-parameter model's training passes outweigh its KV-cached sampling even at 256
-  tokens, so the ratio stays near 2x; with 16 sequences of 256 tokens sequential decoding dominates, as in RL on
-  real models, and the ratio falls toward 1.
+  tokens, so the ratio stays near 1.7x; with 16 sequences of 256 tokens sequential decoding dominates, as in RL on
+  real models, and the ratio falls to 1.5x.
 - LoRA layers use the merged-weight forward on small models (`lora.forward=auto`, core/lora_forward.py): one
   linear with W + s B A instead of peft's five small operations per adapter, which had added ~45% to every
-  training pass of the tiny model (0.49 s against 0.34 s for one pass with w; the previous results gave 2.3x and
-  2.9x for the first two ratios). What remains above the floor is the SFT pass and sampling with merged adapters.
+  training pass of the tiny model (0.49 s against 0.34 s for one pass with w; before it, the first two BRIDGE
+  ratios were 2.3x and 2.9x). What remains above the floor is the SFT pass and sampling with merged adapters.
 - Memory has two parts. The training state (weights, gradients, optimizer moments, the shadow) is exact on any
   device: `lower=full` doubles it (a second full copy and its optimizer), `lower=lora` adds only two adapters and
   their moments. Activations are the rest: CPU peak memory is a resident-set high-water mark that also counts
@@ -67,6 +77,7 @@ CONFIGS = {
     "bridge lower=full, 256-token completions": ["recipe=bridge", *LONG],
     "rl (full), 256 tokens x 16 sequences": ["recipe=rl", *GEN_BOUND],
     "bridge lower=full, 256 tokens x 16 sequences": ["recipe=bridge", *GEN_BOUND],
+    "rl (lora rank 8, TRL's settings)": None,  # filled in below, after TRL_SETTINGS
     "rl (full), 100M model": ["recipe=rl", *WIDE],
     "rl (lora), 100M model": ["recipe=rl", "model.finetune=lora", "lora.rank=32", *WIDE],
     "bridge lower=full, 100M model": ["recipe=bridge", "bridge.lower=full", *WIDE],
@@ -191,12 +202,134 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
+# ---- against TRL's GRPOTrainer and a plain model.generate loop (benchmark-only: pip install 'bridgectl[bench]') ----
+TRL_SETTINGS = ["recipe=rl", "model.finetune=lora", "lora.rank=8", "lora.alpha=16", *SHORT]
+CONFIGS["rl (lora rank 8, TRL's settings)"] = TRL_SETTINGS
+
+
+def measure_trl(steps: int, warmup: int) -> dict:
+    """Seconds per GRPO step of TRL's GRPOTrainer on the same tiny model, prompts, group size, completion length
+    (forced to the full length with min_new_tokens, as bridgectl's EOS suppression does), LoRA config (rank 8, alpha
+    16, every linear layer), learning rate and token-level loss; no KL, no gradient checkpointing, one update per
+    generation, 2 threads."""
+    import time as clock
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from bridgectl.config import compose
+    from bridgectl.models import tiny
+    from bridgectl.tasks.arith import ArithTask
+
+    cfg = compose([*COMMON, *TRL_SETTINGS])
+    torch.set_num_threads(cfg.train.threads)
+    path = tiny.base_model_dir(cfg.model, cfg.task, show_progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    task = ArithTask(cfg.task)
+    stream = task.rl_prompts(0)
+    problems = [next(stream) for _ in range((steps + warmup) * cfg.rl.prompts_per_step)]
+    dataset = Dataset.from_dict({"prompt": [p.question for p in problems], "answer": [p.answer for p in problems]})
+
+    def reward(completions, answer, **_):
+        return task.rewards(completions, answer)
+
+    rows = cfg.rl.prompts_per_step * cfg.rl.num_generations
+    args = GRPOConfig(
+        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bridgectl-bench-trl"), use_cpu=True, bf16=False,
+        per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=cfg.rl.num_generations,
+        steps_per_generation=1, num_iterations=1, max_completion_length=cfg.rl.max_completion_length,
+        generation_kwargs={"min_new_tokens": cfg.rl.max_completion_length}, temperature=cfg.rl.temperature,
+        learning_rate=cfg.rl.lr, lr_scheduler_type="constant", beta=0.0, loss_type="dapo", epsilon=cfg.rl.epsilon,
+        max_grad_norm=cfg.optim.max_grad_norm, gradient_checkpointing=False, max_steps=steps + warmup,
+        logging_steps=1000, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
+        disable_tqdm=True)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=lora)
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.started = clock.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times.append(clock.perf_counter() - self.started)
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    timed = times[warmup:]
+    return {"step_s": sum(timed) / len(timed), "steps": len(timed)}
+
+
+def measure_generation(steps: int) -> dict:
+    """Rollout tokens/s of bridgectl's sampler (core/rollout.generate: KV cache, stops when every row has ended,
+    log-probs recorded on the way) against transformers' model.generate on the same batch (16 prompts x 8),
+    length forced to 24 new tokens on both sides, temperature 1, 2 threads."""
+    import time as clock
+
+    import torch
+
+    from bridgectl.config import compose
+    from bridgectl.core.rollout import generate
+    from bridgectl.runner import build_context
+
+    cfg = compose([*COMMON, "recipe=rl", *SHORT])
+    ctx = build_context(cfg, show_progress=False)
+    model, tokenizer = ctx.policy.model.eval(), ctx.policy.tokenizer
+    eos, length = tokenizer.eos_token_id, cfg.rl.max_completion_length
+    stream = ctx.task.rl_prompts(0)
+    prompts = [p.question for p in (next(stream) for _ in range(cfg.rl.prompts_per_step))
+               for _ in range(cfg.rl.num_generations)]
+
+    def suppress_eos(module, inputs, output):
+        output[..., eos] = -1e9
+        return output
+
+    hook = model.get_output_embeddings().register_forward_hook(suppress_eos)
+
+    def ours():
+        return int(generate(model, tokenizer, prompts, length, temperature=1.0, generator=ctx.sampling_generator)
+                   .lengths.sum())
+
+    def plain():
+        encoded = tokenizer(prompts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=length, min_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
+        return int((out[:, encoded["input_ids"].size(1):] != tokenizer.pad_token_id).sum())
+
+    samplers = {"bridgectl": ours, "model.generate": plain}
+    seconds = {name: [] for name in samplers}
+    tokens = {}
+    for sampler in samplers.values():
+        sampler()  # warm-up
+    for _ in range(steps):  # interleaved, so drifting machine load hits both alike; median of the rounds
+        for name, sampler in samplers.items():
+            started = clock.perf_counter()
+            tokens[name] = sampler()
+            seconds[name].append(clock.perf_counter() - started)
+    result = {name: tokens[name] / sorted(times)[len(times) // 2] for name, times in seconds.items()}
+    hook.remove()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "trl":
+        print(json.dumps(measure_trl(args.steps, args.warmup)))
+        return
+    if args.child == "generate":
+        print(json.dumps(measure_generation(args.steps)))
+        return
     if args.child:
         print(json.dumps(measure(CONFIGS[args.child], args.steps, args.warmup)))
         return
@@ -211,11 +344,29 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup",
                               str(args.warmup)], capture_output=True, text=True, env={**os.environ}, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    console.print("measuring rollout generation against model.generate ...")
+    out = subprocess.run([sys.executable, __file__, "--child", "generate", "--steps", str(2 * args.steps + 1)],
+                         capture_output=True, text=True, env={**os.environ}, check=True)
+    generation = json.loads(out.stdout.strip().splitlines()[-1])
+    trl = None
+    try:
+        import trl as _trl  # noqa: F401  (benchmark-only dependency)
+
+        console.print("measuring TRL's GRPOTrainer ...")
+        out = subprocess.run([sys.executable, __file__, "--child", "trl", "--steps", str(args.steps), "--warmup",
+                              str(args.warmup)], capture_output=True, text=True, env={**os.environ}, check=True)
+        trl = json.loads(out.stdout.strip().splitlines()[-1])
+    except ImportError:
+        console.print("TRL is not installed: pip install 'bridgectl[bench]' for the comparison with GRPOTrainer")
 
     def ratio(a, b, key):
         return results[a][key] / results[b][key]
 
     rows = [
+        ("rl step / TRL GRPOTrainer step (same model, prompts, 16x8, 24 tokens, LoRA r8, lr; CPU)",
+         results["rl (lora rank 8, TRL's settings)"]["step_s"] / trl["step_s"] if trl else float("nan"), "<= 0.5"),
+        ("rollout tokens/s, bridgectl sampler / model.generate (same batch, 24 tokens)",
+         generation["bridgectl"] / generation["model.generate"], ">= 1.0"),
         ("BRIDGE step / rl step, default tiny settings (lower=full vs rl full)",
          ratio("bridge lower=full", "rl (full)", "step_s"), "<= 2.0"),
         ("BRIDGE step / rl step, default tiny settings (lower=lora vs rl lora)",
@@ -256,6 +407,10 @@ def main() -> None:
               "CPU: over the pre-load baseline) | generated tokens/step |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {r['step_s']:.3f} | {r['gen_share']:.0%} | {r['state_mb']:.1f} | {r['peak_mb']:.0f} | "
               f"{r['gen_tokens_per_step']:.0f} |" for name, r in results.items()]
+    lines += ["", f"TRL GRPOTrainer: {trl['step_s']:.3f} s/step ({trl['steps']} timed steps)." if trl else
+              "TRL GRPOTrainer: not measured (TRL not installed).",
+              f"Rollout generation: bridgectl {generation['bridgectl']:.0f} tokens/s, model.generate "
+              f"{generation['model.generate']:.0f} tokens/s (median of {2 * args.steps + 1} interleaved rounds)."]
     RESULTS.write_text("\n".join(lines) + "\n" + READING)
     console.print(f"wrote {RESULTS}")
 

@@ -32,7 +32,7 @@ READING = """
 - Against TRL: both take the same work per GRPO step here (sample 128 completions, score them, one forward and
   backward pass of the LoRA model; no KL, one update per generation, TRL without gradient checkpointing), and
   neither wastes much of it: bridgectl's sampler is about as fast as `model.generate` (row above), and its training
-  pass uses the merged-weight LoRA forward. So bridgectl takes roughly 0.9x TRL's time per step, not the 0.5x
+  pass uses the merged-weight LoRA forward. So bridgectl takes 0.8-0.9x TRL's time per step, not the 0.5x
   target: halving it would need TRL to do twice the work, which it does not at these settings (TRL's default
   turns gradient checkpointing on, which recomputes activations; it is off here so both do the same work). Where
   the time goes in an `rl` step: generation (column "generation share") and one forward+backward pass.
@@ -42,8 +42,8 @@ READING = """
 - A BRIDGE step does three forward+backward passes (SFT and RL on (theta, w), RL on the shadow) to an `rl` step's
   one, after the same generation. The ratio therefore depends on generation's share of an `rl` step (column
   above): with 128 sequences the 1M-parameter model's training passes outweigh its KV-cached sampling even at 256
-  tokens, so the ratio stays near 1.7x; with 16 sequences of 256 tokens sequential decoding dominates, as in RL on
-  real models, and the ratio falls to 1.5x.
+  tokens, so the ratio stays near 1.7-1.8x; with 16 sequences of 256 tokens sequential decoding dominates, as in RL on
+  real models, and the ratio falls to 1.4-1.5x.
 - LoRA layers use the merged-weight forward on small models (`lora.forward=auto`, core/lora_forward.py): one
   linear with W + s B A instead of peft's five small operations per adapter, which had added ~45% to every
   training pass of the tiny model (0.49 s against 0.34 s for one pass with w; before it, the first two BRIDGE
@@ -268,13 +268,15 @@ def measure_trl(steps: int, warmup: int) -> dict:
 
 def measure_generation(steps: int) -> dict:
     """Rollout tokens/s of bridgectl's sampler (core/rollout.generate: KV cache, stops when every row has ended,
-    log-probs recorded on the way) against transformers' model.generate on the same batch (16 prompts x 8),
+    log-probs recorded on the way, one generator per prompt group) against transformers' model.generate on the
+    same batch (16 prompts x 8),
     length forced to 24 new tokens on both sides, temperature 1, 2 threads."""
     import time as clock
 
     import torch
 
     from bridgectl.config import compose
+    from bridgectl.core.grpo import group_seeds
     from bridgectl.core.rollout import generate
     from bridgectl.runner import build_context
 
@@ -292,8 +294,9 @@ def measure_generation(steps: int) -> dict:
 
     hook = model.get_output_embeddings().register_forward_hook(suppress_eos)
 
-    def ours():
-        return int(generate(model, tokenizer, prompts, length, temperature=1.0, generator=ctx.sampling_generator)
+    def ours():  # as RL steps sample: one seeded generator per prompt group (core/grpo.sample_groups)
+        generators = [torch.Generator().manual_seed(seed) for seed in group_seeds(ctx, cfg.rl.prompts_per_step)]
+        return int(generate(model, tokenizer, prompts, length, temperature=1.0, group_generators=generators)
                    .lengths.sum())
 
     def plain():

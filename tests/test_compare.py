@@ -228,3 +228,16 @@ def test_equal_wall_clock_view(sweep):
     assert result.exit_code == 0 and "test acc @15s %" in result.output
     bad = CliRunner().invoke(app, ["compare", str(sweep), "--at-seconds", "0"])
     assert bad.exit_code == 2 and "--at-seconds must be positive" in bad.output
+
+
+def test_readme_paper_comparison_is_what_compare_prints_for_the_recorded_sweep():
+    """The README's "Results on the built-in task" table: the recorded sweeps/paper.yaml runs, as compare prints
+    them with the flags the README gives."""
+    root = Path(__file__).resolve().parent.parent
+    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "paper-100steps"), "--baseline", "rl",
+                                      "--metric", "eval/ood/accuracy", "--at-seconds", "60", "--format", "markdown"])
+    assert output.exit_code == 0, output.output
+    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    assert len(table) == 8 and all(" | 3 | " in line for line in table[2:])  # six recipes, three seeds each
+    readme = (root / "README.md").read_text()
+    assert all(line in readme for line in table)

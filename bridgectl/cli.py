@@ -89,10 +89,9 @@ def run(
         budgets = stage_budgets(cfg)
         if nproc < 1:
             raise UserError(f"--nproc must be at least 1, got {nproc}", "e.g. --nproc 2")
-        for key in ("rl.prompts_per_step", "sft.batch_size"):
-            if OmegaConf.select(cfg, key) % nproc:
-                raise UserError(f"{key}={OmegaConf.select(cfg, key)} does not split evenly over --nproc {nproc}",
-                                f"use a multiple of {nproc}: the global batch is shared out across processes")
+        from bridgectl.core.distributed import check_batch_split
+
+        check_batch_split(cfg, nproc)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))

@@ -128,10 +128,15 @@ def bootstrap_difference_interval(values: list[float], baseline: list[float], se
     return float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))
 
 
+def _timed_values(run: Run, metric: str) -> list[tuple[float, float]]:
+    """(wall_s, value) of every logged row that has `metric`, in log order."""
+    return [(row["wall_s"], row[metric]) for row in run.metrics
+            if row.get(metric) is not None and row.get("wall_s") is not None]
+
+
 def time_to_target(run: Run, metric: str, target: float) -> float | None:
     """Wall-clock seconds at which `metric` first reaches `target`, interpolated linearly between logged evals."""
-    points = [(row["wall_s"], row[metric]) for row in run.metrics
-              if row.get(metric) is not None and row.get("wall_s") is not None]
+    points = _timed_values(run, metric)
     for (t0, v0), (t1, v1) in zip([(None, None)] + points[:-1], points):
         if v1 >= target:
             if t0 is None or v1 == v0:
@@ -143,8 +148,7 @@ def time_to_target(run: Run, metric: str, target: float) -> float | None:
 def value_at(run: Run, metric: str, seconds: float) -> float | None:
     """The equal-wall-clock view: `metric` as last evaluated at or before `seconds` of the run's wall-clock (what
     stopping the run then would have given); the run's final value when it ended earlier."""
-    points = [(row["wall_s"], row[metric]) for row in run.metrics
-              if row.get(metric) is not None and row.get("wall_s") is not None]
+    points = _timed_values(run, metric)
     if not points:
         return None
     before = [value for wall, value in points if wall <= seconds]

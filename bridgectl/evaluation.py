@@ -103,7 +103,7 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
     it (stages up to the checkpoint's, since stages may add adapters such as BRIDGE's w) and the checkpoint's
     trainable weights are loaded into it."""
     from bridgectl.config import stage_budgets
-    from bridgectl.core.checkpoint import read_checkpoint
+    from bridgectl.core.checkpoint import load_model_tensors, read_checkpoint
     from bridgectl.runner import STAGES, build_context
 
     meta, _, tensors = read_checkpoint(path)
@@ -111,11 +111,7 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
     for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, stage_budgets(cfg))):
         if index <= meta["stage_index"]:
             STAGES[kind](ctx, budget)
-    params = dict(ctx.policy.model.named_parameters())
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if name.startswith("model/"):
-                params[name[len("model/"):]].copy_(value)
+    load_model_tensors(ctx.policy.model, tensors)
     with ctx.policy.merged_for_generation() as model:
         return evaluate(cfg, model, ctx.policy.tokenizer, ctx.task, ctx.device, show_progress=show_progress)
 

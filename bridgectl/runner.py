@@ -111,11 +111,7 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
     seed_everything(cfg.seed)
     device = pick_device(cfg.train.device)
     distributed.init_from_environment(device.type)
-    world = distributed.world_size()
-    for key in ("rl.prompts_per_step", "sft.batch_size"):
-        if OmegaConf.select(cfg, key) % world:
-            raise UserError(f"{key}={OmegaConf.select(cfg, key)} does not split evenly over {world} processes",
-                            f"use a multiple of {world} (the global batch is shared out across processes)")
+    distributed.check_batch_split(cfg, distributed.world_size())
     task = make_task(cfg, show_progress=show_progress)
     keep_reference = cfg.rl.beta > 0 and any(stage in RL_STAGES for stage in cfg.recipe.stages)
     # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.

@@ -70,4 +70,4 @@ def test_a_groups_completions_do_not_depend_on_the_rest_of_the_batch():
 
 def test_an_uneven_split_is_refused(tmp_path):
     result = CliRunner().invoke(app, ["run", "rl.prompts_per_step=3", "--nproc", "2", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "does not split evenly over --nproc 2" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "does not split evenly over 2 processes" in " ".join(result.output.split())

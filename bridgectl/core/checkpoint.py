@@ -178,12 +178,17 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     return meta, trainer, tensors
 
 
-def restore(model, stage, sampling_generator: torch.Generator, trainer: dict, tensors: dict) -> None:
-    """Model parameters, the stage's optimizers, counters and extra tensors, and every RNG, as saved."""
+def load_model_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies a checkpoint's trainable weights into the model's parameters of the same names."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
             if name.startswith("model/"):
                 params[name[len("model/"):]].copy_(value)
+
+
+def restore(model, stage, sampling_generator: torch.Generator, trainer: dict, tensors: dict) -> None:
+    """Model parameters, the stage's optimizers, counters and extra tensors, and every RNG, as saved."""
+    load_model_tensors(model, tensors)
     load_stage_state(stage, trainer["stage"], tensors)
     set_rng_state(trainer["rng"], sampling_generator)

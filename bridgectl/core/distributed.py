@@ -60,6 +60,19 @@ def shard(items: list) -> list:
     return items[rank() * size:(rank() + 1) * size]
 
 
+def check_batch_split(cfg, processes: int) -> None:
+    """The global batches must split evenly over the processes (each rank takes an equal share)."""
+    from omegaconf import OmegaConf
+
+    from bridgectl.errors import UserError
+
+    for key in ("rl.prompts_per_step", "sft.batch_size"):
+        value = OmegaConf.select(cfg, key)
+        if value % processes:
+            raise UserError(f"{key}={value} does not split evenly over {processes} processes",
+                            f"use a multiple of {processes}: the global batch is shared out across processes")
+
+
 def mean_denominator(count: torch.Tensor) -> torch.Tensor:
     """The denominator d that makes `local_sum / d`, averaged over ranks, the mean over the global batch: the global
     count divided by the number of ranks (the local count when not distributed)."""

@@ -40,29 +40,17 @@ def config_for(target: str, overrides: list[str], need_final: bool = True) -> tu
 def load_for_eval(cfg: DictConfig, checkpoint: Path | None, device: torch.device):
     """(model, tokenizer) in eval mode: a run's final weights (adapters merged into their base) or the plain model."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from bridgectl.core.model import base_model_path, load_tokenizer, weights_dtype
+    from bridgectl.core.model import base_model_path, causal_lm_from, load_policy, tokenizer_from
 
     if checkpoint is None:
-        from bridgectl.core.model import load_policy
-
         policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference=False, finetune="full")
         return policy.model.eval(), policy.tokenizer
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = weights_dtype(cfg.model.dtype, device)
+    tokenizer = tokenizer_from(checkpoint, cfg.model)
     if (checkpoint / "config.json").is_file():  # full weights (adapters already merged when there were any)
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, use_safetensors=True)
+        model = causal_lm_from(checkpoint, cfg.model, device)
     else:  # adapters over the unchanged base: every saved adapter (BRIDGE's w sits in a subdirectory), merged
-        load_tokenizer(cfg.model, cfg.task, show_progress=False)  # a clear error when the base cannot be found
-        base = AutoModelForCausalLM.from_pretrained(base_model_path(cfg.model, cfg.task), dtype=dtype,
-                                                    use_safetensors=True,
-                                                    trust_remote_code=bool(cfg.model.trust_remote_code))
+        base = causal_lm_from(base_model_path(cfg.model, cfg.task, show_progress=False), cfg.model, device)
         model = PeftModel.from_pretrained(base, checkpoint)
         names = ["default"]
         for sub in sorted(p for p in checkpoint.iterdir() if (p / "adapter_config.json").is_file()):

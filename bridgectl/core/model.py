@@ -110,8 +110,12 @@ def weights_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(model_cfg, task_cfg, show_progress: bool = True):
-    """The model's tokenizer with left padding (generation) and a pad token (its EOS when it has none)."""
-    path = base_model_path(model_cfg, task_cfg, show_progress=show_progress)
+    """The base model's tokenizer, prepared for generation (tokenizer_from)."""
+    return tokenizer_from(base_model_path(model_cfg, task_cfg, show_progress=show_progress), model_cfg)
+
+
+def tokenizer_from(path: Path | str, model_cfg):
+    """The tokenizer saved at `path`, with left padding (generation) and a pad token (its EOS when it has none)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code))
     except (OSError, ValueError) as error:
@@ -124,6 +128,18 @@ def load_tokenizer(model_cfg, task_cfg, show_progress: bool = True):
     return tokenizer
 
 
+def causal_lm_from(path: Path | str, model_cfg, device: torch.device) -> PreTrainedModel:
+    """The causal LM saved at `path` (safetensors only), in the dtype and attention kernel of `model_cfg`."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=weights_dtype(model_cfg.dtype, device), attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=bool(model_cfg.trust_remote_code), use_safetensors=True).to(device)
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load the model {path}: {error}",
+                        "check model.name_or_path (safetensors weights are required); without network access only "
+                        "local directories and cached models load") from None
+
+
 def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_reference: bool,
                 finetune: str | None = None, show_progress: bool = True) -> Policy:
     """The base model with LoRA (`finetune=lora`) or every weight trainable (`full`); `finetune` defaults to
@@ -131,15 +147,8 @@ def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_refere
     finetune = finetune or model_cfg.finetune
     hf_logging.disable_progress_bar()  # our own progress bars are the only ones
     path = base_model_path(model_cfg, task_cfg, show_progress=show_progress)
-    tokenizer = load_tokenizer(model_cfg, task_cfg, show_progress=show_progress)
-    try:
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            path, dtype=weights_dtype(model_cfg.dtype, device), attn_implementation=model_cfg.attn_implementation,
-            trust_remote_code=bool(model_cfg.trust_remote_code), use_safetensors=True).to(device)
-    except (OSError, ValueError) as error:
-        raise UserError(f"could not load the model {path}: {error}",
-                        "check model.name_or_path (safetensors weights are required); without network access only "
-                        "local directories and cached models load") from None
+    tokenizer = tokenizer_from(path, model_cfg)
+    model = causal_lm_from(path, model_cfg, device)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # generation passes use_cache explicitly

@@ -7,9 +7,15 @@ the same length (EOS suppressed while sampling), because the recipes' policies w
 few steps (BRIDGE's SFT term switches to traces at once) and a step's cost follows its tokens. Two regimes:
   - default: the tiny model at the default settings (16 prompts x 8) with 24-token completions (a 4-step trace);
   - long: 256-token completions, where generation takes a larger share.
-Peak memory: on a GPU, torch.cuda.max_memory_allocated (tensor memory, exact); on the CPU, the process's peak
-resident set minus its resident set just before the model is loaded. The CPU figure also counts the allocator's
-fragmentation (freed activations are not reused exactly), so it overstates differences in live tensor memory.
+Peak memory is tensor memory, the quantity torch.cuda.max_memory_allocated gives on a GPU (used there). On the
+CPU it is counted exactly from the allocator's own records: one more step runs under torch.profiler with
+profile_memory, every allocation and free it reports is summed in time order, and the highest point is added to
+what was alive when that step began (the training state, with gradients cleared first so none is counted twice).
+The process's resident-set peak is reported alongside; it also counts the allocator's fragmentation and freed
+pages not yet returned, so it overstates differences in live tensors.
+The default-settings time ratios come from one process holding the four stages (rl full, rl lora, BRIDGE
+lower=full, lower=lora) and timing their steps in interleaved rounds, medians taken: drifting machine load then
+hits every configuration alike (separate processes run minutes apart scattered the ratio by +-10%).
 
 Usage: python benchmarks/bench_bridge.py [--steps 6] [--warmup 2]
 """
@@ -40,20 +46,28 @@ READING = """
   the last token, and records the sampling log-probs on the way (so no extra pass computes "old" log-probs); 94%
   of its time is the model's own forward calls (cProfile), the same calls `model.generate` makes.
 - A BRIDGE step does three forward+backward passes (SFT and RL on (theta, w), RL on the shadow) to an `rl` step's
-  one, after the same generation. The ratio therefore depends on generation's share of an `rl` step (column
-  above): with 128 sequences the 1M-parameter model's training passes outweigh its KV-cached sampling even at 256
-  tokens, so the ratio stays near 1.7-1.8x; with 16 sequences of 256 tokens sequential decoding dominates, as in RL on
-  real models, and the ratio falls to 1.4-1.5x.
+  one, after the same generation. Timed one by one on the tiny model (lower=full, medians of 4): generation 0.23 s,
+  the SFT pass 0.16 s (64 examples), the joint RL pass 0.27 s, the shadow's RL pass 0.28 s; so the floor at the
+  default settings is (0.23 + 0.16 + 0.27 + 0.28) / (0.23 + 0.27) = 1.9x before optimizer steps, and the measured
+  ratio sits at 1.9-2.0x (interleaved medians of 9 rounds, three runs: 2.02, 2.00, 1.96 for lower=full; 2.00, 1.97,
+  1.90 for lower=lora). One forward over the SFT and RL rows together (what `mix` does) was slower here (0.50 s
+  against 0.44 s: padding, and logits for every position), and would keep both graphs alive. The ratio falls as
+  generation takes more of the step (column above): with 16 sequences of 256 tokens, where decoding is 75% of an
+  `rl` step as in RL on real models, 1.25-1.4x; with 128 sequences of 256 tokens the 1M-parameter model's training
+  passes still outweigh its KV-cached sampling, and the ratio stays at 1.6x.
 - LoRA layers use the merged-weight forward on small models (`lora.forward=auto`, core/lora_forward.py): one
   linear with W + s B A instead of peft's five small operations per adapter, which had added ~45% to every
   training pass of the tiny model (0.49 s against 0.34 s for one pass with w; before it, the first two BRIDGE
   ratios were 2.3x and 2.9x). What remains above the floor is the SFT pass and sampling with merged adapters.
 - Memory has two parts. The training state (weights, gradients, optimizer moments, the shadow) is exact on any
   device: `lower=full` doubles it (a second full copy and its optimizer), `lower=lora` adds only two adapters and
-  their moments. Activations are the rest: CPU peak memory is a resident-set high-water mark that also counts
-  allocator fragmentation from the extra passes, so it overstates BRIDGE's live tensors; run `make bench` on a
-  GPU for torch.cuda.max_memory_allocated. The passes run one after another so only one branch's activations are
-  alive at a time.
+  their moments. Activations are the rest, and the passes run one after another so only one branch's activations
+  are alive at a time. Peak tensor memory (the CPU counterpart of torch.cuda.max_memory_allocated, from the
+  allocator's records) shows it: `lower=lora` peaks at 1.03x `rl (lora)` at the default settings, `lower=full` at
+  1.08x `rl (full)`, 1.01x with 256-token completions. Where the batch is so small that the training state is
+  most of the peak (the 100M model with 4 sequences of 8 tokens) the ratio is the state's, 1.18x; with 16
+  sequences of 64 tokens on the same model it is 1.08x. The resident-set peak (1.5x) also counts the allocator's
+  fragmentation and pages not yet returned to the system, not live tensors.
 - `lower=lora`'s training state relative to `rl (lora)` falls as the base grows against the adapters: 1.7x on the
   tiny model (its rank-32 adapters are as large as the 1M-parameter base), 1.19x on the 100M random-init model,
   and, from parameter counts of the published shapes (built on the meta device), 1.16x for Qwen2.5-0.5B and 1.05x
@@ -67,6 +81,10 @@ GEN_BOUND = [*LONG, "rl.prompts_per_step=4", "rl.num_generations=4", "sft.batch_
 # A ~100M-parameter random-init model (no pretraining) where the base, not the adapters, dominates the state.
 WIDE = ["model.hidden_size=1024", "model.num_layers=8", "model.num_heads=16", "model.pretrain.steps=0",
         "rl.prompts_per_step=2", "rl.num_generations=2", "rl.max_completion_length=8", "sft.batch_size=2"]
+# The same model with a batch whose activations count as they do in real RL (16 sequences x 64 tokens, 16 SFT
+# examples): peak memory there, not only the training state.
+WIDE_BATCH = [*WIDE, "rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=64",
+              "sft.batch_size=16"]
 CONFIGS = {
     # name: overrides
     "rl (full)": ["recipe=rl", *SHORT],
@@ -82,7 +100,11 @@ CONFIGS = {
     "rl (lora), 100M model": ["recipe=rl", "model.finetune=lora", "lora.rank=32", *WIDE],
     "bridge lower=full, 100M model": ["recipe=bridge", "bridge.lower=full", *WIDE],
     "bridge lower=lora, 100M model": ["recipe=bridge", "bridge.lower=lora", *WIDE],
+    "rl (lora), 100M model, 16 x 64 tokens": ["recipe=rl", "model.finetune=lora", "lora.rank=32", *WIDE_BATCH],
+    "bridge lower=lora, 100M model, 16 x 64 tokens": ["recipe=bridge", "bridge.lower=lora", *WIDE_BATCH],
 }
+# Configurations measured for memory only: one timed step is enough.
+MEMORY_ONLY = {"rl (lora), 100M model, 16 x 64 tokens", "bridge lower=lora, 100M model, 16 x 64 tokens"}
 
 
 def rss_mb() -> float:
@@ -164,6 +186,45 @@ def real_shape_state_ratio(shape: dict, theta_rank: int = 32, w_rank: int = 8) -
     return bridge / rl, counts["base"], counts["default"]
 
 
+def peak_tensor_mb_of_step(stage, policy) -> float:
+    """Peak tensor memory (MB) during one `stage.step()`, on the CPU: the training state alive at its start plus
+    the highest running sum of the allocations and frees torch's CPU allocator reports to the profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for param in policy.model.parameters():  # a stage clears gradients first thing; clear them before counting
+        param.grad = None
+    for value in vars(stage).values():
+        if isinstance(value, dict):
+            for tensor in value.values():
+                if isinstance(tensor, torch.Tensor):
+                    tensor.grad = None
+    alive_at_start = training_state_mb(stage, policy)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        stage.step()
+    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                    if event.name() == "[memory]")
+    live = highest = 0
+    for _, nbytes in events:
+        live += nbytes
+        highest = max(highest, live)
+    return alive_at_start + highest / 2**20
+
+
+def with_forced_length(ctx) -> None:
+    """Every completion runs to rl.max_completion_length (EOS suppressed while sampling)."""
+    import torch
+
+    eos = ctx.policy.tokenizer.eos_token_id
+
+    def suppress_eos(module, inputs, output):
+        if not torch.is_grad_enabled():  # sampling only: training passes score the sampled tokens as they are
+            output[..., eos] = -1e9
+        return output
+
+    ctx.policy.model.get_output_embeddings().register_forward_hook(suppress_eos)
+
+
 def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     import torch
 
@@ -174,15 +235,8 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     baseline = rss_mb()
     ctx = build_context(cfg, show_progress=False)
     kind = cfg.recipe.stages[0]
-    stage = STAGES[kind](ctx, steps + warmup)  # built first: BRIDGE wraps the model in its adapters
-    eos = ctx.policy.tokenizer.eos_token_id
-
-    def suppress_eos(module, inputs, output):  # every completion runs to rl.max_completion_length
-        if not torch.is_grad_enabled():  # sampling only: training passes score the sampled tokens as they are
-            output[..., eos] = -1e9
-        return output
-
-    ctx.policy.model.get_output_embeddings().register_forward_hook(suppress_eos)
+    stage = STAGES[kind](ctx, steps + warmup + 1)  # built first: BRIDGE wraps the model in its adapters
+    with_forced_length(ctx)
     for _ in range(warmup):
         stage.step()
     started = time.perf_counter()
@@ -193,13 +247,40 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
         gen_seconds += out.gen_tokens / out.metrics["perf/gen_tokens_per_s"]
     seconds = (time.perf_counter() - started) / steps
     if ctx.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(ctx.device) / 2**20
+        peak, peak_rss = torch.cuda.max_memory_allocated(ctx.device) / 2**20, float("nan")
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
-    return {"step_s": seconds, "peak_mb": peak, "device": str(ctx.device),
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
+        peak = peak_tensor_mb_of_step(stage, ctx.policy)
+    return {"step_s": seconds, "peak_mb": peak, "peak_rss_mb": peak_rss, "device": str(ctx.device),
             "state_mb": training_state_mb(stage, ctx.policy), "gen_tokens_per_step": gen_tokens / steps,
             "gen_share": gen_seconds / steps / seconds,
             "torch_threads": torch.get_num_threads()}
+
+
+INTERLEAVED = ["rl (full)", "rl (lora)", "bridge lower=full", "bridge lower=lora"]
+
+
+def measure_interleaved(rounds: int, warmup: int) -> dict:
+    """Seconds per step (median of `rounds`) of the INTERLEAVED configurations, built in one process and stepped in
+    turn, round after round."""
+    from bridgectl.config import compose
+    from bridgectl.runner import STAGES, build_context
+
+    stages = {}
+    for name in INTERLEAVED:
+        cfg = compose([*COMMON, *CONFIGS[name]])
+        ctx = build_context(cfg, show_progress=False)
+        stages[name] = STAGES[cfg.recipe.stages[0]](ctx, rounds + warmup)
+        with_forced_length(ctx)
+        for _ in range(warmup):
+            stages[name].step()
+    seconds = {name: [] for name in stages}
+    for _ in range(rounds):
+        for name, stage in stages.items():
+            started = time.perf_counter()
+            stage.step()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: sorted(times)[len(times) // 2] for name, times in seconds.items()}
 
 
 # ---- against TRL's GRPOTrainer and a plain model.generate loop (benchmark-only: pip install 'bridgectl[bench]') ----
@@ -330,6 +411,9 @@ def main() -> None:
     if args.child == "trl":
         print(json.dumps(measure_trl(args.steps, args.warmup)))
         return
+    if args.child == "interleaved":
+        print(json.dumps(measure_interleaved(args.steps, args.warmup)))
+        return
     if args.child == "generate":
         print(json.dumps(measure_generation(args.steps)))
         return
@@ -344,9 +428,15 @@ def main() -> None:
     results = {}
     for name in CONFIGS:
         console.print(f"measuring {name} ...")  # the 100M model is built once (random init) into the cache
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup",
+        steps = 1 if name in MEMORY_ONLY else args.steps
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps), "--warmup",
                               str(args.warmup)], capture_output=True, text=True, env={**os.environ}, check=True)
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    rounds = 2 * args.steps + 1
+    console.print(f"measuring rl and BRIDGE at the default settings, {rounds} interleaved rounds ...")
+    out = subprocess.run([sys.executable, __file__, "--child", "interleaved", "--steps", str(rounds), "--warmup",
+                          str(args.warmup)], capture_output=True, text=True, env={**os.environ}, check=True)
+    interleaved = json.loads(out.stdout.strip().splitlines()[-1])
     console.print("measuring rollout generation against model.generate ...")
     out = subprocess.run([sys.executable, __file__, "--child", "generate", "--steps", str(2 * args.steps + 1)],
                          capture_output=True, text=True, env={**os.environ}, check=True)
@@ -370,10 +460,10 @@ def main() -> None:
          results["rl (lora rank 8, TRL's settings)"]["step_s"] / trl["step_s"] if trl else float("nan"), "<= 0.5"),
         ("rollout tokens/s, bridgectl sampler / model.generate (same batch, 24 tokens)",
          generation["bridgectl"] / generation["model.generate"], ">= 1.0"),
-        ("BRIDGE step / rl step, default tiny settings (lower=full vs rl full)",
-         ratio("bridge lower=full", "rl (full)", "step_s"), "<= 2.0"),
-        ("BRIDGE step / rl step, default tiny settings (lower=lora vs rl lora)",
-         ratio("bridge lower=lora", "rl (lora)", "step_s"), "<= 2.0"),
+        ("BRIDGE step / rl step, default tiny settings (lower=full vs rl full; interleaved, medians)",
+         interleaved["bridge lower=full"] / interleaved["rl (full)"], "<= 2.0"),
+        ("BRIDGE step / rl step, default tiny settings (lower=lora vs rl lora; interleaved, medians)",
+         interleaved["bridge lower=lora"] / interleaved["rl (lora)"], "<= 2.0"),
         ("BRIDGE step / rl step, 256-token completions, 128 sequences (lower=full)",
          ratio("bridge lower=full, 256-token completions", "rl (full), 256-token completions", "step_s"), "<= 1.5"),
         ("BRIDGE step / rl step, 256-token completions, 16 sequences (lower=full)",
@@ -388,9 +478,22 @@ def main() -> None:
          ratio("bridge lower=lora, 100M model", "rl (lora), 100M model", "state_mb"), "<= 1.1"),
         *[(f"training state, {name} shapes (parameter counts), bridge lower=lora / rl lora",
            real_shape_state_ratio(shape)[0], "<= 1.1") for name, shape in REAL_SHAPES.items()],
-        ("peak memory, bridge lower=full / rl full", ratio("bridge lower=full", "rl (full)", "peak_mb"), "(reported)"),
-        ("peak memory, bridge lower=lora / rl lora", ratio("bridge lower=lora", "rl (lora)", "peak_mb"), "<= 1.1"),
-        ("peak memory, bridge lower=lora / rl full", ratio("bridge lower=lora", "rl (full)", "peak_mb"), "(reported)"),
+        ("peak tensor memory, bridge lower=full / rl full", ratio("bridge lower=full", "rl (full)", "peak_mb"),
+         "(reported)"),
+        ("peak tensor memory, bridge lower=lora / rl lora", ratio("bridge lower=lora", "rl (lora)", "peak_mb"),
+         "<= 1.1"),
+        ("peak tensor memory, bridge lower=lora / rl full", ratio("bridge lower=lora", "rl (full)", "peak_mb"),
+         "(reported)"),
+        ("peak tensor memory, 256-token completions, bridge lower=full / rl full",
+         ratio("bridge lower=full, 256-token completions", "rl (full), 256-token completions", "peak_mb"),
+         "(reported)"),
+        ("peak tensor memory, 100M model, 4 sequences x 8 tokens, bridge lower=lora / rl lora",
+         ratio("bridge lower=lora, 100M model", "rl (lora), 100M model", "peak_mb"), "<= 1.1"),
+        ("peak tensor memory, 100M model, 16 sequences x 64 tokens, bridge lower=lora / rl lora",
+         ratio("bridge lower=lora, 100M model, 16 x 64 tokens", "rl (lora), 100M model, 16 x 64 tokens", "peak_mb"),
+         "<= 1.1"),
+        ("peak resident set (CPU, counts fragmentation), bridge lower=lora / rl lora",
+         ratio("bridge lower=lora", "rl (lora)", "peak_rss_mb"), "(reported)"),
     ]
     table = Table(title="bridgectl benchmarks (ratios from one run)")
     for column in ("measure", "ratio", "target"):
@@ -406,10 +509,13 @@ def main() -> None:
              "(EOS suppressed while sampling), so every configuration generates the same tokens.",
              "", "| measure | ratio | target |", "|---|---|---|"]
     lines += [f"| {label} | {value:.2f} | {target} |" for label, value, target in rows]
-    lines += ["", "| configuration | s/step | generation share of the step | training state (MB) | peak memory (MB; "
-              "CPU: over the pre-load baseline) | generated tokens/step |", "|---|---|---|---|---|---|"]
+    lines += ["", "| configuration | s/step (own process) | generation share of the step | training state (MB) | "
+              "peak tensor memory (MB) | peak resident set (MB over the pre-load baseline) | generated tokens/step |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | {r['step_s']:.3f} | {r['gen_share']:.0%} | {r['state_mb']:.1f} | {r['peak_mb']:.0f} | "
-              f"{r['gen_tokens_per_step']:.0f} |" for name, r in results.items()]
+              f"{r['peak_rss_mb']:.0f} | {r['gen_tokens_per_step']:.0f} |" for name, r in results.items()]
+    lines += ["", "Interleaved in one process (median s/step of " + str(rounds) + " rounds): " + ", ".join(
+        f"{name} {seconds:.3f}" for name, seconds in interleaved.items()) + "."]
     lines += ["", f"TRL GRPOTrainer: {trl['step_s']:.3f} s/step ({trl['steps']} timed steps)." if trl else
               "TRL GRPOTrainer: not measured (TRL not installed).",
               f"Rollout generation: bridgectl {generation['bridgectl']:.0f} tokens/s, model.generate "

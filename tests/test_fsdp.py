@@ -1,0 +1,108 @@
+"""Sharded data parallelism (`--nproc 2 train.fsdp=true`, FSDP2 over 2 gloo processes on the CPU): each process
+holds half of the model, and the run follows the single-process run with the same global batch (losses, rewards,
+eval and final weights to float rounding); checkpoints gather the shards whole, so a sharded run SIGKILLed after a
+checkpoint resumes to the same result as one never stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bridgectl.cli import app
+from test_distributed import SMALL, rows, weights
+from test_resume import final_weights, metric_rows, wait_for_step
+
+SHARDED = ["--nproc", "2", "train.fsdp=true"]
+
+
+def run_cli(arguments: list[str]) -> subprocess.CompletedProcess:
+    """`bridgectl ARGUMENTS` in a subprocess, with what its torchrun workers print (CliRunner sees the launcher's
+    output only)."""
+    return subprocess.run([sys.executable, "-m", "bridgectl.cli", *arguments], capture_output=True, text=True,
+                          env=os.environ.copy())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (torchrun starts its workers in sessions of their own, so killing the
+    launcher's process group would leave them running)."""
+    parents = {}
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                with open(f"/proc/{stat}/stat") as handle:
+                    parents[int(stat)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def held_share(output: str) -> float:
+    """The share of the model's parameters the first process said it holds."""
+    found = re.search(r"this process holds ([\d,]+) of the model's ([\d,]+) parameters", " ".join(output.split()))
+    assert found, output
+    held, total = (int(group.replace(",", "")) for group in found.groups())
+    return held / total
+
+
+@pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=two_stage", "model.finetune=lora"]])
+def test_a_sharded_run_matches_one_process(tmp_path, recipe):
+    settings = [*recipe, *SMALL[:-1], "train.checkpoint_every=1"]  # a checkpoint each step: gathered shards
+    single = CliRunner().invoke(app, ["run", *settings, "--out", str(tmp_path), "--name", "one"])
+    assert single.exit_code == 0, single.output
+    sharded = run_cli(["run", *settings, *SHARDED, "--out", str(tmp_path), "--name", "sharded"])
+    assert sharded.returncode == 0, sharded.stdout
+    assert held_share(sharded.stdout) == pytest.approx(0.5, abs=0.01)
+
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "sharded")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    compared = 0
+    for a, b in zip(one, two):
+        for key in ("train/rl_loss", "train/sft_loss", "train/reward_mean", "train/grad_norm",
+                    "eval/test/accuracy", "eval/ood/accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+                compared += 1
+    assert compared >= 6
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "sharded")
+    assert w1.keys() == w2.keys() and w1
+    for key in w1:  # whole tensors, saved from the gathered shards
+        torch.testing.assert_close(w2[key], w1[key], atol=1e-4, rtol=1e-4)
+    checkpoints = sorted((tmp_path / "sharded" / "checkpoints").glob("step-*"))
+    assert [c.name for c in checkpoints] == ["step-000001", "step-000002"]
+
+
+def test_a_sharded_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path):
+    settings = ["recipe=rl", *SMALL[:-1], "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=2"]
+    straight = CliRunner().invoke(app, ["run", *settings, *SHARDED, "--out", str(tmp_path), "--name", "straight"])
+    assert straight.exit_code == 0, straight.output
+
+    run = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "bridgectl.cli", "run", *settings, *SHARDED, "--out",
+                                str(tmp_path), "--name", "killed"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env=os.environ.copy())
+    wait_for_step(run, 3, process)  # step 3 is logged after step 2's checkpoint was written
+    for pid in [process.pid, *descendants(process.pid)]:  # the launcher, torchrun and both workers, at once
+        os.kill(pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "checkpoints" / "final").exists()
+
+    resumed = CliRunner().invoke(app, ["run", "--resume", str(run), *SHARDED[:2]])
+    assert resumed.exit_code == 0, resumed.output
+    assert metric_rows(run) == metric_rows(tmp_path / "straight")
+    expected = final_weights(tmp_path / "straight")
+    got = final_weights(run)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0)

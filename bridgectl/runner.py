@@ -118,6 +118,8 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
     finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune
     policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference, finetune=finetune,
                          show_progress=show_progress)
+    if cfg.train.fsdp and distributed.active():
+        distributed.shard_model(policy)
     return TrainContext(cfg=cfg, policy=policy, task=task, device=device,
                         sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
                         sft_examples=CountingStream(lambda: task.sft_examples(cfg.seed), (skip or {}).get("sft", 0)),
@@ -258,7 +260,8 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 progress.update(bar, advance=1, info=_progress_info(recent))
                 every = cfg.train.checkpoint_every
                 stopping = distributed.any_rank(stop["signal"] is not None)  # every rank stops at the same step
-                if ((every > 0 and step % every == 0 and step < total_steps) or stopping) and distributed.is_main():
+                if (every > 0 and step % every == 0 and step < total_steps) or stopping:
+                    # every rank takes part (train.fsdp gathers sharded tensors whole); rank 0 alone writes
                     save_checkpoint(run_dir.path / "checkpoints", step, policy.model, stage, ctx.sampling_generator,
                                     {"stage_index": index, "stage_step": stage_step, "counters": dict(counters),
                                      "consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed},
@@ -272,8 +275,9 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
     step = counters["steps"]
     run_dir.log_metrics(step, "final", eval_metrics(final))
     run_dir.log_completions(step, [dict(s, split=split) for split, r in final.items() for s in r.samples])
+    whole = distributed.full_state_dict(policy.model)  # train.fsdp: every rank gathers the shards; None otherwise
     if distributed.is_main():
-        save_policy(policy, run_dir.path / "checkpoints" / "final")
+        save_policy(policy, run_dir.path / "checkpoints" / "final", whole)
     summary.update(
         status="completed",
         eval={split: {"accuracy": r.accuracy, "n": r.n} for split, r in final.items()},

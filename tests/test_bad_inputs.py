@@ -52,6 +52,8 @@ CASES = [
     ("wrong type", ["run", "train.max_steps=abc", "--out", "{ws}/runs"], "train.max_steps"),
     ("value out of range", ["run", "bridge.lam=1.5", "--out", "{ws}/runs"], "bridge.lam must be in [0, 1]"),
     ("unknown recipe", ["run", "recipe=nope", "--out", "{ws}/runs"], "unknown recipe 'nope'"),
+    ("sharding with bridge", ["run", "train.fsdp=true", "--nproc", "2", "--out", "{ws}/runs"],
+     "train.fsdp is not supported with the bridge stage"),
     ("broken recipe file", ["run", "recipe={ws}/broken.yaml", "--out", "{ws}/runs"], "not valid YAML"),
     ("unknown task", ["run", "task=nope", "--out", "{ws}/runs"], "unknown task 'nope'"),
     ("hf model without a path", ["run", "model=hf", "--out", "{ws}/runs"], "needs model.name_or_path"),

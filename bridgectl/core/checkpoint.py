@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from bridgectl.core import distributed
+
 PREFIX = "step-"
 
 
@@ -74,6 +76,12 @@ def stage_state(stage, model_tensors: set[int], prefix: str = "") -> tuple[dict,
     return state, tensors
 
 
+def _load_state_dict(item, saved: dict) -> None:
+    item.load_state_dict(saved)
+    if isinstance(item, torch.optim.Optimizer):
+        _shard_optimizer_state(item)
+
+
 def load_stage_state(stage, state: dict, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
     for name, value in vars(stage).items():
         key = f"{prefix}{name}"
@@ -82,16 +90,16 @@ def load_stage_state(stage, state: dict, tensors: dict[str, torch.Tensor], prefi
         if isinstance(value, int) and key in state:
             setattr(stage, name, state[key])
         elif isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)) and key in state:
-            value.load_state_dict(state[key])
+            _load_state_dict(value, state[key])
         elif isinstance(value, tuple) and key in state:
             for item, saved in zip(value, state[key]):
-                item.load_state_dict(saved)
+                _load_state_dict(item, saved)
         elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
             with torch.no_grad():
                 for n, tensor in value.items():
                     saved = tensors.get(f"stage/{key}/{n}")
-                    if saved is not None:
-                        tensor.copy_(saved)  # in place: the stage's optimizer holds these very tensors
+                    if saved is not None:  # in place: the stage's optimizer holds these very tensors
+                        tensor.copy_(distributed.shard_like(saved, tensor))
         elif isinstance(value, dict) and value and all(_is_stage(v) for v in value.values()):
             for sub_name, sub in value.items():
                 load_stage_state(sub, state, tensors, f"{key}.{sub_name}.")
@@ -123,16 +131,21 @@ def set_rng_state(state: dict, sampling_generator: torch.Generator) -> None:
 # ---- writing and reading -------------------------------------------------------------------------------------
 def save_checkpoint(directory: Path, step: int, model, stage, sampling_generator: torch.Generator, meta: dict,
                     keep: int) -> Path:
-    """Writes checkpoints/step-<step>/ atomically and keeps the `keep` newest; returns its path."""
+    """Writes checkpoints/step-<step>/ atomically and keeps the `keep` newest; returns its path (None on ranks
+    other than 0). Called on every rank under data parallelism: sharded tensors (train.fsdp) are gathered whole
+    first, which takes every rank; rank 0 alone writes."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    plain, stage_tensors = stage_state(stage, {id(p) for p in model.parameters()})
+    tensors = {f"model/{n}": distributed.full_tensor(p.detach()).contiguous().cpu() for n, p in params.items()}
+    tensors.update({n: distributed.full_tensor(t).contiguous().cpu() for n, t in stage_tensors.items()})
+    plain = _whole(plain)
+    if not distributed.is_main():
+        return None
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:06d}"
     tmp = directory / f".{PREFIX}{step:06d}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    plain, stage_tensors = stage_state(stage, {id(p) for p in model.parameters()})
-    tensors = {f"model/{n}": p.detach().contiguous().cpu() for n, p in params.items()}
-    tensors.update({n: t.contiguous().cpu() for n, t in stage_tensors.items()})
     save_file(tensors, str(tmp / "weights.safetensors"))
     torch.save({"stage": plain, "rng": rng_state(sampling_generator)}, tmp / "trainer.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -146,6 +159,27 @@ def save_checkpoint(directory: Path, step: int, model, stage, sampling_generator
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         _remove(old)
     return final
+
+
+def _whole(value):
+    """`value` (optimizer state dicts and the like) with every sharded tensor gathered whole, in a fixed order."""
+    if isinstance(value, dict):
+        return {key: _whole(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_whole(item) for item in value)
+    return distributed.full_tensor(value) if isinstance(value, torch.Tensor) else value
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After load_state_dict from whole tensors: each per-parameter state tensor of a sharded parameter's shape
+    (AdamW's moments) is cut back to this rank's shard, laid out as the parameter."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if distributed.is_sharded(param):
+                state = optimizer.state.get(param, {})
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                        state[key] = distributed.shard_like(value, param)
 
 
 def _remove(checkpoint: Path) -> None:
@@ -184,7 +218,8 @@ def load_model_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in tensors.items():
             if name.startswith("model/"):
-                params[name[len("model/"):]].copy_(value)
+                param = params[name[len("model/"):]]
+                param.copy_(distributed.shard_like(value, param))
 
 
 def restore(model, stage, sampling_generator: torch.Generator, trainer: dict, tensors: dict) -> None:

@@ -12,7 +12,13 @@ on N processes follows a single-process run with the same settings:
     train/zero_std_groups are per rank); rank 0 alone writes the run directory and checkpoints; every rank
     evaluates the full eval sets (so evaluation equals the single-process one).
 Agreement with a single process is to float rounding (sums are taken in another order), tested on CPU with 2 gloo
-processes in tests/test_distributed.py. Large models that need sharding (FSDP) are not supported yet.
+processes in tests/test_distributed.py.
+
+`train.fsdp=true` shards the model as well (`shard_model`: PyTorch FSDP2, one unit per decoder layer and one for the
+rest): each rank keeps 1/N of the weights, gradients and optimizer moments, gathers a layer's weights for its
+forward and backward passes, and FSDP reduce-scatters the gradients (averaged, so `average_gradients` leaves them
+alone). Checkpoints and the final model hold whole tensors (`full_tensor` gathers, `shard_like` slices them back),
+so a run saved with N processes reads like any other.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def active() -> bool:
@@ -87,7 +94,7 @@ def average_gradients(params) -> None:
     if not active():
         return
     for param in params:
-        if param.grad is not None:
+        if param.grad is not None and not isinstance(param.grad, DTensor):  # FSDP has averaged its shards
             dist.all_reduce(param.grad)
             param.grad /= world_size()
 
@@ -118,3 +125,77 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
+
+
+# ---- sharded models (train.fsdp) ------------------------------------------------------------------------------
+def shard_model(policy) -> None:
+    """Shards the policy's model (and a frozen reference, when kept) over the ranks with FSDP2: every decoder layer
+    (the classes transformers lists in `_no_split_modules`) is one unit, the rest (embeddings, final norm, head)
+    the root unit. LoRA layers then run peft's own forward and sampling keeps the adapters unmerged: both merge
+    paths rewrite whole weight tensors, which a rank does not hold."""
+    from torch.distributed.fsdp import fully_shard
+
+    from bridgectl.core.lora_forward import set_lora_forward
+
+    for model in (policy.model, policy.frozen_reference):
+        if model is None:
+            continue
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        unit_classes = set(getattr(base, "_no_split_modules", None) or [])
+        units = [module for module in base.modules() if type(module).__name__ in unit_classes]
+        if not units:
+            raise ValueError(f"{type(base).__name__} names no decoder layer class (_no_split_modules) to shard by")
+        for unit in units:
+            fully_shard(unit)
+        # the root unit too gives its gathered weights back after every forward pass (FSDP keeps them by
+        # default, to save one gather before backward): a forward pass without backward (sampling, eval) would
+        # otherwise leave plain tensors where the optimizers and checkpoints expect the sharded parameters
+        fully_shard(model, reshard_after_forward=True)
+    set_lora_forward(policy.model, merged=False)
+    policy.merge_for_sampling = False
+    total = sum(p.numel() for p in policy.model.parameters())
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in policy.model.parameters())
+    if is_main():
+        from bridgectl.core.ui import console
+
+        console.print(f"FSDP: {len(units) + 1} units sharded over {world_size()} processes; this process holds "
+                      f"{held:,} of the model's {total:,} parameters")
+
+
+def is_sharded(tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def is_sharded_model(model: torch.nn.Module) -> bool:
+    """Whether FSDP manages (part of) `model` (a model that is sampled from may be a sub-module of the sharded
+    root, so its own parameters are not looked at)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a shard (a collective: every rank must call it, in the same order); a plain
+    tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a whole tensor, laid out as `target` (a DTensor); `full` itself when target is plain.
+    Every rank holds `full` (read from the same checkpoint), so nothing is communicated."""
+    if not isinstance(target, DTensor):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The state dict of a sharded model with every tensor whole (a collective: every rank calls it), for saving
+    in transformers or peft format; None for a model that is not sharded (it saves its own)."""
+    if not is_sharded_model(model):
+        return None
+    # a tied weight (embeddings and head) is saved once, under its first name, as transformers saves it
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()}
+    return {name: full_tensor(tensor).cpu() for name, tensor in model.state_dict().items() if name not in tied}

@@ -208,15 +208,19 @@ def adapter_of(param_name: str) -> str | None:
     return None
 
 
-def save_policy(policy: Policy, path: Path) -> None:
+def save_policy(policy: Policy, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """safetensors weights a user can load: adapters alone when the base is frozen (it did not change), the
-    merged full model when base weights were trained as well, the plain model otherwise."""
+    merged full model when base weights were trained as well, the plain model otherwise. `state_dict`: the
+    model's whole tensors when it is sharded (train.fsdp; distributed.full_state_dict)."""
+    given = {"state_dict": state_dict} if state_dict is not None else {}
     if policy.has_adapters:
         base_trained = any(p.requires_grad for n, p in policy.model.named_parameters() if adapter_of(n) is None)
-        policy.model.save_pretrained(path / "adapters" if base_trained else path, safe_serialization=True)
+        if base_trained and state_dict is not None:
+            raise ValueError("saving a sharded model with adapters over trained base weights is not supported")
+        policy.model.save_pretrained(path / "adapters" if base_trained else path, safe_serialization=True, **given)
         if base_trained:
             merged = copy.deepcopy(policy.model).merge_and_unload()
             merged.save_pretrained(path, safe_serialization=True)
     else:
-        policy.model.save_pretrained(path, safe_serialization=True)
+        policy.model.save_pretrained(path, safe_serialization=True, **given)
     policy.tokenizer.save_pretrained(path)

@@ -36,9 +36,10 @@ def clip_gradients(params, max_grad_norm: float, what: str = "gradients") -> flo
     if not grads:
         return 0.0
     if max_grad_norm > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
-        norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        norm = torch.nn.utils.get_total_norm(grads)
+    norm = float(distributed.full_tensor(norm))  # sharded gradients (train.fsdp): the norm of the whole gradient
     if not math.isfinite(norm):
         raise NonFiniteError(f"the norm of the {what} is {norm}")
     return norm

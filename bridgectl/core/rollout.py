@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bridgectl.core import distributed
+
 
 @dataclass
 class Rollouts:
@@ -47,6 +49,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     depend on the other rows in the batch; data-parallel ranks sampling their share of the groups get exactly the
     completions one process would (core/distributed.py)."""
     device = next(model.parameters()).device
+    # a sharded model (train.fsdp) gathers weights in every forward pass, so every rank must make as many passes:
+    # decoding stops when the rows of every rank have ended
+    sharded = distributed.active() and distributed.is_sharded_model(model)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     n_rows = prompt_ids.size(0)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -73,7 +78,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         tokens.append(token)
         logprobs.append(scaled.gather(1, token.unsqueeze(1)).squeeze(1))
         finished |= token == eos
-        if bool(finished.all()) or index == max_new_tokens - 1:  # no forward pass for logits nobody samples
+        done = bool(finished.all())
+        if sharded:
+            done = not distributed.any_rank(not done)
+        if done or index == max_new_tokens - 1:  # no forward pass for logits nobody samples
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1

@@ -121,6 +121,10 @@ def run(
             raise
         _fail(f"training failed: {type(error).__name__}: {error}",
               f"the run directory {run_path} has the details; set BRIDGECTL_DEBUG=1 for a traceback", 1)
+    if "LOCAL_RANK" in os.environ:
+        from bridgectl.core.distributed import shutdown
+
+        shutdown()
     if worker_rank == 0:
         _print_eval_table(summary, run_path)
 

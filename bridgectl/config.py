@@ -517,11 +517,11 @@ def validate(cfg: DictConfig) -> None:
             "mix.mu and mix.mu_end must be >= 0 and mix.lr positive", "e.g. mix.mu=0.5 mix.mu_end=0.05 mix.lr=2e-4")
     require(cfg.task.modulus >= 2 and cfg.task.max_operand >= 1, "task.modulus must be >= 2, task.max_operand >= 1",
             "e.g. task.modulus=10 task.max_operand=9")
-    require(not (cfg.train.fsdp and "bridge" in cfg.recipe.stages),
-            "train.fsdp is not supported with the bridge stage yet (its RL-only shadow is scored with swapped-in "
-            "weights, which sharded layers do not allow)",
-            "run BRIDGE with plain data parallelism (--nproc N without train.fsdp) and bridge.lower=lora, which keeps "
-            "one frozen base and small adapters per process")
+    if cfg.train.fsdp and "bridge" in cfg.recipe.stages:
+        require(cfg.recipe.stages[0] == "bridge" and cfg.bridge.shadow == "persistent",
+                "train.fsdp runs the bridge stage as the first stage and with bridge.shadow=persistent only (w is "
+                "added before sharding; the look-ahead shadow takes an RL gradient that sharded layers do not reduce)",
+                "use bridge.shadow=persistent, or run without train.fsdp (plain data parallelism: --nproc N)")
     require(cfg.train.checkpoint_every >= 0 and cfg.train.keep_checkpoints >= 1,
             "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1",
             "e.g. train.checkpoint_every=50 train.keep_checkpoints=2")

@@ -30,7 +30,7 @@ from bridgectl.core.model import load_policy, load_tokenizer, save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.errors import NonFiniteError, StopRun, UserError
-from bridgectl.stages.bridge import BridgeStage
+from bridgectl.stages.bridge import BridgeStage, ensure_upper_adapter
 from bridgectl.stages.interleaved import InterleavedStage
 from bridgectl.stages.mix import MixStage
 from bridgectl.stages.rl import RLStage
@@ -119,6 +119,8 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
     policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference, finetune=finetune,
                          show_progress=show_progress)
     if cfg.train.fsdp and distributed.active():
+        if cfg.recipe.stages[0] == "bridge":  # sharding comes last: the model must be whole by then
+            ensure_upper_adapter(policy, cfg)
         distributed.shard_model(policy)
     return TrainContext(cfg=cfg, policy=policy, task=task, device=device,
                         sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),

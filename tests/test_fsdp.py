@@ -1,7 +1,8 @@
 """Sharded data parallelism (`--nproc 2 train.fsdp=true`, FSDP2 over 2 gloo processes on the CPU): each process
 holds half of the model, and the run follows the single-process run with the same global batch (losses, rewards,
-eval and final weights to float rounding); checkpoints gather the shards whole, so a sharded run SIGKILLed after a
-checkpoint resumes to the same result as one never stopped."""
+BRIDGE's shadow loss and gradient norms, eval and final weights to float rounding); checkpoints gather the shards
+whole (BRIDGE's shadow included), so a sharded run SIGKILLed after a checkpoint resumes to the same result as one
+never stopped."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def held_share(output: str) -> float:
     return held / total
 
 
-@pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=two_stage", "model.finetune=lora"]])
+@pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=two_stage", "model.finetune=lora"],
+                                    ["recipe=bridge", "bridge.lower=lora"], ["recipe=bridge", "bridge.lower=full"]])
 def test_a_sharded_run_matches_one_process(tmp_path, recipe):
     settings = [*recipe, *SMALL[:-1], "train.checkpoint_every=1"]  # a checkpoint each step: gathered shards
     single = CliRunner().invoke(app, ["run", *settings, "--out", str(tmp_path), "--name", "one"])
@@ -70,6 +72,7 @@ def test_a_sharded_run_matches_one_process(tmp_path, recipe):
     compared = 0
     for a, b in zip(one, two):
         for key in ("train/rl_loss", "train/sft_loss", "train/reward_mean", "train/grad_norm",
+                    "train/rl_loss_shadow", "bridge/coop_gain", "bridge/grad_norm_w", "bridge/grad_norm_theta_hat",
                     "eval/test/accuracy", "eval/ood/accuracy"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
@@ -83,13 +86,17 @@ def test_a_sharded_run_matches_one_process(tmp_path, recipe):
     assert [c.name for c in checkpoints] == ["step-000001", "step-000002"]
 
 
-def test_a_sharded_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path):
-    settings = ["recipe=rl", *SMALL[:-1], "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=2"]
-    straight = CliRunner().invoke(app, ["run", *settings, *SHARDED, "--out", str(tmp_path), "--name", "straight"])
+@pytest.mark.parametrize("recipe, processes", [
+    (["recipe=rl"], SHARDED), (["recipe=bridge", "bridge.lower=lora"], SHARDED),
+    (["recipe=rl"], ["--nproc", "2"]),  # plain data parallelism: whole models, the same checkpoints
+])
+def test_a_multi_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, recipe, processes):
+    settings = [*recipe, *SMALL[:-1], "train.max_steps=4", "train.checkpoint_every=2", "train.eval_every=2"]
+    straight = CliRunner().invoke(app, ["run", *settings, *processes, "--out", str(tmp_path), "--name", "straight"])
     assert straight.exit_code == 0, straight.output
 
     run = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "bridgectl.cli", "run", *settings, *SHARDED, "--out",
+    process = subprocess.Popen([sys.executable, "-m", "bridgectl.cli", "run", *settings, *processes, "--out",
                                 str(tmp_path), "--name", "killed"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=os.environ.copy())
     wait_for_step(run, 3, process)  # step 3 is logged after step 2's checkpoint was written
@@ -98,7 +105,7 @@ def test_a_sharded_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_
     process.wait()
     assert not (run / "checkpoints" / "final").exists()
 
-    resumed = CliRunner().invoke(app, ["run", "--resume", str(run), *SHARDED[:2]])
+    resumed = CliRunner().invoke(app, ["run", "--resume", str(run), "--nproc", "2"])
     assert resumed.exit_code == 0, resumed.output
     assert metric_rows(run) == metric_rows(tmp_path / "straight")
     expected = final_weights(tmp_path / "straight")

@@ -18,7 +18,8 @@ processes in tests/test_distributed.py.
 rest): each rank keeps 1/N of the weights, gradients and optimizer moments, gathers a layer's weights for its
 forward and backward passes, and FSDP reduce-scatters the gradients (averaged, so `average_gradients` leaves them
 alone). Checkpoints and the final model hold whole tensors (`full_tensor` gathers, `shard_like` slices them back),
-so a run saved with N processes reads like any other.
+so a run saved with N processes reads like any other. Sharding comes after every adapter is added (BRIDGE's w at
+load time) and before any optimizer exists, since it replaces the parameters with sharded ones.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def init_from_environment(device_type: str) -> None:
     """Joins the process group torchrun describes in the environment (WORLD_SIZE > 1); nothing otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    """Leaves the process group once every rank has finished: a worker that exits with gloo's threads still
+    running can abort at exit ("terminate called without an active exception"), failing a run that completed."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard(items: list) -> list:

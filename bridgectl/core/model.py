@@ -215,12 +215,34 @@ def save_policy(policy: Policy, path: Path, state_dict: dict[str, torch.Tensor] 
     given = {"state_dict": state_dict} if state_dict is not None else {}
     if policy.has_adapters:
         base_trained = any(p.requires_grad for n, p in policy.model.named_parameters() if adapter_of(n) is None)
-        if base_trained and state_dict is not None:
-            raise ValueError("saving a sharded model with adapters over trained base weights is not supported")
         policy.model.save_pretrained(path / "adapters" if base_trained else path, safe_serialization=True, **given)
-        if base_trained:
+        if base_trained and state_dict is not None:
+            policy.model.get_base_model().save_pretrained(path, safe_serialization=True,
+                                                          state_dict=merged_state_dict(policy.model, state_dict))
+        elif base_trained:
             merged = copy.deepcopy(policy.model).merge_and_unload()
             merged.save_pretrained(path, safe_serialization=True)
     else:
         policy.model.save_pretrained(path, safe_serialization=True, **given)
     policy.tokenizer.save_pretrained(path)
+
+
+def merged_state_dict(model: PeftModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """From the whole-tensor state dict of a peft model (a sharded one's, gathered): the base model's state dict
+    with every active adapter folded in, W + s B A, what merge_and_unload would save."""
+    prefix = "base_model.model."
+
+    def base_name(name: str) -> str:
+        return (name[len(prefix):] if name.startswith(prefix) else name).replace(".base_layer.", ".")
+
+    merged = {base_name(name): tensor for name, tensor in state_dict.items() if adapter_of(name) is None}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLinear):
+            weight = state_dict[f"{name}.base_layer.weight"].clone()
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    lora_a = state_dict[f"{name}.lora_A.{adapter}.weight"]
+                    lora_b = state_dict[f"{name}.lora_B.{adapter}.weight"]
+                    weight += (lora_b @ lora_a) * layer.scaling[adapter]
+            merged[base_name(f"{name}.weight")] = weight
+    return merged

@@ -21,8 +21,9 @@ L_rl_hat is differentiated once for theta_hat and w.
 `bridge.lower=full` is the paper: theta are the model's full weights and theta_hat a second full copy.
 `bridge.lower=lora` makes theta a larger LoRA adapter (rank `lora.rank`) over one frozen base and theta_hat a copy of
 that adapter, so there is no second full copy (memory close to the `rl` recipe). The shadow is not a second module:
-its forward pass is the live model called with theta_hat's tensors in place of theta's (torch.func.functional_call),
-sharing w and everything else.
+its passes are the live model's with theta_hat's values swapped into theta's parameters for the duration (and
+theta's joint gradients set aside), sharing w and everything else; so the shadow runs wherever the model does,
+sharded over processes (train.fsdp) included.
 
 Choices the paper leaves open, with the value chosen here (all configurable):
   - RL algorithm: GRPO as in `rl` (group-normalised advantages, clip `rl.epsilon`=0.2, token-level averaging);
@@ -42,9 +43,11 @@ Deviations from the paper, each off by default where possible and reachable by c
 
 from __future__ import annotations
 
-import torch
-from torch.func import functional_call
+import contextlib
 
+import torch
+
+from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
 from bridgectl.core.grpo import completion_rows, rl_loss, rollout_metrics, sample_and_score, sample_groups
 from bridgectl.core.losses import sft_loss
@@ -54,14 +57,24 @@ from bridgectl.core.optim import clip_gradients, make_optimizer
 UPPER = "w"  # adapter name of the upper level
 
 
-class WithWeights:
-    """Calls `model` with some of its parameters replaced by other tensors: the shadow's forward pass."""
+def swap_values(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchanges the values of two tensors of one shape (under no_grad): by their storage when plain, by copies of
+    this rank's shards when sharded (FSDP gathers from the shard's own buffer, which must stay in place)."""
+    if distributed.is_sharded(a) or distributed.is_sharded(b):
+        saved = a.detach().clone()
+        a.copy_(b)
+        b.copy_(saved)
+    else:
+        a.data, b.data = b.data, a.data
 
-    def __init__(self, model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-        self.model, self.weights = model, weights
 
-    def __call__(self, **kwargs):
-        return functional_call(self.model, self.weights, args=(), kwargs=kwargs, strict=False)
+def ensure_upper_adapter(policy, cfg) -> None:
+    """Adds the upper-level adapter w over whatever trains theta, unless it is there already (a model to be
+    sharded gets it before sharding, train.fsdp)."""
+    if policy.has_adapters and UPPER in policy.model.peft_config:
+        return
+    add_upper_adapter(policy, UPPER, cfg.bridge.w_rank, cfg.bridge.w_alpha, cfg.lora,
+                      train_base=cfg.bridge.lower == "full")
 
 
 def lam_at(cfg, update: int, total_updates: int) -> float:
@@ -84,8 +97,7 @@ class BridgeStage:
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         self.ctx, self.cfg, self.total_updates = ctx, ctx.cfg.bridge, total_updates
-        lower_is_full = self.cfg.lower == "full"
-        add_upper_adapter(ctx.policy, UPPER, self.cfg.w_rank, self.cfg.w_alpha, ctx.cfg.lora, train_base=lower_is_full)
+        ensure_upper_adapter(ctx.policy, ctx.cfg)
         model = ctx.policy.model
         self.lower = {n: p for n, p in model.named_parameters() if p.requires_grad and adapter_of(n) != UPPER}
         self.upper = {n: p for n, p in model.named_parameters() if adapter_of(n) == UPPER}
@@ -119,17 +131,26 @@ class BridgeStage:
         shadow_weights = self._shadow_weights(loss_rl)
         (lam * loss_rl).backward()
 
-        # Shadow branch: L_rl(theta_hat, w) on the same rollouts; theta_hat takes its gradient, w takes minus lam
-        # times it (the cooperative gain's second term).
-        loss_rl_shadow, _ = rl_loss(WithWeights(model, shadow_weights), scored, ctx)
+        # Shadow branch: L_rl(theta_hat, w) on the same rollouts, with theta_hat's values in theta's parameters and
+        # the joint gradients set aside; theta_hat takes its gradient, w takes minus lam times it (the cooperative
+        # gain's second term).
+        joint = {param: param.grad for param in (*self.lower.values(), *self.upper.values())}
+        for param in joint:
+            param.grad = None
+        with self._in_place(shadow_weights):
+            loss_rl_shadow, _ = rl_loss(model, scored, ctx)
+            loss_rl_shadow.backward()
+        persistent = cfg.shadow == "persistent"
+        for name, param in self.lower.items():
+            if persistent:
+                self.shadow[name].grad = param.grad
+            param.grad = joint[param]
         upper_params = list(self.upper.values())
-        shadow_params = list(self.shadow.values()) if cfg.shadow == "persistent" else []
-        grads = torch.autograd.grad(loss_rl_shadow, shadow_params + upper_params, allow_unused=True)
-        for param, grad in zip(shadow_params, grads[:len(shadow_params)]):
-            param.grad = grad
-        for param, grad in zip(upper_params, grads[len(shadow_params):]):
-            if grad is not None:
-                param.grad = -lam * grad if param.grad is None else param.grad - lam * grad
+        for param in upper_params:
+            shadow_grad, param.grad = param.grad, joint[param]
+            if shadow_grad is not None:
+                param.grad = -lam * shadow_grad if param.grad is None else param.grad - lam * shadow_grad
+        shadow_params = list(self.shadow.values()) if persistent else []
 
         max_norm = ctx.cfg.optim.max_grad_norm
         norms = {"bridge/grad_norm_theta": clip_gradients(list(self.lower.values()), max_norm, "gradients of theta"),
@@ -166,18 +187,23 @@ class BridgeStage:
         return {n: (p - self.cfg.alpha * g).detach() if g is not None else p.detach()
                 for (n, p), g in zip(self.lower.items(), grads)}
 
-    def _shadow_reward(self, scored) -> float:
-        """Mean reward of the persistent shadow's own rollouts on the same prompts (the measured reward gap,
-        optional). theta_hat's tensors are swapped into the live model while sampling, so generation keeps its
-        KV cache and merged LoRA."""
+    @contextlib.contextmanager
+    def _in_place(self, weights: dict[str, torch.Tensor]):
+        """`weights` (theta_hat) in theta's parameters for the duration; each swapped back after."""
         with torch.no_grad():
-            saved = {n: p.detach().clone() for n, p in self.lower.items()}
-            for n, p in self.lower.items():
-                p.copy_(self.shadow[n])
+            for name, param in self.lower.items():
+                swap_values(param, weights[name])
         try:
-            shadow_scored = sample_and_score(self.ctx, scored.problems)
+            yield
         finally:
             with torch.no_grad():
-                for n, p in self.lower.items():
-                    p.copy_(saved[n])
+                for name, param in self.lower.items():
+                    swap_values(param, weights[name])
+
+    def _shadow_reward(self, scored) -> float:
+        """Mean reward of the persistent shadow's own rollouts on the same prompts (the measured reward gap,
+        optional). theta_hat's values are swapped into the live model while sampling, so generation keeps its
+        KV cache and merged LoRA."""
+        with self._in_place(self.shadow):
+            shadow_scored = sample_and_score(self.ctx, scored.problems)
         return shadow_scored.rewards.mean().item()

@@ -147,7 +147,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
         meta = checkpoint[0] if checkpoint else {"step": 0, "wall_s": 0.0}
         run_dir = RunDir(run_path, resume_after_step=meta["step"], wall_offset=meta["wall_s"],
                          enabled=distributed.is_main())
-        summary.update(status="running", resumed_from_step=meta["step"])
+        summary.update(status="running", resumed_from_step=meta["step"], **(tags or {}))  # a sweep's retry: its own
         summary.pop("error", None)
         run_dir.write_config(cfg)  # the keys --allow-change let through
     else:

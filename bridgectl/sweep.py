@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import multiprocessing
 import os
 import socket
@@ -164,6 +165,8 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
     from bridgectl.runner import run
 
     values = []
+    tags = {"study": spec.name, "trial": trial.number, "params": params}
+    split = spec.metric.split("/")[1]
     for index, seed in enumerate(spec.seeds):
         cfg = compose(trial_overrides(spec, params, seed))
         run_path = sweep_dir / f"trial-{trial.number:03d}-seed{seed}"
@@ -171,6 +174,17 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
         while run_path.exists():  # never reuse a directory left by an earlier attempt: runs are not overwritten
             attempt += 1
             run_path = sweep_dir / f"trial-{trial.number:03d}-seed{seed}-attempt{attempt}"
+        # a retry of a trial whose process died takes over that trial's run of this seed: a finished run counts
+        # as it is, a stopped one resumes from its newest checkpoint (an exact continuation, tests/test_resume.py)
+        earlier = _continuable_run(sweep_dir, trial.user_attrs.get("retry_of"), seed)
+        if earlier is not None:
+            os.rename(earlier, run_path)
+            summary = json.loads((run_path / "summary.json").read_text())
+            if summary["status"] == "completed":
+                summary.update(tags)
+                (run_path / "summary.json").write_text(json.dumps(summary, indent=2))
+                values.append(summary["eval"][split]["accuracy"])
+                continue
 
         def report(step: int, metrics: dict) -> None:
             if index == 0 and metrics.get(spec.metric) is not None:
@@ -179,13 +193,30 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
                     raise StopRun("pruned")
 
         try:
-            summary = run(cfg, run_path, show_progress=False, on_eval=report,
-                          tags={"study": spec.name, "trial": trial.number, "params": params})
+            summary = run(cfg, run_path, show_progress=False, on_eval=report, tags=tags, resume=earlier is not None)
         except StopRun:
             raise optuna.TrialPruned() from None
-        split = spec.metric.split("/")[1]
         values.append(summary["eval"][split]["accuracy"])
     return sum(values) / len(values)
+
+
+def _continuable_run(sweep_dir: Path, trial_number: int | None, seed: int) -> Path | None:
+    """The newest run directory of trial `trial_number` for `seed`, if a retry can take it over: completed, or
+    stopped (status running, its process having died, or interrupted) with a complete checkpoint. None otherwise:
+    a run that failed on its own starts again from the beginning."""
+    from bridgectl.core.checkpoint import list_checkpoints
+
+    if trial_number is None:
+        return None
+    name = f"trial-{trial_number:03d}-seed{seed}"
+    attempts = sorted(sweep_dir.glob(f"{name}-attempt*"), key=lambda path: int(path.name.rpartition("attempt")[2]))
+    newest = ([path for path in [sweep_dir / name, *attempts] if path.exists()] or [None])[-1]
+    if newest is None or not (newest / "summary.json").exists():
+        return None
+    status = json.loads((newest / "summary.json").read_text()).get("status")
+    if status == "completed" or (status in ("running", "interrupted") and list_checkpoints(newest / "checkpoints")):
+        return newest
+    return None
 
 
 @contextlib.contextmanager
@@ -257,10 +288,13 @@ def queue_missing(study, spec: SweepSpec) -> int:
     trials = study.get_trials(deepcopy=False)
     covered = [t.params for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
     waiting = [t.system_attrs.get("fixed_params", {}) for t in trials if t.state == TrialState.WAITING]
+    failed = {json.dumps(t.params, sort_keys=True): t.number for t in trials if t.state == TrialState.FAIL}
     wanted = spec.grid() if spec.sampler == "grid" else [t.params for t in trials if t.state == TrialState.FAIL]
     for params in wanted:
         if params and params not in covered and params not in waiting:
-            study.enqueue_trial(params, skip_if_exists=False)
+            retry_of = failed.get(json.dumps(params, sort_keys=True))  # the newest failed trial with these params
+            study.enqueue_trial(params, skip_if_exists=False,
+                                user_attrs={} if retry_of is None else {"retry_of": retry_of})
             waiting.append(params)
     return len(waiting)
 

@@ -123,14 +123,17 @@ def test_missing_spec_and_dry_run(tmp_path):
 
 
 def test_a_sweep_killed_midway_resumes_without_rerunning_completed_trials(tmp_path):
-    """SIGKILL the real `bridgectl sweep` process while its second trial runs, then re-run the same command."""
-    spec_path = write_spec(tmp_path, f"name: kill\nbase: {TINY}\nsampler: grid\n"
+    """SIGKILL the real `bridgectl sweep` process while its second trial runs (after that run's first checkpoint),
+    then re-run the same command: the retry of the killed trial continues its run from the checkpoint."""
+    base = TINY.replace("train.max_steps=2", "train.max_steps=6, train.checkpoint_every=2")
+    spec_path = write_spec(tmp_path, f"name: kill\nbase: {base}\nsampler: grid\n"
                                      "params:\n  bridge.lam: {type: float, values: [0.2, 0.5, 0.8]}\n")
     sweep_dir = tmp_path / "out" / "kill"
     command = [sys.executable, "-m", "bridgectl.cli", "sweep", str(spec_path), "--out", str(tmp_path / "out")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.monotonic() + 300
-    while not (sweep_dir / "trial-001-seed0").exists():  # trial 0 is done, trial 1 has started
+    # trial 0 is done, trial 1 has written its first checkpoint
+    while not list((sweep_dir / "trial-001-seed0" / "checkpoints").glob("step-*")):
         assert process.poll() is None and time.monotonic() < deadline, "the sweep ended before the kill"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
@@ -151,6 +154,15 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_completed_trials(tmp_pa
     runs = summaries(sweep_dir)
     assert sorted(r["trial"] for r in runs if r["status"] == "completed") == [0, 2, 3]  # trial 0 never re-ran
     assert len(list(sweep_dir.glob("trial-000-*"))) == 1
+    retry = next(t for t in done if t.params["bridge.lam"] == dead_lam)
+    assert retry.user_attrs["retry_of"] == 1
+    assert not (sweep_dir / "trial-001-seed0").exists()  # taken over by the retry, not started again
+    retried = json.loads((sweep_dir / f"trial-{retry.number:03d}-seed0" / "summary.json").read_text())
+    assert retried["resumed_from_step"] >= 2 and retried["trial"] == retry.number
+    steps = [json.loads(line)["step"] for line in
+             (sweep_dir / f"trial-{retry.number:03d}-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 6  # one history from step 0, no repeats
+    assert len([s for s in steps if s == 1]) == 1
 
 
 def test_resume_leaves_trials_of_live_workers_alone(tmp_path):
@@ -234,3 +246,21 @@ def test_bad_launcher_settings_exit_2_and_write_nothing(tmp_path, args, message)
     result = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out"), *args])
     assert result.exit_code == 2 and "Error:" in result.output and message in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("status, checkpoint, taken", [
+    ("completed", False, True), ("running", True, True), ("interrupted", True, True),
+    ("running", False, False), ("failed", True, False),
+])
+def test_a_retry_takes_over_finished_or_checkpointed_runs_only(tmp_path, status, checkpoint, taken):
+    """What a retried trial continues (sweep._continuable_run): the newest attempt of the dead trial's run of that
+    seed, when it completed or stopped with a checkpoint; a run that failed on its own starts again."""
+    for name, run_status in (("trial-004-seed1", "running"), ("trial-004-seed1-attempt2", status),
+                             ("trial-004-seed11", "completed")):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text(json.dumps({"status": run_status}))
+    if checkpoint:
+        (tmp_path / "trial-004-seed1-attempt2" / "checkpoints" / "step-000002").mkdir()
+    expected = tmp_path / "trial-004-seed1-attempt2" if taken else None
+    assert sweep._continuable_run(tmp_path, 4, 1) == expected
+    assert sweep._continuable_run(tmp_path, None, 1) is None and sweep._continuable_run(tmp_path, 5, 1) is None

@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -28,3 +28,8 @@ clean:
 bench: install
 	$(VENV)/bin/pip install -q -e '.[bench]'  # TRL, for the comparison with GRPOTrainer (benchmark only)
 	$(PY) benchmarks/bench_bridge.py
+
+# On a GPU machine: a ~0.5B-parameter model (Qwen2.5-0.5B's shape, random weights) through rl and bridge steps in
+# bf16; writes benchmarks/gpu_results.md (step time, rollout tokens/s, peak memory). About 3 minutes on one GPU.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py

@@ -1,0 +1,135 @@
+"""`make gpu-check`: a ~0.5B-parameter model (Qwen2.5-0.5B's published shape, random weights: nothing is downloaded)
+through `rl` and `bridge` steps with `model=hf`, on whatever device `train.device=auto` picks (bf16 on CUDA), and a
+table of step time, rollout tokens/s and peak memory per recipe. Writes benchmarks/gpu_results.md.
+
+Everything is built locally: a byte-level tokenizer whose vocabulary has the model's 151,936 entries (so every
+sampled id decodes), the model saved with save_pretrained, and GSM8K-shaped jsonl files. With random weights the
+completions are noise and every reward is 0, so GRPO's advantages are 0; the step still does all of its work
+(sampling to the full completion length, since EOS is rare, and every forward and backward pass), which is what is
+timed. `--shape tiny` runs the same pipeline on a 2-layer model in seconds (what CI-less machines can check).
+
+Usage: python benchmarks/gpu_check.py [--steps 4] [--shape qwen2.5-0.5b|tiny] [--completion-length 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "gpu_results.md"
+SHAPES = {  # config.json of Qwen/Qwen2.5-0.5B; a tiny stand-in of the same architecture
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
+}
+RECIPES = {  # name: overrides; LoRA rank 32 on every linear layer for both, as the README's memory figures
+    "rl (LoRA r32)": ["recipe=rl", "model.finetune=lora", "lora.rank=32"],
+    "bridge lower=lora": ["recipe=bridge", "bridge.lower=lora"],
+    "bridge lower=full": ["recipe=bridge", "bridge.lower=full"],
+}
+ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+         "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+        for a in range(1, 9) for b in range(1, 9)]
+
+
+def build_model(directory: Path, shape: dict) -> int:
+    """Saves a random-init Qwen2 model of `shape` (bf16) and a tokenizer covering its vocabulary; returns the
+    parameter count."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    # byte-level BPE as Qwen's, without merges: text is encoded byte by byte; the rest of the vocabulary is filler
+    # tokens, so every id the model samples decodes
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokens = ["<pad>", "<s>", "</s>", *sorted(alphabet)]
+    tokens += [f"w{index}" for index in range(len(tokens), shape["vocab_size"])]
+    bpe = Tokenizer(models.BPE({token: index for index, token in enumerate(tokens)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    config = Qwen2Config(**shape, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
+    overrides = [*RECIPES[name], "model=hf", f"model.name_or_path={model_dir}", "task=gsm8k",
+                 f"task.path={data / 'train.jsonl'}", f"++task.eval_sets={{test:{data / 'test.jsonl'}}}",
+                 f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0", "eval.n=8",
+                 "rl.prompts_per_step=8", "rl.num_generations=8", "sft.batch_size=16",
+                 f"rl.max_completion_length={args.completion_length}", "train.threads=0"]
+    run_name = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "bridgectl.cli", "run", *overrides, "--out", str(out),
+                             "--name", run_name], capture_output=True, text=True, env=os.environ.copy())
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / run_name / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "perf/step_s" in row][1:]  # the first step warms kernels and allocators up
+    summary = json.loads((out / run_name / "summary.json").read_text())
+    return {"step_s": statistics.median(row["perf/step_s"] for row in steps),
+            "gen_tokens_per_s": statistics.median(row["perf/gen_tokens_per_s"] for row in steps),
+            "gen_tokens_per_step": statistics.median(row["train/response_len"] for row in steps) * 64,
+            "peak_mb": summary["peak_mem_mb"], "wall_s": time.perf_counter() - started, "steps": len(steps)}
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--completion-length", type=int, default=128)
+    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no GPU)"
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        data = scratch / "data"
+        data.mkdir()
+        (data / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS[8:]))
+        (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS[:8]))
+        parameters = build_model(scratch / "model", SHAPES[args.shape])
+        print(f"{args.shape}: {parameters / 1e6:.1f}M parameters, random init, bf16 weights; device {device}")
+        results = {}
+        for name in args.recipes:
+            print(f"running {name} ({args.steps} steps) ...", flush=True)
+            results[name] = run_recipe(name, scratch / "model", data, scratch / "runs", args)
+            print(json.dumps(results[name]), flush=True)
+
+    lines = ["# GPU check", "",
+             f"Produced by `make gpu-check` on {device}: {args.shape} shape ({parameters / 1e6:.1f}M parameters, "
+             f"random init), `model=hf`, dtype auto (bf16 on CUDA), 8 prompts x 8 samples, completions of "
+             f"{args.completion_length} tokens (EOS is rare with random weights), 16 SFT examples, medians over "
+             f"{args.steps - 1} steps after the first.", "",
+             "| recipe | s/step | rollout tokens/s | generated tokens/step | peak memory (MB) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['step_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {r['gen_tokens_per_step']:.0f} | "
+              f"{r['peak_mb']:.0f} |" for name, r in results.items()]
+    if "rl (LoRA r32)" in results:
+        base = results["rl (LoRA r32)"]
+        lines += ["", "| ratio against rl (LoRA r32) | step time | peak memory |", "|---|---|---|"]
+        lines += [f"| {name} | {r['step_s'] / base['step_s']:.2f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
+                  for name, r in results.items() if name != "rl (LoRA r32)"]
+    text = "\n".join(lines) + "\n"
+    if args.shape == "qwen2.5-0.5b":
+        RESULTS.write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""benchmarks/gpu_check.py, the script a session with a GPU runs (`make gpu-check`), on its tiny shape: it builds a
+model and tokenizer locally, runs rl and bridge through `bridgectl run model=hf`, and tabulates step time, rollout
+tokens/s and peak memory, so the device's minutes are not spent finding a broken script."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_check  # noqa: E402
+
+
+def test_gpu_check_runs_rl_and_bridge_on_the_tiny_shape():
+    text = gpu_check.main(["--shape", "tiny", "--steps", "2", "--completion-length", "8",
+                           "--recipes", "rl (LoRA r32)", "bridge lower=lora"])
+    first_table = text.split("ratio against rl")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in first_table.splitlines() if line.startswith("| ")}
+    assert {"rl (LoRA r32)", "bridge lower=lora"} <= rows.keys()
+    step_s, tokens_per_s, tokens_per_step, peak = (float(v) for v in rows["bridge lower=lora"].strip("| ").split(
+        " | ")[1:])
+    assert step_s > 0 and tokens_per_s > 0 and peak > 0
+    assert tokens_per_step == 64 * 8  # 8 prompts x 8 samples, every completion at the full 8 tokens
+    assert "| bridge lower=lora | " in text.split("ratio against rl")[1]

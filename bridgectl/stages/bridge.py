@@ -131,11 +131,22 @@ class BridgeStage:
         shadow_weights = self._shadow_weights(loss_rl)
         (lam * loss_rl).backward()
 
+        # theta's step (Eq. 8) needs the joint gradient only, so it is taken now and theta's gradient freed before
+        # the shadow's backward makes theta_hat's: with lower=full, one weight-sized gradient less at the peak.
+        max_norm = ctx.cfg.optim.max_grad_norm
+        lower_params = list(self.lower.values())
+        norms = {"bridge/grad_norm_theta": clip_gradients(lower_params, max_norm, "gradients of theta")}
+        for step in self.lower_opt:
+            step.step()
+        for param in lower_params:
+            param.grad = None
+
         # Shadow branch: L_rl(theta_hat, w) on the same rollouts, with theta_hat's values in theta's parameters and
-        # the joint gradients set aside; theta_hat takes its gradient, w takes minus lam times it (the cooperative
+        # w's joint gradient set aside; theta_hat takes its gradient, w takes minus lam times it (the cooperative
         # gain's second term).
-        joint = {param: param.grad for param in (*self.lower.values(), *self.upper.values())}
-        for param in joint:
+        upper_params = list(self.upper.values())
+        joint = {param: param.grad for param in upper_params}
+        for param in upper_params:
             param.grad = None
         with self._in_place(shadow_weights):
             loss_rl_shadow, _ = rl_loss(model, scored, ctx)
@@ -144,18 +155,15 @@ class BridgeStage:
         for name, param in self.lower.items():
             if persistent:
                 self.shadow[name].grad = param.grad
-            param.grad = joint[param]
-        upper_params = list(self.upper.values())
+            param.grad = None
         for param in upper_params:
             shadow_grad, param.grad = param.grad, joint[param]
             if shadow_grad is not None:
                 param.grad = -lam * shadow_grad if param.grad is None else param.grad - lam * shadow_grad
         shadow_params = list(self.shadow.values()) if persistent else []
 
-        max_norm = ctx.cfg.optim.max_grad_norm
-        norms = {"bridge/grad_norm_theta": clip_gradients(list(self.lower.values()), max_norm, "gradients of theta"),
-                 "bridge/grad_norm_w": clip_gradients(upper_params, max_norm, "gradients of w")}
-        steps = [self.lower_opt, self.upper_opt]
+        norms["bridge/grad_norm_w"] = clip_gradients(upper_params, max_norm, "gradients of w")
+        steps = [self.upper_opt]
         if shadow_params:
             norms["bridge/grad_norm_theta_hat"] = clip_gradients(shadow_params, max_norm, "gradients of theta_hat")
             steps.append(self.shadow_opt)

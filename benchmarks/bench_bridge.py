@@ -49,12 +49,12 @@ READING = """
   one, after the same generation. Timed one by one on the tiny model (lower=full, medians of 4): generation 0.23 s,
   the SFT pass 0.16 s (64 examples), the joint RL pass 0.27 s, the shadow's RL pass 0.28 s; so the floor at the
   default settings is (0.23 + 0.16 + 0.27 + 0.28) / (0.23 + 0.27) = 1.9x before optimizer steps, and the measured
-  ratio sits at 1.9-2.0x (interleaved medians of 9 rounds, three runs: 2.02, 2.00, 1.96 for lower=full; 2.00, 1.97,
-  1.90 for lower=lora). One forward over the SFT and RL rows together (what `mix` does) was slower here (0.50 s
-  against 0.44 s: padding, and logits for every position), and would keep both graphs alive. The ratio falls as
-  generation takes more of the step (column above): with 16 sequences of 256 tokens, where decoding is 75% of an
-  `rl` step as in RL on real models, 1.25-1.4x; with 128 sequences of 256 tokens the 1M-parameter model's training
-  passes still outweigh its KV-cached sampling, and the ratio stays at 1.6x.
+  ratio sits at 1.8-2.1x (interleaved medians of 9 rounds, seven runs: 1.96-2.13 for lower=full, median 2.00;
+  1.82-2.01 for lower=lora, median 1.94). One forward over the SFT and RL rows together (what `mix` does) was slower
+  here (0.50 s against 0.44 s: padding, and logits for every position), and would keep both graphs alive. The ratio
+  falls as generation takes more of the step (column above): with 16 sequences of 256 tokens, where decoding is
+  73-77% of an `rl` step as in RL on real models, 1.25-1.4x; with 128 sequences of 256 tokens the 1M-parameter
+  model's training passes still outweigh its KV-cached sampling, and the ratio stays at 1.5-1.6x.
 - LoRA layers use the merged-weight forward on small models (`lora.forward=auto`, core/lora_forward.py): one
   linear with W + s B A instead of peft's five small operations per adapter, which had added ~45% to every
   training pass of the tiny model (0.49 s against 0.34 s for one pass with w; before it, the first two BRIDGE
@@ -68,8 +68,8 @@ READING = """
   most of the peak (the 100M model with 4 sequences of 8 tokens) the ratio is the state's, 1.18x; with 16
   sequences of 64 tokens on the same model it is 1.08x. The resident-set peak (1.5x) also counts the allocator's
   fragmentation and pages not yet returned to the system, not live tensors.
-- `lower=lora`'s training state relative to `rl (lora)` falls as the base grows against the adapters: 1.7x on the
-  tiny model (its rank-32 adapters are as large as the 1M-parameter base), 1.19x on the 100M random-init model,
+- `lower=lora`'s training state relative to `rl (lora)` falls as the base grows against the adapters: 1.6x on the
+  tiny model (its rank-32 adapters are as large as the 1M-parameter base), 1.15x on the 100M random-init model,
   and, from parameter counts of the published shapes (built on the meta device), 1.16x for Qwen2.5-0.5B and 1.05x
   for Qwen2.5-7B at rank 32; Qwen2.5-0.5B comes to 1.10x at rank 16 and 1.07x at rank 8.
 """

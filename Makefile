@@ -30,6 +30,6 @@ bench: install
 	$(PY) benchmarks/bench_bridge.py
 
 # On a GPU machine: a ~0.5B-parameter model (Qwen2.5-0.5B's shape, random weights) through rl and bridge steps in
-# bf16; writes benchmarks/gpu_results.md (step time, rollout tokens/s, peak memory). About 3 minutes on one GPU.
+# bf16; writes benchmarks/gpu_results.md (step time, rollout tokens/s, peak memory). Not yet run on a GPU.
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py

@@ -211,8 +211,9 @@ def peak_tensor_mb_of_step(stage, policy) -> float:
     return alive_at_start + highest / 2**20
 
 
-def with_forced_length(ctx) -> None:
-    """Every completion runs to rl.max_completion_length (EOS suppressed while sampling)."""
+def with_forced_length(ctx):
+    """Every completion runs to rl.max_completion_length (EOS suppressed while sampling); returns the hook's
+    handle."""
     import torch
 
     eos = ctx.policy.tokenizer.eos_token_id
@@ -222,7 +223,7 @@ def with_forced_length(ctx) -> None:
             output[..., eos] = -1e9
         return output
 
-    ctx.policy.model.get_output_embeddings().register_forward_hook(suppress_eos)
+    return ctx.policy.model.get_output_embeddings().register_forward_hook(suppress_eos)
 
 
 def measure(overrides: list[str], steps: int, warmup: int) -> dict:
@@ -364,16 +365,12 @@ def measure_generation(steps: int) -> dict:
     cfg = compose([*COMMON, "recipe=rl", *SHORT])
     ctx = build_context(cfg, show_progress=False)
     model, tokenizer = ctx.policy.model.eval(), ctx.policy.tokenizer
-    eos, length = tokenizer.eos_token_id, cfg.rl.max_completion_length
+    length = cfg.rl.max_completion_length
     stream = ctx.task.rl_prompts(0)
     prompts = [p.question for p in (next(stream) for _ in range(cfg.rl.prompts_per_step))
                for _ in range(cfg.rl.num_generations)]
 
-    def suppress_eos(module, inputs, output):
-        output[..., eos] = -1e9
-        return output
-
-    hook = model.get_output_embeddings().register_forward_hook(suppress_eos)
+    hook = with_forced_length(ctx)
 
     def ours():  # as RL steps sample: one seeded generator per prompt group (core/grpo.sample_groups)
         generators = [torch.Generator().manual_seed(seed) for seed in group_seeds(ctx, cfg.rl.prompts_per_step)]

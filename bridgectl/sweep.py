@@ -162,6 +162,8 @@ def objective(trial, spec: SweepSpec, sweep_dir: Path) -> float:
 def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
     import optuna
 
+    from bridgectl.core.tracking import atomic_write_text
+    from bridgectl.core.wandb_sink import redact
     from bridgectl.runner import run
 
     values = []
@@ -182,7 +184,7 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
             summary = json.loads((run_path / "summary.json").read_text())
             if summary["status"] == "completed":
                 summary.update(tags)
-                (run_path / "summary.json").write_text(json.dumps(summary, indent=2))
+                atomic_write_text(run_path / "summary.json", json.dumps(redact(summary), indent=2))
                 values.append(summary["eval"][split]["accuracy"])
                 continue
 

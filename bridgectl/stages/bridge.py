@@ -24,7 +24,7 @@ peak); the updates are those of the block above.
 `bridge.lower=lora` makes theta a larger LoRA adapter (rank `lora.rank`) over one frozen base and theta_hat a copy of
 that adapter, so there is no second full copy (memory close to the `rl` recipe). The shadow is not a second module:
 its passes are the live model's with theta_hat's values swapped into theta's parameters for the duration (and
-theta's joint gradients set aside), sharing w and everything else; so the shadow runs wherever the model does,
+w's joint gradient set aside), sharing w and everything else; so the shadow runs wherever the model does,
 sharded over processes (train.fsdp) included.
 
 Choices the paper leaves open, with the value chosen here (all configurable):
@@ -138,8 +138,9 @@ class BridgeStage:
         max_norm = ctx.cfg.optim.max_grad_norm
         lower_params = list(self.lower.values())
         norms = {"bridge/grad_norm_theta": clip_gradients(lower_params, max_norm, "gradients of theta")}
-        for step in self.lower_opt:
-            step.step()
+        optimizer, scheduler = self.lower_opt
+        optimizer.step()
+        scheduler.step()
         for param in lower_params:
             param.grad = None
 

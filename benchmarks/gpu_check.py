@@ -8,6 +8,8 @@ completions are noise and every reward is 0, so GRPO's advantages are 0; the ste
 (sampling to the full completion length, since EOS is rare, and every forward and backward pass), which is what is
 timed. `--shape tiny` runs the same pipeline on a 2-layer model in seconds (what CI-less machines can check).
 
+With the vllm package installed (and a CUDA GPU), `rl` and `bridge lower=lora` also run with rollout.backend=vllm.
+
 Usage: python benchmarks/gpu_check.py [--steps 4] [--shape qwen2.5-0.5b|tiny] [--completion-length 128]
 """
 
@@ -35,6 +37,11 @@ RECIPES = {  # name: overrides; LoRA rank 32 on every linear layer for both, as 
     "bridge lower=lora": ["recipe=bridge", "bridge.lower=lora"],
     "bridge lower=full": ["recipe=bridge", "bridge.lower=full"],
 }
+VLLM_RECIPES = {  # the same with rollouts from a colocated vLLM engine (rollout.backend=vllm), where vllm is installed
+    "rl (LoRA r32), vLLM rollouts": [*RECIPES["rl (LoRA r32)"], "rollout.backend=vllm"],
+    "bridge lower=lora, vLLM rollouts": [*RECIPES["bridge lower=lora"], "rollout.backend=vllm"],
+}
+ALL_RECIPES = {**RECIPES, **VLLM_RECIPES}
 ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
          "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
         for a in range(1, 9) for b in range(1, 9)]
@@ -66,7 +73,7 @@ def build_model(directory: Path, shape: dict) -> int:
 
 
 def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
-    overrides = [*RECIPES[name], "model=hf", f"model.name_or_path={model_dir}", "task=gsm8k",
+    overrides = [*ALL_RECIPES[name], "model=hf", f"model.name_or_path={model_dir}", "task=gsm8k",
                  f"task.path={data / 'train.jsonl'}", f"++task.eval_sets={{test:{data / 'test.jsonl'}}}",
                  f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0", "eval.n=8",
                  "rl.prompts_per_step=8", "rl.num_generations=8", "sft.batch_size=16",
@@ -83,7 +90,19 @@ def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
     return {"step_s": statistics.median(row["perf/step_s"] for row in steps),
             "gen_tokens_per_s": statistics.median(row["perf/gen_tokens_per_s"] for row in steps),
             "gen_tokens_per_step": statistics.median(row["train/response_len"] for row in steps) * 64,
-            "peak_mb": summary["peak_mem_mb"], "wall_s": time.perf_counter() - started, "steps": len(steps)}
+            "peak_mb": summary["peak_mem_mb"], "wall_s": time.perf_counter() - started, "steps": len(steps),
+            "logprob_gap": statistics.median(row["rollout/logprob_gap"] for row in steps)
+            if "rollout/logprob_gap" in steps[0] else None}
+
+
+def default_recipes() -> list[str]:
+    """Every recipe, with the vLLM ones where vLLM can run (a CUDA GPU and the vllm package)."""
+    import importlib.util
+
+    import torch
+
+    with_vllm = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+    return list(ALL_RECIPES) if with_vllm else list(RECIPES)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -91,8 +110,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--completion-length", type=int, default=128)
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=None, choices=list(ALL_RECIPES))
     args = parser.parse_args(argv)
+    args.recipes = args.recipes or default_recipes()
 
     import torch
 
@@ -116,9 +136,15 @@ def main(argv: list[str] | None = None) -> str:
              f"random init), `model=hf`, dtype auto (bf16 on CUDA), 8 prompts x 8 samples, completions of "
              f"{args.completion_length} tokens (EOS is rare with random weights), 16 SFT examples, medians over "
              f"{args.steps - 1} steps after the first.", "",
-             "| recipe | s/step | rollout tokens/s | generated tokens/step | peak memory (MB) |", "|---|---|---|---|---|"]
+             "| recipe | s/step | rollout tokens/s | generated tokens/step | peak memory (MB) | vLLM log-prob gap |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {r['step_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {r['gen_tokens_per_step']:.0f} | "
-              f"{r['peak_mb']:.0f} |" for name, r in results.items()]
+              f"{r['peak_mb']:.0f} | {'' if r['logprob_gap'] is None else format(r['logprob_gap'], '.4f')} |"
+              for name, r in results.items()]
+    if any(name in VLLM_RECIPES for name in results):
+        lines += ["", "Peak memory is PyTorch's allocator peak: with vLLM rollouts the engine's reserved share "
+                      "(rollout.gpu_memory_utilization) is not all in it. The log-prob gap is the mean absolute "
+                      "difference per sampled token between vLLM's and the trained model's log-probs."]
     if "rl (LoRA r32)" in results:
         base = results["rl (LoRA r32)"]
         lines += ["", "| ratio against rl (LoRA r32) | step time | peak memory |", "|---|---|---|"]

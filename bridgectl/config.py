@@ -191,6 +191,22 @@ class RLConfig:
 
 
 @dataclass
+class RolloutConfig:
+    backend: str = "hf"
+    """Who samples RL rollouts: hf (the trained model itself, KV-cached, any device) or vllm (a vLLM engine in this
+    process on the same GPU, TRL's colocate mode; `pip install 'bridgectl[vllm]'`, CUDA only, one process). With
+    vllm the trained weights, adapters merged in, are loaded into the engine before every sampling call, and the
+    log-probs the GRPO ratio needs are recomputed by the trained model, so the update is the same as with hf."""
+    gpu_memory_utilization: float = 0.3
+    """(vllm) Share of the GPU's memory the engine may take for its weight copy and KV cache (TRL's default; the
+    rest is for training)."""
+    max_model_len: Optional[int] = None
+    """(vllm) Longest prompt + completion the engine plans its KV cache for; the model's own limit when null."""
+    enforce_eager: bool = False
+    """(vllm) Skip CUDA-graph capture: slower decoding, faster start and less memory."""
+
+
+@dataclass
 class InterleaveConfig:
     rl_steps: int = 1
     """RL updates per cycle of the interleaved stage."""
@@ -310,6 +326,8 @@ class Config:
     """SFT updates (stages sft, interleaved, and the SFT batches of mix and bridge)."""
     rl: RLConfig = field(default_factory=RLConfig)
     """GRPO settings, used by every stage that samples rollouts."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """How RL rollouts are sampled (the hf or vllm backend)."""
     interleave: InterleaveConfig = field(default_factory=InterleaveConfig)
     """The alternation pattern of the interleaved stage."""
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
@@ -522,6 +540,14 @@ def validate(cfg: DictConfig) -> None:
                 "train.fsdp runs the bridge stage as the first stage and with bridge.shadow=persistent only (w is "
                 "added before sharding; the look-ahead shadow takes an RL gradient that sharded layers do not reduce)",
                 "use bridge.shadow=persistent, or run without train.fsdp (plain data parallelism: --nproc N)")
+    require(cfg.rollout.backend in ("hf", "vllm"), f"unknown rollout.backend '{cfg.rollout.backend}'",
+            "choose hf (default) or vllm")
+    require(0 < cfg.rollout.gpu_memory_utilization < 1,
+            f"rollout.gpu_memory_utilization must be in (0, 1), got {cfg.rollout.gpu_memory_utilization}",
+            "it is the share of GPU memory vLLM may take, e.g. rollout.gpu_memory_utilization=0.3")
+    require(cfg.rollout.backend != "vllm" or not cfg.train.fsdp,
+            "rollout.backend=vllm does not run with train.fsdp (each process would need a whole copy for vLLM, "
+            "which is what sharding avoids)", "use rollout.backend=hf with train.fsdp")
     require(cfg.train.checkpoint_every >= 0 and cfg.train.keep_checkpoints >= 1,
             "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1",
             "e.g. train.checkpoint_every=50 train.keep_checkpoints=2")

@@ -22,11 +22,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config import stage_budgets
-from bridgectl.core import distributed
+from bridgectl.core import distributed, vllm_rollout
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
 from bridgectl.core.context import CountingStream, TrainContext
 from bridgectl.core.evaluate import evaluate_split
-from bridgectl.core.model import load_policy, load_tokenizer, save_policy
+from bridgectl.core.model import base_model_path, load_policy, load_tokenizer, save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.errors import NonFiniteError, StopRun, UserError
@@ -112,6 +112,8 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
     device = pick_device(cfg.train.device)
     distributed.init_from_environment(device.type)
     distributed.check_batch_split(cfg, distributed.world_size())
+    if cfg.rollout.backend == "vllm":
+        vllm_rollout.check_usable(device)  # before anything is loaded
     task = make_task(cfg, show_progress=show_progress)
     keep_reference = cfg.rl.beta > 0 and any(stage in RL_STAGES for stage in cfg.recipe.stages)
     # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
@@ -122,7 +124,10 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
         if cfg.recipe.stages[0] == "bridge":  # sharding comes last: the model must be whole by then
             ensure_upper_adapter(policy, cfg)
         distributed.shard_model(policy)
-    return TrainContext(cfg=cfg, policy=policy, task=task, device=device,
+    engine = None
+    if cfg.rollout.backend == "vllm":
+        engine = vllm_rollout.VLLMRollouts(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy)
+    return TrainContext(cfg=cfg, policy=policy, task=task, device=device, rollout_engine=engine,
                         sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
                         sft_examples=CountingStream(lambda: task.sft_examples(cfg.seed), (skip or {}).get("sft", 0)),
                         rl_problems=CountingStream(lambda: task.rl_prompts(cfg.seed), (skip or {}).get("rl", 0)))

@@ -44,6 +44,9 @@ class TrainContext:
     """Endless SFT problems (question, trace, answer)."""
     rl_problems: CountingStream
     """Endless RL problems (question, gold answer)."""
+    rollout_engine: object | None = None
+    """The inference engine that samples rollouts (rollout.backend=vllm: core/vllm_rollout.VLLMRollouts); None
+    when the trained model samples them itself (hf)."""
 
 
 def next_sft_batch(ctx: TrainContext) -> SFTBatch:

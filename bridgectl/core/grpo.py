@@ -12,6 +12,7 @@ from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.losses import GRPOStats, group_advantages, grpo_loss
 from bridgectl.core.rollout import Rollouts, completion_logprobs, generate
+from bridgectl.core.vllm_rollout import seeds_per_row
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ScoredRollouts:
     rewards: torch.Tensor  # [N] verifier rewards
     advantages: torch.Tensor  # [N] group-normalised
     gen_seconds: float
+    logprob_gap: float | None = None  # rollout.backend=vllm: engine vs trainer log-probs (core/vllm_rollout)
 
     @property
     def gen_tokens(self) -> int:
@@ -53,14 +55,20 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
     started = time.perf_counter()
     was_training = policy.model.training
     policy.model.eval()
-    with policy.merged_for_generation() as sampler:
-        rollouts = generate(sampler, policy.tokenizer, [p.question for p in grouped], rl.max_completion_length,
-                            temperature=rl.temperature, group_generators=generators)
+    questions, logprob_gap = [p.question for p in grouped], None
+    if ctx.rollout_engine is not None:
+        rollouts = ctx.rollout_engine.sample(policy, questions, rl.max_completion_length, rl.temperature,
+                                             seeds_per_row(seeds, rl.num_generations))
+        logprob_gap = ctx.rollout_engine.last_logprob_gap
+    else:
+        with policy.merged_for_generation() as sampler:
+            rollouts = generate(sampler, policy.tokenizer, questions, rl.max_completion_length,
+                                temperature=rl.temperature, group_generators=generators)
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
     rewards = torch.tensor(ctx.task.rewards(rollouts.completions, [p.answer for p in grouped]), device=ctx.device)
     advantages = group_advantages(rewards, rl.num_generations, rl.scale_rewards)
-    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds)
+    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap)
 
 
 def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext) -> tuple[torch.Tensor, GRPOStats]:
@@ -90,6 +98,7 @@ def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -
         # groups whose rewards are all equal carry no learning signal: counted, not an error
         "train/zero_std_groups": int((rewards.view(-1, group_size).std(dim=1) == 0).sum()),
         "perf/gen_tokens_per_s": scored.gen_tokens / max(scored.gen_seconds, 1e-9),
+        **({"rollout/logprob_gap": scored.logprob_gap} if scored.logprob_gap is not None else {}),
     }
 
 

@@ -12,6 +12,7 @@ import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -230,19 +231,34 @@ def save_policy(policy: Policy, path: Path, state_dict: dict[str, torch.Tensor] 
 def merged_state_dict(model: PeftModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """From the whole-tensor state dict of a peft model (a sharded one's, gathered): the base model's state dict
     with every active adapter folded in, W + s B A, what merge_and_unload would save."""
+    return dict(merged_weights(model, state_dict))
+
+
+def merged_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under the names of its Hugging Face checkpoint (`model.layers.0.mlp.up_proj.weight`),
+    one at a time, every active adapter folded into its layer's weight (W + s B A): what a copy of the base
+    architecture needs to compute what `model` computes (an inference engine's weights, rollout.backend=vllm).
+    Only one merged weight exists at a time. `state_dict`: `model`'s own whole tensors when it is sharded."""
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    if not isinstance(model, PeftModel):
+        yield from tensors.items()
+        return
     prefix = "base_model.model."
 
     def base_name(name: str) -> str:
         return (name[len(prefix):] if name.startswith(prefix) else name).replace(".base_layer.", ".")
 
-    merged = {base_name(name): tensor for name, tensor in state_dict.items() if adapter_of(name) is None}
-    for name, layer in model.named_modules():
-        if isinstance(layer, LoraLinear):
-            weight = state_dict[f"{name}.base_layer.weight"].clone()
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A:
-                    lora_a = state_dict[f"{name}.lora_A.{adapter}.weight"]
-                    lora_b = state_dict[f"{name}.lora_B.{adapter}.weight"]
-                    weight += (lora_b @ lora_a) * layer.scaling[adapter]
-            merged[base_name(f"{name}.weight")] = weight
-    return merged
+    adapted = {name: layer for name, layer in model.named_modules() if isinstance(layer, LoraLinear)}
+    replaced = {f"{name}.base_layer.weight" for name in adapted}
+    for name, tensor in tensors.items():
+        if adapter_of(name) is None and name not in replaced:
+            yield base_name(name), tensor
+    for name, layer in adapted.items():
+        weight = tensors[f"{name}.base_layer.weight"].clone()
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                lora_a = tensors[f"{name}.lora_A.{adapter}.weight"]
+                lora_b = tensors[f"{name}.lora_B.{adapter}.weight"]
+                weight += (lora_b @ lora_a).to(weight.dtype) * layer.scaling[adapter]
+        yield base_name(f"{name}.weight"), weight

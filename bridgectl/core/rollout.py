@@ -143,3 +143,42 @@ def sft_loss_and_completion_logprobs(model, batch, rollouts: Rollouts, temperatu
     logprobs = torch.log_softmax(rl_logits.float() / temperature, dim=-1)
     token_logprobs = logprobs.gather(2, rollouts.completion_ids.unsqueeze(2)).squeeze(2)
     return sft, token_logprobs * rollouts.completion_mask
+
+
+def rollouts_from_token_ids(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                            completion_token_ids: list[list[int]]) -> Rollouts:
+    """Completions sampled elsewhere (an inference engine, rollout.backend=vllm) for the left-padded prompts of
+    `encode_prompts`, in the form the trained model scores: right-padded, and masked to exactly the tokens the
+    engine returned (its stop token included), whichever token it stopped on. `sampling_logprobs` are zero
+    until `score_sampled` fills them."""
+    device = prompt_ids.device
+    width = max(1, max((len(ids) for ids in completion_token_ids), default=0))
+    completion_ids = torch.full((len(completion_token_ids), width), tokenizer.pad_token_id, dtype=torch.long,
+                                device=device)
+    completion_mask = torch.zeros_like(completion_ids)
+    for row, ids in enumerate(completion_token_ids):
+        completion_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+        completion_mask[row, :len(ids)] = 1
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                    torch.zeros(completion_ids.shape, device=device), texts)
+
+
+def prompt_token_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:
+    """Each left-padded prompt's own tokens, padding dropped (what an inference engine is given)."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+
+
+@torch.no_grad()
+def score_sampled(model, rollouts: Rollouts, temperature: float, rows_per_pass: int) -> Rollouts:
+    """`rollouts` with `sampling_logprobs` computed by `model` (no grad), `rows_per_pass` rows at a time: the
+    log-probs of the policy that sampled, as the trained model computes them, so the GRPO ratio of the first
+    update is exactly 1 whichever engine sampled (an engine's own log-probs differ by its kernels' rounding)."""
+    parts = []
+    for start in range(0, rollouts.completion_ids.size(0), rows_per_pass):
+        rows = slice(start, start + rows_per_pass)
+        part = Rollouts(rollouts.prompt_ids[rows], rollouts.prompt_mask[rows], rollouts.completion_ids[rows],
+                        rollouts.completion_mask[rows], rollouts.sampling_logprobs[rows], [])
+        parts.append(completion_logprobs(model, part, temperature))
+    rollouts.sampling_logprobs = torch.cat(parts)
+    return rollouts

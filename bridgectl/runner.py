@@ -126,7 +126,7 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
         distributed.shard_model(policy)
     engine = None
     if cfg.rollout.backend == "vllm":
-        engine = vllm_rollout.VLLMRollouts(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy)
+        engine = vllm_rollout.engine_for(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy)
     return TrainContext(cfg=cfg, policy=policy, task=task, device=device, rollout_engine=engine,
                         sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
                         sft_examples=CountingStream(lambda: task.sft_examples(cfg.seed), (skip or {}).get("sft", 0)),

@@ -5,6 +5,8 @@ sampler makes, and the seeds and log-prob gap are what they claim. The engine ca
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -130,3 +132,111 @@ def test_each_completion_gets_its_own_seed_from_its_group():
     assert len(seeds) == 6 and len(set(seeds)) == 6  # neighbouring group seeds do not share row seeds
     assert seeds_per_row([11], rows_per_group=3) == seeds[3:]  # a group's seeds do not depend on the others
     assert seeds_per_row([10, 11], rows_per_group=3) == seeds  # reproducible
+
+
+# ---- the engine itself, where vLLM is installed (`make test-vllm`: vLLM's CPU build in its own environment) ----
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vllm is not installed (make test-vllm runs these with vLLM's CPU build)")
+
+
+@pytest.fixture(scope="module")
+def engine_and_policy():
+    from bridgectl.config import compose
+    from bridgectl.core.model import base_model_path, load_policy
+    from bridgectl.core.vllm_rollout import check_usable, engine_for
+    from bridgectl.stages.bridge import ensure_upper_adapter
+
+    cfg = compose(["recipe=bridge", "bridge.lower=lora", "rollout.backend=vllm", "train.device=cpu"])
+    device = torch.device("cpu")
+    check_usable(device)
+    policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference=False, finetune="lora")
+    ensure_upper_adapter(policy, cfg)  # BRIDGE lower=lora: theta's adapter and w, both folded in
+    randomise_adapters(policy.model, seed=0)
+    policy.model.eval()
+    return engine_for(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy), policy
+
+
+def greedy_from_engine(engine, policy) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    engine.load_policy_weights(policy)
+    ids, mask = encode_prompts(policy.tokenizer, PROMPTS, torch.device("cpu"))
+    outputs = engine.llm.generate([{"prompt_token_ids": p} for p in prompt_token_lists(ids, mask)],
+                                  SamplingParams(temperature=0, max_tokens=24,
+                                                 stop_token_ids=[policy.tokenizer.eos_token_id]), use_tqdm=False)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def greedy_from_policy(policy) -> list[list[int]]:
+    with policy.merged_for_generation() as model:
+        rollouts = generate(model, policy.tokenizer, PROMPTS, max_new_tokens=24, greedy=True)
+    return [row[:length].tolist() for row, length in zip(rollouts.completion_ids, rollouts.lengths.tolist())]
+
+
+@needs_vllm
+def test_engine_samples_the_current_policy(engine_and_policy):
+    """After each weight load the engine decodes exactly what the trained policy decodes, adapters included,
+    and it follows the policy when the weights change."""
+    engine, policy = engine_and_policy
+    before = greedy_from_policy(policy)
+    assert greedy_from_engine(engine, policy) == before
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(3.0)
+    after = greedy_from_policy(policy)
+    assert after != before  # the change matters to greedy decoding
+    assert greedy_from_engine(engine, policy) == after
+
+
+@needs_vllm
+def test_engine_sampling_is_seeded_and_matches_the_trainers_logprobs(engine_and_policy):
+    engine, policy = engine_and_policy
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    first = engine.sample(policy, prompts, 24, 1.0, seeds_per_row([1, 2, 3, 4, 5, 6], 4))
+    assert engine.last_logprob_gap < 1e-4  # the engine's distribution is the trained model's
+    again = engine.sample(policy, prompts, 24, 1.0, seeds_per_row([1, 2, 3, 4, 5, 6], 4))
+    assert torch.equal(first.completion_ids, again.completion_ids)
+    other = engine.sample(policy, prompts, 24, 1.0, seeds_per_row([7, 8, 9, 10, 11, 12], 4))
+    assert not torch.equal(first.completion_ids, other.completion_ids)
+    assert len(set(first.completions[:4])) > 1  # a group's completions are different samples
+
+
+@needs_vllm
+def test_a_bridge_run_samples_through_vllm(tmp_path):
+    """`bridgectl run` with rollout.backend=vllm: BRIDGE lower=lora, the shadow sampling its own rollouts through
+    the same engine, logs the engine's log-prob gap each step and learns."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bridgectl.cli import app
+
+    result = CliRunner().invoke(app, ["run", "recipe=bridge", "bridge.lower=lora", "bridge.shadow_rollouts=true",
+                                      "rollout.backend=vllm", "train.device=cpu", "train.max_steps=6",
+                                      "train.eval_every=0", "eval.n=50", "--out", str(tmp_path), "--name", "v"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "train/rl_loss" in row]
+    assert len(steps) == 6 and all(row["rollout/logprob_gap"] < 1e-4 for row in steps)
+    assert all("bridge/reward_gap" in row for row in steps)
+    summary = json.loads((tmp_path / "v" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    # a second run in this process (a sweep's next trial) takes the open engine instead of starting one
+    from bridgectl.core.vllm_rollout import _open_engine
+
+    engine = next(iter(_open_engine.values()))
+    again = CliRunner().invoke(app, ["run", "recipe=rl", "rollout.backend=vllm", "train.device=cpu",
+                                     "train.max_steps=2", "train.eval_every=0", "eval.n=20", "--out", str(tmp_path),
+                                     "--name", "second"])
+    assert again.exit_code == 0, again.output
+    assert list(_open_engine.values()) == [engine]
+    # other engine settings: the open engine is closed (its memory given back) before a new one starts
+    other = CliRunner().invoke(app, ["run", "recipe=rl", "rollout.backend=vllm", "rollout.gpu_memory_utilization=0.25",
+                                     "train.device=cpu", "train.max_steps=2", "train.eval_every=0", "eval.n=20",
+                                     "--out", str(tmp_path), "--name", "third"])
+    assert other.exit_code == 0, other.output
+    assert len(_open_engine) == 1 and next(iter(_open_engine.values())) is not engine
+    assert not hasattr(engine, "llm")
+    assert summary["eval"]["test"]["accuracy"] > summary["eval_initial"]["test"]["accuracy"]

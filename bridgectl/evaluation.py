@@ -4,7 +4,8 @@ trained run (its `checkpoints/final`) or of any model, on every evaluation split
 A run directory is evaluated with its own resolved config (config.yaml) plus the overrides, so a run trained on one
 set can be scored on others (`task.eval_sets={math500: ..., gsm8k: ...}`, `eval.n=500`, `eval.k=8`). A model path
 or Hub id is evaluated as `model=hf model.name_or_path=MODEL` with the overrides. Results are printed and written
-as JSON: `<run>/eval-<time>.json`, or `--output FILE`.
+as JSON: `<run>/eval-<time>.json`, or `--output FILE`. With `rollout.backend=vllm` (a run trained with it keeps
+it; override with rollout.backend=hf) a vLLM engine decodes, given the evaluated weights.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from bridgectl.config import apply_overrides, compose, load_saved, validate
+from bridgectl.core.evaluate import Decode, model_decoder
 from bridgectl.errors import UserError
 
 
@@ -61,7 +63,19 @@ def load_for_eval(cfg: DictConfig, checkpoint: Path | None, device: torch.device
     return model.to(device).eval(), tokenizer
 
 
-def evaluate(cfg: DictConfig, model, tokenizer, task, device: torch.device, show_progress: bool = True) -> dict:
+def decoder_for(cfg: DictConfig, model, tokenizer) -> Decode:
+    """What decodes the evaluation: the model itself, or with rollout.backend=vllm the process's vLLM engine given
+    the model's weights."""
+    if cfg.rollout.backend != "vllm":
+        return model_decoder(model, tokenizer)
+    from bridgectl.core.model import Policy, base_model_path
+    from bridgectl.core.vllm_rollout import engine_for
+
+    policy = Policy(model=model, tokenizer=tokenizer)
+    return engine_for(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy).decoder(policy)
+
+
+def evaluate(cfg: DictConfig, decode: Decode, task, device: torch.device, show_progress: bool = True) -> dict:
     """{split: {n, greedy_pass@1, and with eval.k: pass@k, mean@k, k}} for every evaluation split."""
     from bridgectl.core.evaluate import evaluate_split, sample_split
     from bridgectl.core.ui import progress_bar
@@ -72,11 +86,10 @@ def evaluate(cfg: DictConfig, model, tokenizer, task, device: torch.device, show
         bar = progress.add_task("evaluating", total=len(splits), info="")
         for split in splits:
             problems = task.eval_problems(split, cfg.eval.n)
-            greedy = evaluate_split(model, tokenizer, problems, task.rewards, cfg.eval.max_new_tokens,
-                                    cfg.eval.batch_size)
+            greedy = evaluate_split(decode, problems, task.rewards, cfg.eval.max_new_tokens, cfg.eval.batch_size)
             row = {"n": greedy.n, "greedy_pass@1": greedy.accuracy, "mean_length": greedy.mean_length}
             if cfg.eval.k > 0:
-                sampled = sample_split(model, tokenizer, problems, task.rewards, cfg.eval.k, cfg.eval.temperature,
+                sampled = sample_split(decode, problems, task.rewards, cfg.eval.k, cfg.eval.temperature,
                                        cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                        torch.Generator(device=device).manual_seed(cfg.seed))
                 row.update({f"pass@{sampled.k}": sampled.pass_at_k, f"mean@{sampled.k}": sampled.mean_at_k,
@@ -100,8 +113,10 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
         if index <= meta["stage_index"]:
             STAGES[kind](ctx, budget)
     load_model_tensors(ctx.policy.model, tensors)
+    if ctx.rollout_engine is not None:
+        return evaluate(cfg, ctx.rollout_engine.decoder(ctx.policy), ctx.task, ctx.device, show_progress)
     with ctx.policy.merged_for_generation() as model:
-        return evaluate(cfg, model, ctx.policy.tokenizer, ctx.task, ctx.device, show_progress=show_progress)
+        return evaluate(cfg, model_decoder(model, ctx.policy.tokenizer), ctx.task, ctx.device, show_progress)
 
 
 def run_eval(target: str, overrides: list[str], output: Path | None, show_progress: bool = True,
@@ -116,6 +131,10 @@ def run_eval(target: str, overrides: list[str], output: Path | None, show_progre
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.train.device)
+    if cfg.rollout.backend == "vllm":
+        from bridgectl.core.vllm_rollout import check_usable
+
+        check_usable(device)  # before any weights load
     if checkpoint_name is not None:
         found = {p.name: p for p in list_checkpoints(Path(target) / "checkpoints")}
         if checkpoint is None or checkpoint_name not in found:
@@ -125,7 +144,7 @@ def run_eval(target: str, overrides: list[str], output: Path | None, show_progre
     else:
         task = make_task(cfg, show_progress=show_progress)
         model, tokenizer = load_for_eval(cfg, checkpoint, device)
-        results = evaluate(cfg, model, tokenizer, task, device, show_progress=show_progress)
+        results = evaluate(cfg, decoder_for(cfg, model, tokenizer), task, device, show_progress=show_progress)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = output or (Path(target) / f"eval-{stamp}.json" if checkpoint is not None else Path(f"eval-{stamp}.json"))
     record = {"target": str(target), "checkpoint": checkpoint_name or "final", "overrides": overrides,

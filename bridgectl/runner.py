@@ -25,7 +25,7 @@ from bridgectl.config import stage_budgets
 from bridgectl.core import distributed, vllm_rollout
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
 from bridgectl.core.context import CountingStream, TrainContext
-from bridgectl.core.evaluate import evaluate_split
+from bridgectl.core.evaluate import evaluate_split, model_decoder
 from bridgectl.core.model import base_model_path, load_policy, load_tokenizer, save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
@@ -59,9 +59,13 @@ def seed_everything(seed: int) -> None:
 def evaluate_all(ctx: TrainContext, eval_problems: dict) -> dict:
     """{split: SplitResult} for every eval split of the task."""
     cfg = ctx.cfg.eval
+    if ctx.rollout_engine is not None:  # the engine that samples rollouts decodes the evaluation too
+        decode = ctx.rollout_engine.decoder(ctx.policy)
+        return {split: evaluate_split(decode, problems, ctx.task.rewards, cfg.max_new_tokens, cfg.batch_size)
+                for split, problems in eval_problems.items()}
     with ctx.policy.merged_for_generation() as model:  # LoRA merged: generation is faster, results the same
-        return {split: evaluate_split(model, ctx.policy.tokenizer, problems, ctx.task.rewards, cfg.max_new_tokens,
-                                      cfg.batch_size)
+        decode = model_decoder(model, ctx.policy.tokenizer)
+        return {split: evaluate_split(decode, problems, ctx.task.rewards, cfg.max_new_tokens, cfg.batch_size)
                 for split, problems in eval_problems.items()}
 
 

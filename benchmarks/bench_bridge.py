@@ -49,12 +49,13 @@ READING = """
   one, after the same generation. Timed one by one on the tiny model (lower=full, medians of 4): generation 0.23 s,
   the SFT pass 0.16 s (64 examples), the joint RL pass 0.27 s, the shadow's RL pass 0.28 s; so the floor at the
   default settings is (0.23 + 0.16 + 0.27 + 0.28) / (0.23 + 0.27) = 1.9x before optimizer steps, and the measured
-  ratio sits at 1.8-2.1x (interleaved medians of 9 rounds, seven runs: 1.96-2.13 for lower=full, median 2.00;
-  1.82-2.01 for lower=lora, median 1.94). One forward over the SFT and RL rows together (what `mix` does) was slower
+  ratio sits at 1.8-2.1x (interleaved medians of 9 rounds, eight runs: 1.96-2.13 for lower=full, median 2.00;
+  1.82-2.01 for lower=lora, median 1.96). One forward over the SFT and RL rows together (what `mix` does) was slower
   here (0.50 s against 0.44 s: padding, and logits for every position), and would keep both graphs alive. The ratio
   falls as generation takes more of the step (column above): with 16 sequences of 256 tokens, where decoding is
   73-77% of an `rl` step as in RL on real models, 1.25-1.4x; with 128 sequences of 256 tokens the 1M-parameter
-  model's training passes still outweigh its KV-cached sampling, and the ratio stays at 1.5-1.6x.
+  model's training passes still outweigh its KV-cached sampling, and the ratio stays at 1.5-1.7x (generation
+  55% of an `rl` step there).
 - LoRA layers use the merged-weight forward on small models (`lora.forward=auto`, core/lora_forward.py): one
   linear with W + s B A instead of peft's five small operations per adapter, which had added ~45% to every
   training pass of the tiny model (0.49 s against 0.34 s for one pass with w; before it, the first two BRIDGE

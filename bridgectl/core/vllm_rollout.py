@@ -149,7 +149,8 @@ class VLLMRollouts:
         params = [SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0,
                                  stop_token_ids=[tokenizer.eos_token_id], detokenize=False) for seed in row_seeds]
         completions = [output.outputs[0] for output in self.llm.generate(requests, params, use_tqdm=False)]
-        rollouts = rollouts_from_token_ids(tokenizer, prompt_ids, prompt_mask, [list(c.token_ids) for c in completions])
+        rollouts = rollouts_from_token_ids(tokenizer, prompt_ids, prompt_mask,
+                                           [list(c.token_ids) for c in completions])
         return rollouts, completions
 
 
@@ -160,14 +161,18 @@ def engine_logprobs(completion) -> list[float]:
 
 def logprob_gap(rollouts: Rollouts, engine: list[list[float]]) -> float:
     """Mean |engine log-prob - trainer log-prob| over the sampled tokens (nan when the engine gave none)."""
-    gaps = [abs(value - float(rollouts.sampling_logprobs[row, column]))
-            for row, values in enumerate(engine) for column, value in enumerate(values)]
-    return sum(gaps) / len(gaps) if gaps else float("nan")
+    trainer = rollouts.sampling_logprobs.detach().cpu()  # one transfer, not one per token
+    total, count = 0.0, 0
+    for row, values in enumerate(engine):
+        if values:
+            total += float((torch.tensor(values) - trainer[row, :len(values)]).abs().sum())
+            count += len(values)
+    return total / count if count else float("nan")
 
 
 def seeds_per_row(group_seeds: list[int], rows_per_group: int) -> list[int]:
     """One sampling seed per completion from its group's seed: a group's completions do not depend on the
     other groups in the batch."""
-    return [row_seed for seed in group_seeds
-            for row_seed in torch.randint(0, 2**62, (rows_per_group,), generator=torch.Generator().manual_seed(seed)).tolist()]
+    return [row_seed for seed in group_seeds for row_seed in
+            torch.randint(0, 2**62, (rows_per_group,), generator=torch.Generator().manual_seed(seed)).tolist()]
 

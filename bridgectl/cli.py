@@ -92,10 +92,6 @@ def run(
         from bridgectl.core.distributed import check_batch_split
 
         check_batch_split(cfg, nproc)
-        if cfg.rollout.backend == "vllm":
-            from bridgectl.core.vllm_rollout import check_processes
-
-            check_processes(nproc)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))

@@ -193,10 +193,11 @@ class RLConfig:
 @dataclass
 class RolloutConfig:
     backend: str = "hf"
-    """Who samples RL rollouts: hf (the trained model itself, KV-cached, any device) or vllm (a vLLM engine in this
-    process on the same GPU, TRL's colocate mode; `pip install 'bridgectl[vllm]'`, CUDA only, one process). With
-    vllm the trained weights, adapters merged in, are loaded into the engine before every sampling call, and the
-    log-probs the GRPO ratio needs are recomputed by the trained model, so the update is the same as with hf."""
+    """Who samples RL rollouts (and decodes evaluations): hf (the trained model itself, KV-cached, any device) or
+    vllm (a vLLM engine in this process on the same device, TRL's colocate mode, one engine per process under
+    --nproc N; `pip install 'bridgectl[vllm]'`; vLLM's CPU build runs on the CPU). With vllm the trained weights,
+    adapters merged in, are loaded into the engine before every sampling call, and the log-probs the GRPO ratio
+    needs are recomputed by the trained model, so the update is the same as with hf."""
     gpu_memory_utilization: float = 0.3
     """(vllm) Share of the GPU's memory the engine may take for its weight copy and KV cache (TRL's default; the
     rest is for training)."""

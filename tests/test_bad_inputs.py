@@ -59,8 +59,6 @@ CASES = [
      "unknown rollout.backend 'sglang'"),
     *([("vllm not installed", ["run", "rollout.backend=vllm", "train.device=cpu", "--out", "{ws}/runs"],
         "rollout.backend=vllm needs the vllm package")] if importlib.util.find_spec("vllm") is None else []),
-    ("vllm in several processes", ["run", "rollout.backend=vllm", "--nproc", "2", "--out", "{ws}/runs"],
-     "rollout.backend=vllm runs in one process for now, not 2"),
     ("vllm with sharding", ["run", "rollout.backend=vllm", "train.fsdp=true", "--nproc", "2", "--out", "{ws}/runs"],
      "rollout.backend=vllm does not run with train.fsdp"),
     ("vllm memory share", ["run", "rollout.backend=vllm", "rollout.gpu_memory_utilization=1.5", "--out", "{ws}/runs"],

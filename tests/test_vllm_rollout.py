@@ -256,3 +256,30 @@ def test_a_bridge_run_samples_through_vllm(tmp_path):
     assert len(_open_engine) == 1 and next(iter(_open_engine.values())) is not engine
     assert not hasattr(engine, "llm")
     assert summary["eval"]["test"]["accuracy"] > summary["eval_initial"]["test"]["accuracy"]
+
+
+@needs_vllm
+def test_two_processes_with_vllm_match_one(tmp_path):
+    """`--nproc 2` with rollout.backend=vllm: each process's own engine samples its share of the groups with the
+    same per-completion seeds, so the run equals the single-process one (rewards, losses, gradient norms, eval)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from bridgectl.cli import app
+
+    small = ["recipe=rl", "rollout.backend=vllm", "rollout.gpu_memory_utilization=0.1", "train.device=cpu",
+             "train.max_steps=3", "train.eval_every=0", "eval.n=20", "--out", str(tmp_path)]
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        result = CliRunner().invoke(app, ["run", *small, *extra, "--name", name])
+        assert result.exit_code == 0, result.output
+    runs = {}
+    for name in ("one", "two"):
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [row for row in rows if "train/rl_loss" in row]
+    assert len(runs["one"]) == len(runs["two"]) == 3
+    for one, two in zip(runs["one"], runs["two"]):
+        for key in ("train/reward_mean", "train/rl_loss", "train/grad_norm", "train/response_len"):
+            assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert summaries[0]["eval"] == summaries[1]["eval"]

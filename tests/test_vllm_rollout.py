@@ -18,7 +18,8 @@ from bridgectl.config import LoraConfig
 from bridgectl.core.model import Policy, add_upper_adapter, merged_weights
 from bridgectl.core.rollout import (Rollouts, encode_prompts, generate, prompt_token_lists, rollouts_from_token_ids,
                                     score_sampled)
-from bridgectl.core.vllm_rollout import logprob_gap, seeds_per_row
+from bridgectl.core.grpo import seeds_per_row
+from bridgectl.core.vllm_rollout import logprob_gap
 from bridgectl.models.tiny import SHIPPED_DIR
 
 PROMPTS = ["4+9*3-5*3=", "1+2=", "7*8-6+5*2=", "3-4=", "2*2=", "9-1+1="]

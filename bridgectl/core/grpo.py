@@ -12,7 +12,6 @@ from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.losses import GRPOStats, group_advantages, grpo_loss
 from bridgectl.core.rollout import Rollouts, completion_logprobs, generate
-from bridgectl.core.vllm_rollout import seeds_per_row
 
 
 @dataclass
@@ -44,6 +43,13 @@ def group_seeds(ctx: TrainContext, n_groups: int) -> list[int]:
     """One seed per prompt group, from the run's sampling generator (saved in checkpoints)."""
     return torch.randint(0, 2**62, (n_groups,), generator=ctx.sampling_generator,
                          device=ctx.sampling_generator.device).tolist()
+
+
+def seeds_per_row(seeds: list[int], rows_per_group: int) -> list[int]:
+    """One sampling seed per completion from its group's seed (`seeds`, one per group; for samplers that take a
+    seed per row, such as vLLM): a group's completions do not depend on the other groups in the batch."""
+    return [row_seed for seed in seeds for row_seed in
+            torch.randint(0, 2**62, (rows_per_group,), generator=torch.Generator().manual_seed(seed)).tolist()]
 
 
 def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None = None) -> ScoredRollouts:

@@ -167,10 +167,3 @@ def logprob_gap(rollouts: Rollouts, engine: list[list[float]]) -> float:
             count += len(values)
     return total / count if count else float("nan")
 
-
-def seeds_per_row(group_seeds: list[int], rows_per_group: int) -> list[int]:
-    """One sampling seed per completion from its group's seed: a group's completions do not depend on the
-    other groups in the batch."""
-    return [row_seed for seed in group_seeds for row_seed in
-            torch.randint(0, 2**62, (rows_per_group,), generator=torch.Generator().manual_seed(seed)).tolist()]
-

@@ -205,6 +205,9 @@ class RolloutConfig:
     """(vllm) Longest prompt + completion the engine plans its KV cache for; the model's own limit when null."""
     enforce_eager: bool = False
     """(vllm) Skip CUDA-graph capture: slower decoding, faster start and less memory."""
+    batch_size: int = 0
+    """(hf) Most rows the built-in sampler decodes at once (whole prompt groups; 0: every row of the step at
+    once). Bounds the KV cache: rows x (prompt + completion) tokens x layers."""
 
 
 @dataclass
@@ -285,6 +288,10 @@ class TrainConfig:
     Ctrl-C or SIGTERM still writes one)."""
     keep_checkpoints: int = 2
     """How many of the newest resumable checkpoints to keep (checkpoints/final is always kept)."""
+    micro_batch_size: int = 0
+    """Rows (rollouts or SFT examples) per forward/backward pass; a step's passes accumulate their gradients, and
+    every loss keeps the step's whole token count as its denominator, so the update equals the one-pass update to
+    float rounding (0: the whole batch in one pass). Rows of similar length share a micro-batch."""
     fsdp: bool = False
     """With `--nproc N`: shard weights, gradients and optimizer states over the N processes (PyTorch FSDP2, one
     unit per decoder layer) instead of a whole copy on each, for models that do not fit one device. Results equal
@@ -549,6 +556,9 @@ def validate(cfg: DictConfig) -> None:
     require(cfg.rollout.backend != "vllm" or not cfg.train.fsdp,
             "rollout.backend=vllm does not run with train.fsdp (each process would need a whole copy for vLLM, "
             "which is what sharding avoids)", "use rollout.backend=hf with train.fsdp")
+    require(cfg.train.micro_batch_size >= 0 and cfg.rollout.batch_size >= 0,
+            "train.micro_batch_size and rollout.batch_size must be >= 0 (0: the whole batch at once)",
+            "e.g. train.micro_batch_size=4 rollout.batch_size=64")
     require(cfg.train.checkpoint_every >= 0 and cfg.train.keep_checkpoints >= 1,
             "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1",
             "e.g. train.checkpoint_every=50 train.keep_checkpoints=2")

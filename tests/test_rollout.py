@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bridgectl.core.rollout import Rollouts, completion_logprobs, completion_mask_from, generate, positions
+from bridgectl.core.logprobs import completion_logprobs
+from bridgectl.core.rollout import Rollouts, completion_mask_from, generate, positions
 from bridgectl.models.tiny import SHIPPED_DIR, build_model
 
 from conftest import TINY_MODEL_CFG
@@ -171,7 +172,7 @@ def test_seeded_generator_reproduces_samples(tiny_model, tokenizer):
 def test_joint_forward_equals_separate_sft_and_rollout_passes(tiny_model, tokenizer):
     """BRIDGE and mix score the SFT batch and the rollouts in one forward pass; it must equal two passes."""
     from bridgectl.core.losses import make_sft_batch, sft_loss
-    from bridgectl.core.rollout import sft_loss_and_completion_logprobs
+    from bridgectl.core.logprobs import sft_loss_and_completion_logprobs
 
     rollouts = generate(tiny_model, tokenizer, ["1+2=", "3*4-5+6=", "7-1*2+3*4-5="], 12, temperature=1.0,
                         generator=torch.Generator().manual_seed(3))

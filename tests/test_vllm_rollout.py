@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from bridgectl.config import LoraConfig
 from bridgectl.core.model import Policy, add_upper_adapter, merged_weights
-from bridgectl.core.rollout import (Rollouts, encode_prompts, generate, prompt_token_lists, rollouts_from_token_ids,
-                                    score_sampled)
+from bridgectl.core.logprobs import score_sampled
+from bridgectl.core.rollout import Rollouts, encode_prompts, generate, prompt_token_lists, rollouts_from_token_ids
 from bridgectl.core.grpo import seeds_per_row
 from bridgectl.core.vllm_rollout import logprob_gap
 from bridgectl.models.tiny import SHIPPED_DIR

@@ -11,7 +11,8 @@ import torch
 from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.losses import GRPOStats, group_advantages, grpo_loss
-from bridgectl.core.rollout import Rollouts, completion_logprobs, generate
+from bridgectl.core.logprobs import completion_logprobs
+from bridgectl.core.rollout import Rollouts, generate
 
 
 @dataclass

@@ -34,8 +34,8 @@ import torch
 from bridgectl.core import distributed
 from bridgectl.core.evaluate import Decode
 from bridgectl.core.model import Policy, merged_weights
-from bridgectl.core.rollout import (Rollouts, encode_prompts, prompt_token_lists, rollouts_from_token_ids,
-                                    score_sampled)
+from bridgectl.core.logprobs import score_sampled
+from bridgectl.core.rollout import Rollouts, encode_prompts, prompt_token_lists, rollouts_from_token_ids
 from bridgectl.errors import UserError
 
 SCORING_ROWS = 16  # rows per no-grad rescoring pass: bounds the [rows, tokens, vocab] logits of large vocabularies

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
 from bridgectl.core.grpo import completion_rows, rl_loss_from_logprobs, rollout_metrics, sample_groups
-from bridgectl.core.rollout import sft_loss_and_completion_logprobs
+from bridgectl.core.logprobs import sft_loss_and_completion_logprobs
 from bridgectl.core.optim import apply_update, make_optimizer
 
 

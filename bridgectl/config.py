@@ -390,7 +390,7 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The resolved, typed, validated config for these Hydra overrides."""
     # Hydra refuses new keys in a dict-valued field (`task.eval_sets={test: a.jsonl}`) unless forced with ++
     overrides = [f"++{item}" if item.split("=", 1)[0] in DICT_FIELDS else item for item in overrides]
-    for group in ("recipe", "task", "model"):
+    for group in ("recipe", "task", "model", "experiment"):
         for item in overrides:
             if item.startswith(f"{group}=") and item.split("=", 1)[1] not in group_options(group):
                 raise UserError(f"unknown {group} '{item.split('=', 1)[1]}'",

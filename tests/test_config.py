@@ -14,7 +14,8 @@ from bridgectl.cli import app
 from bridgectl.config import CONF_DIR, compose, stage_budgets, validate
 from conftest import shipped_recipe
 
-SHIPPED = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) for group in ("recipe", "task", "model")}
+SHIPPED = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+           for group in ("recipe", "task", "model", "experiment")}
 
 
 def flatten(node, prefix=""):
@@ -29,6 +30,7 @@ def flatten(node, prefix=""):
 
 def test_shipped_options_include_the_documented_ones():
     assert {"interleaved", "rl", "sft", "two_stage"} <= set(SHIPPED["recipe"])
+    assert {"paper-qwen2.5-3b", "smollm2-gsm8k"} <= set(SHIPPED["experiment"])
     assert "arith" in SHIPPED["task"]
     assert "tiny" in SHIPPED["model"]
     assert config_module.group_options("recipe") == SHIPPED["recipe"]
@@ -40,9 +42,12 @@ def test_every_shipped_yaml_composes_validates_and_is_applied(group, option):
     required = {("model", "hf"): {"model.name_or_path": "org/some-model"}}.get((group, option), {})
     cfg = compose([f"{group}={option}", *(f"{key}={value}" for key, value in required.items())])
     validate(cfg)  # composing validated already; validating again must not raise either
-    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
-    # recipe files are `@package _global_` (they hold recipe: and train:); task/model files are their group
-    expected = flatten(raw) if group == "recipe" else flatten(raw, f"{group}.")
+    path = CONF_DIR / group / f"{option}.yaml"
+    raw = OmegaConf.to_container(OmegaConf.load(path))
+    raw.pop("defaults", None)  # an experiment's choice of model and task
+    # `@package _global_` files (recipes, experiments, model=hf) set keys of any section; the others their group's
+    is_global = path.read_text().startswith("# @package _global_")
+    expected = flatten(raw) if is_global else flatten(raw, f"{group}.")
     assert expected
     for key, value in expected.items():
         assert OmegaConf.select(cfg, key) == required.get(key, value), key
@@ -246,3 +251,23 @@ def test_every_config_field_has_a_docstring():
             if not documented:
                 missing.append(f"{cls.name}.{statement.target.id}")
     assert missing == [], f"config fields without a docstring: {missing}"
+
+
+def test_real_models_get_real_model_settings_and_the_command_line_still_wins():
+    tiny = compose([])
+    real = compose(["model=hf", "model.name_or_path=org/some-model"])
+    assert tiny.train.micro_batch_size == 0 and not tiny.model.gradient_checkpointing
+    assert real.train.micro_batch_size > 0 and real.model.gradient_checkpointing
+    assert real.rl.max_completion_length >= 1024 and real.eval.max_new_tokens >= 1024
+    assert real.rl.lr < tiny.rl.lr and real.bridge.alpha < tiny.bridge.alpha
+    chosen = compose(["model=hf", "model.name_or_path=org/some-model", "rl.max_completion_length=2048",
+                      "train.micro_batch_size=2", "recipe=rl"])
+    assert chosen.rl.max_completion_length == 2048 and chosen.train.micro_batch_size == 2
+
+
+def test_experiments_pick_their_model_and_task():
+    paper = compose(["experiment=paper-qwen2.5-3b"])
+    assert (paper.model.name, paper.task.name, paper.bridge.lower, paper.bridge.w_rank) == ("hf", "math", "full", 16)
+    assert paper.rl.prompts_per_step == 64 and paper.rl.num_generations == 5 and paper.bridge.alpha == 5e-7
+    laptop = compose(["experiment=smollm2-gsm8k", "recipe=rl"])
+    assert (laptop.model.name, laptop.task.name, laptop.recipe.name) == ("hf", "gsm8k", "rl")

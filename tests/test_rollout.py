@@ -167,18 +167,3 @@ def test_seeded_generator_reproduces_samples(tiny_model, tokenizer):
     assert first.completions == second.completions
     assert first.completion_ids.shape != other.completion_ids.shape or \
         not torch.equal(first.completion_ids, other.completion_ids)
-
-
-def test_joint_forward_equals_separate_sft_and_rollout_passes(tiny_model, tokenizer):
-    """BRIDGE and mix score the SFT batch and the rollouts in one forward pass; it must equal two passes."""
-    from bridgectl.core.losses import make_sft_batch, sft_loss
-    from bridgectl.core.logprobs import sft_loss_and_completion_logprobs
-
-    rollouts = generate(tiny_model, tokenizer, ["1+2=", "3*4-5+6=", "7-1*2+3*4-5="], 12, temperature=1.0,
-                        generator=torch.Generator().manual_seed(3))
-    for questions in (["1+2=", "9*9="], ["1+2*3-4*5+6*7-8="] * 2):  # SFT rows shorter, then longer than rollouts
-        batch = make_sft_batch(tokenizer, questions, ["1*2=2;2+1=3;#3", "#1"], "cpu")
-        joint_sft, joint_logprobs = sft_loss_and_completion_logprobs(tiny_model, batch, rollouts, 0.7)
-        torch.testing.assert_close(joint_sft, sft_loss(tiny_model, batch), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(joint_logprobs, completion_logprobs(tiny_model, rollouts, 0.7), atol=1e-5,
-                                   rtol=1e-5)

@@ -10,8 +10,8 @@ import torch
 
 from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
-from bridgectl.core.losses import GRPOStats, group_advantages, grpo_loss
-from bridgectl.core.logprobs import completion_logprobs
+from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows
+from bridgectl.core.losses import GRPOStats, backward, group_advantages, grpo_loss
 from bridgectl.core.rollout import Rollouts, generate
 
 
@@ -78,22 +78,37 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
     return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap)
 
 
-def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext) -> tuple[torch.Tensor, GRPOStats]:
-    """GRPO loss of `model` (any callable with the model's signature) on shared rollouts. The ratio is taken
-    against the sampling policy, so scoring another model (BRIDGE's shadow) is properly off-policy."""
-    return rl_loss_from_logprobs(completion_logprobs(model, scored.rollouts, ctx.cfg.rl.temperature), scored, ctx)
-
-
-def rl_loss_from_logprobs(logprobs: torch.Tensor, scored: ScoredRollouts, ctx: TrainContext
-                          ) -> tuple[torch.Tensor, GRPOStats]:
-    """GRPO loss from the completions' log-probs under the trained model (with grad)."""
-    rl = ctx.cfg.rl
+def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | None = None,
+            n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
+    """GRPO loss of `model` (any module with the model's signature) on shared rollouts: of all of them, or of
+    `rows` divided by `n_tokens` (a micro-batch of rl_backward). The ratio is taken against the sampling policy, so
+    scoring another model (BRIDGE's shadow) is properly off-policy."""
+    rl, rollouts, advantages = ctx.cfg.rl, scored.rollouts, scored.advantages
+    if rows is not None:
+        rollouts, advantages = rollout_rows(rollouts, rows), advantages[rows]
     ref_logprobs = None
     if rl.beta > 0:
         with torch.no_grad(), ctx.policy.reference() as reference:
-            ref_logprobs = completion_logprobs(reference, scored.rollouts, rl.temperature)
-    return grpo_loss(logprobs, scored.rollouts.sampling_logprobs, scored.advantages, scored.rollouts.completion_mask,
-                     rl.epsilon, rl.beta, ref_logprobs)
+            ref_logprobs = completion_logprobs(reference, rollouts, rl.temperature)
+    logprobs = completion_logprobs(model, rollouts, rl.temperature)
+    return grpo_loss(logprobs, rollouts.sampling_logprobs, advantages, rollouts.completion_mask, rl.epsilon, rl.beta,
+                     ref_logprobs, n_tokens)
+
+
+def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0) -> tuple[float, GRPOStats]:
+    """Accumulates the gradient of `scale * rl_loss(model, scored, ctx)` into the parameters' `.grad`, in
+    micro-batches of `train.micro_batch_size` rows, each divided by the whole step's token count, so the sum equals
+    the one-pass gradient to float rounding; returns the loss and its statistics."""
+    rollouts = scored.rollouts
+    n_tokens = distributed.mean_denominator(rollouts.completion_mask.sum())
+    lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1)).tolist()
+    total, clip_fraction, kl = torch.zeros((), device=rollouts.completion_ids.device), 0.0, 0.0
+    for rows in micro_batches(lengths, ctx.cfg.train.micro_batch_size):
+        loss, stats = rl_loss(model, scored, ctx, rows, n_tokens)
+        backward(scale * loss)
+        total += loss.detach()
+        clip_fraction, kl = clip_fraction + stats.clip_fraction, kl + stats.kl
+    return float(total), GRPOStats(clip_fraction=clip_fraction, kl=kl)
 
 
 def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from bridgectl.core import distributed
-from bridgectl.core.rollout import positions
+from bridgectl.core.logprobs import micro_batches, token_logprobs
 
 
 @dataclass
@@ -25,6 +25,12 @@ class SFTBatch:
     @property
     def n_tokens(self) -> int:
         return int((self.labels[:, 1:] != -100).sum())
+
+    def rows(self, rows: list[int]) -> "SFTBatch":
+        """The examples of `rows`, cut to their own longest row."""
+        index = torch.tensor(rows, device=self.input_ids.device)
+        width = int(self.attention_mask[index].sum(dim=1).max())
+        return SFTBatch(self.input_ids[index, :width], self.attention_mask[index, :width], self.labels[index, :width])
 
 
 def make_sft_batch(tokenizer, prompts: list[str], completions: list[str], device) -> SFTBatch:
@@ -43,21 +49,34 @@ def make_sft_batch(tokenizer, prompts: list[str], completions: list[str], device
     return SFTBatch(input_ids, attention_mask, label_ids)
 
 
-def sft_loss(model, batch: SFTBatch) -> torch.Tensor:
-    """Mean negative log-likelihood of the completion tokens: -log pi(trace, answer | question) per token."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=positions(batch.attention_mask)).logits
-    return token_mean_cross_entropy(logits[:, :-1], batch.labels[:, 1:])
+def sft_loss(model, batch: SFTBatch, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative log-likelihood of the completion tokens, -log pi(trace, answer | question), summed and divided by
+    `n_tokens`: by default the batch's own labelled tokens (under data parallelism the global batch's over the
+    number of ranks, distributed.mean_denominator, so averaged gradients equal the full-batch gradient); a
+    micro-batch passes its whole step's count."""
+    scored = batch.labels[:, 1:] != -100
+    if n_tokens is None:
+        n_tokens = distributed.mean_denominator(scored.sum())
+    logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, 1, scored)
+    return -logprobs.sum() / n_tokens.clamp(min=1)
 
 
-def token_mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over the labelled tokens; under data parallelism over the global batch's tokens
-    (distributed.mean_denominator), so averaged gradients equal the full-batch gradient."""
-    flat_logits, flat_labels = logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1)
-    if not distributed.active():
-        return torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
-    total = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
-    return total / distributed.mean_denominator((flat_labels != -100).sum()).clamp(min=1)
+def sft_backward(model, batch: SFTBatch, micro_batch_size: int, scale: float = 1.0) -> float:
+    """Accumulates the gradient of `scale * sft_loss(model, batch)` into the parameters' `.grad`, in micro-batches of
+    `micro_batch_size` rows (0: one pass); returns the loss. Equal to one pass to float rounding."""
+    n_tokens = distributed.mean_denominator((batch.labels[:, 1:] != -100).sum())
+    total = torch.zeros((), device=batch.input_ids.device)
+    for rows in micro_batches(batch.attention_mask.sum(dim=1).tolist(), micro_batch_size):
+        loss = sft_loss(model, batch.rows(rows), n_tokens)
+        backward(scale * loss)
+        total += loss.detach()
+    return float(total)
+
+
+def backward(loss: torch.Tensor) -> None:
+    """loss.backward(), skipped for a loss no parameter contributed to (a micro-batch without scored tokens)."""
+    if loss.requires_grad:
+        loss.backward()
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
@@ -77,17 +96,22 @@ class GRPOStats:
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              epsilon: float, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, GRPOStats]:
+              epsilon: float, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
+              n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
     """Clipped surrogate  -min(r A, clip(r, 1-eps, 1+eps) A)  with r = pi / pi_old per token, plus
-    beta * KL(pi || pi_ref) with the k3 estimator exp(ref - logp) - (ref - logp) - 1, averaged over every
-    completion token of the batch. `old_logprobs` are the sampling policy's (detached)."""
+    beta * KL(pi || pi_ref) with the k3 estimator exp(ref - logp) - (ref - logp) - 1, summed over the completion
+    tokens and divided by `n_tokens`: by default the batch's own (under data parallelism the global batch's over the
+    number of ranks); a micro-batch passes its whole step's count, so its loss and statistics add up to the step's.
+    `old_logprobs` are the sampling policy's (detached)."""
     mask = mask.float()
     ratio = torch.exp(logprobs - old_logprobs)
     advantage = advantages.unsqueeze(1)
     unclipped = ratio * advantage
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantage
     per_token = -torch.min(unclipped, clipped)
+    if n_tokens is None:
+        n_tokens = distributed.mean_denominator(mask.sum())
+    n_tokens = n_tokens.clamp(min=1)
     kl_value = 0.0
     if beta > 0:
         if ref_logprobs is None:
@@ -95,8 +119,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         log_ratio = ref_logprobs - logprobs
         per_token_kl = torch.exp(log_ratio) - log_ratio - 1
         per_token = per_token + beta * per_token_kl
-        kl_value = float((per_token_kl.detach() * mask).sum() / mask.sum().clamp(min=1))
-    n_tokens = distributed.mean_denominator(mask.sum()).clamp(min=1)  # the global batch's, per rank
+        kl_value = float((per_token_kl.detach() * mask).sum() / n_tokens)
     loss = (per_token * mask).sum() / n_tokens
     was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon) & (advantage > 0))
     clip_fraction = float((was_clipped.float() * mask).sum() / n_tokens)

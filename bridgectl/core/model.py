@@ -149,10 +149,12 @@ def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_refere
     hf_logging.disable_progress_bar()  # our own progress bars are the only ones
     path = base_model_path(model_cfg, task_cfg, show_progress=show_progress)
     tokenizer = tokenizer_from(path, model_cfg)
-    model = causal_lm_from(path, model_cfg, device)
+    # training mode for the training passes (from_pretrained returns eval mode): dropout where the model has it,
+    # and activation checkpointing, which transformers applies in training mode only; sampling and evaluation
+    # switch to eval mode for their duration
+    model = causal_lm_from(path, model_cfg, device).train()
     if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # generation passes use_cache explicitly
+        enable_activation_checkpointing(model)
     reference = None
     if finetune == "lora":
         model = get_peft_model(model, PeftLoraConfig(
@@ -165,6 +167,19 @@ def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_refere
     if finetune == "lora":
         policy.merge_for_sampling = merge
     return policy
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Every decoder layer recomputes its activations in the backward pass instead of keeping them (TRL's default
+    for real models): activation memory falls from every layer's to one layer's, for one more forward pass.
+    Non-reentrant checkpointing, which needs no input that requires grad, so it works with a frozen base under LoRA
+    and with BRIDGE's shadow pass (theta_hat's values stay swapped in until its backward has run)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; gradient_... is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False  # generation passes use_cache explicitly
 
 
 def peft_targets(lora_cfg) -> list[str] | str:

@@ -45,11 +45,12 @@ def clip_gradients(params, max_grad_norm: float, what: str = "gradients") -> flo
     return norm
 
 
-def apply_update(loss: torch.Tensor, params, optimizer, scheduler, max_grad_norm: float) -> float:
-    """Backward, clip, step; returns the gradient norm before clipping."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+def take_step(params, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clips the gradients the step's backward passes accumulated in `params`, steps the optimizer and scheduler,
+    and frees the gradients (no weight-sized gradient stays alive into the next step's sampling and forward
+    passes); returns the gradient norm before clipping."""
     grad_norm = clip_gradients(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return grad_norm

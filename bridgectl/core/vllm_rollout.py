@@ -38,7 +38,7 @@ from bridgectl.core.logprobs import score_sampled
 from bridgectl.core.rollout import Rollouts, encode_prompts, prompt_token_lists, rollouts_from_token_ids
 from bridgectl.errors import UserError
 
-SCORING_ROWS = 16  # rows per no-grad rescoring pass: bounds the [rows, tokens, vocab] logits of large vocabularies
+SCORING_ROWS = 16  # rows per no-grad rescoring pass when train.micro_batch_size is 0 (the whole batch)
 
 
 def check_usable(device: torch.device) -> None:
@@ -93,6 +93,7 @@ class VLLMRollouts:
                        # log-probs after temperature scaling, as the trainer computes them (logprob_gap)
                        logprobs_mode="processed_logprobs")
         self.last_logprob_gap = float("nan")
+        self.scoring_rows = cfg.train.micro_batch_size or SCORING_ROWS
 
     def close(self) -> None:
         """Stops the engine and gives its memory back."""
@@ -116,7 +117,7 @@ class VLLMRollouts:
         """Training rollouts from the policy's current weights, with the trainer's sampling log-probs."""
         self.load_policy_weights(policy)
         rollouts, completions = self._generate(policy, prompts, max_new_tokens, temperature, row_seeds)
-        rollouts = score_sampled(policy.model, rollouts, temperature, SCORING_ROWS)
+        rollouts = score_sampled(policy.model, rollouts, temperature, self.scoring_rows)
         self.last_logprob_gap = logprob_gap(rollouts, [engine_logprobs(c) for c in completions])
         return rollouts
 

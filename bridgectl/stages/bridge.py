@@ -51,8 +51,8 @@ import torch
 
 from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import completion_rows, rl_loss, rollout_metrics, sample_and_score, sample_groups
-from bridgectl.core.losses import sft_loss
+from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_and_score, sample_groups
+from bridgectl.core.losses import sft_backward
 from bridgectl.core.model import adapter_of, add_upper_adapter
 from bridgectl.core.optim import clip_gradients, make_optimizer
 
@@ -121,17 +121,15 @@ class BridgeStage:
         # happen while an autograd graph holds them
         shadow_reward = self._shadow_reward(scored) if cfg.shadow_rollouts else None
         batch = next_sft_batch(ctx)
-        for optimizer, _ in (self.lower_opt, self.upper_opt, self.shadow_opt):
-            optimizer.zero_grad(set_to_none=True)
 
         # Joint branch: the gradient of (1-lam) L_sft + lam L_rl gives theta's Eq. 8 step and w's first two terms
-        # of Eq. 11. It is accumulated in two backward passes, each freeing its graph before the next forward, so
-        # peak memory is one branch's activations (close to an `rl` step), not the SFT and RL graphs together.
-        loss_sft = sft_loss(model, batch)
-        ((1 - lam) * cfg.sft_scale * loss_sft).backward()
-        loss_rl, stats = rl_loss(model, scored, ctx)
-        shadow_weights = self._shadow_weights(loss_rl)
-        (lam * loss_rl).backward()
+        # of Eq. 11. It is accumulated over micro-batches (train.micro_batch_size) of the RL rows, then of the SFT
+        # rows, each pass freeing its graph before the next forward, so peak memory is one micro-batch's
+        # activations (as in an `rl` step), never the SFT and RL graphs together.
+        lookahead = cfg.shadow == "lookahead"
+        loss_rl, stats = rl_backward(model, scored, ctx, scale=1.0 if lookahead else lam)
+        shadow_weights = self._lookahead_weights(lam) if lookahead else self.shadow
+        loss_sft = sft_backward(model, batch, ctx.cfg.train.micro_batch_size, scale=(1 - lam) * cfg.sft_scale)
 
         # theta's step (Eq. 8) needs the joint gradient only, so it is taken now and theta's gradient freed before
         # the shadow's backward makes theta_hat's: with lower=full, one weight-sized gradient less at the peak.
@@ -152,8 +150,7 @@ class BridgeStage:
         for param in upper_params:
             param.grad = None
         with self._in_place(shadow_weights):
-            loss_rl_shadow, _ = rl_loss(model, scored, ctx)
-            loss_rl_shadow.backward()
+            loss_rl_shadow, shadow_stats = rl_backward(model, scored, ctx)
         persistent = cfg.shadow == "persistent"
         for name, param in self.lower.items():
             if persistent:
@@ -173,12 +170,16 @@ class BridgeStage:
         for optimizer, scheduler in steps:
             optimizer.step()
             scheduler.step()
+        for optimizer, _ in (self.lower_opt, self.upper_opt, self.shadow_opt):
+            optimizer.zero_grad(set_to_none=True)  # no gradient stays alive into the next step
         self.updates += 1
 
         metrics = {
-            "train/sft_loss": loss_sft.item(), "train/rl_loss": loss_rl.item(),
-            "train/rl_loss_shadow": loss_rl_shadow.item(),
-            "bridge/coop_gain": loss_rl_shadow.item() - loss_rl.item(), "bridge/lambda": lam,
+            "train/sft_loss": loss_sft, "train/rl_loss": loss_rl, "train/rl_loss_shadow": loss_rl_shadow,
+            "bridge/coop_gain": loss_rl_shadow - loss_rl, "bridge/lambda": lam,
+            # the shadow scores rollouts of (theta, w): as theta and theta_hat drift apart its ratio leaves
+            # [1 - eps, 1 + eps] and clipping can silently stall its updates
+            "bridge/shadow_clip_frac": shadow_stats.clip_fraction,
             **norms, **rollout_metrics(scored, stats, rl.num_generations),
         }
         if shadow_reward is not None:
@@ -187,16 +188,17 @@ class BridgeStage:
                           gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))
 
-    def _shadow_weights(self, loss_rl: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.cfg.shadow == "persistent":
-            return self.shadow
-        # Eq. 10: theta_hat = theta + alpha grad J_RL(theta, w), one RL step from the current theta, a constant
-        # for w's gradient. theta's RL gradient alone is needed (the joint backward mixes in SFT): one more
-        # backward pass, the price of this ablation.
-        params = list(self.lower.values())
-        grads = torch.autograd.grad(loss_rl, params, retain_graph=True, allow_unused=True)
-        return {n: (p - self.cfg.alpha * g).detach() if g is not None else p.detach()
-                for (n, p), g in zip(self.lower.items(), grads)}
+    def _lookahead_weights(self, lam: float) -> dict[str, torch.Tensor]:
+        """Eq. 10: theta_hat = theta - alpha grad L_rl(theta, w), one RL step from the current theta, a constant
+        for w's gradient. The joint branch's RL pass ran unscaled for this, so theta's gradient is exactly
+        grad L_rl here: the look-ahead is read off it, then every gradient so far is scaled by lam, which is
+        what the scaled pass of the persistent shadow gives."""
+        weights = {n: (p - self.cfg.alpha * p.grad).detach() if p.grad is not None else p.detach()
+                   for n, p in self.lower.items()}
+        for param in [*self.lower.values(), *self.upper.values()]:
+            if param.grad is not None:
+                param.grad.mul_(lam)
+        return weights
 
     @contextlib.contextmanager
     def _in_place(self, weights: dict[str, torch.Tensor]):

@@ -8,9 +8,9 @@ demonstrations early and on rewards later.
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import completion_rows, rl_loss_from_logprobs, rollout_metrics, sample_groups
-from bridgectl.core.logprobs import sft_loss_and_completion_logprobs
-from bridgectl.core.optim import apply_update, make_optimizer
+from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.losses import sft_backward
+from bridgectl.core.optim import make_optimizer, take_step
 
 
 def mu_at(cfg, update: int, total_updates: int) -> float:
@@ -33,13 +33,12 @@ class MixStage:
         mu = mu_at(ctx.cfg.mix, self.updates, self.total_updates)
         scored = sample_groups(ctx)
         batch = next_sft_batch(ctx)
-        # one forward pass over the SFT rows and the rollouts together (core/rollout.py)
-        loss_sft, logprobs = sft_loss_and_completion_logprobs(ctx.policy.model, batch, scored.rollouts, rl.temperature)
-        loss_rl, stats = rl_loss_from_logprobs(logprobs, scored, ctx)
-        grad_norm = apply_update(loss_rl + mu * loss_sft, self.params, self.optimizer, self.scheduler,
-                                 ctx.cfg.optim.max_grad_norm)
+        # the gradient of L_rl + mu L_sft, accumulated from the micro-batches of each (train.micro_batch_size)
+        loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx)
+        loss_sft = sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu)
+        grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
-        metrics = {"train/rl_loss": loss_rl.item(), "train/sft_loss": loss_sft.item(), "mix/mu": mu,
+        metrics = {"train/rl_loss": loss_rl, "train/sft_loss": loss_sft, "mix/mu": mu,
                    **rollout_metrics(scored, stats, rl.num_generations), "train/grad_norm": grad_norm,
                    "train/lr": self.scheduler.get_last_lr()[0]}
         return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + batch.n_tokens,

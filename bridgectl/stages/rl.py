@@ -16,8 +16,8 @@ sampling policy differs from the trained one (BRIDGE's shadow scores the same ro
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext
-from bridgectl.core.grpo import completion_rows, rl_loss, rollout_metrics, sample_groups
-from bridgectl.core.optim import apply_update, make_optimizer
+from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.optim import make_optimizer, take_step
 
 
 class RLStage:
@@ -32,11 +32,11 @@ class RLStage:
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl
         scored = sample_groups(ctx)
-        loss, stats = rl_loss(ctx.policy.model, scored, ctx)
-        grad_norm = apply_update(loss, self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+        loss, stats = rl_backward(ctx.policy.model, scored, ctx)  # micro-batched (train.micro_batch_size)
+        grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
 
-        metrics = {"train/rl_loss": loss.item(), **rollout_metrics(scored, stats, rl.num_generations),
+        metrics = {"train/rl_loss": loss, **rollout_metrics(scored, stats, rl.num_generations),
                    "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
         return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens, gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))

@@ -7,8 +7,8 @@ negative log-likelihood of the trace and answer tokens (the question is not scor
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.losses import sft_loss
-from bridgectl.core.optim import apply_update, make_optimizer
+from bridgectl.core.losses import sft_backward
+from bridgectl.core.optim import make_optimizer, take_step
 
 
 class SFTStage:
@@ -22,10 +22,10 @@ class SFTStage:
     def step(self) -> StepOutput:
         ctx = self.ctx
         batch = next_sft_batch(ctx)
-        loss = sft_loss(ctx.policy.model, batch)
-        grad_norm = apply_update(loss, self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+        loss = sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size)
+        grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         return StepOutput(
-            metrics={"train/sft_loss": loss.item(), "train/grad_norm": grad_norm,
+            metrics={"train/sft_loss": loss, "train/grad_norm": grad_norm,
                      "train/lr": self.scheduler.get_last_lr()[0]},
             train_tokens=batch.n_tokens,
         )

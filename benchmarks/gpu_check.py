@@ -6,11 +6,16 @@ Everything is built locally: a byte-level tokenizer whose vocabulary has the mod
 sampled id decodes), the model saved with save_pretrained, and GSM8K-shaped jsonl files. With random weights the
 completions are noise and every reward is 0, so GRPO's advantages are 0; the step still does all of its work
 (sampling to the full completion length, since EOS is rare, and every forward and backward pass), which is what is
-timed. `--shape tiny` runs the same pipeline on a 2-layer model in seconds (what CI-less machines can check).
+timed. The shapes are a real run's: hundreds of tokens per completion (384 by default), 64 rollouts and 16 SFT
+examples per step, training passes in micro-batches of 8 rows with activation checkpointing (what `model=hf` sets),
+so peak memory is what a user's step takes, not the whole batch's. Recipes run one after another in their own
+processes until `--budget-s` (7 minutes by default) would be exceeded: the whole check stays under 8 minutes on one
+GPU. `--shape tiny` runs the same pipeline on a 2-layer model in seconds (what CI-less machines can check).
 
 With the vllm package installed (and a CUDA GPU), `rl` and `bridge lower=lora` also run with rollout.backend=vllm.
 
-Usage: python benchmarks/gpu_check.py [--steps 4] [--shape qwen2.5-0.5b|tiny] [--completion-length 128]
+Usage: python benchmarks/gpu_check.py [--steps 3] [--shape qwen2.5-0.5b|tiny] [--completion-length 384]
+                                     [--micro-batch-size 8] [--budget-s 420]
 """
 
 from __future__ import annotations
@@ -77,7 +82,8 @@ def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
                  f"task.path={data / 'train.jsonl'}", f"++task.eval_sets={{test:{data / 'test.jsonl'}}}",
                  f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0", "eval.n=8",
                  "rl.prompts_per_step=8", "rl.num_generations=8", "sft.batch_size=16",
-                 f"rl.max_completion_length={args.completion_length}", "train.threads=0"]
+                 f"rl.max_completion_length={args.completion_length}", "train.threads=0",
+                 f"train.micro_batch_size={args.micro_batch_size}", "rollout.batch_size=64"]
     run_name = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "bridgectl.cli", "run", *overrides, "--out", str(out),
@@ -87,7 +93,10 @@ def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
     rows = [json.loads(line) for line in (out / run_name / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "perf/step_s" in row][1:]  # the first step warms kernels and allocators up
     summary = json.loads((out / run_name / "summary.json").read_text())
-    return {"step_s": statistics.median(row["perf/step_s"] for row in steps),
+    step_s = statistics.median(row["perf/step_s"] for row in steps)
+    return {"step_s": step_s,
+            # tokens that went through a training pass (completions and SFT targets) per second of the whole step
+            "train_tokens_per_s": summary["train_tokens"] / summary["train_wall_s"],
             "gen_tokens_per_s": statistics.median(row["perf/gen_tokens_per_s"] for row in steps),
             "gen_tokens_per_step": statistics.median(row["train/response_len"] for row in steps) * 64,
             "peak_mb": summary["peak_mem_mb"], "wall_s": time.perf_counter() - started, "steps": len(steps),
@@ -107,9 +116,12 @@ def default_recipes() -> list[str]:
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
-    parser.add_argument("--completion-length", type=int, default=128)
+    parser.add_argument("--completion-length", type=int, default=384)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="start no further recipe once this many seconds have passed, or would by its end")
     parser.add_argument("--recipes", nargs="*", default=None, choices=list(ALL_RECIPES))
     args = parser.parse_args(argv)
     args.recipes = args.recipes or default_recipes()
@@ -125,8 +137,13 @@ def main(argv: list[str] | None = None) -> str:
         (data / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS[:8]))
         parameters = build_model(scratch / "model", SHAPES[args.shape])
         print(f"{args.shape}: {parameters / 1e6:.1f}M parameters, random init, bf16 weights; device {device}")
-        results = {}
+        results, started, skipped = {}, time.perf_counter(), []
         for name in args.recipes:
+            elapsed = time.perf_counter() - started
+            slowest = max((r["wall_s"] for r in results.values()), default=0.0)
+            if elapsed + 1.5 * slowest > args.budget_s:  # BRIDGE takes up to ~1.5x an rl run's time
+                skipped.append(name)
+                continue
             print(f"running {name} ({args.steps} steps) ...", flush=True)
             results[name] = run_recipe(name, scratch / "model", data, scratch / "runs", args)
             print(json.dumps(results[name]), flush=True)
@@ -134,13 +151,18 @@ def main(argv: list[str] | None = None) -> str:
     lines = ["# GPU check", "",
              f"Produced by `make gpu-check` on {device}: {args.shape} shape ({parameters / 1e6:.1f}M parameters, "
              f"random init), `model=hf`, dtype auto (bf16 on CUDA), 8 prompts x 8 samples, completions of "
-             f"{args.completion_length} tokens (EOS is rare with random weights), 16 SFT examples, medians over "
-             f"{args.steps - 1} steps after the first.", "",
-             "| recipe | s/step | rollout tokens/s | generated tokens/step | peak memory (MB) | vLLM log-prob gap |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['step_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {r['gen_tokens_per_step']:.0f} | "
-              f"{r['peak_mb']:.0f} | {'' if r['logprob_gap'] is None else format(r['logprob_gap'], '.4f')} |"
+             f"{args.completion_length} tokens (EOS is rare with random weights), 16 SFT examples, training passes "
+             f"in micro-batches of {args.micro_batch_size} rows with activation checkpointing; medians over "
+             f"{args.steps - 1} steps after the first; {time.perf_counter() - started:.0f} s in all.", "",
+             "| recipe | s/step | rollout tokens/s | trained tokens/s | generated tokens/step | peak memory (MB) "
+             "| vLLM log-prob gap |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['step_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f} | "
+              f"{r['gen_tokens_per_step']:.0f} | {r['peak_mb']:.0f} | "
+              f"{'' if r['logprob_gap'] is None else format(r['logprob_gap'], '.4f')} |"
               for name, r in results.items()]
+    if skipped:
+        lines += ["", f"Not run within --budget-s {args.budget_s:.0f}: {', '.join(skipped)}."]
     if any(name in VLLM_RECIPES for name in results):
         lines += ["", "Peak memory is PyTorch's allocator peak: with vLLM rollouts the engine's reserved share "
                       "(rollout.gpu_memory_utilization) is not all in it. The log-prob gap is the mean absolute "

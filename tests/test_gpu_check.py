@@ -13,14 +13,14 @@ import gpu_check  # noqa: E402
 
 
 def test_gpu_check_runs_rl_and_bridge_on_the_tiny_shape():
-    text = gpu_check.main(["--shape", "tiny", "--steps", "2", "--completion-length", "8",
-                           "--recipes", "rl (LoRA r32)", "bridge lower=lora"])
+    text = gpu_check.main(["--shape", "tiny", "--steps", "2", "--completion-length", "8", "--micro-batch-size", "3",
+                           "--budget-s", "100000", "--recipes", "rl (LoRA r32)", "bridge lower=lora"])
     first_table = text.split("ratio against rl")[0]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in first_table.splitlines() if line.startswith("| ")}
     assert {"rl (LoRA r32)", "bridge lower=lora"} <= rows.keys()
     cells = [cell.strip() for cell in rows["bridge lower=lora"].split("|")[2:-1]]
-    step_s, tokens_per_s, tokens_per_step, peak = (float(v) for v in cells[:4])
-    assert step_s > 0 and tokens_per_s > 0 and peak > 0
-    assert cells[4] == ""  # no log-prob gap without vLLM rollouts
+    step_s, tokens_per_s, trained_per_s, tokens_per_step, peak = (float(v) for v in cells[:5])
+    assert step_s > 0 and tokens_per_s > 0 and trained_per_s > 0 and peak > 0
+    assert cells[5] == ""  # no log-prob gap without vLLM rollouts
     assert tokens_per_step == 64 * 8  # 8 prompts x 8 samples, every completion at the full 8 tokens
     assert "| bridge lower=lora | " in text.split("ratio against rl")[1]

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import bridgectl.stages.rl as rl_stage
+import bridgectl.core.grpo as grpo
 from bridgectl.cli import app
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
 
@@ -153,14 +153,14 @@ def test_checkpoints_survive_kills_while_being_written(tmp_path):
 
 
 def test_a_nan_stops_the_run_naming_step_and_quantity_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real, calls = rl_stage.rl_loss, []
+    real, calls = grpo.rl_loss, []  # what rl_backward computes for each micro-batch (one per step here)
 
     def poisoned(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         calls.append(1)
         return (loss * math.nan if len(calls) == 3 else loss), stats
 
-    monkeypatch.setattr(rl_stage, "rl_loss", poisoned)
+    monkeypatch.setattr(grpo, "rl_loss", poisoned)
     result = CliRunner().invoke(app, ["run", "recipe=rl", *SHORT, "--out", str(tmp_path), "--name", "nan"])
     assert result.exit_code == 1
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
@@ -169,7 +169,7 @@ def test_a_nan_stops_the_run_naming_step_and_quantity_and_keeps_the_last_checkpo
     assert [read_checkpoint(p)[0]["step"] for p in list_checkpoints(tmp_path / "nan" / "checkpoints")] == [2]
 
     # resuming needs the run's own config, unless a change is allowed
-    monkeypatch.setattr(rl_stage, "rl_loss", real)
+    monkeypatch.setattr(grpo, "rl_loss", real)
     refused = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "nan"), "rl.lr=5e-5"])
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "change rl.lr" in said and "--allow-change rl.lr" in said

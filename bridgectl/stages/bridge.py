@@ -14,9 +14,9 @@ step, Algorithm 2 of the paper:
     log bridge/coop_gain = L_rl_hat - L_rl  (> 0: the jointly trained model scores better than RL alone)
 
 Cost: one generation and three forward+backward passes (SFT and RL on (theta, w), RL on (theta_hat, w)), run one
-after another so that only one branch's activations are alive at a time. The joint gradient is accumulated from
-the SFT and RL passes for theta and w together (its w part is exactly the first two terms of Eq. 11), and
-L_rl_hat is differentiated once for theta_hat and w. theta's step depends on the joint gradient alone, so it is
+after another, each in micro-batches of `train.micro_batch_size` rows, so that only one micro-batch's activations
+are alive at a time. The joint gradient is accumulated from the RL and SFT passes for theta and w together (its w
+part is exactly the first two terms of Eq. 11), and L_rl_hat is differentiated once for theta_hat and w. theta's step depends on the joint gradient alone, so it is
 taken before the shadow branch runs and its gradient freed (with lower=full, one weight-sized gradient less at the
 peak); the updates are those of the block above.
 

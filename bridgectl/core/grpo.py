@@ -70,7 +70,8 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
         generators = [torch.Generator(device=ctx.device).manual_seed(seed) for seed in seeds]
         with policy.merged_for_generation() as sampler:
             rollouts = generate(sampler, policy.tokenizer, questions, rl.max_completion_length,
-                                temperature=rl.temperature, group_generators=generators)
+                                temperature=rl.temperature, group_generators=generators,
+                                rows_per_batch=ctx.cfg.rollout.batch_size)
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
     rewards = torch.tensor(ctx.task.rewards(rollouts.completions, [p.answer for p in grouped]), device=ctx.device)

@@ -7,6 +7,7 @@ after their first EOS. Log-probs are taken at the sampling temperature on both s
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 
 import torch
@@ -42,63 +43,192 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
+# Dropping ended rows from the decoding batch ("compaction") copies the KV cache of the rows kept, which costs about
+# what one decoding step costs in copies anyway (DynamicCache concatenates every layer's cache at every step), so it
+# is done once at least this share of the rows still in the batch have ended: at most an eighth of a step's rows
+# are then dead weight, and a batch of B rows is compacted at most log(B) / log(8/7) times (31 for 64 rows;
+# compacting whenever a row ends could take 63). Measured (benchmarks/decode_compaction.py, CPU, 1 thread, 64 rows,
+# 4 layers x 256, CPU seconds; "never" 38.1 and 39.8): long tail (60 rows end after 40-60 tokens, 4 run to 512)
+# 5.80 / 5.90 / 6.22 / 6.19 s at 0 / 1/8 / 1/4 / 1/2; rows ending evenly through 1-512 tokens 13.8 / 13.8 / 14.4 /
+# 16.3 s. 1/8 does as well as compacting whenever a row ends, with a third of the compactions (20 against 63).
+_COMPACT_FRACTION = 0.125
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None,
-             group_generators: list[torch.Generator] | None = None) -> Rollouts:
-    """Samples one completion per prompt (repeat prompts for groups). Stops when every row has hit EOS.
+             group_generators: list[torch.Generator] | None = None, rows_per_batch: int = 0) -> Rollouts:
+    """Samples one completion per prompt (repeat prompts for groups), decoding until every row has hit EOS or
+    `max_new_tokens`. Rows that have ended leave the decoding batch (with their KV cache rows), so a batch costs
+    the tokens its rows generate, not its longest row times its row count. `rows_per_batch` > 0 decodes at most
+    that many rows at a time (rounded down to whole groups with `group_generators`, at least one group), to bound
+    the KV cache's memory. The result is the same in either case: completions right-padded to the longest one,
+    in the order of `prompts`.
 
     Randomness: `generator` for the whole batch, or `group_generators`, one per consecutive group of equal size
     (len(prompts) / len(group_generators) rows): each group's tokens then come from its own generator by
-    Gumbel-max (argmax of log p + Gumbel noise, an exact sample of softmax), so a group's completions do not
-    depend on the other rows in the batch; data-parallel ranks sampling their share of the groups get exactly the
-    completions one process would (core/distributed.py)."""
+    Gumbel-max (argmax of log p + Gumbel noise, an exact sample of softmax). While any of its rows is still
+    decoding, a group draws noise for all its rows every step, and each row takes its own row of the draw, so a
+    group's t-th draw always makes its rows' t-th tokens: a group's completions do not depend on the other rows in
+    the batch, on which rows have left it, or on `rows_per_batch`; data-parallel ranks sampling their share of the
+    groups get exactly the completions one process would (core/distributed.py). Greedy decoding does not depend on
+    them either. With one `generator` a seeded call is reproducible (same prompts, lengths and `rows_per_batch`
+    give the same samples), but the samples change with `rows_per_batch` and with which rows have left the batch,
+    as the generator's stream is spent on the rows still decoding. ("Do not depend" is up to float rounding: the
+    model's numbers for a row may differ in the last bits with the batch around it.)
+
+    Under a sharded model (train.fsdp) every rank makes the same forward passes, as each gathers the weights: a
+    chunk decodes until the rows of every rank have ended (a rank whose rows have ended keeps one row in its batch
+    to make them with), the completions are then as wide as the steps taken, and a rank with fewer chunks decodes
+    stand-in chunks."""
     device = next(model.parameters()).device
     # a sharded model (train.fsdp) gathers weights in every forward pass, so every rank must make as many passes:
-    # decoding stops when the rows of every rank have ended
+    # decoding stops when the rows of every rank have ended, and every rank decodes as many chunks
     sharded = distributed.active() and distributed.is_sharded_model(model)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     n_rows = prompt_ids.size(0)
+    group_size = 1
+    if group_generators is not None:
+        if n_rows % len(group_generators):
+            raise ValueError(f"{n_rows} prompts do not split into {len(group_generators)} equal groups")
+        group_size = n_rows // len(group_generators)
+    if rows_per_batch < 0:
+        raise ValueError(f"rows_per_batch must be >= 0 (0: all rows together), got {rows_per_batch}")
+    chunks = _row_chunks(n_rows, rows_per_batch, group_size)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    mask = prompt_mask
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
-                logits_to_keep=1)
+    decoded = []
+    for index in itertools.count():
+        mine = index < len(chunks)
+        if not (distributed.any_rank(mine) if sharded else mine):
+            break
+        if mine:
+            start, end = chunks[index]
+            groups = group_generators[start // group_size:end // group_size] if group_generators is not None else None
+            decoded.append(_decode_rows(model, prompt_ids[start:end], prompt_mask[start:end], max_new_tokens,
+                                        temperature, greedy, generator, groups, group_size, eos, pad, sharded))
+        else:
+            # a rank out of chunks while another still has one decodes its first row as already ended (greedily:
+            # no generator is touched), and drops it: its forward passes pair with the other rank's
+            _decode_rows(model, prompt_ids[:1], prompt_mask[:1], max_new_tokens, temperature, True, None, None,
+                         group_size, eos, pad, sharded, ended=True)
+    width = max(tokens.size(1) for tokens, _ in decoded)
+    completion_ids = torch.cat([torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad)
+                                for tokens, _ in decoded])
+    logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.size(1))) for _, lp in decoded])
+    completion_mask = completion_mask_from(completion_ids, eos)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    sampling_logprobs = logprobs * completion_mask
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, texts)
+
+
+def _row_chunks(n_rows: int, rows_per_batch: int, group_size: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of at most `rows_per_batch` rows (0: one range), cut between groups."""
+    if rows_per_batch == 0:
+        return [(0, n_rows)]
+    size = max(group_size, rows_per_batch // group_size * group_size)
+    return [(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                 temperature: float, greedy: bool, generator: torch.Generator | None,
+                 group_generators: list[torch.Generator] | None, group_size: int, eos: int, pad: int,
+                 sharded: bool, ended: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decodes one chunk of rows (whole groups with `group_generators`): returns its tokens [n, T] (pad from the
+    step after a row's EOS) and their log-probs [n, T], T the steps taken. `ended` starts every row as already
+    ended (a sharded rank's stand-in chunk)."""
+    device = prompt_ids.device
+    # padding columns no row of this chunk uses (another chunk's longer prompt) are dropped: positions come from
+    # the mask, so a row's numbers do not change
+    used = prompt_mask.bool().any(dim=0)
+    mask, ids = (prompt_mask, prompt_ids) if bool(used.all()) else (prompt_mask[:, used], prompt_ids[:, used])
+    n = ids.size(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
     cache, next_logits = out[KV_CACHE], out.logits[:, -1]
     position = positions(mask)[:, -1:]
-    tokens, logprobs = [], []
-    finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    for index in range(max_new_tokens):
+    tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
+    logprobs = torch.zeros((n, max_new_tokens), device=device)
+    rows = torch.arange(n, device=device)  # the chunk row of each batch row; ascending, rows only ever leave
+    finished = torch.full((n,), ended, dtype=torch.bool, device=device)
+    segments = _group_segments(rows, group_size) if group_generators is not None else None
+    for step in range(max_new_tokens):
         scaled = torch.log_softmax(next_logits.float() / temperature, dim=-1)
         if greedy:
             token = scaled.argmax(dim=-1)
         elif group_generators is not None:
-            rows_per_group = n_rows // len(group_generators)
-            uniform = torch.cat([torch.rand(rows_per_group, scaled.size(1), generator=g, device=device,
-                                            dtype=torch.float64) for g in group_generators])
-            gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300)))
-            token = (scaled.double() + gumbel).argmax(dim=-1)
+            token = _gumbel_max_by_group(scaled, finished, segments, group_generators, group_size)
         else:
             token = torch.multinomial(scaled.exp(), 1, generator=generator).squeeze(1)
         token = torch.where(finished, torch.full_like(token, pad), token)
-        tokens.append(token)
-        logprobs.append(scaled.gather(1, token.unsqueeze(1)).squeeze(1))
+        tokens[rows, step] = token
+        logprobs[rows, step] = scaled.gather(1, token.unsqueeze(1)).squeeze(1)
         finished |= token == eos
-        done = bool(finished.all())
+        live = ~finished
+        n_live, n_batch = int(live.sum()), rows.numel()
+        done = n_live == 0
         if sharded:
             done = not distributed.any_rank(not done)
-        if done or index == max_new_tokens - 1:  # no forward pass for logits nobody samples
+        if done or step == max_new_tokens - 1:  # no forward pass for logits nobody samples
             break
+        if n_batch - n_live >= _COMPACT_FRACTION * n_batch and n_live < n_batch:
+            # only a sharded rank whose rows have all ended gets here with none live: it keeps one row to make its
+            # remaining forward passes with
+            keep = live.nonzero().squeeze(1) if n_live else torch.zeros(1, dtype=torch.long, device=device)
+            if keep.numel() < n_batch:
+                # reorder_cache (index_select on the batch dimension) is what every cache layer type implements
+                # (dynamic, sliding-window, quantized, linear-attention states); batch_select_indices is only on
+                # the dynamic layers and leaves a quantized layer's quantized states unselected
+                cache.reorder_cache(keep)
+                rows, finished, mask, position, token = (t[keep] for t in (rows, finished, mask, position, token))
+                if segments is not None:
+                    segments = _group_segments(rows, group_size)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
                     **{KV_CACHE: cache})
         cache, next_logits = out[KV_CACHE], out.logits[:, -1]
-    completion_ids = torch.stack(tokens, dim=1)
-    completion_mask = completion_mask_from(completion_ids, eos)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
-    sampling_logprobs = torch.stack(logprobs, dim=1) * completion_mask
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, texts)
+    return tokens[:, :step + 1], logprobs[:, :step + 1]
+
+
+def _group_segments(rows: torch.Tensor, group_size: int) -> list[tuple[int, int, int, torch.Tensor | None]]:
+    """(first batch row, end, group, the group members' indices within the group or None for all) for each group
+    with rows in the batch; a group's rows are consecutive as the batch keeps the chunk's order."""
+    groups = (rows // group_size).tolist()
+    segments, start = [], 0
+    while start < len(groups):
+        end = start
+        while end < len(groups) and groups[end] == groups[start]:
+            end += 1
+        members = None if end - start == group_size else rows[start:end] - groups[start] * group_size
+        segments.append((start, end, groups[start], members))
+        start = end
+    return segments
+
+
+def _gumbel_max_by_group(scaled: torch.Tensor, finished: torch.Tensor, segments: list, group_generators: list,
+                         group_size: int) -> torch.Tensor:
+    """One token per batch row by Gumbel-max with each group's own generator. A group with a row still decoding
+    draws [group_size, vocab] uniforms, whichever of its rows are left, and each row takes its own: the draw
+    sequence of a group is fixed by the group alone. A group whose rows have all ended draws nothing (its rows'
+    tokens are replaced by pad)."""
+    ended = finished.tolist()
+    draws, drawn = [], []
+    for start, end, group, members in segments:
+        if all(ended[start:end]):
+            continue
+        uniform = torch.rand(group_size, scaled.size(1), generator=group_generators[group], device=scaled.device,
+                             dtype=torch.float64)
+        draws.append(uniform if members is None else uniform[members])
+        drawn.append((start, end))
+    token = torch.zeros(scaled.size(0), dtype=torch.long, device=scaled.device)  # ended groups' rows become pad
+    if not draws:
+        return token
+    gumbel = -torch.log(-torch.log(torch.cat(draws).clamp(min=1e-300)))
+    if len(drawn) == len(segments) and all(members is None for *_, members in segments):
+        return (scaled.double() + gumbel).argmax(dim=-1)  # the usual case: every row of every group drew
+    index = torch.cat([torch.arange(start, end, device=scaled.device) for start, end in drawn])
+    token[index] = (scaled[index].double() + gumbel).argmax(dim=-1)
+    return token
 
 
 def completion_mask_from(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -82,7 +82,8 @@ def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
                  f"task.path={data / 'train.jsonl'}", f"++task.eval_sets={{test:{data / 'test.jsonl'}}}",
                  f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0", "eval.n=8",
                  "rl.prompts_per_step=8", "rl.num_generations=8", "sft.batch_size=16",
-                 f"rl.max_completion_length={args.completion_length}", "train.threads=0",
+                 f"rl.max_completion_length={args.completion_length}", f"eval.max_new_tokens={args.completion_length}",
+                 "train.threads=0",
                  f"train.micro_batch_size={args.micro_batch_size}", "rollout.batch_size=64"]
     run_name = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-")
     started = time.perf_counter()

@@ -231,13 +231,14 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     import torch
 
     from bridgectl.config import compose
-    from bridgectl.runner import STAGES, build_context
+    from bridgectl.core.context import build_context
+    from bridgectl.stages import build_stage
 
     cfg = compose([*COMMON, *overrides])
     baseline = rss_mb()
     ctx = build_context(cfg, show_progress=False)
     kind = cfg.recipe.stages[0]
-    stage = STAGES[kind](ctx, steps + warmup + 1)  # built first: BRIDGE wraps the model in its adapters
+    stage = build_stage(kind, ctx, steps + warmup + 1)  # built first: BRIDGE wraps the model in its adapters
     with_forced_length(ctx)
     for _ in range(warmup):
         stage.step()
@@ -266,13 +267,14 @@ def measure_interleaved(rounds: int, warmup: int) -> dict:
     """Seconds per step (median of `rounds`) of the INTERLEAVED configurations, built in one process and stepped in
     turn, round after round."""
     from bridgectl.config import compose
-    from bridgectl.runner import STAGES, build_context
+    from bridgectl.core.context import build_context
+    from bridgectl.stages import build_stage
 
     stages = {}
     for name in INTERLEAVED:
         cfg = compose([*COMMON, *CONFIGS[name]])
         ctx = build_context(cfg, show_progress=False)
-        stages[name] = STAGES[cfg.recipe.stages[0]](ctx, rounds + warmup)
+        stages[name] = build_stage(cfg.recipe.stages[0], ctx, rounds + warmup)
         with_forced_length(ctx)
         for _ in range(warmup):
             stages[name].step()
@@ -361,7 +363,7 @@ def measure_generation(steps: int) -> dict:
     from bridgectl.config import compose
     from bridgectl.core.grpo import group_seeds
     from bridgectl.core.rollout import generate
-    from bridgectl.runner import build_context
+    from bridgectl.core.context import build_context
 
     cfg = compose([*COMMON, "recipe=rl", *SHORT])
     ctx = build_context(cfg, show_progress=False)

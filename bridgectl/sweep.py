@@ -107,7 +107,7 @@ def load_spec(path: Path) -> SweepSpec:
     # Every key and value must compose exactly as `bridgectl run` would: check one example of each param.
     example = {k: (p.get("choices") or p.get("values") or [p["low"]])[0] for k, p in spec.params.items()}
     cfg = compose(trial_overrides(spec, example, spec.seeds[0]))
-    from bridgectl.runner import task_eval_splits
+    from bridgectl.tasks import task_eval_splits
 
     splits = task_eval_splits(cfg.task)
     if spec.metric.split("/")[1] not in splits:

@@ -21,7 +21,7 @@ from bridgectl.config import compose
 from bridgectl.core.grpo import rl_loss
 from bridgectl.core.lora_forward import set_lora_forward
 from bridgectl.core.losses import sft_loss
-from bridgectl.runner import build_context
+from bridgectl.core.context import build_context
 from bridgectl.stages.bridge import BridgeStage
 
 # 8 groups of 4: with fewer, every group of a step can score all-equal rewards (no RL gradient at all), which

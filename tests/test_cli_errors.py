@@ -160,8 +160,9 @@ def test_existing_run_directory_is_refused_and_left_untouched(workdir, no_traini
 def test_recipes_lists_every_builtin_recipe_with_its_stages():
     result = CliRunner().invoke(app, ["recipes"])
     assert result.exit_code == 0, result.output
+    recipes_table, stages_table = result.output.split("stages (recipe.stages")
     rows = {}
-    for line in result.output.splitlines():
+    for line in recipes_table.splitlines():
         cells = [cell.strip() for cell in line.replace("┃", "│").replace("|", "│").split("│")]
         cells = [cell for cell in cells if cell]
         if cells and cells[0] in {"sft", "rl", "two_stage", "interleaved"}:
@@ -172,6 +173,11 @@ def test_recipes_lists_every_builtin_recipe_with_its_stages():
         assert None not in expected["budgets"]  # the shipped recipes split their steps exactly
         stages = " -> ".join(f"{kind}({steps})" for kind, steps in zip(expected["stages"], expected["budgets"]))
         assert rows[name][1:3] == [stages, str(expected["max_steps"])], rows[name]
+    from bridgectl.stages import STAGES
+
+    listed = {cells[0] for line in stages_table.splitlines()
+              if (cells := [c.strip() for c in line.replace("|", "│").split("│") if c.strip()])}
+    assert set(STAGES) <= listed  # every registered stage, with its update rule
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(workdir):

@@ -36,6 +36,23 @@ def test_shipped_options_include_the_documented_ones():
     assert config_module.group_options("recipe") == SHIPPED["recipe"]
 
 
+def test_every_shipped_recipe_runs_registered_stages_and_every_stage_is_buildable():
+    """One registry (bridgectl/stages/__init__.py): every stage a shipped recipe names is in it, and every entry
+    names a class with a step() in its own module."""
+    from bridgectl.stages import STAGES, stage_class
+
+    used = set()
+    for option in SHIPPED["recipe"]:
+        stages = list(compose([f"recipe={option}"]).recipe.stages)
+        assert set(stages) <= set(STAGES), (option, stages)
+        used.update(stages)
+    assert used == set(STAGES)  # and no registered stage lacks a recipe
+    for kind in STAGES:
+        cls = stage_class(kind)
+        assert cls.__module__ == f"bridgectl.stages.{STAGES[kind].module}" and callable(cls.step)
+        assert cls.name == kind
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in SHIPPED.items() for o in options])
 def test_every_shipped_yaml_composes_validates_and_is_applied(group, option):
     # what some options need besides their file (model=hf names no model of its own)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from bridgectl.cli import app
 from bridgectl.config import compose
 from bridgectl.core.rollout import generate
-from bridgectl.runner import build_context
+from bridgectl.core.context import build_context
 
 SMALL = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=4",
          "rl.num_generations=4", "sft.batch_size=8", "eval.n=20", "train.checkpoint_every=0"]

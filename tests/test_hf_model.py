@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from bridgectl.cli import app
 from bridgectl.config import compose
-from bridgectl.runner import build_context, prompt_formatter
+from bridgectl.core.context import build_context
+from bridgectl.tasks import prompt_formatter
 from hf_fixtures import CHAT_TEMPLATE, GSM8K_ROWS, MATH_ROWS, build_hf_model, write_jsonl
 
 SMALL = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",

@@ -15,7 +15,8 @@ from bridgectl.config import compose
 from bridgectl.core.logprobs import micro_batches, token_logprobs
 from bridgectl.core.losses import SFTBatch, sft_loss
 from bridgectl.core.rollout import positions
-from bridgectl.runner import STAGES, build_context
+from bridgectl.core.context import build_context
+from bridgectl.stages import build_stage
 
 
 # ---- chunked log-probs ------------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def step_gradients(recipe_overrides: list[str], stage_kind: str, extra: list[str
     monkeypatch.setattr(bridge_module, "clip_gradients", spy(bridge_module.clip_gradients))
     cfg = compose([*recipe_overrides, *SMALL, *extra])
     ctx = build_context(cfg, show_progress=False)
-    stage = STAGES[stage_kind](ctx, 3)
+    stage = build_stage(stage_kind, ctx, 3)
     for _ in range(steps):
         stage.step()
     monkeypatch.undo()

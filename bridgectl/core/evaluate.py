@@ -4,6 +4,7 @@ decoder: the model itself (model_decoder) or an inference engine holding the sam
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -81,3 +82,30 @@ def sample_split(decode: Decode, problems, rewards_fn, k: int, temperature: floa
             total_reward += float(by_problem.sum())
     return SampledResult(pass_at_k=solved / len(problems), mean_at_k=total_reward / (len(problems) * k), k=k,
                          n=len(problems))
+
+
+def evaluate_all(ctx, eval_problems: dict) -> dict:
+    """{split: SplitResult} for every eval split of the task."""
+    cfg = ctx.cfg.eval
+    with decoding(ctx) as decode:
+        return {split: evaluate_split(decode, problems, ctx.task.rewards, cfg.max_new_tokens, cfg.batch_size)
+                for split, problems in eval_problems.items()}
+
+
+@contextlib.contextmanager
+def decoding(ctx):
+    """What decodes a run's evaluations: the engine that samples its rollouts (rollout.backend=vllm), else the
+    policy itself with LoRA merged (generation is faster, results the same)."""
+    if ctx.rollout_engine is not None:
+        yield ctx.rollout_engine.decoder(ctx.policy)
+    else:
+        with ctx.policy.merged_for_generation() as model:
+            yield model_decoder(model, ctx.policy.tokenizer)
+
+
+def eval_metrics(results: dict) -> dict:
+    metrics = {}
+    for split, result in results.items():
+        metrics[f"eval/{split}/accuracy"] = result.accuracy
+        metrics[f"eval/{split}/response_len"] = result.mean_length
+    return metrics

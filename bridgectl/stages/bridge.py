@@ -96,6 +96,7 @@ def _optimizer(params, lr, cfg, optim_cfg, total_updates):
 
 class BridgeStage:
     name = "bridge"
+    before_sharding = staticmethod(ensure_upper_adapter)  # core/context.build_context, train.fsdp
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         self.ctx, self.cfg, self.total_updates = ctx, ctx.cfg.bridge, total_updates

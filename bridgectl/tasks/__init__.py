@@ -1,0 +1,45 @@
+"""Tasks: where RL problems, SFT traces, evaluation sets and the verifier come from. `arith` is built in
+(tasks/arith.py); gsm8k, math and jsonl read files or Hub datasets (tasks/data.py)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from omegaconf import DictConfig
+
+
+def prompt_formatter(tokenizer, use_chat_template: bool) -> Callable[[str], str]:
+    """The question as the model should see it: one user turn of the tokenizer's chat template with the assistant
+    turn opened, or the text as is when the tokenizer has no template (or task.chat_template=false). The template's
+    leading BOS text is dropped when the tokenizer adds BOS itself, so prompts never start with two."""
+    if not (use_chat_template and getattr(tokenizer, "chat_template", None)):
+        return lambda text: text
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def format_prompt(text: str) -> str:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return rendered[len(bos):] if adds_bos and rendered.startswith(bos) else rendered
+
+    return format_prompt
+
+
+def make_task(cfg: DictConfig, show_progress: bool = True):
+    """The task of `cfg`; dataset tasks read and check their sources here, before any model weights load."""
+    from bridgectl.tasks.arith import ArithTask
+
+    if cfg.task.name == "arith":
+        return ArithTask(cfg.task)
+    from bridgectl.core.model import load_tokenizer
+    from bridgectl.tasks.data import DatasetTask
+
+    tokenizer = load_tokenizer(cfg.model, cfg.task, show_progress=show_progress)
+    return DatasetTask(cfg.task, prompt_formatter(tokenizer, cfg.task.chat_template))
+
+
+def task_eval_splits(task_cfg) -> tuple[str, ...]:
+    """Names of a task's evaluation splits, without loading its data."""
+    from bridgectl.tasks.arith import ArithTask
+
+    return ArithTask.SPLITS if task_cfg.name == "arith" else tuple(task_cfg.eval_sets)

@@ -10,7 +10,7 @@ Each example becomes a `Problem(question, trace, answer)`:
     and `task.answer_field`.
 The SFT completion is the trace followed by `The final answer is \\boxed{answer}.` unless the trace already boxes
 it, so SFT teaches the format the verifier reads. Prompts are `task.prompt_template` (SimpleRL style by default)
-around the question, then the model's chat template when its tokenizer has one (runner.prompt_formatter).
+around the question, then the model's chat template when its tokenizer has one (tasks/__init__.prompt_formatter).
 
 SFT traces and RL prompts may come from different sources, as in the paper (traces distilled from a stronger
 model, RL on verifiable problems): `task.sft_path` and `task.rl_path` override `task.path`; evaluation sets are

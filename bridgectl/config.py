@@ -245,6 +245,10 @@ class BridgeConfig:
     """Also sample the shadow's own rollouts each step and log bridge/reward_gap (costs one more generation)."""
     optimizer: str = "adamw"
     """adamw, or sgd (plain theta -= lr * grad, for exact-update checks)."""
+    upper: str = "cooperative"
+    """The upper level: cooperative (w on the cooperative gain, Eqs. 11-12, the paper's method), joint (the
+    paper's "w/o J_meta" ablation: w on the joint loss (1-lam) L_sft + lam L_rl only, no shadow) or none (no
+    adapter w: theta alone on the fused loss)."""
 
 
 @dataclass
@@ -534,6 +538,11 @@ def validate(cfg: DictConfig) -> None:
     require(bridge.lower in ("full", "lora"), f"unknown bridge.lower '{bridge.lower}'", "choose full or lora")
     require(bridge.shadow in ("persistent", "lookahead"), f"unknown bridge.shadow '{bridge.shadow}'",
             "choose persistent (Algorithm 2) or lookahead (Eq. 10)")
+    require(bridge.upper in ("cooperative", "joint", "none"), f"unknown bridge.upper '{bridge.upper}'",
+            "choose cooperative (BRIDGE), joint (w/o the cooperative gain) or none (no upper level)")
+    require(bridge.upper == "cooperative" or (bridge.shadow == "persistent" and not bridge.shadow_rollouts),
+            f"bridge.upper={bridge.upper} has no shadow, so bridge.shadow=lookahead and bridge.shadow_rollouts do "
+            "not apply", "drop them, or use bridge.upper=cooperative")
     require(bridge.optimizer in ("adamw", "sgd"), f"unknown bridge.optimizer '{bridge.optimizer}'", "choose adamw or sgd")
     require(not (bridge.shadow_rollouts and bridge.shadow == "lookahead"),
             "bridge.shadow_rollouts needs the persistent shadow", "drop bridge.shadow_rollouts or use bridge.shadow=persistent")

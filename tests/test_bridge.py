@@ -160,3 +160,51 @@ def test_lambda_ramp_and_logged_quantities(monkeypatch):
                     "bridge/grad_norm_theta_hat", "bridge/reward_gap"):
             assert key in m
         assert -1.0 <= m["bridge/reward_gap"] <= 1.0
+
+
+@pytest.mark.parametrize("lower", ["full", "lora"])
+def test_ablation_upper_joint_trains_w_on_the_joint_loss_without_a_shadow(lower, monkeypatch):
+    """bridge.upper=joint (the paper's "w/o J_meta"): theta as in BRIDGE (Eq. 8), w -= beta grad_w of the joint
+    loss only: the cooperative gain's shadow term is gone, and so is the shadow."""
+    lam = 0.5
+    ctx, stage, recorded = make_stage([f"bridge.lower={lower}", "bridge.upper=joint", f"bridge.lam={lam}"],
+                                      monkeypatch)
+    assert stage.upper and stage.shadow == {} and stage.shadow_opt is None
+    stage.step()  # a second step: theta has moved, so the check does not pass at theta_0 by accident
+    theta, w = snapshot(stage.lower), snapshot(stage.upper)
+    out = stage.step()
+    assert "bridge/coop_gain" not in out.metrics and "train/rl_loss_shadow" not in out.metrics
+    g_sft, g_rl, _ = expected_gradients(ctx, stage, theta, w, theta, recorded)
+    alpha, beta = ctx.cfg.bridge.alpha, ctx.cfg.bridge.beta
+    for n, before in theta.items():
+        expected = before - alpha * ((1 - lam) * g_sft[n] + lam * g_rl[n])
+        torch.testing.assert_close(stage.lower[n].detach(), expected, atol=1e-6, rtol=1e-4)
+    moved = 0.0
+    for n, before in w.items():
+        expected = before - beta * ((1 - lam) * g_sft[n] + lam * g_rl[n])
+        torch.testing.assert_close(stage.upper[n].detach(), expected, atol=1e-6, rtol=1e-4)
+        moved = max(moved, float((expected - before).abs().max()))
+    assert moved > 1e-4  # w did learn from the joint loss
+
+
+def test_ablation_upper_none_has_no_adapter_w_and_trains_theta_on_the_fused_loss(monkeypatch):
+    lam = 0.5
+    # lower=lora: the independent copies run peft's own LoRA forward (with lower=full there would be no adapter)
+    ctx, stage, recorded = make_stage(["bridge.upper=none", "bridge.lower=lora", f"bridge.lam={lam}"], monkeypatch)
+    assert stage.upper == {} and stage.shadow == {} and stage.upper_opt is None
+    assert not any(".w." in n for n, _ in ctx.policy.model.named_parameters())
+    theta = snapshot(stage.lower)
+    stage.step()
+    g_sft, g_rl, _ = expected_gradients(ctx, stage, theta, {}, theta, recorded)
+    for n, before in theta.items():
+        expected = before - ctx.cfg.bridge.alpha * ((1 - lam) * g_sft[n] + lam * g_rl[n])
+        torch.testing.assert_close(stage.lower[n].detach(), expected, atol=1e-6, rtol=1e-4)
+
+
+def test_ablation_settings_are_checked():
+    from bridgectl.errors import UserError
+
+    for bad in (["bridge.upper=meta"], ["bridge.upper=joint", "bridge.shadow=lookahead"],
+                ["bridge.upper=none", "bridge.shadow_rollouts=true"]):
+        with pytest.raises(UserError):
+            compose(["recipe=bridge", *bad])

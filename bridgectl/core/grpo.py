@@ -29,15 +29,17 @@ class ScoredRollouts:
         return int(self.rollouts.lengths.sum())
 
 
-def sample_groups(ctx: TrainContext) -> ScoredRollouts:
+def sample_groups(ctx: TrainContext, group_size: int | None = None) -> ScoredRollouts:
     """`rl.prompts_per_step` fresh RL problems x `rl.num_generations` samples from the current policy, scored by
     the task's verifier, with GRPO advantages. Under data parallelism this rank samples its share of the groups
-    (every rank draws the same problems and group seeds)."""
+    (every rank draws the same problems and group seeds). `group_size`: samples per prompt instead of
+    rl.num_generations (stages that fill the rest of each group with demonstrations: luffy, srft)."""
     rl = ctx.cfg.rl
+    size = rl.num_generations if group_size is None else group_size
     problems = [next(ctx.rl_problems) for _ in range(rl.prompts_per_step)]
     mine = distributed.shard(list(zip(problems, group_seeds(ctx, len(problems)))))
-    grouped = [problem for problem, _ in mine for _ in range(rl.num_generations)]
-    return sample_and_score(ctx, grouped, [seed for _, seed in mine])
+    grouped = [problem for problem, _ in mine for _ in range(size)]
+    return sample_and_score(ctx, grouped, [seed for _, seed in mine], group_size=size)
 
 
 def group_seeds(ctx: TrainContext, n_groups: int) -> list[int]:
@@ -53,18 +55,20 @@ def seeds_per_row(seeds: list[int], rows_per_group: int) -> list[int]:
             torch.randint(0, 2**62, (rows_per_group,), generator=torch.Generator().manual_seed(seed)).tolist()]
 
 
-def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None = None) -> ScoredRollouts:
-    """Samples `grouped` (consecutive groups of rl.num_generations rows), one generator per group seeded from
-    `seeds` (fresh seeds when None)."""
+def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None = None,
+                     group_size: int | None = None) -> ScoredRollouts:
+    """Samples `grouped` (consecutive groups of `group_size` rows, default rl.num_generations), one generator per
+    group seeded from `seeds` (fresh seeds when None)."""
     rl, policy = ctx.cfg.rl, ctx.policy
-    seeds = seeds if seeds is not None else group_seeds(ctx, len(grouped) // rl.num_generations)
+    size = rl.num_generations if group_size is None else group_size
+    seeds = seeds if seeds is not None else group_seeds(ctx, len(grouped) // size)
     started = time.perf_counter()
     was_training = policy.model.training
     policy.model.eval()
     questions, logprob_gap = [p.question for p in grouped], None
     if ctx.rollout_engine is not None:
         rollouts = ctx.rollout_engine.sample(policy, questions, rl.max_completion_length, rl.temperature,
-                                             seeds_per_row(seeds, rl.num_generations))
+                                             seeds_per_row(seeds, size))
         logprob_gap = ctx.rollout_engine.last_logprob_gap
     else:
         generators = [torch.Generator(device=ctx.device).manual_seed(seed) for seed in seeds]
@@ -75,7 +79,8 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
     rewards = torch.tensor(ctx.task.rewards(rollouts.completions, [p.answer for p in grouped]), device=ctx.device)
-    advantages = group_advantages(rewards, rl.num_generations, rl.scale_rewards)
+    # a group of one has no baseline to compare with: advantage 0 (its std would be NaN)
+    advantages = group_advantages(rewards, size, rl.scale_rewards) if size > 1 else torch.zeros_like(rewards)
     return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap)
 
 
@@ -96,12 +101,15 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
                      ref_logprobs, n_tokens)
 
 
-def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0) -> tuple[float, GRPOStats]:
+def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0,
+                n_tokens: torch.Tensor | None = None) -> tuple[float, GRPOStats]:
     """Accumulates the gradient of `scale * rl_loss(model, scored, ctx)` into the parameters' `.grad`, in
     micro-batches of `train.micro_batch_size` rows, each divided by the whole step's token count, so the sum equals
-    the one-pass gradient to float rounding; returns the loss and its statistics."""
+    the one-pass gradient to float rounding; returns the loss and its statistics. `n_tokens`: the divisor when the
+    step's token mean also covers other tokens (luffy's demonstrations); default the rollouts' own count."""
     rollouts = scored.rollouts
-    n_tokens = distributed.mean_denominator(rollouts.completion_mask.sum())
+    if n_tokens is None:
+        n_tokens = distributed.mean_denominator(rollouts.completion_mask.sum())
     lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1)).tolist()
     total, clip_fraction, kl = torch.zeros((), device=rollouts.completion_ids.device), 0.0, 0.0
     for rows in micro_batches(lengths, ctx.cfg.train.micro_batch_size):

@@ -101,6 +101,37 @@ def _target_logprobs(features, targets, head, temperature):
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+@torch.no_grad()
+def token_entropies(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_scored: int,
+                    scored: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy -sum_v p_v log p_v of pi(. | x_<t) at `temperature` at the positions t >= `first_scored` where
+    `scored` [B, T - first_scored] is true, as a detached float32 [B, T - first_scored] tensor with zeros elsewhere
+    (weights, never differentiated: SRFT's entropy weights). One no-grad forward pass; as in token_logprobs, only
+    the scored positions reach the head, `LOGIT_CHUNK_ELEMENTS / vocabulary` tokens at a time, so the full
+    distributions alive at once are one chunk's, never [rows, tokens, vocabulary]."""
+    scored = scored.bool()
+    position_ids = positions(attention_mask)
+    if _head_is_separable(model):
+        decoder, head = _decoder_and_head(model)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).last_hidden_state
+        features = hidden[:, first_scored - 1:-1][scored]
+    else:
+        head = None
+        features = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, logits_to_keep=input_ids.size(1) - first_scored + 1).logits[:, :-1][scored]
+    vocabulary = features.size(-1) if head is None else head.weight.size(0)
+    chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(1, vocabulary))
+    parts = [_entropy(features[start:start + chunk], head, temperature) for start in range(0, features.size(0), chunk)]
+    values = torch.cat(parts) if parts else features.new_zeros(0, dtype=torch.float32)
+    return torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(scored, values)
+
+
+def _entropy(features, head, temperature):
+    logprobs = torch.log_softmax((head(features) if head is not None else features).float() / temperature, dim=-1)
+    return -(logprobs.exp() * logprobs).sum(dim=-1)
+
+
 def _decoder_and_head(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()

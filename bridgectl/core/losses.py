@@ -61,13 +61,28 @@ def sft_loss(model, batch: SFTBatch, n_tokens: torch.Tensor | None = None) -> to
     return -logprobs.sum() / n_tokens.clamp(min=1)
 
 
-def sft_backward(model, batch: SFTBatch, micro_batch_size: int, scale: float = 1.0) -> float:
-    """Accumulates the gradient of `scale * sft_loss(model, batch)` into the parameters' `.grad`, in micro-batches of
-    `micro_batch_size` rows (0: one pass); returns the loss. Equal to one pass to float rounding."""
+def phi_sft_loss(model, batch: SFTBatch, n_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """CHORD-phi's token-weighted NLL (arXiv 2508.11408): -sum_t phi_t log p_t over the completion tokens, divided by
+    `n_tokens` as in sft_loss, with phi_t = p_t (1 - p_t) and p_t the model's probability of the target token. phi is
+    detached (a weight, not differentiated) and the divisor stays the token count, not the sum of the weights, as
+    in the authors' Trinity-RFT (SFTPhiLossFn: masked_mean(-logprob * phi.detach()))."""
+    scored = batch.labels[:, 1:] != -100
+    if n_tokens is None:
+        n_tokens = distributed.mean_denominator(scored.sum())
+    logprobs = token_logprobs(model, batch.input_ids, batch.attention_mask, 1, scored)
+    probs = logprobs.detach().exp()
+    phi = probs * (1 - probs) * scored  # unscored positions hold log p = 0 (p = 1, phi = 0) and are masked anyway
+    return -(phi * logprobs).sum() / n_tokens.clamp(min=1)
+
+
+def sft_backward(model, batch: SFTBatch, micro_batch_size: int, scale: float = 1.0, loss_fn=sft_loss) -> float:
+    """Accumulates the gradient of `scale * loss_fn(model, batch)` (sft_loss, or phi_sft_loss) into the parameters'
+    `.grad`, in micro-batches of `micro_batch_size` rows (0: one pass); returns the loss. Equal to one pass to float
+    rounding."""
     n_tokens = distributed.mean_denominator((batch.labels[:, 1:] != -100).sum())
     total = torch.zeros((), device=batch.input_ids.device)
     for rows in micro_batches(batch.attention_mask.sum(dim=1).tolist(), micro_batch_size):
-        loss = sft_loss(model, batch.rows(rows), n_tokens)
+        loss = loss_fn(model, batch.rows(rows), n_tokens)
         backward(scale * loss)
         total += loss.detach()
     return float(total)

@@ -27,6 +27,9 @@ class StageInfo:
     """Its update rule in one line (bridgectl recipes, the README's recipe table)."""
     source: str
     """The paper it comes from (arXiv id) or what it is."""
+    pairs_demonstrations: bool = False
+    """Trains on each RL prompt's own demonstration, so every RL problem needs a trace (checked before loading
+    weights: core/context.build_context)."""
 
 
 STAGES: dict[str, StageInfo] = {
@@ -42,6 +45,25 @@ STAGES: dict[str, StageInfo] = {
     "bridge": StageInfo("bridge", "BridgeStage", True, True,
                         "bilevel: theta on L_rl + L_sft(w), w on the cooperative gain vs an RL-only shadow "
                         "(bridge.*)", "BRIDGE, arXiv 2509.06948"),
+    "chord": StageInfo("chord", "ChordStage", True, True,
+                       "(1 - mu) L_grpo + mu L_sft, mu warm-up then cosine decay, optional phi = p(1-p) token "
+                       "weights (chord.*)", "CHORD, arXiv 2508.11408"),
+    "hpt": StageInfo("hpt", "HPTStage", True, True,
+                     "per prompt: GRPO on its rollouts, or SFT on its demonstration when at most hpt.gate are "
+                     "correct (hpt.*)", "HPT, arXiv 2509.04419", pairs_demonstrations=True),
+    "luffy": StageInfo("luffy", "LuffyStage", True, True,
+                       "GRPO over groups of rollouts + the prompt's demonstration; demonstration tokens shaped "
+                       "-A p/(p+gamma), unclipped (luffy.*)", "LUFFY, arXiv 2504.14945", pairs_demonstrations=True),
+    "srft": StageInfo("srft", "SRFTStage", True, True,
+                      "0.5 exp(-H) SFT on demonstrations + demonstrations as off-policy RL + rollouts' signed NLL, "
+                      "correct ones weighted 0.1 exp(H) (srft.*)", "SRFT, arXiv 2506.19767", pairs_demonstrations=True),
+    "relift": StageInfo("relift", "ReliftStage", True, True,
+                        "GRPO each step; prompts with no correct rollout join a buffer with their demonstrations, "
+                        "one SFT round per buffer_size of them (relift.*)", "ReLIFT, arXiv 2506.07527",
+                        pairs_demonstrations=True),
+    "uft": StageInfo("uft", "UFTStage", True, True,
+                     "GRPO on rollouts continuing a cosine-annealed demonstration prefix + sft_coef NLL of that "
+                     "prefix (uft.*)", "UFT, arXiv 2505.16984", pairs_demonstrations=True),
 }
 
 

@@ -17,6 +17,7 @@ from bridgectl.core.losses import SFTBatch, sft_loss
 from bridgectl.core.rollout import positions
 from bridgectl.core.context import build_context
 from bridgectl.stages import build_stage
+from gradient_checks import ScaledLogits
 
 
 # ---- chunked log-probs ------------------------------------------------------------------------------------------
@@ -26,25 +27,6 @@ def llama(vocab_size: int = 300, seed: int = 0) -> LlamaForCausalLM:
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          tie_word_embeddings=False)
     return LlamaForCausalLM(config).train()
-
-
-class ScaledLogits(torch.nn.Module):
-    """A model whose logits are 0.5 * head(decoder(x)) (as Cohere's logit_scale): the head is not separable."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-
-    def forward(self, **kwargs):
-        output = self.inner(**kwargs)
-        output.logits = output.logits * 0.5
-        return output
-
-    def get_decoder(self):
-        return self.inner.get_decoder()
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
 
 
 def batch(vocab_size: int, seed: int = 1):

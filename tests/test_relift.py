@@ -27,6 +27,7 @@ from bridgectl.core.losses import sft_loss
 from bridgectl.errors import UserError
 from bridgectl.stages.relift import ReliftStage
 from bridgectl.stages.rl import RLStage
+from gradient_checks import assert_same_gradients
 
 G = 4  # rollouts per prompt
 SMALL = ["recipe=relift", "rl.prompts_per_step=4", f"rl.num_generations={G}", "rl.max_completion_length=16",
@@ -80,16 +81,6 @@ def gradients_at(ctx, params, weights, loss_of):
             target.copy_(value)
     grads = torch.autograd.grad(loss_of(model), targets, allow_unused=True)
     return [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]
-
-
-def assert_same_gradients(got, expected):
-    assert len(got) == len(expected)
-    nonzero = 0
-    for got_grad, expected_grad in zip(got, expected):
-        got_grad = torch.zeros_like(expected_grad) if got_grad is None else got_grad
-        torch.testing.assert_close(got_grad, expected_grad, atol=1e-6, rtol=1e-4)
-        nonzero += int(expected_grad.abs().max() > 0)
-    assert nonzero > 0
 
 
 def prompts_of(scored):

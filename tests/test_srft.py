@@ -20,31 +20,13 @@ from bridgectl.core.logprobs import token_entropies
 from bridgectl.core.rollout import positions
 from bridgectl.stages import build_stage
 from bridgectl.stages.srft import mean_entropy, rollout_coefficients, sft_weights
+from gradient_checks import ScaledLogits
 
 SMALL = ["rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
          "optim.max_grad_norm=0"]
 
 
 # ---- entropies and weights -------------------------------------------------------------------------------------
-class ScaledLogits(torch.nn.Module):
-    """Logits 0.5 * head(decoder(x)): a model whose head is not separable (token_entropies runs its own forward)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.inner = model
-
-    def forward(self, **kwargs):
-        output = self.inner(**kwargs)
-        output.logits = output.logits * 0.5
-        return output
-
-    def get_decoder(self):
-        return self.inner.get_decoder()
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-
 def direct_entropies(model, input_ids, mask, first_scored, temperature):
     """-sum_v p_v log p_v at every position t >= first_scored from the whole [rows, tokens, vocabulary] softmax."""
     with torch.no_grad():

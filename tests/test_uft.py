@@ -27,6 +27,7 @@ from bridgectl.core.losses import SFTBatch, group_advantages, sft_loss
 from bridgectl.errors import UserError
 from bridgectl.stages.rl import RLStage
 from bridgectl.stages.uft import UFTStage, hint_length, hint_probability
+from gradient_checks import assert_same_gradients
 
 G = 4  # rollouts per prompt
 SMALL = ["recipe=uft", "rl.prompts_per_step=4", f"rl.num_generations={G}", "rl.max_completion_length=16",
@@ -83,16 +84,6 @@ def gradients_at(ctx, params, weights, loss_of):
     model, targets = model_at(ctx, params, weights)
     grads = torch.autograd.grad(loss_of(model), targets, allow_unused=True)
     return [torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)]
-
-
-def assert_same_gradients(got, expected):
-    assert len(got) == len(expected)
-    nonzero = 0
-    for got_grad, expected_grad in zip(got, expected):
-        got_grad = torch.zeros_like(expected_grad) if got_grad is None else got_grad
-        torch.testing.assert_close(got_grad, expected_grad, atol=1e-6, rtol=1e-4)
-        nonzero += int(expected_grad.abs().max() > 0)
-    assert nonzero > 0
 
 
 def demonstration_ids(ctx, problem) -> list[int]:

@@ -370,7 +370,8 @@ def eval_command(
     output: Optional[Path] = typer.Option(None, "--output", help="JSON file to write (default: <run>/eval-<time>.json)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A resumable checkpoint of the run (e.g. step-000050) instead of its final weights."),
 ) -> None:
-    """Greedy pass@1 (and pass@k / mean@k with eval.k) of a trained run or a model on every eval split."""
+    """Greedy pass@1 (and pass@k, maj@k, mean@n with eval.k) of a trained run or a model on every eval split."""
+    from bridgectl.core.evaluate import reported_ks
     from bridgectl.evaluation import run_eval
 
     try:
@@ -378,15 +379,23 @@ def eval_command(
     except UserError as error:
         _fail(error.message, error.hint, 2)
     table = Table(title=f"eval of {escape(target)}")
-    ks = sorted({row["k"] for row in results.values() if "k" in row})
-    columns = ["split", "n", "greedy pass@1 %"] + [c for k in ks for c in (f"pass@{k} %", f"mean@{k} %")]
+    sampled = any("k" in row for row in results.values())
+    columns = ["split", "n", "greedy pass@1 %"] + (["j", "pass@j %", "maj@j %", "mean@n %"] if sampled else [])
     for column in columns:
         table.add_column(column, justify="left" if column == "split" else "right")
     for split, row in results.items():
-        cells = [split, str(row["n"]), f"{100 * row['greedy_pass@1']:.1f}"]
-        cells += [f"{100 * row[c.rstrip(' %')]:.1f}" for c in columns[3:]]
-        table.add_row(*cells)
+        greedy = [split, str(row["n"]), f"{100 * row['greedy_pass@1']:.1f}"]
+        if "k" not in row:
+            table.add_row(*greedy, *([""] * (len(columns) - 3)))
+            continue
+        for index, j in enumerate(reported_ks(row["k"])):
+            table.add_row(*(greedy if index == 0 else ["", "", ""]), str(j), f"{100 * row[f'pass@{j}']:.1f}",
+                          f"{100 * row[f'maj@{j}']:.1f}",
+                          f"{100 * row['mean@' + str(row['samples'])]:.1f}" if index == 0 else "")
     console.print(table)
+    if sampled:
+        console.print("pass@j: unbiased estimator 1 - C(n-c, j)/C(n, j) from n sampled answers per problem, c of "
+                      "them right; maj@j: majority vote of the first j; mean@n: mean reward of all n.")
     console.print(f"written to {path}")
 
 

@@ -363,9 +363,13 @@ class EvalConfig:
     batch_size: int = 300
     """Problems per generation batch."""
     k: int = 0
-    """(bridgectl eval) samples per problem for pass@k and mean@k (0: greedy pass@1 only)."""
+    """Sampled evaluation beside greedy pass@1, in `bridgectl eval` and in every evaluation during training: pass@j
+    (unbiased estimator from `samples` answers per problem) and maj@j (majority vote of the first j) for j = 1, 2,
+    4, ... up to k, and mean@samples (0: greedy pass@1 only). Costs `samples` generations per problem."""
+    samples: int = 0
+    """Sampled answers per problem for eval.k (0: k; more than k lowers the variance of pass@k's estimate)."""
     temperature: float = 1.0
-    """(bridgectl eval) sampling temperature of the k samples."""
+    """Sampling temperature of the sampled evaluation."""
 
 
 @dataclass
@@ -607,6 +611,9 @@ def validate(cfg: DictConfig) -> None:
         require(value > 0, f"{key} must be positive, got {value}", f"e.g. {key}={_example(key)}")
     require(cfg.eval.k >= 0 and cfg.eval.temperature > 0, "eval.k must be >= 0 and eval.temperature positive",
             "e.g. eval.k=8 eval.temperature=1.0")
+    require(cfg.eval.samples == 0 or cfg.eval.samples >= max(cfg.eval.k, 1),
+            f"eval.samples={cfg.eval.samples} is fewer than eval.k={cfg.eval.k}",
+            "pass@k needs at least k answers per problem: eval.samples=0 (= k) or a value >= eval.k")
     require(cfg.rl.num_generations >= 2, f"rl.num_generations must be at least 2, got {cfg.rl.num_generations}",
             "GRPO compares completions within a group: use rl.num_generations=8")
     require(cfg.rl.temperature > 0, f"rl.temperature must be positive, got {cfg.rl.temperature}",

@@ -76,8 +76,10 @@ def decoder_for(cfg: DictConfig, model, tokenizer) -> Decode:
 
 
 def evaluate(cfg: DictConfig, decode: Decode, task, device: torch.device, show_progress: bool = True) -> dict:
-    """{split: {n, greedy_pass@1, and with eval.k: pass@k, mean@k, k}} for every evaluation split."""
-    from bridgectl.core.evaluate import evaluate_split, sample_split
+    """{split: {n, greedy_pass@1, mean_length, and with eval.k: pass@j, maj@j, mean@n, k, samples, temperature;
+    per_problem: which problems were answered right (core/evaluate.problem_records)}} for every evaluation split.
+    The samples are drawn from a generator seeded by `seed`, so the same command gives the same numbers."""
+    from bridgectl.core.evaluate import evaluate_split, problem_records, sample_split
     from bridgectl.core.ui import progress_bar
 
     results = {}
@@ -89,11 +91,14 @@ def evaluate(cfg: DictConfig, decode: Decode, task, device: torch.device, show_p
             greedy = evaluate_split(decode, problems, task.rewards, cfg.eval.max_new_tokens, cfg.eval.batch_size)
             row = {"n": greedy.n, "greedy_pass@1": greedy.accuracy, "mean_length": greedy.mean_length}
             if cfg.eval.k > 0:
-                sampled = sample_split(decode, problems, task.rewards, cfg.eval.k, cfg.eval.temperature,
-                                       cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                       torch.Generator(device=device).manual_seed(cfg.seed))
-                row.update({f"pass@{sampled.k}": sampled.pass_at_k, f"mean@{sampled.k}": sampled.mean_at_k,
-                            "k": sampled.k, "temperature": cfg.eval.temperature})
+                greedy.sampled = sample_split(decode, problems, task.rewards, task.answer_of, cfg.eval.k,
+                                              cfg.eval.samples or cfg.eval.k, cfg.eval.temperature,
+                                              cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                              torch.Generator(device=device).manual_seed(cfg.seed))
+                row.update(greedy.sampled.metrics())
+                row.update(k=cfg.eval.k, samples=greedy.sampled.n_samples, temperature=cfg.eval.temperature)
+            row["per_problem"] = {key: value for key, value in problem_records({split: greedy})[0].items()
+                                  if key != "split"}
             results[split] = row
             progress.update(bar, advance=1, info=split)
     return results
@@ -150,7 +155,8 @@ def run_eval(target: str, overrides: list[str], output: Path | None, show_progre
     path = output or (Path(target) / f"eval-{stamp}.json" if checkpoint is not None else Path(f"eval-{stamp}.json"))
     record = {"target": str(target), "checkpoint": checkpoint_name or "final", "overrides": overrides,
               "task": cfg.task.name, "model": cfg.model.name,
-              "eval": {"n": cfg.eval.n, "k": cfg.eval.k, "temperature": cfg.eval.temperature,
+              "eval": {"n": cfg.eval.n, "k": cfg.eval.k, "samples": cfg.eval.samples or cfg.eval.k,
+                       "temperature": cfg.eval.temperature,
                        "max_new_tokens": cfg.eval.max_new_tokens}, "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -22,7 +22,7 @@ from bridgectl.config import stage_budgets
 from bridgectl.core import distributed
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
 from bridgectl.core.context import build_context, pick_device
-from bridgectl.core.evaluate import eval_metrics, evaluate_all
+from bridgectl.core.evaluate import eval_metrics, evaluate_all, problem_records
 from bridgectl.core.model import save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
@@ -115,8 +115,9 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
     task, policy, device = ctx.task, ctx.policy, ctx.device
     eval_problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}
     if meta is None:
-        initial = evaluate_all(ctx, eval_problems)
+        initial = evaluate_all(ctx, eval_problems, step=0)
         run_dir.log_metrics(0, "init", eval_metrics(initial))
+        run_dir.log_problems(0, problem_records(initial))
         run_dir.log_completions(0, [dict(s, split=split) for split, r in initial.items() for s in r.samples])
         summary["eval_initial"] = {split: {"accuracy": r.accuracy, "n": r.n} for split, r in initial.items()}
         run_dir.write_summary(summary)
@@ -154,7 +155,9 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 counters["gen_tokens"] += gen_tokens
                 evaluated = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps
                 if evaluated:
-                    output.metrics.update(eval_metrics(evaluate_all(ctx, eval_problems)))
+                    results = evaluate_all(ctx, eval_problems, step=step)
+                    output.metrics.update(eval_metrics(results))
+                    run_dir.log_problems(step, problem_records(results))
                 run_dir.log_metrics(step, kind, output.metrics)
                 if evaluated and on_eval is not None:
                     on_eval(step, output.metrics)
@@ -175,16 +178,18 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                     raise KeyboardInterrupt(f"{stop['signal'] or 'a stop on another rank'} at step {step}; resume with "
                                             f"bridgectl run --resume {run_dir.path}")
 
-    final = evaluate_all(ctx, eval_problems)
     step = counters["steps"]
+    final = evaluate_all(ctx, eval_problems, step=step)
     run_dir.log_metrics(step, "final", eval_metrics(final))
+    run_dir.log_problems(step, problem_records(final))
     run_dir.log_completions(step, [dict(s, split=split) for split, r in final.items() for s in r.samples])
     whole = distributed.full_state_dict(policy.model)  # train.fsdp: every rank gathers the shards; None otherwise
     if distributed.is_main():
         save_policy(policy, run_dir.path / "checkpoints" / "final", whole)
     summary.update(
         status="completed",
-        eval={split: {"accuracy": r.accuracy, "n": r.n} for split, r in final.items()},
+        eval={split: {"accuracy": r.accuracy, "n": r.n, **(r.sampled.metrics() if r.sampled else {})}
+              for split, r in final.items()},
         wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device), **counters,
     )
     run_dir.write_summary(summary)

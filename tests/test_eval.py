@@ -29,7 +29,12 @@ def test_eval_of_a_run_reproduces_its_final_greedy_accuracy(tmp_path, recipe):
         assert row["n"] == 20
         assert row["greedy_pass@1"] == pytest.approx(summary["eval"][split]["accuracy"])
         assert 0 <= row["mean@4"] <= row["pass@4"] <= 1  # mean of samples never exceeds "any sample right"
-    assert "pass@4" in result.output and "greedy pass@1" in result.output
+        assert row["pass@1"] == pytest.approx(row["mean@4"])  # pass@1's estimator is the mean of the samples
+        assert row["pass@1"] <= row["pass@2"] <= row["pass@4"]
+        per_problem = row["per_problem"]  # which problems were right: the greedy answers and the samples' counts
+        assert sum(per_problem["rewards"]) / len(per_problem["rewards"]) == pytest.approx(row["greedy_pass@1"])
+        assert sum(per_problem["correct"]) / (4 * len(per_problem["correct"])) == pytest.approx(row["mean@4"])
+    assert "pass@j" in result.output and "greedy pass@1" in result.output
 
 
 def test_eval_of_a_model_directory_on_a_local_file(tmp_path):

@@ -89,16 +89,17 @@ class RunDir:
         self.path, self.sink, self._summary, self.enabled = path, sink, {}, enabled
         self.started = time.perf_counter() - wall_offset
         if not enabled:
-            self._metrics = self._completions = None
+            self._metrics = self._completions = self._problems = None
             return
         if resume_after_step is None:
             self.path.mkdir(parents=True, exist_ok=False)
             (self.path / "checkpoints").mkdir()
         else:
-            for name in ("metrics.jsonl", "completions.jsonl"):
+            for name in ("metrics.jsonl", "completions.jsonl", "eval_problems.jsonl"):
                 _truncate_after(self.path / name, resume_after_step)
         self._metrics = open(self.path / "metrics.jsonl", "a")
         self._completions = open(self.path / "completions.jsonl", "a")
+        self._problems = open(self.path / "eval_problems.jsonl", "a")
 
     @property
     def wall_s(self) -> float:
@@ -128,6 +129,15 @@ class RunDir:
         if self.sink is not None:
             self.sink.log_completions(step, rows)
 
+    def log_problems(self, step: int, rows: list[dict]) -> None:
+        """Per-problem evaluation results (core/evaluate.problem_records), one line per split: compact, and what
+        paired comparisons read."""
+        if not self.enabled:
+            return
+        for row in rows:
+            self._problems.write(json.dumps({"step": step, **row}, separators=(",", ":")) + "\n")
+        self._problems.flush()
+
     def write_summary(self, summary: dict) -> None:
         self._summary = dict(summary)
         if not self.enabled:
@@ -139,6 +149,7 @@ class RunDir:
             return
         self._metrics.close()
         self._completions.close()
+        self._problems.close()
         if self.sink is not None:
             sink, self.sink = self.sink, None
             sink.finish(self._summary)

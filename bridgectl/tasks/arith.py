@@ -159,6 +159,11 @@ class ArithTask:
     def rewards(completions: list[str], golds: list[str]) -> list[float]:
         return [reward(completion, gold) for completion, gold in zip(completions, golds)]
 
+    @staticmethod
+    def answer_of(completion: str) -> int | None:
+        """The final answer a completion gives (what maj@k votes on)."""
+        return extract_answer(completion)
+
     SPLITS = ("test", "ood")
 
     @property

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -195,6 +196,16 @@ class DatasetTask:
     def rewards(self, completions: list[str], golds: list[str]) -> list[float]:
         """Many checks in one round trip to the verifier's helper process."""
         return self.verifier.check_batch(list(zip(golds, completions)))
+
+    @staticmethod
+    def answer_of(completion: str) -> str | None:
+        """The final answer a completion gives, for maj@k's vote: its last \\boxed{} (spaces removed), else its
+        last number (thousands separators removed). Votes group equal strings; the verifier still scores them."""
+        boxed = last_boxed(completion)
+        if boxed is not None:
+            return re.sub(r"\s+", "", boxed)
+        numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", completion)
+        return numbers[-1].replace(",", "") if numbers else None
 
     @property
     def eval_splits(self) -> tuple[str, ...]:

@@ -245,7 +245,7 @@ def compare_command(
     against: Optional[str] = typer.Option(None, "--against", help="Reference: recorded run directories or a published-results YAML in baselines/."),
     wandb: bool = typer.Option(False, "--wandb", help="Also log the table and plots to W&B (offline without credentials)."),
 ) -> None:
-    """Compare finished runs side by side: mean, std and 95% bootstrap interval per group, costs."""
+    """Compare finished runs side by side: mean, std and 95% t interval per group, Welch differences, costs."""
     from bridgectl import compare as comparison
 
     try:

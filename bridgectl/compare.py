@@ -2,10 +2,12 @@
 metrics.jsonl, summary.json), never from a model.
 
 Runs are grouped by config keys (`--by recipe` by default). For each group and each final eval metric: n seeds,
-mean, std (n-1), and a 95% percentile-bootstrap interval of the mean; with `--baseline VALUE` the difference of
-each group's mean from that group's, with its own bootstrap interval, and the time-to-target (wall-clock at which
-a run first reaches the baseline's final mean on `--metric`, linearly interpolated between logged evals). Runs of
-different tasks or models are never averaged together; failed or interrupted runs are left out and counted.
+mean, std (n-1), and a 95% Student-t interval of the mean; with `--baseline VALUE` the difference of each group's
+mean from that group's with Welch's 95% interval and p-value, the seeds per group that would separate it at the
+observed spread, where runs share their evaluation problems a paired two-level bootstrap over seeds and problems
+(bridgectl/stats.py has the methods and why), and the time-to-target (wall-clock at which a run first reaches
+the baseline's final mean on `--metric`, linearly interpolated between logged evals). Runs of different tasks or
+models are never averaged together; failed or interrupted runs are left out and counted.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from bridgectl import stats
 from bridgectl.errors import UserError
-
-MIN_SEEDS_TO_RANK = 3
-BOOTSTRAP_SAMPLES = 10_000
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Run:
     config: dict
     summary: dict
     metrics: list[dict]
+    problems: dict[str, dict] = field(default_factory=dict)  # split -> final eval_problems.jsonl row
 
     def value(self, key: str):
         """A grouping key: `recipe` (the summary's), or any dotted config key such as `bridge.lam`."""
@@ -46,7 +47,7 @@ class Run:
         return node
 
     def final(self, metric: str) -> float | None:
-        """Final value of `eval/<split>/accuracy` from summary.json."""
+        """Final value of `eval/<split>/<name>` (accuracy, or pass@k, maj@k, mean@n with eval.k) from summary.json."""
         parts = metric.split("/")
         if len(parts) == 3 and parts[0] == "eval":
             return self.summary.get("eval", {}).get(parts[1], {}).get(parts[2])
@@ -101,33 +102,25 @@ def load_runs(paths: list[str]) -> Loaded:
                 metrics.append(row)
             except ValueError:
                 loaded.malformed_lines += 1
-        loaded.runs.append(Run(path, config, summary, metrics))
+        loaded.runs.append(Run(path, config, summary, metrics, final_problem_records(path, summary.get("steps"))))
     return loaded
 
 
-# ---- statistics -----------------------------------------------------------------------------------------------
-def bootstrap_mean_interval(values: list[float], seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (resampling seeds with replacement)."""
-    data = np.asarray(values, dtype=float)
-    if len(data) == 1:
-        return float(data[0]), float(data[0])
-    rng = np.random.default_rng(seed)
-    means = rng.choice(data, size=(BOOTSTRAP_SAMPLES, len(data)), replace=True).mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+def final_problem_records(path: Path, final_step: int | None) -> dict[str, dict]:
+    """{split: row} of the run's final evaluation in eval_problems.jsonl (runs made before it existed: {})."""
+    records: dict[str, dict] = {}
+    source = path / "eval_problems.jsonl"
+    for line in source.read_text().splitlines() if source.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "split" in row and (final_step is None or row.get("step") == final_step):
+            records[row["split"]] = row
+    return records
 
 
-def bootstrap_difference_interval(values: list[float], baseline: list[float], seed: int = 0,
-                                  level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(values) - mean(baseline), each resampled on its own."""
-    rng = np.random.default_rng(seed)
-    a, b = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
-    diffs = (rng.choice(a, size=(BOOTSTRAP_SAMPLES, len(a))).mean(axis=1)
-             - rng.choice(b, size=(BOOTSTRAP_SAMPLES, len(b))).mean(axis=1))
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(diffs, tail)), float(np.percentile(diffs, 100 - tail))
-
-
+# ---- views of a run -------------------------------------------------------------------------------------------
 def _timed_values(run: Run, metric: str) -> list[tuple[float, float]]:
     """(wall_s, value) of every logged row that has `metric`, in log order."""
     return [(row["wall_s"], row[metric]) for row in run.metrics
@@ -170,8 +163,9 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
         sections.setdefault(section, {}).setdefault(tuple(run.value(k) for k in by), []).append(run)
     rows = []
     for (task, model), groups in sections.items():
-        metrics = sorted({f"eval/{split}/accuracy" for runs in groups.values() for r in runs
-                          for split in r.summary.get("eval", {})})
+        metrics = sorted({f"eval/{split}/{name}" for runs in groups.values() for r in runs
+                          for split, values in r.summary.get("eval", {}).items() for name in values
+                          if name == "accuracy" or name.split("@")[0] in ("pass", "maj", "mean") and "@" in name})
         base_runs = next((runs for key, runs in groups.items() if _label(key) == baseline), None)
         if baseline is not None and base_runs is None:
             raise UserError(f"no group '{baseline}' to use as --baseline (task {task}, model {model})",
@@ -183,20 +177,27 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
             views += [(f"{name}@{at_seconds:g}s", lambda r, n=name: value_at(r, n, at_seconds)) for name in metrics]
         for key, runs in groups.items():
             row = {"task": task, "model": model, "group": _label(key), "n": len(runs),
-                   "too_few_seeds": len(runs) < MIN_SEEDS_TO_RANK}
+                   "too_few_seeds": len(runs) < stats.FEW_SEEDS, "is_baseline": runs is base_runs}
             for name, read in views:
                 values = [read(r) for r in runs if read(r) is not None]
                 if not values:
                     continue
-                low, high = bootstrap_mean_interval(values)
                 row[f"{name}/mean"] = float(np.mean(values))
                 row[f"{name}/std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-                row[f"{name}/ci_low"], row[f"{name}/ci_high"] = low, high
-                if base_runs is not None:
+                row[f"{name}/ci_low"], row[f"{name}/ci_high"] = stats.mean_interval(values) or (None, None)
+                if base_runs is runs:
+                    row[f"{name}/diff"] = 0.0
+                elif base_runs is not None:
                     base_values = [read(r) for r in base_runs if read(r) is not None]
-                    d_low, d_high = bootstrap_difference_interval(values, base_values)
                     row[f"{name}/diff"] = float(np.mean(values) - np.mean(base_values))
-                    row[f"{name}/diff_ci_low"], row[f"{name}/diff_ci_high"] = d_low, d_high
+                    test = stats.welch(values, base_values)
+                    row[f"{name}/diff_ci_low"], row[f"{name}/diff_ci_high"], row[f"{name}/diff_p"] = (
+                        (test["low"], test["high"], test["p"]) if test else (None, None, None))
+                    row[f"{name}/seeds_needed"] = stats.seeds_needed(values, base_values)
+                    if name.endswith("/accuracy"):  # final greedy accuracy: runs may be paired problem by problem
+                        paired = paired_difference(runs, base_runs, name.split("/")[1])
+                        if paired is not None:
+                            row[f"{name}/paired_ci_low"], row[f"{name}/paired_ci_high"] = paired["low"], paired["high"]
             for cost in ("wall_s", "gen_tokens", "peak_mem_mb"):
                 costs = [r.summary[cost] for r in runs if isinstance(r.summary.get(cost), (int, float))]
                 row[cost] = float(np.mean(costs)) if costs else None
@@ -207,6 +208,16 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
                 row["reached_target"] = f"{len(reached)}/{len(runs)}"
             rows.append(row)
     return rows
+
+
+def paired_difference(runs: list[Run], base_runs: list[Run], split: str) -> dict | None:
+    """The paired two-level bootstrap (stats.paired_bootstrap) of a split's final accuracy against the baseline's,
+    when every run of both groups recorded its per-problem rewards on the same problems; else None."""
+    records = [r.problems.get(split) for r in runs + base_runs]
+    if any(record is None for record in records) or len({record["problems"] for record in records}) != 1:
+        return None
+    rewards = [np.asarray(record["rewards"], dtype=float) for record in records]
+    return stats.paired_bootstrap(np.stack(rewards[:len(runs)]), np.stack(rewards[len(runs):]))
 
 
 # ---- output formats --------------------------------------------------------------------------------------------
@@ -222,21 +233,65 @@ def _short(metric: str) -> str:
     parts = metric.split("/")
     if len(parts) == 3 and parts[0] == "eval" and parts[2].startswith("accuracy@"):
         return f"{parts[1]} acc @{parts[2].split('@', 1)[1]}"
+    if len(parts) == 3 and parts[0] == "eval" and parts[2].startswith("pass@"):
+        return f"{parts[1]} {parts[2]}"
     return f"{parts[1]} acc" if len(parts) == 3 and parts[0] == "eval" and parts[2] == "accuracy" else metric
 
 
+def _points(value: float | None, signed: bool = False) -> str:
+    return "-" if value is None else (f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}")
+
+
+def _mean_cell(row: dict, name: str) -> str:
+    """mean ± std [95% t interval], in %."""
+    if f"{name}/mean" not in row:
+        return "-"
+    interval = ("" if row.get(f"{name}/ci_low") is None else
+                f" [{_points(row[f'{name}/ci_low'])}, {_points(row[f'{name}/ci_high'])}]")
+    return f"{_points(row[f'{name}/mean'])} ± {_points(row[f'{name}/std'])}{interval}"
+
+
+def _difference_cell(row: dict, name: str) -> str:
+    """Δ [Welch 95% interval] p, in points; where the interval includes zero, the seeds that would separate it."""
+    if f"{name}/diff" not in row:
+        return "-"
+    if row.get("is_baseline"):
+        return "baseline"
+    text = _points(row[f"{name}/diff"], signed=True)
+    low, high = row.get(f"{name}/diff_ci_low"), row.get(f"{name}/diff_ci_high")
+    if low is None:
+        return text + " (no interval: under 2 seeds or no spread)"
+    text += f" [{_points(low, True)}, {_points(high, True)}] p={row[f'{name}/diff_p']:.2g}"
+    if low <= 0 <= high:
+        needed = row.get(f"{name}/seeds_needed")
+        text += f", ~{needed} seeds" if needed else ", >1000 seeds" if row[f"{name}/diff"] != 0 else ""
+    return text
+
+
+def _shown(name: str, all_names: set[str]) -> bool:
+    """Columns of the table and markdown: greedy accuracy (and its --at-seconds view) and, with eval.k, pass@k at
+    the largest k; every other sampled metric is in the csv and json outputs."""
+    last = name.split("/")[-1]
+    if last == "accuracy" or last.startswith("accuracy@"):
+        return True
+    if not last.startswith("pass@"):
+        return False
+    prefix = name.rsplit("/", 1)[0] + "/pass@"
+    return int(last[5:]) == max(int(n[len(prefix):]) for n in all_names if n.startswith(prefix))
+
+
 def display_columns(rows: list[dict]) -> list[tuple[str, callable]]:
-    """(header, row -> text) pairs shared by the table and markdown outputs. Percentages: mean ± std [95% CI]."""
-    metric_names = sorted({k.rsplit("/", 1)[0] for r in rows for k in r if k.endswith("/mean")})
+    """(header, row -> text) pairs shared by the table and markdown outputs."""
+    every_name = {k.rsplit("/", 1)[0] for r in rows for k in r if k.endswith("/mean")}
+    metric_names = sorted(name for name in every_name if _shown(name, every_name))
     columns = [("group", lambda r: r["group"] + (" *" if r["too_few_seeds"] else "")), ("n", lambda r: str(r["n"]))]
     for name in metric_names:
-        columns.append((f"{_short(name)} %", lambda r, n=name: "-" if f"{n}/mean" not in r else
-                        f"{100 * r[f'{n}/mean']:.1f} ± {100 * r[f'{n}/std']:.1f} "
-                        f"[{100 * r[f'{n}/ci_low']:.1f}, {100 * r[f'{n}/ci_high']:.1f}]"))
+        columns.append((f"{_short(name)} %", lambda r, n=name: _mean_cell(r, n)))
         if any(f"{name}/diff" in r for r in rows):
-            columns.append((f"Δ {_short(name)} pts", lambda r, n=name: "-" if f"{n}/diff" not in r else
-                            f"{100 * r[f'{n}/diff']:+.1f} [{100 * r[f'{n}/diff_ci_low']:+.1f}, "
-                            f"{100 * r[f'{n}/diff_ci_high']:+.1f}]"))
+            columns.append((f"Δ {_short(name)} pts", lambda r, n=name: _difference_cell(r, n)))
+        if any(f"{name}/paired_ci_low" in r for r in rows):
+            columns.append((f"Δ {_short(name)} paired", lambda r, n=name: "-" if f"{n}/paired_ci_low" not in r else
+                            f"[{_points(r[f'{n}/paired_ci_low'], True)}, {_points(r[f'{n}/paired_ci_high'], True)}]"))
     columns += [("wall s", lambda r: _cell(r, "wall_s")), ("gen tokens", lambda r: _cell(r, "gen_tokens")),
                 ("peak MB", lambda r: _cell(r, "peak_mem_mb"))]
     if any("time_to_target_s" in r for r in rows):
@@ -246,11 +301,19 @@ def display_columns(rows: list[dict]) -> list[tuple[str, callable]]:
 
 
 def footnotes(loaded: Loaded, rows: list[dict]) -> list[str]:
-    notes = []
-    notes.append("Accuracy in %: mean ± std over seeds [95% bootstrap interval of the mean]; Δ in points against "
-                 "--baseline.")
+    notes = ["Accuracy in %: mean ± std over seeds [95% Student-t interval of the mean]."]
+    if any(k.endswith("/diff") for r in rows for k in r):
+        notes.append("Δ in points against the baseline: difference of means [95% Welch interval] and Welch's "
+                     "two-sided p; where the interval includes zero the difference is not shown, and ~N seeds is "
+                     "how many per group would make Welch's interval exclude zero if the observed difference and "
+                     "spreads held (about half of studies that size would show it).")
+    if any(k.endswith("/paired_ci_low") for r in rows for k in r):
+        notes.append("Δ paired: 95% percentile interval of a two-level bootstrap over seeds (within each group) and "
+                     "evaluation problems (shared by both groups), 10,000 resamples, for runs evaluated on the same "
+                     "problems; at few seeds its seed level understates seed noise, so Welch's is the headline.")
     if any(r["too_few_seeds"] for r in rows):
-        notes.append(f"* fewer than {MIN_SEEDS_TO_RANK} seeds: too few to rank.")
+        notes.append(f"* fewer than {stats.FEW_SEEDS} seeds: intervals are wide and only large differences can be "
+                     "shown.")
     if len({(r["task"], r["model"]) for r in rows}) > 1:
         notes.append("Runs of different tasks or models are compared in separate tables, never averaged together.")
     if loaded.left_out:

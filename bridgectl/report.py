@@ -66,6 +66,78 @@ def plot(groups: dict[str, list], metric: str, x_key: str, title: str, window: i
     return drawn
 
 
+def plot_differences(rows: list[dict], path: Path) -> bool:
+    """Forest plot: each group's difference from the baseline on every split's final accuracy, with its 95% Welch
+    interval (and the paired bootstrap's, where runs share their problems), a line at zero; False without one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({k[:-len("/diff_ci_low")] for r in rows for k in r
+                    if k.endswith("/accuracy/diff_ci_low") and r[k] is not None})
+    shown = [r for r in rows if not r.get("is_baseline") and any(r.get(f"{n}/diff_ci_low") is not None for n in names)]
+    if not names or not shown:
+        return False
+    figure, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 0.45 * len(shown) + 1.5), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        for y, row in enumerate(shown):
+            if row.get(f"{name}/diff_ci_low") is None:
+                continue
+            low, high, diff = (100 * row[f"{name}/{key}"] for key in ("diff_ci_low", "diff_ci_high", "diff"))
+            color = "tab:gray" if low <= 0 <= high else ("tab:green" if diff > 0 else "tab:red")
+            axis.errorbar(diff, y, xerr=[[diff - low], [high - diff]], fmt="o", color=color, capsize=3)
+            if row.get(f"{name}/paired_ci_low") is not None:
+                axis.plot([100 * row[f"{name}/paired_ci_low"], 100 * row[f"{name}/paired_ci_high"]], [y - 0.2] * 2,
+                          color=color, alpha=0.5, linewidth=3)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(shown)), [r["group"] for r in shown])
+        axis.set_xlabel(f"Δ {name.split('/')[1]} accuracy (points)")
+        axis.grid(axis="x", alpha=0.3)
+    axes[0][0].set_title("difference from the baseline, 95% Welch interval\n(gray: includes 0; thick: paired "
+                         "bootstrap)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def plot_pass_at_k(rows: list[dict], path: Path) -> bool:
+    """pass@k against k (log scale) per group and split from final sampled evaluations (eval.k), with 95%
+    t intervals over seeds; False when no run sampled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = sorted({k.split("/")[1] for r in rows for k in r if "/pass@" in k and k.endswith("/mean")})
+    if not splits:
+        return False
+    figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
+    for axis, split in zip(axes[0], splits):
+        for row in rows:
+            ks = sorted(int(k.split("@")[1].split("/")[0]) for k in row
+                        if k.startswith(f"eval/{split}/pass@") and k.endswith("/mean"))
+            if not ks:
+                continue
+            means = [100 * row[f"eval/{split}/pass@{k}/mean"] for k in ks]
+            lows = [100 * (row[f"eval/{split}/pass@{k}/ci_low"] if row[f"eval/{split}/pass@{k}/ci_low"] is not None
+                           else row[f"eval/{split}/pass@{k}/mean"]) for k in ks]
+            highs = [100 * (row[f"eval/{split}/pass@{k}/ci_high"] if row[f"eval/{split}/pass@{k}/ci_high"] is not None
+                            else row[f"eval/{split}/pass@{k}/mean"]) for k in ks]
+            (line,) = axis.plot(ks, means, marker="o", label=f"{row['group']} (n={row['n']})")
+            axis.fill_between(ks, lows, highs, color=line.get_color(), alpha=0.15)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("k")
+        axis.set_ylabel(f"{split} pass@k (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
 def write_report(loaded: Loaded, rows: list[dict], by: list[str], metric: str, out_dir: Path) -> list[Path]:
     """report.md, comparison.csv and every plot some run has data for; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,9 +154,13 @@ def write_report(loaded: Loaded, rows: list[dict], by: list[str], metric: str, o
         if plot(groups, plot_metric, x_key, title, window, out_dir / name):
             images.append(name)
             written.append(out_dir / name)
+    for name, draw in (("differences.png", plot_differences), ("pass_at_k.png", plot_pass_at_k)):
+        if draw(rows, out_dir / name):
+            images.append(name)
+            written.append(out_dir / name)
     notes = footnotes(loaded, rows)
-    report = ["# bridgectl comparison", "", f"Runs grouped by {', '.join(by)}; final greedy pass@1 as mean ± std "
-              "[95% bootstrap interval of the mean].", "", to_markdown(rows, notes).strip(), ""]
+    report = ["# bridgectl comparison", "", f"Runs grouped by {', '.join(by)}; final greedy pass@1 (methods in the "
+              "notes under the table).", "", to_markdown(rows, notes).strip(), ""]
     report += [f"![{name}]({name})" for name in images]
     (out_dir / "report.md").write_text("\n".join(report) + "\n")
     written.append(out_dir / "report.md")

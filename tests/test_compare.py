@@ -50,32 +50,103 @@ def by_group(rows):
     return {r["group"]: r for r in rows}
 
 
-def test_means_stds_n_and_intervals(sweep):
+def test_means_stds_n_and_student_t_intervals(sweep):
     loaded = compare.load_runs([str(sweep)])
     assert loaded.left_out == {"failed": 1, "interrupted": 1}
     rows = by_group(compare.compare(loaded, ["recipe"], "eval/test/accuracy", None))
     rl = rows["rl"]
-    assert rl["n"] == 3 and not rl["too_few_seeds"] and rows["sft"]["too_few_seeds"]
+    assert rl["n"] == 3 and rl["too_few_seeds"] and rows["sft"]["too_few_seeds"]  # fewer than 5 seeds are marked
     assert rl["eval/test/accuracy/mean"] == pytest.approx(0.70)
     assert rl["eval/test/accuracy/std"] == pytest.approx(np.std([0.6, 0.7, 0.8], ddof=1))
-    reference = stats.bootstrap(([0.6, 0.7, 0.8],), np.mean, method="percentile", n_resamples=10_000,
-                                random_state=1).confidence_interval
-    assert rl["eval/test/accuracy/ci_low"] == pytest.approx(reference.low, abs=0.01)
-    assert rl["eval/test/accuracy/ci_high"] == pytest.approx(reference.high, abs=0.01)
-    assert rows["sft"]["eval/test/accuracy/ci_low"] == rows["sft"]["eval/test/accuracy/ci_high"] == 0.9
+    low, high = stats.t.interval(0.95, df=2, loc=0.7, scale=stats.sem([0.6, 0.7, 0.8]))
+    assert rl["eval/test/accuracy/ci_low"] == pytest.approx(low) and rl["eval/test/accuracy/ci_high"] == pytest.approx(high)
+    # at n = 3 the interval reaches beyond the runs themselves (a bootstrap over seeds could not: [0.6, 0.8])
+    assert rl["eval/test/accuracy/ci_low"] < 0.6 and rl["eval/test/accuracy/ci_high"] > 0.8
+    assert rows["sft"]["eval/test/accuracy/ci_low"] is None  # one seed: no interval at all
     assert rl["gen_tokens"] == pytest.approx(2000) and rl["wall_s"] == pytest.approx(100)
 
 
-def test_baseline_difference_and_time_to_target(sweep):
+def test_baseline_difference_is_welchs_and_time_to_target(sweep):
     rows = by_group(compare.compare(compare.load_runs([str(sweep)]), ["recipe"], "eval/test/accuracy", "rl"))
     bridge = rows["bridge"]
+    welch = stats.ttest_ind([0.85, 0.90, 0.95], [0.6, 0.7, 0.8], equal_var=False)
+    interval = welch.confidence_interval(0.95)
     assert bridge["eval/test/accuracy/diff"] == pytest.approx(0.90 - 0.70)
-    assert bridge["eval/test/accuracy/diff_ci_low"] < 0.2 < bridge["eval/test/accuracy/diff_ci_high"]
-    assert rows["rl"]["eval/test/accuracy/diff"] == pytest.approx(0.0)
+    assert bridge["eval/test/accuracy/diff_ci_low"] == pytest.approx(interval.low)
+    assert bridge["eval/test/accuracy/diff_ci_high"] == pytest.approx(interval.high)
+    assert bridge["eval/test/accuracy/diff_p"] == pytest.approx(welch.pvalue)
+    assert rows["rl"]["is_baseline"] and rows["rl"]["eval/test/accuracy/diff"] == 0.0
+    assert rows["sft"]["eval/test/accuracy/diff_ci_low"] is None  # one seed: no Welch interval
     # target = rl's final mean 0.70; bridge curves cross it between (10, 0.5) and (20, 0.9): t = 10 + 10 * 0.2/0.4
     assert bridge["time_to_target_s"] == pytest.approx(15.0)
     # rl seed 0 ends at 0.60 and never reaches 0.70: the group gets "never" with 2 of 3 runs reaching it
     assert rows["rl"]["time_to_target_s"] is None and rows["rl"]["reached_target"] == "2/3"
+
+
+def _with_mean_and_std(mean: float, std: float, n: int) -> np.ndarray:
+    """n values with exactly this mean and sample standard deviation."""
+    pattern = np.linspace(-1, 1, n)
+    return mean + std * (pattern - pattern.mean()) / pattern.std(ddof=1)
+
+
+@pytest.mark.parametrize("diff, std_a, std_b", [(0.02, 0.03, 0.05), (0.05, 0.04, 0.04), (0.01, 0.02, 0.01)])
+def test_seeds_needed_is_where_welch_would_first_separate_the_difference(diff, std_a, std_b):
+    a, b = _with_mean_and_std(0.5 + diff, std_a, 3), _with_mean_and_std(0.5, std_b, 3)
+    needed = compare.stats.seeds_needed(list(a), list(b))
+    assert needed is not None and needed > 2
+
+    def p_at(n):  # scipy's Welch test on n seeds per group with the same means and spreads
+        return stats.ttest_ind(_with_mean_and_std(0.5 + diff, std_a, n), _with_mean_and_std(0.5, std_b, n),
+                               equal_var=False).pvalue
+    assert p_at(needed) < 0.05 <= p_at(needed - 1)
+
+
+def _paired_run(root: Path, name: str, recipe: str, seed: int, rewards: list[int], fingerprint: str = "abc") -> None:
+    make_run(root, name, recipe, seed, sum(rewards) / len(rewards))
+    summary = json.loads((root / name / "summary.json").read_text())
+    summary["steps"] = 100
+    (root / name / "summary.json").write_text(json.dumps(summary))
+    lines = [{"step": 0, "split": "test", "problems": fingerprint, "rewards": [0] * len(rewards)},
+             {"step": 100, "split": "test", "problems": fingerprint, "rewards": rewards}]
+    (root / name / "eval_problems.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_paired_comparison_finds_a_difference_confined_to_known_problems(tmp_path):
+    """Two recipes identical but for 30 of 300 problems, which `better` always gets right and `base` never: the
+    true difference is 0.10 in every seed. Seeds differ from each other on the other problems, as seeds do."""
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        shared = (rng.random(300) < 0.5).astype(int)
+        base, better = shared.copy(), shared.copy()
+        base[:30], better[:30] = 0, 1
+        _paired_run(tmp_path, f"base-{seed}", "base", seed, base.tolist())
+        _paired_run(tmp_path, f"better-{seed}", "better", seed, better.tolist())
+    rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "base"))
+    better = rows["better"]
+    assert better["eval/test/accuracy/diff"] == pytest.approx(0.10)
+    low, high = better["eval/test/accuracy/paired_ci_low"], better["eval/test/accuracy/paired_ci_high"]
+    assert 0 < low < 0.10 < high < 0.2
+    # the problem level: the 30 problems drawn again are Binomial(300, 0.1) / 300, sd 0.017; seeds add their own
+    assert high - low > 2 * 1.96 * 0.017 * 0.8
+    markdown = CliRunner().invoke(app, ["compare", str(tmp_path), "--baseline", "base", "--format", "markdown"]).output
+    assert f"[{100 * low:+.1f}, {100 * high:+.1f}]" in markdown and "two-level bootstrap" in markdown
+
+
+def test_identical_recipes_paired_interval_covers_zero(tmp_path):
+    rng = np.random.default_rng(1)
+    for seed in range(5):
+        for recipe in ("a", "b"):
+            _paired_run(tmp_path, f"{recipe}-{seed}", recipe, seed, (rng.random(200) < 0.6).astype(int).tolist())
+    rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "a"))
+    assert rows["b"]["eval/test/accuracy/paired_ci_low"] < 0 < rows["b"]["eval/test/accuracy/paired_ci_high"]
+
+
+def test_runs_on_different_problems_are_not_paired(tmp_path):
+    for seed in range(3):
+        _paired_run(tmp_path, f"a-{seed}", "a", seed, [1, 0, 1, seed % 2], fingerprint="one")
+        _paired_run(tmp_path, f"b-{seed}", "b", seed, [1, 1, 1, seed % 2], fingerprint="two")
+    rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "a"))
+    assert "eval/test/accuracy/paired_ci_low" not in rows["b"] and "eval/test/accuracy/diff_ci_low" in rows["b"]
 
 
 def test_time_to_target_interpolates_between_evals(tmp_path):
@@ -104,7 +175,8 @@ def test_every_format_carries_the_same_numbers(sweep):
     assert set(json_rows) == {r["group"] for r in as_csv} == {"rl", "bridge", "sft"}
     for row in as_csv:
         for key in ("eval/test/accuracy/mean", "eval/test/accuracy/ci_low", "eval/ood/accuracy/diff", "wall_s"):
-            assert float(row[key]) == pytest.approx(json_rows[row["group"]][key])
+            expected = json_rows[row["group"]][key]  # None (sft's one seed has no interval) is an empty cell
+            assert (row[key] == "") if expected is None else float(row[key]) == pytest.approx(expected)
     bridge = json_rows["bridge"]
     shown = (f"{100 * bridge['eval/test/accuracy/mean']:.1f} ± {100 * bridge['eval/test/accuracy/std']:.1f} "
              f"[{100 * bridge['eval/test/accuracy/ci_low']:.1f}, {100 * bridge['eval/test/accuracy/ci_high']:.1f}]")

@@ -26,7 +26,7 @@ from bridgectl.cli import app
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
 
 SHORT = ["train.threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2",
-         "rl.prompts_per_step=4", "rl.num_generations=4", "sft.batch_size=8", "eval.n=20"]
+         "rl.prompts_per_step=4", "rl.num_generations=4", "sft.batch_size=8", "eval.n=20", "eval.k=2"]
 
 
 def metric_rows(run: Path) -> list[dict]:
@@ -79,6 +79,8 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_result(tmp_path, reci
     assert summary["status"] == "completed" and summary["steps"] == 6, f"killed at step {kill_at}"
     assert summary["resumed_from_step"] in (2, 4)
     assert metric_rows(tmp_path / "killed") == metric_rows(tmp_path / "straight"), f"killed at step {kill_at}"
+    problems = [(tmp_path / name / "eval_problems.jsonl").read_text() for name in ("killed", "straight")]
+    assert problems[0] == problems[1]  # per-problem records: the killed run's rows after its checkpoint were cut
     expected, got = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 

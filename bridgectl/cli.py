@@ -92,6 +92,9 @@ def run(
         from bridgectl.core.distributed import check_batch_split
 
         check_batch_split(cfg, nproc)
+        from bridgectl.tasks.rewards import load_reward_functions
+
+        load_reward_functions(cfg.task)  # imports task.reward_funcs: a bad one exits 2 before --nproc launches
     except UserError as error:
         _fail(error.message, error.hint, 2)
     plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))

@@ -183,7 +183,7 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
                 if not values:
                     continue
                 row[f"{name}/mean"] = float(np.mean(values))
-                row[f"{name}/std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                row[f"{name}/std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: none
                 row[f"{name}/ci_low"], row[f"{name}/ci_high"] = stats.mean_interval(values) or (None, None)
                 if base_runs is runs:
                     row[f"{name}/diff"] = 0.0
@@ -246,6 +246,8 @@ def _mean_cell(row: dict, name: str) -> str:
     """mean ± std [95% t interval], in %."""
     if f"{name}/mean" not in row:
         return "-"
+    if row.get(f"{name}/std") is None:  # one seed: neither a spread nor an interval
+        return _points(row[f"{name}/mean"])
     interval = ("" if row.get(f"{name}/ci_low") is None else
                 f" [{_points(row[f'{name}/ci_low'])}, {_points(row[f'{name}/ci_high'])}]")
     return f"{_points(row[f'{name}/mean'])} ± {_points(row[f'{name}/std'])}{interval}"

@@ -8,9 +8,10 @@ is raised as `UserError`, which the CLI prints as `Error:` + `Hint:` and exit co
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
@@ -21,6 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from bridgectl.errors import UserError
 from bridgectl.stages import STAGES
+from bridgectl.trl_names import trl_hint
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 DICT_FIELDS = ("task.eval_sets",)  # config keys whose value is a {name: value} mapping
@@ -85,6 +87,18 @@ class TaskConfig:
     """(dataset tasks) wrap prompts in the tokenizer's chat template when it has one (a plain prompt otherwise)."""
     verify_timeout_s: int = 5
     """(dataset tasks) time limit of one math-verify check, in seconds (a check that overruns scores 0)."""
+    system_prompt: Optional[str] = None
+    """(dataset tasks) a system message put before every prompt's conversation (rows that open with their own
+    system turn keep it); needs the tokenizer's chat template."""
+    reward_funcs: list[str] = field(default_factory=list)
+    """The training reward as a weighted sum of functions, TRL's convention (tasks/rewards.py): `verifier` (the
+    task's own check), `pkg.module:function` or `path/to/file.py:function`, each called as f(prompts=...,
+    completions=..., **row columns) and returning one float or None per completion. Empty: the verifier alone.
+    Evaluation always scores with the verifier alone."""
+    reward_weights: Optional[list[float]] = None
+    """Weight of each of task.reward_funcs in the sum (one per function; null: 1.0 each)."""
+    reward_timeout_s: float = 60.0
+    """Longest one call of a task.reward_funcs function may take, in seconds; a longer one fails the run."""
 
 
 @dataclass
@@ -108,6 +122,11 @@ class ModelConfig:
     """Model: tiny (built in) or hf (any causal LM by Hub id or local directory: model.name_or_path)."""
     name_or_path: Optional[str] = None
     """(model=hf) Hub id or local directory of a transformers causal LM and its tokenizer."""
+    init_from: Optional[str] = None
+    """Start from these weights instead of the model's own: a bridgectl run directory (its checkpoints/final, any
+    adapters merged), a model directory or a peft adapter directory (merged into its base). The architecture and
+    tokenizer are theirs; LoRA then trains a new adapter over them and the KL reference is them. SFT in one run and
+    RL in the next: `bridgectl run recipe=rl model.init_from=runs/<sft run>`."""
     trust_remote_code: bool = False
     """(model=hf) run the model repository's own code; off unless you set it."""
     dtype: str = "auto"
@@ -182,13 +201,32 @@ class RLConfig:
     beta: float = 0.0
     """KL coefficient to the frozen reference (TRL's default is 0.0: no reference model is kept)."""
     epsilon: float = 0.2
-    """PPO clip range of the importance ratio."""
+    """PPO clip range of the importance ratio: clip(r, 1 - epsilon, 1 + epsilon_high)."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range (TRL's name; DAPO's "Clip-Higher", arXiv 2503.14476, recommends 0.28); null: rl.epsilon."""
     temperature: float = 1.0
     """Sampling temperature of rollouts (log-probs are computed at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling of rollouts (TRL's name): draw from the fewest most likely tokens holding top_p of the
+    probability (1.0: off). The ratio's log-probs stay the untruncated distribution's (as TRL's)."""
+    top_k: int = 0
+    """Draw rollout tokens from the k most likely only (TRL's name; 0: off)."""
+    min_p: float = 0.0
+    """Draw rollout tokens from those at least min_p x as likely as the most likely one (TRL's name; 0.0: off)."""
     max_completion_length: int = 48
     """Most tokens generated per completion."""
+    mask_truncated_completions: bool = False
+    """Leave completions that reach max_completion_length without EOS out of the loss, numerator and token count
+    (TRL's name; DAPO's overlong filtering)."""
     scale_rewards: str = "group"
-    """Advantage scaling: group (divide by the group's std, GRPO) or none (Dr. GRPO)."""
+    """Advantage scaling (TRL's name): group (divide by the group's std, GRPO), batch (by the std of all the step's
+    rewards, over every process) or none (Dr. GRPO)."""
+    loss_type: str = "dapo"
+    """How token losses are reduced (TRL's name and default): dapo (sum / the step's completion tokens), grpo (mean
+    per completion, then over completions) or dr_grpo (sum / (completions x max_completion_length))."""
+    num_iterations: int = 1
+    """Optimizer updates per batch of rollouts (TRL's name, mu of GRPO): from the second on the ratio to the
+    sampling policy moves and clipping acts. The rl and interleaved stages only."""
 
 
 @dataclass
@@ -538,8 +576,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
         missing = object()
         before = OmegaConf.select(cfg, key, default=missing)
         if before is missing:
-            raise UserError(f"unknown key '{key}'", "overrides name existing config keys, e.g. eval.n=500 "
-                                                   "(bridgectl run --dry-run lists them)")
+            raise _unknown_key(key)
         try:
             OmegaConf.update(cfg, key, override.value(), merge=False)
         except OmegaConfBaseException as error:
@@ -569,18 +606,169 @@ def _translate(error: Exception) -> UserError:
     cause = error.__cause__ or error
     full_key = getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and full_key:
-        parent, _, leaf = full_key.rpartition(".")
-        node = OmegaConf.select(OmegaConf.structured(Config), parent) if parent else OmegaConf.structured(Config)
-        valid = list(node.keys()) if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(leaf, valid, n=1)
-        hint = f"did you mean '{parent + '.' if parent else ''}{close[0]}'? " if close else ""
-        return UserError(f"unknown key '{full_key}'",
-                         hint + f"keys under '{parent or 'the root'}': {', '.join(valid)}")
+        return _unknown_key(full_key)
     if isinstance(cause, ValidationError) and full_key:
-        return UserError(f"bad value for '{full_key}': {_first_line(cause)}",
-                         "`bridgectl run --dry-run` shows every key with a value of the right type")
+        return UserError(f"bad value for '{full_key}': {_first_line(cause)}", _type_hint(full_key))
     return UserError(_first_line(error),
                      "overrides look like key=value, e.g. `bridgectl run recipe=rl train.max_steps=40 seed=1`")
+
+
+def _unknown_key(full_key: str) -> UserError:
+    """An unknown key, with bridgectl's name for a TRL name (trl_names.py), else the closest key of its section."""
+    parent, _, leaf = full_key.rpartition(".")
+    if trl_hint(leaf):
+        return UserError(f"unknown key '{full_key}'", trl_hint(leaf))
+    node = OmegaConf.select(_schema_defaults(), parent) if parent else _schema_defaults()
+    valid = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f"did you mean '{parent + '.' if parent else ''}{close[0]}'? " if close else ""
+    return UserError(f"unknown key '{full_key}'", hint + f"keys under '{parent or 'the root'}': {', '.join(valid)}")
+
+
+@functools.lru_cache(maxsize=None)
+def schema_types() -> dict[str, Any]:
+    """{dotted key: annotated type} of every leaf key of the schema (a dataclass-typed field is a section)."""
+    def walk(cls: type, prefix: str):
+        hints = get_type_hints(cls)
+        for item in fields(cls):
+            if is_dataclass(hints[item.name]):
+                yield from walk(hints[item.name], f"{prefix}{item.name}.")
+            else:
+                yield f"{prefix}{item.name}", hints[item.name]
+    return dict(walk(Config, ""))
+
+
+_SINGULAR = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL = {int: "whole numbers", float: "numbers", bool: "true/false values", str: "strings"}
+
+
+def _type_words(kind: Any) -> str:
+    if get_origin(kind) is Union:  # Optional[X]
+        return _type_words(next(arg for arg in get_args(kind) if arg is not type(None))) + " or null"
+    if get_origin(kind) is list:
+        return f"a list of {_PLURAL[get_args(kind)[0]]}"
+    if get_origin(kind) is dict:
+        return f"a mapping of names to {_PLURAL[get_args(kind)[1]]}"
+    return _SINGULAR.get(kind, str(kind))
+
+
+def _type_hint(full_key: str) -> str:
+    """What a key takes, and its default as an override, for a value of the wrong type."""
+    key = full_key.split("[")[0]  # a list element: task.train_ops[0]
+    while key and key not in schema_types():  # an entry of a mapping: task.eval_sets.test
+        key = key.rpartition(".")[0]
+    if not key:  # a whole section: model.pretrain=3
+        first = next((name for name in schema_types() if name.startswith(f"{full_key}.")), None)
+        return (f"{full_key} is a section: set its keys one by one, e.g. {first}={_example(first)}" if first
+                else "`bridgectl run --dry-run` shows every key with a value of the right type")
+    default = _example(key)
+    if isinstance(default, (ListConfig, list)):
+        example = "[" + ",".join(str(item) for item in default) + "]" if len(default) else ""
+    else:
+        example = str(default).lower() if isinstance(default, bool) else str(default)
+    shown = f", e.g. {key}={example}" if example and example != "None" and not any(c in example for c in " \n{") else ""
+    return f"{key} takes {_type_words(schema_types()[key])}{shown} (`bridgectl run --dry-run` shows every key)"
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    """The schema's keys, each with a value, and no others: Hydra's `+key=value` adds a key and `~key` deletes one
+    even under the typed schema, and its merge lets lists into a list or mapping of plain values."""
+    types = schema_types()
+    seen = set()
+
+    def walk(node: dict, prefix: str) -> None:
+        for name, value in node.items():
+            key = f"{prefix}{name}"
+            if key not in types and not isinstance(value, dict):
+                raise _unknown_key(key)
+            if key not in types:
+                walk(value, f"{key}.")
+                continue
+            seen.add(key)
+            if value == "???":
+                raise UserError(f"{key} has no value", f"give it {_type_words(types[key])}: {key}=...")
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+            if any(isinstance(item, (dict, list)) for item in items):
+                raise UserError(f"bad value for '{key}': a list or mapping inside it", _type_hint(key))
+
+    try:  # resolved: an interpolation (seed=${train.max_steps}) must name a key, and give a value of the right type
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as error:
+        raise UserError(f"bad value for '{error.full_key}': {_first_line(error)}",
+                        "an interpolation ${key} names an existing key whose value fits, e.g. "
+                        "eval.temperature=${rl.temperature}") from None
+    walk(plain, "")
+    for key in [key for key in types if key not in seen]:  # schema order: ~rl names rl.lr
+        raise UserError(f"'{key}' has no value (removed with ~?)",
+                        f"every key keeps a value; set it instead, e.g. {key}={_example(key)}")
+
+
+_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")  # transformers' kernels
+
+
+def _require_cuda() -> None:
+    import torch  # here only: validation otherwise needs no torch
+
+    if not torch.cuda.is_available():
+        raise UserError("train.device=cuda, but torch finds no CUDA device on this machine "
+                        f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})",
+                        "use train.device=auto (cuda when there is one) or train.device=cpu")
+
+
+def _check_ranges(cfg: DictConfig, require) -> None:
+    """Ranges of single keys (validate() checks the rest and the keys that depend on each other)."""
+    for key in ("seed", "model.pretrain.seed"):  # numpy seeds its generator with 32-bit unsigned integers
+        value = OmegaConf.select(cfg, key)
+        require(0 <= value < 2 ** 32, f"{key} must be in [0, 2^32), got {value}", f"e.g. {key}=0")
+    train = cfg.train
+    require(train.threads >= 0, f"train.threads must be >= 0, got {train.threads}",
+            "torch CPU threads: e.g. train.threads=2 (0: torch's default)")
+    require(train.eval_every >= 0 and train.log_completions_every >= 0,
+            "train.eval_every and train.log_completions_every must be >= 0 (0: never)",
+            "e.g. train.eval_every=50 train.log_completions_every=25")
+    if train.device == "cuda":
+        _require_cuda()
+    for group in ("task", "model"):
+        require(cfg[group].name in group_options(group), f"unknown {group}.name '{cfg[group].name}'",
+                f"choose one with {group}=NAME: {', '.join(group_options(group))}")
+    model = cfg.model
+    require(min(model.hidden_size, model.num_layers, model.num_heads, model.max_positions) > 0,
+            "model.hidden_size, model.num_layers, model.num_heads and model.max_positions must be positive",
+            "e.g. model.hidden_size=128 model.num_layers=4 model.num_heads=4 model.max_positions=96")
+    require(model.hidden_size % (2 * model.num_heads) == 0,
+            f"model.hidden_size={model.hidden_size} does not split into model.num_heads={model.num_heads} heads of "
+            "an even width", "rotary position embeddings turn pairs of each head's dimensions: e.g. "
+            "model.hidden_size=128 model.num_heads=4")
+    require(model.attn_implementation in _ATTENTION or "/" in model.attn_implementation,  # or a Hub kernel repo
+            f"unknown model.attn_implementation '{model.attn_implementation}'",
+            f"choose {', '.join(_ATTENTION)}, or a kernel repository on the Hub (kernels-community/...)")
+    pretrain = model.pretrain
+    require(pretrain.batch_size > 0 and pretrain.lr > 0 and 0 <= pretrain.trace_fraction <= 1,
+            "model.pretrain.batch_size and model.pretrain.lr must be positive, model.pretrain.trace_fraction in "
+            "[0, 1]", "e.g. model.pretrain.batch_size=128 model.pretrain.lr=1e-3 model.pretrain.trace_fraction=0.3")
+    lora = cfg.lora
+    require(lora.alpha > 0 and 0 <= lora.dropout < 1 and len(lora.target_modules) > 0,
+            "lora.alpha must be positive, lora.dropout in [0, 1) and lora.target_modules not empty",
+            "e.g. lora.alpha=16 lora.dropout=0.05 lora.target_modules=[all-linear]")
+    optim = cfg.optim
+    require(optim.weight_decay >= 0 and optim.max_grad_norm >= 0 and optim.warmup_steps >= 0,
+            "optim.weight_decay, optim.max_grad_norm and optim.warmup_steps must be >= 0",
+            "e.g. optim.weight_decay=0.0 optim.max_grad_norm=1.0 (0: no clipping) optim.warmup_steps=10")
+    require(0 <= optim.adam_beta1 < 1 and 0 <= optim.adam_beta2 < 1,
+            f"optim.adam_beta1 and optim.adam_beta2 must be in [0, 1), got {optim.adam_beta1} and {optim.adam_beta2}",
+            "they are AdamW's moment decay rates: e.g. optim.adam_beta1=0.9 optim.adam_beta2=0.999")
+    require(cfg.rollout.max_model_len is None or cfg.rollout.max_model_len > 0,
+            f"rollout.max_model_len must be positive, got {cfg.rollout.max_model_len}",
+            "e.g. rollout.max_model_len=4096, or null for the model's own limit")
+    require(cfg.bridge.w_alpha > 0, f"bridge.w_alpha must be positive, got {cfg.bridge.w_alpha}",
+            "w's update is scaled by w_alpha / w_rank: e.g. bridge.w_alpha=16")
+    require(cfg.eval.samples >= 0, f"eval.samples must be >= 0, got {cfg.eval.samples}",
+            "e.g. eval.samples=16 (0: eval.k)")
+    try:  # the template is filled with str.format: any other field, or a lone brace, fails on the first prompt
+        cfg.task.prompt_template.format(question="")
+    except (KeyError, IndexError, ValueError) as error:
+        require(False, f"task.prompt_template cannot be filled in: {type(error).__name__}: {error}",
+                "only {question} is filled in; write other braces doubled, {{ and }}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -589,8 +777,16 @@ def validate(cfg: DictConfig) -> None:
         if not condition:
             raise UserError(message, hint)
 
+    _check_keys(cfg)
+    _check_ranges(cfg, require)
     recipe = cfg.recipe
     require(len(recipe.stages) > 0, "recipe.stages is empty", "give at least one stage, e.g. recipe.stages=[sft,rl]")
+    if cfg.model.init_from:
+        source = Path(str(cfg.model.init_from)).expanduser()
+        require(any((source / name).is_file() for name in ("config.yaml", "config.json", "adapter_config.json")),
+                f"model.init_from={cfg.model.init_from} is not a run, model or adapter directory",
+                "give a bridgectl run directory, a model directory (config.json) or a peft adapter directory "
+                "(adapter_config.json), on this machine")
     for stage in recipe.stages:
         require(stage in STAGES, f"unknown stage '{stage}' in recipe.stages",
                 f"stages are: {', '.join(STAGES)}")
@@ -620,8 +816,7 @@ def validate(cfg: DictConfig) -> None:
             "sampling needs a positive temperature, e.g. rl.temperature=1.0")
     require(cfg.rl.beta >= 0 and cfg.rl.epsilon > 0, "rl.beta must be >= 0 and rl.epsilon > 0",
             "e.g. rl.beta=0.0 rl.epsilon=0.2")
-    require(cfg.rl.scale_rewards in ("group", "none"), f"unknown rl.scale_rewards '{cfg.rl.scale_rewards}'",
-            "choose group or none")
+    _validate_grpo_options(cfg, require)
     require(cfg.model.finetune in ("full", "lora"), f"unknown model.finetune '{cfg.model.finetune}'",
             "choose full or lora")
     require(cfg.optim.schedule in ("constant", "cosine"), f"unknown optim.schedule '{cfg.optim.schedule}'",
@@ -734,10 +929,73 @@ def validate(cfg: DictConfig) -> None:
             "e.g. task.prompt_template='Question: {question}\\nAnswer:'")
     require(cfg.task.verify_timeout_s > 0, f"task.verify_timeout_s must be positive, got {cfg.task.verify_timeout_s}",
             "e.g. task.verify_timeout_s=5")
+    funcs, weights = list(cfg.task.reward_funcs), cfg.task.reward_weights
+    for spec in funcs:  # whether each one imports is checked before the run starts (tasks/rewards.py)
+        module, _, name = spec.rpartition(":")
+        require(spec == "verifier" or (module and name), f"task.reward_funcs: '{spec}' names no function",
+                "give verifier, pkg.module:function or path/to/file.py:function")
+    require(weights is None or len(weights) == len(funcs),
+            f"task.reward_weights has {len(weights or [])} entries for {len(funcs)} task.reward_funcs",
+            f"give one weight per function of {funcs or '[verifier]'}, or none (1.0 each)")
+    require(cfg.task.reward_timeout_s > 0, f"task.reward_timeout_s must be positive, got {cfg.task.reward_timeout_s}",
+            "e.g. task.reward_timeout_s=60")
+    require(not funcs or "uft" not in cfg.recipe.stages,
+            "task.reward_funcs does not apply to the uft stage (it rescores hint + completion with the verifier)",
+            "drop task.reward_funcs, or use another recipe")
+    require(cfg.task.system_prompt is None or cfg.task.name != "arith",
+            "task.system_prompt applies to dataset tasks (the built-in arith task has no chat template)",
+            "drop task.system_prompt, or use task=gsm8k, math or jsonl with model=hf")
+
+
+# stages whose RL half is not core/grpo.rl_backward, or calls it in a way an option changes, and what they honour
+_ITERATING_STAGES = ("rl", "interleaved")  # the stages that loop rl.num_iterations updates over one batch
+_OWN_LOSS_NORMALISER = ("luffy", "srft", "hpt")  # token means of their own (demonstrations, a subset of rows)
+_OWN_REWARD_SCALING = ("luffy", "srft")  # mixed groups of rollouts and demonstrations (luffy.std_normalize)
+
+
+def _validate_grpo_options(cfg: DictConfig, require) -> None:
+    """The TRL-named GRPO options (rl.loss_type, epsilon_high, mask_truncated_completions, scale_rewards, top_p,
+    top_k, min_p, num_iterations): their values, and the stages that cannot honour one."""
+    rl = cfg.rl
+    require(rl.scale_rewards in ("group", "batch", "none"), f"unknown rl.scale_rewards '{rl.scale_rewards}'",
+            "choose group, batch or none")
+    require(rl.loss_type in ("dapo", "grpo", "dr_grpo"), f"unknown rl.loss_type '{rl.loss_type}'",
+            "choose dapo (token mean over the step, the default), grpo (mean per completion) or dr_grpo "
+            "(sum / (completions x rl.max_completion_length))")
+    require(rl.epsilon_high is None or rl.epsilon_high > 0, f"rl.epsilon_high must be positive, got {rl.epsilon_high}",
+            "e.g. rl.epsilon_high=0.28 (DAPO), or null for rl.epsilon")
+    require(0 < rl.top_p <= 1 and rl.top_k >= 0 and 0 <= rl.min_p < 1,
+            f"rl.top_p must be in (0, 1], rl.top_k >= 0 and rl.min_p in [0, 1), got {rl.top_p}, {rl.top_k} and "
+            f"{rl.min_p}", "e.g. rl.top_p=0.95 rl.top_k=50 rl.min_p=0.05 (1.0, 0 and 0.0 turn each off)")
+    require(rl.num_iterations >= 1, f"rl.num_iterations must be >= 1, got {rl.num_iterations}",
+            "e.g. rl.num_iterations=1 (one update per batch of rollouts)")
+    for stage in cfg.recipe.stages:
+        if not STAGES[stage].samples_rollouts:
+            continue
+        require(rl.num_iterations == 1 or stage in _ITERATING_STAGES,
+                f"rl.num_iterations={rl.num_iterations} is not implemented for the {stage} stage",
+                f"use rl.num_iterations=1 with {stage}; the {' and '.join(_ITERATING_STAGES)} stages take several "
+                "updates per batch of rollouts")
+        require(rl.loss_type == "dapo" or stage not in _OWN_LOSS_NORMALISER,
+                f"rl.loss_type={rl.loss_type} does not apply to the {stage} stage (its loss is a token mean over its "
+                "own rows)", f"use rl.loss_type=dapo with {stage}")
+        require(not rl.mask_truncated_completions or stage != "hpt",
+                "rl.mask_truncated_completions does not apply to the hpt stage (its GRPO term divides by the token "
+                "count of its kept rows, truncated ones included)", "drop rl.mask_truncated_completions with hpt")
+        require(rl.scale_rewards != "batch" or stage not in _OWN_REWARD_SCALING,
+                f"rl.scale_rewards=batch does not apply to the {stage} stage (it normalises its mixed groups of "
+                "rollouts and demonstrations itself)",
+                "use rl.scale_rewards=group or none (luffy: luffy.std_normalize=true or false)")
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_defaults() -> DictConfig:
+    # built once: OmegaConf.structured(Config) takes ~40 ms, and validate() runs on every compose
+    return OmegaConf.structured(Config)
 
 
 def _example(key: str) -> Any:
-    return OmegaConf.select(OmegaConf.structured(Config), key)
+    return OmegaConf.select(_schema_defaults(), key)
 
 
 def stage_budgets(cfg: DictConfig) -> list[int]:

@@ -41,9 +41,7 @@ def config_for(target: str, overrides: list[str], need_final: bool = True) -> tu
 
 def load_for_eval(cfg: DictConfig, checkpoint: Path | None, device: torch.device):
     """(model, tokenizer) in eval mode: a run's final weights (adapters merged into their base) or the plain model."""
-    from peft import PeftModel
-
-    from bridgectl.core.model import base_model_path, causal_lm_from, load_policy, tokenizer_from
+    from bridgectl.core.model import base_model_path, causal_lm_from, load_policy, merge_saved_adapters, tokenizer_from
 
     if checkpoint is None:
         policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference=False, finetune="full")
@@ -53,13 +51,7 @@ def load_for_eval(cfg: DictConfig, checkpoint: Path | None, device: torch.device
         model = causal_lm_from(checkpoint, cfg.model, device)
     else:  # adapters over the unchanged base: every saved adapter (BRIDGE's w sits in a subdirectory), merged
         base = causal_lm_from(base_model_path(cfg.model, cfg.task, show_progress=False), cfg.model, device)
-        model = PeftModel.from_pretrained(base, checkpoint)
-        names = ["default"]
-        for sub in sorted(p for p in checkpoint.iterdir() if (p / "adapter_config.json").is_file()):
-            model.load_adapter(sub, adapter_name=sub.name)
-            names.append(sub.name)
-        model.base_model.set_adapter(names)
-        model = model.merge_and_unload(adapter_names=names)
+        model = merge_saved_adapters(base, checkpoint)
     return model.to(device).eval(), tokenizer
 
 

@@ -28,6 +28,7 @@ from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.errors import NonFiniteError, StopRun, UserError
 from bridgectl.stages import build_stage
+from bridgectl.tasks.rewards import RewardFunctionError, load_reward_functions
 
 
 def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict | None = None,
@@ -40,6 +41,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
     `resume`: continue the run at `run_path` from its newest checkpoint (from the start when it has none); the
     result equals a run that was never stopped (same metrics and weights; tests/test_resume.py)."""
     budgets = stage_budgets(cfg)
+    load_reward_functions(cfg.task)  # a bad task.reward_funcs exits 2 before the run directory exists
     distributed.init_from_environment(pick_device(cfg.train.device).type)  # before anything is written
     checkpoint = None
     if resume:
@@ -144,8 +146,8 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 step = counters["steps"] + 1
                 try:
                     output = stage.step()
-                except NonFiniteError as error:  # nothing was updated; the last checkpoint is good
-                    raise NonFiniteError(f"step {step} ({kind}): {error}") from None
+                except (NonFiniteError, RewardFunctionError) as error:  # no update made: the last checkpoint is good
+                    raise type(error)(f"step {step} ({kind}): {error}") from None
                 counters["steps"] = step
                 output.metrics = distributed.average_metrics(output.metrics)
                 output.metrics["perf/step_s"] = time.perf_counter() - started

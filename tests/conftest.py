@@ -87,3 +87,20 @@ def shipped_recipe(name: str) -> dict:
     shares = [max_steps * f / sum(fractions) for f in fractions]
     exact = [int(s) if abs(s - round(s)) < 1e-9 else None for s in shares]
     return {"name": raw["recipe"]["name"], "stages": stages, "max_steps": max_steps, "budgets": exact}
+
+
+@pytest.fixture
+def training_refused(monkeypatch):
+    """A stand-in runner for tests of bad input, which must be refused before any training: a started run fails at
+    once (exit 1, not 2) instead of training for minutes. The fixture's value lists the runs that were started."""
+    import sys
+    import types
+
+    started = []
+
+    def refuse(cfg, run_path, show_progress=True, resume=False):
+        started.append(run_path)
+        raise RuntimeError("training was started")
+
+    monkeypatch.setitem(sys.modules, "bridgectl.runner", types.SimpleNamespace(run=refuse))
+    return started

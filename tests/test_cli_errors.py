@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -64,17 +63,9 @@ BAD_INPUTS = [
 
 
 @pytest.fixture(autouse=True)
-def no_training(monkeypatch):
-    """Bad input must be refused before any training: a stand-in runner makes a started run fail at once
-    (exit 1, not 2) instead of training for minutes."""
-    started = []
-
-    def refuse(cfg, run_path, show_progress=True, resume=False):
-        started.append(run_path)
-        raise RuntimeError("training was started")
-
-    monkeypatch.setitem(sys.modules, "bridgectl.runner", types.SimpleNamespace(run=refuse))
-    return started
+def no_training(training_refused):
+    """Bad input must be refused before any training (conftest.training_refused)."""
+    return training_refused
 
 
 @pytest.fixture

@@ -233,7 +233,8 @@ def test_report_writes_markdown_csv_and_valid_pngs(sweep, tmp_path):
     assert result.exit_code == 0
     assert (out / "comparison.csv").read_text() in result.output  # same numbers as the printed csv
     images = sorted(p.name for p in out.glob("*.png"))
-    assert images == ["accuracy_vs_step.png", "accuracy_vs_wall.png"]  # the hand-made runs log only eval accuracy
+    # the hand-made runs log only eval accuracy; with --baseline the differences get their forest plot
+    assert images == ["accuracy_vs_step.png", "accuracy_vs_wall.png", "differences.png"]
     from matplotlib.image import imread
 
     for name in images:

@@ -4,7 +4,7 @@ GRPO loss of any model on those rollouts. Kept in one place so every stage sampl
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,7 +12,7 @@ from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows
 from bridgectl.core.losses import GRPOStats, backward, group_advantages, grpo_loss
-from bridgectl.core.rollout import Rollouts, generate
+from bridgectl.core.rollout import Rollouts, generate, truncated_rows
 
 
 @dataclass
@@ -23,6 +23,14 @@ class ScoredRollouts:
     advantages: torch.Tensor  # [N] group-normalised
     gen_seconds: float
     logprob_gap: float | None = None  # rollout.backend=vllm: engine vs trainer log-probs (core/vllm_rollout)
+    reward_means: dict = field(default_factory=dict)  # task.reward_funcs: each function's mean (tasks/rewards.py)
+    verdicts: torch.Tensor | None = None  # [N] the verifier's verdicts, when rewards include more than it
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """[N] bool: the rollouts the verifier accepts (what relift, hpt and srft mean by a right answer), whatever
+        other rewards task.reward_funcs adds."""
+        return (self.rewards if self.verdicts is None else self.verdicts) > 0
 
     @property
     def gen_tokens(self) -> int:
@@ -68,27 +76,44 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
     questions, logprob_gap = [p.question for p in grouped], None
     if ctx.rollout_engine is not None:
         rollouts = ctx.rollout_engine.sample(policy, questions, rl.max_completion_length, rl.temperature,
-                                             seeds_per_row(seeds, size))
+                                             seeds_per_row(seeds, size), rl.top_k, rl.top_p, rl.min_p)
         logprob_gap = ctx.rollout_engine.last_logprob_gap
     else:
         generators = [torch.Generator(device=ctx.device).manual_seed(seed) for seed in seeds]
         with policy.merged_for_generation() as sampler:
             rollouts = generate(sampler, policy.tokenizer, questions, rl.max_completion_length,
                                 temperature=rl.temperature, group_generators=generators,
-                                rows_per_batch=ctx.cfg.rollout.batch_size)
+                                rows_per_batch=ctx.cfg.rollout.batch_size, top_k=rl.top_k, top_p=rl.top_p,
+                                min_p=rl.min_p)
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
-    rewards = torch.tensor(ctx.task.rewards(rollouts.completions, [p.answer for p in grouped]), device=ctx.device)
+    # the verifier, or the weighted sum of task.reward_funcs (tasks/rewards.py)
+    values, reward_means, verdicts = ctx.task.step_reward(grouped, rollouts.completions)
+    rewards = torch.tensor(values, device=ctx.device)
     # a group of one has no baseline to compare with: advantage 0 (its std would be NaN)
     advantages = group_advantages(rewards, size, rl.scale_rewards) if size > 1 else torch.zeros_like(rewards)
-    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap)
+    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, reward_means,
+                          None if verdicts is values else torch.tensor(verdicts, device=ctx.device))
+
+
+def loss_mask(rollouts: Rollouts, ctx: TrainContext) -> torch.Tensor:
+    """[N, C] the completion tokens the GRPO loss counts: every one, or with rl.mask_truncated_completions none of
+    a completion cut off at rl.max_completion_length before its EOS (TRL's mask_truncated_completions; DAPO,
+    arXiv 2503.14476, "Overlong Filtering"): out of the numerator and of the token count alike."""
+    mask = rollouts.completion_mask
+    if ctx.cfg.rl.mask_truncated_completions:
+        mask = mask * ~truncated_rows(rollouts, ctx.policy.tokenizer.eos_token_id).unsqueeze(1)
+    return mask
 
 
 def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | None = None,
-            n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
+            n_tokens: torch.Tensor | None = None,
+            n_sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO loss of `model` (any module with the model's signature) on shared rollouts: of all of them, or of
-    `rows` divided by `n_tokens` (a micro-batch of rl_backward). The ratio is taken against the sampling policy, so
-    scoring another model (BRIDGE's shadow) is properly off-policy."""
+    `rows` normalised by the whole step's `n_tokens` and `n_sequences` (a micro-batch of rl_backward; which one
+    divides is rl.loss_type's choice, core/losses.grpo_loss). The ratio is taken against the sampling policy, so
+    scoring another model (BRIDGE's shadow, or the policy after its first update with rl.num_iterations > 1) is
+    properly off-policy and clipped at rl.epsilon / rl.epsilon_high."""
     rl, rollouts, advantages = ctx.cfg.rl, scored.rollouts, scored.advantages
     if rows is not None:
         rollouts, advantages = rollout_rows(rollouts, rows), advantages[rows]
@@ -97,23 +122,29 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
         with torch.no_grad(), ctx.policy.reference() as reference:
             ref_logprobs = completion_logprobs(reference, rollouts, rl.temperature)
     logprobs = completion_logprobs(model, rollouts, rl.temperature)
-    return grpo_loss(logprobs, rollouts.sampling_logprobs, advantages, rollouts.completion_mask, rl.epsilon, rl.beta,
-                     ref_logprobs, n_tokens)
+    return grpo_loss(logprobs, rollouts.sampling_logprobs, advantages, loss_mask(rollouts, ctx), rl.epsilon, rl.beta,
+                     ref_logprobs, n_tokens, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
+                     n_sequences=n_sequences, max_completion_length=rl.max_completion_length)
 
 
 def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0,
                 n_tokens: torch.Tensor | None = None) -> tuple[float, GRPOStats]:
     """Accumulates the gradient of `scale * rl_loss(model, scored, ctx)` into the parameters' `.grad`, in
-    micro-batches of `train.micro_batch_size` rows, each divided by the whole step's token count, so the sum equals
-    the one-pass gradient to float rounding; returns the loss and its statistics. `n_tokens`: the divisor when the
-    step's token mean also covers other tokens (luffy's demonstrations); default the rollouts' own count."""
+    micro-batches of `train.micro_batch_size` rows, each normalised by the whole step's token and completion counts
+    (rl.loss_type), so the sum equals the one-pass gradient to float rounding; returns the loss and its statistics.
+    `n_tokens`: the token count when the step's token mean also covers other tokens (luffy's demonstrations);
+    default the rollouts' own (of loss_mask)."""
     rollouts = scored.rollouts
     if n_tokens is None:
-        n_tokens = distributed.mean_denominator(rollouts.completion_mask.sum())
+        n_tokens = distributed.mean_denominator(loss_mask(rollouts, ctx).sum())
+    n_sequences = None
+    if ctx.cfg.rl.loss_type != "dapo":
+        n_sequences = distributed.mean_denominator(torch.tensor(float(rollouts.completion_ids.size(0)),
+                                                                device=rollouts.completion_ids.device))
     lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1)).tolist()
     total, clip_fraction, kl = torch.zeros((), device=rollouts.completion_ids.device), 0.0, 0.0
     for rows in micro_batches(lengths, ctx.cfg.train.micro_batch_size):
-        loss, stats = rl_loss(model, scored, ctx, rows, n_tokens)
+        loss, stats = rl_loss(model, scored, ctx, rows, n_tokens, n_sequences)
         backward(scale * loss)
         total += loss.detach()
         clip_fraction, kl = clip_fraction + stats.clip_fraction, kl + stats.kl
@@ -129,6 +160,7 @@ def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -
         # groups whose rewards are all equal carry no learning signal: counted, not an error
         "train/zero_std_groups": int((rewards.view(-1, group_size).std(dim=1) == 0).sum()),
         "perf/gen_tokens_per_s": scored.gen_tokens / max(scored.gen_seconds, 1e-9),
+        **{f"train/rewards/{name}": mean for name, mean in scored.reward_means.items()},
         **({"rollout/logprob_gap": scored.logprob_gap} if scored.logprob_gap is not None else {}),
     }
 

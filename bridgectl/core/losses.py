@@ -1,9 +1,10 @@
 """Losses shared by every stage: SFT negative log-likelihood and the GRPO policy loss.
 
-Conventions follow TRL's GRPOTrainer so its users feel at home: group-normalised advantages (`scale_rewards`),
-a clipped importance ratio with `epsilon`, the k3 KL estimator weighted by `beta`, and token-level averaging over
-all completion tokens of the batch (TRL's `dapo` loss type, its default since v0.22), which avoids the length bias
-of per-sequence averaging.
+Conventions follow TRL's GRPOTrainer so its users feel at home: group- or batch-normalised advantages
+(`scale_rewards`), a clipped importance ratio with `epsilon` and `epsilon_high`, the k3 KL estimator weighted by
+`beta`, and TRL's `loss_type`s: by default token-level averaging over all completion tokens of the batch (`dapo`,
+TRL's default since v0.22), which avoids the length bias of per-sequence averaging (`grpo`), or Dr. GRPO's fixed
+normaliser (`dr_grpo`, arXiv 2503.20783).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from bridgectl.core import distributed
 from bridgectl.core.logprobs import micro_batches, token_logprobs
@@ -95,13 +97,31 @@ def backward(loss: torch.Tensor) -> None:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
-    """GRPO advantages: reward minus its group's mean, divided by the group's std when `scale_rewards=group`.
-    Rows are grouped consecutively: rows [k*G, (k+1)*G) are the completions of prompt k."""
+    """GRPO advantages: reward minus its group's mean, divided by the group's std (`scale_rewards=group`), by the std
+    of every reward of the step (`batch`, TRL's scale_rewards="batch": over all data-parallel ranks, so a collective
+    every rank must call) or by nothing (`none`). Rows are grouped consecutively: rows [k*G, (k+1)*G) are the
+    completions of prompt k. Both stds are Bessel-corrected, as torch.std and TRL."""
     grouped = rewards.view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_rewards == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        centred = centred / (global_std(rewards) + 1e-4)
     return centred.reshape(-1)
+
+
+def global_std(values: torch.Tensor) -> torch.Tensor:
+    """The Bessel-corrected std of `values` taken together with those of every other data-parallel rank (each
+    rank's own when not distributed), in two passes (mean, then squared deviations) in float64."""
+    def summed(tensor: torch.Tensor) -> torch.Tensor:
+        if distributed.active():
+            dist.all_reduce(tensor)
+        return tensor
+
+    flat = values.detach().reshape(-1).double()
+    count, total = summed(torch.stack([flat.new_tensor(flat.numel()), flat.sum()])).unbind()
+    squares = summed((flat - total / count).square().sum())
+    return (squares / (count - 1)).sqrt().to(values.dtype)
 
 
 @dataclass
@@ -110,22 +130,62 @@ class GRPOStats:
     kl: float
 
 
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
+
+
+def loss_token_weights(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """Each completion token's weight in the loss's numerator, before the division by `loss_denominator`: 1 for
+    `dapo` and `dr_grpo`, 1 / (its completion's scored tokens) for `grpo` (a mean per sequence); 0 off the mask."""
+    mask = mask.float()
+    if loss_type == "grpo":
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return mask
+
+
+def loss_denominator(loss_type: str, n_tokens: torch.Tensor, n_sequences: torch.Tensor | None,
+                     max_completion_length: int | None) -> torch.Tensor:
+    """What the weighted token sum is divided by: the step's scored tokens (`dapo`), its completions (`grpo`: the
+    mean of the per-sequence means) or its completions times rl.max_completion_length (`dr_grpo`, a constant, so
+    no completion's length changes another's weight). As in TRL, the completion count includes completions whose
+    tokens mask_truncated_completions has masked out (they add 0 to the numerator)."""
+    if loss_type == "dapo":
+        return n_tokens.clamp(min=1)
+    if n_sequences is None:
+        raise ValueError(f"loss_type={loss_type} needs the number of completions")
+    if loss_type == "grpo":
+        return n_sequences.clamp(min=1)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type=dr_grpo needs max_completion_length")
+        return n_sequences.clamp(min=1) * max_completion_length
+    raise ValueError(f"unknown loss_type '{loss_type}' (choose from {', '.join(LOSS_TYPES)})")
+
+
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               epsilon: float, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
-              n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
-    """Clipped surrogate  -min(r A, clip(r, 1-eps, 1+eps) A)  with r = pi / pi_old per token, plus
-    beta * KL(pi || pi_ref) with the k3 estimator exp(ref - logp) - (ref - logp) - 1, summed over the completion
-    tokens and divided by `n_tokens`: by default the batch's own (under data parallelism the global batch's over the
-    number of ranks); a micro-batch passes its whole step's count, so its loss and statistics add up to the step's.
-    `old_logprobs` are the sampling policy's (detached)."""
+              n_tokens: torch.Tensor | None = None, epsilon_high: float | None = None, loss_type: str = "dapo",
+              n_sequences: torch.Tensor | None = None,
+              max_completion_length: int | None = None) -> tuple[torch.Tensor, GRPOStats]:
+    """Clipped surrogate  -min(r A, clip(r, 1-eps, 1+eps_high) A)  with r = pi / pi_old per token (eps_high =
+    `epsilon_high`, default `epsilon`: DAPO's asymmetric "Clip-Higher", arXiv 2503.14476), plus
+    beta * KL(pi || pi_ref) with the k3 estimator exp(ref - logp) - (ref - logp) - 1, over the tokens of `mask`,
+    reduced by `loss_type` (loss_token_weights / loss_denominator): `dapo` divides the sum by `n_tokens`, `grpo`
+    averages each completion then divides by `n_sequences`, `dr_grpo` divides the sum by `n_sequences` x
+    `max_completion_length`. The counts default to the batch's own (under data parallelism the global batch's over
+    the number of ranks); a micro-batch passes its whole step's, so its loss and statistics add up to the step's.
+    The statistics (clip fraction, KL) are token means whatever the loss type, as TRL logs them. `old_logprobs` are
+    the sampling policy's (detached)."""
     mask = mask.float()
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
     ratio = torch.exp(logprobs - old_logprobs)
     advantage = advantages.unsqueeze(1)
     unclipped = ratio * advantage
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantage
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantage
     per_token = -torch.min(unclipped, clipped)
     if n_tokens is None:
         n_tokens = distributed.mean_denominator(mask.sum())
+    if n_sequences is None and loss_type != "dapo":
+        n_sequences = distributed.mean_denominator(torch.tensor(float(mask.size(0)), device=mask.device))
     n_tokens = n_tokens.clamp(min=1)
     kl_value = 0.0
     if beta > 0:
@@ -135,7 +195,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         per_token_kl = torch.exp(log_ratio) - log_ratio - 1
         per_token = per_token + beta * per_token_kl
         kl_value = float((per_token_kl.detach() * mask).sum() / n_tokens)
-    loss = (per_token * mask).sum() / n_tokens
-    was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon) & (advantage > 0))
+    weights = loss_token_weights(mask, loss_type)
+    loss = (per_token * weights).sum() / loss_denominator(loss_type, n_tokens, n_sequences, max_completion_length)
+    was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon_high) & (advantage > 0))
     clip_fraction = float((was_clipped.float() * mask).sum() / n_tokens)
     return loss, GRPOStats(clip_fraction=clip_fraction, kl=kl_value)

@@ -2,12 +2,15 @@
 
 Both sides must agree to ~1e-6 for the importance ratio to mean anything (measured on the prototype): prompts are
 left-padded and every forward pass gets explicit `position_ids = cumsum(mask) - 1`, and completions are masked
-after their first EOS. Log-probs are taken at the sampling temperature on both sides (as TRL does).
+after their first EOS. Log-probs are taken at the sampling temperature on both sides (as TRL does). Truncated
+sampling (top-k, top-p, min-p) only narrows which tokens can be drawn: the recorded log-probs stay those of the whole
+tempered distribution, which is what the trained model recomputes, so the on-policy ratio stays 1 (as in TRL).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -57,7 +60,8 @@ _COMPACT_FRACTION = 0.125
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None,
-             group_generators: list[torch.Generator] | None = None, rows_per_batch: int = 0) -> Rollouts:
+             group_generators: list[torch.Generator] | None = None, rows_per_batch: int = 0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0) -> Rollouts:
     """Samples one completion per prompt (repeat prompts for groups), decoding until every row has hit EOS or
     `max_new_tokens`. Rows that have ended leave the decoding batch (with their KV cache rows), so a batch costs
     the tokens its rows generate, not its longest row times its row count. `rows_per_batch` > 0 decodes at most
@@ -76,6 +80,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     give the same samples), but the samples change with `rows_per_batch` and with which rows have left the batch,
     as the generator's stream is spent on the rows still decoding. ("Do not depend" is up to float rounding: the
     model's numbers for a row may differ in the last bits with the batch around it.)
+
+    `top_k`, `top_p`, `min_p` (off at 0, 1.0, 0.0) sample from the truncated distribution (`truncate`); the
+    returned `sampling_logprobs` are still the untruncated tempered log-probs of the sampled tokens.
 
     Under a sharded model (train.fsdp) every rank makes the same forward passes, as each gathers the weights: a
     chunk decodes until the rows of every rank have ended (a rank whose rows have ended keeps one row in its batch
@@ -105,7 +112,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
             start, end = chunks[index]
             groups = group_generators[start // group_size:end // group_size] if group_generators is not None else None
             decoded.append(_decode_rows(model, prompt_ids[start:end], prompt_mask[start:end], max_new_tokens,
-                                        temperature, greedy, generator, groups, group_size, eos, pad, sharded))
+                                        temperature, greedy, generator, groups, group_size, eos, pad, sharded,
+                                        truncation=(top_k, top_p, min_p)))
         else:
             # a rank out of chunks while another still has one decodes its first row as already ended (greedily:
             # no generator is touched), and drops it: its forward passes pair with the other rank's
@@ -133,10 +141,11 @@ def _row_chunks(n_rows: int, rows_per_batch: int, group_size: int) -> list[tuple
 def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                  temperature: float, greedy: bool, generator: torch.Generator | None,
                  group_generators: list[torch.Generator] | None, group_size: int, eos: int, pad: int,
-                 sharded: bool, ended: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 sharded: bool, ended: bool = False,
+                 truncation: tuple[int, float, float] = (0, 1.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """Decodes one chunk of rows (whole groups with `group_generators`): returns its tokens [n, T] (pad from the
-    step after a row's EOS) and their log-probs [n, T], T the steps taken. `ended` starts every row as already
-    ended (a sharded rank's stand-in chunk)."""
+    step after a row's EOS) and their untruncated log-probs [n, T], T the steps taken. `ended` starts every row as
+    already ended (a sharded rank's stand-in chunk). `truncation`: (top_k, top_p, min_p) of `truncate`."""
     device = prompt_ids.device
     # padding columns no row of this chunk uses (another chunk's longer prompt) are dropped: positions come from
     # the mask, so a row's numbers do not change
@@ -155,10 +164,12 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
         scaled = torch.log_softmax(next_logits.float() / temperature, dim=-1)
         if greedy:
             token = scaled.argmax(dim=-1)
-        elif group_generators is not None:
-            token = _gumbel_max_by_group(scaled, finished, segments, group_generators, group_size)
         else:
-            token = torch.multinomial(scaled.exp(), 1, generator=generator).squeeze(1)
+            allowed = truncate(scaled, *truncation)  # `scaled` itself when nothing is truncated
+            if group_generators is not None:
+                token = _gumbel_max_by_group(allowed, finished, segments, group_generators, group_size)
+            else:
+                token = torch.multinomial(allowed.exp(), 1, generator=generator).squeeze(1)
         token = torch.where(finished, torch.full_like(token, pad), token)
         tokens[rows, step] = token
         logprobs[rows, step] = scaled.gather(1, token.unsqueeze(1)).squeeze(1)
@@ -188,6 +199,35 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
                     **{KV_CACHE: cache})
         cache, next_logits = out[KV_CACHE], out.logits[:, -1]
     return tokens[:, :step + 1], logprobs[:, :step + 1]
+
+
+def truncate(logprobs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """`logprobs` [B, V] (log-softmax at the sampling temperature) with the tokens truncated sampling excludes set to
+    -inf, in transformers' order of warpers (TopK, TopP, MinP; vLLM's and TRL's meaning of each): top_k > 0 keeps
+    the k most likely tokens; top_p < 1 then keeps the fewest most likely tokens whose probability, renormalised
+    over what top_k kept, reaches top_p (a token is kept when the tokens more likely than it hold less than top_p;
+    the most likely always is); min_p > 0 then drops tokens less likely than min_p x the most likely one (a ratio,
+    so renormalising does not change it). Not renormalised: Gumbel-max and multinomial draw from the renormalised
+    distribution anyway. The input itself when every setting is off."""
+    if 0 < top_k < logprobs.size(-1):
+        kth = logprobs.topk(top_k, dim=-1).values[:, -1:]
+        logprobs = logprobs.masked_fill(logprobs < kth, -math.inf)
+    if top_p < 1.0:
+        ordered, order = logprobs.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        outside = (probs.cumsum(dim=-1) - probs) >= top_p  # in sorted order: the mass of the more likely tokens
+        outside = torch.zeros_like(outside).scatter(1, order, outside)  # back to vocabulary order
+        logprobs = logprobs.masked_fill(outside, -math.inf)
+    if min_p > 0.0:
+        threshold = logprobs.max(dim=-1, keepdim=True).values + math.log(min_p)
+        logprobs = logprobs.masked_fill(logprobs < threshold, -math.inf)
+    return logprobs
+
+
+def truncated_rows(rollouts: Rollouts, eos_id: int) -> torch.Tensor:
+    """[N] bool: the completions cut off by the length limit, i.e. without an EOS among their tokens (TRL's
+    is_truncated; a completion whose EOS is its last allowed token is not truncated)."""
+    return ~((rollouts.completion_ids == eos_id) & rollouts.completion_mask.bool()).any(dim=1)
 
 
 def _group_segments(rows: torch.Tensor, group_size: int) -> list[tuple[int, int, int, torch.Tensor | None]]:

@@ -113,10 +113,15 @@ class VLLMRollouts:
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
 
     def sample(self, policy: Policy, prompts: list[str], max_new_tokens: int, temperature: float,
-               row_seeds: list[int]) -> Rollouts:
-        """Training rollouts from the policy's current weights, with the trainer's sampling log-probs."""
+               row_seeds: list[int], top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Rollouts:
+        """Training rollouts from the policy's current weights, with the trainer's sampling log-probs. `top_k`,
+        `top_p`, `min_p` truncate the engine's sampling (off at 0, 1.0, 0.0); the log-probs stay the trainer's
+        untruncated ones (score_sampled), as the hf sampler records them. The engine's own log-probs are of what
+        it sampled from, so with truncation on, rollout/logprob_gap may also hold the truncation's renormalisation,
+        not only the engine's numerical gap."""
         self.load_policy_weights(policy)
-        rollouts, completions = self._generate(policy, prompts, max_new_tokens, temperature, row_seeds)
+        rollouts, completions = self._generate(policy, prompts, max_new_tokens, temperature, row_seeds,
+                                               (top_k, top_p, min_p))
         rollouts = score_sampled(policy.model, rollouts, temperature, self.scoring_rows)
         self.last_logprob_gap = logprob_gap(rollouts, [engine_logprobs(c) for c in completions])
         return rollouts
@@ -135,18 +140,20 @@ class VLLMRollouts:
         return decode
 
     def _generate(self, policy: Policy, prompts: list[str], max_new_tokens: int, temperature: float,
-                  row_seeds: list) -> tuple[Rollouts, list]:
+                  row_seeds: list, truncation: tuple[int, float, float] = (0, 1.0, 0.0)) -> tuple[Rollouts, list]:
         """The engine's completions of `prompts` (temperature 0: greedy) as Rollouts, without log-probs, and vLLM's
-        own completion records."""
+        own completion records. `truncation`: (top_k, top_p, min_p), vLLM's SamplingParams of the same names
+        (0, 1.0 and 0.0 are vLLM's defaults: no truncation)."""
         from vllm import SamplingParams
 
         tokenizer = policy.tokenizer
         device = next(policy.model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
         requests = [{"prompt_token_ids": ids} for ids in prompt_token_lists(prompt_ids, prompt_mask)]
-        # no top-p / top-k truncation (vLLM's defaults): the policy's own distribution, as the hf sampler draws
+        top_k, top_p, min_p = truncation
         params = [SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0,
-                                 stop_token_ids=[tokenizer.eos_token_id], detokenize=False) for seed in row_seeds]
+                                 top_k=top_k, top_p=top_p, min_p=min_p, stop_token_ids=[tokenizer.eos_token_id],
+                                 detokenize=False) for seed in row_seeds]
         completions = [output.outputs[0] for output in self.llm.generate(requests, params, use_tqdm=False)]
         rollouts = rollouts_from_token_ids(tokenizer, prompt_ids, prompt_mask,
                                            [list(c.token_ids) for c in completions])

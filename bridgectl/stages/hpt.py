@@ -43,9 +43,10 @@ from bridgectl.core.losses import GRPOStats, backward, sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 
 
-def switched_groups(rewards: torch.Tensor, group_size: int, gate: int) -> list[bool]:
-    """Per prompt group (consecutive rows of `group_size`): whether at most `gate` of its rollouts are correct."""
-    return ((rewards.view(-1, group_size) > 0).sum(dim=1) <= gate).tolist()
+def switched_groups(correct: torch.Tensor, group_size: int, gate: int) -> list[bool]:
+    """Per prompt group (consecutive rows of `group_size`): whether at most `gate` of its rollouts are correct
+    (`correct`: rewards, right when > 0, or booleans)."""
+    return ((correct.view(-1, group_size) > 0).sum(dim=1) <= gate).tolist()
 
 
 def rl_backward_rows(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int]) -> tuple[float, GRPOStats]:
@@ -79,7 +80,7 @@ class HPTStage:
         ctx, cfg, group_size = self.ctx, self.ctx.cfg.hpt, self.ctx.cfg.rl.num_generations
         model = ctx.policy.model
         scored = sample_groups(ctx)
-        switched = switched_groups(scored.rewards, group_size, cfg.gate)
+        switched = switched_groups(scored.correct, group_size, cfg.gate)  # the verifier's verdicts
         rl_rows = [row for group, to_sft in enumerate(switched) if not to_sft
                    for row in range(group * group_size, (group + 1) * group_size)]
         demonstrated = [scored.problems[group * group_size] for group, to_sft in enumerate(switched) if to_sft]

@@ -59,7 +59,7 @@ import torch
 
 from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch, require_paired_demonstrations
-from bridgectl.core.grpo import ScoredRollouts, completion_rows, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.grpo import ScoredRollouts, completion_rows, loss_mask, rl_backward, rollout_metrics, sample_groups
 from bridgectl.core.logprobs import micro_batches, token_logprobs
 from bridgectl.core.losses import SFTBatch, backward, group_advantages
 from bridgectl.core.optim import make_optimizer, take_step
@@ -99,7 +99,7 @@ class MixedGroups:
     demos: SFTBatch | None
     """One demonstration per prompt, in group order (None when there are no off-policy members)."""
     demo_rewards: torch.Tensor
-    """[P] the verifier's reward of each demonstration."""
+    """[P] the reward of each demonstration (the rollouts' reward: verifier or task.reward_funcs)."""
     demo_advantages: torch.Tensor
     """[P] each demonstration's advantage in its mixed group."""
     copies: int
@@ -110,9 +110,10 @@ class MixedGroups:
         on = self.scored.rewards.view(self.demo_rewards.numel(), -1)
         return torch.cat([on, self.demo_rewards.view(-1, 1).expand(-1, self.copies)], dim=1)
 
-    def n_tokens(self) -> torch.Tensor:
-        """This rank's tokens in the step's token mean: the rollouts' and `copies` times the demonstrations'."""
-        count = self.scored.rollouts.completion_mask.sum()
+    def n_tokens(self, rollout_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's tokens in the step's token mean: the rollouts' (those of `rollout_mask`, core/grpo.loss_mask;
+        default every completion token) and `copies` times the demonstrations'."""
+        count = (self.scored.rollouts.completion_mask if rollout_mask is None else rollout_mask).sum()
         if self.demos is not None and self.copies > 0:
             count = count + self.copies * (self.demos.labels[:, 1:] != -100).sum()
         return count
@@ -120,7 +121,7 @@ class MixedGroups:
 
 def sample_mixed_groups(ctx: TrainContext, copies: int, std_normalize: bool) -> MixedGroups:
     """`rl.prompts_per_step` fresh problems (this rank's share), each with rl.num_generations - `copies` rollouts
-    and its demonstration as `copies` off-policy members, scored by the task's verifier, with the mixed groups'
+    and its demonstration as `copies` off-policy members, scored by the task's reward, with the mixed groups'
     advantages."""
     on = ctx.cfg.rl.num_generations - copies
     scored = sample_groups(ctx, group_size=on)
@@ -128,8 +129,9 @@ def sample_mixed_groups(ctx: TrainContext, copies: int, std_normalize: bool) -> 
     demos, demo_rewards = None, torch.zeros(len(problems), device=ctx.device)
     if copies > 0:
         demos = demonstration_batch(ctx, problems)
-        demo_rewards = torch.tensor(ctx.task.rewards([p.trace_completion for p in problems],
-                                                     [p.answer for p in problems]), device=ctx.device)
+        # the same reward as the rollouts they share a group with (task.reward_funcs too)
+        demo_rewards = torch.tensor(ctx.task.step_reward(problems, [p.trace_completion for p in problems])[0],
+                                    device=ctx.device)
     on_advantages, demo_advantages = mixed_advantages(scored.rewards, demo_rewards, copies, std_normalize)
     return MixedGroups(replace(scored, advantages=on_advantages), demos, demo_rewards, demo_advantages, copies)
 
@@ -183,7 +185,8 @@ class LuffyStage:
         ctx, cfg, rl = self.ctx, self.cfg, self.ctx.cfg.rl
         model = ctx.policy.model
         mixed = sample_mixed_groups(ctx, cfg.off_policy, cfg.std_normalize)
-        n_tokens = distributed.mean_denominator(mixed.n_tokens())
+        # rollouts cut off at rl.max_completion_length drop out with rl.mask_truncated_completions
+        n_tokens = distributed.mean_denominator(mixed.n_tokens(loss_mask(mixed.scored.rollouts, ctx)))
         # on-policy tokens: the GRPO surrogate with the mixed groups' advantages; off-policy tokens: shaped, unclipped;
         # both divided by the step's whole token count, micro-batched (train.micro_batch_size)
         loss_on, stats = rl_backward(model, mixed.scored, ctx, n_tokens=n_tokens)

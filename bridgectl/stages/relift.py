@@ -132,7 +132,7 @@ class ReliftStage:
     def _hardest(self, scored, positions: list[int], n_prompts: int) -> list[int]:
         """Positions (in the step's prompt order) of the prompts none of whose rollouts earned a reward, over all
         ranks' groups."""
-        solved = (scored.rewards > 0).view(-1, self.ctx.cfg.rl.num_generations).any(dim=1).tolist()
+        solved = scored.correct.view(-1, self.ctx.cfg.rl.num_generations).any(dim=1).tolist()  # the verifier's
         flags = [0] * n_prompts
         for position, any_solved in zip(positions, solved):
             flags[position] = int(not any_solved)

@@ -1,22 +1,29 @@
 """Stage `rl`: reinforcement learning from verifiable rewards, GRPO-style.
 
 Paper Eq. 2: maximise J_RL = E[R(y_hat, y)] - KL(pi || pi_ref), R = 1 for a correct final answer, else 0 (Eq. 3,
-no format reward). One update per step, in the order:
+no format reward). Each step, in the order:
 
     prompts   <- `rl.prompts_per_step` problems, each repeated `rl.num_generations` times (a group)
-    rollouts  <- sample pi at `rl.temperature` (LoRA merged while sampling), stop at EOS
+    rollouts  <- sample pi at `rl.temperature` (LoRA merged while sampling; `rl.top_p`, `top_k`, `min_p` truncate),
+                 stop at EOS
     rewards   <- verifier(completion, gold)
-    A         <- (R - mean_group) / std_group                      (`rl.scale_rewards=group`)
-    loss      <- clipped surrogate with pi / pi_sampling, + beta KL, token-averaged (core/losses.py)
+    A         <- (R - mean_group) / std_group                      (`rl.scale_rewards=group`; or batch, none)
+    repeat `rl.num_iterations` times (TRL's num_iterations, GRPO's mu, arXiv 2402.03300 Algorithm 1):
+        loss  <- clipped surrogate with pi / pi_sampling (clip at `rl.epsilon`, `rl.epsilon_high`), + beta KL,
+                 reduced by `rl.loss_type` (core/losses.py)
+        one optimizer update
 
-With one update per batch the ratio is 1 at the update (TRL's num_iterations=1), so clipping only acts when the
-sampling policy differs from the trained one (BRIDGE's shadow scores the same rollouts off-policy).
+The first update of a batch has ratio 1 (TRL's num_iterations=1 is that update alone), so clipping only acts from
+the second one on, or when the sampling policy differs from the trained one (BRIDGE's shadow scores the same
+rollouts off-policy). The ratio's denominator stays the sampling policy's log-probs for every update, as TRL's
+old_per_token_logps (computed once per batch); the learning-rate schedule counts every update.
 """
 
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext
 from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.losses import GRPOStats
 from bridgectl.core.optim import make_optimizer, take_step
 
 
@@ -26,17 +33,30 @@ class RLStage:
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         self.ctx = ctx
         self.params = ctx.policy.trainable_parameters()
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.rl.lr, ctx.cfg.optim, total_updates)
-        self.updates = 0
+        # `total_updates` counts steps (batches of rollouts); the optimizer takes rl.num_iterations updates in each
+        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.rl.lr, ctx.cfg.optim,
+                                                        total_updates * ctx.cfg.rl.num_iterations)
+        self.updates = 0  # steps taken (batches of rollouts), as in every stage
 
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl
         scored = sample_groups(ctx)
-        loss, stats = rl_backward(ctx.policy.model, scored, ctx)  # micro-batched (train.micro_batch_size)
-        grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+        losses, clip_fractions, kls, grad_norms = [], [], [], []
+        for _ in range(rl.num_iterations):
+            loss, stats = rl_backward(ctx.policy.model, scored, ctx)  # micro-batched (train.micro_batch_size)
+            grad_norms.append(take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm))
+            losses.append(loss)
+            clip_fractions.append(stats.clip_fraction)
+            kls.append(stats.kl)
         self.updates += 1
 
-        metrics = {"train/rl_loss": loss, **rollout_metrics(scored, stats, rl.num_generations),
-                   "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
-        return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens, gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, ctx, self.updates))
+        # with several updates per batch, the step logs their means (TRL averages its logged values likewise)
+        stats = GRPOStats(clip_fraction=_mean(clip_fractions), kl=_mean(kls))
+        metrics = {"train/rl_loss": _mean(losses), **rollout_metrics(scored, stats, rl.num_generations),
+                   "train/grad_norm": _mean(grad_norms), "train/lr": self.scheduler.get_last_lr()[0]}
+        return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * scored.gen_tokens,
+                          gen_tokens=scored.gen_tokens, completions=completion_rows(scored, ctx, self.updates))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

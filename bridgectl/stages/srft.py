@@ -57,7 +57,7 @@ import torch
 
 from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, require_paired_demonstrations
-from bridgectl.core.grpo import completion_rows
+from bridgectl.core.grpo import completion_rows, loss_mask
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows, token_entropies, token_logprobs
 from bridgectl.core.losses import backward
 from bridgectl.core.optim import make_optimizer, take_step
@@ -94,7 +94,8 @@ class SRFTStage:
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl
         mixed = sample_mixed_groups(ctx, 1, rl.scale_rewards == "group")
-        n_all = distributed.mean_denominator(mixed.n_tokens())
+        # rollouts cut off at rl.max_completion_length drop out with rl.mask_truncated_completions
+        n_all = distributed.mean_denominator(mixed.n_tokens(loss_mask(mixed.scored.rollouts, ctx)))
         n_demo = distributed.mean_denominator((mixed.demos.labels[:, 1:] != -100).sum())
         self_loss, rl_weight = self._rollouts_backward(mixed, n_all)
         sft_loss, demo_loss, sft_weight = self._demos_backward(mixed, n_all, n_demo)
@@ -114,7 +115,8 @@ class SRFTStage:
     def _rollouts_backward(self, mixed: MixedGroups, n_all: torch.Tensor) -> tuple[float, float]:
         """L_rl^self, micro-batched; returns its value and the mean w_rl of the correct rollouts (nan if none)."""
         ctx, rl = self.ctx, self.ctx.cfg.rl
-        model, rollouts, rewards = ctx.policy.model, mixed.scored.rollouts, mixed.scored.rewards
+        # right or wrong by the verifier's verdict (a format reward in task.reward_funcs does not make a rollout right)
+        model, rollouts, rewards = ctx.policy.model, mixed.scored.rollouts, mixed.scored.correct.float()
         lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1)).tolist()
         total = torch.zeros((), device=rewards.device)
         weights = []
@@ -130,7 +132,7 @@ class SRFTStage:
             logprobs = completion_logprobs(model, part, rl.temperature)
             per_token = -coef.unsqueeze(1) * logprobs
             per_token = per_token + self._kl(input_ids, attention, part.prompt_ids.size(1), mask, logprobs)
-            loss = (per_token * mask).sum() / n_all.clamp(min=1)
+            loss = (per_token * loss_mask(part, ctx)).sum() / n_all.clamp(min=1)
             backward(loss)
             total += loss.detach()
         correct = torch.cat(weights)

@@ -157,11 +157,12 @@ class UFTStage:
         a hint keep the reward sample_and_score gave their completion), and the GRPO advantages of those."""
         ctx = self.ctx
         rows = [row for row, problem in enumerate(scored.problems) if problem.hint]
-        if not rows:
-            return scored
-        rescored = ctx.task.rewards([scored.problems[row].hint + scored.rollouts.completions[row] for row in rows],
-                                    [scored.problems[row].answer for row in rows])
         rewards = scored.rewards.clone()
-        rewards[rows] = torch.tensor(rescored, dtype=rewards.dtype, device=rewards.device)
+        if rows:
+            rescored = ctx.task.rewards([scored.problems[row].hint + scored.rollouts.completions[row] for row in rows],
+                                        [scored.problems[row].answer for row in rows])
+            rewards[rows] = torch.tensor(rescored, dtype=rewards.dtype, device=rewards.device)
+        # recomputed on every process, hinted rows or not: rl.scale_rewards=batch takes the std over all processes
+        # (a collective each must join); without hints the advantages are those sample_and_score gave
         advantages = group_advantages(rewards, ctx.cfg.rl.num_generations, ctx.cfg.rl.scale_rewards)
         return dataclasses.replace(scored, rewards=rewards, advantages=advantages)

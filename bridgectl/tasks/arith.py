@@ -20,7 +20,8 @@ Evaluation splits: `test` draws test-bucket questions with `task.test_ops` opera
 questions with `task.ood_ops` operations (longer than anything SFT or RL trains on).
 
 The reward is 1 for a correct final answer and 0 otherwise (no format reward, as in the paper), from a verifier
-that reads the last `#<integer>` marker out of free text.
+that reads the last `#<integer>` marker out of free text. Reward functions of your own (task.reward_funcs,
+tasks/rewards.py) receive each problem's question, answer and trace as keyword arguments.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import re
 import zlib
 from dataclasses import dataclass
 from typing import Iterator
+
+from bridgectl.tasks.rewards import StepReward
 
 OPERATORS = "+-*"
 TEST_BUCKETS = range(0, 10)  # hash buckets (of 100) held out for evaluation
@@ -45,6 +48,13 @@ class Problem:
     trace: str  # e.g. "9*3=7;5*3=5;4+7=1;1-5=6;"
     answer: str  # e.g. "6"
     n_ops: int
+
+    conversation = None  # reward functions get the question text as the prompt (tasks/rewards.py)
+
+    @property
+    def columns(self) -> dict:
+        """The fields reward functions receive as keyword arguments (task.reward_funcs; tasks/rewards.py)."""
+        return {"question": self.question, "answer": self.answer, "trace": self.trace}
 
     @property
     def trace_completion(self) -> str:
@@ -110,6 +120,8 @@ class ArithTask:
         self.cfg = cfg
         self.modulus = cfg.modulus
         self.max_operand = cfg.max_operand
+        self.step_reward = StepReward(self, cfg)
+        """The reward RL trains on: the verifier, or task.reward_funcs' weighted sum (tasks/rewards.py)."""
 
     # ---- sampling from a hash bucket -------------------------------------------------------------------
     def _stream(self, rng: random.Random, ops_range, buckets) -> Iterator[Problem]:

@@ -7,7 +7,16 @@ Each example becomes a `Problem(question, trace, answer)`:
   - math: `problem`; `solution` is the trace; the gold answer is the `answer` field when the dataset has one
     (MATH-500 does), else the last `\\boxed{}` of the solution;
   - jsonl: field names from `task.question_field`, `task.trace_field` (optional: RL and evaluation need no trace)
-    and `task.answer_field`.
+    and `task.answer_field`;
+  - conversational rows, TRL's formats, under any of the three: `messages` (a list of {role, content}) whose last
+    assistant turn is the demonstration and whose turns before it are the prompt, or `prompt` as such a list
+    (with an optional `completion`, a list of messages or a text, else the trace field as the demonstration). The
+    conversation is used as written (task.prompt_template applies to question fields only). The gold answer is
+    the answer field when the row has one, else the demonstration's `#### 42` line (GSM8K) or last \\boxed{};
+    a demonstration with a `####` line is cleaned as GSM8K's solutions are. Malformed rows (messages that are
+    not a list of {role, content}, no user turn, no assistant turn where SFT needs one) exit 2 naming the file
+    and the row (jsonl: the line).
+`task.system_prompt` puts a system turn before every prompt (rows with their own system turn keep theirs).
 The SFT completion is the trace followed by `The final answer is \\boxed{answer}.` unless the trace already boxes
 it, so SFT teaches the format the verifier reads. Prompts are `task.prompt_template` (SimpleRL style by default)
 around the question, then the model's chat template when its tokenizer has one (tasks/__init__.prompt_formatter).
@@ -23,11 +32,13 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from bridgectl.errors import UserError
+from bridgectl.tasks import plain_prompt
+from bridgectl.tasks.rewards import StepReward
 from bridgectl.tasks.verify import MathVerifier, gsm8k_gold, gsm8k_trace, last_boxed
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -46,6 +57,11 @@ class Problem:
     """Reasoning to imitate (empty when the source has none)."""
     answer: str
     """Gold final answer, as the verifier compares it."""
+    conversation: list | None = field(default=None, compare=False)
+    """Conversational rows: the prompt's messages, system turn included (what reward functions get as `prompts`);
+    None for question rows."""
+    columns: dict = field(default_factory=dict, compare=False)
+    """The row's fields but `prompt` and `completion` (TRL's exclusions): reward functions' keyword arguments."""
 
     @property
     def trace_completion(self) -> str:
@@ -72,8 +88,62 @@ def check_jsonl(path: Path) -> int:
             if not isinstance(row, dict):
                 raise UserError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object",
                                 'each line must look like {"question": ..., "answer": ...}')
+            for key in ("messages", "prompt", "completion"):  # checked here: Arrow refuses mixed types unhelpfully
+                shaped = key in row and (key == "messages" or isinstance(row[key], list))
+                wrong = message_list_error(row[key]) if shaped else None
+                if wrong:
+                    raise UserError(f"{path}, line {number}: `{key}` {wrong}", MESSAGES_HINT)
             rows += 1
     return rows
+
+
+MESSAGES_HINT = 'conversational rows look like {"messages": [{"role": "user", "content": "..."}, ' \
+                '{"role": "assistant", "content": "... #### 42"}]} (or "prompt": [...] instead of "messages")'
+
+
+def message_list_error(messages) -> str | None:
+    """What is wrong with a list of chat messages, or None when every one is {role: str, content: str}."""
+    if not isinstance(messages, list):
+        return f"is {'null' if messages is None else 'a ' + type(messages).__name__}, not a list of messages"
+    if not messages:
+        return "is an empty list of messages"
+    for position, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            return f"message {position} is not {{role, content}} with text values"
+    return None
+
+
+def is_conversational(row: dict) -> bool:
+    """TRL's conversational formats: a `messages` field, or a `prompt` that is a list of messages."""
+    return row.get("messages") is not None or isinstance(row.get("prompt"), list)
+
+
+def split_conversation(row: dict, where: str) -> tuple[list[dict], str | None]:
+    """The prompt's messages and the demonstration (None when the row has none) of a conversational row."""
+    messages = row.get("messages")
+    if messages is not None:
+        key, completion = "messages", None
+    elif isinstance(row.get("prompt"), list):
+        key, messages, completion = "prompt", row["prompt"], row.get("completion")
+    else:
+        raise UserError(f"{where}: neither a `messages` nor a `prompt` list of messages, in a conversational "
+                        "dataset", MESSAGES_HINT)
+    for name, value in ((key, messages), ("completion", completion)):
+        wrong = message_list_error(value) if name == key or isinstance(value, list) else None
+        if wrong:
+            raise UserError(f"{where}: `{name}` {wrong}", MESSAGES_HINT)
+    demonstration = completion if isinstance(completion, str) else None
+    if isinstance(completion, list):
+        replies = [m["content"] for m in completion if m["role"] == "assistant"]
+        demonstration = replies[-1] if replies else None
+    if key == "messages":
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is not None:  # the last assistant turn is the demonstration, the turns before it the prompt
+            messages, demonstration = messages[:last], messages[last]["content"]
+    if not any(m["role"] == "user" for m in messages):
+        raise UserError(f"{where}: the prompt has no user turn", MESSAGES_HINT)
+    return [dict(role=m["role"], content=m["content"]) for m in messages], demonstration
 
 
 def load_rows(source: str, split: str, subset: str | None) -> list[dict]:
@@ -114,9 +184,11 @@ class DatasetTask:
     """A task read from datasets; same interface as ArithTask (sft_examples, rl_prompts, eval_problems, reward,
     eval_splits). `format_prompt` turns a question into the prompt text (template + chat template)."""
 
-    def __init__(self, cfg, format_prompt: Callable[[str], str] = lambda q: q) -> None:
+    def __init__(self, cfg, format_prompt: Callable[[str | list[dict]], str] = plain_prompt) -> None:
         self.cfg, self.format_prompt = cfg, format_prompt
         self.verifier = MathVerifier(timeout_s=cfg.verify_timeout_s)
+        self.step_reward = StepReward(self, cfg)
+        """The reward RL trains on: the verifier, or task.reward_funcs' weighted sum (tasks/rewards.py)."""
         question, trace, answer = DEFAULT_FIELDS[cfg.name]
         self.fields = (cfg.question_field or question, cfg.trace_field or trace, cfg.answer_field or answer)
         if not cfg.eval_sets:
@@ -138,6 +210,9 @@ class DatasetTask:
         rows = load_rows(source, split, self.cfg.subset)
         if not rows:
             raise UserError(f"dataset {source} is empty", "give a file with at least one example")
+        if is_conversational(rows[0]):  # fields are checked row by row: the answer may be in the demonstration
+            return [self._conversation_problem(row, f"dataset {source}, row {index}", need_trace)
+                    for index, row in enumerate(rows)]
         question_field, trace_field, answer_field = self.fields
         needed = [question_field] + ([trace_field] if need_trace else [])
         if self.cfg.name != "math":  # MATH falls back to the solution's last \boxed{} for the answer
@@ -159,7 +234,10 @@ class DatasetTask:
 
     def _problem(self, row: dict, need_trace: bool) -> Problem | None:
         question_field, trace_field, answer_field = self.fields
-        question = self.format_prompt(self.cfg.prompt_template.format(question=str(row[question_field])))
+        text = self.cfg.prompt_template.format(question=str(row[question_field]))
+        system = self.cfg.system_prompt
+        question = self.format_prompt(text if system is None else [{"role": "system", "content": system},
+                                                                   {"role": "user", "content": text}])
         trace = str(row.get(trace_field) or "")
         if self.cfg.name == "gsm8k":
             answer = gsm8k_gold(str(row[answer_field]))
@@ -170,7 +248,33 @@ class DatasetTask:
             answer = str(row[answer_field]) if row.get(answer_field) not in (None, "") else None
         if answer is None:
             return None
-        return Problem(question=question, trace=trace.strip(), answer=answer)  # a trace is kept wherever a row has one
+        # a trace is kept wherever a row has one
+        return Problem(question=question, trace=trace.strip(), answer=answer, columns=reward_columns(row))
+
+    def _conversation_problem(self, row: dict, where: str, need_trace: bool) -> Problem:
+        prompt, demonstration = split_conversation(row, where)
+        _, trace_field, answer_field = self.fields
+        if self.cfg.system_prompt is not None and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": self.cfg.system_prompt}, *prompt]
+        if demonstration is None and isinstance(row.get(trace_field), str):
+            demonstration = row[trace_field]  # e.g. a gsm8k `answer` beside a `prompt` list
+        if need_trace and not demonstration:
+            raise UserError(f"{where}: no assistant turn to learn from (SFT needs a demonstration)",
+                            "end `messages` with the assistant's answer, or give SFT data with one "
+                            "(task.sft_path)")
+        demonstration = demonstration or ""
+        gold = row.get(answer_field)
+        answer = None
+        if gold not in (None, ""):
+            answer = gsm8k_gold(str(gold)) if self.cfg.name == "gsm8k" else str(gold)
+        if answer is None:
+            answer = gsm8k_gold(demonstration) or last_boxed(demonstration)
+        if answer is None:
+            raise UserError(f"{where}: no gold answer could be read", f"give the rows an `{answer_field}` field, or "
+                            "end the assistant's demonstration with '#### <answer>' or \\boxed{<answer>}")
+        trace = gsm8k_trace(demonstration) if gsm8k_gold(demonstration) is not None else demonstration
+        return Problem(question=self.format_prompt(prompt), trace=trace.strip(), answer=answer,
+                       conversation=prompt, columns=reward_columns(row))
 
     @staticmethod
     def _endless(problems: list[Problem], rng: random.Random) -> Iterator[Problem]:
@@ -210,3 +314,9 @@ class DatasetTask:
     @property
     def eval_splits(self) -> tuple[str, ...]:
         return tuple(self.cfg.eval_sets)
+
+
+def reward_columns(row: dict) -> dict:
+    """The row's fields reward functions get as keyword arguments: all but `prompt` and `completion`, which TRL
+    passes as `prompts` and `completions` instead (trl/trainer/grpo_trainer.py)."""
+    return {key: value for key, value in row.items() if key not in ("prompt", "completion")}

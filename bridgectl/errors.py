@@ -1,4 +1,5 @@
-"""The one exception type for bad input: the CLI prints it as `Error:` + `Hint:` and exits 2."""
+"""The exceptions the CLI turns into exit codes: UserError (bad input: `Error:` + `Hint:`, exit 2), StopRun (a run
+ended early with a given status) and NonFiniteError (a NaN or infinity: the run fails, exit 1)."""
 
 
 class UserError(Exception):

@@ -40,7 +40,8 @@ def test_two_processes_match_one(tmp_path, recipe):
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
-        for key in ("train/rl_loss", "train/sft_loss", "train/reward_mean", "bridge/coop_gain", "train/grad_norm",
+        for key in ("train/rl_loss", "train/sft_loss", "train/reward_mean", "train/reward_std", "bridge/coop_gain",
+                    "train/grad_norm",
                     "train/zero_std_groups", "eval/test/accuracy", "eval/ood/accuracy"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)

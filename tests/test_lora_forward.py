@@ -1,5 +1,6 @@
 """The merged-weight LoRA forward (core/lora_forward.py) computes what peft's own forward computes: the same outputs
-and the same gradients for the base weights and every active adapter, under functional_call (BRIDGE's shadow) and
+and the same gradients for the base weights and every active adapter, when other weights are substituted for the
+model's own (here by torch.func.functional_call; BRIDGE's shadow swaps theta_hat's values in place instead) and
 with the adapters disabled (the KL reference)."""
 
 from __future__ import annotations

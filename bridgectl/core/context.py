@@ -88,7 +88,7 @@ def next_sft_batch(ctx: TrainContext) -> SFTBatch:
 @dataclass
 class StepOutput:
     metrics: dict
-    """Metric name -> value for metrics.jsonl (names from shared/design.md)."""
+    """Metric name -> value for metrics.jsonl (the names the README's run-directory table lists)."""
     train_tokens: int = 0
     """Completion tokens that received a gradient."""
     gen_tokens: int = 0

@@ -11,7 +11,7 @@ import torch
 from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows
-from bridgectl.core.losses import GRPOStats, backward, group_advantages, grpo_loss
+from bridgectl.core.losses import GRPOStats, backward, global_std, group_advantages, grpo_loss
 from bridgectl.core.rollout import Rollouts, generate, truncated_rows
 
 
@@ -154,7 +154,9 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
 def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -> dict:
     rewards = scored.rewards
     return {
-        "train/reward_mean": rewards.mean().item(), "train/reward_std": rewards.std().item(),
+        # the std of the whole step's rewards, over every data-parallel rank (a collective: every rank logs it); the
+        # mean of the ranks' own stds would not be it
+        "train/reward_mean": rewards.mean().item(), "train/reward_std": global_std(rewards).item(),
         "train/response_len": scored.rollouts.lengths.float().mean().item(),
         "train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction,
         # groups whose rewards are all equal carry no learning signal: counted, not an error

@@ -2,7 +2,7 @@
 
 The base weights come from a short deterministic pretraining run on the `arith` task's own text (never on its test
 bucket): mostly direct answers (`4+9*3=#1`) and a minority of step-by-step traces at every length. That mixture is
-what makes every recipe have something to do (shared/notes/tiny-task-measurements.md):
+what makes every recipe have something to do (measured; the README's "The built-in task and model"):
   - greedy decoding answers directly and gets a minority of problems right, so SFT on traces has something to teach;
   - sampling at temperature 1 writes a trace some of the time, and those traces are right far more often than direct
     answers, so RL from the base has something to discover.

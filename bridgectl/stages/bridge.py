@@ -20,6 +20,10 @@ part is exactly the first two terms of Eq. 11), and L_rl_hat is differentiated o
 taken before the shadow branch runs and its gradient freed (with lower=full, one weight-sized gradient less at the
 peak); the updates are those of the block above.
 
+At lam = 1 the SFT terms vanish and w is frozen: theta and theta_hat start equal and take the same RL updates on the
+same rollouts, so L_rl = L_rl_hat at every step, the cooperative gain is 0 and w's gradient lam (grad_w L_rl -
+grad_w L_rl_hat) is 0; BRIDGE at lam = 1 is RL with an idle adapter.
+
 Ablations (the paper's Table of ablations, as settings): `bridge.upper=joint` trains w on the joint loss only
 (w -= beta grad_w[(1-lam) L_sft + lam L_rl]; the paper's "w/o J_meta", 49.9 -> 40.3 there), with no shadow and no
 third pass; `bridge.upper=none` has no adapter w at all (theta -= alpha grad[(1-lam) L_sft + lam L_rl]). Both are
@@ -36,14 +40,17 @@ Choices the paper leaves open, with the value chosen here (all configurable):
   - RL algorithm: GRPO as in `rl` (group-normalised advantages, clip `rl.epsilon`=0.2, token-level averaging);
   - KL coefficient: `rl.beta`=0 (no reference model, TRL's default);
   - beta (w's learning rate): `bridge.beta`=1e-3; alpha: `bridge.alpha`; optimizer: AdamW (SGD selectable);
-  - LoRA targets: every attention and MLP projection; w rank `bridge.w_rank`=8, alpha 16;
+  - LoRA targets: every attention and MLP projection; w's alpha 16;
   - shadow: the persistent copy of Algorithm 2 (the ICML text); Eq. 10's one-step look-ahead
     theta_hat = theta - alpha grad L_rl(theta, w), recomputed each step, is `bridge.shadow=lookahead` (ablation).
 Deviations from the paper, each off by default where possible and reachable by config:
   - the paper uses one learning rate (5e-7) everywhere; at the tiny scale SFT wants ~1e-3 and RL diverges above
-    ~1e-4 (shared/notes/tiny-task-measurements.md), so alpha and beta are separate and `bridge.sft_scale` (default
+    ~1e-4 (measured on the tiny model: the README's "The built-in task and model"), so alpha and beta are separate and `bridge.sft_scale` (default
     1 = paper) multiplies the SFT term of both levels;
-  - gradient-norm clipping (`optim.max_grad_norm`) applies to each parameter group separately;
+  - w's rank `bridge.w_rank` is 8 by default where the paper states 16 (with alpha 16; its LoRA ablation table's
+    first row reads 32/16): set bridge.w_rank=16 for the paper's;
+  - gradient-norm clipping is on by default (`optim.max_grad_norm`=1.0; the paper does not state any) and applies to
+    theta, w and theta_hat separately; optim.max_grad_norm=0 turns it off;
   - lam may ramp linearly from `bridge.lam_start` to `bridge.lam_end` (the paper's text mentions a ramp; its
     experiments use a constant 0.5).
 """

@@ -1,4 +1,5 @@
-"""`bridgectl`: the command-line entry point. Each command only wires one module; errors are printed as
+"""`bridgectl`: the command-line entry point. Each command checks its input before anything is written, calls the
+module that does the work (runner, sweep, evaluation, compare, ...) and prints its result; errors are printed as
 `Error:` + `Hint:` with exit code 2 (bad input), 1 (training failed) or 130 (interrupted). Set BRIDGECTL_DEBUG=1
 to see full tracebacks."""
 
@@ -98,8 +99,8 @@ def run(
     except UserError as error:
         _fail(error.message, error.hint, 2)
     plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))
-    if dry_run:
-        console.print(OmegaConf.to_yaml(cfg, resolve=True))
+    if dry_run:  # plain output, not the console's: it would wrap long strings at the terminal width, breaking YAML
+        typer.echo(OmegaConf.to_yaml(cfg, resolve=True))
         console.print(f"plan: recipe {cfg.recipe.name}: {plan} steps -> {run_path}")
         return
     worker_rank = int(os.environ.get("RANK", "0"))  # set by torchrun in the processes it starts
@@ -189,12 +190,14 @@ def _resume_config(run_path: Path, overrides: list[str], allowed: list[str]):
 
 def _print_eval_table(summary: dict, run_path: Path) -> None:
     table = Table(title=f"{summary['recipe']}: greedy pass@1 ({summary['wall_s']:.0f} s)")
-    for column in ("split", "n", "before", "after", "change"):
+    for column in ("split", "n", "before %", "after %", "change (points)"):
         table.add_column(column, justify="right" if column != "split" else "left")
     for split, result in summary["eval"].items():
         before = summary["eval_initial"][split]["accuracy"]
         after = result["accuracy"]
-        table.add_row(split, str(result["n"]), f"{before:.1%}", f"{after:.1%}", f"{after - before:+.1%}")
+        # a change of accuracy is in percentage points, not a percentage of the starting accuracy
+        table.add_row(split, str(result["n"]), f"{100 * before:.1f}", f"{100 * after:.1f}",
+                      f"{100 * (after - before):+.1f}")
     console.print(table)
     console.print(f"run directory: {run_path}")
 
@@ -290,6 +293,35 @@ def compare_command(
         if wandb:
             directory = log_to_wandb(rows, [p for p in written if p.suffix == ".png"], list(by or ["recipe"]))
             typer.echo(f"W&B: logged to {directory}", err=True)
+
+
+@app.command("runs")
+def runs_command(
+    directory: Path = typer.Argument(Path("runs"), help="A directory of runs, searched recursively (default: runs)."),
+    output_format: str = typer.Option("table", "--format", help="table or json (one object per run)."),
+) -> None:
+    """List the runs under a directory: recipe, seed, status (running, died, completed, failed, interrupted),
+    steps, final accuracy per eval split, wall-clock."""
+    import json
+
+    from bridgectl import runs as run_listing
+
+    try:
+        if output_format not in ("table", "json"):
+            raise UserError(f"unknown --format '{output_format}'", "choose table or json")
+        found = run_listing.list_runs(directory)
+    except UserError as error:
+        _fail(error.message, error.hint, 2)
+    if output_format == "json":
+        typer.echo(json.dumps(found, indent=2))
+        return
+    table = Table(title=f"runs under {escape(str(directory))}")
+    columns = run_listing.table_columns(found)
+    for header, _ in columns:
+        table.add_column(header, justify="left" if header in ("run", "recipe", "status") else "right")
+    for run_info in found:
+        table.add_row(*(escape(cell(run_info)) for _, cell in columns))
+    console.print(table)
 
 
 @app.command("sweep")
@@ -400,6 +432,25 @@ def eval_command(
         console.print("pass@j: unbiased estimator 1 - C(n-c, j)/C(n, j) from n sampled answers per problem, c of "
                       "them right; maj@j: majority vote of the first j; mean@n: mean reward of all n.")
     console.print(f"written to {path}")
+
+
+@app.command("export")
+def export_command(
+    run_dir: Path = typer.Argument(..., help="A run directory made by bridgectl run."),
+    out: Path = typer.Option(..., "--out", help="New (or empty) directory to write the model into."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="A resumable checkpoint of the run (e.g. step-000050) instead of its final weights."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write one peft LoRA adapter over the run's base instead of a merged model (LoRA runs only)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the directory to this Hub model repo (created if missing)."),
+) -> None:
+    """Write a run's weights as a standalone Hugging Face model directory (adapters merged), or one LoRA adapter."""
+    from bridgectl.export import export_run
+
+    try:
+        what = export_run(run_dir, out, checkpoint_name=checkpoint, adapter_only=adapter_only,
+                          push_to_hub=push_to_hub)
+    except UserError as error:
+        _fail(error.message, error.hint, 2)
+    console.print(f"exported {escape(what)} to {out}")
 
 
 @app.command("build-tiny")

@@ -184,7 +184,10 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
                     continue
                 row[f"{name}/mean"] = float(np.mean(values))
                 row[f"{name}/std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: none
-                row[f"{name}/ci_low"], row[f"{name}/ci_high"] = stats.mean_interval(values) or (None, None)
+                interval = stats.mean_interval(values)
+                # every eval metric is a share of problems: its mean lies in [0, 1], and so does its interval
+                row[f"{name}/ci_low"], row[f"{name}/ci_high"] = (
+                    (max(interval[0], 0.0), min(interval[1], 1.0)) if interval else (None, None))
                 if base_runs is runs:
                     row[f"{name}/diff"] = 0.0
                 elif base_runs is not None:
@@ -303,7 +306,7 @@ def display_columns(rows: list[dict]) -> list[tuple[str, callable]]:
 
 
 def footnotes(loaded: Loaded, rows: list[dict]) -> list[str]:
-    notes = ["Accuracy in %: mean ± std over seeds [95% Student-t interval of the mean]."]
+    notes = ["Accuracy in %: mean ± std over seeds [95% Student-t interval of the mean, cut to [0, 100]]."]
     if any(k.endswith("/diff") for r in rows for k in r):
         notes.append("Δ in points against the baseline: difference of means [95% Welch interval] and Welch's "
                      "two-sided p; where the interval includes zero the difference is not shown, and ~N seeds is "

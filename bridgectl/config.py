@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union, get_args, get_origin, get_type_hints
@@ -455,6 +456,10 @@ class WandbConfig:
 class TrackerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases."""
+    tensorboard: bool = False
+    """Also write every row of metrics.jsonl as TensorBoard scalars (x = step) to `<run>/tensorboard/`, so
+    `tensorboard --logdir runs/` shows runs (and a sweep's trial runs) side by side; needs the `tensorboard` package
+    (`pip install 'bridgectl[tensorboard]'`)."""
 
 
 @dataclass
@@ -771,6 +776,14 @@ def _check_ranges(cfg: DictConfig, require) -> None:
                 "only {question} is filled in; write other braces doubled, {{ and }}")
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (validate() runs on every compose)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules (how tests hide one), a broken parent
+        return False
+
+
 def validate(cfg: DictConfig) -> None:
     """Values that type-check but no run could use."""
     def require(condition: bool, message: str, hint: str) -> None:
@@ -921,6 +934,9 @@ def validate(cfg: DictConfig) -> None:
             "e.g. train.checkpoint_every=50 train.keep_checkpoints=2")
     require(cfg.tracker.wandb.mode in ("online", "offline", "disabled"),
             f"unknown tracker.wandb.mode '{cfg.tracker.wandb.mode}'", "choose online, offline or disabled")
+    require(not cfg.tracker.tensorboard or _installed("tensorboard"),
+            "tracker.tensorboard=true needs the tensorboard package, which is not installed",
+            "pip install 'bridgectl[tensorboard]' (or pip install 'tensorboard>=2.14'), or drop tracker.tensorboard")
     require(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown model.dtype '{cfg.model.dtype}'",
             "choose auto, float32, bfloat16 or float16")
     require(cfg.model.name != "hf" or bool(cfg.model.name_or_path), "model=hf needs model.name_or_path",

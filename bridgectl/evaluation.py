@@ -41,10 +41,12 @@ def config_for(target: str, overrides: list[str], need_final: bool = True) -> tu
 
 def load_for_eval(cfg: DictConfig, checkpoint: Path | None, device: torch.device):
     """(model, tokenizer) in eval mode: a run's final weights (adapters merged into their base) or the plain model."""
-    from bridgectl.core.model import base_model_path, causal_lm_from, load_policy, merge_saved_adapters, tokenizer_from
+    from bridgectl.core.model import causal_lm_from, load_policy, merge_saved_adapters, tokenizer_from
+    from bridgectl.models.sources import base_model_path
 
     if checkpoint is None:
-        policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference=False, finetune="full")
+        policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task), device, keep_reference=False,
+                             finetune="full")
         return policy.model.eval(), policy.tokenizer
     tokenizer = tokenizer_from(checkpoint, cfg.model)
     if (checkpoint / "config.json").is_file():  # full weights (adapters already merged when there were any)
@@ -60,7 +62,8 @@ def decoder_for(cfg: DictConfig, model, tokenizer) -> Decode:
     the model's weights."""
     if cfg.rollout.backend != "vllm":
         return model_decoder(model, tokenizer)
-    from bridgectl.core.model import Policy, base_model_path
+    from bridgectl.core.model import Policy
+    from bridgectl.models.sources import base_model_path
     from bridgectl.core.vllm_rollout import engine_for
 
     policy = Policy(model=model, tokenizer=tokenizer)

@@ -27,6 +27,7 @@ from bridgectl.core.model import save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.errors import NonFiniteError, StopRun, UserError
+from bridgectl.runs import start_heartbeat
 from bridgectl.stages import build_stage
 from bridgectl.tasks.rewards import RewardFunctionError, load_reward_functions
 
@@ -49,7 +50,9 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
         found = list_checkpoints(run_path / "checkpoints", remove_partial=True)
         checkpoint = read_checkpoint(found[-1]) if found else None
         meta = checkpoint[0] if checkpoint else {"step": 0, "wall_s": 0.0}
-        run_dir = RunDir(run_path, resume_after_step=meta["step"], wall_offset=meta["wall_s"],
+        # without a checkpoint the run starts over, step 0's evaluation included: no earlier row is kept
+        kept_through = meta["step"] if checkpoint else -1
+        run_dir = RunDir(run_path, resume_after_step=kept_through, wall_offset=meta["wall_s"],
                          enabled=distributed.is_main())
         summary.update(status="running", resumed_from_step=meta["step"], **(tags or {}))  # a sweep's retry: its own
         summary.pop("error", None)
@@ -60,16 +63,23 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
         summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
                    "model": cfg.model.name, **(tags or {}),
                    "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
+    # before the summary says "running": `bridgectl runs` tells a live run from a killed one by the heartbeat
+    stop_heartbeat = start_heartbeat(run_path) if run_dir.enabled else (lambda: None)
     run_dir.write_summary(summary)
     counters = {"steps": 0, "train_tokens": 0, "gen_tokens": 0}
     try:
         if cfg.tracker.wandb.mode != "disabled" and distributed.is_main():
             from bridgectl.core.wandb_sink import WandbSink
 
-            run_dir.sink = WandbSink(cfg.tracker.wandb, run_path.name, OmegaConf.to_container(cfg, resolve=True),
-                                     tags, directory=run_path)
+            run_dir.sinks.append(WandbSink(cfg.tracker.wandb, run_path.name, OmegaConf.to_container(cfg, resolve=True),
+                                           tags, directory=run_path, resume=resume))
+        if cfg.tracker.tensorboard and distributed.is_main():
+            from bridgectl.core.tensorboard_sink import TensorBoardSink
+
+            run_dir.sinks.append(TensorBoardSink(run_path, resume=resume))
         _train(cfg, run_dir, summary, budgets, counters, show_progress, on_eval, checkpoint)
     except UserError:  # bad input found while loading (a data file, a model path): nothing ran, nothing is kept
+        stop_heartbeat()  # first: a beat written while the directory is removed would leave it half there
         run_dir.close()
         if not resume:
             shutil.rmtree(run_path, ignore_errors=True)
@@ -81,6 +91,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
         run_dir.write_summary(summary)
         raise
     finally:
+        stop_heartbeat()
         run_dir.close()
     return summary
 

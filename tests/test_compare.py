@@ -66,6 +66,15 @@ def test_means_stds_n_and_student_t_intervals(sweep):
     assert rl["gen_tokens"] == pytest.approx(2000) and rl["wall_s"] == pytest.approx(100)
 
 
+def test_mean_interval_stays_within_0_and_1(tmp_path):
+    """Accuracies near the ceiling: the t interval of [0.9, 1.0] reaches past 1, which no mean of shares can."""
+    for seed, acc in enumerate([0.9, 1.0]):
+        make_run(tmp_path, f"r{seed}", "rl", seed, acc)
+    row = compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", None)[0]
+    assert stats.t.interval(0.95, df=1, loc=0.95, scale=stats.sem([0.9, 1.0]))[1] > 1
+    assert row["eval/test/accuracy/ci_high"] == 1.0 and 0 <= row["eval/test/accuracy/ci_low"] < 0.9
+
+
 def test_baseline_difference_is_welchs_and_time_to_target(sweep):
     rows = by_group(compare.compare(compare.load_runs([str(sweep)]), ["recipe"], "eval/test/accuracy", "rl"))
     bridge = rows["bridge"]
@@ -304,13 +313,14 @@ def test_equal_wall_clock_view(sweep):
 
 
 def test_readme_paper_comparison_is_what_compare_prints_for_the_recorded_sweep():
-    """The README's "Results on the built-in task" table: the recorded sweeps/paper.yaml runs, as compare prints
-    them with the flags the README gives."""
+    """The README's "Results on the built-in task" table: the recorded sweeps/paper.yaml runs (fourteen recipes, five
+    seeds each, with per-problem records), as compare prints them with the flags the README gives."""
     root = Path(__file__).resolve().parent.parent
-    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "paper-100steps"), "--baseline", "rl",
-                                      "--metric", "eval/ood/accuracy", "--at-seconds", "60", "--format", "markdown"])
+    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "paper-5seeds"), "--baseline", "rl",
+                                      "--metric", "eval/ood/accuracy", "--format", "markdown"])
     assert output.exit_code == 0, output.output
     table = [line for line in output.output.splitlines() if line.startswith("|")]
-    assert len(table) == 8 and all(" | 3 | " in line for line in table[2:])  # six recipes, three seeds each
+    assert len(table) == 16 and all(" | 5 | " in line for line in table[2:])  # fourteen recipes, five seeds each
+    assert "paired" in table[0]  # every run recorded its problems: the paired comparison is there
     readme = (root / "README.md").read_text()
     assert all(line in readme for line in table)

@@ -15,6 +15,7 @@ from bridgectl.cli import app
 from bridgectl.config import compose
 from bridgectl.core.context import TrainContext
 from bridgectl.core.model import load_policy
+from bridgectl.models.sources import base_model_path
 from bridgectl.runner import run
 from bridgectl.stages.sft import SFTStage
 from bridgectl.tasks.arith import ArithTask
@@ -106,8 +107,8 @@ def test_interleaved_alternates_rl_and_sft_updates(tmp_path):
 
 def test_lora_trains_only_the_adapter(tmp_path):
     cfg = compose(["recipe=sft", "model.finetune=lora", "lora.rank=4", "sft.lr=1e-2", "sft.batch_size=8", *QUICK])
-    policy = load_policy(cfg.model, cfg.lora, cfg.task, torch.device("cpu"), keep_reference=False,
-                         show_progress=False)
+    policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task, show_progress=False),
+                         torch.device("cpu"), keep_reference=False)
     before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
     task = ArithTask(cfg.task)
     ctx = TrainContext(cfg=cfg, policy=policy, task=task, device=torch.device("cpu"),

@@ -144,14 +144,16 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 @pytest.fixture(scope="module")
 def engine_and_policy():
     from bridgectl.config import compose
-    from bridgectl.core.model import base_model_path, load_policy
+    from bridgectl.core.model import load_policy
+    from bridgectl.models.sources import base_model_path
     from bridgectl.core.vllm_rollout import check_usable, engine_for
     from bridgectl.stages.bridge import ensure_upper_adapter
 
     cfg = compose(["recipe=bridge", "bridge.lower=lora", "rollout.backend=vllm", "train.device=cpu"])
     device = torch.device("cpu")
     check_usable(device)
-    policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference=False, finetune="lora")
+    policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task), device, keep_reference=False,
+                         finetune="lora")
     ensure_upper_adapter(policy, cfg)  # BRIDGE lower=lora: theta's adapter and w, both folded in
     randomise_adapters(policy.model, seed=0)
     policy.model.eval()

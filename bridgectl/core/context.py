@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 
 from bridgectl.core import distributed, vllm_rollout
 from bridgectl.core.losses import SFTBatch, make_sft_batch
-from bridgectl.core.model import Policy, base_model_path, load_policy
+from bridgectl.core.model import Policy, load_policy
 from bridgectl.errors import UserError
+from bridgectl.models.sources import base_model_path
 from bridgectl.stages import STAGES, stage_class
 from bridgectl.tasks import make_task
 
@@ -127,8 +128,8 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
     keep_reference = cfg.rl.beta > 0 and any(STAGES[stage].samples_rollouts for stage in cfg.recipe.stages)
     # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
     finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune
-    policy = load_policy(cfg.model, cfg.lora, cfg.task, device, keep_reference, finetune=finetune,
-                         show_progress=show_progress)
+    policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task, show_progress), device,
+                         keep_reference, finetune=finetune)
     if cfg.train.fsdp and distributed.active():
         prepare = getattr(stage_class(cfg.recipe.stages[0]), "before_sharding", None)
         if prepare is not None:  # parameters a stage adds (BRIDGE's w) must exist before the model is sharded

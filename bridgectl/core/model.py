@@ -23,7 +23,6 @@ from transformers.utils import logging as hf_logging
 
 from bridgectl.core.lora_forward import set_lora_forward, wants_merged_forward
 from bridgectl.errors import UserError
-from bridgectl.models import tiny
 
 # peft calls a transformers method that transformers 5 deprecates; the warning is for peft's authors, not users.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -89,56 +88,6 @@ class Policy:
                     layer._disable_adapters = False
 
 
-def base_model_path(model_cfg, task_cfg, show_progress: bool = True) -> Path | str:
-    """The directory (or Hub id) the base model and tokenizer load from: with `model.init_from`, the weights it
-    names (init_model_dir), else the model itself."""
-    if model_cfg.get("init_from"):
-        return init_model_dir(str(model_cfg.init_from), show_progress=show_progress)
-    if model_cfg.name == "tiny":
-        return tiny.base_model_dir(model_cfg, task_cfg, show_progress=show_progress)
-    if model_cfg.name == "hf":
-        source = str(model_cfg.name_or_path)
-        looks_local = source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
-        if looks_local and not (Path(source).expanduser() / "config.json").exists():
-            raise UserError(f"model directory {source} does not exist or has no config.json",
-                            "give a directory written by save_pretrained, or a Hub id such as Qwen/Qwen2.5-0.5B")
-        return Path(source).expanduser() if looks_local else source
-    raise ValueError(f"unknown model '{model_cfg.name}'")
-
-
-def init_model_dir(source: str, show_progress: bool = True) -> Path:
-    """A full model directory with the weights `model.init_from` names, so a run can start where another ended
-    (SFT in one run, RL in the next). `source` is a bridgectl run directory (its checkpoints/final), a model
-    directory (config.json) or a peft adapter directory (adapter_config.json, over its base_model_name_or_path).
-    Full weights are used where they lie; adapters are merged into their base once, into
-    `$BRIDGECTL_CACHE/init-<hash>` (keyed by the adapter files' paths, sizes and times), in the base's own dtype."""
-    path = Path(source).expanduser()
-    if (path / "config.yaml").is_file():  # a bridgectl run
-        from bridgectl.config import load_saved
-
-        final = path / "checkpoints" / "final"
-        if not final.is_dir():
-            raise UserError(f"model.init_from: run {path} has no checkpoints/final",
-                            "give a completed run (or one of its model or adapter directories)")
-        if (final / "config.json").is_file():
-            return final
-        run_cfg = load_saved(path / "config.yaml")
-        return _merged_into_cache(final, base_model_path(run_cfg.model, run_cfg.task, show_progress), show_progress)
-    if (path / "config.json").is_file():
-        return path
-    if (path / "adapter_config.json").is_file():
-        import json
-
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"model.init_from: adapter {path} does not name its base model",
-                            "its adapter_config.json needs base_model_name_or_path")
-        return _merged_into_cache(path, base, show_progress)
-    raise UserError(f"model.init_from: {source} is not a run, model or adapter directory",
-                    "give a run directory (config.yaml), a model directory (config.json) or a peft adapter "
-                    "directory (adapter_config.json)")
-
-
 def merge_saved_adapters(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
     """`base` with every adapter saved at `adapter_dir` merged in: the adapter there and any in subdirectories
     (BRIDGE's upper-level w sits in one), as the run trained them, all active together."""
@@ -151,44 +100,11 @@ def merge_saved_adapters(base: PreTrainedModel, adapter_dir: Path) -> PreTrained
     return model.merge_and_unload(adapter_names=names)
 
 
-def _merged_into_cache(adapter_dir: Path, base: Path | str, show_progress: bool) -> Path:
-    import hashlib
-    import os
-
-    adapter_dir = adapter_dir.resolve()
-    stamp = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(adapter_dir.rglob("*")) if p.is_file()]
-    key = hashlib.sha256(repr((str(base), stamp)).encode()).hexdigest()[:16]
-    cached = tiny.cache_root() / f"init-{key}"
-    if (cached / "config.json").is_file():
-        return cached
-    if show_progress:
-        from bridgectl.core.ui import console
-
-        console.print(f"model.init_from: merging the adapters of {adapter_dir} into {base}, once, into {cached}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
-    except (OSError, ValueError) as error:
-        raise UserError(f"model.init_from: could not load the base model {base} of {adapter_dir}: {error}",
-                        "the base must be a local directory or a model already in the Hugging Face cache") from None
-    merged = merge_saved_adapters(model, adapter_dir)
-    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(tmp)
-    tmp.rename(cached)  # atomic: a killed merge never leaves a half-written entry
-    return cached
-
-
 def weights_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto: bfloat16 on CUDA (what real models train in), float32 elsewhere (CPU bf16 matmuls are slow)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-def load_tokenizer(model_cfg, task_cfg, show_progress: bool = True):
-    """The base model's tokenizer, prepared for generation (tokenizer_from)."""
-    return tokenizer_from(base_model_path(model_cfg, task_cfg, show_progress=show_progress), model_cfg)
 
 
 def tokenizer_from(path: Path | str, model_cfg):
@@ -217,13 +133,12 @@ def causal_lm_from(path: Path | str, model_cfg, device: torch.device) -> PreTrai
                         "local directories and cached models load") from None
 
 
-def load_policy(model_cfg, lora_cfg, task_cfg, device: torch.device, keep_reference: bool,
-                finetune: str | None = None, show_progress: bool = True) -> Policy:
-    """The base model with LoRA (`finetune=lora`) or every weight trainable (`full`); `finetune` defaults to
-    model.finetune."""
+def load_policy(model_cfg, lora_cfg, path: Path | str, device: torch.device, keep_reference: bool,
+                finetune: str | None = None) -> Policy:
+    """The model saved at `path` (models/sources.base_model_path: where a config's base weights are) with LoRA
+    (`finetune=lora`) or every weight trainable (`full`); `finetune` defaults to model.finetune."""
     finetune = finetune or model_cfg.finetune
     hf_logging.disable_progress_bar()  # our own progress bars are the only ones
-    path = base_model_path(model_cfg, task_cfg, show_progress=show_progress)
     tokenizer = tokenizer_from(path, model_cfg)
     # training mode for the training passes (from_pretrained returns eval mode): dropout where the model has it,
     # and activation checkpointing, which transformers applies in training mode only; sampling and evaluation

@@ -1,10 +1,12 @@
-"""The run directory, source of truth for `compare` and `sweep` (format fixed by shared/design.md):
+"""The run directory, source of truth for `compare` and `sweep` (its files are documented in the README):
 
     config.yaml        fully resolved config
     metrics.jsonl      one JSON object per logged step: {"step", "stage", "wall_s", <metric>: value, ...}
     summary.json       {"status", "recipe", "seed", "eval", "eval_initial", "wall_s", "peak_mem_mb", ...}
     completions.jsonl  sampled rollouts and eval answers: prompt, completion, reward, step
     checkpoints/       safetensors weights
+    tensorboard/       with tracker.tensorboard: metrics.jsonl as TensorBoard events (core/tensorboard_sink.py)
+    wandb_run.json     with tracker.wandb: the W&B run id, which a resumed run continues (core/wandb_sink.py)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.core.wandb_sink import redact
+from bridgectl.errors import UserError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -78,21 +81,26 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 class RunDir:
-    """Appends metrics and completions as training goes, writes the summary at the end. An optional `sink` (W&B)
-    receives the same rows; the files stay the source of truth."""
+    """Appends metrics and completions as training goes, writes the summary at the end. Its `sinks` (W&B,
+    TensorBoard: log, log_completions, finish) receive the same rows; the files stay the source of truth."""
 
-    def __init__(self, path: Path, sink=None, resume_after_step: int | None = None, wall_offset: float = 0.0,
+    def __init__(self, path: Path, sinks=(), resume_after_step: int | None = None, wall_offset: float = 0.0,
                  enabled: bool = True) -> None:
         """A new run directory; or, with `resume_after_step`, an existing one whose logs are cut back to the rows
         of steps up to that one (the checkpoint a resumed run continues from), with its clock continuing from
         `wall_offset` seconds. `enabled=False` (data-parallel ranks other than 0) writes nothing."""
-        self.path, self.sink, self._summary, self.enabled = path, sink, {}, enabled
+        self.path, self.sinks, self._summary, self.enabled = path, list(sinks), {}, enabled
         self.started = time.perf_counter() - wall_offset
         if not enabled:
             self._metrics = self._completions = self._problems = None
             return
         if resume_after_step is None:
-            self.path.mkdir(parents=True, exist_ok=False)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # the claim: one atomic mkdir, before anything is written, so two runs given one name cannot mix
+                self.path.mkdir()
+            except FileExistsError:
+                raise UserError(f"run directory {self.path} already exists (another run claimed it first)",
+                                "choose another --name or --out (runs are never overwritten)") from None
             (self.path / "checkpoints").mkdir()
         else:
             for name in ("metrics.jsonl", "completions.jsonl", "eval_problems.jsonl"):
@@ -117,8 +125,8 @@ class RunDir:
         row.update({key: _finite(value) for key, value in metrics.items()})
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
-        if self.sink is not None:
-            self.sink.log(step, {key: value for key, value in row.items() if key != "step"})
+        for sink in self.sinks:
+            sink.log(step, {key: value for key, value in row.items() if key != "step"})
 
     def log_completions(self, step: int, rows: list[dict]) -> None:
         if not self.enabled:
@@ -126,8 +134,8 @@ class RunDir:
         for row in rows:
             self._completions.write(json.dumps(redact({"step": step, **row})) + "\n")
         self._completions.flush()
-        if self.sink is not None:
-            self.sink.log_completions(step, rows)
+        for sink in self.sinks:
+            sink.log_completions(step, rows)
 
     def log_problems(self, step: int, rows: list[dict]) -> None:
         """Per-problem evaluation results (core/evaluate.problem_records), one line per split: compact, and what
@@ -150,6 +158,6 @@ class RunDir:
         self._metrics.close()
         self._completions.close()
         self._problems.close()
-        if self.sink is not None:
-            sink, self.sink = self.sink, None
+        sinks, self.sinks = self.sinks, []  # closing twice (an error path, then finally) finishes them once
+        for sink in sinks:
             sink.finish(self._summary)

@@ -44,10 +44,11 @@ def make_task(cfg: DictConfig, show_progress: bool = True):
 
     if cfg.task.name == "arith":
         return ArithTask(cfg.task)
-    from bridgectl.core.model import load_tokenizer
+    from bridgectl.core.model import tokenizer_from
+    from bridgectl.models.sources import base_model_path
     from bridgectl.tasks.data import DatasetTask
 
-    tokenizer = load_tokenizer(cfg.model, cfg.task, show_progress=show_progress)
+    tokenizer = tokenizer_from(base_model_path(cfg.model, cfg.task, show_progress=show_progress), cfg.model)
     return DatasetTask(cfg.task, prompt_formatter(tokenizer, cfg.task.chat_template))
 
 

@@ -1,0 +1,223 @@
+"""`bridgectl runs`: what each run under a directory is doing, read from its files: name, recipe, seed, status,
+steps done of the total, final accuracy per eval split and wall-clock.
+
+A run's summary.json says "running" from its start until a final status replaces it, so a run whose process was
+killed outright (SIGKILL, an out-of-memory kill, a lost machine) says "running" forever. The heartbeat tells the
+two apart: while it trains, the run's process keeps `<run>/heartbeat.json` ({host, pid, start_ticks, time}) fresh
+from a background thread (start_heartbeat), so a long step does not look dead. A "running" run is reported running
+only when that process is still alive (on this host: the pid exists, is not a zombie and started when the recorded
+one did, so a reused pid does not count; on another host: its heartbeat is fresh), and "died" otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from bridgectl.errors import UserError
+
+HEARTBEAT_FILE = "heartbeat.json"
+HEARTBEAT_SECONDS = 15.0
+"""How often a running run rewrites its heartbeat (as the sweep does for its trials: bridgectl/sweep.py)."""
+STALE_AFTER_SECONDS = 120.0
+"""A run of another host whose heartbeat is older than this (eight missed beats) is taken for dead."""
+ERROR_CHARS = 60
+"""Errors are cut to this many characters in the table; the JSON output carries them whole."""
+
+
+# ---- writing: the running process -----------------------------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks since boot) of a process from /proc/<pid>/stat (Linux); None elsewhere."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # the command name, in parentheses, may hold spaces
+    return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+
+
+def _write_heartbeat(path: Path, beat: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(dict(beat, time=time.time())))
+    os.replace(tmp, path)  # a reader sees the old beat or the new one, never half of one
+
+
+def start_heartbeat(run_path: Path, interval: float = HEARTBEAT_SECONDS) -> Callable[[], None]:
+    """Writes `<run_path>/heartbeat.json` now and every `interval` seconds from a daemon thread; returns the function
+    that stops it (safe to call twice). A beat that fails to write is skipped: the run only looks older."""
+    stat = _proc_stat(os.getpid())
+    beat = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": stat[1] if stat else None,
+            "started": time.time()}
+    path = run_path / HEARTBEAT_FILE
+    _write_heartbeat(path, beat)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                _write_heartbeat(path, beat)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=loop, daemon=True, name="bridgectl-run-heartbeat")
+    thread.start()
+
+    def stop_beating() -> None:
+        stop.set()
+        thread.join()  # no beat is written after this returns (the run directory may be removed next)
+
+    return stop_beating
+
+
+# ---- reading: `bridgectl runs` -----------------------------------------------------------------------------------
+def process_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """Whether process `pid` of this host is alive and, where /proc tells, the same process that recorded
+    `start_ticks` (not a later one given the same pid) and not a zombie (killed, not yet reaped by its parent)."""
+    if not isinstance(pid, int) or pid <= 0:  # os.kill(0 or -n, 0) would ask about a whole process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    stat = _proc_stat(pid)
+    if stat is None:  # no /proc (macOS), or it ended just now: the signal check is all there is
+        return True
+    state, ticks = stat
+    return state not in ("Z", "X") and (start_ticks is None or ticks == start_ticks)
+
+
+def read_heartbeat(run_path: Path) -> dict | None:
+    try:
+        beat = json.loads((run_path / HEARTBEAT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return beat if isinstance(beat, dict) else None
+
+
+def status_of(run_path: Path, summary: dict, now: float | None = None) -> str:
+    """The run's status: its summary's final status (completed, failed, interrupted, or a sweep's pruned); for a
+    summary still saying "running", "running" if its process is alive (process_alive on this host, a heartbeat
+    younger than STALE_AFTER_SECONDS from another host), else "died"; "unknown" for a run without a heartbeat
+    (made before runs recorded one)."""
+    status = summary.get("status", "unknown")
+    if status != "running":
+        return status
+    beat = read_heartbeat(run_path)
+    if beat is None:
+        return "unknown"
+    if beat.get("host") == socket.gethostname():
+        return "running" if process_alive(beat.get("pid"), beat.get("start_ticks")) else "died"
+    now = time.time() if now is None else now
+    return "running" if now - beat.get("time", 0.0) <= STALE_AFTER_SECONDS else "died"
+
+
+def last_metrics_row(path: Path, block: int = 8192) -> dict | None:
+    """The last complete row of a metrics.jsonl, read from the file's end in growing blocks (a long run's log is
+    not read whole); a line cut short by a kill is skipped. None without one."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            while True:
+                start = max(0, size - block)
+                handle.seek(start)
+                lines = handle.read(size - start).split(b"\n")
+                for line in reversed(lines[1:] if start > 0 else lines):  # the first may be part of a longer line
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(row, dict) and isinstance(row.get("step"), int):
+                        return row
+                if start == 0:
+                    return None
+                block *= 4
+    except OSError:
+        return None
+
+
+def read_run(path: Path, root: Path, now: float | None = None) -> dict:
+    """One run as `bridgectl runs` shows it (the JSON object of `--format json`)."""
+    name = path.relative_to(root).as_posix() if path != root else path.name
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):
+        return {"name": name, "recipe": None, "seed": None, "status": "unreadable", "error": "summary.json is not "
+                "valid JSON", "last_step": None, "steps_done": None, "steps_total": None, "eval": {},
+                "wall_s": None, "host": None, "pid": None}
+    status = status_of(path, summary, now)
+    last = last_metrics_row(path / "metrics.jsonl")
+    last_step = last["step"] if last else None
+    final = status not in ("running", "died", "unknown")  # the summary's counters are the run's last word
+    stages = summary.get("stages")
+    beat = read_heartbeat(path) if status in ("running", "died") else None
+    return {
+        "name": name, "recipe": summary.get("recipe"), "seed": summary.get("seed"), "status": status,
+        "error": summary.get("error") if status not in ("completed", "running") else None,
+        "last_step": last_step,
+        # while running, summary.json still holds a resumed run's counters from before: the log is current
+        "steps_done": summary.get("steps", last_step) if final else last_step,
+        "steps_total": sum(s["steps"] for s in stages) if isinstance(stages, list) else None,
+        "eval": {split: result.get("accuracy") for split, result in (summary.get("eval") or {}).items()},
+        "wall_s": summary.get("wall_s") if final else (last or {}).get("wall_s"),
+        "host": beat.get("host") if beat else None, "pid": beat.get("pid") if beat else None,
+    }
+
+
+def list_runs(directory: Path, now: float | None = None) -> list[dict]:
+    """Every run under `directory` (a run directory itself, or searched recursively as `bridgectl compare` does),
+    ordered by name. Raises UserError when the directory does not exist or holds no run."""
+    from bridgectl.compare import find_run_dirs  # only here: training imports this module for the heartbeat
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"no directory {directory}", "give the directory that holds run directories, e.g. "
+                        "bridgectl runs runs/ (bridgectl run --out sets it)")
+    found = find_run_dirs([str(directory)])
+    if not found:
+        raise UserError(f"no runs under {directory}", "a run directory holds summary.json; train one with "
+                        "bridgectl run, or give the directory its --out named")
+    return sorted((read_run(path, directory, now) for path in found), key=lambda run: run["name"])
+
+
+# ---- the table ---------------------------------------------------------------------------------------------------
+def short_error(error: str | None) -> str:
+    line = (error or "").strip().splitlines()[0] if error and error.strip() else ""
+    return line if len(line) <= ERROR_CHARS else line[:ERROR_CHARS - 3] + "..."
+
+
+def status_cell(run: dict) -> str:
+    status = run["status"]
+    if status == "running":
+        return f"running (step {run['last_step'] if run['last_step'] is not None else '-'})"
+    if status == "died":
+        return f"died (last step {run['last_step'] if run['last_step'] is not None else '-'})"
+    if status in ("failed", "unreadable") and run["error"]:
+        return f"{status}: {short_error(run['error'])}"
+    return status
+
+
+def eval_splits(runs: list[dict]) -> list[str]:
+    return list(dict.fromkeys(split for run in runs for split in run["eval"]))
+
+
+def table_columns(runs: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
+    """(header, run -> cell) for the table; every cell is drawn from the run's JSON object."""
+    def number(value, digits=0):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    columns = [("run", lambda r: r["name"]), ("recipe", lambda r: str(r["recipe"] or "-")),
+               ("seed", lambda r: "-" if r["seed"] is None else str(r["seed"])), ("status", status_cell),
+               ("steps", lambda r: f"{number(r['steps_done'])}/{number(r['steps_total'])}")]
+    columns += [(f"{split} acc %", lambda r, s=split: number(None if r["eval"].get(s) is None
+                                                             else 100 * r["eval"][s], 1))
+                for split in eval_splits(runs)]
+    return columns + [("wall s", lambda r: number(r["wall_s"]))]

@@ -75,6 +75,26 @@ def test_mean_interval_stays_within_0_and_1(tmp_path):
     assert row["eval/test/accuracy/ci_high"] == 1.0 and 0 <= row["eval/test/accuracy/ci_low"] < 0.9
 
 
+def test_sampled_metrics_are_compared_and_plotted_as_pass_at_k_curves(tmp_path):
+    """Runs evaluated with eval.k: compare carries every pass@j/maj@j/mean@n with its own t interval, the table shows
+    pass@k at the largest k, and --report draws pass@k against k."""
+    for seed, (p1, p2, p4) in enumerate([(0.5, 0.65, 0.8), (0.6, 0.7, 0.85)]):
+        path = make_run(tmp_path / "runs", f"rl-{seed}", "rl", seed, p1)
+        summary = json.loads((path / "summary.json").read_text())
+        summary["eval"]["test"].update({"pass@1": p1, "pass@2": p2, "pass@4": p4, "maj@4": p1, "mean@4": p1})
+        (path / "summary.json").write_text(json.dumps(summary))
+    row = compare.compare(compare.load_runs([str(tmp_path / "runs")]), ["recipe"], "eval/test/accuracy", None)[0]
+    assert row["eval/test/pass@4/mean"] == pytest.approx(0.825) and row["eval/test/pass@2/mean"] == pytest.approx(0.675)
+    low, high = stats.t.interval(0.95, df=1, loc=0.825, scale=stats.sem([0.8, 0.85]))
+    assert row["eval/test/pass@4/ci_low"] == pytest.approx(max(low, 0.0))
+    assert row["eval/test/pass@4/ci_high"] == pytest.approx(min(high, 1.0))
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "runs"), "--format", "markdown", "--report",
+                                      str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "test pass@4 %" in result.output and "test pass@2 %" not in result.output  # the largest k only
+    assert (tmp_path / "report" / "pass_at_k.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_baseline_difference_is_welchs_and_time_to_target(sweep):
     rows = by_group(compare.compare(compare.load_runs([str(sweep)]), ["recipe"], "eval/test/accuracy", "rl"))
     bridge = rows["bridge"]

@@ -73,6 +73,29 @@ def test_a_format_reward_from_a_file_is_added_to_the_verifier(tmp_path):
         assert set(call) == {"prompts", "completions", "question", "answer", "trace"}  # no completion_ids
 
 
+def test_each_functions_reward_reaches_wandb(tmp_path, monkeypatch):
+    """W&B (offline) receives train/rewards/<name> for every function, as metrics.jsonl has them."""
+    from test_tracking import items, wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rewards_file = write(tmp_path / "my_rewards.py", """
+        def format_reward(prompts, completions, **kwargs):
+            return [1.0 if ";" in c else 0.0 for c in completions]
+        """)
+    result = run_cli(tmp_path, f"task.reward_funcs=[verifier,{rewards_file}:format_reward]",
+                     "tracker.wandb.mode=offline")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "r"
+    local = {m["step"]: m for m in rows(run, "metrics.jsonl") if m["stage"] == "rl"}
+    log = next(next((run / "wandb").glob("offline-run-*")).glob("run-*.wandb"))
+    history = [items(r.history.item) for r in wandb_records(log) if r.WhichOneof("record_type") == "history"]
+    logged = [row for row in history if "train/rewards/format_reward" in row]
+    assert [row["_step"] for row in logged] == sorted(local)
+    for row in logged:
+        for name in ("train/rewards/verifier", "train/rewards/format_reward"):
+            assert row[name] == pytest.approx(local[row["_step"]][name])
+
+
 def test_a_constant_reward_with_weight_half_shifts_the_reward_by_exactly_half(tmp_path):
     """A constant added to every reward leaves GRPO's group advantages unchanged, so the run follows the same
     rollouts and only train/reward_mean moves, by 0.5 x 1.0. Without reward_funcs nothing new is logged."""

@@ -428,6 +428,11 @@ def eval_command(
                           f"{100 * row[f'maj@{j}']:.1f}",
                           f"{100 * row['mean@' + str(row['samples'])]:.1f}" if index == 0 else "")
     console.print(table)
+    for split, row in results.items():
+        if "reward_mean" in row:
+            parts = ", ".join(f"{key.split('/', 1)[1]} {value:.3f}" for key, value in row.items()
+                              if key.startswith("rewards/"))
+            console.print(f"{split}: reward {row['reward_mean']:.3f} on the greedy answers ({parts})")
     if sampled:
         console.print("pass@j: unbiased estimator 1 - C(n-c, j)/C(n, j) from n sampled answers per problem, c of "
                       "them right; maj@j: majority vote of the first j; mean@n: mean reward of all n.")

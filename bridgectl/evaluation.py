@@ -1,5 +1,7 @@
-"""`bridgectl eval RUN_DIR|MODEL [OVERRIDES]`: greedy pass@1 and, with `eval.k`, sampled pass@k and mean@k of a
-trained run (its `checkpoints/final`) or of any model, on every evaluation split of the task.
+"""`bridgectl eval RUN_DIR|MODEL [OVERRIDES]`: greedy pass@1 and, with `eval.k`, sampled pass@k, maj@k and mean@n of
+a trained run (its `checkpoints/final`) or of any model, on every evaluation split of the task; with
+`task.reward_funcs`, also the training reward and each function's mean on the greedy answers (accuracy stays the
+verifier's verdict).
 
 A run directory is evaluated with its own resolved config (config.yaml) plus the overrides, so a run trained on one
 set can be scored on others (`task.eval_sets={math500: ..., gsm8k: ...}`, `eval.n=500`, `eval.k=8`). A model path
@@ -85,6 +87,9 @@ def evaluate(cfg: DictConfig, decode: Decode, task, device: torch.device, show_p
             problems = task.eval_problems(split, cfg.eval.n)
             greedy = evaluate_split(decode, problems, task.rewards, cfg.eval.max_new_tokens, cfg.eval.batch_size)
             row = {"n": greedy.n, "greedy_pass@1": greedy.accuracy, "mean_length": greedy.mean_length}
+            if cfg.task.reward_funcs:  # the training reward's parts on the greedy answers
+                total, means, _ = task.step_reward(problems, greedy.completions)
+                row.update({"reward_mean": sum(total) / len(total), **{f"rewards/{k}": v for k, v in means.items()}})
             if cfg.eval.k > 0:
                 greedy.sampled = sample_split(decode, problems, task.rewards, task.answer_of, cfg.eval.k,
                                               cfg.eval.samples or cfg.eval.k, cfg.eval.temperature,

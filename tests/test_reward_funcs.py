@@ -73,6 +73,23 @@ def test_a_format_reward_from_a_file_is_added_to_the_verifier(tmp_path):
         assert set(call) == {"prompts", "completions", "question", "answer", "trace"}  # no completion_ids
 
 
+def test_eval_reports_each_functions_mean_on_the_greedy_answers(tmp_path):
+    rewards_file = write(tmp_path / "my_rewards.py", """
+        def format_reward(prompts, completions, **kwargs):
+            return [1.0 if ";" in c else 0.0 for c in completions]
+        """)
+    result = run_cli(tmp_path, f"task.reward_funcs=[verifier,{rewards_file}:format_reward]",
+                     "task.reward_weights=[1,0.5]")
+    assert result.exit_code == 0, result.output
+    evaluated = CliRunner().invoke(app, ["eval", str(tmp_path / "runs" / "r"), "--output", str(tmp_path / "e.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    for row in json.loads((tmp_path / "e.json").read_text())["results"].values():
+        assert row["rewards/verifier"] == pytest.approx(row["greedy_pass@1"])  # the verifier on the same answers
+        assert row["reward_mean"] == pytest.approx(row["rewards/verifier"] + 0.5 * row["rewards/format_reward"])
+        assert 0.0 <= row["rewards/format_reward"] <= 1.0
+    assert "reward" in evaluated.output and "format_reward" in evaluated.output
+
+
 def test_each_functions_reward_reaches_wandb(tmp_path, monkeypatch):
     """W&B (offline) receives train/rewards/<name> for every function, as metrics.jsonl has them."""
     from test_tracking import items, wandb_records

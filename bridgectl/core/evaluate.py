@@ -41,6 +41,7 @@ class SplitResult:
     rewards: list[float] = field(default_factory=list)  # per problem, in the split's order (eval_problems.jsonl)
     problems: str = ""  # fingerprint of the split's questions: runs with equal fingerprints can be paired
     sampled: Optional["SampledResult"] = None  # with eval.k > 0: pass@k, maj@k, mean@n from sampled answers
+    completions: list[str] = field(default_factory=list)  # every greedy answer, in the split's order
 
 
 def problems_fingerprint(problems) -> str:
@@ -56,11 +57,12 @@ def evaluate_split(decode: Decode, problems, rewards_fn, max_new_tokens: int, ba
                    n_samples: int = 4) -> SplitResult:
     """Greedy decoding of every problem; accuracy is the mean verifier reward. `rewards_fn(completions, golds)`
     scores a batch."""
-    rewards, lengths, samples = [], [], []
+    rewards, lengths, samples, completions = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(problems), batch_size):
             chunk = problems[start:start + batch_size]
             rollouts = decode([p.question for p in chunk], max_new_tokens, None, None)
+            completions.extend(rollouts.completions)
             chunk_rewards = rewards_fn(rollouts.completions, [p.answer for p in chunk])
             for problem, completion, reward in zip(chunk, rollouts.completions, chunk_rewards):
                 rewards.append(reward)
@@ -70,7 +72,7 @@ def evaluate_split(decode: Decode, problems, rewards_fn, max_new_tokens: int, ba
             lengths.extend(rollouts.lengths.tolist())
     return SplitResult(accuracy=sum(rewards) / len(rewards), n=len(rewards),
                        mean_length=sum(lengths) / len(lengths), samples=samples, rewards=list(rewards),
-                       problems=problems_fingerprint(problems))
+                       problems=problems_fingerprint(problems), completions=completions)
 
 
 # ---- sampled evaluation: pass@k, maj@k, mean@n ------------------------------------------------------------------

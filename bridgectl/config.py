@@ -965,7 +965,7 @@ def validate(cfg: DictConfig) -> None:
 
 # stages whose RL half is not core/grpo.rl_backward, or calls it in a way an option changes, and what they honour
 _ITERATING_STAGES = ("rl", "interleaved")  # the stages that loop rl.num_iterations updates over one batch
-_OWN_LOSS_NORMALISER = ("luffy", "srft", "hpt")  # token means of their own (demonstrations, a subset of rows)
+_OWN_LOSS_NORMALISER = ("luffy", "srft")  # token means of their own, over rollouts and demonstrations
 _OWN_REWARD_SCALING = ("luffy", "srft")  # mixed groups of rollouts and demonstrations (luffy.std_normalize)
 
 
@@ -995,9 +995,6 @@ def _validate_grpo_options(cfg: DictConfig, require) -> None:
         require(rl.loss_type == "dapo" or stage not in _OWN_LOSS_NORMALISER,
                 f"rl.loss_type={rl.loss_type} does not apply to the {stage} stage (its loss is a token mean over its "
                 "own rows)", f"use rl.loss_type=dapo with {stage}")
-        require(not rl.mask_truncated_completions or stage != "hpt",
-                "rl.mask_truncated_completions does not apply to the hpt stage (its GRPO term divides by the token "
-                "count of its kept rows, truncated ones included)", "drop rl.mask_truncated_completions with hpt")
         require(rl.scale_rewards != "batch" or stage not in _OWN_REWARD_SCALING,
                 f"rl.scale_rewards=batch does not apply to the {stage} stage (it normalises its mixed groups of "
                 "rollouts and demonstrations itself)",

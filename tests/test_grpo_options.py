@@ -325,8 +325,7 @@ def test_bad_values_and_stages_that_cannot_honour_an_option_are_refused():
                        (["rl.num_iterations=0"], "rl.num_iterations"),
                        (["recipe=bridge", "rl.num_iterations=2"], "bridge stage"),
                        (["recipe=luffy", "rl.loss_type=grpo"], "luffy stage"),
-                       (["recipe=srft", "rl.scale_rewards=batch"], "srft stage"),
-                       (["recipe=hpt", "rl.mask_truncated_completions=true"], "hpt stage")):
+                       (["recipe=srft", "rl.scale_rewards=batch"], "srft stage")):
         with pytest.raises(UserError, match=words):
             compose(bad)
     # stages that honour them, and stages that sample nothing (sft), pass

@@ -150,8 +150,11 @@ def test_update_is_grpo_on_kept_prompts_plus_sft_on_the_switched_prompts_demonst
     assert outputs[0].metrics["train/rl_loss"] == pytest.approx(kept_loss, rel=1e-4, abs=1e-6)
 
 
-def test_gate_below_zero_is_exactly_the_rl_stage(monkeypatch):
-    same_lr = ["rl.lr=1e-4", "hpt.lr=1e-4"]
+@pytest.mark.parametrize("options", [[], ["rl.loss_type=grpo", "rl.mask_truncated_completions=true"],
+                                     ["rl.loss_type=dr_grpo"]])
+def test_gate_below_zero_is_exactly_the_rl_stage(options, monkeypatch):
+    """No prompt switched: hpt is the rl stage, also with the GRPO options that change the loss's normaliser."""
+    same_lr = ["rl.lr=1e-4", "hpt.lr=1e-4", *options]
     ctx, hpt_grads, _, _, outputs = run(HPTStage, hpt_module, ["recipe=hpt", *SMALL, *same_lr, "hpt.gate=-1"], 2,
                                         monkeypatch, rewards=PATTERN)
     _, rl_grads, _, _, _ = run(RLStage, rl_module, ["recipe=rl", *SMALL, *same_lr], 2, monkeypatch, rewards=PATTERN)

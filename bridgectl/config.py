@@ -955,9 +955,6 @@ def validate(cfg: DictConfig) -> None:
             f"give one weight per function of {funcs or '[verifier]'}, or none (1.0 each)")
     require(cfg.task.reward_timeout_s > 0, f"task.reward_timeout_s must be positive, got {cfg.task.reward_timeout_s}",
             "e.g. task.reward_timeout_s=60")
-    require(not funcs or "uft" not in cfg.recipe.stages,
-            "task.reward_funcs does not apply to the uft stage (it rescores hint + completion with the verifier)",
-            "drop task.reward_funcs, or use another recipe")
     require(cfg.task.system_prompt is None or cfg.task.name != "arith",
             "task.system_prompt applies to dataset tasks (the built-in arith task has no chat template)",
             "drop task.system_prompt, or use task=gsm8k, math or jsonl with model=hf")

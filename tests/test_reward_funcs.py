@@ -260,10 +260,39 @@ def test_a_non_number_is_refused():
         checked_values("f", ["yes"], 1)
 
 
-def test_uft_and_arith_system_prompts_are_refused(tmp_path):
-    """uft rescores hint + completion with the verifier, and the arith task has no chat template."""
-    file = write(tmp_path / "ok.py", "def f(prompts, completions, **kwargs):\n    return [0.0] * len(completions)\n")
-    uft = CliRunner().invoke(app, ["run", "recipe=uft", f"task.reward_funcs=[{file}:f]", "--dry-run"])
+def test_arith_system_prompts_are_refused(tmp_path):
+    """The arith task has no chat template."""
     system = CliRunner().invoke(app, ["run", "task.system_prompt=Be brief.", "--dry-run"])
-    assert uft.exit_code == 2 and "does not apply to the uft stage" in uft.output
     assert system.exit_code == 2 and "task.system_prompt applies to dataset tasks" in system.output
+
+
+def test_uft_scores_hint_and_completion_with_the_combined_reward(tmp_path):
+    """UFT rescores hint + completion: a constant function at weight 0.5 moves every reward by exactly 0.5 (the
+    advantages, and so the run, unchanged), and a function sees the original prompt and the hint in the completion."""
+    seen = tmp_path / "seen.jsonl"
+    const = write(tmp_path / "const.py", f"""
+        import json
+
+        def always_one(prompts, completions, **kwargs):
+            with open({str(seen)!r}, "a") as log:
+                log.write(json.dumps({{"prompts": prompts, "completions": completions}}) + "\\n")
+            return [1.0] * len(completions)
+        """)
+    common = ["run", "recipe=uft", *SMALL, "uft.hint_start=1.0", "--out", str(tmp_path)]
+    plain = CliRunner().invoke(app, [*common, "--name", "plain"])
+    shifted = CliRunner().invoke(app, [*common, f"task.reward_funcs=[verifier,{const}:always_one]",
+                                       "task.reward_weights=[1.0,0.5]", "--name", "shifted"])
+    assert plain.exit_code == 0 and shifted.exit_code == 0, plain.output + shifted.output
+    before = [m for m in rows(tmp_path / "plain", "metrics.jsonl") if m["stage"] == "uft"]
+    after = [m for m in rows(tmp_path / "shifted", "metrics.jsonl") if m["stage"] == "uft"]
+    assert len(before) == len(after) == 3
+    for a, b in zip(before, after):
+        assert b["train/reward_mean"] == pytest.approx(a["train/reward_mean"] + 0.5, abs=1e-6)
+        assert b["train/rewards/always_one"] == 1.0
+        assert b["train/rl_loss"] == pytest.approx(a["train/rl_loss"], abs=1e-6)
+    calls = rows(tmp_path, "seen.jsonl")  # per step: sampling's scoring, then the hint + completion rescoring
+    sampled, rescored = calls[0], calls[1]
+    hints = [shown[len(own):] for shown, own in zip(sampled["prompts"], rescored["prompts"])]
+    assert all(shown.startswith(own) for shown, own in zip(sampled["prompts"], rescored["prompts"]))
+    assert any(hints)  # uft.hint_start=1: the first step gives hints
+    assert rescored["completions"] == [hint + c for hint, c in zip(hints, sampled["completions"])]

@@ -70,6 +70,16 @@ class HintedProblem:
     hint: str
     source: object
 
+    @property
+    def columns(self) -> dict:
+        """The dataset row's fields, for task.reward_funcs: the problem's own."""
+        return getattr(self.source, "columns", {})
+
+    @property
+    def conversation(self):
+        """The problem's messages when its row is conversational (tasks/data.py), else None."""
+        return getattr(self.source, "conversation", None)
+
 
 def hint_probability(cfg, update: int, total_updates: int) -> float:
     """p(t) of the reference's cosine schedule at the stage's update `update` (counted from 0; t = update + 1):
@@ -154,15 +164,18 @@ class UFTStage:
 
     def _score_with_hints(self, scored: ScoredRollouts) -> ScoredRollouts:
         """Rewards of hint + completion, as the reference's reward reads prompt and response together (rows without
-        a hint keep the reward sample_and_score gave their completion), and the GRPO advantages of those."""
+        a hint keep the reward sample_and_score gave their completion), and the GRPO advantages of those. With
+        task.reward_funcs every function sees the original problem's prompt and columns and hint + completion as
+        the completion, and the logged means and the verifier's verdicts are those of this scoring."""
         ctx = self.ctx
-        rows = [row for row, problem in enumerate(scored.problems) if problem.hint]
-        rewards = scored.rewards.clone()
-        if rows:
-            rescored = ctx.task.rewards([scored.problems[row].hint + scored.rollouts.completions[row] for row in rows],
-                                        [scored.problems[row].answer for row in rows])
-            rewards[rows] = torch.tensor(rescored, dtype=rewards.dtype, device=rewards.device)
+        rewards, verdicts, means = scored.rewards.clone(), scored.verdicts, scored.reward_means
+        if any(problem.hint for problem in scored.problems):
+            texts = [problem.hint + completion for problem, completion in
+                     zip(scored.problems, scored.rollouts.completions)]
+            total, means, judged = ctx.task.step_reward([problem.source for problem in scored.problems], texts)
+            rewards = torch.tensor(total, dtype=rewards.dtype, device=rewards.device)
+            verdicts = None if judged is total else torch.tensor(judged, device=rewards.device)
         # recomputed on every process, hinted rows or not: rl.scale_rewards=batch takes the std over all processes
         # (a collective each must join); without hints the advantages are those sample_and_score gave
         advantages = group_advantages(rewards, ctx.cfg.rl.num_generations, ctx.cfg.rl.scale_rewards)
-        return dataclasses.replace(scored, rewards=rewards, advantages=advantages)
+        return dataclasses.replace(scored, rewards=rewards, advantages=advantages, verdicts=verdicts, reward_means=means)

@@ -324,6 +324,7 @@ def test_bad_values_and_stages_that_cannot_honour_an_option_are_refused():
                        (["rl.top_k=-1"], "rl.top_k"), (["rl.min_p=1"], "rl.min_p"),
                        (["rl.num_iterations=0"], "rl.num_iterations"),
                        (["recipe=bridge", "rl.num_iterations=2"], "bridge stage"),
+                       (["recipe=chord", "rl.num_iterations=2"], "chord stage"),
                        (["recipe=luffy", "rl.loss_type=grpo"], "luffy stage"),
                        (["recipe=srft", "rl.scale_rewards=batch"], "srft stage")):
         with pytest.raises(UserError, match=words):
@@ -361,3 +362,25 @@ def test_one_iteration_is_the_first_update_of_two(monkeypatch):
     assert len(one) == 1 and len(two) == 2
     assert torch.equal(scored_one[0].rollouts.completion_ids, scored_two[0].rollouts.completion_ids)
     assert_same_gradients(one[0], two[0])
+
+
+def test_mix_with_mu_zero_iterates_exactly_as_the_rl_stage(tmp_path):
+    """mix with mu = 0 is L_rl alone: with rl.num_iterations=2 its weights after two steps (four updates on two
+    batches of rollouts) equal the rl stage's, and they differ from one update per batch."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from bridgectl.cli import app
+
+    common = ["train.max_steps=2", "train.threads=1", "train.eval_every=0", "eval.n=5", "rl.prompts_per_step=2",
+              "rl.num_generations=4", "rl.lr=1e-3", "mix.lr=1e-3", "mix.mu=0", "--out", str(tmp_path)]
+    for name, overrides in (("rl", ["recipe=rl", "rl.num_iterations=2"]),
+                            ("mix", ["recipe=mix", "rl.num_iterations=2"]), ("once", ["recipe=mix"])):
+        result = CliRunner().invoke(app, ["run", *overrides, *common, "--name", name])
+        assert result.exit_code == 0, result.output
+    weights = {name: load_file(str(tmp_path / name / "checkpoints" / "final" / "model.safetensors"))
+               for name in ("rl", "mix", "once")}
+    assert weights["rl"].keys() == weights["mix"].keys()
+    for key in weights["rl"]:
+        torch.testing.assert_close(weights["mix"][key], weights["rl"][key], atol=1e-6, rtol=1e-5)
+    assert any(not torch.allclose(weights["once"][key], weights["mix"][key]) for key in weights["mix"])

@@ -2,14 +2,16 @@
 style), one optimizer, one update per step on shared weights.
 
 mu is constant (`mix.mu`) or decays linearly from `mix.mu` to `mix.mu_end` over the stage, so training can lean on
-demonstrations early and on rewards later.
+demonstrations early and on rewards later. With `rl.num_iterations` = n > 1 a step takes n updates on its one batch
+of rollouts and SFT examples, as the rl stage does with its rollouts (the ratio's denominator stays the sampling
+policy's).
 """
 
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
 from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
-from bridgectl.core.losses import sft_backward
+from bridgectl.core.losses import GRPOStats, sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 
 
@@ -25,7 +27,9 @@ class MixStage:
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         self.ctx, self.total_updates = ctx, total_updates
         self.params = ctx.policy.trainable_parameters()
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.mix.lr, ctx.cfg.optim, total_updates)
+        # `total_updates` counts steps; the optimizer takes rl.num_iterations updates in each
+        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.mix.lr, ctx.cfg.optim,
+                                                        total_updates * ctx.cfg.rl.num_iterations)
         self.updates = 0
 
     def step(self) -> StepOutput:
@@ -33,14 +37,23 @@ class MixStage:
         mu = mu_at(ctx.cfg.mix, self.updates, self.total_updates)
         scored = sample_groups(ctx)
         batch = next_sft_batch(ctx)
-        # the gradient of L_rl + mu L_sft, accumulated from the micro-batches of each (train.micro_batch_size)
-        loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx)
-        loss_sft = sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu)
-        grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+        updates = []  # (rl loss, its statistics, sft loss, gradient norm) of each of the step's updates
+        for _ in range(rl.num_iterations):
+            # the gradient of L_rl + mu L_sft, accumulated from the micro-batches of each (train.micro_batch_size)
+            loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx)
+            loss_sft = sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu)
+            updates.append((loss_rl, stats, loss_sft,
+                            take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)))
         self.updates += 1
-        metrics = {"train/rl_loss": loss_rl, "train/sft_loss": loss_sft, "mix/mu": mu,
-                   **rollout_metrics(scored, stats, rl.num_generations), "train/grad_norm": grad_norm,
-                   "train/lr": self.scheduler.get_last_lr()[0]}
-        return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + batch.n_tokens,
+
+        def mean(values):  # several updates per step: the step logs their means
+            return sum(values) / len(values)
+
+        stats = GRPOStats(clip_fraction=mean([s.clip_fraction for _, s, _, _ in updates]),
+                          kl=mean([s.kl for _, s, _, _ in updates]))
+        metrics = {"train/rl_loss": mean([u[0] for u in updates]), "train/sft_loss": mean([u[2] for u in updates]),
+                   "mix/mu": mu, **rollout_metrics(scored, stats, rl.num_generations),
+                   "train/grad_norm": mean([u[3] for u in updates]), "train/lr": self.scheduler.get_last_lr()[0]}
+        return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * (scored.gen_tokens + batch.n_tokens),
                           gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))

@@ -961,7 +961,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 # stages whose RL half is not core/grpo.rl_backward, or calls it in a way an option changes, and what they honour
-_ITERATING_STAGES = ("rl", "interleaved", "mix")  # the stages that loop rl.num_iterations updates over one batch
+_ITERATING_STAGES = ("rl", "interleaved", "mix", "chord")  # the stages that loop rl.num_iterations updates over one batch
 _OWN_LOSS_NORMALISER = ("luffy", "srft")  # token means of their own, over rollouts and demonstrations
 _OWN_REWARD_SCALING = ("luffy", "srft")  # mixed groups of rollouts and demonstrations (luffy.std_normalize)
 

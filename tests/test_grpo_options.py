@@ -324,7 +324,7 @@ def test_bad_values_and_stages_that_cannot_honour_an_option_are_refused():
                        (["rl.top_k=-1"], "rl.top_k"), (["rl.min_p=1"], "rl.min_p"),
                        (["rl.num_iterations=0"], "rl.num_iterations"),
                        (["recipe=bridge", "rl.num_iterations=2"], "bridge stage"),
-                       (["recipe=chord", "rl.num_iterations=2"], "chord stage"),
+                       (["recipe=luffy", "rl.num_iterations=2"], "luffy stage"),
                        (["recipe=luffy", "rl.loss_type=grpo"], "luffy stage"),
                        (["recipe=srft", "rl.scale_rewards=batch"], "srft stage")):
         with pytest.raises(UserError, match=words):
@@ -364,18 +364,21 @@ def test_one_iteration_is_the_first_update_of_two(monkeypatch):
     assert_same_gradients(one[0], two[0])
 
 
-def test_mix_with_mu_zero_iterates_exactly_as_the_rl_stage(tmp_path):
-    """mix with mu = 0 is L_rl alone: with rl.num_iterations=2 its weights after two steps (four updates on two
-    batches of rollouts) equal the rl stage's, and they differ from one update per batch."""
+@pytest.mark.parametrize("mixed", [["recipe=mix", "mix.lr=1e-3", "mix.mu=0"],
+                                   ["recipe=chord", "chord.lr=1e-3", "chord.mu_peak=0", "chord.mu_valley=0"]],
+                         ids=["mix", "chord"])
+def test_mixed_stages_with_mu_zero_iterate_exactly_as_the_rl_stage(tmp_path, mixed):
+    """mix and chord with mu = 0 are L_rl alone: with rl.num_iterations=2 their weights after two steps (four
+    updates on two batches of rollouts) equal the rl stage's, and they differ from one update per batch."""
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
     from bridgectl.cli import app
 
     common = ["train.max_steps=2", "train.threads=1", "train.eval_every=0", "eval.n=5", "rl.prompts_per_step=2",
-              "rl.num_generations=4", "rl.lr=1e-3", "mix.lr=1e-3", "mix.mu=0", "--out", str(tmp_path)]
+              "rl.num_generations=4", "rl.lr=1e-3", "--out", str(tmp_path)]
     for name, overrides in (("rl", ["recipe=rl", "rl.num_iterations=2"]),
-                            ("mix", ["recipe=mix", "rl.num_iterations=2"]), ("once", ["recipe=mix"])):
+                            ("mix", [*mixed, "rl.num_iterations=2"]), ("once", mixed)):
         result = CliRunner().invoke(app, ["run", *overrides, *common, "--name", name])
         assert result.exit_code == 0, result.output
     weights = {name: load_file(str(tmp_path / name / "checkpoints" / "final" / "model.safetensors"))

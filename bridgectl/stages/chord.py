@@ -1,8 +1,9 @@
 """Stage `chord`: CHORD, SFT as a dynamically weighted auxiliary objective inside on-policy RL (Zhang et al., arXiv
 2508.11408; reference code: the authors' Trinity-RFT, algorithm `mix_chord`, and ms-swift's GRPO `chord_*` options).
 
-One optimizer, one update per step on shared weights, of the paper's hybrid loss L_Hybrid (its CHORD-mu and
-CHORD-phi variants; equation numbers not given here, the reference code below was checked line by line)
+One optimizer, one update per step on shared weights (rl.num_iterations updates on the step's rollouts and expert
+batch, mu fixed for the step, when above 1), of the paper's hybrid loss L_Hybrid (its CHORD-mu and CHORD-phi
+variants; equation numbers not given here, the reference code below was checked line by line)
 
     L_hybrid = (1 - mu) L_grpo + mu L_sft
 
@@ -45,7 +46,7 @@ import math
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
 from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
-from bridgectl.core.losses import phi_sft_loss, sft_backward, sft_loss
+from bridgectl.core.losses import GRPOStats, phi_sft_loss, sft_backward, sft_loss
 from bridgectl.core.optim import make_optimizer, take_step
 
 
@@ -67,26 +68,39 @@ class ChordStage:
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         self.ctx = ctx
         self.params = ctx.policy.trainable_parameters()
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.chord.lr, ctx.cfg.optim, total_updates)
+        # `total_updates` counts steps; the optimizer takes rl.num_iterations updates in each (mu keeps per step)
+        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.chord.lr, ctx.cfg.optim,
+                                                        total_updates * ctx.cfg.rl.num_iterations)
         self.updates = 0
 
     def step(self) -> StepOutput:
         ctx, cfg, rl = self.ctx, self.ctx.cfg.chord, self.ctx.cfg.rl
         mu = mu_at(cfg, self.updates)
         scored = sample_groups(ctx)
-        # the gradient of (1 - mu) L_grpo + mu L_sft, accumulated from the micro-batches of each term
-        # (train.micro_batch_size), each divided by its own whole token count
-        loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx, scale=1 - mu)
-        metrics = {"train/rl_loss": loss_rl, "chord/mu": mu}
-        train_tokens = scored.gen_tokens
-        if mu > 0:
-            batch = next_sft_batch(ctx)
-            metrics["train/sft_loss"] = sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size,
-                                                     scale=mu, loss_fn=phi_sft_loss if cfg.phi else sft_loss)
-            train_tokens += batch.n_tokens
-        grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+        batch = next_sft_batch(ctx) if mu > 0 else None
+        updates = []  # (rl loss, its statistics, sft loss, gradient norm) of each of the step's rl.num_iterations
+        for _ in range(rl.num_iterations):
+            # the gradient of (1 - mu) L_grpo + mu L_sft, accumulated from the micro-batches of each term
+            # (train.micro_batch_size), each divided by its own whole token count
+            loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx, scale=1 - mu)
+            loss_sft = None if batch is None else sft_backward(
+                ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu,
+                loss_fn=phi_sft_loss if cfg.phi else sft_loss)
+            updates.append((loss_rl, stats, loss_sft,
+                            take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)))
         self.updates += 1
-        metrics.update({**rollout_metrics(scored, stats, rl.num_generations), "train/grad_norm": grad_norm,
-                        "train/lr": self.scheduler.get_last_lr()[0]})
-        return StepOutput(metrics=metrics, train_tokens=train_tokens, gen_tokens=scored.gen_tokens,
+
+        def mean(values):  # several updates per step: the step logs their means
+            return sum(values) / len(values)
+
+        stats = GRPOStats(clip_fraction=mean([s.clip_fraction for _, s, _, _ in updates]),
+                          kl=mean([s.kl for _, s, _, _ in updates]))
+        metrics = {"train/rl_loss": mean([u[0] for u in updates]), "chord/mu": mu,
+                   **rollout_metrics(scored, stats, rl.num_generations),
+                   "train/grad_norm": mean([u[3] for u in updates]), "train/lr": self.scheduler.get_last_lr()[0]}
+        train_tokens = scored.gen_tokens
+        if batch is not None:
+            metrics["train/sft_loss"] = mean([u[2] for u in updates])
+            train_tokens += batch.n_tokens
+        return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * train_tokens, gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))

@@ -151,6 +151,23 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
     return float(total), GRPOStats(clip_fraction=clip_fraction, kl=kl)
 
 
+def iterate_updates(n: int, one_update) -> tuple[dict, GRPOStats]:
+    """Runs `one_update()` `n` times (rl.num_iterations updates on one batch of rollouts); each returns (RL loss,
+    its GRPOStats, SFT loss or None, gradient norm). Returns the step's metrics, the means over its updates (TRL
+    averages its logged values likewise): train/rl_loss, train/grad_norm and train/sft_loss where there is one; and
+    the mean statistics, for rollout_metrics."""
+    updates = [one_update() for _ in range(n)]
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    metrics = {"train/rl_loss": mean([u[0] for u in updates]), "train/grad_norm": mean([u[3] for u in updates])}
+    if updates[0][2] is not None:
+        metrics["train/sft_loss"] = mean([u[2] for u in updates])
+    stats = GRPOStats(clip_fraction=mean([u[1].clip_fraction for u in updates]), kl=mean([u[1].kl for u in updates]))
+    return metrics, stats
+
+
 def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -> dict:
     rewards = scored.rewards
     return {

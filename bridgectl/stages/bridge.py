@@ -16,9 +16,9 @@ step, Algorithm 2 of the paper:
 Cost: one generation and three forward+backward passes (SFT and RL on (theta, w), RL on (theta_hat, w)), run one
 after another, each in micro-batches of `train.micro_batch_size` rows, so that only one micro-batch's activations
 are alive at a time. The joint gradient is accumulated from the RL and SFT passes for theta and w together (its w
-part is exactly the first two terms of Eq. 11), and L_rl_hat is differentiated once for theta_hat and w. theta's step depends on the joint gradient alone, so it is
-taken before the shadow branch runs and its gradient freed (with lower=full, one weight-sized gradient less at the
-peak); the updates are those of the block above.
+part is exactly the first two terms of Eq. 11), and L_rl_hat is differentiated once for theta_hat and w. theta's
+step depends on the joint gradient alone, so it is taken before the shadow branch runs and its gradient freed (with
+lower=full, one weight-sized gradient less at the peak); the updates are those of the block above.
 
 At lam = 1 the SFT terms vanish and w is frozen: theta and theta_hat start equal and take the same RL updates on the
 same rollouts, so L_rl = L_rl_hat at every step, the cooperative gain is 0 and w's gradient lam (grad_w L_rl -
@@ -45,8 +45,8 @@ Choices the paper leaves open, with the value chosen here (all configurable):
     theta_hat = theta - alpha grad L_rl(theta, w), recomputed each step, is `bridge.shadow=lookahead` (ablation).
 Deviations from the paper, each off by default where possible and reachable by config:
   - the paper uses one learning rate (5e-7) everywhere; at the tiny scale SFT wants ~1e-3 and RL diverges above
-    ~1e-4 (measured on the tiny model: the README's "The built-in task and model"), so alpha and beta are separate and `bridge.sft_scale` (default
-    1 = paper) multiplies the SFT term of both levels;
+    ~1e-4 (measured on the tiny model: the README's "The built-in task and model"), so alpha and beta are separate
+    and `bridge.sft_scale` (default 1 = paper) multiplies the SFT term of both levels;
   - w's rank `bridge.w_rank` is 8 by default where the paper states 16 (with alpha 16; its LoRA ablation table's
     first row reads 32/16): set bridge.w_rank=16 for the paper's;
   - gradient-norm clipping is on by default (`optim.max_grad_norm`=1.0; the paper does not state any) and applies to

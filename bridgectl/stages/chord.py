@@ -45,8 +45,8 @@ from __future__ import annotations
 import math
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
-from bridgectl.core.losses import GRPOStats, phi_sft_loss, sft_backward, sft_loss
+from bridgectl.core.grpo import completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.losses import phi_sft_loss, sft_backward, sft_loss
 from bridgectl.core.optim import make_optimizer, take_step
 
 
@@ -78,29 +78,21 @@ class ChordStage:
         mu = mu_at(cfg, self.updates)
         scored = sample_groups(ctx)
         batch = next_sft_batch(ctx) if mu > 0 else None
-        updates = []  # (rl loss, its statistics, sft loss, gradient norm) of each of the step's rl.num_iterations
-        for _ in range(rl.num_iterations):
+
+        def one_update():
             # the gradient of (1 - mu) L_grpo + mu L_sft, accumulated from the micro-batches of each term
             # (train.micro_batch_size), each divided by its own whole token count
             loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx, scale=1 - mu)
             loss_sft = None if batch is None else sft_backward(
                 ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu,
                 loss_fn=phi_sft_loss if cfg.phi else sft_loss)
-            updates.append((loss_rl, stats, loss_sft,
-                            take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)))
+            return loss_rl, stats, loss_sft, take_step(self.params, self.optimizer, self.scheduler,
+                                                       ctx.cfg.optim.max_grad_norm)
+
+        metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
-
-        def mean(values):  # several updates per step: the step logs their means
-            return sum(values) / len(values)
-
-        stats = GRPOStats(clip_fraction=mean([s.clip_fraction for _, s, _, _ in updates]),
-                          kl=mean([s.kl for _, s, _, _ in updates]))
-        metrics = {"train/rl_loss": mean([u[0] for u in updates]), "chord/mu": mu,
-                   **rollout_metrics(scored, stats, rl.num_generations),
-                   "train/grad_norm": mean([u[3] for u in updates]), "train/lr": self.scheduler.get_last_lr()[0]}
-        train_tokens = scored.gen_tokens
-        if batch is not None:
-            metrics["train/sft_loss"] = mean([u[2] for u in updates])
-            train_tokens += batch.n_tokens
+        metrics.update({"chord/mu": mu, **rollout_metrics(scored, stats, rl.num_generations),
+                        "train/lr": self.scheduler.get_last_lr()[0]})
+        train_tokens = scored.gen_tokens + (batch.n_tokens if batch is not None else 0)
         return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * train_tokens, gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))

@@ -10,8 +10,8 @@ policy's).
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
-from bridgectl.core.losses import GRPOStats, sft_backward
+from bridgectl.core.grpo import completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.losses import sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 
 
@@ -37,23 +37,18 @@ class MixStage:
         mu = mu_at(ctx.cfg.mix, self.updates, self.total_updates)
         scored = sample_groups(ctx)
         batch = next_sft_batch(ctx)
-        updates = []  # (rl loss, its statistics, sft loss, gradient norm) of each of the step's updates
-        for _ in range(rl.num_iterations):
+
+        def one_update():
             # the gradient of L_rl + mu L_sft, accumulated from the micro-batches of each (train.micro_batch_size)
             loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx)
             loss_sft = sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu)
-            updates.append((loss_rl, stats, loss_sft,
-                            take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)))
+            return loss_rl, stats, loss_sft, take_step(self.params, self.optimizer, self.scheduler,
+                                                       ctx.cfg.optim.max_grad_norm)
+
+        metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
-
-        def mean(values):  # several updates per step: the step logs their means
-            return sum(values) / len(values)
-
-        stats = GRPOStats(clip_fraction=mean([s.clip_fraction for _, s, _, _ in updates]),
-                          kl=mean([s.kl for _, s, _, _ in updates]))
-        metrics = {"train/rl_loss": mean([u[0] for u in updates]), "train/sft_loss": mean([u[2] for u in updates]),
-                   "mix/mu": mu, **rollout_metrics(scored, stats, rl.num_generations),
-                   "train/grad_norm": mean([u[3] for u in updates]), "train/lr": self.scheduler.get_last_lr()[0]}
+        metrics.update({"mix/mu": mu, **rollout_metrics(scored, stats, rl.num_generations),
+                        "train/lr": self.scheduler.get_last_lr()[0]})
         return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * (scored.gen_tokens + batch.n_tokens),
                           gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))

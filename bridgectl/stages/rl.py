@@ -22,8 +22,7 @@ old_per_token_logps (computed once per batch); the learning-rate schedule counts
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext
-from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
-from bridgectl.core.losses import GRPOStats
+from bridgectl.core.grpo import completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups
 from bridgectl.core.optim import make_optimizer, take_step
 
 
@@ -41,22 +40,16 @@ class RLStage:
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl
         scored = sample_groups(ctx)
-        losses, clip_fractions, kls, grad_norms = [], [], [], []
-        for _ in range(rl.num_iterations):
-            loss, stats = rl_backward(ctx.policy.model, scored, ctx)  # micro-batched (train.micro_batch_size)
-            grad_norms.append(take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm))
-            losses.append(loss)
-            clip_fractions.append(stats.clip_fraction)
-            kls.append(stats.kl)
-        self.updates += 1
 
-        # with several updates per batch, the step logs their means (TRL averages its logged values likewise)
-        stats = GRPOStats(clip_fraction=_mean(clip_fractions), kl=_mean(kls))
-        metrics = {"train/rl_loss": _mean(losses), **rollout_metrics(scored, stats, rl.num_generations),
-                   "train/grad_norm": _mean(grad_norms), "train/lr": self.scheduler.get_last_lr()[0]}
+        def one_update():
+            loss, stats = rl_backward(ctx.policy.model, scored, ctx)  # micro-batched (train.micro_batch_size)
+            return loss, stats, None, take_step(self.params, self.optimizer, self.scheduler,
+                                                ctx.cfg.optim.max_grad_norm)
+
+        metrics, stats = iterate_updates(rl.num_iterations, one_update)
+        self.updates += 1
+        metrics.update({**rollout_metrics(scored, stats, rl.num_generations),
+                        "train/lr": self.scheduler.get_last_lr()[0]})
         return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * scored.gen_tokens,
                           gen_tokens=scored.gen_tokens, completions=completion_rows(scored, ctx, self.updates))
 
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)

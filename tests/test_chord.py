@@ -26,6 +26,8 @@ from bridgectl.errors import UserError
 from bridgectl.stages.chord import ChordStage, mu_at
 from bridgectl.stages.rl import RLStage
 
+from gradient_checks import full_completion_logprobs
+
 # 8 groups of 4, so that some group of a step has mixed rewards (an RL gradient); micro-batches of 3 rows
 SMALL = ["rl.prompts_per_step=8", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=4",
          "train.threads=1", "optim.max_grad_norm=0", "train.micro_batch_size=3"]
@@ -55,16 +57,6 @@ def test_default_schedule_is_the_reference_one_scaled_to_the_recipe():
 
 
 # ---- independent losses ------------------------------------------------------------------------------------------
-def full_completion_logprobs(model, rollouts, temperature):
-    """log pi(completion tokens) from a float32 log-softmax over the whole vocabulary at every position."""
-    ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
-    mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
-    start = rollouts.prompt_ids.size(1)
-    logprobs = torch.log_softmax(logits[:, start - 1:-1] / temperature, dim=-1)
-    return logprobs.gather(2, rollouts.completion_ids.unsqueeze(2)).squeeze(2)
-
-
 def grpo_by_hand(model, scored, rl):
     rollouts = scored.rollouts
     logprobs = full_completion_logprobs(model, rollouts, rl.temperature)

@@ -19,7 +19,7 @@ from bridgectl.core.losses import group_advantages, grpo_loss
 from bridgectl.core.rollout import Rollouts, generate, positions, truncate, truncated_rows
 from bridgectl.errors import UserError
 from bridgectl.stages import build_stage
-from gradient_checks import assert_same_gradients
+from gradient_checks import assert_same_gradients, full_completion_logprobs
 
 
 # ---- loss_type and epsilon_high on a hand-made batch -------------------------------------------------------------
@@ -262,13 +262,8 @@ def capture_steps(overrides: list[str], monkeypatch, steps: int = 1):
 
 
 def direct_logprobs(model, rollouts: Rollouts, temperature: float) -> torch.Tensor:
-    """Completion log-probs [N, C] with grad, from a plain float32 log-softmax over the whole vocabulary."""
-    ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
-    mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
-    width = rollouts.completion_ids.size(1)
-    logprobs = torch.log_softmax(logits[:, -width - 1:-1].float() / temperature, dim=-1)
-    return logprobs.gather(2, rollouts.completion_ids.unsqueeze(2)).squeeze(2) * rollouts.completion_mask
+    """Completion log-probs [N, C] with grad, from a plain float32 log-softmax over the whole vocabulary, 0 after EOS."""
+    return full_completion_logprobs(model, rollouts, temperature) * rollouts.completion_mask
 
 
 def hand_loss(logprobs, old, advantages, mask, epsilon, epsilon_high, loss_type, max_length):

@@ -25,6 +25,8 @@ from bridgectl.errors import UserError
 from bridgectl.stages.hpt import HPTStage, switched_groups
 from bridgectl.stages.rl import RLStage
 
+from gradient_checks import full_completion_logprobs
+
 SMALL = ["rl.prompts_per_step=8", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
          "optim.max_grad_norm=0", "train.micro_batch_size=3"]
 # correct rollouts per group: 0, 1, 3, 0, 1, 4, 0, 2
@@ -54,16 +56,6 @@ def test_needs_rl_problems_with_demonstrations(monkeypatch):
 
 
 # ---- independent losses ------------------------------------------------------------------------------------------
-def full_completion_logprobs(model, rollouts, temperature):
-    """log pi(completion tokens) from a float32 log-softmax over the whole vocabulary at every position."""
-    ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
-    mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
-    start = rollouts.prompt_ids.size(1)
-    logprobs = torch.log_softmax(logits[:, start - 1:-1] / temperature, dim=-1)
-    return logprobs.gather(2, rollouts.completion_ids.unsqueeze(2)).squeeze(2)
-
-
 def grpo_by_hand(model, scored, rl, rows):
     """The GRPO loss of `rows` only, divided by their own completion tokens."""
     rollouts = scored.rollouts

@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 
-import bridgectl.core.optim as optim_module
 import bridgectl.stages.luffy as luffy_module
 from bridgectl.config import compose
 from bridgectl.core.context import build_context
@@ -19,6 +18,8 @@ from bridgectl.core.rollout import positions
 from bridgectl.errors import UserError
 from bridgectl.stages import build_stage
 from bridgectl.stages.luffy import mixed_advantages, shaping
+
+from gradient_checks import record_returns, record_updates
 
 SMALL = ["rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
          "optim.max_grad_norm=0"]
@@ -83,26 +84,15 @@ def test_off_policy_must_leave_an_on_policy_rollout():
 def capture_step(overrides: list[str], kind: str, monkeypatch):
     """One step of a fresh `kind` stage: the gradients it clips (cloned before the optimizer uses them), the model
     as it was before the step, the sampled mixed groups (luffy only) and the config."""
-    captured, recorded = [], {}
-
-    def clip(params, *args, **kwargs):
-        captured.append([p.grad.detach().clone() if p.grad is not None else None for p in params])
-        return real_clip(params, *args, **kwargs)
-
-    def sample(*args, **kwargs):
-        recorded["mixed"] = real_sample(*args, **kwargs)
-        return recorded["mixed"]
-
-    real_clip, real_sample = optim_module.clip_gradients, luffy_module.sample_mixed_groups
-    monkeypatch.setattr(optim_module, "clip_gradients", clip)
-    monkeypatch.setattr(luffy_module, "sample_mixed_groups", sample)
+    updates = record_updates(monkeypatch)
+    mixed = record_returns(monkeypatch, luffy_module, "sample_mixed_groups")
     cfg = compose([f"recipe={kind}", *SMALL, *overrides])
     ctx = build_context(cfg, show_progress=False)
     before = copy.deepcopy(ctx.policy.model)
     build_stage(kind, ctx, 3).step()
     monkeypatch.undo()
-    assert len(captured) == 1
-    return captured[0], before, recorded.get("mixed"), cfg
+    assert len(updates) == 1
+    return updates[0][1], before, mixed[-1] if mixed else None, cfg
 
 
 def full_logprobs(model, input_ids, mask, first_scored, temperature):

@@ -17,7 +17,6 @@ import itertools
 import pytest
 import torch
 
-import bridgectl.core.optim as optim_module
 import bridgectl.stages.relift as relift_module
 from bridgectl.config import compose
 from bridgectl.core.checkpoint import read_checkpoint, restore, save_checkpoint
@@ -27,7 +26,7 @@ from bridgectl.core.losses import sft_loss
 from bridgectl.errors import UserError
 from bridgectl.stages.relift import ReliftStage
 from bridgectl.stages.rl import RLStage
-from gradient_checks import assert_same_gradients
+from gradient_checks import assert_same_gradients, record_returns, record_updates
 
 G = 4  # rollouts per prompt
 SMALL = ["recipe=relift", "rl.prompts_per_step=4", f"rl.num_generations={G}", "rl.max_completion_length=16",
@@ -46,20 +45,8 @@ class Spy:
     makes (core/optim.clip_gradients: the weights before the update and the gradients it is made of)."""
 
     def __init__(self, monkeypatch) -> None:
-        self.sampled, self.updates = [], []
-        real_sample, real_clip = relift_module.sample_and_score, optim_module.clip_gradients
-
-        def sample(*args, **kwargs):
-            self.sampled.append(real_sample(*args, **kwargs))
-            return self.sampled[-1]
-
-        def clip(params, *args, **kwargs):
-            self.updates.append(([p.detach().clone() for p in params],
-                                 [None if p.grad is None else p.grad.detach().clone() for p in params]))
-            return real_clip(params, *args, **kwargs)
-
-        monkeypatch.setattr(relift_module, "sample_and_score", sample)
-        monkeypatch.setattr(optim_module, "clip_gradients", clip)
+        self.sampled = record_returns(monkeypatch, relift_module, "sample_and_score")
+        self.updates = record_updates(monkeypatch)
 
 
 def make(overrides, monkeypatch, rewards=patterned, total_updates=3):

@@ -12,7 +12,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bridgectl.core.logprobs as logprobs_module
-import bridgectl.core.optim as optim_module
 import bridgectl.stages.srft as srft_module
 from bridgectl.config import compose
 from bridgectl.core.context import build_context
@@ -20,7 +19,7 @@ from bridgectl.core.logprobs import token_entropies
 from bridgectl.core.rollout import positions
 from bridgectl.stages import build_stage
 from bridgectl.stages.srft import mean_entropy, rollout_coefficients, sft_weights
-from gradient_checks import ScaledLogits
+from gradient_checks import ScaledLogits, record_returns, record_updates
 
 SMALL = ["rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
          "optim.max_grad_norm=0"]
@@ -89,26 +88,15 @@ def by_hand(members: list[float]) -> list[float]:
 
 @pytest.mark.parametrize("micro", [0, 3])
 def test_one_step_gradient_equals_the_srft_loss_gradient(micro, monkeypatch):
-    captured, recorded = [], {}
-
-    def clip(params, *args, **kwargs):
-        captured.append([p.grad.detach().clone() if p.grad is not None else None for p in params])
-        return real_clip(params, *args, **kwargs)
-
-    def sample(*args, **kwargs):
-        recorded["mixed"] = real_sample(*args, **kwargs)
-        return recorded["mixed"]
-
-    real_clip, real_sample = optim_module.clip_gradients, srft_module.sample_mixed_groups
-    monkeypatch.setattr(optim_module, "clip_gradients", clip)
-    monkeypatch.setattr(srft_module, "sample_mixed_groups", sample)
+    updates = record_updates(monkeypatch)
+    sampled = record_returns(monkeypatch, srft_module, "sample_mixed_groups")
     cfg = compose(["recipe=srft", *SMALL, f"train.micro_batch_size={micro}", "srft.sft_coef=0.7",
                    "srft.rl_coef=0.2"])
     ctx = build_context(cfg, show_progress=False)
     model = copy.deepcopy(ctx.policy.model)
     output = build_stage("srft", ctx, 3).step()
     monkeypatch.undo()
-    mixed, temperature, G = recorded["mixed"], cfg.rl.temperature, 4
+    mixed, temperature, G = sampled[-1], cfg.rl.temperature, 4
     rollouts, demos = mixed.scored.rollouts, mixed.demos
     assert rollouts.completion_ids.size(0) == 4 * (G - 1) and demos.input_ids.size(0) == 4
 
@@ -139,8 +127,8 @@ def test_one_step_gradient_equals_the_srft_loss_gradient(micro, monkeypatch):
     params = [q for q in model.parameters() if q.requires_grad]
     expected = torch.autograd.grad(sft + rl_demo + rl_self, params)
 
-    assert len(captured) == 1 and len(captured[0]) == len(expected)
-    for got, want in zip(captured[0], expected):
+    assert len(updates) == 1 and len(updates[0][1]) == len(expected)
+    for got, want in zip(updates[0][1], expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     m = output.metrics
     assert m["train/sft_loss"] == pytest.approx(sft.item(), rel=1e-4)

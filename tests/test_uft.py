@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import bridgectl.core.optim as optim_module
 import bridgectl.stages.uft as uft_module
 from bridgectl.config import compose
 from bridgectl.core.context import build_context
@@ -27,7 +26,7 @@ from bridgectl.core.losses import SFTBatch, group_advantages, sft_loss
 from bridgectl.errors import UserError
 from bridgectl.stages.rl import RLStage
 from bridgectl.stages.uft import UFTStage, hint_length, hint_probability
-from gradient_checks import assert_same_gradients
+from gradient_checks import assert_same_gradients, record_returns, record_updates
 
 G = 4  # rollouts per prompt
 SMALL = ["recipe=uft", "rl.prompts_per_step=4", f"rl.num_generations={G}", "rl.max_completion_length=16",
@@ -39,26 +38,9 @@ class Spy:
     every update (core/optim.clip_gradients: the weights before it and the gradients it is made of)."""
 
     def __init__(self, monkeypatch) -> None:
-        self.sampled, self.lengths, self.updates = [], [], []
-        real_sample, real_length, real_clip = uft_module.sample_and_score, uft_module.hint_length, \
-            optim_module.clip_gradients
-
-        def sample(*args, **kwargs):
-            self.sampled.append(real_sample(*args, **kwargs))
-            return self.sampled[-1]
-
-        def length(*args, **kwargs):
-            self.lengths.append(real_length(*args, **kwargs))
-            return self.lengths[-1]
-
-        def clip(params, *args, **kwargs):
-            self.updates.append(([p.detach().clone() for p in params],
-                                 [None if p.grad is None else p.grad.detach().clone() for p in params]))
-            return real_clip(params, *args, **kwargs)
-
-        monkeypatch.setattr(uft_module, "sample_and_score", sample)
-        monkeypatch.setattr(uft_module, "hint_length", length)
-        monkeypatch.setattr(optim_module, "clip_gradients", clip)
+        self.sampled = record_returns(monkeypatch, uft_module, "sample_and_score")
+        self.lengths = record_returns(monkeypatch, uft_module, "hint_length")
+        self.updates = record_updates(monkeypatch)
 
 
 def make(overrides, monkeypatch, total_updates=3):

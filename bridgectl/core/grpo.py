@@ -128,23 +128,26 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
 
 
 def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0,
-                n_tokens: torch.Tensor | None = None) -> tuple[float, GRPOStats]:
+                n_tokens: torch.Tensor | None = None, rows: list[int] | None = None) -> tuple[float, GRPOStats]:
     """Accumulates the gradient of `scale * rl_loss(model, scored, ctx)` into the parameters' `.grad`, in
     micro-batches of `train.micro_batch_size` rows, each normalised by the whole step's token and completion counts
     (rl.loss_type), so the sum equals the one-pass gradient to float rounding; returns the loss and its statistics.
     `n_tokens`: the token count when the step's token mean also covers other tokens (luffy's demonstrations);
-    default the rollouts' own (of loss_mask)."""
+    default the rollouts' own (of loss_mask). `rows`: only these rollouts, normalised by their own counts (hpt's
+    kept prompts; every process calls this, also with no rows, as the counts are summed over processes)."""
     rollouts = scored.rollouts
+    device = rollouts.completion_ids.device
+    rows = list(range(rollouts.completion_ids.size(0))) if rows is None else rows
+    index = torch.tensor(rows, dtype=torch.long, device=device)
     if n_tokens is None:
-        n_tokens = distributed.mean_denominator(loss_mask(rollouts, ctx).sum())
+        n_tokens = distributed.mean_denominator(loss_mask(rollouts, ctx)[index].sum())
     n_sequences = None
     if ctx.cfg.rl.loss_type != "dapo":
-        n_sequences = distributed.mean_denominator(torch.tensor(float(rollouts.completion_ids.size(0)),
-                                                                device=rollouts.completion_ids.device))
-    lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1)).tolist()
-    total, clip_fraction, kl = torch.zeros((), device=rollouts.completion_ids.device), 0.0, 0.0
-    for rows in micro_batches(lengths, ctx.cfg.train.micro_batch_size):
-        loss, stats = rl_loss(model, scored, ctx, rows, n_tokens, n_sequences)
+        n_sequences = distributed.mean_denominator(torch.tensor(float(len(rows)), device=device))
+    lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1))[index].tolist()
+    total, clip_fraction, kl = torch.zeros((), device=device), 0.0, 0.0
+    for part in (micro_batches(lengths, ctx.cfg.train.micro_batch_size) if rows else []):
+        loss, stats = rl_loss(model, scored, ctx, [rows[i] for i in part], n_tokens, n_sequences)
         backward(scale * loss)
         total += loss.detach()
         clip_fraction, kl = clip_fraction + stats.clip_fraction, kl + stats.kl

@@ -37,9 +37,8 @@ import torch
 
 from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch, require_paired_demonstrations
-from bridgectl.core.grpo import ScoredRollouts, completion_rows, loss_mask, rl_loss, rollout_metrics, sample_groups
-from bridgectl.core.logprobs import micro_batches
-from bridgectl.core.losses import GRPOStats, backward, sft_backward
+from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.losses import sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 
 
@@ -47,27 +46,6 @@ def switched_groups(correct: torch.Tensor, group_size: int, gate: int) -> list[b
     """Per prompt group (consecutive rows of `group_size`): whether at most `gate` of its rollouts are correct
     (`correct`: rewards, right when > 0, or booleans)."""
     return ((correct.view(-1, group_size) > 0).sum(dim=1) <= gate).tolist()
-
-
-def rl_backward_rows(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int]) -> tuple[float, GRPOStats]:
-    """core/grpo.rl_backward over the rollouts of `rows` only: their GRPO loss normalised by their own token count
-    (of core/grpo.loss_mask: rl.mask_truncated_completions applies) or completion count (rl.loss_type), in
-    micro-batches of `train.micro_batch_size`; with every row, the same passes as rl_backward. Every process calls
-    mean_denominator as often, also with no rows (data parallelism: each process switches its own prompts)."""
-    rollouts = scored.rollouts
-    index = torch.tensor(rows, dtype=torch.long, device=rollouts.completion_mask.device)
-    n_tokens = distributed.mean_denominator(loss_mask(rollouts, ctx)[index].sum())
-    n_sequences = None
-    if ctx.cfg.rl.loss_type != "dapo":
-        n_sequences = distributed.mean_denominator(torch.tensor(float(len(rows)), device=index.device))
-    lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1))[index].tolist()
-    total, clip_fraction, kl = torch.zeros((), device=index.device), 0.0, 0.0
-    for part in (micro_batches(lengths, ctx.cfg.train.micro_batch_size) if rows else []):
-        loss, stats = rl_loss(model, scored, ctx, [rows[i] for i in part], n_tokens, n_sequences)
-        backward(loss)
-        total += loss.detach()
-        clip_fraction, kl = clip_fraction + stats.clip_fraction, kl + stats.kl
-    return float(total), GRPOStats(clip_fraction=clip_fraction, kl=kl)
 
 
 class HPTStage:
@@ -90,7 +68,7 @@ class HPTStage:
         demonstrated = [scored.problems[group * group_size] for group, to_sft in enumerate(switched) if to_sft]
 
         # the gradient of L_grpo(kept prompts) + sft_coef * L_sft(demonstrations), accumulated in micro-batches
-        loss_rl, stats = rl_backward_rows(model, scored, ctx, rl_rows)
+        loss_rl, stats = rl_backward(model, scored, ctx, rows=rl_rows)
         metrics = {"train/rl_loss": loss_rl, "hpt/sft_prompts": len(demonstrated),
                    "hpt/rl_prompts": len(switched) - len(demonstrated)}
         train_tokens = int(scored.rollouts.lengths[torch.tensor(rl_rows, dtype=torch.long, device=ctx.device)].sum())

@@ -76,7 +76,7 @@ def evaluate(cfg: DictConfig, decode: Decode, task, device: torch.device, show_p
     """{split: {n, greedy_pass@1, mean_length, and with eval.k: pass@j, maj@j, mean@n, k, samples, temperature;
     per_problem: which problems were answered right (core/evaluate.problem_records)}} for every evaluation split.
     The samples are drawn from a generator seeded by `seed`, so the same command gives the same numbers."""
-    from bridgectl.core.evaluate import evaluate_split, problem_records, sample_split
+    from bridgectl.core.evaluate import evaluate_problems, problem_records
     from bridgectl.core.ui import progress_bar
 
     results = {}
@@ -85,16 +85,12 @@ def evaluate(cfg: DictConfig, decode: Decode, task, device: torch.device, show_p
         bar = progress.add_task("evaluating", total=len(splits), info="")
         for split in splits:
             problems = task.eval_problems(split, cfg.eval.n)
-            greedy = evaluate_split(decode, problems, task.rewards, cfg.eval.max_new_tokens, cfg.eval.batch_size)
+            greedy = evaluate_problems(decode, problems, task, cfg.eval, device, sample_seed=cfg.seed)
             row = {"n": greedy.n, "greedy_pass@1": greedy.accuracy, "mean_length": greedy.mean_length}
             if cfg.task.reward_funcs:  # the training reward's parts on the greedy answers
                 total, means, _ = task.step_reward(problems, greedy.completions)
                 row.update({"reward_mean": sum(total) / len(total), **{f"rewards/{k}": v for k, v in means.items()}})
-            if cfg.eval.k > 0:
-                greedy.sampled = sample_split(decode, problems, task.rewards, task.answer_of, cfg.eval.k,
-                                              cfg.eval.samples or cfg.eval.k, cfg.eval.temperature,
-                                              cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                              torch.Generator(device=device).manual_seed(cfg.seed))
+            if greedy.sampled is not None:
                 row.update(greedy.sampled.metrics())
                 row.update(k=cfg.eval.k, samples=greedy.sampled.n_samples, temperature=cfg.eval.temperature)
             row["per_problem"] = {key: value for key, value in problem_records({split: greedy})[0].items()

@@ -159,17 +159,22 @@ def evaluate_all(ctx, eval_problems: dict, step: int = 0) -> dict:
     """{split: SplitResult} for every eval split of the task; with eval.k > 0 each also carries its sampled
     evaluation, drawn from a generator seeded by the run's seed and `step` (so a resumed run samples as an
     uninterrupted one, and training's own random streams are untouched)."""
-    cfg = ctx.cfg.eval
-    results = {}
     with decoding(ctx) as decode:
-        for split, problems in eval_problems.items():
-            results[split] = evaluate_split(decode, problems, ctx.task.rewards, cfg.max_new_tokens, cfg.batch_size)
-            if cfg.k > 0:
-                generator = torch.Generator(device=ctx.device).manual_seed(ctx.cfg.seed * 1_000_003 + step)
-                results[split].sampled = sample_split(
-                    decode, problems, ctx.task.rewards, ctx.task.answer_of, cfg.k, cfg.samples or cfg.k,
-                    cfg.temperature, cfg.max_new_tokens, cfg.batch_size, generator)
-    return results
+        return {split: evaluate_problems(decode, problems, ctx.task, ctx.cfg.eval, ctx.device,
+                                         sample_seed=ctx.cfg.seed * 1_000_003 + step)
+                for split, problems in eval_problems.items()}
+
+
+def evaluate_problems(decode: Decode, problems, task, eval_cfg, device: torch.device, sample_seed: int) -> SplitResult:
+    """Greedy evaluation of `problems` and, with eval.k > 0, the sampled one (eval.samples answers per problem at
+    eval.temperature, drawn from a generator seeded with `sample_seed`): what training evaluations and
+    `bridgectl eval` both compute for a split."""
+    result = evaluate_split(decode, problems, task.rewards, eval_cfg.max_new_tokens, eval_cfg.batch_size)
+    if eval_cfg.k > 0:
+        result.sampled = sample_split(decode, problems, task.rewards, task.answer_of, eval_cfg.k,
+                                      eval_cfg.samples or eval_cfg.k, eval_cfg.temperature, eval_cfg.max_new_tokens,
+                                      eval_cfg.batch_size, torch.Generator(device=device).manual_seed(sample_seed))
+    return result
 
 
 @contextlib.contextmanager

@@ -201,6 +201,9 @@ class RLConfig:
     """Completions sampled per prompt (the GRPO group size; TRL's name). At least 2."""
     beta: float = 0.0
     """KL coefficient to the frozen reference (TRL's default is 0.0: no reference model is kept)."""
+    use_bias_correction_kl: bool = True
+    """With rl.beta > 0: weight each token's k3 KL by the importance ratio pi/pi_old, as TRL 1.16's GRPO does by
+    default (its `use_bias_correction_kl`); false: the plain k3 term."""
     epsilon: float = 0.2
     """PPO clip range of the importance ratio: clip(r, 1 - epsilon, 1 + epsilon_high)."""
     epsilon_high: Optional[float] = None

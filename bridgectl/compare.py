@@ -6,8 +6,10 @@ mean, std (n-1), and a 95% Student-t interval of the mean; with `--baseline VALU
 mean from that group's with Welch's 95% interval and p-value, the seeds per group that would separate it at the
 observed spread, where runs share their evaluation problems a paired two-level bootstrap over seeds and problems
 (bridgectl/stats.py has the methods and why), and the time-to-target (wall-clock at which a run first reaches
-the baseline's final mean on `--metric`, linearly interpolated between logged evals). Runs of different tasks or
-models are never averaged together; failed or interrupted runs are left out and counted.
+the baseline's final mean on `--metric`, linearly interpolated between logged evals). `--baseline base` compares
+with the model the runs started from: a group `base` made of each run's step-0 evaluation (base_runs), so every
+recipe is measured against the base model on the same problems. Runs of different tasks or models are never averaged
+together; failed or interrupted runs are left out and counted.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class Run:
     summary: dict
     metrics: list[dict]
     problems: dict[str, dict] = field(default_factory=dict)  # split -> final eval_problems.jsonl row
+    initial_problems: dict[str, dict] = field(default_factory=dict)  # split -> step-0 eval_problems.jsonl row
 
     def value(self, key: str):
         """A grouping key: `recipe` (the summary's), or any dotted config key such as `bridge.lam`."""
@@ -102,12 +105,14 @@ def load_runs(paths: list[str]) -> Loaded:
                 metrics.append(row)
             except ValueError:
                 loaded.malformed_lines += 1
-        loaded.runs.append(Run(path, config, summary, metrics, final_problem_records(path, summary.get("steps"))))
+        loaded.runs.append(Run(path, config, summary, metrics, final_problem_records(path, summary.get("steps")),
+                               final_problem_records(path, 0)))
     return loaded
 
 
 def final_problem_records(path: Path, final_step: int | None) -> dict[str, dict]:
-    """{split: row} of the run's final evaluation in eval_problems.jsonl (runs made before it existed: {})."""
+    """{split: row} of the run's evaluation at `final_step` in eval_problems.jsonl (None: the last logged; runs
+    made before it existed: {})."""
     records: dict[str, dict] = {}
     source = path / "eval_problems.jsonl"
     for line in source.read_text().splitlines() if source.exists() else []:
@@ -118,6 +123,23 @@ def final_problem_records(path: Path, final_step: int | None) -> dict[str, dict]
         if isinstance(row, dict) and "split" in row and (final_step is None or row.get("step") == final_step):
             records[row["split"]] = row
     return records
+
+
+BASE_GROUP = "base"
+"""`--baseline base`: the group of the runs' starting model, read from their step-0 evaluations."""
+
+
+def base_runs(runs: list[Run]) -> list[Run]:
+    """The base model as a group: one pseudo-run per seed, whose final evaluation is a run's step-0 evaluation
+    (summary.json's eval_initial, eval_problems.jsonl at step 0), so the base model counts once per seed however
+    many recipes ran it. Its greedy accuracy is the same at every seed when the evaluation problems are; the paired
+    bootstrap against it then resamples the problems, which is where the base's uncertainty lies."""
+    by_seed: dict = {}
+    for run in runs:
+        initial = run.summary.get("eval_initial")
+        if isinstance(initial, dict) and initial and run.value("seed") not in by_seed:
+            by_seed[run.value("seed")] = Run(run.path, run.config, {"eval": initial}, [], run.initial_problems)
+    return list(by_seed.values())
 
 
 # ---- views of a run -------------------------------------------------------------------------------------------
@@ -166,18 +188,23 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
         metrics = sorted({f"eval/{split}/{name}" for runs in groups.values() for r in runs
                           for split, values in r.summary.get("eval", {}).items() for name in values
                           if name == "accuracy" or name.split("@")[0] in ("pass", "maj", "mean") and "@" in name})
-        base_runs = next((runs for key, runs in groups.items() if _label(key) == baseline), None)
-        if baseline is not None and base_runs is None:
+        if baseline == BASE_GROUP and not any(_label(key) == BASE_GROUP for key in groups):
+            initial = base_runs([run for runs in groups.values() for run in runs])
+            if initial:
+                groups = {(BASE_GROUP,): initial, **groups}
+        baseline_runs = next((runs for key, runs in groups.items() if _label(key) == baseline), None)
+        if baseline is not None and baseline_runs is None:
             raise UserError(f"no group '{baseline}' to use as --baseline (task {task}, model {model})",
-                            f"groups by {', '.join(by)}: {', '.join(_label(k) for k in groups)}")
-        target = (np.mean([r.final(metric) for r in base_runs if r.final(metric) is not None])
-                  if base_runs else None)
+                            f"groups by {', '.join(by)}: {', '.join(_label(k) for k in groups)}; "
+                            f"or --baseline {BASE_GROUP}: the base model, from the runs' step-0 evaluations")
+        target = (np.mean([r.final(metric) for r in baseline_runs if r.final(metric) is not None])
+                  if baseline_runs else None)
         views = [(name, lambda r, n=name: r.final(n)) for name in metrics]
         if at_seconds is not None:
             views += [(f"{name}@{at_seconds:g}s", lambda r, n=name: value_at(r, n, at_seconds)) for name in metrics]
         for key, runs in groups.items():
             row = {"task": task, "model": model, "group": _label(key), "n": len(runs),
-                   "too_few_seeds": len(runs) < stats.FEW_SEEDS, "is_baseline": runs is base_runs}
+                   "too_few_seeds": len(runs) < stats.FEW_SEEDS, "is_baseline": runs is baseline_runs}
             for name, read in views:
                 values = [read(r) for r in runs if read(r) is not None]
                 if not values:
@@ -188,17 +215,17 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
                 # every eval metric is a share of problems: its mean lies in [0, 1], and so does its interval
                 row[f"{name}/ci_low"], row[f"{name}/ci_high"] = (
                     (max(interval[0], 0.0), min(interval[1], 1.0)) if interval else (None, None))
-                if base_runs is runs:
+                if baseline_runs is runs:
                     row[f"{name}/diff"] = 0.0
-                elif base_runs is not None:
-                    base_values = [read(r) for r in base_runs if read(r) is not None]
+                elif baseline_runs is not None and any(read(r) is not None for r in baseline_runs):
+                    base_values = [read(r) for r in baseline_runs if read(r) is not None]
                     row[f"{name}/diff"] = float(np.mean(values) - np.mean(base_values))
                     test = stats.welch(values, base_values)
                     row[f"{name}/diff_ci_low"], row[f"{name}/diff_ci_high"], row[f"{name}/diff_p"] = (
                         (test["low"], test["high"], test["p"]) if test else (None, None, None))
                     row[f"{name}/seeds_needed"] = stats.seeds_needed(values, base_values)
                     if name.endswith("/accuracy"):  # final greedy accuracy: runs may be paired problem by problem
-                        paired = paired_difference(runs, base_runs, name.split("/")[1])
+                        paired = paired_difference(runs, baseline_runs, name.split("/")[1])
                         if paired is not None:
                             row[f"{name}/paired_ci_low"], row[f"{name}/paired_ci_high"] = paired["low"], paired["high"]
             for cost in ("wall_s", "gen_tokens", "peak_mem_mb"):
@@ -316,6 +343,9 @@ def footnotes(loaded: Loaded, rows: list[dict]) -> list[str]:
         notes.append("Δ paired: 95% percentile interval of a two-level bootstrap over seeds (within each group) and "
                      "evaluation problems (shared by both groups), 10,000 resamples, for runs evaluated on the same "
                      "problems; at few seeds its seed level understates seed noise, so Welch's is the headline.")
+    if any(r["group"] == BASE_GROUP and r["is_baseline"] for r in rows):
+        notes.append(f"{BASE_GROUP}: the model the runs started from, as each run evaluated it before its first "
+                     "update (one value per seed).")
     if any(r["too_few_seeds"] for r in rows):
         notes.append(f"* fewer than {stats.FEW_SEEDS} seeds: intervals are wide and only large differences can be "
                      "shown.")

@@ -47,9 +47,14 @@ def welch(values: list[float], baseline: list[float], level: float = LEVEL) -> d
     diff = float(a.mean() - b.mean()) if len(a) and len(b) else None
     if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
         return None
-    result = stats.ttest_ind(a, b, equal_var=False)
-    interval = result.confidence_interval(level)
-    return {"diff": diff, "low": float(interval.low), "high": float(interval.high), "p": float(result.pvalue)}
+    # by hand rather than scipy's ttest_ind, which warns of precision loss on a group without spread (the base
+    # model's step-0 accuracy, the same at every seed); the same Welch-Satterthwaite interval and p
+    share_a, share_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(share_a + share_b)
+    dof = (share_a + share_b) ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
+    half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
+    p = float(2 * stats.t.sf(abs(diff) / se, dof))
+    return {"diff": diff, "low": diff - half, "high": diff + half, "p": p}
 
 
 def seeds_needed(values: list[float], baseline: list[float], level: float = LEVEL) -> int | None:

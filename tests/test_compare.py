@@ -170,6 +170,47 @@ def test_identical_recipes_paired_interval_covers_zero(tmp_path):
     assert rows["b"]["eval/test/accuracy/paired_ci_low"] < 0 < rows["b"]["eval/test/accuracy/paired_ci_high"]
 
 
+def _run_from_base(root: Path, name: str, recipe: str, seed: int, initial: list[int], final: list[int]) -> None:
+    """A run whose step-0 evaluation (the base model) got `initial` right and whose final evaluation `final`."""
+    _paired_run(root, name, recipe, seed, final)
+    summary = json.loads((root / name / "summary.json").read_text())
+    summary["eval_initial"] = {"test": {"accuracy": sum(initial) / len(initial), "n": len(initial)}}
+    (root / name / "summary.json").write_text(json.dumps(summary))
+    lines = [{"step": 0, "split": "test", "problems": "abc", "rewards": initial},
+             {"step": 100, "split": "test", "problems": "abc", "rewards": final}]
+    (root / name / "eval_problems.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_baseline_base_is_the_step0_model_once_per_seed(tmp_path):
+    """Two recipes trained from one base model that solves the first 60 of 200 problems: `better` adds 40 more at
+    every seed (+0.20), `same` keeps what the base solved and swaps nothing (+0.0 at every seed)."""
+    initial = [1] * 60 + [0] * 140
+    for seed in range(3):
+        gained = [1] * (100 + seed) + [0] * (100 - seed)  # +0.20, +0.205, +0.21
+        _run_from_base(tmp_path, f"better-{seed}", "better", seed, initial, gained)
+        _run_from_base(tmp_path, f"same-{seed}", "same", seed, initial, initial)
+    rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "base"))
+    base = rows["base"]
+    assert base["is_baseline"] and base["n"] == 3  # one per seed, not one per run
+    assert base["eval/test/accuracy/mean"] == pytest.approx(0.30) and base["eval/test/accuracy/std"] == 0.0
+    better = rows["better"]
+    assert better["eval/test/accuracy/diff"] == pytest.approx(0.205)
+    # the base is the same at every seed: Welch's interval is better's own t interval shifted by the base's mean
+    t = stats.t.ppf(0.975, 2) * np.std([0.2, 0.205, 0.21], ddof=1) / np.sqrt(3)
+    assert better["eval/test/accuracy/diff_ci_low"] == pytest.approx(0.205 - t, abs=1e-6)
+    # paired over the shared problems: the 40 gained problems are what the bootstrap resamples
+    assert 0.1 < better["eval/test/accuracy/paired_ci_low"] < 0.205 < better["eval/test/accuracy/paired_ci_high"]
+    assert rows["same"]["eval/test/accuracy/diff"] == 0.0
+    output = CliRunner().invoke(app, ["compare", str(tmp_path), "--baseline", "base"]).output
+    assert "the model the runs started from" in output
+
+
+def test_baseline_base_needs_step0_evaluations(tmp_path):
+    make_run(tmp_path, "rl-0", "rl", 0, 0.5)  # a run without eval_initial: there is no base to compare with
+    result = CliRunner().invoke(app, ["compare", str(tmp_path), "--baseline", "base"])
+    assert result.exit_code == 2 and "no group 'base'" in result.output
+
+
 def test_runs_on_different_problems_are_not_paired(tmp_path):
     for seed in range(3):
         _paired_run(tmp_path, f"a-{seed}", "a", seed, [1, 0, 1, seed % 2], fingerprint="one")

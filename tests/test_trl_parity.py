@@ -1,0 +1,118 @@
+"""bridgectl's GRPO loss against TRL 1.16's on one identical batch: the same model, prompts, completions, masks,
+advantages, sampling-policy and reference log-probs go through TRL's own `GRPOTrainer._compute_loss` and through
+`core.losses.grpo_loss`, and the losses and every parameter's gradient must agree to float32 rounding.
+
+TRL is not a dependency of bridgectl, so this runs where TRL is installed (`make test-trl` builds a scratch venv
+with TRL 1.16 beside the project's packages) and is skipped elsewhere. The batch is built so that every term acts:
+the sampling policy's log-probs are the current ones moved by up to +-0.4 nats, so some ratios leave
+[1 - epsilon, 1 + epsilon_high] and are clipped; the reference's differ again, so the KL term and its gradient
+are not zero; completions have different lengths (the mask has zeros), and advantages of both signs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+from bridgectl.core.losses import grpo_loss  # noqa: E402
+from tests.hf_fixtures import build_hf_model  # noqa: E402
+
+PROMPT_LEN, COMPLETION_LEN, ROWS = 5, 7, 4
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_hf_model(tmp_path_factory.mktemp("trl-parity-model"))
+
+
+def make_trainer(model_dir, tmp_path, **options):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, per_device_train_batch_size=ROWS,
+                      num_generations=2, max_completion_length=COMPLETION_LEN, temperature=1.0, epsilon=0.2,
+                      logging_steps=1, save_strategy="no", bf16=False, **options)  # float32, as bridgectl on a CPU
+    dataset = Dataset.from_list([{"prompt": "1 + 1 ="}] * ROWS)
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=dataset, processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1  # one micro-batch is the whole update, as below
+    return trainer
+
+
+def identical_batch(model, vocab_size: int) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(3, vocab_size, (ROWS, PROMPT_LEN), generator=generator)
+    completion_ids = torch.randint(3, vocab_size, (ROWS, COMPLETION_LEN), generator=generator)
+    lengths = torch.tensor([7, 5, 3, 6])
+    completion_mask = (torch.arange(COMPLETION_LEN)[None, :] < lengths[:, None]).long()
+    with torch.no_grad():
+        current = completion_logprobs(model, prompt_ids, completion_ids, completion_mask)
+    shift = (torch.rand(ROWS, COMPLETION_LEN, generator=generator) - 0.5) * 0.8
+    return {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids),
+            "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "advantages": torch.tensor([1.2, -0.7, 0.4, -1.5]),
+            "old_per_token_logps": current + shift,
+            "ref_per_token_logps": current - 0.5 * shift + 0.1,
+            "num_items_in_batch": completion_mask.sum()}
+
+
+def completion_logprobs(model, prompt_ids, completion_ids, completion_mask) -> torch.Tensor:
+    """log pi(token | prefix) of each completion token: the model's own computation, independent of both tools."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention = torch.cat([torch.ones_like(prompt_ids), completion_mask], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, PROMPT_LEN - 1:-1]
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("bias_correction_kl", [True, False])
+def test_kl_regularised_loss_and_gradient_equal_trl(model_dir, tmp_path, loss_type, bias_correction_kl):
+    trainer = make_trainer(model_dir, tmp_path, beta=0.04, loss_type=loss_type, epsilon_high=0.28,
+                           use_bias_correction_kl=bias_correction_kl)
+    model = trainer.model
+    model.train()
+    batch = identical_batch(model, model.config.vocab_size)
+
+    model.zero_grad()
+    trl_loss = trainer._compute_loss(model, batch)
+    trl_loss.backward()
+    trl_grads = gradients(model)
+
+    model.zero_grad()
+    mask = batch["completion_mask"]
+    logprobs = completion_logprobs(model, batch["prompt_ids"], batch["completion_ids"], mask)
+    ours, stats = grpo_loss(logprobs, batch["old_per_token_logps"], batch["advantages"], mask, epsilon=0.2,
+                            epsilon_high=0.28, beta=0.04, ref_logprobs=batch["ref_per_token_logps"],
+                            loss_type=loss_type, max_completion_length=COMPLETION_LEN,
+                            bias_correction_kl=bias_correction_kl)
+    ours.backward()
+    our_grads = gradients(model)
+
+    # the check can fail: the other KL form, on the same batch, is outside the tolerance below
+    model.zero_grad()
+    logprobs = completion_logprobs(model, batch["prompt_ids"], batch["completion_ids"], mask)
+    other, _ = grpo_loss(logprobs, batch["old_per_token_logps"], batch["advantages"], mask, epsilon=0.2,
+                         epsilon_high=0.28, beta=0.04, ref_logprobs=batch["ref_per_token_logps"],
+                         loss_type=loss_type, max_completion_length=COMPLETION_LEN,
+                         bias_correction_kl=not bias_correction_kl)
+    other.backward()
+    assert not all(torch.allclose(g, trl_grads[name], rtol=1e-4, atol=1e-7) for name, g in gradients(model).items())
+
+    assert stats.clip_fraction > 0 and stats.kl > 0  # the batch exercises clipping and the KL term
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-7)
+    assert set(our_grads) == set(trl_grads)
+    for name, grad in trl_grads.items():
+        assert torch.allclose(our_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    logged_kl = trainer._metrics["train"]["kl"][-1]
+    assert stats.kl == pytest.approx(logged_kl, rel=1e-5)  # the KL that both log
+

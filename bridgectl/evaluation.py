@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from bridgectl.config import apply_overrides, compose, load_saved, validate
+from bridgectl.core.end_tokens import EndTokens, end_tokens_of
 from bridgectl.core.evaluate import Decode, model_decoder
 from bridgectl.errors import UserError
 
@@ -59,16 +60,25 @@ def load_for_eval(cfg: DictConfig, checkpoint: Path | None, device: torch.device
     return model.to(device).eval(), tokenizer
 
 
+def end_tokens_for(cfg: DictConfig, model, tokenizer) -> EndTokens:
+    """The end tokens of a loaded model as training finds them (core/model.load_policy): the tokenizer's EOS, the
+    model's generation config's, and the chat template's turn end when the task's prompts use the template."""
+    from bridgectl.tasks import prompts_use_chat_template
+
+    return end_tokens_of(tokenizer, getattr(model, "generation_config", None), prompts_use_chat_template(cfg.task))
+
+
 def decoder_for(cfg: DictConfig, model, tokenizer) -> Decode:
     """What decodes the evaluation: the model itself, or with rollout.backend=vllm the process's vLLM engine given
-    the model's weights."""
+    the model's weights; either stops a row at any of the model's end tokens (end_tokens_for)."""
+    end_tokens = end_tokens_for(cfg, model, tokenizer)
     if cfg.rollout.backend != "vllm":
-        return model_decoder(model, tokenizer)
+        return model_decoder(model, tokenizer, end_tokens.ids)
     from bridgectl.core.model import Policy
     from bridgectl.models.sources import base_model_path
     from bridgectl.core.vllm_rollout import engine_for
 
-    policy = Policy(model=model, tokenizer=tokenizer)
+    policy = Policy(model=model, tokenizer=tokenizer, end_tokens=end_tokens)
     return engine_for(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy).decoder(policy)
 
 

@@ -124,15 +124,15 @@ def write_merged(cfg, source: Path, checkpoint_name: str | None, device, staging
     """The run's weights with every adapter folded in, as one plain causal LM, plus tokenizer and generation
     config."""
     if checkpoint_name is None:
-        from bridgectl.evaluation import load_for_eval
+        from bridgectl.evaluation import end_tokens_for, load_for_eval
 
         model, tokenizer = load_for_eval(cfg, source, device)
-        state_dict = None
+        end_tokens, state_dict = end_tokens_for(cfg, model, tokenizer), None
     else:
         from bridgectl.core.model import merged_state_dict
 
         policy = rebuilt_policy(cfg, source)
-        tokenizer = policy.tokenizer
+        tokenizer, end_tokens = policy.tokenizer, policy.end_tokens
         if policy.has_adapters:  # active adapters folded in, as `decoding` merges them for eval --checkpoint
             state_dict = merged_state_dict(policy.model, policy.model.state_dict())
             model = policy.model.get_base_model()
@@ -142,12 +142,19 @@ def write_merged(cfg, source: Path, checkpoint_name: str | None, device, staging
     # decoding the export with generate()'s defaults runs as long as `bridgectl eval` does and pads like it
     config.max_new_tokens = int(cfg.eval.max_new_tokens)
     config.pad_token_id = tokenizer.pad_token_id
-    if config.eos_token_id is None:
-        config.eos_token_id = tokenizer.eos_token_id
+    # and stops where training and `bridgectl eval` stop: at any of the end tokens (core/end_tokens), which for a
+    # base model prompted through a chat template include a turn end its own config does not list
+    config.eos_token_id = generation_eos(end_tokens.ids)
     given = {"state_dict": state_dict} if state_dict is not None else {}
     model.save_pretrained(staging, safe_serialization=True, **given)
     tokenizer.save_pretrained(staging)
     return f"merged model of {checkpoint_name or 'the final weights'}"
+
+
+def generation_eos(end_ids: tuple[int, ...]) -> int | list[int] | None:
+    """A generation config's eos_token_id for these end ids: the id itself when there is one (as configs write a
+    single one), the list when there are several, None when there are none."""
+    return (end_ids[0] if len(end_ids) == 1 else list(end_ids)) if end_ids else None
 
 
 def rebuilt_policy(cfg, checkpoint: Path):

@@ -18,7 +18,7 @@ from bridgectl.core.model import Policy, load_policy
 from bridgectl.errors import UserError
 from bridgectl.models.sources import base_model_path
 from bridgectl.stages import STAGES, stage_class
-from bridgectl.tasks import make_task
+from bridgectl.tasks import make_task, prompts_use_chat_template
 
 
 class CountingStream:
@@ -73,17 +73,17 @@ def check_paired_demonstrations(task, cfg: DictConfig, stage: str) -> None:
 
 def demonstration_batch(ctx: TrainContext, problems: list) -> SFTBatch:
     """The demonstrations (trace and answer) of `problems` as an SFT batch: prompt = the problem's question,
-    completion = its trace_completion, tokenised as SFT examples are."""
+    completion = its trace_completion, tokenised as SFT examples are (ending with the policy's target end token)."""
     return make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems], [p.trace_completion for p in problems],
-                          ctx.device)
+                          ctx.device, end_id=ctx.policy.end_tokens.target)
 
 
 def next_sft_batch(ctx: TrainContext) -> SFTBatch:
     """`sft.batch_size` fresh SFT examples, tokenised with the trace and answer as the completion (this rank's
-    share of them under data parallelism)."""
+    share of them under data parallelism), ending with the policy's target end token (core/end_tokens)."""
     problems = distributed.shard([next(ctx.sft_examples) for _ in range(ctx.cfg.sft.batch_size)])
     return make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems],
-                          [p.trace_completion for p in problems], ctx.device)
+                          [p.trace_completion for p in problems], ctx.device, end_id=ctx.policy.end_tokens.target)
 
 
 @dataclass
@@ -129,7 +129,7 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
     # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
     finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune
     policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task, show_progress), device,
-                         keep_reference, finetune=finetune)
+                         keep_reference, finetune=finetune, chat_template=prompts_use_chat_template(cfg.task))
     if cfg.train.fsdp and distributed.active():
         prepare = getattr(stage_class(cfg.recipe.stages[0]), "before_sharding", None)
         if prepare is not None:  # parameters a stage adds (BRIDGE's w) must exist before the model is sharded

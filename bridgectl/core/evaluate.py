@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -19,14 +20,15 @@ Decode = Callable[[list[str], int, Optional[float], Optional[torch.Generator]], 
 samples at that temperature drawn with `generator`."""
 
 
-def model_decoder(model, tokenizer) -> Decode:
-    """Decoding with `model` itself (KV-cached, core/rollout.generate), in eval mode for the duration."""
+def model_decoder(model, tokenizer, end_ids: Collection[int] | None = None) -> Decode:
+    """Decoding with `model` itself (KV-cached, core/rollout.generate), in eval mode for the duration, stopping a
+    row at any of `end_ids` (the policy's end_tokens.ids, as its rollouts stop; default the tokenizer's EOS)."""
     def decode(prompts, max_new_tokens, temperature=None, generator=None) -> Rollouts:
         was_training = model.training
         model.eval()
         try:
             return generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature or 1.0,
-                            greedy=temperature is None, generator=generator)
+                            greedy=temperature is None, generator=generator, end_ids=end_ids)
         finally:
             model.train(was_training)
     return decode
@@ -36,7 +38,7 @@ def model_decoder(model, tokenizer) -> Decode:
 class SplitResult:
     accuracy: float
     n: int
-    mean_length: float  # completion tokens, EOS included
+    mean_length: float  # completion tokens, end token included
     samples: list[dict]  # a few (prompt, completion, reward) rows for completions.jsonl
     rewards: list[float] = field(default_factory=list)  # per problem, in the split's order (eval_problems.jsonl)
     problems: str = ""  # fingerprint of the split's questions: runs with equal fingerprints can be paired
@@ -185,7 +187,7 @@ def decoding(ctx):
         yield ctx.rollout_engine.decoder(ctx.policy)
     else:
         with ctx.policy.merged_for_generation() as model:
-            yield model_decoder(model, ctx.policy.tokenizer)
+            yield model_decoder(model, ctx.policy.tokenizer, ctx.policy.end_tokens.ids)
 
 
 def eval_metrics(results: dict) -> dict:

@@ -84,7 +84,7 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
             rollouts = generate(sampler, policy.tokenizer, questions, rl.max_completion_length,
                                 temperature=rl.temperature, group_generators=generators,
                                 rows_per_batch=ctx.cfg.rollout.batch_size, top_k=rl.top_k, top_p=rl.top_p,
-                                min_p=rl.min_p)
+                                min_p=rl.min_p, end_ids=policy.end_tokens.ids)
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
     # the verifier, or the weighted sum of task.reward_funcs (tasks/rewards.py)
@@ -98,11 +98,12 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
 
 def loss_mask(rollouts: Rollouts, ctx: TrainContext) -> torch.Tensor:
     """[N, C] the completion tokens the GRPO loss counts: every one, or with rl.mask_truncated_completions none of
-    a completion cut off at rl.max_completion_length before its EOS (TRL's mask_truncated_completions; DAPO,
-    arXiv 2503.14476, "Overlong Filtering"): out of the numerator and of the token count alike."""
+    a completion cut off at rl.max_completion_length before an end token of any kind (the policy's
+    end_tokens.ids; TRL's mask_truncated_completions; DAPO, arXiv 2503.14476, "Overlong Filtering"): out of the
+    numerator and of the token count alike."""
     mask = rollouts.completion_mask
     if ctx.cfg.rl.mask_truncated_completions:
-        mask = mask * ~truncated_rows(rollouts, ctx.policy.tokenizer.eos_token_id).unsqueeze(1)
+        mask = mask * ~truncated_rows(rollouts, ctx.policy.end_tokens.ids).unsqueeze(1)
     return mask
 
 

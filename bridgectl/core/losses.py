@@ -35,12 +35,16 @@ class SFTBatch:
         return SFTBatch(self.input_ids[index, :width], self.attention_mask[index, :width], self.labels[index, :width])
 
 
-def make_sft_batch(tokenizer, prompts: list[str], completions: list[str], device) -> SFTBatch:
-    """Tokenises (prompt, completion) pairs; the loss will see only the completion and its EOS."""
+def make_sft_batch(tokenizer, prompts: list[str], completions: list[str], device,
+                   end_id: int | None = None) -> SFTBatch:
+    """Tokenises (prompt, completion) pairs; the loss will see only the completion and its end token: `end_id`
+    (the policy's `end_tokens.target`: the chat template's turn end when prompts use it, so the model learns to
+    close its turn as the template does and sampling stops there), by default the tokenizer's EOS."""
+    end_id = tokenizer.eos_token_id if end_id is None else end_id
     rows, labels = [], []
     for prompt, completion in zip(prompts, completions):
         prompt_ids = tokenizer(prompt)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [end_id]
         rows.append(prompt_ids + completion_ids)
         labels.append([-100] * len(prompt_ids) + completion_ids)
     width = max(len(r) for r in rows)

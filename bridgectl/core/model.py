@@ -21,6 +21,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from bridgectl.core.end_tokens import EndTokens, end_tokens_of, eos_only
 from bridgectl.core.lora_forward import set_lora_forward, wants_merged_forward
 from bridgectl.errors import UserError
 
@@ -38,6 +39,13 @@ class Policy:
     """Frozen copy of the base under full fine-tuning with a KL term; None otherwise."""
     merge_for_sampling: bool = True
     """Sample with adapters folded into the weights (small models; see merged_for_generation)."""
+    end_tokens: EndTokens | None = None
+    """The ids that end a completion and the one SFT targets end with (core/end_tokens); load_policy finds them,
+    and a policy built without them gets the tokenizer's EOS alone."""
+
+    def __post_init__(self) -> None:
+        if self.end_tokens is None:
+            self.end_tokens = eos_only(self.tokenizer)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -134,9 +142,11 @@ def causal_lm_from(path: Path | str, model_cfg, device: torch.device) -> PreTrai
 
 
 def load_policy(model_cfg, lora_cfg, path: Path | str, device: torch.device, keep_reference: bool,
-                finetune: str | None = None) -> Policy:
+                finetune: str | None = None, chat_template: bool = False) -> Policy:
     """The model saved at `path` (models/sources.base_model_path: where a config's base weights are) with LoRA
-    (`finetune=lora`) or every weight trainable (`full`); `finetune` defaults to model.finetune."""
+    (`finetune=lora`) or every weight trainable (`full`); `finetune` defaults to model.finetune. `chat_template`:
+    whether prompts are put in the tokenizer's chat template (tasks.prompts_use_chat_template), so that its turn
+    end is among the policy's end tokens and ends SFT targets."""
     finetune = finetune or model_cfg.finetune
     hf_logging.disable_progress_bar()  # our own progress bars are the only ones
     tokenizer = tokenizer_from(path, model_cfg)
@@ -144,6 +154,7 @@ def load_policy(model_cfg, lora_cfg, path: Path | str, device: torch.device, kee
     # and activation checkpointing, which transformers applies in training mode only; sampling and evaluation
     # switch to eval mode for their duration
     model = causal_lm_from(path, model_cfg, device).train()
+    end_tokens = end_tokens_of(tokenizer, getattr(model, "generation_config", None), chat_template)
     if model_cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     reference = None
@@ -154,7 +165,7 @@ def load_policy(model_cfg, lora_cfg, path: Path | str, device: torch.device, kee
         merge = _choose_lora_forward(model, lora_cfg)
     elif keep_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    policy = Policy(model=model, tokenizer=tokenizer, frozen_reference=reference)
+    policy = Policy(model=model, tokenizer=tokenizer, frozen_reference=reference, end_tokens=end_tokens)
     if finetune == "lora":
         policy.merge_for_sampling = merge
     return policy

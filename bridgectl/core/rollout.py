@@ -2,7 +2,8 @@
 
 Both sides must agree to ~1e-6 for the importance ratio to mean anything (measured on the prototype): prompts are
 left-padded and every forward pass gets explicit `position_ids = cumsum(mask) - 1`, and completions are masked
-after their first EOS. Log-probs are taken at the sampling temperature on both sides (as TRL does). Truncated
+after their first end token (any of the policy's end ids, core/end_tokens: EOS, the generation config's, the chat
+template's turn end). Log-probs are taken at the sampling temperature on both sides (as TRL does). Truncated
 sampling (top-k, top-p, min-p) only narrows which tokens can be drawn: the recorded log-probs stay those of the whole
 tempered distribution, which is what the trained model recomputes, so the on-policy ratio stays 1 (as in TRL).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,8 +29,8 @@ KV_CACHE = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)
 class Rollouts:
     prompt_ids: torch.Tensor  # [N, P] left-padded
     prompt_mask: torch.Tensor  # [N, P]
-    completion_ids: torch.Tensor  # [N, C] right-padded with pad after EOS
-    completion_mask: torch.Tensor  # [N, C] 1 on generated tokens up to and including EOS
+    completion_ids: torch.Tensor  # [N, C] right-padded with pad after the end token
+    completion_mask: torch.Tensor  # [N, C] 1 on generated tokens up to and including the first end token
     sampling_logprobs: torch.Tensor  # [N, C] log-prob of each generated token under the sampling policy
     completions: list[str]  # decoded completion text, special tokens removed
 
@@ -40,6 +42,17 @@ class Rollouts:
 def encode_prompts(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     encoded = tokenizer(prompts, padding=True, return_tensors="pt")
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+
+
+def end_id_tuple(end_ids: int | Collection[int]) -> tuple[int, ...]:
+    """`end_ids` (one id or several: a policy's `end_tokens.ids`) as a tuple."""
+    return (int(end_ids),) if isinstance(end_ids, int) else tuple(int(i) for i in end_ids)
+
+
+def is_end(token_ids: torch.Tensor, end_ids: int | Collection[int]) -> torch.Tensor:
+    """Bool tensor of `token_ids`' shape: where a token is any of `end_ids`."""
+    ends = torch.tensor(end_id_tuple(end_ids), dtype=token_ids.dtype, device=token_ids.device)
+    return torch.isin(token_ids, ends)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -61,13 +74,14 @@ _COMPACT_FRACTION = 0.125
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None,
              group_generators: list[torch.Generator] | None = None, rows_per_batch: int = 0, top_k: int = 0,
-             top_p: float = 1.0, min_p: float = 0.0) -> Rollouts:
-    """Samples one completion per prompt (repeat prompts for groups), decoding until every row has hit EOS or
-    `max_new_tokens`. Rows that have ended leave the decoding batch (with their KV cache rows), so a batch costs
-    the tokens its rows generate, not its longest row times its row count. `rows_per_batch` > 0 decodes at most
-    that many rows at a time (rounded down to whole groups with `group_generators`, at least one group), to bound
-    the KV cache's memory. The result is the same in either case: completions right-padded to the longest one,
-    in the order of `prompts`.
+             top_p: float = 1.0, min_p: float = 0.0, end_ids: Collection[int] | None = None) -> Rollouts:
+    """Samples one completion per prompt (repeat prompts for groups), decoding until every row has emitted an end
+    token (any of `end_ids`, the policy's `end_tokens.ids`; default the tokenizer's EOS) or `max_new_tokens`.
+    Rows that have ended leave the decoding batch (with their KV cache rows), so a batch costs the tokens its rows
+    generate, not its longest row times its row count. `rows_per_batch` > 0 decodes at most that many rows at a
+    time (rounded down to whole groups with `group_generators`, at least one group), to bound the KV cache's
+    memory. The result is the same in either case: completions right-padded to the longest one, in the order of
+    `prompts`.
 
     Randomness: `generator` for the whole batch, or `group_generators`, one per consecutive group of equal size
     (len(prompts) / len(group_generators) rows): each group's tokens then come from its own generator by
@@ -102,7 +116,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     if rows_per_batch < 0:
         raise ValueError(f"rows_per_batch must be >= 0 (0: all rows together), got {rows_per_batch}")
     chunks = _row_chunks(n_rows, rows_per_batch, group_size)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ends = end_id_tuple(end_ids if end_ids is not None else tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id
     decoded = []
     for index in itertools.count():
         mine = index < len(chunks)
@@ -112,18 +127,18 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
             start, end = chunks[index]
             groups = group_generators[start // group_size:end // group_size] if group_generators is not None else None
             decoded.append(_decode_rows(model, prompt_ids[start:end], prompt_mask[start:end], max_new_tokens,
-                                        temperature, greedy, generator, groups, group_size, eos, pad, sharded,
+                                        temperature, greedy, generator, groups, group_size, ends, pad, sharded,
                                         truncation=(top_k, top_p, min_p)))
         else:
             # a rank out of chunks while another still has one decodes its first row as already ended (greedily:
             # no generator is touched), and drops it: its forward passes pair with the other rank's
             _decode_rows(model, prompt_ids[:1], prompt_mask[:1], max_new_tokens, temperature, True, None, None,
-                         group_size, eos, pad, sharded, ended=True)
+                         group_size, ends, pad, sharded, ended=True)
     width = max(tokens.size(1) for tokens, _ in decoded)
     completion_ids = torch.cat([torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad)
                                 for tokens, _ in decoded])
     logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.size(1))) for _, lp in decoded])
-    completion_mask = completion_mask_from(completion_ids, eos)
+    completion_mask = completion_mask_from(completion_ids, ends)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
     sampling_logprobs = logprobs * completion_mask
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -140,12 +155,13 @@ def _row_chunks(n_rows: int, rows_per_batch: int, group_size: int) -> list[tuple
 
 def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
                  temperature: float, greedy: bool, generator: torch.Generator | None,
-                 group_generators: list[torch.Generator] | None, group_size: int, eos: int, pad: int,
+                 group_generators: list[torch.Generator] | None, group_size: int, ends: tuple[int, ...], pad: int,
                  sharded: bool, ended: bool = False,
                  truncation: tuple[int, float, float] = (0, 1.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
     """Decodes one chunk of rows (whole groups with `group_generators`): returns its tokens [n, T] (pad from the
-    step after a row's EOS) and their untruncated log-probs [n, T], T the steps taken. `ended` starts every row as
-    already ended (a sharded rank's stand-in chunk). `truncation`: (top_k, top_p, min_p) of `truncate`."""
+    step after a row's end token, any of `ends`) and their untruncated log-probs [n, T], T the steps taken.
+    `ended` starts every row as already ended (a sharded rank's stand-in chunk). `truncation`: (top_k, top_p,
+    min_p) of `truncate`."""
     device = prompt_ids.device
     # padding columns no row of this chunk uses (another chunk's longer prompt) are dropped: positions come from
     # the mask, so a row's numbers do not change
@@ -155,6 +171,7 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
     cache, next_logits = out[KV_CACHE], out.logits[:, -1]
     position = positions(mask)[:, -1:]
+    end_ids = torch.tensor(ends, dtype=torch.long, device=device)
     tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, max_new_tokens), device=device)
     rows = torch.arange(n, device=device)  # the chunk row of each batch row; ascending, rows only ever leave
@@ -173,7 +190,7 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
         token = torch.where(finished, torch.full_like(token, pad), token)
         tokens[rows, step] = token
         logprobs[rows, step] = scaled.gather(1, token.unsqueeze(1)).squeeze(1)
-        finished |= token == eos
+        finished |= torch.isin(token, end_ids)
         live = ~finished
         n_live, n_batch = int(live.sum()), rows.numel()
         done = n_live == 0
@@ -224,10 +241,11 @@ def truncate(logprobs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: 
     return logprobs
 
 
-def truncated_rows(rollouts: Rollouts, eos_id: int) -> torch.Tensor:
-    """[N] bool: the completions cut off by the length limit, i.e. without an EOS among their tokens (TRL's
-    is_truncated; a completion whose EOS is its last allowed token is not truncated)."""
-    return ~((rollouts.completion_ids == eos_id) & rollouts.completion_mask.bool()).any(dim=1)
+def truncated_rows(rollouts: Rollouts, end_ids: int | Collection[int]) -> torch.Tensor:
+    """[N] bool: the completions cut off by the length limit, i.e. without an end token of any kind (`end_ids`,
+    the policy's `end_tokens.ids`) among their tokens (TRL's is_truncated; a completion whose end token is its last
+    allowed token is not truncated)."""
+    return ~(is_end(rollouts.completion_ids, end_ids) & rollouts.completion_mask.bool()).any(dim=1)
 
 
 def _group_segments(rows: torch.Tensor, group_size: int) -> list[tuple[int, int, int, torch.Tensor | None]]:
@@ -271,11 +289,11 @@ def _gumbel_max_by_group(scaled: torch.Tensor, finished: torch.Tensor, segments:
     return token
 
 
-def completion_mask_from(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 on every token up to and including the first EOS, 0 after it."""
-    is_eos = (completion_ids == eos_id).long()
-    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
-    return (~after_eos).long()
+def completion_mask_from(completion_ids: torch.Tensor, end_ids: int | Collection[int]) -> torch.Tensor:
+    """1 on every token up to and including the first end token of any kind (`end_ids`), 0 after it."""
+    ended = is_end(completion_ids, end_ids).long()
+    after_end = (ended.cumsum(dim=1) - ended) > 0
+    return (~after_end).long()
 
 
 def rollouts_from_token_ids(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -150,14 +150,22 @@ class VLLMRollouts:
         device = next(policy.model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
         requests = [{"prompt_token_ids": ids} for ids in prompt_token_lists(prompt_ids, prompt_mask)]
-        top_k, top_p, min_p = truncation
-        params = [SamplingParams(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0,
-                                 top_k=top_k, top_p=top_p, min_p=min_p, stop_token_ids=[tokenizer.eos_token_id],
-                                 detokenize=False) for seed in row_seeds]
+        params = [SamplingParams(**sampling_kwargs(max_new_tokens, temperature, seed, truncation,
+                                                   policy.end_tokens.ids)) for seed in row_seeds]
         completions = [output.outputs[0] for output in self.llm.generate(requests, params, use_tqdm=False)]
         rollouts = rollouts_from_token_ids(tokenizer, prompt_ids, prompt_mask,
                                            [list(c.token_ids) for c in completions])
         return rollouts, completions
+
+
+def sampling_kwargs(max_new_tokens: int, temperature: float, seed: int | None,
+                    truncation: tuple[int, float, float], end_ids: tuple[int, ...]) -> dict:
+    """vLLM SamplingParams of one completion: one sample at `temperature` (0: greedy) with its own `seed`, the
+    sampled tokens' log-probs, `truncation` as (top_k, top_p, min_p), and a stop at any of `end_ids` (the policy's
+    end_tokens.ids, where the hf sampler stops too). Token ids only: the trainer decodes the text itself."""
+    top_k, top_p, min_p = truncation
+    return dict(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0, top_k=top_k,
+                top_p=top_p, min_p=min_p, stop_token_ids=list(end_ids), detokenize=False)
 
 
 def engine_logprobs(completion) -> list[float]:

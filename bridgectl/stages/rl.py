@@ -5,7 +5,7 @@ no format reward). Each step, in the order:
 
     prompts   <- `rl.prompts_per_step` problems, each repeated `rl.num_generations` times (a group)
     rollouts  <- sample pi at `rl.temperature` (LoRA merged while sampling; `rl.top_p`, `top_k`, `min_p` truncate),
-                 stop at EOS
+                 stop at any end token (EOS, the generation config's, the chat template's turn end)
     rewards   <- verifier(completion, gold)
     A         <- (R - mean_group) / std_group                      (`rl.scale_rewards=group`; or batch, none)
     repeat `rl.num_iterations` times (TRL's num_iterations, GRPO's mu, arXiv 2402.03300 Algorithm 1):

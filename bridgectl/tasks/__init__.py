@@ -28,6 +28,13 @@ def prompt_formatter(tokenizer, use_chat_template: bool) -> Callable[[str | list
     return format_prompt
 
 
+def prompts_use_chat_template(task_cfg) -> bool:
+    """Whether the task puts its prompts in the tokenizer's chat template (when the tokenizer has one, as
+    prompt_formatter does): dataset and wordmath tasks with task.chat_template; the built-in arith task's prompts
+    are always plain. The policy's end tokens then include the template's turn end (core/end_tokens)."""
+    return task_cfg.name != "arith" and bool(task_cfg.chat_template)
+
+
 def plain_prompt(prompt: str | list[dict]) -> str:
     """A prompt without a chat template: the text as it is; messages have no plain form to fall back on."""
     if isinstance(prompt, str):
@@ -53,7 +60,7 @@ def make_task(cfg: DictConfig, show_progress: bool = True):
 
     tokenizer = tokenizer_from(base_model_path(cfg.model, cfg.task, show_progress=show_progress), cfg.model)
     task_class = WordMathTask if cfg.task.name == "wordmath" else DatasetTask
-    return task_class(cfg.task, prompt_formatter(tokenizer, cfg.task.chat_template))
+    return task_class(cfg.task, prompt_formatter(tokenizer, prompts_use_chat_template(cfg.task)))
 
 
 def task_eval_splits(task_cfg) -> tuple[str, ...]:

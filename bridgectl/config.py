@@ -203,7 +203,9 @@ class RLConfig:
     """KL coefficient to the frozen reference (TRL's default is 0.0: no reference model is kept)."""
     use_bias_correction_kl: bool = True
     """With rl.beta > 0: weight each token's k3 KL by the importance ratio pi/pi_old, as TRL 1.16's GRPO does by
-    default (its `use_bias_correction_kl`); false: the plain k3 term."""
+    default (its `use_bias_correction_kl`); false: the plain k3 term. Every recipe whose RL loss is
+    core/losses.grpo_loss follows it; luffy and srft keep the plain k3 term of verl's KL loss, which their papers'
+    code (verl) uses."""
     epsilon: float = 0.2
     """PPO clip range of the importance ratio: clip(r, 1 - epsilon, 1 + epsilon_high)."""
     epsilon_high: Optional[float] = None

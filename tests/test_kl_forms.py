@@ -64,7 +64,7 @@ def test_the_two_forms_differ_off_policy_and_agree_on_policy():
         logprobs = logprobs_start.clone().requires_grad_(True)
         loss, _ = grpo_loss(logprobs, old, advantages, mask, 0.2, 0.04, ref, bias_correction_kl=corrected)
         loss.backward()
-        return float(loss), logprobs.grad
+        return loss.item(), logprobs.grad
 
     on_policy = [gradient(old, corrected) for corrected in (True, False)]
     assert on_policy[0][0] == pytest.approx(on_policy[1][0], rel=1e-6)  # r = 1: equal values ...

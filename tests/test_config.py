@@ -60,7 +60,7 @@ def test_every_shipped_yaml_composes_validates_and_is_applied(group, option):
     cfg = compose([f"{group}={option}", *(f"{key}={value}" for key, value in required.items())])
     validate(cfg)  # composing validated already; validating again must not raise either
     path = CONF_DIR / group / f"{option}.yaml"
-    raw = OmegaConf.to_container(OmegaConf.load(path))
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # ${oc.env:HOME} as composing resolves it
     raw.pop("defaults", None)  # an experiment's choice of model and task
     # `@package _global_` files (recipes, experiments, model=hf) set keys of any section; the others their group's
     is_global = path.read_text().startswith("# @package _global_")

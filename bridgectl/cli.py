@@ -165,19 +165,23 @@ def _resume_config(run_path: Path, overrides: list[str], allowed: list[str]):
     """The run's saved config with the overrides on top; an override that changes a value needs --allow-change."""
     import json
 
-    from bridgectl.config import apply_overrides, load_saved, validate
+    from bridgectl.config import apply_overrides, validate
+    from bridgectl.run_config import load_run_config
 
     if not (run_path / "config.yaml").is_file() or not (run_path / "summary.json").is_file():
         raise UserError(f"{run_path} is not a run directory (no config.yaml and summary.json)",
                         "give a directory made by bridgectl run")
     try:
-        status = json.loads((run_path / "summary.json").read_text()).get("status")
-    except json.JSONDecodeError:
-        raise UserError(f"{run_path}/summary.json is not valid JSON", "the run directory is damaged") from None
+        summary = json.loads((run_path / "summary.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise UserError(f"{run_path}/summary.json is not a JSON object", "the run directory is damaged")
+    status = summary.get("status")
     if status == "completed":
         raise UserError(f"run {run_path} already completed", "start a new run; its weights are in "
                         "checkpoints/final")
-    cfg = load_saved(run_path / "config.yaml")
+    cfg = load_run_config(run_path / "config.yaml")
     changed = apply_overrides(cfg, overrides)
     refused = [key for key in changed if key not in allowed]
     if refused:
@@ -260,7 +264,8 @@ def compare_command(
         loaded = comparison.load_runs(list(paths or ["runs"]))
         if not loaded.runs:
             raise UserError("no completed runs to compare", "failed and interrupted runs are left out: "
-                            + ", ".join(f"{n} {s}" for s, n in loaded.left_out.items()))
+                            + ", ".join(f"{n} {s}" for s, n in loaded.left_out.items())
+                            + "".join(f"; {reason}" for reason in loaded.unreadable))
         if at_seconds is not None and at_seconds <= 0:
             raise UserError(f"--at-seconds must be positive, got {at_seconds:g}", "e.g. --at-seconds 120")
         rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline, at_seconds)
@@ -268,6 +273,8 @@ def compare_command(
     except UserError as error:
         _fail(error.message, error.hint, 2)
     notes = comparison.footnotes(loaded, rows)
+    for reason in loaded.unreadable:  # on stderr: the table, CSV or JSON on stdout stays whole
+        typer.echo(f"Warning: left out an unreadable run: {reason}", err=True)
     if loaded.malformed_lines:
         typer.echo(f"Warning: skipped {loaded.malformed_lines} malformed metrics.jsonl line(s)", err=True)
     if output_format == "markdown":

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from bridgectl import stats
 from bridgectl.errors import UserError
+from bridgectl.run_config import read_config
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Loaded:
     runs: list[Run] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)  # status -> count of runs not completed
     malformed_lines: int = 0
+    unreadable: list[str] = field(default_factory=list)  # why each run counted "unreadable" was left out
 
 
 def find_run_dirs(paths: list[str]) -> list[Path]:
@@ -79,6 +80,9 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
 
 
 def load_runs(paths: list[str]) -> Loaded:
+    """The completed runs under `paths`; every other run is left out and counted by its status, and a run whose
+    summary.json or config.yaml cannot be read counts as "unreadable" (its reason in `unreadable`), so one damaged
+    run never stops the comparison of the rest."""
     run_dirs = find_run_dirs(paths)
     if not run_dirs:
         raise UserError(f"no run directories under {', '.join(paths)}",
@@ -87,14 +91,22 @@ def load_runs(paths: list[str]) -> Loaded:
     for path in run_dirs:
         try:
             summary = json.loads((path / "summary.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            summary = None
+        if not isinstance(summary, dict):
             loaded.left_out["unreadable"] = loaded.left_out.get("unreadable", 0) + 1
+            loaded.unreadable.append(f"{path / 'summary.json'} is not a JSON object")
             continue
         status = summary.get("status", "unknown")
         if status != "completed":
             loaded.left_out[status] = loaded.left_out.get(status, 0) + 1
             continue
-        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")) if (path / "config.yaml").exists() else {}
+        try:
+            config = read_config(path / "config.yaml") if (path / "config.yaml").exists() else {}
+        except UserError as error:
+            loaded.left_out["unreadable"] = loaded.left_out.get("unreadable", 0) + 1
+            loaded.unreadable.append(error.message)
+            continue
         metrics = []
         metrics_file = path / "metrics.jsonl"
         for line in metrics_file.read_text().splitlines() if metrics_file.exists() else []:
@@ -401,8 +413,12 @@ def load_reference(path: str, by: list[str], metric: str) -> dict:
     numbers (`models: {MODEL: {recipe: {metric: value}}}`, compared by each recipe's gain over `rl`)."""
     target = Path(path)
     if target.is_file() and target.suffix in (".yaml", ".yml"):
-        content = OmegaConf.to_container(OmegaConf.load(target))
-        if not isinstance(content, dict) or not isinstance(content.get("models"), dict):
+        try:
+            content = read_config(target)
+        except UserError as error:  # the run-config hint does not fit a reference file
+            raise UserError(error.message, "it needs `models: {MODEL: {recipe: {metric: value}}}`, as in "
+                            "baselines/paper-bridge-2509.06948.yaml") from None
+        if not isinstance(content.get("models"), dict):
             raise UserError(f"{path} is not a reference file", "it needs `models: {MODEL: {recipe: {metric: value}}}`")
         return {"kind": "published", "source": content.get("source", path), "models": content["models"]}
     loaded = load_runs([path])

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from bridgectl.config import apply_overrides, compose, load_saved, validate
+from bridgectl.config import apply_overrides, compose, validate
 from bridgectl.core.end_tokens import EndTokens, end_tokens_of
 from bridgectl.core.evaluate import Decode, model_decoder
+from bridgectl.core.redaction import redact
 from bridgectl.errors import UserError
+from bridgectl.run_config import load_run_config
 
 
 def config_for(target: str, overrides: list[str], need_final: bool = True) -> tuple[DictConfig, Path | None]:
@@ -32,7 +34,7 @@ def config_for(target: str, overrides: list[str], need_final: bool = True) -> tu
         checkpoint = run_dir / "checkpoints" / "final"
         if need_final and not checkpoint.is_dir():
             raise UserError(f"run {run_dir} has no checkpoints/final", "only completed runs can be evaluated")
-        cfg = load_saved(run_dir / "config.yaml")
+        cfg = load_run_config(run_dir / "config.yaml")
         apply_overrides(cfg, overrides)
         validate(cfg)
         return cfg, checkpoint
@@ -165,5 +167,5 @@ def run_eval(target: str, overrides: list[str], output: Path | None, show_progre
                        "temperature": cfg.eval.temperature,
                        "max_new_tokens": cfg.eval.max_new_tokens}, "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path.write_text(json.dumps(redact(record), indent=2) + "\n")  # the overrides may hold a secret
     return results, path

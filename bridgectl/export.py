@@ -77,9 +77,10 @@ def export_run(run_dir: Path, out: Path, checkpoint_name: str | None = None, ada
 # ---- checks -----------------------------------------------------------------------------------------------------
 def run_config(run_dir: Path):
     """The run's resolved config (config.yaml), checked."""
-    from bridgectl.config import load_saved, validate
+    from bridgectl.config import validate
+    from bridgectl.run_config import load_run_config
 
-    cfg = load_saved(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     validate(cfg)
     return cfg
 

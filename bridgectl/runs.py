@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from bridgectl.errors import UserError
+from bridgectl.run_config import config_problem
 
 HEARTBEAT_FILE = "heartbeat.json"
 HEARTBEAT_SECONDS = 15.0
@@ -143,7 +144,9 @@ def last_metrics_row(path: Path, block: int = 8192) -> dict | None:
 
 
 def read_run(path: Path, root: Path, now: float | None = None) -> dict:
-    """One run as `bridgectl runs` shows it (the JSON object of `--format json`)."""
+    """One run as `bridgectl runs` shows it (the JSON object of `--format json`). A run whose summary.json or
+    config.yaml cannot be read has status "unreadable" and the reason as its error (the others are listed as
+    usual); with a readable summary, its recipe, seed, steps and accuracies are still shown."""
     name = path.relative_to(root).as_posix() if path != root else path.name
     try:
         summary = json.loads((path / "summary.json").read_text())
@@ -154,6 +157,9 @@ def read_run(path: Path, root: Path, now: float | None = None) -> dict:
                 "valid JSON", "last_step": None, "steps_done": None, "steps_total": None, "eval": {},
                 "wall_s": None, "host": None, "pid": None}
     status = status_of(path, summary, now)
+    problem = config_problem(path)
+    if problem is not None:  # compare leaves it out, eval/export/--resume refuse it: say so, keep what summary says
+        status = "unreadable"
     last = last_metrics_row(path / "metrics.jsonl")
     last_step = last["step"] if last else None
     final = status not in ("running", "died", "unknown")  # the summary's counters are the run's last word
@@ -161,7 +167,7 @@ def read_run(path: Path, root: Path, now: float | None = None) -> dict:
     beat = read_heartbeat(path) if status in ("running", "died") else None
     return {
         "name": name, "recipe": summary.get("recipe"), "seed": summary.get("seed"), "status": status,
-        "error": summary.get("error") if status not in ("completed", "running") else None,
+        "error": problem or (summary.get("error") if status not in ("completed", "running") else None),
         "last_step": last_step,
         # while running, summary.json still holds a resumed run's counters from before: the log is current
         "steps_done": summary.get("steps", last_step) if final else last_step,

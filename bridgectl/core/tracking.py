@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bridgectl.core.wandb_sink import redact
+from bridgectl.core.redaction import redact
 from bridgectl.errors import UserError
 
 
@@ -114,15 +114,19 @@ class RunDir:
         return time.perf_counter() - self.started
 
     def write_config(self, cfg: DictConfig) -> None:
+        """config.yaml: the resolved config, redacted as data and then written by the YAML writer, which quotes
+        `***` (redacting the YAML text would leave `entity: ***`, an alias no reader can parse)."""
         if not self.enabled:
             return
-        atomic_write_text(self.path / "config.yaml", redact(OmegaConf.to_yaml(cfg, resolve=True)))
+        data = redact(OmegaConf.to_container(cfg, resolve=True))
+        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(data)))
 
     def log_metrics(self, step: int, stage: str, metrics: dict) -> None:
         if not self.enabled:
             return
         row = {"step": step, "stage": stage, "wall_s": round(self.wall_s, 3)}
         row.update({key: _finite(value) for key, value in metrics.items()})
+        row = redact(row)  # numbers pass unchanged; a stage name is text like any other
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
         for sink in self.sinks:
@@ -131,8 +135,9 @@ class RunDir:
     def log_completions(self, step: int, rows: list[dict]) -> None:
         if not self.enabled:
             return
+        rows = [redact(row) for row in rows]
         for row in rows:
-            self._completions.write(json.dumps(redact({"step": step, **row})) + "\n")
+            self._completions.write(json.dumps({"step": step, **row}) + "\n")
         self._completions.flush()
         for sink in self.sinks:
             sink.log_completions(step, rows)
@@ -143,7 +148,7 @@ class RunDir:
         if not self.enabled:
             return
         for row in rows:
-            self._problems.write(json.dumps({"step": step, **row}, separators=(",", ":")) + "\n")
+            self._problems.write(json.dumps(redact({"step": step, **row}), separators=(",", ":")) + "\n")
         self._problems.flush()
 
     def write_summary(self, summary: dict) -> None:

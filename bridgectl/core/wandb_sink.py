@@ -1,7 +1,8 @@
 """W&B as a view of the run directory (`tracker.wandb.mode=online|offline`): the run is named after the run directory,
 grouped by sweep study (else recipe), tagged with recipe, task and model; it gets the full config, every metric row
 metrics.jsonl gets, a table of sampled completions with their rewards, and the final summary. Secrets never reach
-it: strings are passed through `redact` (values of environment variables named like keys, tokens or passwords).
+it: config, completions and summary pass through core/redaction.redact (values of environment variables that hold
+keys, tokens or passwords).
 
 A resumed run (`bridgectl run --resume`) continues the same W&B run: the id is kept in `<run>/wandb_run.json` and
 given back to wandb.init with resume="allow". The resumed process first asks what the W&B run already holds (online:
@@ -14,35 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
+from bridgectl.core.redaction import redact  # also imported from here by bridgectl/sweep.py
 from bridgectl.errors import UserError
 
-SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
-MIN_SECRET_LENGTH = 6  # shorter values ("1", "true") would redact ordinary text
 RUN_ID_FILE = "wandb_run.json"  # in the run directory: {"id": the W&B run id}
-
-
-def redact(value):
-    """`value` with every occurrence of a secret environment variable's value replaced by `***`, recursively
-    through dicts and lists."""
-    secrets = [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= MIN_SECRET_LENGTH]
-    if not secrets:
-        return value
-
-    def scrub(item):
-        if isinstance(item, str):
-            for secret in secrets:
-                item = item.replace(secret, "***")
-            return item
-        if isinstance(item, dict):
-            return {key: scrub(inner) for key, inner in item.items()}
-        if isinstance(item, (list, tuple)):
-            return [scrub(inner) for inner in item]
-        return item
-
-    return scrub(value)
 
 
 class WandbSink:

@@ -42,7 +42,7 @@ def init_model_dir(source: str, show_progress: bool = True) -> Path:
     `$BRIDGECTL_CACHE/init-<hash>` (keyed by the adapter files' paths, sizes and times), in the base's own dtype."""
     path = Path(source).expanduser()
     if (path / "config.yaml").is_file():  # a bridgectl run
-        from bridgectl.config import load_saved  # Hydra loads only when a run is given
+        from bridgectl.run_config import load_run_config  # Hydra loads only when a run is given
 
         final = path / "checkpoints" / "final"
         if not final.is_dir():
@@ -50,7 +50,7 @@ def init_model_dir(source: str, show_progress: bool = True) -> Path:
                             "give a completed run (or one of its model or adapter directories)")
         if (final / "config.json").is_file():
             return final
-        run_cfg = load_saved(path / "config.yaml")
+        run_cfg = load_run_config(path / "config.yaml")
         return _merged_into_cache(final, base_model_path(run_cfg.model, run_cfg.task, show_progress), show_progress)
     if (path / "config.json").is_file():
         return path

@@ -99,7 +99,9 @@ class TaskConfig:
     reward_weights: Optional[list[float]] = None
     """Weight of each of task.reward_funcs in the sum (one per function; null: 1.0 each)."""
     reward_timeout_s: float = 60.0
-    """Longest one call of a task.reward_funcs function may take, in seconds; a longer one fails the run."""
+    """Longest one call of a task.reward_funcs function may take, in seconds; a longer one has the functions' worker
+    process killed and fails the run. Must be positive (0 and null are refused): the functions always run in that
+    process, so there is no unlimited mode, only a large limit."""
 
 
 @dataclass

@@ -41,6 +41,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
 
     `resume`: continue the run at `run_path` from its newest checkpoint (from the start when it has none); the
     result equals a run that was never stopped (same metrics and weights; tests/test_resume.py)."""
+    run_path = Path(run_path).absolute()  # once: checkpoints and the summary stay put whatever changes the cwd later
     budgets = stage_budgets(cfg)
     load_reward_functions(cfg.task)  # a bad task.reward_funcs exits 2 before the run directory exists
     distributed.init_from_environment(pick_device(cfg.train.device).type)  # before anything is written

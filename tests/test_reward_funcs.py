@@ -170,24 +170,24 @@ def _step_reward(funcs, weights=None, timeout_s=5.0) -> StepReward:
 
 def test_none_counts_as_zero_in_the_sum_and_in_the_mean(tmp_path):
     """None ("does not apply") is 0 in the weighted sum (TRL's nansum) and in the function's logged mean, so the
-    weighted sum of the means is the mean reward; NaN is None. Conversational rows get their messages as the
-    prompt and each completion as one assistant message."""
+    weighted sum of the means is the mean reward (NaN is refused: tests/test_reward_worker.py). Conversational rows
+    get their messages as the prompt and each completion as one assistant message."""
     path = write(tmp_path / "partial.py", """
         def only_chats(prompts, completions, **kwargs):
             return [2.0 if isinstance(p, list) and c[0]["role"] == "assistant" else None
                     for p, c in zip(prompts, completions)]
 
-        def nan_first(prompts, completions, **kwargs):
-            return [float("nan")] + [1.0] * (len(completions) - 1)
+        def none_first(prompts, completions, **kwargs):
+            return [None] + [1.0] * (len(completions) - 1)
         """)
     chat = [{"role": "user", "content": "2+2?"}]
     problems = [Problem("p0", "", "4", conversation=chat), Problem("p1", "", "4"), Problem("p2", "", "5")]
-    total, means, verdicts = _step_reward(["verifier", f"{path}:only_chats", f"{path}:nan_first"], [1.0, 0.25, 3.0])(
+    total, means, verdicts = _step_reward(["verifier", f"{path}:only_chats", f"{path}:none_first"], [1.0, 0.25, 3.0])(
         problems, ["4", "4", "4"])
     assert verdicts == [1.0, 1.0, 0.0]  # what "right" means stays the verifier's
-    # by hand: verifier [1, 1, 0]; only_chats [2, None, None]; nan_first [None, 1, 1]
+    # by hand: verifier [1, 1, 0]; only_chats [2, None, None]; none_first [None, 1, 1]
     assert total == pytest.approx([1 + 0.25 * 2 + 0, 1 + 0 + 3 * 1, 0 + 0 + 3 * 1])
-    assert means == pytest.approx({"verifier": 2 / 3, "only_chats": 2 / 3, "nan_first": 2 / 3})
+    assert means == pytest.approx({"verifier": 2 / 3, "only_chats": 2 / 3, "none_first": 2 / 3})
     assert sum(total) / 3 == pytest.approx(1.0 * 2 / 3 + 0.25 * 2 / 3 + 3.0 * 2 / 3)
 
 
@@ -254,7 +254,7 @@ def test_a_failing_reward_function_fails_the_run_at_its_step(tmp_path, body, tim
 
 
 def test_a_non_number_is_refused():
-    with pytest.raises(RewardFunctionError, match="returned 'yes', not a number or None"):
+    with pytest.raises(RewardFunctionError, match="returned 'yes' for completion 0, not a number or None"):
         from bridgectl.tasks.rewards import checked_values
 
         checked_values("f", ["yes"], 1)

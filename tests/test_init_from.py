@@ -71,3 +71,24 @@ def test_bad_init_from_exits_2_before_writing_anything(tmp_path):
                                           "--name", "x"])
         assert result.exit_code == 2 and "model.init_from" in result.output and "Hint:" in result.output
         assert not (tmp_path / "runs" / "x").exists()
+
+
+def test_pickled_adapter_weights_are_refused(tmp_path):
+    """An adapter directory holding only adapter_model.bin (a pickle, which can run code when loaded) is refused,
+    as full models without safetensors are, before a run directory is written."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    lora = train(tmp_path, "lora", "recipe=sft", "train.max_steps=1", "model.finetune=lora")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(lora / "checkpoints" / "final", pickled)
+    weights = pickled / "adapter_model.safetensors"
+    torch.save(load_file(weights), pickled / "adapter_model.bin")
+    weights.unlink()
+    result = CliRunner().invoke(app, ["run", "recipe=rl", "train.max_steps=1", f"model.init_from={pickled}", *FAST,
+                                      "--out", str(tmp_path / "runs"), "--name", "x"])
+    assert result.exit_code == 2, result.output
+    assert "adapter_model.bin" in result.output and "safetensors" in result.output and "Hint:" in result.output
+    assert not (tmp_path / "runs" / "x").exists()

@@ -98,10 +98,18 @@ class Policy:
 
 def merge_saved_adapters(base: PreTrainedModel, adapter_dir: Path) -> PreTrainedModel:
     """`base` with every adapter saved at `adapter_dir` merged in: the adapter there and any in subdirectories
-    (BRIDGE's upper-level w sits in one), as the run trained them, all active together."""
+    (BRIDGE's upper-level w sits in one), as the run trained them, all active together. Safetensors only, as every
+    other load: peft would otherwise fall back to a pickled adapter_model.bin, which can run code when loaded."""
+    subdirectories = sorted(p for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file())
+    for directory in [adapter_dir, *subdirectories]:
+        if not (directory / "adapter_model.safetensors").is_file():
+            found = "adapter_model.bin" if (directory / "adapter_model.bin").is_file() else "no adapter weights"
+            raise UserError(f"adapter directory {directory} holds {found}, not adapter_model.safetensors",
+                            "only safetensors weights are loaded (a pickled .bin can run code): convert it with "
+                            "peft (model.save_pretrained(dir, safe_serialization=True))")
     model = PeftModel.from_pretrained(base, adapter_dir)
     names = ["default"]
-    for sub in sorted(p for p in adapter_dir.iterdir() if (p / "adapter_config.json").is_file()):
+    for sub in subdirectories:
         model.load_adapter(sub, adapter_name=sub.name)
         names.append(sub.name)
     model.base_model.set_adapter(names)

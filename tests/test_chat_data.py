@@ -129,6 +129,14 @@ def test_malformed_rows_are_refused_with_the_file_and_the_row(tokenizer, tmp_pat
     assert str(path) in raised.value.message and message in raised.value.message
 
 
+def test_a_byte_that_is_not_utf8_is_refused_with_its_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "latin1.jsonl", CHAT_ROWS[:1])
+    path.write_bytes(path.read_bytes() + '{"question": "Caf\u00e9?", "answer": "#### 1"}\n'.encode("latin-1"))
+    with pytest.raises(UserError) as raised:
+        task_of(tokenizer, path=str(path), eval_sets={"test": str(path)})
+    assert "line 2: not UTF-8 text (byte 0xe9 at column 18)" in raised.value.message and raised.value.hint
+
+
 def test_a_malformed_row_exits_2_through_the_cli_and_leaves_no_run(hf_dir, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [CHAT_ROWS[0], {"messages": [{"role": "assistant",
                                                                              "content": "#### 3"}]}])

@@ -78,8 +78,13 @@ def check_jsonl(path: Path) -> int:
     """Every non-blank line must be a JSON object; the first bad line is reported with its number. Returns how
     many rows the file has."""
     rows = 0
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes, decoded line by line: a bad byte is reported with its line number
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
+                                f"{error.start + 1})", "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
             try:

@@ -82,7 +82,9 @@ def run(
             if allow_change:
                 raise UserError("--allow-change applies to --resume only", "drop it, or add --resume RUN_DIR")
             cfg = compose(_resolve_overrides(list(overrides or [])))
-            run_path = out / (name or _default_name(cfg))
+            from bridgectl.runs import new_run_path
+
+            run_path = new_run_path(out, name if name is not None else _default_name(cfg))
             if run_path.exists() and "LOCAL_RANK" not in os.environ:  # torchrun's processes: the launcher checked
                 raise UserError(f"run directory {run_path} already exists",
                                 "choose another --name or --out (runs are never overwritten), or continue it "

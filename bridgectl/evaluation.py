@@ -132,6 +132,16 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
         return evaluate(cfg, decode, ctx.task, ctx.device, show_progress=show_progress)
 
 
+def check_output(output: Path | None, default_directory: Path) -> None:
+    """Raises UserError unless the results can be written: to `output` (a file name, its directory writable) or,
+    without it, into `default_directory` (the run's directory, or the current one for a model)."""
+    from bridgectl.runs import writable_directory
+
+    if output is not None and output.is_dir():
+        raise UserError(f"--output {output} is a directory", "give --output a file name, e.g. --output eval.json")
+    writable_directory(output.parent if output is not None else default_directory, "--output")
+
+
 def run_eval(target: str, overrides: list[str], output: Path | None, show_progress: bool = True,
              checkpoint_name: str | None = None) -> tuple[dict, Path]:
     """Evaluates and writes the JSON; returns (results, where they were written). `checkpoint_name`: a resumable
@@ -141,6 +151,7 @@ def run_eval(target: str, overrides: list[str], output: Path | None, show_progre
     from bridgectl.tasks import make_task
 
     cfg, checkpoint = config_for(target, overrides, need_final=checkpoint_name is None)
+    check_output(output, Path(target) if checkpoint is not None else Path.cwd())  # before minutes of decoding
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)

@@ -43,6 +43,9 @@ def export_run(run_dir: Path, out: Path, checkpoint_name: str | None = None, ada
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty", "give a new or empty --out directory; "
                         "nothing is overwritten")
+    from bridgectl.runs import writable_directory
+
+    writable_directory(out.parent, "--out")  # before the weights are merged, not after
     source = weights_source(run_dir, checkpoint_name)
     cfg = run_config(run_dir)
     if push_to_hub:

@@ -17,7 +17,7 @@ import torch
 trl = pytest.importorskip("trl")
 
 from bridgectl.core.losses import grpo_loss  # noqa: E402
-from tests.hf_fixtures import build_hf_model  # noqa: E402
+from hf_fixtures import build_hf_model  # noqa: E402
 
 PROMPT_LEN, COMPLETION_LEN, ROWS = 5, 7, 4
 

@@ -243,7 +243,7 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
             for cost in ("wall_s", "gen_tokens", "peak_mem_mb"):
                 costs = [r.summary[cost] for r in runs if isinstance(r.summary.get(cost), (int, float))]
                 row[cost] = float(np.mean(costs)) if costs else None
-            if target is not None:
+            if target is not None and any(r.metrics for r in runs):  # base's pseudo-runs log no curve
                 times = [time_to_target(r, metric, target) for r in runs]
                 reached = [t for t in times if t is not None]
                 row["time_to_target_s"] = float(np.mean(reached)) if len(reached) == len(runs) else None
@@ -339,8 +339,9 @@ def display_columns(rows: list[dict]) -> list[tuple[str, callable]]:
     columns += [("wall s", lambda r: _cell(r, "wall_s")), ("gen tokens", lambda r: _cell(r, "gen_tokens")),
                 ("peak MB", lambda r: _cell(r, "peak_mem_mb"))]
     if any("time_to_target_s" in r for r in rows):
-        columns.append(("to target s", lambda r: _cell(r, "time_to_target_s") +
-                        ("" if r.get("reached_target", "").split("/")[0] == str(r["n"]) else f" ({r['reached_target']})")))
+        columns.append(("to target s", lambda r: "-" if "reached_target" not in r else  # base: no curve
+                        _cell(r, "time_to_target_s") + ("" if r["reached_target"].split("/")[0] == str(r["n"])
+                                                        else f" ({r['reached_target']})")))
     return columns
 
 

@@ -192,6 +192,7 @@ def test_baseline_base_is_the_step0_model_once_per_seed(tmp_path):
     rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "base"))
     base = rows["base"]
     assert base["is_baseline"] and base["n"] == 3  # one per seed, not one per run
+    assert "reached_target" not in base  # it has no curve to reach a target on
     assert base["eval/test/accuracy/mean"] == pytest.approx(0.30) and base["eval/test/accuracy/std"] == 0.0
     better = rows["better"]
     assert better["eval/test/accuracy/diff"] == pytest.approx(0.205)

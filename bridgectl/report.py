@@ -92,6 +92,7 @@ def plot_differences(rows: list[dict], path: Path) -> bool:
                           color=color, alpha=0.5, linewidth=3)
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(shown)), [r["group"] for r in shown])
+        axis.set_ylim(len(shown) - 0.5, -0.6)  # first group on top; room for the paired bar under each row
         axis.set_xlabel(f"Δ {name.split('/')[1]} accuracy (points)")
         axis.grid(axis="x", alpha=0.3)
     axes[0][0].set_title("difference from the baseline, 95% Welch interval\n(gray: includes 0; thick: paired "

@@ -393,8 +393,7 @@ def sweep_command(
     from bridgectl import compare as comparison
 
     completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    retried = {t.user_attrs.get("retry_of") for t in study.trials}  # a retry took over their run directories
-    failed = [t for t in study.trials if t.state == TrialState.FAIL and t.number not in retried]
+    failed = sweeping.failed_trials(study)  # not since retried, nor disposed in a claim race (never ran)
     if (out / parsed.name).exists() and any((out / parsed.name).rglob("summary.json")):
         loaded = comparison.load_runs([str(out / parsed.name)])
         if loaded.runs:

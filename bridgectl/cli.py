@@ -183,6 +183,10 @@ def _resume_config(run_path: Path, overrides: list[str], allowed: list[str]):
     if status == "completed":
         raise UserError(f"run {run_path} already completed", "start a new run; its weights are in "
                         "checkpoints/final")
+    if "LOCAL_RANK" not in os.environ:  # torchrun's processes: the launcher checked, and rank 0's heartbeat is new
+        from bridgectl.runs import refuse_if_running
+
+        refuse_if_running(run_path, summary)  # two processes writing one run directory would mix their rows
     cfg = load_run_config(run_path / "config.yaml")
     changed = apply_overrides(cfg, overrides)
     refused = [key for key in changed if key not in allowed]

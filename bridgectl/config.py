@@ -601,9 +601,15 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
 
 
 def load_saved(path: Path) -> DictConfig:
-    """A run's config.yaml, typed by the schema."""
+    """A run's config.yaml, typed by the schema, once it is known whole (run_config.check_whole: a file cut short or
+    missing keys is refused, naming them, not filled with defaults). Only keys added to the schema since an older
+    bridgectl wrote the file take their defaults."""
+    from bridgectl.run_config import check_whole, read_config
+
+    saved = read_config(path)
+    check_whole(path, path.read_text(), saved, schema_types())
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+        return OmegaConf.merge(OmegaConf.structured(Config), saved)
     except OmegaConfBaseException as error:
         raise UserError(f"{path} does not match this version's config: {_translate(error).message}",
                         "it was written by another bridgectl version or edited by hand") from None

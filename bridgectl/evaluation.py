@@ -34,6 +34,10 @@ def config_for(target: str, overrides: list[str], need_final: bool = True) -> tu
         checkpoint = run_dir / "checkpoints" / "final"
         if need_final and not checkpoint.is_dir():
             raise UserError(f"run {run_dir} has no checkpoints/final", "only completed runs can be evaluated")
+        if need_final:
+            from bridgectl.core.checkpoint import check_final
+
+            check_final(checkpoint)
         cfg = load_run_config(run_dir / "config.yaml")
         apply_overrides(cfg, overrides)
         validate(cfg)
@@ -117,12 +121,12 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
     it (stages up to the checkpoint's, since stages may add adapters such as BRIDGE's w) and the checkpoint's
     trainable weights are loaded into it."""
     from bridgectl.config import stage_budgets
-    from bridgectl.core.checkpoint import load_model_tensors, read_checkpoint
+    from bridgectl.core.checkpoint import load_model_tensors, read_named_checkpoint
     from bridgectl.core.context import build_context
     from bridgectl.core.evaluate import decoding
     from bridgectl.stages import build_stage
 
-    meta, _, tensors = read_checkpoint(path)
+    meta, _, tensors = read_named_checkpoint(path)
     ctx = build_context(cfg, show_progress=show_progress)
     for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, stage_budgets(cfg))):
         if index <= meta["stage_index"]:

@@ -90,13 +90,14 @@ def run_config(run_dir: Path):
 
 def weights_source(run_dir: Path, checkpoint_name: str | None) -> Path:
     """checkpoints/final, or the resumable checkpoint named `checkpoint_name`."""
-    from bridgectl.core.checkpoint import list_checkpoints
+    from bridgectl.core.checkpoint import check_final, list_checkpoints
 
     if checkpoint_name is None:
         final = run_dir / "checkpoints" / "final"
         if not final.is_dir():
             raise UserError(f"run {run_dir} has no checkpoints/final", "only completed runs have final weights; "
                             "export one of its resumable checkpoints with --checkpoint step-NNNNNN")
+        check_final(final)  # against its manifest, before anything loads
         return final
     found = {p.name: p for p in list_checkpoints(run_dir / "checkpoints")}
     if checkpoint_name not in found:
@@ -165,11 +166,11 @@ def rebuilt_policy(cfg, checkpoint: Path):
     """The policy as `bridgectl eval --checkpoint` rebuilds it: the run's stages up to the checkpoint's built (a
     stage may add adapters, such as BRIDGE's w), then the checkpoint's trainable weights loaded."""
     from bridgectl.config import stage_budgets
-    from bridgectl.core.checkpoint import load_model_tensors, read_checkpoint
+    from bridgectl.core.checkpoint import load_model_tensors, read_named_checkpoint
     from bridgectl.core.context import build_context
     from bridgectl.stages import build_stage
 
-    meta, _, tensors = read_checkpoint(checkpoint)
+    meta, _, tensors = read_named_checkpoint(checkpoint)
     cfg = cfg.copy()
     cfg.rollout.backend = "hf"  # the weights do not depend on what decodes; no vLLM engine is started for them
     ctx = build_context(cfg, show_progress=False)

@@ -3,11 +3,22 @@ and report a run whose file does not parse, and go on with the rest), and `eval`
 `model.init_from` (which refuse it as bad input: exit 2 with Error: and Hint:, naming the file, never a YAML
 traceback). A file cannot be read when it is missing or unreadable, is not UTF-8, does not parse as YAML (a
 config.yaml written by a bridgectl that redacted its text held `entity: ***`, which YAML reads as an alias), or
-holds something other than a mapping of config keys."""
+holds something other than a mapping of config keys.
+
+A file that parses may still have been cut short or lost keys, and a run resumed, evaluated or exported with defaults
+in their place would use another config than the one it trained with. So bridgectl writes config.yaml between a first
+line recording how many keys it holds and a last line marking its end (config_text), and check_whole refuses, naming
+the missing keys, a file whose end line is gone or that holds fewer keys than its first line records. That is how
+damage is told from age: a file an older bridgectl wrote holds every key it recorded, and only keys added since are
+missing (they take their defaults, as they always did). A file written before the count was recorded has no first
+line to go by; of it only what every version wrote is required: some keys, and `seed` last (the last key of every
+config.yaml bridgectl wrote: a file cut short loses its end first)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Iterable
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +27,61 @@ from bridgectl.errors import UserError
 
 DAMAGED_HINT = ("the run's config.yaml is damaged (edited by hand, or written by an older bridgectl that could write "
                 "`***` unquoted): fix the line named, e.g. quote the value as '***', or leave the run out")
+CONFIG_END = "# end of config.yaml"
+"""The last line of every config.yaml bridgectl writes: a file without it was cut short."""
+_HEADER = re.compile(r"# bridgectl run config: (\d+) keys\b")
+LAST_KEY = "seed"
+"""The last key of every config.yaml any bridgectl version wrote (the schema's last field)."""
+CUT_HINT = ("bridgectl writes config.yaml whole and never fills a run's missing keys with defaults (the run would "
+            "go on with another config): restore the file from a copy of the run directory, or start a new run")
+
+
+def count_keys(data: dict) -> int:
+    """The keys of nested mapping `data` as its YAML lists them: each key whose value is not a non-empty mapping
+    (a section's keys count, the section does not; an empty mapping such as `eval_sets: {}` counts as one)."""
+    return sum(count_keys(value) if isinstance(value, dict) and value else 1 for value in data.values())
+
+
+def config_text(data: dict) -> str:
+    """The text of config.yaml for the plain (resolved, redacted) config `data`: its YAML between a first line
+    recording how many keys it holds and CONFIG_END, which check_whole reads back."""
+    body = OmegaConf.to_yaml(OmegaConf.create(data))
+    return (f"# bridgectl run config: {count_keys(data)} keys; its last line is '{CONFIG_END}' "
+            f"(bridgectl/run_config.py)\n{body}{CONFIG_END}\n")
+
+
+def _present(data: dict, key: str) -> bool:
+    node = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_whole(path: Path, text: str, data: dict, schema_keys: Iterable[str]) -> None:
+    """Raises UserError when config file `path` (its `text`, parsed as `data`) is not whole: cut short (its end line
+    gone), or holding fewer keys than its first line records; for a file without that line (written before it
+    existed), when it holds no key or does not end with LAST_KEY. The message names the schema's keys it lacks."""
+    header = _HEADER.match(text)
+    held = count_keys(data)
+    if header is not None:
+        recorded = int(header.group(1))
+        problems = [] if text.rstrip("\n").rpartition("\n")[2] == CONFIG_END else [f"its last line is not "
+                                                                                  f"'{CONFIG_END}'"]
+        if held < recorded:
+            problems.append(f"it holds {held} of the {recorded} keys its first line records")
+    elif not data:
+        problems = ["it holds no keys"]
+    else:  # written before the count was recorded: only what every version wrote is required
+        problems = [] if list(data)[-1] == LAST_KEY else [f"it does not end with `{LAST_KEY}`, the last key "
+                                                          "bridgectl writes"]
+    if not problems:
+        return
+    missing = [key for key in schema_keys if not _present(data, key)]
+    shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+    raise UserError(f"{path} is cut short or has lost keys: {'; '.join(problems)}"
+                    + (f"; missing: {shown}" if missing else ""), CUT_HINT)
 
 
 def unreadable(path: Path, error: Exception) -> UserError:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -17,17 +18,19 @@ from pathlib import Path
 from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
 from bridgectl.config import stage_budgets
 from bridgectl.core import distributed
-from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
+from bridgectl.core.checkpoint import (PREFIX, CheckpointError, list_checkpoints, read_checkpoint, restore,
+                                       save_checkpoint, write_manifest, written_whole)
 from bridgectl.core.context import build_context, pick_device
 from bridgectl.core.evaluate import eval_metrics, evaluate_all, problem_records
 from bridgectl.core.model import save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory
 from bridgectl.core.ui import console, progress_bar
 from bridgectl.errors import NonFiniteError, StopRun, UserError
-from bridgectl.runs import start_heartbeat
+from bridgectl.runs import refuse_if_running, start_heartbeat
 from bridgectl.stages import build_stage
 from bridgectl.tasks.rewards import RewardFunctionError, load_reward_functions
 
@@ -36,99 +39,211 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
         on_eval: Callable[[int, dict], None] | None = None, resume: bool = False) -> dict:
     """Trains the recipe of `cfg` into a new run directory at `run_path` and returns its summary. `tags` go into
     summary.json (a sweep's study and trial); `on_eval(step, metrics)` is called after each periodic evaluation and
-    may raise StopRun to end the run early with that status. Whatever goes wrong, from loading on, the run
-    directory's summary says so (status failed, interrupted or the StopRun status, and the error).
+    may raise StopRun to end the run early with that status. Whatever goes wrong, from loading on (a checkpoint
+    that does not load included), the run directory's summary says so (status failed, interrupted or the StopRun
+    status, and the error); SIGINT and SIGTERM anywhere in the run end it interrupted (RunSignals).
 
-    `resume`: continue the run at `run_path` from its newest checkpoint (from the start when it has none); the
-    result equals a run that was never stopped (same metrics and weights; tests/test_resume.py)."""
+    `resume`: continue the run at `run_path` from its newest checkpoint that loads (from the start when it has
+    none; a damaged newer one is passed over with a warning); the result equals a run that was never stopped (same
+    metrics and weights; tests/test_resume.py). Refused (UserError) while another process runs it."""
     run_path = Path(run_path).absolute()  # once: checkpoints and the summary stay put whatever changes the cwd later
     budgets = stage_budgets(cfg)
     load_reward_functions(cfg.task)  # a bad task.reward_funcs exits 2 before the run directory exists
     distributed.init_from_environment(pick_device(cfg.train.device).type)  # before anything is written
-    checkpoint = None
-    if resume:
-        summary = json.loads((run_path / "summary.json").read_text())
-        found = list_checkpoints(run_path / "checkpoints", remove_partial=True)
-        checkpoint = read_checkpoint(found[-1]) if found else None
-        meta = checkpoint[0] if checkpoint else {"step": 0, "wall_s": 0.0}
-        # without a checkpoint the run starts over, step 0's evaluation included: no earlier row is kept
-        kept_through = meta["step"] if checkpoint else -1
-        run_dir = RunDir(run_path, resume_after_step=kept_through, wall_offset=meta["wall_s"],
-                         enabled=distributed.is_main())
-        summary.update(status="running", resumed_from_step=meta["step"], **(tags or {}))  # a sweep's retry: its own
-        summary.pop("error", None)
-        run_dir.write_config(cfg)  # the keys --allow-change let through
-    else:
-        run_dir = RunDir(run_path, enabled=distributed.is_main())  # rank 0 writes; other ranks only train
-        run_dir.write_config(cfg)
-        summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
-                   "model": cfg.model.name, **(tags or {}),
-                   "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
-    # before the summary says "running": `bridgectl runs` tells a live run from a killed one by the heartbeat
-    stop_heartbeat = start_heartbeat(run_path) if run_dir.enabled else (lambda: None)
-    run_dir.write_summary(summary)
-    counters = {"steps": 0, "train_tokens": 0, "gen_tokens": 0}
-    try:
-        if cfg.tracker.wandb.mode != "disabled" and distributed.is_main():
-            from bridgectl.core.wandb_sink import WandbSink
+    with RunSignals() as signals:  # from here a signal waits until the summary can say "interrupted"
+        if resume:
+            summary = json.loads((run_path / "summary.json").read_text())
+            if distributed.is_main():
+                refuse_if_running(run_path, summary)  # before this process writes anything there
+            # its logs are cut back once the checkpoint is chosen; until then its clock goes on from the summary's
+            run_dir = RunDir(run_path, existing=True, wall_offset=float(summary.get("wall_s") or 0.0),
+                             enabled=distributed.is_main())
+            summary.update(status="running", **(tags or {}))  # a sweep's retry: its own tags
+            summary.pop("error", None)
+        else:
+            run_dir = RunDir(run_path, enabled=distributed.is_main())  # rank 0 writes; other ranks only train
+            summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
+                       "model": cfg.model.name, **(tags or {}),
+                       "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
+        # before the summary says "running": `bridgectl runs` tells a live run from a killed one by the heartbeat
+        heartbeat = start_heartbeat(run_path) if run_dir.enabled else None
+        counters = {"steps": 0, "train_tokens": 0, "gen_tokens": 0}
+        try:
+            run_dir.write_config(cfg)  # resuming: the keys --allow-change let through
+            run_dir.write_summary(summary)
+            phase = _phases(signals, heartbeat)
+            phase("loading")
+            signals.at_once()
+            checkpoint = _resume_point(run_dir, summary) if resume else None
+            if cfg.tracker.wandb.mode != "disabled" and distributed.is_main():
+                from bridgectl.core.wandb_sink import WandbSink
 
-            run_dir.sinks.append(WandbSink(cfg.tracker.wandb, run_path.name, OmegaConf.to_container(cfg, resolve=True),
-                                           tags, directory=run_path, resume=resume))
-        if cfg.tracker.tensorboard and distributed.is_main():
-            from bridgectl.core.tensorboard_sink import TensorBoardSink
+                run_dir.sinks.append(WandbSink(cfg.tracker.wandb, run_path.name,
+                                               OmegaConf.to_container(cfg, resolve=True), tags, directory=run_path,
+                                               resume=resume))
+            if cfg.tracker.tensorboard and distributed.is_main():
+                from bridgectl.core.tensorboard_sink import TensorBoardSink
 
-            run_dir.sinks.append(TensorBoardSink(run_path, resume=resume))
-        _train(cfg, run_dir, summary, budgets, counters, show_progress, on_eval, checkpoint)
-    except UserError:  # bad input found while loading (a data file, a model path): nothing ran, nothing is kept
-        stop_heartbeat()  # first: a beat written while the directory is removed would leave it half there
-        run_dir.close()
-        if not resume:
-            shutil.rmtree(run_path, ignore_errors=True)
-        raise
-    except BaseException as error:
-        status = error.status if isinstance(error, StopRun) else (
-            "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
-        summary.update(status=status, error=f"{type(error).__name__}: {error}", wall_s=run_dir.wall_s, **counters)
-        run_dir.write_summary(summary)
-        raise
-    finally:
-        stop_heartbeat()
-        run_dir.close()
+                run_dir.sinks.append(TensorBoardSink(run_path, resume=resume))
+            _train(cfg, run_dir, summary, budgets, counters, show_progress, on_eval, checkpoint, signals, phase)
+        except UserError:  # bad input found while loading (a data file, a model path): nothing ran, nothing is kept
+            signals.hold()
+            if heartbeat is not None:
+                heartbeat()  # first: a beat written while the directory is removed would leave it half there
+            run_dir.close()
+            if not resume:
+                shutil.rmtree(run_path, ignore_errors=True)
+            raise
+        except BaseException as error:
+            signals.hold()  # a second signal must not cut the summary's last word short
+            status = error.status if isinstance(error, StopRun) else (
+                "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+            summary.update(status=status, error=f"{type(error).__name__}: {error}", wall_s=run_dir.wall_s,
+                           **counters)
+            _record_end(run_dir, summary)
+            raise
+        finally:
+            if heartbeat is not None:
+                heartbeat()
+            run_dir.close()
     return summary
 
 
-@contextlib.contextmanager
-def stop_requests():
-    """While training: the first SIGINT (Ctrl-C) or SIGTERM asks the loop to stop after the current step (it then
-    writes a checkpoint); a second one stops at once. Yields a dict whose "signal" is set when asked."""
-    requested = {"signal": None}
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield requested
-        return
-
-    def handler(signum, frame):
-        if requested["signal"] is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
-        requested["signal"] = signal.Signals(signum).name
-        console.print(f"{requested['signal']}: stopping after this step and writing a checkpoint "
-                      "(send it again to stop now)")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+def _record_end(run_dir: RunDir, summary: dict) -> None:
+    """Writes the summary of a run that ended early. When even that write fails (a full disk), stderr says so: the
+    summary still says "running", and the caller's exit status is the only other word."""
     try:
-        yield requested
-    finally:
-        for sig, old in previous.items():
+        run_dir.write_summary(summary)
+    except Exception as error:  # the run's own error is raised next: this one must not replace it
+        print(f"Error: {run_dir.path / 'summary.json'} could not record status {summary['status']} "
+              f"({type(error).__name__}: {error}); the run ended with {summary['error']}", file=sys.stderr)
+
+
+def _resume_point(run_dir: RunDir, summary: dict):
+    """The newest checkpoint of a resumed run that loads, as read_checkpoint gives it (None: it has none, and
+    starts over), its logs cut back to it. A damaged newer one is passed over with a warning and named in the
+    summary's `damaged_checkpoints`; CheckpointError (the run fails) when every checkpoint is damaged."""
+    found = list_checkpoints(run_dir.path / "checkpoints", remove_partial=True)
+    damaged = []
+    checkpoint = None
+    for path in reversed(found):
+        try:
+            checkpoint = read_checkpoint(path)
+            break
+        except CheckpointError as error:
+            damaged.append(str(error))
+            if distributed.is_main():
+                console.print(f"[yellow]Warning:[/yellow] checkpoint {escape(str(error))}; "
+                              + ("trying the one before" if path != found[0] else "no checkpoint is left"))
+    if damaged:
+        summary["damaged_checkpoints"] = summary.get("damaged_checkpoints", []) + damaged
+    if checkpoint is None and damaged:
+        raise CheckpointError(f"no checkpoint of {run_dir.path} loads: " + "; ".join(damaged))
+    meta = checkpoint[0] if checkpoint else {"step": 0, "wall_s": 0.0}
+    # without a checkpoint the run starts over, step 0's evaluation included: no earlier row is kept
+    run_dir.cut_back(meta["step"] if checkpoint else -1, meta["wall_s"], meta.get("log_bytes"))
+    summary["resumed_from_step"] = meta["step"]
+    run_dir.write_summary(summary)
+    return checkpoint
+
+
+def _phases(signals: "RunSignals", heartbeat) -> Callable[[str], None]:
+    """The function that records the phase a run enters: in its heartbeat (what `bridgectl runs` and a waiting
+    test read) and for the message of a signal that interrupts it."""
+    def enter(name: str) -> None:
+        signals.phase = name
+        if heartbeat is not None:
+            heartbeat.phase(name)
+    return enter
+
+
+class RunSignals:
+    """SIGINT (Ctrl-C) and SIGTERM for the whole of a run, so that it ends with status interrupted (exit 130)
+    wherever it is, never killed with its summary still saying "running". Installed in the main thread only (no
+    other receives signals); the previous handlers come back when the block ends. A signal is, by mode:
+
+        held       (until the summary says "running", while a checkpoint or the final summary is written) kept,
+                   and raised as KeyboardInterrupt when the mode changes to at once
+        at once    (loading, the initial and final evaluations, the final weights) raised as KeyboardInterrupt
+        after step (the training loop) `requested` is set, and the loop stops after its step with a checkpoint;
+                   a second signal raises at once
+    """
+
+    def __init__(self) -> None:
+        """Held mode; no handler until the block is entered."""
+        self.mode, self.phase, self.requested, self.raised = "held", "starting", None, False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "RunSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._previous.items():
             signal.signal(sig, old)
+
+    def _interrupt(self, name: str) -> None:
+        self.raised = True
+        raise KeyboardInterrupt(f"{name} during {self.phase}")
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.mode == "after step" and self.requested is not None:
+            self.raised = True
+            raise KeyboardInterrupt(f"second {name}")
+        first = self.requested is None
+        self.requested = self.requested or name
+        if self.mode == "at once" and not self.raised:
+            self._interrupt(name)
+        if self.mode == "after step" and first:
+            console.print(f"{name}: stopping after this step and writing a checkpoint (send it again to stop now)")
+
+    def at_once(self) -> None:
+        """Signals interrupt at once from here; one that came while held does now."""
+        self.mode = "at once"
+        if self.requested is not None and not self.raised:
+            self._interrupt(self.requested)
+
+    def hold(self) -> None:
+        """Signals are kept from here (the run is ending: its summary is being written)."""
+        self.mode = "held"
+
+    @contextlib.contextmanager
+    def held(self):
+        """Signals are kept for the block (a checkpoint being written) and interrupt at once after it."""
+        self.mode = "held"
+        yield
+        self.at_once()
+
+    @contextlib.contextmanager
+    def after_step(self):
+        """Signals ask the training loop to stop after its step for the block, and interrupt at once after it."""
+        self.mode = "after step"
+        yield
+        self.mode = "at once"
+
+
+def _save_final(policy, path: Path, whole) -> None:
+    """checkpoints/final (save_policy) with its manifest, written whole or not at all (core/checkpoint.py)."""
+    def write(tmp: Path) -> None:
+        save_policy(policy, tmp, whole)
+        write_manifest(tmp)
+
+    written_whole(path, write)
 
 
 def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], counters: dict,
-           show_progress: bool, on_eval, checkpoint=None) -> None:
+           show_progress: bool, on_eval, checkpoint=None, signals: RunSignals | None = None,
+           phase: Callable[[str], None] = lambda name: None) -> None:
+    signals = signals or RunSignals()
     reset_peak_memory(pick_device(cfg.train.device))
     meta = checkpoint[0] if checkpoint else None
     ctx = build_context(cfg, show_progress, skip=meta["consumed"] if meta else None)
     task, policy, device = ctx.task, ctx.policy, ctx.device
     eval_problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}
     if meta is None:
+        phase("the initial evaluation")
         initial = evaluate_all(ctx, eval_problems, step=0)
         run_dir.log_metrics(0, "init", eval_metrics(initial))
         run_dir.log_problems(0, problem_records(initial))
@@ -140,7 +255,18 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
         counters.update(meta["counters"])
         train_wall = meta["train_wall_s"]
     total_steps = sum(budgets)
-    with progress_bar(enabled=show_progress) as progress, stop_requests() as stop:
+    stage = index = stage_step = None
+
+    def save(step: int, keep: int) -> None:
+        # every rank takes part (train.fsdp gathers sharded tensors whole); rank 0 alone writes
+        save_checkpoint(run_dir.path / "checkpoints", step, policy.model, stage, ctx.sampling_generator,
+                        {"stage_index": index, "stage_step": stage_step, "counters": dict(counters),
+                         "consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed},
+                         "wall_s": run_dir.wall_s, "train_wall_s": train_wall, "log_bytes": run_dir.log_bytes()},
+                        keep=keep)
+
+    phase("training")
+    with progress_bar(enabled=show_progress) as progress, signals.after_step():
         for index, (kind, budget) in enumerate(zip(cfg.recipe.stages, budgets)):
             stage = build_stage(kind, ctx, budget)  # built in order even when resuming: stages may add adapters
             done_in_stage = 0
@@ -150,6 +276,7 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 if index == meta["stage_index"]:
                     restore(policy.model, stage, ctx.sampling_generator, checkpoint[1], checkpoint[2])
                     done_in_stage = meta["stage_step"]
+            stage_step = done_in_stage
             bar = progress.add_task(f"stage {index + 1}/{len(budgets)} {kind}", total=budget,
                                     completed=done_in_stage, info="")
             recent = deque(maxlen=10)
@@ -180,33 +307,43 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 recent.append(output.metrics)
                 progress.update(bar, advance=1, info=_progress_info(recent))
                 every = cfg.train.checkpoint_every
-                stopping = distributed.any_rank(stop["signal"] is not None)  # every rank stops at the same step
-                if (every > 0 and step % every == 0 and step < total_steps) or stopping:
-                    # every rank takes part (train.fsdp gathers sharded tensors whole); rank 0 alone writes
-                    save_checkpoint(run_dir.path / "checkpoints", step, policy.model, stage, ctx.sampling_generator,
-                                    {"stage_index": index, "stage_step": stage_step, "counters": dict(counters),
-                                     "consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed},
-                                     "wall_s": run_dir.wall_s, "train_wall_s": train_wall},
-                                    keep=cfg.train.keep_checkpoints)
+                stopping = distributed.any_rank(signals.requested is not None)  # every rank stops at one step
+                if step < total_steps and ((every > 0 and step % every == 0) or stopping):
+                    save(step, cfg.train.keep_checkpoints)
                 if stopping:
-                    raise KeyboardInterrupt(f"{stop['signal'] or 'a stop on another rank'} at step {step}; resume with "
-                                            f"bridgectl run --resume {run_dir.path}")
+                    if step == total_steps:  # its checkpoint is the last step's, written next
+                        phase("the final checkpoint")
+                        save(step, keep=0)
+                    raise KeyboardInterrupt(f"{signals.requested or 'a stop on another rank'} at step {step}; "
+                                            f"resume with bridgectl run --resume {run_dir.path}")
 
     step = counters["steps"]
+    last = run_dir.path / "checkpoints" / f"{PREFIX}{step:06d}"
+    if stage is not None and not (meta is not None and meta["step"] == step):
+        # the last step's checkpoint, before the final evaluation: a run stopped from here on resumes with that
+        # evaluation alone. Beside the train.keep_checkpoints newest (keep=0 removes none), gone once completed.
+        phase("the final checkpoint")
+        with signals.held():
+            save(step, keep=0)
+    phase("the final evaluation")
     final = evaluate_all(ctx, eval_problems, step=step)
     run_dir.log_metrics(step, "final", eval_metrics(final))
     run_dir.log_problems(step, problem_records(final))
     run_dir.log_completions(step, [dict(s, split=split) for split, r in final.items() for s in r.samples])
+    phase("the final weights")
     whole = distributed.full_state_dict(policy.model)  # train.fsdp: every rank gathers the shards; None otherwise
     if distributed.is_main():
-        save_policy(policy, run_dir.path / "checkpoints" / "final", whole)
+        _save_final(policy, run_dir.path / "checkpoints" / "final", whole)
     summary.update(
         status="completed",
         eval={split: {"accuracy": r.accuracy, "n": r.n, **(r.sampled.metrics() if r.sampled else {})}
               for split, r in final.items()},
         wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device), **counters,
     )
+    signals.hold()  # completed once the summary says so: a signal now changes nothing
     run_dir.write_summary(summary)
+    if distributed.is_main() and last.is_dir():  # checkpoints/final holds the weights; the resumable state goes
+        shutil.rmtree(last, ignore_errors=True)
 
 
 def _progress_info(recent) -> str:

@@ -3,8 +3,9 @@ steps done of the total, final accuracy per eval split and wall-clock.
 
 A run's summary.json says "running" from its start until a final status replaces it, so a run whose process was
 killed outright (SIGKILL, an out-of-memory kill, a lost machine) says "running" forever. The heartbeat tells the
-two apart: while it trains, the run's process keeps `<run>/heartbeat.json` ({host, pid, start_ticks, time}) fresh
-from a background thread (start_heartbeat), so a long step does not look dead. A "running" run is reported running
+two apart: while it trains, the run's process keeps `<run>/heartbeat.json` ({host, pid, start_ticks, time, and
+the phase: loading, initial evaluation, training, final checkpoint, final evaluation, final weights}) fresh from a
+background thread (start_heartbeat), so a long step does not look dead. A "running" run is reported running
 only when that process is still alive (on this host: the pid exists, is not a zombie and started when the recorded
 one did, so a reused pid does not count; on another host: its heartbeat is fresh), and "died" otherwise.
 """
@@ -44,35 +45,60 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
 
 def _write_heartbeat(path: Path, beat: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(dict(beat, time=time.time())))
-    os.replace(tmp, path)  # a reader sees the old beat or the new one, never half of one
+    try:
+        tmp.write_text(json.dumps(dict(beat, time=time.time())))
+        os.replace(tmp, path)  # a reader sees the old beat or the new one, never half of one
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: no half-written temporary file stays behind
+        raise
 
 
-def start_heartbeat(run_path: Path, interval: float = HEARTBEAT_SECONDS) -> Callable[[], None]:
-    """Writes `<run_path>/heartbeat.json` now and every `interval` seconds from a daemon thread; returns the function
-    that stops it (safe to call twice). A beat that fails to write is skipped: the run only looks older."""
-    stat = _proc_stat(os.getpid())
-    beat = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": stat[1] if stat else None,
-            "started": time.time()}
-    path = run_path / HEARTBEAT_FILE
-    _write_heartbeat(path, beat)
-    stop = threading.Event()
+class Heartbeat:
+    """The running run's heartbeat (start_heartbeat): calling it stops the beats (safe twice); `phase(name)` records
+    what the run is doing in the next beat, written at once."""
 
-    def loop() -> None:
-        while not stop.wait(interval):
+    def __init__(self, path: Path, beat: dict, interval: float) -> None:
+        """Writes the first beat now and starts the daemon thread that writes one every `interval` seconds."""
+        self.path, self.beat, self._lock = path, beat, threading.Lock()
+        _write_heartbeat(path, beat)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True,
+                                        name="bridgectl-run-heartbeat")
+        self._thread.start()
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self._write()
+
+    def _write(self) -> None:
+        """One beat; one that fails to write is skipped: the run only looks older."""
+        with self._lock:  # the thread and phase() write the same temporary file
+            if self._stop.is_set() and threading.current_thread() is self._thread:
+                return
             try:
-                _write_heartbeat(path, beat)
+                _write_heartbeat(self.path, self.beat)
             except OSError:
                 pass
 
-    thread = threading.Thread(target=loop, daemon=True, name="bridgectl-run-heartbeat")
-    thread.start()
+    def phase(self, name: str) -> None:
+        """Records that the run is now in phase `name` (while it still beats)."""
+        self.beat = dict(self.beat, phase=name)
+        if not self._stop.is_set():
+            self._write()
 
-    def stop_beating() -> None:
-        stop.set()
-        thread.join()  # no beat is written after this returns (the run directory may be removed next)
+    def __call__(self) -> None:
+        self._stop.set()
+        self._thread.join()  # no beat is written after this returns (the run directory may be removed next)
 
-    return stop_beating
+
+def start_heartbeat(run_path: Path, interval: float = HEARTBEAT_SECONDS) -> Heartbeat:
+    """Writes `<run_path>/heartbeat.json` now and every `interval` seconds from a daemon thread; returns the
+    Heartbeat, which stops it when called (safe to call twice). A beat that fails to write is skipped: the run only
+    looks older."""
+    stat = _proc_stat(os.getpid())
+    beat = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": stat[1] if stat else None,
+            "started": time.time()}
+    return Heartbeat(run_path / HEARTBEAT_FILE, beat, interval)
 
 
 # ---- reading: `bridgectl runs` -----------------------------------------------------------------------------------
@@ -117,6 +143,24 @@ def status_of(run_path: Path, summary: dict, now: float | None = None) -> str:
         return "running" if process_alive(beat.get("pid"), beat.get("start_ticks")) else "died"
     now = time.time() if now is None else now
     return "running" if now - beat.get("time", 0.0) <= STALE_AFTER_SECONDS else "died"
+
+
+def refuse_if_running(run_path: Path, summary: dict, now: float | None = None) -> None:
+    """Raises UserError when the run at `run_path` (its summary `summary`) is running in another process, by
+    status_of's rule (the one that tells running from died): two processes would write one run directory. The
+    calling process's own heartbeat does not count (a sweep retries a trial in the process that ran it)."""
+    if status_of(run_path, summary, now) != "running":
+        return
+    beat = read_heartbeat(run_path) or {}
+    if beat.get("host") == socket.gethostname() and beat.get("pid") == os.getpid():
+        return
+    age = (time.time() if now is None else now) - beat.get("time", 0.0)
+    doing = f", {beat['phase']}" if beat.get("phase") else ""
+    raise UserError(f"run {run_path} is still running (pid {beat.get('pid')} on {beat.get('host')}{doing}; "
+                    f"heartbeat {age:.0f} s ago)",
+                    "wait for it to end, or stop it first (SIGINT or SIGTERM: it checkpoints and stops with status "
+                    "interrupted), then resume; a run on another host counts as dead once its heartbeat is "
+                    f"{STALE_AFTER_SECONDS:.0f} s old")
 
 
 def last_metrics_row(path: Path, block: int = 8192) -> dict | None:

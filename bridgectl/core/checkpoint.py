@@ -5,11 +5,21 @@
     trainer.pt            optimizer and scheduler states, step counters, RNG states (python, numpy, torch, the
                           sampling generator); tensors and plain values only, read with torch.load(weights_only=True)
     meta.json             the step, the stage index and its step, token and wall-clock counters, how many items of
-                          each data stream were consumed (the stream is rebuilt from its seed and fast-forwarded)
+                          each data stream were consumed (the stream is rebuilt from its seed and fast-forwarded),
+                          the size of each log of the run directory then (what a resumed run cuts them back to)
+    manifest.json         the size and sha256 of each file above, written last (checkpoints/final, the weights
+                          written once a run completes, carries one too: check_final)
 
 A checkpoint is written into a temporary directory, every file fsynced, then renamed into place (and the parent
 fsynced): a kill at any instant leaves the previous checkpoints and possibly a `.tmp` directory, never a partial
-`step-*` directory. `train.keep_checkpoints` newest are kept.
+`step-*` directory. A write that fails (a full disk) removes its temporary directory and raises, the previous
+checkpoints untouched. `train.keep_checkpoints` newest are kept (the one of a run's last step, written before its
+final evaluation, does not count and goes once the run completes).
+
+read_checkpoint checks every file against the manifest before loading any, and raises CheckpointError naming what is
+wrong (a file missing, of another size, with another checksum, or that does not load); a resumed run then falls
+back to the previous checkpoint (runner.py). A checkpoint written before manifests existed (its meta.json has no
+"format") is loaded unchecked, as before; one whose meta.json says it has a manifest and lacks it is damaged.
 
 A stage's state is found by walking its attributes, whatever the recipe: integer counters, optimizers and schedulers
 (alone or as (optimizer, scheduler) pairs), dicts of tensors that are not model parameters (the shadow), and
@@ -18,6 +28,8 @@ sub-stages (interleaved's rules). Everything else (config, context, derived sche
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -29,8 +41,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bridgectl.core import distributed
+from bridgectl.errors import UserError
 
 PREFIX = "step-"
+FORMAT = 2
+"""meta.json's "format": 2 has manifest.json; checkpoints without the key were written before it existed."""
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded: a file missing or damaged (the message names the checkpoint and file)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -143,21 +163,124 @@ def save_checkpoint(directory: Path, step: int, model, stage, sampling_generator
         return None
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:06d}"
-    tmp = directory / f".{PREFIX}{step:06d}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(tensors, str(tmp / "weights.safetensors"))
-    torch.save({"stage": plain, "rng": rng_state(sampling_generator)}, tmp / "trainer.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2))
-    for file in tmp.iterdir():
-        _fsync_file(file)
-    _fsync_dir(tmp)
-    if final.exists():  # the same step written again after a resume: replace it
-        _remove(final)
-    os.rename(tmp, final)
-    _fsync_dir(directory)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "weights.safetensors"))
+        _torch_save({"stage": plain, "rng": rng_state(sampling_generator)}, tmp / "trainer.pt")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "format": FORMAT, **meta}, indent=2))
+        write_manifest(tmp)
+
+    written_whole(final, write)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         _remove(old)
+    return final
+
+
+class _Recording(io.RawIOBase):
+    """The file torch.save writes through, keeping the OSError of a write that failed."""
+
+    def __init__(self, handle) -> None:
+        super().__init__()
+        self.handle, self.error = handle, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save to `path`, raising a failed write's own OSError (a full disk: errno 28), where torch would report
+    a RuntimeError about stream positions that does not say why."""
+    with open(path, "wb") as handle:
+        recording = _Recording(handle)
+        try:
+            torch.save(obj, recording)
+        except RuntimeError:
+            if recording.error is not None:
+                raise recording.error from None
+            raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json in `directory`: {"files": {relative path: {"bytes", "sha256"}}} of every file under it, written
+    after them, so that a reader can tell each file is the one written."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps({"files": entries}, indent=2))
+
+
+def verify(directory: Path) -> None:
+    """Raises CheckpointError unless every file manifest.json of `directory` lists is there with its size and
+    sha256 (a checkpoint written before manifests existed passes when its meta.json says so: no "format")."""
+    name = directory.name
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        try:
+            legacy = "format" not in json.loads((directory / "meta.json").read_text())
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"{name}: no {MANIFEST}, and meta.json cannot be read ({error})") from None
+        if legacy:
+            return
+        raise CheckpointError(f"{name}: {MANIFEST} is missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{name}: {MANIFEST} cannot be read ({type(error).__name__}: {error})") from None
+    for relative, expected in files.items():
+        path = directory / relative
+        if not path.is_file():
+            raise CheckpointError(f"{name}: {relative} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise CheckpointError(f"{name}: {relative} has {path.stat().st_size} bytes, not the {expected['bytes']} "
+                                  "written")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{name}: {relative} does not match its sha256 in {MANIFEST} (damaged)")
+
+
+def written_whole(final: Path, write) -> Path:
+    """Has `write(tmp)` fill a temporary directory beside `final`, fsyncs it and renames it to `final` (replacing
+    one there: the same step written again after a resume). A write that fails or is interrupted removes the
+    temporary directory (on a full disk, its files were the space) and raises; what was at `final` stays."""
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
+        _fsync_dir(tmp)
+        replaced = final.with_name(f".{final.name}.tmp-removed{os.getpid()}") if final.exists() else None
+        if replaced is not None:  # renamed aside, not deleted: it comes back if the rename below fails
+            os.rename(final, replaced)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if replaced is not None:
+                os.rename(replaced, final)
+            raise
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno is not None:  # which write failed: the run's error says
+            raise OSError(error.errno, f"{error.strerror or error} (writing {final})") from error
+        raise
+    _fsync_dir(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     return final
 
 
@@ -196,8 +319,8 @@ def list_checkpoints(directory: Path, remove_partial: bool = False) -> list[Path
     with `remove_partial` (when resuming: no writer is alive then)."""
     if not directory.is_dir():
         return []
-    if remove_partial:
-        for partial in directory.glob(f".{PREFIX}*.tmp*"):
+    if remove_partial:  # step checkpoints and the final weights (runner.py) are both written by written_whole
+        for partial in [*directory.glob(f".{PREFIX}*.tmp*"), *directory.glob(".final.tmp*")]:
             shutil.rmtree(partial, ignore_errors=True)
     found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
              and p.name[len(PREFIX):].isdigit()]
@@ -205,11 +328,46 @@ def list_checkpoints(directory: Path, remove_partial: bool = False) -> list[Path
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """(meta, trainer state, tensors) of one checkpoint. Nothing is unpickled beyond tensors and plain values."""
-    meta = json.loads((path / "meta.json").read_text())
-    trainer = torch.load(path / "trainer.pt", weights_only=True)
-    tensors = load_file(str(path / "weights.safetensors"))
+    """(meta, trainer state, tensors) of one checkpoint, its files checked against its manifest first (verify).
+    Nothing is unpickled beyond tensors and plain values. Raises CheckpointError for anything that keeps it from
+    loading, naming the checkpoint and the file."""
+    verify(path)
+    loaders = (("meta.json", lambda file: json.loads(file.read_text())),
+               ("trainer.pt", lambda file: torch.load(file, weights_only=True)),
+               ("weights.safetensors", lambda file: load_file(str(file))))
+    loaded = []
+    for name, load in loaders:
+        try:
+            loaded.append(load(path / name))
+        except Exception as error:  # a legacy checkpoint's damage shows only here: any error is the file's
+            raise CheckpointError(f"{path.name}: {name} does not load ({type(error).__name__}: "
+                                  f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
+    meta, trainer, tensors = loaded
     return meta, trainer, tensors
+
+
+def read_named_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """read_checkpoint for a command given the checkpoint by name (eval and export --checkpoint): a damaged one is
+    refused as UserError naming what is wrong (exit 2), before any model loads."""
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as error:
+        raise UserError(f"checkpoint {error}", f"choose another of the run's checkpoints under {path.parent}, "
+                        "or its final weights (no --checkpoint)") from None
+
+
+def check_final(directory: Path) -> None:
+    """Raises UserError when a run's final weights (checkpoints/final) do not match the manifest written with them
+    (eval, export and model.init_from read them); final weights written before manifests existed have none and are
+    taken as they are."""
+    if not (directory / MANIFEST).exists():
+        return
+    try:
+        verify(directory)
+    except CheckpointError as error:
+        raise UserError(f"run {directory.parent.parent}: checkpoints/{error}",
+                        "its final weights are damaged: use one of its step checkpoints (--checkpoint "
+                        "step-NNNNNN), or train it again") from None
 
 
 def load_model_tensors(model, tensors: dict[str, torch.Tensor]) -> None:

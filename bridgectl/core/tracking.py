@@ -1,10 +1,11 @@
 """The run directory, source of truth for `compare` and `sweep` (its files are documented in the README):
 
-    config.yaml        fully resolved config
+    config.yaml        fully resolved config, between a first line recording its key count and an end line
+                       (run_config.check_whole refuses a file cut short or missing keys)
     metrics.jsonl      one JSON object per logged step: {"step", "stage", "wall_s", <metric>: value, ...}
     summary.json       {"status", "recipe", "seed", "eval", "eval_initial", "wall_s", "peak_mem_mb", ...}
     completions.jsonl  sampled rollouts and eval answers: prompt, completion, reward, step
-    checkpoints/       safetensors weights
+    checkpoints/       step-NNNNNN/ resumable checkpoints with their manifest (core/checkpoint.py), final/ the weights
     tensorboard/       with tracker.tensorboard: metrics.jsonl as TensorBoard events (core/tensorboard_sink.py)
     wandb_run.json     with tracker.wandb: the W&B run id, which a resumed run continues (core/wandb_sink.py)
 """
@@ -22,17 +23,37 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.core.redaction import redact
+from bridgectl.run_config import config_text
 from bridgectl.errors import UserError
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename: a kill leaves the old file or the new one, never half of one."""
+    """Write to a temporary name, fsync, rename: a kill leaves the old file or the new one, never half of one. A
+    write that fails (a full disk) removes its temporary file and raises, the old file untouched."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _append(handle, text: str) -> None:
+    """Appends `text` to the unbuffered binary log `handle` whole or not at all: a write that fails part way (a
+    full disk) is cut back off the file before the error is raised, so the log keeps only complete rows."""
+    data = text.encode()
+    start = os.fstat(handle.fileno()).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[handle.write(view):]
+    except BaseException:
+        os.ftruncate(handle.fileno(), start)
+        raise
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -80,21 +101,29 @@ def _truncate_after(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
+LOGS = ("metrics.jsonl", "completions.jsonl", "eval_problems.jsonl")
+"""The run directory's append-only logs, cut back when a run resumes."""
+
+
 class RunDir:
     """Appends metrics and completions as training goes, writes the summary at the end. Its `sinks` (W&B,
     TensorBoard: log, log_completions, finish) receive the same rows; the files stay the source of truth."""
 
     def __init__(self, path: Path, sinks=(), resume_after_step: int | None = None, wall_offset: float = 0.0,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, existing: bool = False) -> None:
         """A new run directory; or, with `resume_after_step`, an existing one whose logs are cut back to the rows
         of steps up to that one (the checkpoint a resumed run continues from), with its clock continuing from
-        `wall_offset` seconds. `enabled=False` (data-parallel ranks other than 0) writes nothing."""
+        `wall_offset` seconds; or, with `existing` alone, an existing one whose logs open only with cut_back (a
+        resumed run picks its checkpoint first, and may write its summary before). `enabled=False` (data-parallel
+        ranks other than 0) writes nothing."""
         self.path, self.sinks, self._summary, self.enabled = path, list(sinks), {}, enabled
         self.started = time.perf_counter() - wall_offset
+        self._metrics = self._completions = self._problems = None
         if not enabled:
-            self._metrics = self._completions = self._problems = None
             return
-        if resume_after_step is None:
+        if resume_after_step is not None:
+            self.cut_back(resume_after_step, wall_offset)
+        elif not existing:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:  # the claim: one atomic mkdir, before anything is written, so two runs given one name cannot mix
                 self.path.mkdir()
@@ -102,12 +131,37 @@ class RunDir:
                 raise UserError(f"run directory {self.path} already exists (another run claimed it first)",
                                 "choose another --name or --out (runs are never overwritten)") from None
             (self.path / "checkpoints").mkdir()
-        else:
-            for name in ("metrics.jsonl", "completions.jsonl", "eval_problems.jsonl"):
-                _truncate_after(self.path / name, resume_after_step)
-        self._metrics = open(self.path / "metrics.jsonl", "a")
-        self._completions = open(self.path / "completions.jsonl", "a")
-        self._problems = open(self.path / "eval_problems.jsonl", "a")
+            self._open_logs()
+
+    def _open_logs(self) -> None:
+        # unbuffered: each row reaches the file in one write, which _append can take back if it fails
+        self._metrics, self._completions, self._problems = (open(self.path / name, "ab", buffering=0)
+                                                            for name in LOGS)
+
+    def cut_back(self, step: int, wall_offset: float = 0.0, log_bytes: dict | None = None) -> None:
+        """Resuming from the checkpoint of `step`: each log is cut back to what it held when that checkpoint was
+        written (`log_bytes`, its sizes then, recorded in the checkpoint), or, for a checkpoint without them or a
+        log shorter than recorded, to its rows of steps up to `step`; then the logs are opened and the clock
+        continues from `wall_offset` seconds."""
+        self.started = time.perf_counter() - wall_offset
+        if not self.enabled:
+            return
+        for name in LOGS:
+            path, size = self.path / name, (log_bytes or {}).get(name)
+            if size is not None and path.exists() and path.stat().st_size >= size:
+                # the sizes, not the steps: rows of the checkpoint's own step written after it (the final
+                # evaluation follows the last step's checkpoint) go too
+                os.truncate(path, size)
+            else:
+                _truncate_after(path, step)
+        self._open_logs()
+
+    def log_bytes(self) -> dict[str, int] | None:
+        """The size of each log now (recorded in a checkpoint, for cut_back); None where nothing is written."""
+        if not self.enabled or self._metrics is None:
+            return None
+        return {name: os.fstat(handle.fileno()).st_size
+                for name, handle in zip(LOGS, (self._metrics, self._completions, self._problems))}
 
     @property
     def wall_s(self) -> float:
@@ -119,7 +173,7 @@ class RunDir:
         if not self.enabled:
             return
         data = redact(OmegaConf.to_container(cfg, resolve=True))
-        atomic_write_text(self.path / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(data)))
+        atomic_write_text(self.path / "config.yaml", config_text(data))  # with its key count and end line
 
     def log_metrics(self, step: int, stage: str, metrics: dict) -> None:
         if not self.enabled:
@@ -127,8 +181,7 @@ class RunDir:
         row = {"step": step, "stage": stage, "wall_s": round(self.wall_s, 3)}
         row.update({key: _finite(value) for key, value in metrics.items()})
         row = redact(row)  # numbers pass unchanged; a stage name is text like any other
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
+        _append(self._metrics, json.dumps(row) + "\n")
         for sink in self.sinks:
             sink.log(step, {key: value for key, value in row.items() if key != "step"})
 
@@ -136,9 +189,7 @@ class RunDir:
         if not self.enabled:
             return
         rows = [redact(row) for row in rows]
-        for row in rows:
-            self._completions.write(json.dumps({"step": step, **row}) + "\n")
-        self._completions.flush()
+        _append(self._completions, "".join(json.dumps({"step": step, **row}) + "\n" for row in rows))
         for sink in self.sinks:
             sink.log_completions(step, rows)
 
@@ -147,9 +198,8 @@ class RunDir:
         paired comparisons read."""
         if not self.enabled:
             return
-        for row in rows:
-            self._problems.write(json.dumps(redact({"step": step, **row}), separators=(",", ":")) + "\n")
-        self._problems.flush()
+        _append(self._problems, "".join(json.dumps(redact({"step": step, **row}), separators=(",", ":")) + "\n"
+                                        for row in rows))
 
     def write_summary(self, summary: dict) -> None:
         self._summary = dict(summary)
@@ -160,9 +210,9 @@ class RunDir:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._metrics.close()
-        self._completions.close()
-        self._problems.close()
+        for handle in (self._metrics, self._completions, self._problems):
+            if handle is not None:
+                handle.close()
         sinks, self.sinks = self.sinks, []  # closing twice (an error path, then finally) finishes them once
         for sink in sinks:
             sink.finish(self._summary)

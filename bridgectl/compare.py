@@ -209,8 +209,10 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
             raise UserError(f"no group '{baseline}' to use as --baseline (task {task}, model {model})",
                             f"groups by {', '.join(by)}: {', '.join(_label(k) for k in groups)}; "
                             f"or --baseline {BASE_GROUP}: the base model, from the runs' step-0 evaluations")
+        # time-to-target: when a run first reaches the baseline's final mean; not for the base model, which every
+        # run is at from its step-0 evaluation
         target = (np.mean([r.final(metric) for r in baseline_runs if r.final(metric) is not None])
-                  if baseline_runs else None)
+                  if baseline_runs and any(r.metrics for r in baseline_runs) else None)
         views = [(name, lambda r, n=name: r.final(n)) for name in metrics]
         if at_seconds is not None:
             views += [(f"{name}@{at_seconds:g}s", lambda r, n=name: value_at(r, n, at_seconds)) for name in metrics]

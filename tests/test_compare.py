@@ -386,3 +386,17 @@ def test_readme_paper_comparison_is_what_compare_prints_for_the_recorded_sweep()
     assert "paired" in table[0]  # every run recorded its problems: the paired comparison is there
     readme = (root / "README.md").read_text()
     assert all(line in readme for line in table)
+
+
+def test_readme_real_model_table_is_what_compare_prints_for_the_recorded_study():
+    """The README's "A real model learns" table: the recorded sweeps/smollm2_wordmath.yaml runs against the base
+    model (their step-0 evaluations), as compare prints them with the flags the README gives."""
+    root = Path(__file__).resolve().parent.parent
+    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "smollm2-wordmath"), "--baseline", "base",
+                                      "--format", "markdown"])
+    assert output.exit_code == 0, output.output
+    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    assert table[2].startswith("| base ") and "paired" in table[0]  # the base first; every run recorded its problems
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- smollm2-table -->")[1].split("<!-- /smollm2-table -->")[0]
+    assert [line for line in block.splitlines() if line.startswith("|")] == table

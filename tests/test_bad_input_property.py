@@ -74,3 +74,39 @@ def test_random_bad_overrides_exit_2_and_touch_nothing(tmp_path, monkeypatch, tr
         assert said.startswith("Error:") and "Hint:" in said and "Traceback" not in result.output, (command, said)
     assert training_refused == []
     assert snapshot(tmp_path) == before, overrides
+
+
+# ---- sweep specs --------------------------------------------------------------------------------------------------
+GOOD_SPEC = {"name": "prop", "base": ["recipe=sft", "train.max_steps=1"], "seeds": [0],
+             "objective": {"metric": "eval/test/accuracy", "direction": "maximize"}, "sampler": "grid",
+             "params": {"bridge.lam": {"type": "float", "values": [0.3, 0.5]}}}
+# values of the wrong YAML type or shape for each field, one of which replaces the good value
+WRONG = {"name": [[1, 2], {"a": 1}, 3], "base": ["recipe=sft", 5, {"a": 1}], "seeds": ["abc", 3, [0, 1.5], [None]],
+         "objective": [3, "eval/test/accuracy", {"metric": 3}, {"metrc": "x"}, {"direction": "sideways"}],
+         "sampler": [3, "annealing", ["grid"]], "n_trials": ["x", True, 0, -2, 1.5], "pruner": ["wise", 7],
+         "params": [[1, 2], "bridge.lam", {"bridge.lam": 0.5}, {"bridge.lamda": {"type": "float", "values": [1]}},
+                    {"bridge.lam": {"type": "float", "low": "a", "high": 1}}],
+         "colour": ["blue"]}
+
+
+def bad_spec(index: int) -> dict:
+    rng = random.Random(1000 + index)
+    spec = {key: value for key, value in GOOD_SPEC.items() if rng.random() > 0.2 or key in ("params",)}
+    field = rng.choice(sorted(WRONG))
+    spec[field] = rng.choice(WRONG[field])
+    return spec
+
+
+@pytest.mark.parametrize("index", range(N_CASES // 2))
+def test_random_bad_sweep_specs_exit_2_and_touch_nothing(tmp_path, monkeypatch, training_refused, index):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(bad_spec(index)))
+    before = snapshot(tmp_path)
+    for command in (["sweep", "spec.yaml", "--out", "out"], ["sweep", "spec.yaml", "--dry-run", "--out", "out"]):
+        result = CliRunner().invoke(app, command)
+        said = " ".join(result.output.split())
+        assert result.exit_code == 2, (bad_spec(index), said)
+        assert said.startswith("Error:") and "Hint:" in said and "Traceback" not in result.output, said
+    assert training_refused == [] and snapshot(tmp_path) == before

@@ -344,8 +344,10 @@ def dispose(study, trial_id: int, reason: str) -> None:
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    study._storage.set_trial_system_attr(trial_id, DISPOSED, reason)  # first: no reader sees it failed unmarked
+    # Another process of a claim race may dispose the same copy first (mark, then fail): a finished trial here
+    # was disposed already, mark included, so both steps are skipped once it is.
     with contextlib.suppress(UpdateFinishedTrialError):
+        study._storage.set_trial_system_attr(trial_id, DISPOSED, reason)  # first: no reader sees it failed unmarked
         study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
 
 

@@ -326,7 +326,9 @@ def test_two_sweep_processes_on_one_grid_run_every_point_exactly_once(tmp_path):
     finally:
         for process in processes:
             end_group(process)
-    assert [process.returncode for process in processes] == [0, 0], outputs
+    said = "\n".join(f"--- process {index} (exit {process.returncode}):\n{output}"
+                     for index, (process, output) in enumerate(zip(processes, outputs)))
+    assert [process.returncode for process in processes] == [0, 0], said  # a string: shown whole, not cut
     sweep_dir = tmp_path / "out" / "race"
     study = sweep.make_study(sweep.load_spec(spec_path), sweep_dir, None)
     ran = [t for t in study.trials if not sweep.is_disposed(t)]
@@ -430,6 +432,23 @@ def test_a_queue_copy_enqueued_in_a_race_is_never_run(tmp_path, storage):
     copy = second.trials[1]
     assert copy.state == TrialState.FAIL and "second copy" in copy.system_attrs[sweep.DISPOSED]
     assert sweep.read_progress(second).failed == 0 and sweep.failed_trials(second) == []
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_two_processes_disposing_one_queue_copy_both_go_on(tmp_path, storage):
+    """Both processes of a claim race see the same surplus copy waiting and dispose it: the second finds it
+    already disposed and goes on (it once raised UpdateFinishedTrialError from the storage, failing its sweep
+    with exit 1 in CI)."""
+    spec = bare_spec("grid", {"bridge.lam": {"type": "float", "values": [0.5]}})
+    first, second = (sweep.make_study(spec, tmp_path, storage_url(storage, tmp_path)) for _ in range(2))
+    for study in (first, second):
+        study.enqueue_trial({"bridge.lam": 0.5}, user_attrs={"claim": sweep.claim_key({"bridge.lam": 0.5}, 0)})
+    copy_id = second.trials[1]._trial_id
+    sweep.dispose(first, copy_id, "a second copy (first process)")
+    sweep.dispose(second, copy_id, "a second copy (second process)")
+    copy = second.trials[1]
+    assert copy.state == TrialState.FAIL and copy.system_attrs[sweep.DISPOSED] == "a second copy (first process)"
+    assert sweep.claim_queued(second, "b").number == 0
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PartialFixedSampler

@@ -77,7 +77,9 @@ def run(
     """Train one recipe into a new run directory and print eval accuracy before and after."""
     try:
         if resume is not None:
-            cfg, run_path = _resume_config(resume, list(overrides or []), list(allow_change or []))
+            from bridgectl.runs import resume_config
+
+            cfg, run_path = resume_config(resume, list(overrides or []), list(allow_change or []))
         else:
             if allow_change:
                 raise UserError("--allow-change applies to --resume only", "drop it, or add --resume RUN_DIR")
@@ -107,7 +109,11 @@ def run(
         return
     worker_rank = int(os.environ.get("RANK", "0"))  # set by torchrun in the processes it starts
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        _launch_data_parallel(nproc, list(overrides or []), run_path, resume, list(allow_change or []))
+        from bridgectl.launch import launch_data_parallel
+
+        returncode = launch_data_parallel(nproc, list(overrides or []), run_path, resume, list(allow_change or []))
+        if returncode != 0:  # torchrun's exit status becomes ours
+            raise typer.Exit(returncode)
         return
     if worker_rank == 0:
         console.print(f"[bold]bridgectl run[/bold] recipe [cyan]{cfg.recipe.name}[/cyan] ({plan} steps), "
@@ -141,61 +147,6 @@ def run(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-
-
-def _launch_data_parallel(nproc: int, overrides: list[str], run_path: Path, resume: Path | None,
-                          allow_change: list[str]) -> None:
-    """Runs this same command in `nproc` processes under torchrun (one host); its exit status becomes ours."""
-    import subprocess
-
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "bridgectl.cli", "run", *overrides]
-    if resume is not None:
-        command += ["--resume", str(resume), *(f"--allow-change={key}" for key in allow_change)]
-    else:  # the name is fixed here: each process would otherwise stamp its own time into the default name
-        command += ["--out", str(run_path.parent), "--name", run_path.name]
-    console.print(f"launching {nproc} data-parallel processes: {escape(' '.join(command[2:]))}")
-    try:
-        returncode = subprocess.run(command).returncode
-    except KeyboardInterrupt:  # torchrun passed the signal on; its processes checkpoint and stop
-        returncode = 130
-    if returncode != 0:
-        raise typer.Exit(returncode)
-
-
-def _resume_config(run_path: Path, overrides: list[str], allowed: list[str]):
-    """The run's saved config with the overrides on top; an override that changes a value needs --allow-change."""
-    import json
-
-    from bridgectl.config import apply_overrides, validate
-    from bridgectl.run_config import load_run_config
-
-    if not (run_path / "config.yaml").is_file() or not (run_path / "summary.json").is_file():
-        raise UserError(f"{run_path} is not a run directory (no config.yaml and summary.json)",
-                        "give a directory made by bridgectl run")
-    try:
-        summary = json.loads((run_path / "summary.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        summary = None
-    if not isinstance(summary, dict):
-        raise UserError(f"{run_path}/summary.json is not a JSON object", "the run directory is damaged")
-    status = summary.get("status")
-    if status == "completed":
-        raise UserError(f"run {run_path} already completed", "start a new run; its weights are in "
-                        "checkpoints/final")
-    if "LOCAL_RANK" not in os.environ:  # torchrun's processes: the launcher checked, and rank 0's heartbeat is new
-        from bridgectl.runs import refuse_if_running
-
-        refuse_if_running(run_path, summary)  # two processes writing one run directory would mix their rows
-    cfg = load_run_config(run_path / "config.yaml")
-    changed = apply_overrides(cfg, overrides)
-    refused = [key for key in changed if key not in allowed]
-    if refused:
-        raise UserError(f"the overrides change {', '.join(refused)} of the run being resumed",
-                        "resume with the run's own config, or allow each change: "
-                        + " ".join(f"--allow-change {key}" for key in refused))
-    validate(cfg)
-    return cfg, run_path
 
 
 def _print_eval_table(summary: dict, run_path: Path) -> None:
@@ -234,7 +185,8 @@ def recipes() -> None:
     console.print(kinds)
 
 
-def _print_comparison(rows: list[dict], notes: list[str]) -> None:
+def _print_comparison(rows: list, notes: list[str]) -> None:
+    """compare.compare's rows (compare_rows.GroupRow) as one table per task and model, then the notes."""
     from bridgectl import compare as comparison
 
     for (task, model), section in comparison.sections_of(rows).items():
@@ -349,6 +301,7 @@ def sweep_command(
 ) -> None:
     """Run (or resume) an Optuna study over `bridgectl run` configs, then compare its trials."""
     from bridgectl import sweep as sweeping
+    from bridgectl.sweep_spec import load_spec
 
     try:
         if workers < 1:
@@ -358,7 +311,7 @@ def sweep_command(
         launcher_options = _key_values(launcher_opt or [], "--launcher-opt")
         if launcher_options and launcher == "local":
             raise UserError("--launcher-opt applies to --launcher slurm or submitit-local", "drop it, or add --launcher slurm")
-        parsed = sweeping.load_spec(spec)
+        parsed = load_spec(spec)
         if launcher != "local":  # settings checked now, in a scratch folder: nothing is written before a trial
             with tempfile.TemporaryDirectory() as scratch:
                 sweeping.make_executor(launcher, Path(scratch), launcher_options)
@@ -373,17 +326,9 @@ def sweep_command(
         console.print(f"  every run: {escape(' '.join(parsed.base))} (+ params, seed)")
         return
     from bridgectl.core.ui import progress_bar
-    from optuna.trial import TrialState
 
     with progress_bar() as progress:
-        bar = progress.add_task("trials", total=total, info="")
-
-        def on_progress(state: "sweeping.Progress") -> None:  # read from the storage: every worker's trials
-            best = f"{state.best:.3f}" if state.best is not None else "-"
-            progress.update(bar, completed=state.done + state.pruned,
-                            info=f"done {state.done} running {state.running} pruned {state.pruned} "
-                                 f"failed {state.failed} best {best}")
-
+        on_progress = sweeping.progress_view(progress, progress.add_task("trials", total=total, info=""))
         try:
             study = sweeping.run_sweep(spec, out, workers, storage, on_progress=on_progress, launcher=launcher,
                                        launcher_options=launcher_options)
@@ -394,20 +339,10 @@ def sweep_command(
             _fail(error.message, error.hint, 2)
         except RuntimeError as error:  # a cluster job died; its trial is retried when the sweep resumes
             _fail(str(error), "re-run the same command to resume the study", 1)
-    from bridgectl import compare as comparison
-
-    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    failed = sweeping.failed_trials(study)  # not since retried, nor disposed in a claim race (never ran)
-    if (out / parsed.name).exists() and any((out / parsed.name).rglob("summary.json")):
-        loaded = comparison.load_runs([str(out / parsed.name)])
-        if loaded.runs:
-            rows = comparison.compare(loaded, list(parsed.params) or ["trial"], parsed.metric, None)
-            _print_comparison(rows, comparison.footnotes(loaded, rows))
-    if failed:
-        console.print(f"{len(failed)} trial(s) failed; their run directories hold the error in summary.json")
-    if completed:
-        console.print(f"best trial {study.best_trial.number}: {parsed.metric} = {study.best_value:.3f} with "
-                      f"{escape(str(study.best_params))}")
+    compared = sweeping.trial_comparison(parsed, out / parsed.name)  # rows and footnotes, as compare prints them
+    if compared is not None:
+        _print_comparison(*compared)
+    sweeping.print_outcome(study, parsed)
 
 
 @app.command("eval")

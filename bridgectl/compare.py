@@ -19,12 +19,14 @@ import glob
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bridgectl import stats
+from bridgectl.compare_rows import Difference, GroupRow, Metric, MetricSummary, TimeToTarget, flatten
 from bridgectl.errors import UserError
 from bridgectl.run_config import read_config
 
@@ -65,6 +67,13 @@ class Loaded:
     unreadable: list[str] = field(default_factory=list)  # why each run counted "unreadable" was left out
 
 
+def run_dirs_under(directory: Path) -> list[Path]:
+    """The directories under `directory` (itself included) that hold summary.json. os.walk skips a directory that
+    vanishes while it walks, where Path.rglob raises FileNotFoundError: a live run beside the finished ones (a
+    sweep's other trial) deletes its older checkpoints as it writes new ones."""
+    return sorted(Path(root) for root, _, files in os.walk(directory) if "summary.json" in files)
+
+
 def find_run_dirs(paths: list[str]) -> list[Path]:
     """Run directories under each PATH: a run directory itself, a directory of runs (searched recursively), or a
     glob pattern."""
@@ -75,7 +84,7 @@ def find_run_dirs(paths: list[str]) -> list[Path]:
             if (path / "summary.json").is_file():
                 found.append(path)
             elif path.is_dir():
-                found.extend(sorted(p.parent for p in path.rglob("summary.json")))
+                found.extend(run_dirs_under(path))
     return sorted(set(found))
 
 
@@ -187,19 +196,58 @@ def _label(values: tuple) -> str:
     return ", ".join(str(v) for v in values)
 
 
+def _read(run: Run, metric: Metric) -> float | None:
+    """A run's value of `metric`: its final one, or as of metric.at_seconds (value_at)."""
+    if metric.at_seconds is None:
+        return run.final(metric.logged)
+    return value_at(run, metric.logged, metric.at_seconds)
+
+
+def _summary(metric: Metric, runs: list[Run], baseline_runs: list[Run] | None) -> MetricSummary | None:
+    """`metric` over a group's runs, against the baseline group's when there is one; None when no run has it."""
+    values = [v for v in (_read(r, metric) for r in runs) if v is not None]
+    if not values:
+        return None
+    interval = stats.mean_interval(values)
+    # every eval metric is a share of problems: its mean lies in [0, 1], and so does its interval
+    low, high = (max(interval[0], 0.0), min(interval[1], 1.0)) if interval else (None, None)
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: neither a spread nor an interval
+    summary = MetricSummary(metric, float(np.mean(values)), std, low, high)
+    base_values = [v for v in (_read(r, metric) for r in baseline_runs or []) if v is not None]
+    if baseline_runs is runs:
+        summary.difference = Difference(0.0, of_baseline=True)
+    elif base_values:
+        test = stats.welch(values, base_values) or {}
+        summary.difference = Difference(float(np.mean(values) - np.mean(base_values)), ci_low=test.get("low"),
+                                        ci_high=test.get("high"), p=test.get("p"),
+                                        seeds_needed=stats.seeds_needed(values, base_values))
+        if metric.name == "accuracy" and metric.at_seconds is None:  # final greedy accuracy: runs may be paired
+            paired = paired_difference(runs, baseline_runs, metric.split)
+            if paired is not None:
+                summary.difference.paired_ci_low, summary.difference.paired_ci_high = paired["low"], paired["high"]
+    return summary
+
+
+def _mean_cost(runs: list[Run], cost: str) -> float | None:
+    """Mean of a summary.json cost (wall_s, gen_tokens, peak_mem_mb) over the runs that recorded it."""
+    costs = [r.summary[cost] for r in runs if isinstance(r.summary.get(cost), (int, float))]
+    return float(np.mean(costs)) if costs else None
+
+
 def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
-            at_seconds: float | None = None) -> list[dict]:
+            at_seconds: float | None = None) -> list[GroupRow]:
     """One row per (task, model, group): the numbers every output format carries. `at_seconds` adds, for every
-    eval metric, its value at that wall-clock time (value_at) as `<metric>@<S>s`."""
+    eval metric, its value at that wall-clock time (value_at), keyed `<metric>@<S>s`."""
     sections: dict[tuple, dict[tuple, list[Run]]] = {}
     for run in loaded.runs:
         section = (run.summary.get("task", run.value("task.name")), run.summary.get("model", run.value("model.name")))
         sections.setdefault(section, {}).setdefault(tuple(run.value(k) for k in by), []).append(run)
     rows = []
     for (task, model), groups in sections.items():
-        metrics = sorted({f"eval/{split}/{name}" for runs in groups.values() for r in runs
-                          for split, values in r.summary.get("eval", {}).items() for name in values
-                          if name == "accuracy" or name.split("@")[0] in ("pass", "maj", "mean") and "@" in name})
+        finals = sorted({Metric(split, name) for runs in groups.values() for r in runs
+                         for split, values in r.summary.get("eval", {}).items() for name in values
+                         if name == "accuracy" or name.split("@")[0] in ("pass", "maj", "mean") and "@" in name},
+                        key=lambda m: m.logged)
         if baseline == BASE_GROUP and not any(_label(key) == BASE_GROUP for key in groups):
             initial = base_runs([run for runs in groups.values() for run in runs])
             if initial:
@@ -213,43 +261,16 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
         # run is at from its step-0 evaluation
         target = (np.mean([r.final(metric) for r in baseline_runs if r.final(metric) is not None])
                   if baseline_runs and any(r.metrics for r in baseline_runs) else None)
-        views = [(name, lambda r, n=name: r.final(n)) for name in metrics]
-        if at_seconds is not None:
-            views += [(f"{name}@{at_seconds:g}s", lambda r, n=name: value_at(r, n, at_seconds)) for name in metrics]
+        views = finals + ([Metric(m.split, m.name, at_seconds) for m in finals] if at_seconds is not None else [])
         for key, runs in groups.items():
-            row = {"task": task, "model": model, "group": _label(key), "n": len(runs),
-                   "too_few_seeds": len(runs) < stats.FEW_SEEDS, "is_baseline": runs is baseline_runs}
-            for name, read in views:
-                values = [read(r) for r in runs if read(r) is not None]
-                if not values:
-                    continue
-                row[f"{name}/mean"] = float(np.mean(values))
-                row[f"{name}/std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: none
-                interval = stats.mean_interval(values)
-                # every eval metric is a share of problems: its mean lies in [0, 1], and so does its interval
-                row[f"{name}/ci_low"], row[f"{name}/ci_high"] = (
-                    (max(interval[0], 0.0), min(interval[1], 1.0)) if interval else (None, None))
-                if baseline_runs is runs:
-                    row[f"{name}/diff"] = 0.0
-                elif baseline_runs is not None and any(read(r) is not None for r in baseline_runs):
-                    base_values = [read(r) for r in baseline_runs if read(r) is not None]
-                    row[f"{name}/diff"] = float(np.mean(values) - np.mean(base_values))
-                    test = stats.welch(values, base_values)
-                    row[f"{name}/diff_ci_low"], row[f"{name}/diff_ci_high"], row[f"{name}/diff_p"] = (
-                        (test["low"], test["high"], test["p"]) if test else (None, None, None))
-                    row[f"{name}/seeds_needed"] = stats.seeds_needed(values, base_values)
-                    if name.endswith("/accuracy"):  # final greedy accuracy: runs may be paired problem by problem
-                        paired = paired_difference(runs, baseline_runs, name.split("/")[1])
-                        if paired is not None:
-                            row[f"{name}/paired_ci_low"], row[f"{name}/paired_ci_high"] = paired["low"], paired["high"]
-            for cost in ("wall_s", "gen_tokens", "peak_mem_mb"):
-                costs = [r.summary[cost] for r in runs if isinstance(r.summary.get(cost), (int, float))]
-                row[cost] = float(np.mean(costs)) if costs else None
+            summaries = [(view, _summary(view, runs, baseline_runs)) for view in views]
+            row = GroupRow(task, model, key, _label(key), len(runs), runs is baseline_runs,
+                           {view.key: summary for view, summary in summaries if summary is not None},
+                           _mean_cost(runs, "wall_s"), _mean_cost(runs, "gen_tokens"), _mean_cost(runs, "peak_mem_mb"))
             if target is not None and any(r.metrics for r in runs):  # base's pseudo-runs log no curve
-                times = [time_to_target(r, metric, target) for r in runs]
-                reached = [t for t in times if t is not None]
-                row["time_to_target_s"] = float(np.mean(reached)) if len(reached) == len(runs) else None
-                row["reached_target"] = f"{len(reached)}/{len(runs)}"
+                reached = [t for t in (time_to_target(r, metric, target) for r in runs) if t is not None]
+                row.time_to_target = TimeToTarget(float(np.mean(reached)) if len(reached) == len(runs) else None,
+                                                  len(reached), len(runs))
             rows.append(row)
     return rows
 
@@ -265,106 +286,106 @@ def paired_difference(runs: list[Run], base_runs: list[Run], split: str) -> dict
 
 
 # ---- output formats --------------------------------------------------------------------------------------------
-def _cell(row: dict, key: str) -> str:
-    value = row.get(key)
-    if value is None:
-        return "never" if key == "time_to_target_s" else "-"
-    return f"{value:.0f}" if isinstance(value, (int, float)) else str(value)
-
-
-def _short(metric: str) -> str:
-    """`eval/test/accuracy` -> `test acc`: column headers that fit a terminal."""
-    parts = metric.split("/")
-    if len(parts) == 3 and parts[0] == "eval" and parts[2].startswith("accuracy@"):
-        return f"{parts[1]} acc @{parts[2].split('@', 1)[1]}"
-    if len(parts) == 3 and parts[0] == "eval" and parts[2].startswith("pass@"):
-        return f"{parts[1]} {parts[2]}"
-    return f"{parts[1]} acc" if len(parts) == 3 and parts[0] == "eval" and parts[2] == "accuracy" else metric
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _points(value: float | None, signed: bool = False) -> str:
     return "-" if value is None else (f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}")
 
 
-def _mean_cell(row: dict, name: str) -> str:
+def _mean_cell(row: GroupRow, key: str) -> str:
     """mean ± std [95% t interval], in %."""
-    if f"{name}/mean" not in row:
+    summary = row.metrics.get(key)
+    if summary is None:
         return "-"
-    if row.get(f"{name}/std") is None:  # one seed: neither a spread nor an interval
-        return _points(row[f"{name}/mean"])
-    interval = ("" if row.get(f"{name}/ci_low") is None else
-                f" [{_points(row[f'{name}/ci_low'])}, {_points(row[f'{name}/ci_high'])}]")
-    return f"{_points(row[f'{name}/mean'])} ± {_points(row[f'{name}/std'])}{interval}"
+    if summary.std is None:  # one seed: neither a spread nor an interval
+        return _points(summary.mean)
+    interval = "" if summary.ci_low is None else f" [{_points(summary.ci_low)}, {_points(summary.ci_high)}]"
+    return f"{_points(summary.mean)} ± {_points(summary.std)}{interval}"
 
 
-def _difference_cell(row: dict, name: str) -> str:
+def _difference_cell(row: GroupRow, key: str) -> str:
     """Δ [Welch 95% interval] p, in points; where the interval includes zero, the seeds that would separate it."""
-    if f"{name}/diff" not in row:
+    difference = row.difference(key)
+    if difference is None:
         return "-"
-    if row.get("is_baseline"):
+    if row.is_baseline:
         return "baseline"
-    text = _points(row[f"{name}/diff"], signed=True)
-    low, high = row.get(f"{name}/diff_ci_low"), row.get(f"{name}/diff_ci_high")
+    text = _points(difference.diff, signed=True)
+    low, high = difference.ci_low, difference.ci_high
     if low is None:
         return text + " (no interval: under 2 seeds or no spread)"
-    text += f" [{_points(low, True)}, {_points(high, True)}] p={row[f'{name}/diff_p']:.2g}"
+    text += f" [{_points(low, True)}, {_points(high, True)}] p={difference.p:.2g}"
     if low <= 0 <= high:
-        needed = row.get(f"{name}/seeds_needed")
-        text += f", ~{needed} seeds" if needed else ", >1000 seeds" if row[f"{name}/diff"] != 0 else ""
+        needed = difference.seeds_needed
+        text += f", ~{needed} seeds" if needed else ", >1000 seeds" if difference.diff != 0 else ""
     return text
 
 
-def _shown(name: str, all_names: set[str]) -> bool:
+def _paired_cell(row: GroupRow, key: str) -> str:
+    difference = row.difference(key)
+    if difference is None or difference.paired_ci_low is None:
+        return "-"
+    return f"[{_points(difference.paired_ci_low, True)}, {_points(difference.paired_ci_high, True)}]"
+
+
+def _target_cell(row: GroupRow) -> str:
+    """Seconds to the target ("never" unless every run reached it), with how many did when not all."""
+    reach = row.time_to_target
+    if reach is None:  # the base model: no curve
+        return "-"
+    return ("never" if reach.seconds is None else _cell(reach.seconds)) + (
+        "" if reach.reached == row.n else f" ({reach.reached}/{reach.runs})")
+
+
+def _shown(metric: Metric, every_metric: set[Metric]) -> bool:
     """Columns of the table and markdown: greedy accuracy (and its --at-seconds view) and, with eval.k, pass@k at
-    the largest k; every other sampled metric is in the csv and json outputs."""
-    last = name.split("/")[-1]
-    if last == "accuracy" or last.startswith("accuracy@"):
-        return True
-    if not last.startswith("pass@"):
-        return False
-    prefix = name.rsplit("/", 1)[0] + "/pass@"
-    return int(last[5:]) == max(int(n[len(prefix):]) for n in all_names if n.startswith(prefix))
+    the largest k (of its split and view); every other sampled metric is in the csv and json outputs."""
+    if metric.kind != "pass":
+        return metric.name == "accuracy"
+    return metric.k == max(m.k for m in every_metric
+                           if m.kind == "pass" and (m.split, m.at_seconds) == (metric.split, metric.at_seconds))
 
 
-def display_columns(rows: list[dict]) -> list[tuple[str, callable]]:
+def display_columns(rows: list[GroupRow]) -> list[tuple[str, callable]]:
     """(header, row -> text) pairs shared by the table and markdown outputs."""
-    every_name = {k.rsplit("/", 1)[0] for r in rows for k in r if k.endswith("/mean")}
-    metric_names = sorted(name for name in every_name if _shown(name, every_name))
-    columns = [("group", lambda r: r["group"] + (" *" if r["too_few_seeds"] else "")), ("n", lambda r: str(r["n"]))]
-    for name in metric_names:
-        columns.append((f"{_short(name)} %", lambda r, n=name: _mean_cell(r, n)))
-        if any(f"{name}/diff" in r for r in rows):
-            columns.append((f"Δ {_short(name)} pts", lambda r, n=name: _difference_cell(r, n)))
-        if any(f"{name}/paired_ci_low" in r for r in rows):
-            columns.append((f"Δ {_short(name)} paired", lambda r, n=name: "-" if f"{n}/paired_ci_low" not in r else
-                            f"[{_points(r[f'{n}/paired_ci_low'], True)}, {_points(r[f'{n}/paired_ci_high'], True)}]"))
-    columns += [("wall s", lambda r: _cell(r, "wall_s")), ("gen tokens", lambda r: _cell(r, "gen_tokens")),
-                ("peak MB", lambda r: _cell(r, "peak_mem_mb"))]
-    if any("time_to_target_s" in r for r in rows):
-        columns.append(("to target s", lambda r: "-" if "reached_target" not in r else  # base: no curve
-                        _cell(r, "time_to_target_s") + ("" if r["reached_target"].split("/")[0] == str(r["n"])
-                                                        else f" ({r['reached_target']})")))
+    every_metric = {s.metric for r in rows for s in r.metrics.values()}
+    shown = sorted((m for m in every_metric if _shown(m, every_metric)), key=lambda m: m.key)
+    columns = [("group", lambda r: r.group + (" *" if r.too_few_seeds else "")), ("n", lambda r: str(r.n))]
+    for metric in shown:
+        differences = [r.difference(metric.key) for r in rows if r.difference(metric.key) is not None]
+        columns.append((f"{metric.header} %", lambda r, k=metric.key: _mean_cell(r, k)))
+        if differences:
+            columns.append((f"Δ {metric.header} pts", lambda r, k=metric.key: _difference_cell(r, k)))
+        if any(d.paired_ci_low is not None for d in differences):
+            columns.append((f"Δ {metric.header} paired", lambda r, k=metric.key: _paired_cell(r, k)))
+    columns += [("wall s", lambda r: _cell(r.wall_s)), ("gen tokens", lambda r: _cell(r.gen_tokens)),
+                ("peak MB", lambda r: _cell(r.peak_mem_mb))]
+    if any(r.time_to_target is not None for r in rows):
+        columns.append(("to target s", _target_cell))
     return columns
 
 
-def footnotes(loaded: Loaded, rows: list[dict]) -> list[str]:
+def footnotes(loaded: Loaded, rows: list[GroupRow]) -> list[str]:
     notes = ["Accuracy in %: mean ± std over seeds [95% Student-t interval of the mean, cut to [0, 100]]."]
-    if any(k.endswith("/diff") for r in rows for k in r):
+    differences = [s.difference for r in rows for s in r.metrics.values() if s.difference is not None]
+    if differences:
         notes.append("Δ in points against the baseline: difference of means [95% Welch interval] and Welch's "
                      "two-sided p; where the interval includes zero the difference is not shown, and ~N seeds is "
                      "how many per group would make Welch's interval exclude zero if the observed difference and "
                      "spreads held (about half of studies that size would show it).")
-    if any(k.endswith("/paired_ci_low") for r in rows for k in r):
+    if any(d.paired_ci_low is not None for d in differences):
         notes.append("Δ paired: 95% percentile interval of a two-level bootstrap over seeds (within each group) and "
                      "evaluation problems (shared by both groups), 10,000 resamples, for runs evaluated on the same "
                      "problems; at few seeds its seed level understates seed noise, so Welch's is the headline.")
-    if any(r["group"] == BASE_GROUP and r["is_baseline"] for r in rows):
+    if any(r.group == BASE_GROUP and r.is_baseline for r in rows):
         notes.append(f"{BASE_GROUP}: the model the runs started from, as each run evaluated it before its first "
                      "update (one value per seed).")
-    if any(r["too_few_seeds"] for r in rows):
+    if any(r.too_few_seeds for r in rows):
         notes.append(f"* fewer than {stats.FEW_SEEDS} seeds: intervals are wide and only large differences can be "
                      "shown.")
-    if len({(r["task"], r["model"]) for r in rows}) > 1:
+    if len({(r.task, r.model) for r in rows}) > 1:
         notes.append("Runs of different tasks or models are compared in separate tables, never averaged together.")
     if loaded.left_out:
         notes.append("Left out: " + ", ".join(f"{n} {status}" for status, n in sorted(loaded.left_out.items())) + ".")
@@ -373,14 +394,14 @@ def footnotes(loaded: Loaded, rows: list[dict]) -> list[str]:
     return notes
 
 
-def sections_of(rows: list[dict]) -> dict[tuple, list[dict]]:
-    sections: dict[tuple, list[dict]] = {}
+def sections_of(rows: list[GroupRow]) -> dict[tuple, list[GroupRow]]:
+    sections: dict[tuple, list[GroupRow]] = {}
     for row in rows:
-        sections.setdefault((row["task"], row["model"]), []).append(row)
+        sections.setdefault((row.task, row.model), []).append(row)
     return sections
 
 
-def to_markdown(rows: list[dict], notes: list[str]) -> str:
+def to_markdown(rows: list[GroupRow], notes: list[str]) -> str:
     out = []
     for (task, model), section in sections_of(rows).items():
         columns = display_columns(section)
@@ -391,20 +412,21 @@ def to_markdown(rows: list[dict], notes: list[str]) -> str:
     return "\n".join(out + notes) + "\n"
 
 
-def to_csv(rows: list[dict]) -> str:
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("task", "model", "group", "n"), k))
+def to_csv(rows: list[GroupRow]) -> str:
+    flat = flatten(rows)
+    keys = sorted({k for r in flat for k in r}, key=lambda k: (k not in ("task", "model", "group", "n"), k))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
     return buffer.getvalue()
 
 
-def to_json(rows: list[dict], notes: list[str], against: list[dict] | None = None) -> str:
-    def clean(items):
-        return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in items]
+def to_json(rows: list[GroupRow], notes: list[str], against: list[dict] | None = None) -> str:
+    def clean(items):  # json has no NaN or infinity
+        return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in items]
 
-    document = {"groups": clean(rows), "notes": notes}
+    document = {"groups": clean(flatten(rows)), "notes": notes}
     if against is not None:
         document["against"] = clean(against)
     return json.dumps(document, indent=2)
@@ -428,24 +450,24 @@ def load_reference(path: str, by: list[str], metric: str) -> dict:
     return {"kind": "runs", "source": path, "rows": compare(loaded, by, metric, None)}
 
 
-def against_rows(rows: list[dict], reference: dict, metric: str) -> list[dict]:
+def against_rows(rows: list[GroupRow], reference: dict, metric: str) -> list[dict]:
     """Recorded runs: current minus reference mean for every final metric of matching (task, model, group).
     Published tables: the current gain of each group over `rl` beside the published gain over `rl` per model
     (different tasks and models, so only the ordering is comparable, not absolute numbers)."""
     out = []
     if reference["kind"] == "runs":
-        by_key = {(r["task"], r["model"], r["group"]): r for r in reference["rows"]}
+        by_key = {(r.task, r.model, r.group): r for r in reference["rows"]}
         for row in rows:
-            ref = by_key.get((row["task"], row["model"], row["group"]))
+            ref = by_key.get((row.task, row.model, row.group))
             if ref is None:
                 continue
-            entry = {"task": row["task"], "model": row["model"], "group": row["group"], "n": row["n"], "n_ref": ref["n"]}
-            for key in row:
-                if key.endswith("/mean") and key in ref:
-                    entry[key.replace("/mean", "/delta")] = row[key] - ref[key]
+            entry = {"task": row.task, "model": row.model, "group": row.group, "n": row.n, "n_ref": ref.n}
+            for key, summary in row.metrics.items():
+                if key in ref.metrics:
+                    entry[f"{key}/delta"] = summary.mean - ref.metrics[key].mean
             out.append(entry)
         return out
-    current = {r["group"]: r.get(f"{metric}/mean") for r in rows}
+    current = {r.group: r.metrics[metric].mean if metric in r.metrics else None for r in rows}
     for group, value in current.items():
         entry = {"group": group, f"{metric}/gain_over_rl": None if value is None or current.get("rl") is None
                  else value - current["rl"]}
@@ -463,7 +485,8 @@ def against_markdown(entries: list[dict], reference: dict) -> str:
     if not entries:
         return f"No group matches the reference {reference['source']}.\n"
     keys = [k for k in dict.fromkeys(k for e in entries for k in e) if k not in ("task", "model", "group", "n")]
-    lines = [f"Against {reference['source']}:", "", "| group | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    lines = [f"Against {reference['source']}:", "", "| group | " + " | ".join(keys) + " |",
+             "|" + "---|" * (len(keys) + 1)]
     for entry in entries:
         cells = [f"{entry[k]:+.3f}" if isinstance(entry.get(k), float) else str(entry.get(k, "-")) for k in keys]
         lines.append(f"| {entry['group']} | " + " | ".join(cells) + " |")

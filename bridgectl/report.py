@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bridgectl.compare import Loaded, footnotes, to_csv, to_markdown
+from bridgectl.compare_rows import GroupRow, flatten
 
 # (file name, metric, x axis, title, smoothing window in logged steps)
 PLOTS = [
@@ -66,7 +67,7 @@ def plot(groups: dict[str, list], metric: str, x_key: str, title: str, window: i
     return drawn
 
 
-def plot_differences(rows: list[dict], path: Path) -> bool:
+def plot_differences(rows: list[GroupRow], path: Path) -> bool:
     """Forest plot: each group's difference from the baseline on every split's final accuracy, with its 95% Welch
     interval (and the paired bootstrap's, where runs share their problems), a line at zero; False without one."""
     import matplotlib
@@ -74,26 +75,32 @@ def plot_differences(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({k[:-len("/diff_ci_low")] for r in rows for k in r
-                    if k.endswith("/accuracy/diff_ci_low") and r[k] is not None})
-    shown = [r for r in rows if not r.get("is_baseline") and any(r.get(f"{n}/diff_ci_low") is not None for n in names)]
-    if not names or not shown:
+    def tested(row: GroupRow, key: str) -> bool:  # a difference with a Welch interval (not the baseline's own)
+        difference = row.difference(key)
+        return difference is not None and difference.ci_low is not None
+
+    # final greedy accuracy of each split; not its --at-seconds views
+    metrics = sorted({s.metric for r in rows for s in r.metrics.values() if s.metric.name == "accuracy"
+                      and s.metric.at_seconds is None and tested(r, s.metric.key)}, key=lambda m: m.key)
+    shown = [r for r in rows if not r.is_baseline and any(tested(r, m.key) for m in metrics)]
+    if not metrics or not shown:
         return False
-    figure, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 0.45 * len(shown) + 1.5), squeeze=False)
-    for axis, name in zip(axes[0], names):
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.45 * len(shown) + 1.5), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
         for y, row in enumerate(shown):
-            if row.get(f"{name}/diff_ci_low") is None:
+            if not tested(row, metric.key):
                 continue
-            low, high, diff = (100 * row[f"{name}/{key}"] for key in ("diff_ci_low", "diff_ci_high", "diff"))
+            difference = row.difference(metric.key)
+            low, high, diff = (100 * value for value in (difference.ci_low, difference.ci_high, difference.diff))
             color = "tab:gray" if low <= 0 <= high else ("tab:green" if diff > 0 else "tab:red")
             axis.errorbar(diff, y, xerr=[[diff - low], [high - diff]], fmt="o", color=color, capsize=3)
-            if row.get(f"{name}/paired_ci_low") is not None:
-                axis.plot([100 * row[f"{name}/paired_ci_low"], 100 * row[f"{name}/paired_ci_high"]], [y - 0.2] * 2,
+            if difference.paired_ci_low is not None:
+                axis.plot([100 * difference.paired_ci_low, 100 * difference.paired_ci_high], [y - 0.2] * 2,
                           color=color, alpha=0.5, linewidth=3)
         axis.axvline(0, color="black", linewidth=0.8)
-        axis.set_yticks(range(len(shown)), [r["group"] for r in shown])
+        axis.set_yticks(range(len(shown)), [r.group for r in shown])
         axis.set_ylim(len(shown) - 0.5, -0.6)  # first group on top; room for the paired bar under each row
-        axis.set_xlabel(f"Δ {name.split('/')[1]} accuracy (points)")
+        axis.set_xlabel(f"Δ {metric.split} accuracy (points)")
         axis.grid(axis="x", alpha=0.3)
     axes[0][0].set_title("difference from the baseline, 95% Welch interval\n(gray: includes 0; thick: paired "
                          "bootstrap)", fontsize=9)
@@ -103,7 +110,7 @@ def plot_differences(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_pass_at_k(rows: list[dict], path: Path) -> bool:
+def plot_pass_at_k(rows: list[GroupRow], path: Path) -> bool:
     """pass@k against k (log scale) per group and split from final sampled evaluations (eval.k), with 95%
     t intervals over seeds; False when no run sampled."""
     import matplotlib
@@ -111,22 +118,24 @@ def plot_pass_at_k(rows: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = sorted({k.split("/")[1] for r in rows for k in r if "/pass@" in k and k.endswith("/mean")})
+    def final_pass_at_k(row: GroupRow, split: str) -> list:  # by k; the --at-seconds views are not final
+        return sorted((s for s in row.metrics.values() if s.metric.kind == "pass" and s.metric.split == split
+                       and s.metric.at_seconds is None), key=lambda s: s.metric.k)
+
+    splits = sorted({s.metric.split for r in rows for s in r.metrics.values() if s.metric.kind == "pass"})
     if not splits:
         return False
     figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
     for axis, split in zip(axes[0], splits):
         for row in rows:
-            ks = sorted(int(k.split("@")[1].split("/")[0]) for k in row
-                        if k.startswith(f"eval/{split}/pass@") and k.endswith("/mean"))
-            if not ks:
+            summaries = final_pass_at_k(row, split)
+            if not summaries:
                 continue
-            means = [100 * row[f"eval/{split}/pass@{k}/mean"] for k in ks]
-            lows = [100 * (row[f"eval/{split}/pass@{k}/ci_low"] if row[f"eval/{split}/pass@{k}/ci_low"] is not None
-                           else row[f"eval/{split}/pass@{k}/mean"]) for k in ks]
-            highs = [100 * (row[f"eval/{split}/pass@{k}/ci_high"] if row[f"eval/{split}/pass@{k}/ci_high"] is not None
-                            else row[f"eval/{split}/pass@{k}/mean"]) for k in ks]
-            (line,) = axis.plot(ks, means, marker="o", label=f"{row['group']} (n={row['n']})")
+            ks, means = [s.metric.k for s in summaries], [100 * s.mean for s in summaries]
+            # one seed has no interval: the band shrinks to the mean
+            lows = [100 * (s.ci_low if s.ci_low is not None else s.mean) for s in summaries]
+            highs = [100 * (s.ci_high if s.ci_high is not None else s.mean) for s in summaries]
+            (line,) = axis.plot(ks, means, marker="o", label=f"{row.group} (n={row.n})")
             axis.fill_between(ks, lows, highs, color=line.get_color(), alpha=0.15)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("k")
@@ -139,7 +148,7 @@ def plot_pass_at_k(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(loaded: Loaded, rows: list[dict], by: list[str], metric: str, out_dir: Path) -> list[Path]:
+def write_report(loaded: Loaded, rows: list[GroupRow], by: list[str], metric: str, out_dir: Path) -> list[Path]:
     """report.md, comparison.csv and every plot some run has data for; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list] = {}
@@ -168,7 +177,7 @@ def write_report(loaded: Loaded, rows: list[dict], by: list[str], metric: str, o
     return written
 
 
-def log_to_wandb(rows: list[dict], images: list[Path], by: list[str]) -> str:
+def log_to_wandb(rows: list[GroupRow], images: list[Path], by: list[str]) -> str:
     """Logs the comparison table and plots to a W&B run (job_type=compare): online with credentials, offline
     otherwise (WANDB_MODE wins). Returns the run's local directory."""
     import os
@@ -178,8 +187,9 @@ def log_to_wandb(rows: list[dict], images: list[Path], by: list[str]) -> str:
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "bridgectl"), job_type="compare", mode=mode,
                      config={"by": by})
-    columns = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("task", "model", "group", "n"), k))
-    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+    flat = flatten(rows)  # the csv's columns
+    columns = sorted({k for r in flat for k in r}, key=lambda k: (k not in ("task", "model", "group", "n"), k))
+    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in flat])
     run.log({"comparison": table, **{image.stem: wandb.Image(str(image)) for image in images}})
     directory = run.dir
     run.finish()

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from bridgectl import compare
 from bridgectl.cli import app
+from bridgectl.compare_rows import Difference, GroupRow, Metric, MetricSummary
 
 
 def make_run(root: Path, name: str, recipe: str, seed: int, test_acc: float, ood_acc: float = 0.5,
@@ -47,7 +48,7 @@ def sweep(tmp_path):
 
 
 def by_group(rows):
-    return {r["group"]: r for r in rows}
+    return {r.group: r for r in rows}
 
 
 def test_means_stds_n_and_student_t_intervals(sweep):
@@ -55,15 +56,16 @@ def test_means_stds_n_and_student_t_intervals(sweep):
     assert loaded.left_out == {"failed": 1, "interrupted": 1}
     rows = by_group(compare.compare(loaded, ["recipe"], "eval/test/accuracy", None))
     rl = rows["rl"]
-    assert rl["n"] == 3 and rl["too_few_seeds"] and rows["sft"]["too_few_seeds"]  # fewer than 5 seeds are marked
-    assert rl["eval/test/accuracy/mean"] == pytest.approx(0.70)
-    assert rl["eval/test/accuracy/std"] == pytest.approx(np.std([0.6, 0.7, 0.8], ddof=1))
+    assert rl.n == 3 and rl.too_few_seeds and rows["sft"].too_few_seeds  # fewer than 5 seeds are marked
+    accuracy = rl.metrics["eval/test/accuracy"]
+    assert accuracy.mean == pytest.approx(0.70)
+    assert accuracy.std == pytest.approx(np.std([0.6, 0.7, 0.8], ddof=1))
     low, high = stats.t.interval(0.95, df=2, loc=0.7, scale=stats.sem([0.6, 0.7, 0.8]))
-    assert rl["eval/test/accuracy/ci_low"] == pytest.approx(low) and rl["eval/test/accuracy/ci_high"] == pytest.approx(high)
+    assert accuracy.ci_low == pytest.approx(low) and accuracy.ci_high == pytest.approx(high)
     # at n = 3 the interval reaches beyond the runs themselves (a bootstrap over seeds could not: [0.6, 0.8])
-    assert rl["eval/test/accuracy/ci_low"] < 0.6 and rl["eval/test/accuracy/ci_high"] > 0.8
-    assert rows["sft"]["eval/test/accuracy/ci_low"] is None  # one seed: no interval at all
-    assert rl["gen_tokens"] == pytest.approx(2000) and rl["wall_s"] == pytest.approx(100)
+    assert accuracy.ci_low < 0.6 and accuracy.ci_high > 0.8
+    assert rows["sft"].metrics["eval/test/accuracy"].ci_low is None  # one seed: no interval at all
+    assert rl.gen_tokens == pytest.approx(2000) and rl.wall_s == pytest.approx(100)
 
 
 def test_mean_interval_stays_within_0_and_1(tmp_path):
@@ -72,7 +74,8 @@ def test_mean_interval_stays_within_0_and_1(tmp_path):
         make_run(tmp_path, f"r{seed}", "rl", seed, acc)
     row = compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", None)[0]
     assert stats.t.interval(0.95, df=1, loc=0.95, scale=stats.sem([0.9, 1.0]))[1] > 1
-    assert row["eval/test/accuracy/ci_high"] == 1.0 and 0 <= row["eval/test/accuracy/ci_low"] < 0.9
+    accuracy = row.metrics["eval/test/accuracy"]
+    assert accuracy.ci_high == 1.0 and 0 <= accuracy.ci_low < 0.9
 
 
 def test_sampled_metrics_are_compared_and_plotted_as_pass_at_k_curves(tmp_path):
@@ -84,10 +87,11 @@ def test_sampled_metrics_are_compared_and_plotted_as_pass_at_k_curves(tmp_path):
         summary["eval"]["test"].update({"pass@1": p1, "pass@2": p2, "pass@4": p4, "maj@4": p1, "mean@4": p1})
         (path / "summary.json").write_text(json.dumps(summary))
     row = compare.compare(compare.load_runs([str(tmp_path / "runs")]), ["recipe"], "eval/test/accuracy", None)[0]
-    assert row["eval/test/pass@4/mean"] == pytest.approx(0.825) and row["eval/test/pass@2/mean"] == pytest.approx(0.675)
+    assert row.metrics["eval/test/pass@4"].mean == pytest.approx(0.825)
+    assert row.metrics["eval/test/pass@2"].mean == pytest.approx(0.675)
     low, high = stats.t.interval(0.95, df=1, loc=0.825, scale=stats.sem([0.8, 0.85]))
-    assert row["eval/test/pass@4/ci_low"] == pytest.approx(max(low, 0.0))
-    assert row["eval/test/pass@4/ci_high"] == pytest.approx(min(high, 1.0))
+    assert row.metrics["eval/test/pass@4"].ci_low == pytest.approx(max(low, 0.0))
+    assert row.metrics["eval/test/pass@4"].ci_high == pytest.approx(min(high, 1.0))
     result = CliRunner().invoke(app, ["compare", str(tmp_path / "runs"), "--format", "markdown", "--report",
                                       str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
@@ -100,16 +104,18 @@ def test_baseline_difference_is_welchs_and_time_to_target(sweep):
     bridge = rows["bridge"]
     welch = stats.ttest_ind([0.85, 0.90, 0.95], [0.6, 0.7, 0.8], equal_var=False)
     interval = welch.confidence_interval(0.95)
-    assert bridge["eval/test/accuracy/diff"] == pytest.approx(0.90 - 0.70)
-    assert bridge["eval/test/accuracy/diff_ci_low"] == pytest.approx(interval.low)
-    assert bridge["eval/test/accuracy/diff_ci_high"] == pytest.approx(interval.high)
-    assert bridge["eval/test/accuracy/diff_p"] == pytest.approx(welch.pvalue)
-    assert rows["rl"]["is_baseline"] and rows["rl"]["eval/test/accuracy/diff"] == 0.0
-    assert rows["sft"]["eval/test/accuracy/diff_ci_low"] is None  # one seed: no Welch interval
+    difference = bridge.difference("eval/test/accuracy")
+    assert difference.diff == pytest.approx(0.90 - 0.70)
+    assert difference.ci_low == pytest.approx(interval.low)
+    assert difference.ci_high == pytest.approx(interval.high)
+    assert difference.p == pytest.approx(welch.pvalue)
+    assert rows["rl"].is_baseline and rows["rl"].difference("eval/test/accuracy").diff == 0.0
+    assert rows["sft"].difference("eval/test/accuracy").ci_low is None  # one seed: no Welch interval
     # target = rl's final mean 0.70; bridge curves cross it between (10, 0.5) and (20, 0.9): t = 10 + 10 * 0.2/0.4
-    assert bridge["time_to_target_s"] == pytest.approx(15.0)
+    assert bridge.time_to_target.seconds == pytest.approx(15.0)
     # rl seed 0 ends at 0.60 and never reaches 0.70: the group gets "never" with 2 of 3 runs reaching it
-    assert rows["rl"]["time_to_target_s"] is None and rows["rl"]["reached_target"] == "2/3"
+    assert rows["rl"].time_to_target.seconds is None and rows["rl"].time_to_target.reached == 2
+    assert rows["rl"].flat()["reached_target"] == "2/3"
 
 
 def _with_mean_and_std(mean: float, std: float, n: int) -> np.ndarray:
@@ -152,8 +158,9 @@ def test_paired_comparison_finds_a_difference_confined_to_known_problems(tmp_pat
         _paired_run(tmp_path, f"better-{seed}", "better", seed, better.tolist())
     rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "base"))
     better = rows["better"]
-    assert better["eval/test/accuracy/diff"] == pytest.approx(0.10)
-    low, high = better["eval/test/accuracy/paired_ci_low"], better["eval/test/accuracy/paired_ci_high"]
+    difference = better.difference("eval/test/accuracy")
+    assert difference.diff == pytest.approx(0.10)
+    low, high = difference.paired_ci_low, difference.paired_ci_high
     assert 0 < low < 0.10 < high < 0.2
     # the problem level: the 30 problems drawn again are Binomial(300, 0.1) / 300, sd 0.017; seeds add their own
     assert high - low > 2 * 1.96 * 0.017 * 0.8
@@ -167,7 +174,8 @@ def test_identical_recipes_paired_interval_covers_zero(tmp_path):
         for recipe in ("a", "b"):
             _paired_run(tmp_path, f"{recipe}-{seed}", recipe, seed, (rng.random(200) < 0.6).astype(int).tolist())
     rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "a"))
-    assert rows["b"]["eval/test/accuracy/paired_ci_low"] < 0 < rows["b"]["eval/test/accuracy/paired_ci_high"]
+    difference = rows["b"].difference("eval/test/accuracy")
+    assert difference.paired_ci_low < 0 < difference.paired_ci_high
 
 
 def _run_from_base(root: Path, name: str, recipe: str, seed: int, initial: list[int], final: list[int]) -> None:
@@ -191,17 +199,18 @@ def test_baseline_base_is_the_step0_model_once_per_seed(tmp_path):
         _run_from_base(tmp_path, f"same-{seed}", "same", seed, initial, initial)
     rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "base"))
     base = rows["base"]
-    assert base["is_baseline"] and base["n"] == 3  # one per seed, not one per run
-    assert "reached_target" not in base  # it has no curve to reach a target on
-    assert base["eval/test/accuracy/mean"] == pytest.approx(0.30) and base["eval/test/accuracy/std"] == 0.0
-    better = rows["better"]
-    assert better["eval/test/accuracy/diff"] == pytest.approx(0.205)
+    assert base.is_baseline and base.n == 3  # one per seed, not one per run
+    assert base.time_to_target is None  # it has no curve to reach a target on
+    base_accuracy = base.metrics["eval/test/accuracy"]
+    assert base_accuracy.mean == pytest.approx(0.30) and base_accuracy.std == 0.0
+    better = rows["better"].difference("eval/test/accuracy")
+    assert better.diff == pytest.approx(0.205)
     # the base is the same at every seed: Welch's interval is better's own t interval shifted by the base's mean
     t = stats.t.ppf(0.975, 2) * np.std([0.2, 0.205, 0.21], ddof=1) / np.sqrt(3)
-    assert better["eval/test/accuracy/diff_ci_low"] == pytest.approx(0.205 - t, abs=1e-6)
+    assert better.ci_low == pytest.approx(0.205 - t, abs=1e-6)
     # paired over the shared problems: the 40 gained problems are what the bootstrap resamples
-    assert 0.1 < better["eval/test/accuracy/paired_ci_low"] < 0.205 < better["eval/test/accuracy/paired_ci_high"]
-    assert rows["same"]["eval/test/accuracy/diff"] == 0.0
+    assert 0.1 < better.paired_ci_low < 0.205 < better.paired_ci_high
+    assert rows["same"].difference("eval/test/accuracy").diff == 0.0
     output = CliRunner().invoke(app, ["compare", str(tmp_path), "--baseline", "base"]).output
     assert "the model the runs started from" in output
 
@@ -217,7 +226,9 @@ def test_runs_on_different_problems_are_not_paired(tmp_path):
         _paired_run(tmp_path, f"a-{seed}", "a", seed, [1, 0, 1, seed % 2], fingerprint="one")
         _paired_run(tmp_path, f"b-{seed}", "b", seed, [1, 1, 1, seed % 2], fingerprint="two")
     rows = by_group(compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "a"))
-    assert "eval/test/accuracy/paired_ci_low" not in rows["b"] and "eval/test/accuracy/diff_ci_low" in rows["b"]
+    assert rows["b"].difference("eval/test/accuracy").paired_ci_low is None
+    flat = rows["b"].flat()  # the csv/json form: no paired columns at all, Welch's there
+    assert "eval/test/accuracy/paired_ci_low" not in flat and "eval/test/accuracy/diff_ci_low" in flat
 
 
 def test_time_to_target_interpolates_between_evals(tmp_path):
@@ -231,7 +242,7 @@ def test_group_by_nested_config_key(sweep):
     loaded = compare.load_runs([str(sweep / "bridge-*")])
     rows = by_group(compare.compare(loaded, ["bridge.lam"], "eval/test/accuracy", None))
     assert set(rows) == {"0.3", "0.7"}
-    assert rows["0.3"]["n"] == 2 and rows["0.3"]["eval/test/accuracy/mean"] == pytest.approx(0.875)
+    assert rows["0.3"].n == 2 and rows["0.3"].metrics["eval/test/accuracy"].mean == pytest.approx(0.875)
     two_keys = by_group(compare.compare(loaded, ["recipe", "bridge.lam"], "eval/test/accuracy", None))
     assert set(two_keys) == {"bridge, 0.3", "bridge, 0.7"}
 
@@ -259,7 +270,7 @@ def test_tasks_are_never_averaged_together(tmp_path):
     make_run(tmp_path, "a", "rl", 0, 0.6, task="arith")
     make_run(tmp_path, "b", "rl", 0, 0.2, task="gsm8k")
     rows = compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", None)
-    assert sorted((r["task"], r["eval/test/accuracy/mean"]) for r in rows) == [("arith", 0.6), ("gsm8k", 0.2)]
+    assert sorted((r.task, r.metrics["eval/test/accuracy"].mean) for r in rows) == [("arith", 0.6), ("gsm8k", 0.2)]
     output = CliRunner().invoke(app, ["compare", str(tmp_path), "--format", "markdown"]).output
     assert "**task arith, model tiny**" in output and "**task gsm8k, model tiny**" in output
     assert "never averaged together" in output
@@ -364,10 +375,10 @@ def test_equal_wall_clock_view(sweep):
     assert [compare.value_at(bridge_0, "eval/test/accuracy", s) for s in (0, 9.9, 10, 25, 1000)] == \
         [0.2, 0.2, 0.5, 0.9, 0.85]
     rows = by_group(compare.compare(loaded, ["recipe"], "eval/test/accuracy", "rl", at_seconds=15))
-    assert rows["rl"]["eval/test/accuracy@15s/mean"] == pytest.approx(0.6)  # every rl run: 0.6 at 10 s
-    assert rows["bridge"]["eval/test/accuracy@15s/mean"] == pytest.approx(0.5)
-    assert rows["bridge"]["eval/test/accuracy@15s/diff"] == pytest.approx(-0.1)
-    assert rows["bridge"]["eval/test/accuracy/mean"] == pytest.approx(0.9)  # the equal-steps view is unchanged
+    assert rows["rl"].metrics["eval/test/accuracy@15s"].mean == pytest.approx(0.6)  # every rl run: 0.6 at 10 s
+    assert rows["bridge"].metrics["eval/test/accuracy@15s"].mean == pytest.approx(0.5)
+    assert rows["bridge"].difference("eval/test/accuracy@15s").diff == pytest.approx(-0.1)
+    assert rows["bridge"].metrics["eval/test/accuracy"].mean == pytest.approx(0.9)  # the equal-steps view is unchanged
     result = CliRunner().invoke(app, ["compare", str(sweep), "--at-seconds", "15", "--format", "markdown"])
     assert result.exit_code == 0 and "test acc @15s %" in result.output
     bad = CliRunner().invoke(app, ["compare", str(sweep), "--at-seconds", "0"])
@@ -400,3 +411,157 @@ def test_readme_real_model_table_is_what_compare_prints_for_the_recorded_study()
     readme = (root / "README.md").read_text()
     block = readme.split("<!-- smollm2-table -->")[1].split("<!-- /smollm2-table -->")[0]
     assert [line for line in block.splitlines() if line.startswith("|")] == table
+
+
+# ---- typed rows: what every output reads, and the flat csv/json form --------------------------------------------
+TEST, OOD = Metric("test", "accuracy"), Metric("ood", "accuracy")
+SUMMARY_KEYS = ["mean", "std", "ci_low", "ci_high"]
+WELCH_KEYS = ["diff", "diff_ci_low", "diff_ci_high", "diff_p", "seeds_needed"]
+
+
+def test_flat_form_has_the_csv_and_json_keys_in_their_order(sweep):
+    """GroupRow.flat() is the only writer of the csv/json keys: these names and this order (json keeps it) are what
+    scripts reading `--format json` depend on, so they are spelled out here rather than derived."""
+    rows = by_group(compare.compare(compare.load_runs([str(sweep)]), ["recipe"], "eval/test/accuracy", "rl",
+                                    at_seconds=15))
+    # the runs log no ood curve: no ood@15s view to summarize
+    views = ["eval/ood/accuracy", "eval/test/accuracy", "eval/test/accuracy@15s"]
+    head = ["task", "model", "group", "n", "too_few_seeds", "is_baseline"]
+    tail = ["wall_s", "gen_tokens", "peak_mem_mb", "time_to_target_s", "reached_target"]
+    assert list(rows["bridge"].flat()) == head + [f"{v}/{k}" for v in views for k in SUMMARY_KEYS + WELCH_KEYS] + tail
+    assert list(rows["rl"].flat()) == head + [f"{v}/{k}" for v in views for k in SUMMARY_KEYS + ["diff"]] + tail
+    flat, typed = rows["bridge"].flat(), rows["bridge"].metrics["eval/test/accuracy"]
+    assert [flat[f"eval/test/accuracy/{k}"] for k in SUMMARY_KEYS + WELCH_KEYS] == [
+        typed.mean, typed.std, typed.ci_low, typed.ci_high, typed.difference.diff, typed.difference.ci_low,
+        typed.difference.ci_high, typed.difference.p, typed.difference.seeds_needed]
+    assert flat["reached_target"] == "3/3" and flat["time_to_target_s"] == rows["bridge"].time_to_target.seconds
+    assert [rows["sft"].flat()[f"eval/test/accuracy/{k}"] for k in WELCH_KEYS[1:4]] == [None] * 3  # one seed
+    document = json.loads(compare.to_json(list(rows.values()), []))
+    assert document["groups"] == [row.flat() for row in rows.values()]
+    # the paired interval's keys follow Welch's, and only where the runs were paired
+    paired = MetricSummary(TEST, 0.5, 0.1, 0.4, 0.6, Difference(0.1, ci_low=0.0, ci_high=0.2, p=0.05,
+                                                              seeds_needed=4, paired_ci_low=0.05, paired_ci_high=0.15))
+    assert paired.flat() == {"eval/test/accuracy/mean": 0.5, "eval/test/accuracy/std": 0.1,
+                             "eval/test/accuracy/ci_low": 0.4, "eval/test/accuracy/ci_high": 0.6,
+                             "eval/test/accuracy/diff": 0.1, "eval/test/accuracy/diff_ci_low": 0.0,
+                             "eval/test/accuracy/diff_ci_high": 0.2, "eval/test/accuracy/diff_p": 0.05,
+                             "eval/test/accuracy/seeds_needed": 4, "eval/test/accuracy/paired_ci_low": 0.05,
+                             "eval/test/accuracy/paired_ci_high": 0.15}
+
+
+def _hand_row(group: str, summaries: list[MetricSummary], is_baseline: bool = False, n: int = 3) -> GroupRow:
+    return GroupRow("arith", "tiny", (group,), group, n, is_baseline, {s.metric.key: s for s in summaries})
+
+
+def _with_difference(metric: Metric, diff: float, low: float | None, high: float | None,
+                     paired: tuple[float, float] | None = None) -> MetricSummary:
+    difference = Difference(diff, ci_low=low, ci_high=high, p=None if low is None else 0.01,
+                            paired_ci_low=paired and paired[0], paired_ci_high=paired and paired[1])
+    return MetricSummary(metric, 0.5 + diff, 0.05, 0.4, 0.6, difference)
+
+
+def _captured_figure(monkeypatch, draw, rows, path):
+    """Draws with report's function and returns the figure it would have closed."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    assert draw(rows, path) and path.read_bytes()[:4] == b"\x89PNG"
+    return figures[0]
+
+
+def test_difference_plot_draws_each_groups_typed_difference(tmp_path, monkeypatch):
+    """The forest plot from hand-made rows: one point and Welch bar per tested group and split (in points, gray
+    where it includes zero), the paired bootstrap's bar under it, nothing for the baseline, a group without an
+    interval, or an --at-seconds view."""
+    from bridgectl.report import plot_differences
+
+    rows = [_hand_row("rl", [MetricSummary(TEST, 0.5, 0.05, 0.4, 0.6, Difference(0.0, of_baseline=True))], True),
+            _hand_row("up", [_with_difference(TEST, 0.10, 0.05, 0.15, paired=(0.06, 0.14)),
+                             _with_difference(Metric("test", "accuracy", 15.0), 0.3, 0.2, 0.4)]),
+            _hand_row("flat", [_with_difference(TEST, 0.01, -0.02, 0.04)]),
+            _hand_row("one seed", [_with_difference(TEST, 0.2, None, None)], n=1),
+            _hand_row("down", [_with_difference(TEST, -0.08, -0.12, -0.04), _with_difference(OOD, 0.05, 0.01, 0.09)])]
+    figure = _captured_figure(monkeypatch, plot_differences, rows, tmp_path / "differences.png")
+    ood_axis, test_axis = figure.axes  # one panel per split, in key order; none for the @15s view
+    assert [t.get_text() for t in test_axis.get_yticklabels()] == ["up", "flat", "down"]
+    assert test_axis.get_xlabel() == "Δ test accuracy (points)" and ood_axis.get_xlabel() == "Δ ood accuracy (points)"
+
+    def bars(axis):  # y -> (point, low, high, color) of each Welch bar
+        found = {}
+        for container in axis.containers:
+            point, _, (bar,) = container.lines
+            (low, y), (high, _) = bar.get_segments()[0]
+            found[int(point.get_ydata()[0])] = (float(point.get_xdata()[0]), low, high, point.get_color())
+        return found
+
+    assert bars(test_axis) == {0: (pytest.approx(10.0), pytest.approx(5.0), pytest.approx(15.0), "tab:green"),
+                               1: (pytest.approx(1.0), pytest.approx(-2.0), pytest.approx(4.0), "tab:gray"),
+                               2: (pytest.approx(-8.0), pytest.approx(-12.0), pytest.approx(-4.0), "tab:red")}
+    assert bars(ood_axis) == {2: (pytest.approx(5.0), pytest.approx(1.0), pytest.approx(9.0), "tab:green")}
+    (paired,) = [line for line in test_axis.lines if line.get_linewidth() == 3]
+    assert list(paired.get_xdata()) == pytest.approx([6.0, 14.0]) and list(paired.get_ydata()) == [-0.2, -0.2]
+    assert not plot_differences(rows[:1] + rows[3:4], tmp_path / "none.png")  # no interval to draw
+
+
+def test_pass_at_k_plot_and_columns_read_the_typed_fields(tmp_path, monkeypatch):
+    """pass@k against k per group from the final pass@k summaries (not their --at-seconds views); the table shows
+    pass@k at the largest k of each split and view."""
+    from bridgectl.report import plot_pass_at_k
+
+    def summary(name, mean, at=None, interval=(None, None)):
+        return MetricSummary(Metric("test", name, at), mean, None if interval[0] is None else 0.05, *interval)
+
+    rows = [_hand_row("rl", [summary("accuracy", 0.4), summary("pass@1", 0.4, interval=(0.3, 0.5)),
+                             summary("pass@2", 0.55, interval=(0.45, 0.65)),
+                             summary("pass@4", 0.7, interval=(0.6, 0.8)), summary("pass@4", 0.6, at=15.0),
+                             summary("maj@4", 0.45)]),
+            _hand_row("sft", [summary("pass@1", 0.3), summary("pass@4", 0.5)], n=1)]
+    figure = _captured_figure(monkeypatch, plot_pass_at_k, rows, tmp_path / "pass_at_k.png")
+    lines = {line.get_label(): line for line in figure.axes[0].lines}
+    assert set(lines) == {"rl (n=3)", "sft (n=1)"}
+    assert list(lines["rl (n=3)"].get_xdata()) == [1, 2, 4]
+    assert list(lines["rl (n=3)"].get_ydata()) == pytest.approx([40.0, 55.0, 70.0])
+    assert list(lines["sft (n=1)"].get_xdata()) == [1, 4]
+    headers = [header for header, _ in compare.display_columns(rows)]
+    assert headers == ["group", "n", "test acc %", "test pass@4 %", "test pass@4@15s %", "wall s", "gen tokens",
+                       "peak MB"]
+
+
+def test_against_recorded_runs_names_each_delta_after_its_metric():
+    """A delta's key is its metric's (`mean@4` stays `mean@4`, which cutting `/mean` out of a flat key did not)."""
+    def row(test_mean: float) -> GroupRow:
+        return _hand_row("rl", [MetricSummary(TEST, test_mean, None, None, None),
+                                MetricSummary(Metric("test", "mean@4"), 0.5, None, None, None)], n=1)
+
+    (entry,) = compare.against_rows([row(0.7)], {"kind": "runs", "rows": [row(0.8)]}, "eval/test/accuracy")
+    assert entry == {"task": "arith", "model": "tiny", "group": "rl", "n": 1, "n_ref": 1,
+                     "eval/test/accuracy/delta": pytest.approx(-0.1), "eval/test/mean@4/delta": 0.0}
+
+
+def test_run_directories_are_found_while_a_live_run_deletes_its_checkpoints(tmp_path, monkeypatch):
+    """A sweep compares its finished trials while another trial still runs and deletes its older checkpoints: a
+    directory that vanishes during the search is skipped (Path.rglob raised FileNotFoundError there, failing one of
+    two racing sweeps with exit 1 in CI)."""
+    import os
+    import shutil
+
+    from bridgectl.compare import find_run_dirs
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text("{}")
+    doomed = tmp_path / "live" / "checkpoints" / "step-000002"
+    doomed.mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # the live run removes the checkpoint between the listing of its parent and its own
+        if isinstance(path, (str, os.PathLike)) and Path(path) == doomed and doomed.exists():  # (rmtree: fds)
+            shutil.rmtree(doomed)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(FileNotFoundError):
+        list(tmp_path.rglob("summary.json"))
+    doomed.mkdir()
+    assert find_run_dirs([str(tmp_path)]) == [tmp_path / "a", tmp_path / "b"]

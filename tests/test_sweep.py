@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from bridgectl import sweep
+from bridgectl import sweep, sweep_claims, sweep_spec
 from bridgectl.cli import app
 from bridgectl.config import compose
 from bridgectl.errors import StopRun
@@ -47,7 +47,7 @@ def test_grid_sweep_runs_tagged_trials_and_resumes(tmp_path):
     assert sorted((r["params"]["bridge.lam"], r["seed"]) for r in runs) == [(0.3, 0), (0.3, 1), (0.7, 0), (0.7, 1)]
     assert "best trial" in result.output and "bridge.lam" in result.output
     # the trial's value is the mean over its seeds
-    study = sweep.make_study(sweep.load_spec(spec), tmp_path / "out" / "lam", None)
+    study = sweep.make_study(sweep_spec.load_spec(spec), tmp_path / "out" / "lam", None)
     for trial in study.trials:
         accuracies = [r["eval"]["test"]["accuracy"] for r in runs if r["trial"] == trial.number]
         assert trial.value == pytest.approx(sum(accuracies) / 2)
@@ -75,11 +75,11 @@ def test_two_worker_processes_draw_distinct_params_with_their_own_seeds(tmp_path
     spec = write_spec(tmp_path, f"name: par\nbase: {TINY}\nsampler: random\nn_trials: 3\n"
                                 "params:\n  bridge.lam: {type: categorical, choices: [0.3, 0.7]}\n")
     study = sweep.run_sweep(spec, tmp_path / "out", workers=2, storage_url=None)
-    ran = [t for t in study.trials if not sweep.is_disposed(t)]
+    ran = [t for t in study.trials if not sweep_claims.is_disposed(t)]
     assert sorted(t.params["bridge.lam"] for t in ran) == [0.3, 0.7] and all(t.state == TrialState.COMPLETE for t in ran)
     assert sorted(r["params"]["bridge.lam"] for r in summaries(tmp_path / "out" / "par")) == [0.3, 0.7]
     sampled = [t for t in ran if "replaces" not in t.user_attrs]  # a duplicate draw's replacement has no draw
-    assert all(t.user_attrs["sampler_seed"] == sweep.trial_seed("par", t.number) for t in sampled)
+    assert all(t.user_attrs["sampler_seed"] == sweep_claims.trial_seed("par", t.number) for t in sampled)
     assert len({t.user_attrs["sampler_seed"] for t in ran}) == len(ran)
     assert "the search space has 2 points and every one has a trial" in capsys.readouterr().out
 
@@ -167,12 +167,12 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_completed_trials(tmp_pa
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    spec = sweep.load_spec(spec_path)
+    spec = sweep_spec.load_spec(spec_path)
     killed = sweep.make_study(spec, sweep_dir, None)
     # every grid point was queued at the start: one done, one killed while running, one never started
     assert [t.state for t in killed.trials] == [TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING]
     dead_lam = killed.trials[1].params["bridge.lam"]
-    assert sweep.is_dead(killed.trials[1])  # its recorded pid is gone
+    assert sweep_claims.is_dead(killed.trials[1])  # its recorded pid is gone
 
     resumed = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out")])
     assert resumed.exit_code == 0, resumed.output  # retried to completion: the death is reported, not an error
@@ -202,25 +202,25 @@ def test_resume_leaves_trials_of_live_workers_alone(tmp_path):
     failed nor queued again, so a second worker can join a running sweep."""
     spec_path = write_spec(tmp_path, f"name: live\nbase: {TINY}\nsampler: grid\n"
                                      "params:\n  bridge.lam: {type: float, values: [0.2, 0.8]}\n")
-    spec = sweep.load_spec(spec_path)
+    spec = sweep_spec.load_spec(spec_path)
     sweep_dir = tmp_path / "out" / "live"
     sweep_dir.mkdir(parents=True)
     study = sweep.make_study(spec, sweep_dir, None)
-    sweep.queue_missing(study, spec)
+    sweep_claims.queue_missing(study, spec)
     alive = study.ask()  # taken by a worker that is still running
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         study._storage.set_trial_system_attr(alive._trial_id, "heartbeat",
                                              {"host": socket.gethostname(), "pid": helper.pid, "time": time.time()})
-        assert not sweep.is_dead(study.trials[alive.number])
-        assert sweep.fail_dead(study) == []
-        sweep.queue_missing(study, spec)
+        assert not sweep_claims.is_dead(study.trials[alive.number])
+        assert sweep_claims.fail_dead(study) == []
+        sweep_claims.queue_missing(study, spec)
         assert study.trials[alive.number].state == TrialState.RUNNING
-        assert sweep.remaining_trials(study, spec) == 1  # only the other grid point is left to start
+        assert sweep_claims.remaining_trials(study, spec) == 1  # only the other grid point is left to start
     finally:
         helper.kill()
         helper.wait()
-    assert sweep.is_dead(study.trials[alive.number])  # its process is gone now
+    assert sweep_claims.is_dead(study.trials[alive.number])  # its process is gone now
 
 
 @pytest.mark.parametrize("host_is_here, beat_age, dead", [(False, 10, False), (False, 1000, True)])
@@ -229,15 +229,15 @@ def test_heartbeats_from_other_machines_go_stale(host_is_here, beat_age, dead):
         system_attrs = {"heartbeat": {"host": "node-17", "pid": 1, "time": 5000.0 - beat_age}}
         datetime_start = None
 
-    assert sweep.is_dead(Frozen(), now=5000.0, stale_after=120) is dead
+    assert sweep_claims.is_dead(Frozen(), now=5000.0, stale_after=120) is dead
 
 
 def test_heartbeat_records_the_process_while_the_trial_runs(tmp_path):
     spec_path = write_spec(tmp_path, f"name: beat\nbase: {TINY}\nsampler: grid\n"
                                      "params:\n  bridge.lam: {type: float, values: [0.5]}\n")
-    study = sweep.make_study(sweep.load_spec(spec_path), tmp_path, None)
+    study = sweep.make_study(sweep_spec.load_spec(spec_path), tmp_path, None)
     trial = study.ask()
-    with sweep.heartbeat(study._storage, trial._trial_id, interval=0.05):
+    with sweep_claims.heartbeat(study._storage, trial._trial_id, interval=0.05):
         first = study.trials[0].system_attrs["heartbeat"]
         time.sleep(0.3)
         later = study.trials[0].system_attrs["heartbeat"]
@@ -330,12 +330,12 @@ def test_two_sweep_processes_on_one_grid_run_every_point_exactly_once(tmp_path):
                      for index, (process, output) in enumerate(zip(processes, outputs)))
     assert [process.returncode for process in processes] == [0, 0], said  # a string: shown whole, not cut
     sweep_dir = tmp_path / "out" / "race"
-    study = sweep.make_study(sweep.load_spec(spec_path), sweep_dir, None)
-    ran = [t for t in study.trials if not sweep.is_disposed(t)]
+    study = sweep.make_study(sweep_spec.load_spec(spec_path), sweep_dir, None)
+    ran = [t for t in study.trials if not sweep_claims.is_disposed(t)]
     assert sorted(t.params["bridge.lam"] for t in ran) == [0.2, 0.8]
     assert all(t.state == TrialState.COMPLETE for t in ran)
     assert sorted(p.name for p in sweep_dir.glob("trial-*")) == [f"trial-{t.number:03d}-seed0" for t in ran]
-    assert all(t.state == TrialState.FAIL and not t.params for t in study.trials if sweep.is_disposed(t))
+    assert all(t.state == TrialState.FAIL and not t.params for t in study.trials if sweep_claims.is_disposed(t))
 
 
 def test_a_killed_worker_process_is_reported_and_its_trial_retried(tmp_path):
@@ -348,7 +348,7 @@ def test_a_killed_worker_process_is_reported_and_its_trial_retried(tmp_path):
     base = TINY.replace("train.max_steps=2", "train.max_steps=6, train.checkpoint_every=2")
     spec_path = write_spec(tmp_path, f"name: wk\nbase: {base}\nsampler: grid\n"
                                      "params:\n  bridge.lam: {type: float, values: [0.3, 0.7]}\n")
-    sweep_dir, spec = tmp_path / "out" / "wk", sweep.load_spec(spec_path)
+    sweep_dir, spec = tmp_path / "out" / "wk", sweep_spec.load_spec(spec_path)
     ended = {}
     command = ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--workers", "2"]
     runner = threading.Thread(target=lambda: ended.update(result=CliRunner().invoke(app, command)), daemon=True)
@@ -384,11 +384,11 @@ def test_a_dead_trial_whose_retry_fails_makes_the_sweep_exit_1(tmp_path):
     spec_path = write_spec(tmp_path, f"name: lost\nbase: {TINY}\nsampler: grid\n"
                                      "params:\n  task.test_ops: {type: categorical, choices: ['[1,1]']}\n")
     spec_path.write_text(spec_path.read_text().replace("eval.n=10", "eval.n=30"))
-    spec, sweep_dir = sweep.load_spec(spec_path), tmp_path / "out" / "lost"
+    spec, sweep_dir = sweep_spec.load_spec(spec_path), tmp_path / "out" / "lost"
     sweep_dir.mkdir(parents=True)
     study = sweep.make_study(spec, sweep_dir, None)
-    sweep.queue_missing(study, spec)
-    held = sweep.claim_queued(study, "elsewhere")
+    sweep_claims.queue_missing(study, spec)
+    held = sweep_claims.claim_queued(study, "elsewhere")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer exists
     study._storage.set_trial_system_attr(held._trial_id, "heartbeat",
@@ -402,9 +402,9 @@ def test_a_dead_trial_whose_retry_fails_makes_the_sweep_exit_1(tmp_path):
     assert states == [TrialState.FAIL, TrialState.FAIL]  # the dead trial and its one retry
 
 
-def bare_spec(sampler: str, params: dict, n_trials: int = 2) -> sweep.SweepSpec:
+def bare_spec(sampler: str, params: dict, n_trials: int = 2) -> sweep_spec.SweepSpec:
     """A spec for claim tests that run nothing (no config is composed)."""
-    return sweep.SweepSpec(name="claims", base=[], seeds=[0], metric="eval/test/accuracy", direction="maximize",
+    return sweep_spec.SweepSpec(name="claims", base=[], seeds=[0], metric="eval/test/accuracy", direction="maximize",
                            sampler=sampler, n_trials=n_trials, pruner="none", params=params)
 
 
@@ -424,13 +424,13 @@ def test_a_queue_copy_enqueued_in_a_race_is_never_run(tmp_path, storage):
     spec = bare_spec("grid", {"bridge.lam": {"type": "float", "values": [0.5]}})
     first, second = (sweep.make_study(spec, tmp_path, storage_url(storage, tmp_path)) for _ in range(2))
     for study in (first, second):
-        study.enqueue_trial({"bridge.lam": 0.5}, user_attrs={"claim": sweep.claim_key({"bridge.lam": 0.5}, 0)})
-    taken = sweep.claim_queued(first, "a")
-    assert taken.number == 0 and sweep.claim_queued(second, "b") is None  # not the copy, trial 1
-    assert sweep.remaining_trials(second, spec) == 0
-    assert sweep.queue_missing(second, spec) == 0
+        study.enqueue_trial({"bridge.lam": 0.5}, user_attrs={"claim": sweep_claims.claim_key({"bridge.lam": 0.5}, 0)})
+    taken = sweep_claims.claim_queued(first, "a")
+    assert taken.number == 0 and sweep_claims.claim_queued(second, "b") is None  # not the copy, trial 1
+    assert sweep_claims.remaining_trials(second, spec) == 0
+    assert sweep_claims.queue_missing(second, spec) == 0
     copy = second.trials[1]
-    assert copy.state == TrialState.FAIL and "second copy" in copy.system_attrs[sweep.DISPOSED]
+    assert copy.state == TrialState.FAIL and "second copy" in copy.system_attrs[sweep_claims.DISPOSED]
     assert sweep.read_progress(second).failed == 0 and sweep.failed_trials(second) == []
 
 
@@ -442,13 +442,13 @@ def test_two_processes_disposing_one_queue_copy_both_go_on(tmp_path, storage):
     spec = bare_spec("grid", {"bridge.lam": {"type": "float", "values": [0.5]}})
     first, second = (sweep.make_study(spec, tmp_path, storage_url(storage, tmp_path)) for _ in range(2))
     for study in (first, second):
-        study.enqueue_trial({"bridge.lam": 0.5}, user_attrs={"claim": sweep.claim_key({"bridge.lam": 0.5}, 0)})
+        study.enqueue_trial({"bridge.lam": 0.5}, user_attrs={"claim": sweep_claims.claim_key({"bridge.lam": 0.5}, 0)})
     copy_id = second.trials[1]._trial_id
-    sweep.dispose(first, copy_id, "a second copy (first process)")
-    sweep.dispose(second, copy_id, "a second copy (second process)")
+    sweep_claims.dispose(first, copy_id, "a second copy (first process)")
+    sweep_claims.dispose(second, copy_id, "a second copy (second process)")
     copy = second.trials[1]
-    assert copy.state == TrialState.FAIL and copy.system_attrs[sweep.DISPOSED] == "a second copy (first process)"
-    assert sweep.claim_queued(second, "b").number == 0
+    assert copy.state == TrialState.FAIL and copy.system_attrs[sweep_claims.DISPOSED] == "a second copy (first process)"
+    assert sweep_claims.claim_queued(second, "b").number == 0
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PartialFixedSampler
@@ -462,7 +462,7 @@ def test_concurrent_sampled_claims_keep_n_trials_and_distinct_points(tmp_path, m
     import optuna
 
     spec = bare_spec("random", {"lora.rank": {"type": "categorical", "choices": [4, 8]}}, n_trials=2)
-    barrier, create = threading.Barrier(3), sweep._new_trial
+    barrier, create = threading.Barrier(3), sweep_claims._new_trial
 
     def together(study, user_attrs, system_attrs):
         """Creates a sampled trial only once all three workers are about to."""
@@ -470,14 +470,14 @@ def test_concurrent_sampled_claims_keep_n_trials_and_distinct_points(tmp_path, m
             barrier.wait(timeout=30)
         return create(study, user_attrs, system_attrs)
 
-    monkeypatch.setattr(sweep, "_new_trial", together)
-    monkeypatch.setattr(sweep, "make_sampler",  # every worker's sampler draws rank 4
+    monkeypatch.setattr(sweep_claims, "_new_trial", together)
+    monkeypatch.setattr(sweep_claims, "make_sampler",  # every worker's sampler draws rank 4
                         lambda kind, seed: optuna.samplers.PartialFixedSampler({"lora.rank": 4},
                                                                                optuna.samplers.RandomSampler(seed)))
     url = storage_url(storage, tmp_path)
     sweep.make_study(spec, tmp_path, url)  # created once, before the workers open it
     claimed = {}
-    threads = [threading.Thread(target=lambda i=i: claimed.update({i: sweep.claim_sampled(
+    threads = [threading.Thread(target=lambda i=i: claimed.update({i: sweep_claims.claim_sampled(
         sweep.make_study(spec, tmp_path, url), spec, f"w{i}")})) for i in range(3)]
     for thread in threads:
         thread.start()
@@ -486,11 +486,11 @@ def test_concurrent_sampled_claims_keep_n_trials_and_distinct_points(tmp_path, m
     study = sweep.make_study(spec, tmp_path, url)
     won = [trial for trial in claimed.values() if trial is not None]
     assert sorted(trial.params["lora.rank"] for trial in won) == [4, 8]  # two claims, distinct points
-    reasons = sorted(t.system_attrs[sweep.DISPOSED].split(":")[0].split(" ")[0] for t in study.trials
-                     if sweep.is_disposed(t))
+    reasons = sorted(t.system_attrs[sweep_claims.DISPOSED].split(":")[0].split(" ")[0] for t in study.trials
+                     if sweep_claims.is_disposed(t))
     assert reasons == ["duplicate", "surplus"]
     replacement = next(t for t in study.trials if "replaces" in t.user_attrs)
-    assert replacement.params == {"lora.rank": 8} and not sweep.is_disposed(replacement)
-    assert sweep.claim_sampled(study, spec, "late") is None and sweep.remaining_trials(study, spec) == 0
+    assert replacement.params == {"lora.rank": 8} and not sweep_claims.is_disposed(replacement)
+    assert sweep_claims.claim_sampled(study, spec, "late") is None and sweep_claims.remaining_trials(study, spec) == 0
     seeds = [t.user_attrs["sampler_seed"] for t in study.trials if "sampler_seed" in t.user_attrs]
     assert len(set(seeds)) == len(seeds)  # every trial of every worker its own seed

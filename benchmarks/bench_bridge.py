@@ -93,7 +93,7 @@ CONFIGS = {
     "rl (full)": ["recipe=rl", *SHORT],
     "rl (lora)": ["recipe=rl", "model.finetune=lora", "lora.rank=32", *SHORT],
     "bridge lower=full": ["recipe=bridge", "bridge.lower=full", *SHORT],
-    "bridge lower=lora": ["recipe=bridge", "bridge.lower=lora", *SHORT],
+    "bridge lower=lora": ["recipe=bridge", "model.finetune=lora", *SHORT],
     "rl (full), 256-token completions": ["recipe=rl", *LONG],
     "bridge lower=full, 256-token completions": ["recipe=bridge", *LONG],
     "rl (full), 256 tokens x 16 sequences": ["recipe=rl", *GEN_BOUND],
@@ -102,9 +102,9 @@ CONFIGS = {
     "rl (full), 100M model": ["recipe=rl", *WIDE],
     "rl (lora), 100M model": ["recipe=rl", "model.finetune=lora", "lora.rank=32", *WIDE],
     "bridge lower=full, 100M model": ["recipe=bridge", "bridge.lower=full", *WIDE],
-    "bridge lower=lora, 100M model": ["recipe=bridge", "bridge.lower=lora", *WIDE],
+    "bridge lower=lora, 100M model": ["recipe=bridge", "model.finetune=lora", *WIDE],
     "rl (lora), 100M model, 16 x 64 tokens": ["recipe=rl", "model.finetune=lora", "lora.rank=32", *WIDE_BATCH],
-    "bridge lower=lora, 100M model, 16 x 64 tokens": ["recipe=bridge", "bridge.lower=lora", *WIDE_BATCH],
+    "bridge lower=lora, 100M model, 16 x 64 tokens": ["recipe=bridge", "model.finetune=lora", *WIDE_BATCH],
 }
 # Configurations measured for memory only: one timed step is enough.
 MEMORY_ONLY = {"rl (lora), 100M model, 16 x 64 tokens", "bridge lower=lora, 100M model, 16 x 64 tokens"}
@@ -233,7 +233,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     import torch
 
     from bridgectl.config import compose
-    from bridgectl.core.context import build_context
+    from bridgectl.context import build_context
     from bridgectl.stages import build_stage
 
     cfg = compose([*COMMON, *overrides])
@@ -269,7 +269,7 @@ def measure_interleaved(rounds: int, warmup: int) -> dict:
     """Seconds per step (median of `rounds`) of the INTERLEAVED configurations, built in one process and stepped in
     turn, round after round."""
     from bridgectl.config import compose
-    from bridgectl.core.context import build_context
+    from bridgectl.context import build_context
     from bridgectl.stages import build_stage
 
     stages = {}
@@ -365,7 +365,7 @@ def measure_generation(steps: int) -> dict:
     from bridgectl.config import compose
     from bridgectl.core.grpo import group_seeds
     from bridgectl.core.rollout import generate
-    from bridgectl.core.context import build_context
+    from bridgectl.context import build_context
 
     cfg = compose([*COMMON, "recipe=rl", *SHORT])
     ctx = build_context(cfg, show_progress=False)

@@ -69,7 +69,7 @@ GROUP = 8  # rl.num_generations
 MICRO = 8  # train.micro_batch_size
 PROMPT = 16  # prompt tokens per row
 SFT_BATCH = 8
-RECIPES = {"rl": ["recipe=rl"], "bridge lower=lora": ["recipe=bridge", "bridge.lower=lora"]}
+RECIPES = {"rl": ["recipe=rl"], "bridge lower=lora": ["recipe=bridge", "model.finetune=lora"]}
 # item 3: Qwen2.5's vocabulary and Qwen2.5-0.5B's hidden size
 QWEN_VOCAB, QWEN_HIDDEN, HEAD_ROWS, HEAD_TOKENS = 151936, 896, 8, 512
 
@@ -187,7 +187,7 @@ def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bo
     from bench_bridge import training_state_mb  # the same measurement as make bench
     from bridgectl.config import compose
     try:
-        from bridgectl.core.context import build_context
+        from bridgectl.context import build_context
         from bridgectl.stages import build_stage
     except ImportError:  # the code before the stage registry (b05f050 and abc0ab9, measured as before and after)
         from bridgectl.runner import STAGES, build_context

@@ -91,7 +91,7 @@ def length_summary(lengths: list[int], limit: int) -> dict:
 
 def measure_bridgectl(model_dir: str, data: str, max_tokens: int, steps: int, warmup: int) -> dict:
     from bridgectl.config import compose
-    from bridgectl.core.context import build_context
+    from bridgectl.context import build_context
     from bridgectl.stages import build_stage
 
     cfg = compose(overrides(model_dir, data, max_tokens))

@@ -19,3 +19,9 @@ class StopRun(Exception):
 
 class NonFiniteError(Exception):
     """A loss or gradient norm became NaN or infinite: the run stops before the update, its last checkpoint intact."""
+
+
+def require(condition: bool, message: str, hint: str) -> None:
+    """Raises UserError(message, hint) unless `condition`: how every config check states a rule."""
+    if not condition:
+        raise UserError(message, hint)

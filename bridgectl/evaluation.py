@@ -122,7 +122,7 @@ def evaluate_training_checkpoint(cfg: DictConfig, path: Path, show_progress: boo
     trainable weights are loaded into it."""
     from bridgectl.config import stage_budgets
     from bridgectl.core.checkpoint import load_model_tensors, read_named_checkpoint
-    from bridgectl.core.context import build_context
+    from bridgectl.context import build_context
     from bridgectl.core.evaluate import decoding
     from bridgectl.stages import build_stage
 

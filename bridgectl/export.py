@@ -167,7 +167,7 @@ def rebuilt_policy(cfg, checkpoint: Path):
     stage may add adapters, such as BRIDGE's w), then the checkpoint's trainable weights loaded."""
     from bridgectl.config import stage_budgets
     from bridgectl.core.checkpoint import load_model_tensors, read_named_checkpoint
-    from bridgectl.core.context import build_context
+    from bridgectl.context import build_context
     from bridgectl.stages import build_stage
 
     meta, _, tensors = read_named_checkpoint(checkpoint)

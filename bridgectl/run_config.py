@@ -23,31 +23,16 @@ from typing import Iterable
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from bridgectl.core.config_file import CONFIG_END, config_text, count_keys  # noqa: F401 (read here too)
 from bridgectl.errors import UserError
 
 DAMAGED_HINT = ("the run's config.yaml is damaged (edited by hand, or written by an older bridgectl that could write "
                 "`***` unquoted): fix the line named, e.g. quote the value as '***', or leave the run out")
-CONFIG_END = "# end of config.yaml"
-"""The last line of every config.yaml bridgectl writes: a file without it was cut short."""
 _HEADER = re.compile(r"# bridgectl run config: (\d+) keys\b")
 LAST_KEY = "seed"
 """The last key of every config.yaml any bridgectl version wrote (the schema's last field)."""
 CUT_HINT = ("bridgectl writes config.yaml whole and never fills a run's missing keys with defaults (the run would "
             "go on with another config): restore the file from a copy of the run directory, or start a new run")
-
-
-def count_keys(data: dict) -> int:
-    """The keys of nested mapping `data` as its YAML lists them: each key whose value is not a non-empty mapping
-    (a section's keys count, the section does not; an empty mapping such as `eval_sets: {}` counts as one)."""
-    return sum(count_keys(value) if isinstance(value, dict) and value else 1 for value in data.values())
-
-
-def config_text(data: dict) -> str:
-    """The text of config.yaml for the plain (resolved, redacted) config `data`: its YAML between a first line
-    recording how many keys it holds and CONFIG_END, which check_whole reads back."""
-    body = OmegaConf.to_yaml(OmegaConf.create(data))
-    return (f"# bridgectl run config: {count_keys(data)} keys; its last line is '{CONFIG_END}' "
-            f"(bridgectl/run_config.py)\n{body}{CONFIG_END}\n")
 
 
 def _present(data: dict, key: str) -> bool:

@@ -24,7 +24,8 @@ from bridgectl.config import stage_budgets
 from bridgectl.core import distributed
 from bridgectl.core.checkpoint import (PREFIX, CheckpointError, list_checkpoints, read_checkpoint, restore,
                                        save_checkpoint, write_manifest, written_whole)
-from bridgectl.core.context import build_context, pick_device
+from bridgectl.context import build_context
+from bridgectl.core.context import pick_device
 from bridgectl.core.evaluate import eval_metrics, evaluate_all, problem_records
 from bridgectl.core.model import save_policy
 from bridgectl.core.tracking import RunDir, peak_memory_mb, reset_peak_memory

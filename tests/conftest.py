@@ -33,12 +33,12 @@ def bridgectl_cache():
 @pytest.fixture(autouse=True)
 def _isolate_user_recipes():
     """`recipe=path.yaml` registers the file process-wide; forget it after each test so tests stay independent."""
-    from bridgectl import config
+    from bridgectl import schema
 
-    saved = set(config._user_recipes)
+    saved = set(schema.user_recipes)
     yield
-    config._user_recipes.clear()
-    config._user_recipes.update(saved)
+    schema.user_recipes.clear()
+    schema.user_recipes.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def shipped_recipe(name: str) -> dict:
     stage's exact share of the steps (None where the share is not a whole number)."""
     from omegaconf import OmegaConf
 
-    from bridgectl.config import CONF_DIR, TrainConfig
+    from bridgectl.schema import CONF_DIR, TrainConfig
 
     raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "recipe" / f"{name}.yaml"))
     stages = list(raw["recipe"]["stages"])

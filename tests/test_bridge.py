@@ -23,7 +23,7 @@ from bridgectl.core.grpo import rl_loss
 from bridgectl.core.logprobs import completion_logprobs
 from bridgectl.core.lora_forward import set_lora_forward
 from bridgectl.core.losses import sft_loss
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.stages.bridge import BridgeStage
 
 # 8 groups of 4: with fewer, every group of a step can score all-equal rewards (no RL gradient at all), which
@@ -82,7 +82,7 @@ def expected_gradients(ctx, stage, theta, w, theta_hat, recorded):
 @pytest.mark.parametrize("lower", ["full", "lora"])
 @pytest.mark.parametrize("lam", [0.5, 1.0])
 def test_one_bridge_step_matches_the_paper_update(lower, lam, monkeypatch):
-    ctx, stage, recorded = make_stage([f"bridge.lower={lower}", f"bridge.lam={lam}"], monkeypatch)
+    ctx, stage, recorded = make_stage([f"model.finetune={lower}", f"bridge.lam={lam}"], monkeypatch)
     alpha, beta = ctx.cfg.bridge.alpha, ctx.cfg.bridge.beta
     if lower == "lora":  # theta is an adapter over a frozen base; no base weight is in theta
         assert stage.lower and all(".default." in n for n in stage.lower)
@@ -137,11 +137,11 @@ def test_lookahead_shadow_is_one_rl_step_from_theta(monkeypatch):
     ctx, stage, recorded = make_stage(["bridge.shadow=lookahead", "bridge.lam=0.5"], monkeypatch)
     # the look-ahead variant keeps no persistent shadow: neither its weights nor its optimizer exist, and a
     # checkpoint holds none of them (only theta's and w's tensors and optimizers)
-    assert stage.shadow == {} and stage.shadow_opt is None
-    _, checkpoint_tensors = stage_state(stage, {id(p) for p in ctx.policy.model.parameters()})
+    assert stage.shadow == {} and stage.shadow_optimizer is None
+    _, checkpoint_tensors = stage_state(stage)
     assert not [name for name in checkpoint_tensors if "shadow" in name]
-    persistent_ctx, persistent, _ = make_stage(["bridge.lam=0.5"], monkeypatch)
-    _, persistent_tensors = stage_state(persistent, {id(p) for p in persistent_ctx.policy.model.parameters()})
+    _, persistent, _ = make_stage(["bridge.lam=0.5"], monkeypatch)
+    _, persistent_tensors = stage_state(persistent)
     assert [name for name in persistent_tensors if "shadow" in name]  # the check above can fail
     stage.step()  # the first step moves theta away from theta_0
     theta, w = snapshot(stage.lower), snapshot(stage.upper)
@@ -174,9 +174,9 @@ def test_ablation_upper_joint_trains_w_on_the_joint_loss_without_a_shadow(lower,
     """bridge.upper=joint (the paper's "w/o J_meta"): theta as in BRIDGE (Eq. 8), w -= beta grad_w of the joint
     loss only: the cooperative gain's shadow term is gone, and so is the shadow."""
     lam = 0.5
-    ctx, stage, recorded = make_stage([f"bridge.lower={lower}", "bridge.upper=joint", f"bridge.lam={lam}"],
+    ctx, stage, recorded = make_stage([f"model.finetune={lower}", "bridge.upper=joint", f"bridge.lam={lam}"],
                                       monkeypatch)
-    assert stage.upper and stage.shadow == {} and stage.shadow_opt is None
+    assert stage.upper and stage.shadow == {} and stage.shadow_optimizer is None
     stage.step()  # a second step: theta has moved, so the check does not pass at theta_0 by accident
     theta, w = snapshot(stage.lower), snapshot(stage.upper)
     out = stage.step()
@@ -197,8 +197,8 @@ def test_ablation_upper_joint_trains_w_on_the_joint_loss_without_a_shadow(lower,
 def test_ablation_upper_none_has_no_adapter_w_and_trains_theta_on_the_fused_loss(monkeypatch):
     lam = 0.5
     # lower=lora: the independent copies run peft's own LoRA forward (with lower=full there would be no adapter)
-    ctx, stage, recorded = make_stage(["bridge.upper=none", "bridge.lower=lora", f"bridge.lam={lam}"], monkeypatch)
-    assert stage.upper == {} and stage.shadow == {} and stage.upper_opt is None
+    ctx, stage, recorded = make_stage(["bridge.upper=none", "model.finetune=lora", f"bridge.lam={lam}"], monkeypatch)
+    assert stage.upper == {} and stage.shadow == {} and stage.upper_optimizer is None
     assert not any(".w." in n for n, _ in ctx.policy.model.named_parameters())
     theta = snapshot(stage.lower)
     stage.step()

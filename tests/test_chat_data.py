@@ -49,7 +49,7 @@ def test_a_conversational_gsm8k_file_trains_through_the_cli(hf_dir, tokenizer, t
     the system prompt first: written out by hand from the fixture's template, and equal to what the tokenizer's
     apply_chat_template gives for those messages."""
     path = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
-    extra = ["bridge.lower=lora"] if recipe == "bridge" else []
+    extra = ["model.finetune=lora"] if recipe == "bridge" else []
     result = CliRunner().invoke(app, ["run", f"recipe={recipe}", "model=hf", f"model.name_or_path={hf_dir}",
                                       "task=gsm8k", f"task.path={path}", f"task.eval_sets={{test:{path}}}",
                                       "task.system_prompt=Answer briefly.", *SMALL, *extra,

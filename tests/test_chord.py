@@ -20,10 +20,10 @@ import bridgectl.core.optim as optim_module
 import bridgectl.stages.chord as chord_module
 import bridgectl.stages.rl as rl_module
 from bridgectl.config import compose
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.core.rollout import positions
 from bridgectl.errors import UserError
-from bridgectl.stages.chord import ChordStage, mu_at
+from bridgectl.stages.chord import ChordStage, chord_mu
 from bridgectl.stages.rl import RLStage
 
 from gradient_checks import full_completion_logprobs
@@ -40,11 +40,11 @@ def test_mu_warms_up_from_zero_decays_along_a_cosine_and_stays_at_the_valley():
                 4: 0.5, 6: 0.02 + 0.48 * (1 + math.cos(math.pi / 4)) / 2, 8: 0.26,  # cosine from the peak
                 11: 0.02 + 0.48 * (1 + math.cos(7 * math.pi / 8)) / 2,
                 12: 0.02, 13: 0.02, 500: 0.02}  # the valley after W + D updates, to the end
-    assert [mu_at(cfg, t) for t in expected] == pytest.approx(list(expected.values()), abs=1e-12)
+    assert [chord_mu(cfg, t) for t in expected] == pytest.approx(list(expected.values()), abs=1e-12)
     no_warmup = SimpleNamespace(mu_warmup_steps=0, mu_decay_steps=2, mu_peak=0.9, mu_valley=0.05)
-    assert [mu_at(no_warmup, t) for t in range(4)] == pytest.approx([0.9, 0.475, 0.05, 0.05], abs=1e-12)
+    assert [chord_mu(no_warmup, t) for t in range(4)] == pytest.approx([0.9, 0.475, 0.05, 0.05], abs=1e-12)
     constant = SimpleNamespace(mu_warmup_steps=0, mu_decay_steps=0, mu_peak=0.1, mu_valley=0.1)  # CHORD-phi's mu
-    assert [mu_at(constant, t) for t in (0, 1, 99)] == [0.1, 0.1, 0.1]
+    assert [chord_mu(constant, t) for t in (0, 1, 99)] == [0.1, 0.1, 0.1]
 
 
 def test_default_schedule_is_the_reference_one_scaled_to_the_recipe():

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from bridgectl.cli import app
 from bridgectl.config import compose
 from bridgectl.core.rollout import generate
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 
 SMALL = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=4",
          "rl.num_generations=4", "sft.batch_size=8", "eval.n=20", "train.checkpoint_every=0"]
@@ -31,7 +31,7 @@ def weights(run) -> dict:
     return tensors
 
 
-@pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=sft"], ["recipe=bridge", "bridge.lower=lora"]])
+@pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=sft"], ["recipe=bridge", "model.finetune=lora"]])
 def test_two_processes_match_one(tmp_path, recipe):
     single = CliRunner().invoke(app, ["run", *recipe, *SMALL, "--out", str(tmp_path), "--name", "one"])
     assert single.exit_code == 0, single.output

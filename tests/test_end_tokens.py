@@ -147,7 +147,8 @@ def test_build_context_finds_the_set_once_and_sft_batches_end_with_the_turn_end(
     """A Qwen2.5-base-shaped model on a GSM8K file, as a run loads it: the policy's end tokens include <|im_end|>,
     and SFT and demonstration targets end with it, not with <|endoftext|>; with task.chat_template=false the EOS."""
     from bridgectl.config import compose
-    from bridgectl.core.context import build_context, demonstration_batch, next_sft_batch
+    from bridgectl.context import build_context
+    from bridgectl.core.context import demonstration_batch, next_sft_batch
     from hf_fixtures import GSM8K_ROWS, write_jsonl
 
     tokenizer, config, expected = shape("qwen_base")

@@ -17,7 +17,7 @@ TINY_RUN = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.pr
 
 
 @pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=rl", "model.finetune=lora"],
-                                    ["recipe=bridge", "bridge.lower=lora"], ["recipe=bridge", "bridge.lower=full"]])
+                                    ["recipe=bridge", "model.finetune=lora"], ["recipe=bridge", "bridge.lower=full"]])
 def test_eval_of_a_run_reproduces_its_final_greedy_accuracy(tmp_path, recipe):
     trained = CliRunner().invoke(app, ["run", *recipe, *TINY_RUN, "--out", str(tmp_path), "--name", "r"])
     assert trained.exit_code == 0, trained.output

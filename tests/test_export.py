@@ -98,7 +98,7 @@ def final_rewards(run: Path) -> dict:
 @pytest.mark.parametrize("recipe, adapter_only", [
     (["recipe=rl"], False),
     (["recipe=rl", "model.finetune=lora"], True),
-    (["recipe=bridge", "bridge.lower=lora"], True),
+    (["recipe=bridge", "model.finetune=lora"], True),
     (["recipe=bridge", "bridge.lower=full"], False),
 ])
 def test_export_decodes_what_the_run_evaluated(tmp_path, recipe, adapter_only):
@@ -136,7 +136,7 @@ def test_stacked_adapter_equals_the_two_adapters(tmp_path):
 
     from bridgectl.export import stacked_adapter
 
-    run = train(tmp_path, ["recipe=bridge", "bridge.lower=lora"])
+    run = train(tmp_path, ["recipe=bridge", "model.finetune=lora"])
     final = run / "checkpoints" / "final"
     config, tensors = stacked_adapter(final)
     parts = [(json.loads((d / "adapter_config.json").read_text()), load_file(str(d / "adapter_model.safetensors")))

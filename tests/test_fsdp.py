@@ -58,7 +58,7 @@ def held_share(output: str) -> float:
 
 
 @pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=two_stage", "model.finetune=lora"],
-                                    ["recipe=bridge", "bridge.lower=lora"], ["recipe=bridge", "bridge.lower=full"]])
+                                    ["recipe=bridge", "model.finetune=lora"], ["recipe=bridge", "bridge.lower=full"]])
 def test_a_sharded_run_matches_one_process(tmp_path, recipe):
     settings = [*recipe, *SMALL[:-1], "train.checkpoint_every=1"]  # a checkpoint each step: gathered shards
     single = CliRunner().invoke(app, ["run", *settings, "--out", str(tmp_path), "--name", "one"])
@@ -87,7 +87,7 @@ def test_a_sharded_run_matches_one_process(tmp_path, recipe):
 
 
 @pytest.mark.parametrize("recipe, processes", [
-    (["recipe=rl"], SHARDED), (["recipe=bridge", "bridge.lower=lora"], SHARDED),
+    (["recipe=rl"], SHARDED), (["recipe=bridge", "model.finetune=lora"], SHARDED),
     (["recipe=rl"], ["--nproc", "2"]),  # plain data parallelism: whole models, the same checkpoints
 ])
 def test_a_multi_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, recipe, processes):

@@ -254,7 +254,7 @@ def test_rollout_batch_size_bounds_the_rows_decoded_at_once_and_keeps_the_sample
     """`rollout.batch_size` reaches the sampler of every RL stage (core/grpo.sample_groups)."""
     from bridgectl.config import compose
     from bridgectl.core.grpo import sample_groups
-    from bridgectl.core.context import build_context
+    from bridgectl.context import build_context
 
     sampled, widest = {}, {}
     for rows in (0, 8):

@@ -6,6 +6,7 @@ second update from a plain full log-softmax of the updated model."""
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import bridgectl.core.optim as optim_module
 import bridgectl.stages.rl as rl_module
 from bridgectl.config import compose
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.core.losses import group_advantages, grpo_loss
 from bridgectl.core.rollout import Rollouts, generate, positions, truncate, truncated_rows
 from bridgectl.errors import UserError
@@ -382,3 +383,29 @@ def test_mixed_stages_with_mu_zero_iterate_exactly_as_the_rl_stage(tmp_path, mix
     for key in weights["rl"]:
         torch.testing.assert_close(weights["mix"][key], weights["rl"][key], atol=1e-6, rtol=1e-5)
     assert any(not torch.allclose(weights["once"][key], weights["mix"][key]) for key in weights["mix"])
+
+
+@pytest.mark.parametrize("recipe", ["rl", "mix"])
+def test_train_tokens_leave_out_the_completions_the_loss_masks(monkeypatch, recipe):
+    """With rl.mask_truncated_completions, completions cut off at rl.max_completion_length train nothing, so the
+    step's train_tokens leave their tokens out (mix's SFT batch still counts); without it, every generated token.
+    The first step samples the same rollouts either way, so the two counts differ by the cut-off ones' tokens."""
+    counted, sampled = {}, {}
+    for masked in (False, True):
+        cfg = compose([*SMALL, f"recipe={recipe}", "rl.max_completion_length=4", "sft.batch_size=4",
+                       f"rl.mask_truncated_completions={str(masked).lower()}"])
+        ctx = build_context(cfg, show_progress=False)
+        module = importlib.import_module(f"bridgectl.stages.{recipe}")
+        real_sample, scored = module.sample_groups, []
+        monkeypatch.setattr(module, "sample_groups", lambda *a, **k: scored.append(real_sample(*a, **k)) or scored[-1])
+        output = build_stage(recipe, ctx, 2).step()
+        monkeypatch.undo()
+        counted[masked], sampled[masked] = output.train_tokens, scored[0].rollouts
+        assert output.gen_tokens == int(scored[0].rollouts.lengths.sum())
+    rollouts = sampled[True]
+    assert torch.equal(rollouts.lengths, sampled[False].lengths)
+    cut = truncated_rows(rollouts, ctx.policy.end_tokens.ids)
+    assert 0 < int(cut.sum()) < len(cut)  # some completions cut off, some not
+    assert counted[False] - counted[True] == int(rollouts.lengths[cut].sum())
+    if recipe == "rl":
+        assert counted[False] == int(rollouts.lengths.sum())

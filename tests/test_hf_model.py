@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from bridgectl.cli import app
 from bridgectl.config import compose
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.tasks import prompt_formatter
 from hf_fixtures import CHAT_TEMPLATE, GSM8K_ROWS, MATH_ROWS, build_hf_model, write_jsonl
 
@@ -40,7 +40,7 @@ def overrides(hf_dir, data, task="gsm8k", *extra):
                                           ("luffy", "gsm8k"), ("relift", "math"), ("hpt", "gsm8k"),
                                           ("srft", "math"), ("uft", "gsm8k")])
 def test_recipes_train_an_hf_model_on_local_files(hf_dir, data, tmp_path, recipe, task):
-    extra = ["bridge.lower=lora"] if recipe == "bridge" else []
+    extra = ["model.finetune=lora"] if recipe == "bridge" else []
     result = CliRunner().invoke(app, ["run", *overrides(hf_dir, data, task, f"recipe={recipe}", *extra),
                                       "--out", str(tmp_path), "--name", "r"])
     assert result.exit_code == 0, result.output

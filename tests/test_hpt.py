@@ -18,12 +18,13 @@ import bridgectl.core.optim as optim_module
 import bridgectl.stages.hpt as hpt_module
 import bridgectl.stages.rl as rl_module
 from bridgectl.config import compose
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.core.losses import group_advantages, make_sft_batch
 from bridgectl.core.rollout import positions
 from bridgectl.errors import UserError
 from bridgectl.stages.hpt import HPTStage, switched_groups
 from bridgectl.stages.rl import RLStage
+from bridgectl.tasks.arith import ArithTask
 
 from gradient_checks import full_completion_logprobs
 
@@ -49,10 +50,9 @@ def test_bad_settings_exit_with_a_message():
 
 
 def test_needs_rl_problems_with_demonstrations(monkeypatch):
-    ctx = build_context(compose(["recipe=hpt", *SMALL]), show_progress=False)
-    monkeypatch.setattr(ctx.task, "rl_has_traces", False)
-    with pytest.raises(UserError, match="own demonstration"):
-        HPTStage(ctx, 1)
+    monkeypatch.setattr(ArithTask, "rl_has_traces", False)
+    with pytest.raises(UserError, match="own demonstration"):  # refused with the context, before weights load
+        build_context(compose(["recipe=hpt", *SMALL]), show_progress=False)
 
 
 # ---- independent losses ------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def final_answers(run: Path) -> dict:
 
 @pytest.mark.parametrize("first", [["recipe=sft", "train.max_steps=15"],
                                    ["recipe=sft", "train.max_steps=15", "model.finetune=lora"],
-                                   ["recipe=bridge", "train.max_steps=3", "bridge.lower=lora"]],
+                                   ["recipe=bridge", "train.max_steps=3", "model.finetune=lora"]],
                          ids=["full", "lora", "bridge-lora"])
 def test_second_run_starts_where_the_first_ended(tmp_path, first):
     before = train(tmp_path, "first", *first)

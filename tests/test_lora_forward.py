@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from bridgectl.config import compose
 from bridgectl.core.lora_forward import _merged_weight_forward, set_lora_forward, wants_merged_forward
 from bridgectl.core.model import adapter_of
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 
 
 def two_adapter_model(dropout: float = 0.0) -> torch.nn.Module:

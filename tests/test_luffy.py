@@ -13,7 +13,7 @@ import torch
 
 import bridgectl.stages.luffy as luffy_module
 from bridgectl.config import compose
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.core.rollout import positions
 from bridgectl.errors import UserError
 from bridgectl.stages import build_stage
@@ -153,3 +153,14 @@ def test_no_off_policy_member_is_exactly_the_rl_stage(monkeypatch):
     assert len(luffy_grads) == len(rl_grads)
     for got, want in zip(luffy_grads, rl_grads):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_train_tokens_count_every_copy_of_a_demonstration(monkeypatch):
+    """StepOutput.train_tokens, the completion tokens that received a gradient: the rollouts' and k times each
+    demonstration's (its k copies are k members of the group, weighted as k rows)."""
+    mixed = record_returns(monkeypatch, luffy_module, "sample_mixed_groups")
+    ctx = build_context(compose(["recipe=luffy", *SMALL, "luffy.off_policy=2"]), show_progress=False)
+    output = build_stage("luffy", ctx, 3).step()
+    groups = mixed[-1]
+    assert groups.copies == 2 and groups.demos.n_tokens > 0
+    assert output.train_tokens == groups.scored.gen_tokens + 2 * groups.demos.n_tokens

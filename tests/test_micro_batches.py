@@ -15,7 +15,7 @@ from bridgectl.config import compose
 from bridgectl.core.logprobs import micro_batches, token_logprobs
 from bridgectl.core.losses import SFTBatch, sft_loss
 from bridgectl.core.rollout import positions
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.stages import build_stage
 from gradient_checks import ScaledLogits
 
@@ -147,8 +147,8 @@ CASES = {
     "mix": (["recipe=mix"], "mix", 1),
     "interleaved": (["recipe=interleaved"], "interleaved", 2),  # one RL update, then one SFT update
     "bridge-full": (["recipe=bridge", "bridge.lower=full"], "bridge", 1),
-    "bridge-lora": (["recipe=bridge", "bridge.lower=lora"], "bridge", 1),
-    "bridge-lookahead": (["recipe=bridge", "bridge.lower=lora", "bridge.shadow=lookahead"], "bridge", 1),
+    "bridge-lora": (["recipe=bridge", "model.finetune=lora"], "bridge", 1),
+    "bridge-lookahead": (["recipe=bridge", "model.finetune=lora", "bridge.shadow=lookahead"], "bridge", 1),
 }
 
 

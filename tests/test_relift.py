@@ -20,12 +20,14 @@ import torch
 import bridgectl.stages.relift as relift_module
 from bridgectl.config import compose
 from bridgectl.core.checkpoint import read_checkpoint, restore, save_checkpoint
-from bridgectl.core.context import build_context, demonstration_batch
+from bridgectl.context import build_context
+from bridgectl.core.context import demonstration_batch
 from bridgectl.core.grpo import rl_loss
 from bridgectl.core.losses import sft_loss
 from bridgectl.errors import UserError
-from bridgectl.stages.relift import ReliftStage
+from bridgectl.stages.relift import Demonstration, ReliftStage
 from bridgectl.stages.rl import RLStage
+from bridgectl.tasks.arith import ArithTask
 from gradient_checks import assert_same_gradients, record_returns, record_updates
 
 G = 4  # rollouts per prompt
@@ -74,17 +76,19 @@ def prompts_of(scored):
     return scored.problems[::G]
 
 
+def demonstrations(problems):
+    """What the buffer keeps of each problem: its question and demonstration."""
+    return [Demonstration(p.question, p.trace_completion) for p in problems]
+
+
 def test_the_buffer_collects_exactly_the_prompts_no_rollout_solves(monkeypatch):
     ctx, stage, spy = make(["relift.buffer_size=100"], monkeypatch)
     outputs = [stage.step() for _ in range(2)]
     first, second = (prompts_of(scored) for scored in spy.sampled)
-    assert stage._problems == [first[0], first[3], second[0], second[3]]
-    assert stage.buffered == 4
-    # kept as positions in the RL stream, which give the same problems back
-    assert stage.buffer["stream_index"][:4].tolist() == [0, 3, 4, 7]
-    assert (stage.buffer["stream_index"][4:] == -1).all()
+    assert stage.buffer == demonstrations([first[0], first[3], second[0], second[3]])
+    # the RL stream's prompts 0, 3, 4 and 7, oldest first
     stream = list(itertools.islice(ctx.task.rl_prompts(ctx.cfg.seed), 8))
-    assert [stream[i] for i in (0, 3, 4, 7)] == stage._problems
+    assert demonstrations([stream[i] for i in (0, 3, 4, 7)]) == stage.buffer
     assert [o.metrics["relift/hard_prompts"] for o in outputs] == [2, 2]
     assert [o.metrics["relift/buffer_size"] for o in outputs] == [2, 4]
     assert [o.metrics["relift/sft_updates"] for o in outputs] == [0, 0]
@@ -99,8 +103,7 @@ def test_a_full_buffer_starts_an_sft_round_with_the_gradient_of_sft_loss(epochs,
     assert first.metrics["relift/sft_updates"] == 0 and len(spy.updates) == 1
     second = stage.step()  # 4 hardest prompts: the 3 oldest make an SFT round, the 4th stays
     hardest = [*prompts_of(spy.sampled[0])[0::3], *prompts_of(spy.sampled[1])[0::3]]
-    assert stage._problems == hardest[3:] and stage.buffered == 1
-    assert stage.buffer["stream_index"][:2].tolist() == [7, -1]
+    assert stage.buffer == demonstrations(hardest[3:])  # the RL stream's prompt 7
 
     chunks = [hardest[:3]] if mini_batch == 0 else [hardest[:2], hardest[2:3]]
     sft_updates = spy.updates[2:]  # after step 1's and step 2's RL updates
@@ -114,8 +117,8 @@ def test_a_full_buffer_starts_an_sft_round_with_the_gradient_of_sft_loss(epochs,
     assert_same_gradients(grads, gradients_at(ctx, stage.params, weights,
                                               lambda m: rl_loss(m, spy.sampled[1], ctx)[0]))
     # two optimizers: the SFT updates at relift.sft_lr, the RL updates at rl.lr
-    assert stage.sft_opt[0].param_groups[0]["lr"] == second.metrics["relift/sft_lr"] == ctx.cfg.relift.sft_lr
-    assert stage.rl_opt[0].param_groups[0]["lr"] == second.metrics["train/lr"] == ctx.cfg.rl.lr
+    assert stage.sft_optimizer.param_groups[0]["lr"] == second.metrics["relift/sft_lr"] == ctx.cfg.relift.sft_lr
+    assert stage.optimizer.param_groups[0]["lr"] == second.metrics["train/lr"] == ctx.cfg.rl.lr
     assert "train/sft_loss" in second.metrics
 
 
@@ -164,18 +167,16 @@ def test_a_resumed_stage_keeps_the_buffer_and_continues_exactly(tmp_path, monkey
     checkpoint = save_checkpoint(tmp_path, 2, ctx.policy.model, stage, ctx.sampling_generator,
                                  {"consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed}},
                                  keep=1)
-    saved_buffer = list(stage._problems)
+    saved_buffer = list(stage.buffer)
     straight = [stage.step().metrics for _ in range(3)]
 
     meta, trainer, tensors = read_checkpoint(checkpoint)
-    assert trainer["stage"]["buffered"] == len(saved_buffer) > 0  # the test needs a buffer to keep
+    assert len(trainer["stage"]["state"]["buffer"]) == len(saved_buffer) > 0  # the test needs a buffer to keep
     resumed_ctx = build_context(compose(overrides), show_progress=False, skip=meta["consumed"])
     monkeypatch.setattr(resumed_ctx.task, "rewards", rewards)
     resumed = ReliftStage(resumed_ctx, 5)
     restore(resumed_ctx.policy.model, resumed, resumed_ctx.sampling_generator, trainer, tensors)
-    assert resumed.buffered == len(saved_buffer) and resumed._problems == []
-    resumed._rebuild_buffer()
-    assert resumed._problems == saved_buffer  # the same problems, read back from the stream
+    assert resumed.buffer == saved_buffer  # the same problems, as the checkpoint holds them
     again = [resumed.step().metrics for _ in range(3)]
 
     def clean(rows):
@@ -183,16 +184,14 @@ def test_a_resumed_stage_keeps_the_buffer_and_continues_exactly(tmp_path, monkey
 
     assert clean(again) == clean(straight)
     assert sum(row["relift/sft_updates"] for row in again) > 0  # the kept buffer was trained on
-    assert resumed._problems == stage._problems
-    assert torch.equal(resumed.buffer["stream_index"], stage.buffer["stream_index"])
+    assert resumed.buffer == stage.buffer
     assert all(torch.equal(a, b) for a, b in zip(resumed.params, stage.params))
 
 
 def test_the_stage_needs_paired_demonstrations_and_valid_settings(monkeypatch):
-    ctx = build_context(compose(SMALL), show_progress=False)
-    monkeypatch.setattr(ctx.task, "rl_has_traces", False)
-    with pytest.raises(UserError, match="relift"):
-        ReliftStage(ctx, 3)
+    monkeypatch.setattr(ArithTask, "rl_has_traces", False)
+    with pytest.raises(UserError, match="relift"):  # refused with the context, before weights load
+        build_context(compose(SMALL), show_progress=False)
     for bad in ("relift.buffer_size=0", "relift.sft_lr=0", "relift.sft_epochs=0", "relift.sft_mini_batch_size=-1"):
         with pytest.raises(UserError, match="relift"):
             compose([*SMALL, bad])

@@ -60,7 +60,7 @@ def start_run(overrides: list[str], out: Path, name: str) -> subprocess.Popen:
                              "--name", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
-@pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=bridge", "bridge.lower=lora"]])
+@pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=bridge", "model.finetune=lora"]])
 def test_a_run_killed_at_a_random_step_resumes_to_the_same_result(tmp_path, recipe):
     overrides = [*recipe, *SHORT]
     straight = CliRunner().invoke(app, ["run", *overrides, "--out", str(tmp_path), "--name", "straight"])
@@ -124,6 +124,12 @@ class _Stage:
         self.ctx = None
         self.optimizer = torch.optim.AdamW(model.parameters())
         self.updates = 0
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
 
     def step(self):
         raise NotImplementedError

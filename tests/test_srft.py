@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import bridgectl.core.logprobs as logprobs_module
 import bridgectl.stages.srft as srft_module
 from bridgectl.config import compose
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.core.logprobs import token_entropies
 from bridgectl.core.rollout import positions
 from bridgectl.stages import build_stage

@@ -96,7 +96,7 @@ def test_two_stage_run_directory_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_interleaved_alternates_rl_and_sft_updates(tmp_path):
-    cfg = compose(["recipe=interleaved", "train.max_steps=6", "interleave.rl_steps=2", "interleave.sft_steps=1",
+    cfg = compose(["recipe=interleaved", "train.max_steps=6", "interleaved.rl_steps=2", "interleaved.sft_steps=1",
                    "rl.prompts_per_step=2", "rl.num_generations=2", "sft.batch_size=8", *QUICK])
     run(cfg, tmp_path / "run", show_progress=False)
     rows = [r for r in read_metrics(tmp_path / "run") if r["stage"] == "interleaved"]

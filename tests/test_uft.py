@@ -20,12 +20,13 @@ import torch
 
 import bridgectl.stages.uft as uft_module
 from bridgectl.config import compose
-from bridgectl.core.context import build_context
+from bridgectl.context import build_context
 from bridgectl.core.grpo import ScoredRollouts, rl_loss
 from bridgectl.core.losses import SFTBatch, group_advantages, sft_loss
 from bridgectl.errors import UserError
 from bridgectl.stages.rl import RLStage
 from bridgectl.stages.uft import UFTStage, hint_length, hint_probability
+from bridgectl.tasks.arith import ArithTask
 from gradient_checks import assert_same_gradients, record_returns, record_updates
 
 G = 4  # rollouts per prompt
@@ -206,10 +207,9 @@ def test_micro_batches_give_the_one_pass_gradients(monkeypatch):
 
 
 def test_the_stage_needs_paired_demonstrations_and_valid_settings(monkeypatch):
-    ctx = build_context(compose(SMALL), show_progress=False)
-    monkeypatch.setattr(ctx.task, "rl_has_traces", False)
-    with pytest.raises(UserError, match="uft"):
-        UFTStage(ctx, 3)
+    monkeypatch.setattr(ArithTask, "rl_has_traces", False)
+    with pytest.raises(UserError, match="uft"):  # refused with the context, before weights load
+        build_context(compose(SMALL), show_progress=False)
     for bad in ("uft.hint_start=1.5", "uft.hint_end=-0.1", "uft.hint_fraction_of_steps=2", "uft.hint_chunks=0",
                 "uft.sft_coef=-1", "uft.lr=0"):
         with pytest.raises(UserError, match="uft"):

@@ -14,7 +14,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from bridgectl.config import LoraConfig
+from bridgectl.schema import LoraConfig
 from bridgectl.core.model import Policy, add_upper_adapter, merged_weights
 from bridgectl.core.logprobs import score_sampled
 from bridgectl.core.rollout import Rollouts, encode_prompts, generate, prompt_token_lists, rollouts_from_token_ids
@@ -149,7 +149,7 @@ def engine_and_policy():
     from bridgectl.core.vllm_rollout import check_usable, engine_for
     from bridgectl.stages.bridge import ensure_upper_adapter
 
-    cfg = compose(["recipe=bridge", "bridge.lower=lora", "rollout.backend=vllm", "train.device=cpu"])
+    cfg = compose(["recipe=bridge", "model.finetune=lora", "rollout.backend=vllm", "train.device=cpu"])
     device = torch.device("cpu")
     check_usable(device)
     policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task), device, keep_reference=False,
@@ -216,7 +216,7 @@ def test_a_bridge_run_samples_through_vllm(tmp_path):
 
     from bridgectl.cli import app
 
-    result = CliRunner().invoke(app, ["run", "recipe=bridge", "bridge.lower=lora", "bridge.shadow_rollouts=true",
+    result = CliRunner().invoke(app, ["run", "recipe=bridge", "model.finetune=lora", "bridge.shadow_rollouts=true",
                                       "rollout.backend=vllm", "train.device=cpu", "train.max_steps=6",
                                       "train.eval_every=0", "eval.n=50", "--out", str(tmp_path), "--name", "v"])
     assert result.exit_code == 0, result.output

@@ -1,9 +1,10 @@
 """Checkpoints for exact resume: `checkpoints/step-NNNNNN/` in the run directory.
 
-    weights.safetensors   every trainable parameter of the model, by name, and any tensor a stage keeps outside
-                          the model (BRIDGE's shadow theta_hat), prefixed `stage/<attribute path>/`
-    trainer.pt            optimizer and scheduler states, step counters, RNG states (python, numpy, torch, the
-                          sampling generator); tensors and plain values only, read with torch.load(weights_only=True)
+    weights.safetensors   every trainable parameter of the model, by name (`model/<name>`), and the tensors of the
+                          stage's own state (BRIDGE's shadow theta_hat) as `stage/<key>/<name>` (see below)
+    trainer.pt            the stage's optimizer and scheduler states and the rest of its state (step counters,
+                          relift's buffer), RNG states (python, numpy, torch, the sampling generator); tensors and
+                          plain values only, read with torch.load(weights_only=True)
     meta.json             the step, the stage index and its step, token and wall-clock counters, how many items of
                           each data stream were consumed (the stream is rebuilt from its seed and fast-forwarded),
                           the size of each log of the run directory then (what a resumed run cuts them back to)
@@ -21,9 +22,26 @@ wrong (a file missing, of another size, with another checksum, or that does not 
 back to the previous checkpoint (runner.py). A checkpoint written before manifests existed (its meta.json has no
 "format") is loaded unchecked, as before; one whose meta.json says it has a manifest and lacks it is damaged.
 
-A stage's state is found by walking its attributes, whatever the recipe: integer counters, optimizers and schedulers
-(alone or as (optimizer, scheduler) pairs), dicts of tensors that are not model parameters (the shadow), and
-sub-stages (interleaved's rules). Everything else (config, context, derived schedules) is rebuilt from the config.
+A stage's state is what it declares, in two parts:
+  - its optimizers and schedulers: every attribute of the stage that is a torch optimizer or LR scheduler, and
+    those of its sub-stages (a dict of stages: interleaved's `rules`), found by type and saved under their attribute
+    path (`optimizer`, `sft_scheduler`, `rules.rl.optimizer`). Nothing about them is the stage's to say, and each
+    is restored sharded like its parameters under train.fsdp; one kept in a tuple or list is refused (TypeError),
+    as it would be missed;
+  - everything else it keeps from one step to the next: what its `state_dict()` returns (plain Python values and
+    tensors: step counters, relift's buffer, BRIDGE's shadow theta_hat), handed back to its
+    `load_state_dict(state)`. A stage with no such state has neither method; a checkpoint holding state for a
+    stage without load_state_dict is refused (TypeError).
+Everything else (the config, the context, the parameters, schedules derived from the config, the stage's budget)
+is rebuilt from the config when the stage is built. tests/test_stage_state.py builds every registered stage, takes
+steps, restores a fresh stage from a checkpoint of it and compares every attribute of the two, so state kept outside
+state_dict fails there instead of being dropped.
+
+trainer.pt holds the stage as {"optimizers": {path: state_dict}, "state": the stage's state_dict}, except that each
+value of the state_dict that is a dict of tensors (the shadow) goes to weights.safetensors as
+`stage/<key>/<name>` and is put back in the state before load_state_dict. A checkpoint written before stage state
+was declared (one flat dict of attribute path -> counter, optimizer or scheduler state, or (optimizer, scheduler)
+pair; tensors as now) is read into that form first (_legacy_stage).
 """
 
 from __future__ import annotations
@@ -66,63 +84,88 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-# ---- stage state, found generically ---------------------------------------------------------------------------
+# ---- stage state ----------------------------------------------------------------------------------------------
+_OPTIMIZING = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+
+_RENAMED_PAIRS = {  # (optimizer, scheduler) pairs of legacy checkpoints -> the attributes they became
+    "rl_opt": ("optimizer", "scheduler"), "sft_opt": ("sft_optimizer", "sft_scheduler"),  # relift
+    "lower_opt": ("lower_optimizer", "lower_scheduler"), "upper_opt": ("upper_optimizer", "upper_scheduler"),
+    "shadow_opt": ("shadow_optimizer", "shadow_scheduler"),  # bridge
+}
+
+
 def _is_stage(value) -> bool:
     return hasattr(value, "step") and hasattr(value, "ctx")
 
 
-def stage_state(stage, model_tensors: set[int], prefix: str = "") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(plain state, tensors) of a stage: see the module docstring for what counts."""
-    state, tensors = {}, {}
+def _is_tensor_dict(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def stage_optimizers(stage, prefix: str = "") -> dict:
+    """Every optimizer and scheduler of `stage` by attribute path, its sub-stages' included (module docstring)."""
+    found = {}
     for name, value in vars(stage).items():
-        key = f"{prefix}{name}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            state[key] = value
-        elif isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
-            state[key] = value.state_dict()
-        elif isinstance(value, tuple) and value and all(
-                isinstance(v, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)) for v in value):
-            state[key] = [v.state_dict() for v in value]
-        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            if not any(id(v) in model_tensors for v in value.values()):  # model parameters are saved as the model
-                tensors.update({f"stage/{key}/{n}": v.detach() for n, v in value.items()})
+        if isinstance(value, _OPTIMIZING):
+            found[f"{prefix}{name}"] = value
+        elif isinstance(value, (tuple, list)) and any(isinstance(item, _OPTIMIZING) for item in value):
+            raise TypeError(f"{type(stage).__name__}.{name}: keep each optimizer and scheduler in an attribute of "
+                            "its own, where checkpoints find them")
         elif isinstance(value, dict) and value and all(_is_stage(v) for v in value.values()):
             for sub_name, sub in value.items():
-                sub_state, sub_tensors = stage_state(sub, model_tensors, f"{key}.{sub_name}.")
-                state.update(sub_state)
-                tensors.update(sub_tensors)
-    return state, tensors
+                found.update(stage_optimizers(sub, f"{prefix}{name}.{sub_name}."))
+    return found
 
 
-def _load_state_dict(item, saved: dict) -> None:
-    item.load_state_dict(saved)
-    if isinstance(item, torch.optim.Optimizer):
-        _shard_optimizer_state(item)
+def stage_state(stage) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(trainer.pt's entry, weights.safetensors' `stage/...` tensors) of `stage`: see the module docstring."""
+    state = stage.state_dict() if hasattr(stage, "state_dict") else {}
+    plain = {key: value for key, value in state.items() if not _is_tensor_dict(value)}
+    tensors = {f"stage/{key}/{name}": tensor.detach() for key, value in state.items() if _is_tensor_dict(value)
+               for name, tensor in value.items()}
+    optimizers = {path: item.state_dict() for path, item in stage_optimizers(stage).items()}
+    return {"optimizers": optimizers, "state": plain}, tensors
 
 
-def load_stage_state(stage, state: dict, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
-    for name, value in vars(stage).items():
-        key = f"{prefix}{name}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int) and key in state:
-            setattr(stage, name, state[key])
-        elif isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)) and key in state:
-            _load_state_dict(value, state[key])
-        elif isinstance(value, tuple) and key in state:
-            for item, saved in zip(value, state[key]):
-                _load_state_dict(item, saved)
-        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            with torch.no_grad():
-                for n, tensor in value.items():
-                    saved = tensors.get(f"stage/{key}/{n}")
-                    if saved is not None:  # in place: the stage's optimizer holds these very tensors
-                        tensor.copy_(distributed.shard_like(saved, tensor))
-        elif isinstance(value, dict) and value and all(_is_stage(v) for v in value.values()):
-            for sub_name, sub in value.items():
-                load_stage_state(sub, state, tensors, f"{key}.{sub_name}.")
+def _legacy_stage(saved: dict) -> dict:
+    """A stage entry of a checkpoint written before stage state was declared, in today's form: counters (`updates`,
+    a sub-stage's `rules.rl.updates`) become the state, nested by their dotted path, and optimizer and scheduler
+    states keep their path (pairs split into the attributes they became)."""
+    optimizers, state = {}, {}
+    for path, value in saved.items():
+        if isinstance(value, list):
+            optimizers.update(zip(_RENAMED_PAIRS[path], value))
+        elif isinstance(value, dict):
+            optimizers[path] = value
+        else:
+            *parents, name = path.split(".")
+            holder = state
+            for parent in parents:
+                holder = holder.setdefault(parent, {})
+            holder[name] = value
+    return {"optimizers": optimizers, "state": state}
+
+
+def load_stage_state(stage, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Restores what stage_state saved: the optimizers and schedulers (those the checkpoint has), then the stage's
+    own state through its load_state_dict."""
+    if set(saved) != {"optimizers", "state"}:
+        saved = _legacy_stage(saved)
+    for path, item in stage_optimizers(stage).items():
+        if path in saved["optimizers"]:
+            item.load_state_dict(saved["optimizers"][path])
+            if isinstance(item, torch.optim.Optimizer):
+                _shard_optimizer_state(item)
+    state = dict(saved["state"])
+    for key, tensor in tensors.items():
+        if key.startswith("stage/"):
+            group, name = key[len("stage/"):].split("/", 1)
+            state.setdefault(group, {})[name] = tensor
+    if hasattr(stage, "load_state_dict"):
+        stage.load_state_dict(state)
+    elif state:
+        raise TypeError(f"the checkpoint holds state ({', '.join(sorted(state))}) for the {type(stage).__name__}, "
+                        "which has no load_state_dict to take it")
 
 
 # ---- RNG -----------------------------------------------------------------------------------------------------
@@ -155,7 +198,7 @@ def save_checkpoint(directory: Path, step: int, model, stage, sampling_generator
     other than 0). Called on every rank under data parallelism: sharded tensors (train.fsdp) are gathered whole
     first, which takes every rank; rank 0 alone writes."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    plain, stage_tensors = stage_state(stage, {id(p) for p in model.parameters()})
+    plain, stage_tensors = stage_state(stage)
     tensors = {f"model/{n}": distributed.full_tensor(p.detach()).contiguous().cpu() for n, p in params.items()}
     tensors.update({n: distributed.full_tensor(t).contiguous().cpu() for n, t in stage_tensors.items()})
     plain = _whole(plain)
@@ -381,7 +424,8 @@ def load_model_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def restore(model, stage, sampling_generator: torch.Generator, trainer: dict, tensors: dict) -> None:
-    """Model parameters, the stage's optimizers, counters and extra tensors, and every RNG, as saved."""
+    """Model parameters, the stage's optimizers, schedulers and state (module docstring), and every RNG, as
+    saved."""
     load_model_tensors(model, tensors)
     load_stage_state(stage, trainer["stage"], tensors)
     set_rng_state(trainer["rng"], sampling_generator)

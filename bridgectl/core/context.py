@@ -1,5 +1,6 @@
-"""What every stage is given: the policy, the task's data streams and the config, and how it is built
-(build_context: seeds, device, task, policy). No recipe logic here."""
+"""What every stage is given (TrainContext: the policy, the task's data streams and the config) and the plain
+helpers around it (seeding, the device, SFT and demonstration batches). Building one for a recipe is
+bridgectl/context.py's job: the core knows no recipe."""
 
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from bridgectl.core import distributed, vllm_rollout
+from bridgectl.core import distributed
 from bridgectl.core.losses import SFTBatch, make_sft_batch
-from bridgectl.core.model import Policy, load_policy
+from bridgectl.core.model import Policy
 from bridgectl.errors import UserError
-from bridgectl.models.sources import base_model_path
-from bridgectl.stages import STAGES, stage_class
-from bridgectl.tasks import make_task, prompts_use_chat_template
 
 
 class CountingStream:
@@ -109,36 +107,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None = None) -> TrainContext:
-    """Seeds, device, task and policy: everything a stage needs, for `cfg` as composed. `skip`: how many items of
-    the sft and rl streams a resumed run already consumed."""
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.train.device)
-    distributed.init_from_environment(device.type)
-    distributed.check_batch_split(cfg, distributed.world_size())
-    if cfg.rollout.backend == "vllm":
-        vllm_rollout.check_usable(device)  # before anything is loaded
-    task = make_task(cfg, show_progress=show_progress)
-    if any(STAGES[kind].pairs_demonstrations for kind in cfg.recipe.stages):  # before any weights load
-        check_paired_demonstrations(task, cfg, [k for k in cfg.recipe.stages if STAGES[k].pairs_demonstrations][0])
-    keep_reference = cfg.rl.beta > 0 and any(STAGES[stage].samples_rollouts for stage in cfg.recipe.stages)
-    # With a bridge stage, bridge.lower decides what the lower level theta is: the full weights or an adapter.
-    finetune = cfg.bridge.lower if "bridge" in cfg.recipe.stages else cfg.model.finetune
-    policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task, show_progress), device,
-                         keep_reference, finetune=finetune, chat_template=prompts_use_chat_template(cfg.task))
-    if cfg.train.fsdp and distributed.active():
-        prepare = getattr(stage_class(cfg.recipe.stages[0]), "before_sharding", None)
-        if prepare is not None:  # parameters a stage adds (BRIDGE's w) must exist before the model is sharded
-            prepare(policy, cfg)
-        distributed.shard_model(policy)
-    engine = None
-    if cfg.rollout.backend == "vllm":
-        engine = vllm_rollout.engine_for(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy)
-    return TrainContext(cfg=cfg, policy=policy, task=task, device=device, rollout_engine=engine,
-                        sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
-                        sft_examples=CountingStream(lambda: task.sft_examples(cfg.seed), (skip or {}).get("sft", 0)),
-                        rl_problems=CountingStream(lambda: task.rl_prompts(cfg.seed), (skip or {}).get("rl", 0)))

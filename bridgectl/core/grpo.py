@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -107,6 +108,16 @@ def loss_mask(rollouts: Rollouts, ctx: TrainContext) -> torch.Tensor:
     return mask
 
 
+def trained_tokens(scored: ScoredRollouts, ctx: TrainContext, rows: torch.Tensor | None = None) -> int:
+    """The completion tokens the GRPO loss trains on (of `rows`, or all): every generated one, less those of
+    completions loss_mask leaves out under rl.mask_truncated_completions (what StepOutput.train_tokens counts)."""
+    lengths = scored.rollouts.lengths if rows is None else scored.rollouts.lengths[rows]
+    if ctx.cfg.rl.mask_truncated_completions:
+        kept = ~truncated_rows(scored.rollouts, ctx.policy.end_tokens.ids)
+        lengths = lengths[kept if rows is None else kept[rows]]
+    return int(lengths.sum())
+
+
 def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | None = None,
             n_tokens: torch.Tensor | None = None,
             n_sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
@@ -156,20 +167,34 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
     return float(total), GRPOStats(clip_fraction=clip_fraction, kl=kl)
 
 
-def iterate_updates(n: int, one_update) -> tuple[dict, GRPOStats]:
-    """Runs `one_update()` `n` times (rl.num_iterations updates on one batch of rollouts); each returns (RL loss,
-    its GRPOStats, SFT loss or None, gradient norm). Returns the step's metrics, the means over its updates (TRL
-    averages its logged values likewise): train/rl_loss, train/grad_norm and train/sft_loss where there is one; and
-    the mean statistics, for rollout_metrics."""
+@dataclass(frozen=True)
+class Update:
+    """What one optimizer update on a batch of rollouts reports to iterate_updates."""
+    rl_loss: float
+    """The RL loss (rl_backward's)."""
+    stats: GRPOStats
+    """The RL loss's clip fraction and KL (rl_backward's)."""
+    sft_loss: float | None
+    """The SFT term's loss, None for stages without one (rl)."""
+    grad_norm: float
+    """The gradient norm before clipping (core/optim.take_step)."""
+
+
+def iterate_updates(n: int, one_update: Callable[[], Update]) -> tuple[dict, GRPOStats]:
+    """Runs `one_update()` `n` times (rl.num_iterations updates on one batch of rollouts), each reporting an Update.
+    Returns the step's metrics, the means over its updates (TRL averages its logged values likewise): train/rl_loss,
+    train/grad_norm and train/sft_loss where there is one; and the mean statistics, for rollout_metrics."""
     updates = [one_update() for _ in range(n)]
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
-    metrics = {"train/rl_loss": mean([u[0] for u in updates]), "train/grad_norm": mean([u[3] for u in updates])}
-    if updates[0][2] is not None:
-        metrics["train/sft_loss"] = mean([u[2] for u in updates])
-    stats = GRPOStats(clip_fraction=mean([u[1].clip_fraction for u in updates]), kl=mean([u[1].kl for u in updates]))
+    metrics = {"train/rl_loss": mean([u.rl_loss for u in updates]),
+               "train/grad_norm": mean([u.grad_norm for u in updates])}
+    if updates[0].sft_loss is not None:
+        metrics["train/sft_loss"] = mean([u.sft_loss for u in updates])
+    stats = GRPOStats(clip_fraction=mean([u.stats.clip_fraction for u in updates]),
+                      kl=mean([u.stats.kl for u in updates]))
     return metrics, stats
 
 

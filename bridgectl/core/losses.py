@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from bridgectl.core import distributed
+from bridgectl.core.choices import LOSS_TYPES
 from bridgectl.core.logprobs import micro_batches, token_logprobs
 
 
@@ -134,7 +135,6 @@ class GRPOStats:
     kl: float
 
 
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
 
 
 def loss_token_weights(mask: torch.Tensor, loss_type: str) -> torch.Tensor:

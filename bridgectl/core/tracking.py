@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.core.redaction import redact
-from bridgectl.run_config import config_text
+from bridgectl.core.config_file import config_text
 from bridgectl.errors import UserError
 
 

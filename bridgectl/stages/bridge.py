@@ -18,7 +18,7 @@ after another, each in micro-batches of `train.micro_batch_size` rows, so that o
 are alive at a time. The joint gradient is accumulated from the RL and SFT passes for theta and w together (its w
 part is exactly the first two terms of Eq. 11), and L_rl_hat is differentiated once for theta_hat and w. theta's
 step depends on the joint gradient alone, so it is taken before the shadow branch runs and its gradient freed (with
-lower=full, one weight-sized gradient less at the peak); the updates are those of the block above.
+model.finetune=full, one weight-sized gradient less at the peak); the updates are those of the block above.
 
 At lam = 1 the SFT terms vanish and w is frozen: theta and theta_hat start equal and take the same RL updates on the
 same rollouts, so L_rl = L_rl_hat at every step, the cooperative gain is 0 and w's gradient lam (grad_w L_rl -
@@ -29,8 +29,9 @@ Ablations (the paper's Table of ablations, as settings): `bridge.upper=joint` tr
 third pass; `bridge.upper=none` has no adapter w at all (theta -= alpha grad[(1-lam) L_sft + lam L_rl]). Both are
 shipped as recipes (bridge_no_meta, bridge_no_upper).
 
-`bridge.lower=full` is the paper: theta are the model's full weights and theta_hat a second full copy.
-`bridge.lower=lora` makes theta a larger LoRA adapter (rank `lora.rank`) over one frozen base and theta_hat a copy of
+What theta is, model.finetune decides, as in every recipe (bridge.lower follows it or is refused).
+`model.finetune=full` is the paper: theta are the model's full weights and theta_hat a second full copy.
+`model.finetune=lora` makes theta a larger LoRA adapter (rank `lora.rank`) over one frozen base and theta_hat a copy of
 that adapter, so there is no second full copy (memory close to the `rl` recipe). The shadow is not a second module:
 its passes are the live model's with theta_hat's values swapped into theta's parameters for the duration (and
 w's joint gradient set aside), sharing w and everything else; so the shadow runs wherever the model does,
@@ -63,7 +64,8 @@ import torch
 
 from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_and_score, sample_groups
+from bridgectl.core.grpo import (completion_rows, rl_backward, rollout_metrics, sample_and_score, sample_groups,
+                                 trained_tokens)
 from bridgectl.core.losses import sft_backward
 from bridgectl.core.model import adapter_of, add_upper_adapter
 from bridgectl.core.optim import clip_gradients, make_optimizer
@@ -88,19 +90,21 @@ def ensure_upper_adapter(policy, cfg) -> None:
     if cfg.bridge.upper == "none" or (policy.has_adapters and UPPER in policy.model.peft_config):
         return
     add_upper_adapter(policy, UPPER, cfg.bridge.w_rank, cfg.bridge.w_alpha, cfg.lora,
-                      train_base=cfg.bridge.lower == "full")
+                      train_base=cfg.model.finetune == "full")
 
 
-def lam_at(cfg, update: int, total_updates: int) -> float:
-    """Constant `bridge.lam`, or a linear ramp from `lam_start` to `lam_end` over the stage."""
-    if cfg.lam_start is None or cfg.lam_end is None:
-        return cfg.lam
+def lam_at(settings, update: int, total_updates: int) -> float:
+    """Constant `bridge.lam`, or a linear ramp from `lam_start` to `lam_end` over the stage (`settings`: the bridge
+    section of the config)."""
+    if settings.lam_start is None or settings.lam_end is None:
+        return settings.lam
     fraction = update / max(1, total_updates - 1)
-    return cfg.lam_start + (cfg.lam_end - cfg.lam_start) * fraction
+    return settings.lam_start + (settings.lam_end - settings.lam_start) * fraction
 
 
-def _optimizer(params, lr, cfg, optim_cfg, total_updates):
-    if cfg.optimizer == "sgd":  # exact updates theta -= lr * grad: what the gradient tests check
+def _optimizer(params, lr, settings, optim_cfg, total_updates):
+    """bridge.optimizer over `params` at `lr`, with its scheduler (`settings`: the bridge section of the config)."""
+    if settings.optimizer == "sgd":  # exact updates theta -= lr * grad: what the gradient tests check
         optimizer = torch.optim.SGD(params, lr=lr)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return make_optimizer(params, lr, optim_cfg, total_updates)
@@ -108,55 +112,75 @@ def _optimizer(params, lr, cfg, optim_cfg, total_updates):
 
 class BridgeStage:
     name = "bridge"
-    before_sharding = staticmethod(ensure_upper_adapter)  # core/context.build_context, train.fsdp
+    before_sharding = staticmethod(ensure_upper_adapter)  # bridgectl/context.build_context, train.fsdp
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx, self.cfg, self.total_updates = ctx, ctx.cfg.bridge, total_updates
+        self.ctx, self.settings, self.total_updates = ctx, ctx.cfg.bridge, total_updates
         ensure_upper_adapter(ctx.policy, ctx.cfg)
         model = ctx.policy.model
         self.lower = {n: p for n, p in model.named_parameters() if p.requires_grad and adapter_of(n) != UPPER}
         self.upper = {n: p for n, p in model.named_parameters() if adapter_of(n) == UPPER}
         # theta_hat_0 = theta_0 (Algorithm 2); it never receives SFT gradients. Only the cooperative upper level
         # has a shadow: the ablations (bridge.upper=joint|none) need no RL-only branch.
-        self.cooperative = self.cfg.upper == "cooperative"
-        persistent = self.cooperative and self.cfg.shadow == "persistent"
+        settings, optim = self.settings, ctx.cfg.optim
+        self.cooperative = settings.upper == "cooperative"
+        persistent = self.cooperative and settings.shadow == "persistent"
         self.shadow = {n: p.detach().clone().requires_grad_(True) for n, p in self.lower.items()} if persistent else {}
-        opt = ctx.cfg.optim
-        self.lower_opt = _optimizer(list(self.lower.values()), self.cfg.alpha, self.cfg, opt, total_updates)
-        self.upper_opt = (_optimizer(list(self.upper.values()), self.cfg.beta, self.cfg, opt, total_updates)
-                          if self.upper else None)
-        self.shadow_opt = (_optimizer(list(self.shadow.values()), self.cfg.alpha, self.cfg, opt, total_updates)
-                           if self.shadow else None)
+        # one optimizer and scheduler per level, named as the level: theta (lower), w (upper), theta_hat (shadow)
+        self.lower_optimizer, self.lower_scheduler = _optimizer(list(self.lower.values()), settings.alpha, settings,
+                                                                optim, total_updates)
+        self.upper_optimizer = self.upper_scheduler = self.shadow_optimizer = self.shadow_scheduler = None
+        if self.upper:
+            self.upper_optimizer, self.upper_scheduler = _optimizer(list(self.upper.values()), settings.beta,
+                                                                    settings, optim, total_updates)
+        if self.shadow:
+            self.shadow_optimizer, self.shadow_scheduler = _optimizer(list(self.shadow.values()), settings.alpha,
+                                                                      settings, optim, total_updates)
         self.updates = 0
+
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the optimizers and schedulers: the step counter and
+        the persistent shadow theta_hat (a dict of tensors, saved in weights.safetensors as `stage/shadow/<name>`);
+        theta and w are the model's parameters, saved with it."""
+        return {"updates": self.updates, "shadow": {name: tensor.detach() for name, tensor in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore); the shadow in place, since its optimizer
+        holds these very tensors (each process keeps its own shard of them under train.fsdp)."""
+        self.updates = state["updates"]
+        saved = state.get("shadow", {})  # none in a checkpoint of the look-ahead shadow, which keeps no weights
+        with torch.no_grad():
+            for name, tensor in self.shadow.items():
+                if name in saved:
+                    tensor.copy_(distributed.shard_like(saved[name], tensor))
 
     # ---- the meta-step -----------------------------------------------------------------------------------
     def step(self) -> StepOutput:
-        ctx, cfg, rl = self.ctx, self.cfg, self.ctx.cfg.rl
+        ctx, settings, rl = self.ctx, self.settings, self.ctx.cfg.rl
         model = ctx.policy.model
-        lam = lam_at(cfg, self.updates, self.total_updates)
+        lam = lam_at(settings, self.updates, self.total_updates)
         scored = sample_groups(ctx)  # shared rollouts from pi(theta, w)
         # measured before any forward pass: sampling swaps theta_hat into the live weights, which must not
         # happen while an autograd graph holds them
-        shadow_reward = self._shadow_reward(scored) if cfg.shadow_rollouts else None
+        shadow_reward = self._shadow_reward(scored) if settings.shadow_rollouts else None
         batch = next_sft_batch(ctx)
 
         # Joint branch: the gradient of (1-lam) L_sft + lam L_rl gives theta's Eq. 8 step and w's first two terms
         # of Eq. 11. It is accumulated over micro-batches (train.micro_batch_size) of the RL rows, then of the SFT
         # rows, each pass freeing its graph before the next forward, so peak memory is one micro-batch's
         # activations (as in an `rl` step), never the SFT and RL graphs together.
-        lookahead = cfg.shadow == "lookahead"
+        lookahead = settings.shadow == "lookahead"
         loss_rl, stats = rl_backward(model, scored, ctx, scale=1.0 if lookahead else lam)
         shadow_weights = self._lookahead_weights(lam) if lookahead else self.shadow
-        loss_sft = sft_backward(model, batch, ctx.cfg.train.micro_batch_size, scale=(1 - lam) * cfg.sft_scale)
+        loss_sft = sft_backward(model, batch, ctx.cfg.train.micro_batch_size, scale=(1 - lam) * settings.sft_scale)
 
         # theta's step (Eq. 8) needs the joint gradient only, so it is taken now and theta's gradient freed before
-        # the shadow's backward makes theta_hat's: with lower=full, one weight-sized gradient less at the peak.
+        # the shadow's backward makes theta_hat's: with model.finetune=full, one weight-sized gradient less at the peak.
         max_norm = ctx.cfg.optim.max_grad_norm
         lower_params = list(self.lower.values())
         norms = {"bridge/grad_norm_theta": clip_gradients(lower_params, max_norm, "gradients of theta")}
-        optimizer, scheduler = self.lower_opt
-        optimizer.step()
-        scheduler.step()
+        self.lower_optimizer.step()
+        self.lower_scheduler.step()
         for param in lower_params:
             param.grad = None
 
@@ -189,22 +213,22 @@ class BridgeStage:
         steps = []
         if upper_params:
             norms["bridge/grad_norm_w"] = clip_gradients(upper_params, max_norm, "gradients of w")
-            steps.append(self.upper_opt)
+            steps.append((self.upper_optimizer, self.upper_scheduler))
         if self.shadow:
             norms["bridge/grad_norm_theta_hat"] = clip_gradients(list(self.shadow.values()), max_norm,
                                                                  "gradients of theta_hat")
-            steps.append(self.shadow_opt)
+            steps.append((self.shadow_optimizer, self.shadow_scheduler))
         for optimizer, scheduler in steps:
             optimizer.step()
             scheduler.step()
-        for pair in (self.lower_opt, self.upper_opt, self.shadow_opt):
-            if pair is not None:
-                pair[0].zero_grad(set_to_none=True)  # no gradient stays alive into the next step
+        for optimizer in (self.lower_optimizer, self.upper_optimizer, self.shadow_optimizer):
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)  # no gradient stays alive into the next step
         self.updates += 1
         metrics.update({**norms, **rollout_metrics(scored, stats, rl.num_generations)})
         if shadow_reward is not None:
             metrics["bridge/reward_gap"] = scored.rewards.mean().item() - shadow_reward
-        return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + batch.n_tokens,
+        return StepOutput(metrics=metrics, train_tokens=trained_tokens(scored, ctx) + batch.n_tokens,
                           gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))
 
@@ -213,7 +237,7 @@ class BridgeStage:
         for w's gradient. The joint branch's RL pass ran unscaled for this, so theta's gradient is exactly
         grad L_rl here: the look-ahead is read off it, then every gradient so far is scaled by lam, which is
         what the scaled pass of the persistent shadow gives."""
-        weights = {n: (p - self.cfg.alpha * p.grad).detach() if p.grad is not None else p.detach()
+        weights = {n: (p - self.settings.alpha * p.grad).detach() if p.grad is not None else p.detach()
                    for n, p in self.lower.items()}
         for param in [*self.lower.values(), *self.upper.values()]:
             if param.grad is not None:

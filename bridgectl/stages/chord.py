@@ -45,12 +45,13 @@ from __future__ import annotations
 import math
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.grpo import (Update, completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups,
+                                 trained_tokens)
 from bridgectl.core.losses import phi_sft_loss, sft_backward, sft_loss
 from bridgectl.core.optim import make_optimizer, take_step
 
 
-def mu_at(cfg, update: int) -> float:
+def chord_mu(cfg, update: int) -> float:
     """CHORD-mu's weight of the SFT term at update `update` (from 0): linear warm-up from 0 to mu_peak, half-cosine
     decay to mu_valley, then mu_valley."""
     warmup, decay = cfg.mu_warmup_steps, cfg.mu_decay_steps
@@ -73,26 +74,34 @@ class ChordStage:
                                                         total_updates * ctx.cfg.rl.num_iterations)
         self.updates = 0
 
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore)."""
+        self.updates = state["updates"]
+
     def step(self) -> StepOutput:
         ctx, cfg, rl = self.ctx, self.ctx.cfg.chord, self.ctx.cfg.rl
-        mu = mu_at(cfg, self.updates)
+        mu = chord_mu(cfg, self.updates)
         scored = sample_groups(ctx)
         batch = next_sft_batch(ctx) if mu > 0 else None
 
-        def one_update():
+        def one_update() -> Update:
             # the gradient of (1 - mu) L_grpo + mu L_sft, accumulated from the micro-batches of each term
             # (train.micro_batch_size), each divided by its own whole token count
             loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx, scale=1 - mu)
             loss_sft = None if batch is None else sft_backward(
                 ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu,
                 loss_fn=phi_sft_loss if cfg.phi else sft_loss)
-            return loss_rl, stats, loss_sft, take_step(self.params, self.optimizer, self.scheduler,
-                                                       ctx.cfg.optim.max_grad_norm)
+            grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+            return Update(rl_loss=loss_rl, stats=stats, sft_loss=loss_sft, grad_norm=grad_norm)
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
         metrics.update({"chord/mu": mu, **rollout_metrics(scored, stats, rl.num_generations),
                         "train/lr": self.scheduler.get_last_lr()[0]})
-        train_tokens = scored.gen_tokens + (batch.n_tokens if batch is not None else 0)
+        train_tokens = trained_tokens(scored, ctx) + (batch.n_tokens if batch is not None else 0)
         return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * train_tokens, gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))

@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 
 from bridgectl.core import distributed
-from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch, require_paired_demonstrations
-from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch
+from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups, trained_tokens
 from bridgectl.core.losses import sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 
@@ -52,11 +52,18 @@ class HPTStage:
     name = "hpt"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        require_paired_demonstrations(ctx, "hpt")
         self.ctx = ctx
         self.params = ctx.policy.trainable_parameters()
         self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.hpt.lr, ctx.cfg.optim, total_updates)
         self.updates = 0
+
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore)."""
+        self.updates = state["updates"]
 
     def step(self) -> StepOutput:
         ctx, cfg, group_size = self.ctx, self.ctx.cfg.hpt, self.ctx.cfg.rl.num_generations
@@ -71,7 +78,7 @@ class HPTStage:
         loss_rl, stats = rl_backward(model, scored, ctx, rows=rl_rows)
         metrics = {"train/rl_loss": loss_rl, "hpt/sft_prompts": len(demonstrated),
                    "hpt/rl_prompts": len(switched) - len(demonstrated)}
-        train_tokens = int(scored.rollouts.lengths[torch.tensor(rl_rows, dtype=torch.long, device=ctx.device)].sum())
+        train_tokens = trained_tokens(scored, ctx, torch.tensor(rl_rows, dtype=torch.long, device=ctx.device))
         if demonstrated:
             batch = demonstration_batch(ctx, demonstrated)
             metrics["train/sft_loss"] = sft_backward(model, batch, ctx.cfg.train.micro_batch_size, scale=cfg.sft_coef)

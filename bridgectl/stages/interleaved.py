@@ -1,6 +1,6 @@
 """Stage `interleaved`: the paper's "naive alternating" baseline, RL updates and SFT updates in turn.
 
-Each step is one update; a cycle is `interleave.rl_steps` RL updates then `interleave.sft_steps` SFT updates
+Each step is one update; a cycle is `interleaved.rl_steps` RL updates then `interleaved.sft_steps` SFT updates
 (default 1:1, as in the paper). The two update rules keep their own optimizers and learning rates, so the
 alternation does not mix Adam statistics of two different losses.
 """
@@ -16,10 +16,20 @@ class InterleavedStage:
     name = "interleaved"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        pattern = ["rl"] * ctx.cfg.interleave.rl_steps + ["sft"] * ctx.cfg.interleave.sft_steps
+        pattern = ["rl"] * ctx.cfg.interleaved.rl_steps + ["sft"] * ctx.cfg.interleaved.sft_steps
         self.schedule = [pattern[i % len(pattern)] for i in range(total_updates)]
         self.rules = {"rl": RLStage(ctx, self.schedule.count("rl")), "sft": SFTStage(ctx, self.schedule.count("sft"))}
         self.updates = 0
+
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the rules' optimizers and schedulers (which it finds
+        as `rules.rl.optimizer` and so on): the step counter and the RL rule's own (the SFT rule keeps none)."""
+        return {"updates": self.updates, "rules": {"rl": self.rules["rl"].state_dict()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore)."""
+        self.updates = state["updates"]
+        self.rules["rl"].load_state_dict(state["rules"]["rl"])
 
     def step(self) -> StepOutput:
         rule = self.schedule[self.updates % len(self.schedule)]

@@ -28,14 +28,15 @@ Checked against the reference code (ElliottYan/LUFFY, luffy/verl/verl/mix_src) a
   - no clipping of off-policy tokens (off_max_clip / off_min_clip unset); one token mean over on- and off-policy
     tokens together (masked_mean(pg_losses, eos_mask));
   - demonstration log-probs at rl.temperature (verl's actor divides every response token's logits by it).
-  open choices / deviations (the released exp_scripts/train.sh differs from the paper's formulas in four places)
-  - std: luffy.std_normalize=true (the paper's advantage); the script sets algorithm.grpo_use_std=False, which is
-    luffy.std_normalize=false;
-  - normalisation: the token mean of every stage here; the script's loss_remove_token_mean=True divides by the
-    padded response length instead (Dr. GRPO style), not offered;
+  open choices / deviations (the paper's equations are GRPO's; its runs, §4, drop two of GRPO's normalisations)
+  - std: luffy.std_normalize=true (the default) keeps the GRPO form of the paper's equations, (R - mean) / std
+    over the mixed group; the paper's runs (§4) drop the std and the length normalisation, as Dr. GRPO does (the
+    released exp_scripts/train.sh: algorithm.grpo_use_std=False): set luffy.std_normalize=false for them;
+  - length normalisation: the token mean of every stage here; the paper's runs drop it (Dr. GRPO: the script's
+    loss_remove_token_mean=True divides by the padded response length instead), not offered;
   - on-policy clipping: kept (rl.epsilon); the script's loss_remove_clip=True removes it. With one update per batch
     the ratio is exactly 1 at the update, so the clip never binds and the gradient is the same either way;
-  - entropy bonus: none (the script's entropy_coeff=0.001; no stage here has one);
+  - entropy bonus: none (no stage here has one); the paper's runs (§4) use an entropy coefficient of 0.01;
   - KL: rl.beta's k3 term on every token, demonstrations included, as verl's kl loss over the response mask (the
     script has it off, as rl.beta=0 does);
   - k > 1: the k members of a group are copies of its one demonstration, so they are one forward pass weighted by
@@ -58,8 +59,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from bridgectl.core import distributed
-from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch, require_paired_demonstrations
-from bridgectl.core.grpo import ScoredRollouts, completion_rows, loss_mask, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch
+from bridgectl.core.grpo import (ScoredRollouts, completion_rows, loss_mask, rl_backward, rollout_metrics,
+                                 sample_groups, trained_tokens)
 from bridgectl.core.logprobs import micro_batches, token_logprobs
 from bridgectl.core.losses import SFTBatch, backward, group_advantages
 from bridgectl.core.optim import make_optimizer, take_step
@@ -175,11 +177,17 @@ class LuffyStage:
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         self.ctx, self.cfg = ctx, ctx.cfg.luffy
-        if self.cfg.off_policy > 0:
-            require_paired_demonstrations(ctx, "luffy")
         self.params = ctx.policy.trainable_parameters()
         self.optimizer, self.scheduler = make_optimizer(self.params, self.cfg.lr, ctx.cfg.optim, total_updates)
         self.updates = 0
+
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore)."""
+        self.updates = state["updates"]
 
     def step(self) -> StepOutput:
         ctx, cfg, rl = self.ctx, self.cfg, self.ctx.cfg.rl
@@ -194,13 +202,14 @@ class LuffyStage:
         grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
 
-        demo_tokens = mixed.demos.n_tokens if mixed.demos is not None else 0
+        # each of a demonstration's k copies is a member of its group, weighted as k identical rows (demo_backward)
+        demo_tokens = mixed.copies * mixed.demos.n_tokens if mixed.demos is not None else 0
         metrics = {"train/rl_loss": loss_on + loss_off, "luffy/on_policy_loss": loss_on,
                    "luffy/off_policy_loss": loss_off, **mixed_metrics(mixed, stats, rl.num_generations),
                    "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
         if mixed.copies:
             metrics.update({"luffy/demo_reward": mixed.demo_rewards.mean().item(),
                             "luffy/demo_advantage": mixed.demo_advantages.mean().item(), "luffy/demo_prob": demo_prob})
-        return StepOutput(metrics=metrics, train_tokens=mixed.scored.gen_tokens + demo_tokens,
+        return StepOutput(metrics=metrics, train_tokens=trained_tokens(mixed.scored, ctx) + demo_tokens,
                           gen_tokens=mixed.scored.gen_tokens,
                           completions=completion_rows(mixed.scored, ctx, self.updates))

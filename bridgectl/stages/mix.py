@@ -10,12 +10,15 @@ policy's).
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.grpo import (Update, completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups,
+                                 trained_tokens)
 from bridgectl.core.losses import sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 
 
-def mu_at(cfg, update: int, total_updates: int) -> float:
+def linear_mu(cfg, update: int, total_updates: int) -> float:
+    """mu at the stage's update `update` (from 0): `mix.mu`, or a straight line from `mix.mu` at the first update to
+    `mix.mu_end` at the last of `total_updates`."""
     if cfg.mu_end is None:
         return cfg.mu
     return cfg.mu + (cfg.mu_end - cfg.mu) * update / max(1, total_updates - 1)
@@ -32,23 +35,32 @@ class MixStage:
                                                         total_updates * ctx.cfg.rl.num_iterations)
         self.updates = 0
 
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore)."""
+        self.updates = state["updates"]
+
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl
-        mu = mu_at(ctx.cfg.mix, self.updates, self.total_updates)
+        mu = linear_mu(ctx.cfg.mix, self.updates, self.total_updates)
         scored = sample_groups(ctx)
         batch = next_sft_batch(ctx)
 
-        def one_update():
+        def one_update() -> Update:
             # the gradient of L_rl + mu L_sft, accumulated from the micro-batches of each (train.micro_batch_size)
             loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx)
             loss_sft = sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu)
-            return loss_rl, stats, loss_sft, take_step(self.params, self.optimizer, self.scheduler,
-                                                       ctx.cfg.optim.max_grad_norm)
+            grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+            return Update(rl_loss=loss_rl, stats=stats, sft_loss=loss_sft, grad_norm=grad_norm)
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
         metrics.update({"mix/mu": mu, **rollout_metrics(scored, stats, rl.num_generations),
                         "train/lr": self.scheduler.get_last_lr()[0]})
-        return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * (scored.gen_tokens + batch.n_tokens),
+        train_tokens = rl.num_iterations * (trained_tokens(scored, ctx) + batch.n_tokens)
+        return StepOutput(metrics=metrics, train_tokens=train_tokens,
                           gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))

@@ -44,11 +44,9 @@ Open choices and deviations (all configurable):
     mini-batch updates per step); here it is the `rl` stage's GRPO (rl.*), so a comparison isolates what ReLIFT adds;
   - the demonstration is the task's paired trace (the reference's `target`: solutions written by a stronger model).
 
-Checkpoints: the buffer is training state. Its problems are kept as their positions in the RL data stream (the
-stream `task.rl_prompts(seed)` yields, which ctx.rl_problems counts through), in a fixed-size int64 tensor with one
-slot per prompt the stage can draw (budget x rl.prompts_per_step; -1 = unused) plus the integer count `buffered`;
-core/checkpoint.py saves both with the stage (a dict of tensors, an int attribute) and restores them in place, and
-the first step after a restore rebuilds the problems from the stream.
+Checkpoints: the buffer is training state. It is kept as what it is, a list of the buffered (question,
+demonstration) pairs, oldest first, and state_dict hands it to core/checkpoint.py as plain strings with the step
+counters; a restored stage holds the same buffer (tests/test_stage_state.py checks it).
 
 Data parallelism: every rank draws the same problems and samples its share of the groups; the hardest flags are
 summed over ranks, so every rank holds the same buffer, and each SFT mini-batch is shared out across the ranks as an
@@ -58,22 +56,31 @@ SFT batch is (relift.buffer_size and the mini-batch size must split evenly).
 from __future__ import annotations
 
 import itertools
-
-import torch
+from dataclasses import asdict, dataclass
 
 from bridgectl.core import distributed
-from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch, require_paired_demonstrations
-from bridgectl.core.grpo import completion_rows, group_seeds, rl_backward, rollout_metrics, sample_and_score
+from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch
+from bridgectl.core.grpo import (completion_rows, group_seeds, rl_backward, rollout_metrics, sample_and_score,
+                                 trained_tokens)
 from bridgectl.core.losses import sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 from bridgectl.errors import UserError
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """A buffered hardest prompt: all its SFT round reads (core/context.demonstration_batch), plain strings that a
+    checkpoint saves as they are."""
+    question: str
+    """The prompt as the model sees it."""
+    trace_completion: str
+    """Its paired demonstration: trace and answer."""
 
 
 class ReliftStage:
     name = "relift"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        require_paired_demonstrations(ctx, self.name)
         cfg, world = ctx.cfg.relift, distributed.world_size()
         mini_batch = cfg.sft_mini_batch_size or cfg.buffer_size
         if cfg.buffer_size % world or mini_batch % world:
@@ -83,52 +90,68 @@ class ReliftStage:
         self.ctx = ctx
         self.params = ctx.policy.trainable_parameters()
         optim = ctx.cfg.optim
-        self.rl_opt = make_optimizer(self.params, ctx.cfg.rl.lr, optim, total_updates)
+        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.rl.lr, optim, total_updates)
         # the SFT optimizer's schedule (warm-up, cosine) counts SFT updates against the stage's budget in steps
-        self.sft_opt = make_optimizer(self.params, cfg.sft_lr, optim, total_updates)
-        # The buffer: stream positions of the buffered problems (oldest first) in a tensor the checkpoint keeps,
-        # with room for every prompt the stage can draw, the count in `buffered`, and the problems themselves.
-        slots = max(1, total_updates * ctx.cfg.rl.prompts_per_step)
-        self.buffer = {"stream_index": torch.full((slots,), -1, dtype=torch.long)}
-        self.buffered = 0
-        self._problems: list = []  # not saved: rebuilt from the stream positions after a restore
+        self.sft_optimizer, self.sft_scheduler = make_optimizer(self.params, cfg.sft_lr, optim, total_updates)
+        self.buffer: list[Demonstration] = []  # the hardest prompts not trained on yet, oldest first
         self.updates = 0
         self.sft_updates = 0
+
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the two optimizers and schedulers: the buffer (as
+        plain strings) and the step counters."""
+        return {"buffer": [asdict(example) for example in self.buffer], "updates": self.updates,
+                "sft_updates": self.sft_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore), or what a checkpoint written before the
+        buffer was saved as it is holds (see _legacy_buffer)."""
+        self.updates, self.sft_updates = state["updates"], state["sft_updates"]
+        if isinstance(state["buffer"], dict):
+            self.buffer = self._legacy_buffer(state["buffer"]["stream_index"][:state["buffered"]].tolist())
+        else:
+            self.buffer = [Demonstration(**example) for example in state["buffer"]]
+
+    def _legacy_buffer(self, positions: list[int]) -> list[Demonstration]:
+        """The buffer of a checkpoint written before it was saved as it is: only the problems' positions in the RL
+        stream (ctx.rl_problems is task.rl_prompts(seed)), so the problems are read again from the stream."""
+        stream = itertools.islice(self.ctx.task.rl_prompts(self.ctx.cfg.seed), max(positions, default=-1) + 1)
+        wanted = set(positions)
+        found = {position: problem for position, problem in enumerate(stream) if position in wanted}
+        return [Demonstration(found[position].question, found[position].trace_completion) for position in positions]
 
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl
         model = ctx.policy.model
-        self._rebuild_buffer()
-        # sample_groups, keeping every rank's view of all the step's problems and their stream positions
-        first = ctx.rl_problems.consumed
+        # sample_groups, keeping every rank's view of all the step's problems, by their position in the step
         problems = [next(ctx.rl_problems) for _ in range(rl.prompts_per_step)]
         mine = distributed.shard(list(zip(range(len(problems)), problems, group_seeds(ctx, len(problems)))))
         grouped = [problem for _, problem, _ in mine for _ in range(rl.num_generations)]
         scored = sample_and_score(ctx, grouped, [seed for _, _, seed in mine])
 
         loss_rl, stats = rl_backward(model, scored, ctx)  # micro-batched (train.micro_batch_size)
-        optimizer, scheduler = self.rl_opt
-        grad_norm = take_step(self.params, optimizer, scheduler, ctx.cfg.optim.max_grad_norm)
+        grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
 
         hardest = self._hardest(scored, [position for position, _, _ in mine], len(problems))
-        for position in hardest:
-            self._push(first + position, problems[position])
+        self.buffer.extend(Demonstration(problems[position].question, problems[position].trace_completion)
+                           for position in hardest)
         metrics = {"train/rl_loss": loss_rl, **rollout_metrics(scored, stats, rl.num_generations),
-                   "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                   "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
                    "relift/hard_prompts": len(hardest)}
         sft_tokens = 0
-        if self.buffered >= ctx.cfg.relift.buffer_size:
+        if len(self.buffer) >= ctx.cfg.relift.buffer_size:
             round_metrics, sft_tokens = self._fine_tune()
             metrics.update(round_metrics)
         else:
             metrics["relift/sft_updates"] = 0
-        metrics["relift/buffer_size"] = self.buffered
+        metrics["relift/buffer_size"] = len(self.buffer)
         metrics["relift/sft_updates_total"] = self.sft_updates
-        return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + sft_tokens, gen_tokens=scored.gen_tokens,
+        return StepOutput(metrics=metrics, train_tokens=trained_tokens(scored, ctx) + sft_tokens,
+                          gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))
 
-    # ---- the buffer ----------------------------------------------------------------------------------------------
+    # ---- the hardest prompts -------------------------------------------------------------------------------------
     def _hardest(self, scored, positions: list[int], n_prompts: int) -> list[int]:
         """Positions (in the step's prompt order) of the prompts none of whose rollouts earned a reward, over all
         ranks' groups."""
@@ -138,52 +161,23 @@ class ReliftStage:
             flags[position] = int(not any_solved)
         return [position for position, flag in enumerate(distributed.total(*flags)) if flag]
 
-    def _push(self, stream_index: int, problem) -> None:
-        slots = self.buffer["stream_index"]
-        if self.buffered >= slots.numel():
-            raise RuntimeError(f"the relift buffer is full ({slots.numel()} slots)")
-        slots[self.buffered] = stream_index
-        self._problems.append(problem)
-        self.buffered += 1
-
-    def _pop_oldest(self, n: int) -> list:
-        """The `n` oldest buffered problems, removed from the buffer (the rest move to the front)."""
-        slots = self.buffer["stream_index"]
-        taken, self._problems = self._problems[:n], self._problems[n:]
-        rest = slots[n:self.buffered].clone()
-        slots.fill_(-1)
-        slots[:rest.numel()] = rest
-        self.buffered -= n
-        return taken
-
-    def _rebuild_buffer(self) -> None:
-        """After a checkpoint restore the count and stream positions are back but not the problems: they are read
-        again from the RL stream (ctx.rl_problems is the same stream, task.rl_prompts(seed))."""
-        if len(self._problems) == self.buffered:
-            return
-        wanted = self.buffer["stream_index"][:self.buffered].tolist()
-        if min(wanted, default=0) < 0:
-            raise RuntimeError("the relift buffer's stream positions are incomplete")
-        stream, kept = self.ctx.task.rl_prompts(self.ctx.cfg.seed), set(wanted)
-        found = {position: problem for position, problem in enumerate(itertools.islice(stream, max(wanted) + 1))
-                 if position in kept}
-        self._problems = [found[position] for position in wanted]
-
     # ---- the SFT round -------------------------------------------------------------------------------------------
     def _fine_tune(self) -> tuple[dict, int]:
         """One SFT round on the buffer_size oldest buffered examples: sft_epochs passes over mini-batches of
         sft_mini_batch_size (0: all of them), one update of the SFT optimizer each."""
         ctx, cfg = self.ctx, self.ctx.cfg.relift
-        examples = self._pop_oldest(cfg.buffer_size)
+        # first in, first out: the oldest buffer_size leave, the rest stay (the reference's slice)
+        examples, self.buffer = self.buffer[:cfg.buffer_size], self.buffer[cfg.buffer_size:]
         size = cfg.sft_mini_batch_size or cfg.buffer_size
-        optimizer, scheduler = self.sft_opt
         losses, norms, tokens = [], [], 0
         for _ in range(cfg.sft_epochs):
             for start in range(0, len(examples), size):
                 batch = demonstration_batch(ctx, distributed.shard(examples[start:start + size]))
                 losses.append(sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size))
-                norms.append(take_step(self.params, optimizer, scheduler, ctx.cfg.optim.max_grad_norm))
+                norms.append(take_step(self.params, self.sft_optimizer, self.sft_scheduler,
+                                       ctx.cfg.optim.max_grad_norm))
                 tokens += batch.n_tokens
         self.sft_updates += len(losses)
         return {"train/sft_loss": sum(losses) / len(losses), "relift/sft_updates": len(losses),
-                "relift/sft_grad_norm": sum(norms) / len(norms), "relift/sft_lr": scheduler.get_last_lr()[0]}, tokens
+                "relift/sft_grad_norm": sum(norms) / len(norms),
+                "relift/sft_lr": self.sft_scheduler.get_last_lr()[0]}, tokens

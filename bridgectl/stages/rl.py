@@ -22,7 +22,8 @@ old_per_token_logps (computed once per batch); the learning-rate schedule counts
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext
-from bridgectl.core.grpo import completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups
+from bridgectl.core.grpo import (Update, completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups,
+                                 trained_tokens)
 from bridgectl.core.optim import make_optimizer, take_step
 
 
@@ -37,19 +38,27 @@ class RLStage:
                                                         total_updates * ctx.cfg.rl.num_iterations)
         self.updates = 0  # steps taken (batches of rollouts), as in every stage
 
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore)."""
+        self.updates = state["updates"]
+
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl
         scored = sample_groups(ctx)
 
-        def one_update():
+        def one_update() -> Update:
             loss, stats = rl_backward(ctx.policy.model, scored, ctx)  # micro-batched (train.micro_batch_size)
-            return loss, stats, None, take_step(self.params, self.optimizer, self.scheduler,
-                                                ctx.cfg.optim.max_grad_norm)
+            grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
+            return Update(rl_loss=loss, stats=stats, sft_loss=None, grad_norm=grad_norm)
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
         metrics.update({**rollout_metrics(scored, stats, rl.num_generations),
                         "train/lr": self.scheduler.get_last_lr()[0]})
-        return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * scored.gen_tokens,
+        return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * trained_tokens(scored, ctx),
                           gen_tokens=scored.gen_tokens, completions=completion_rows(scored, ctx, self.updates))
 

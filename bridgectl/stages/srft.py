@@ -31,14 +31,13 @@ offline_loss_type="srft", and compute_token_on_off_policy_srft_loss; the authors
     the default), unclipped; correct means reward > 0 (the code tests score == 1: the same on binary rewards).
     The code's clip branch (loss_remove_clip=False) clamps log pi itself to [1 - eps, 1 + eps], a constant 1 - eps,
     which would silently drop the incorrect rollouts' gradient; the paper's equation has that term, so no clip;
-  - demonstrations as RL samples: -A pi_theta (off_ratio = exp(log_prob), no reshaping, no clip), with A the
-    mixed group's advantage (the LUFFY trainer it runs in);
+  - demonstrations as RL samples: -A pi_theta, unclipped, as the paper has it: with the behaviour policy pi_beta = 1
+    the ratio r is pi_theta itself, and the text after Eq. 10 drops the clip of the surrogate min(r A, clip(r,
+    1-eps, 1+eps) A) (for A < 0 it would zero the gradient wherever pi < 1 - eps); so does the code (off_ratio =
+    exp(log_prob), no reshaping, no clip); A is the mixed group's advantage (the LUFFY trainer it runs in);
   - the RL terms share one token mean over rollout and demonstration tokens (masked_mean(pg_losses, eos_mask));
     entropy and log-probs at rl.temperature (verl divides the logits by it for both).
   open choices / deviations
-  - the paper writes L_rl^demo with the clipped surrogate min(r A, clip(r, 1-eps, 1+eps) A). With pi_beta = 1,
-    r = pi_theta <= 1 and for A >= 0 the clip never binds (the common case: demonstrations are correct); for
-    A < 0 it would zero the gradient wherever pi < 1 - eps. The code's unclipped term is implemented;
   - one demonstration per group and G - 1 rollouts (the LUFFY layout, n_prefix=1); the paper's group layout is not
     stated;
   - KL: rl.beta's k3 term on every token (verl's kl loss covers the response mask); off by default;
@@ -56,12 +55,17 @@ from __future__ import annotations
 import torch
 
 from bridgectl.core import distributed
-from bridgectl.core.context import StepOutput, TrainContext, require_paired_demonstrations
-from bridgectl.core.grpo import completion_rows, loss_mask
+from bridgectl.core.context import StepOutput, TrainContext
+from bridgectl.core.grpo import completion_rows, loss_mask, trained_tokens
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows, token_entropies, token_logprobs
-from bridgectl.core.losses import backward
+from bridgectl.core.losses import GRPOStats, backward
 from bridgectl.core.optim import make_optimizer, take_step
 from bridgectl.stages.luffy import MixedGroups, kl_k3, mixed_metrics, sample_mixed_groups
+
+
+ZERO_STATS = GRPOStats(clip_fraction=0.0, kl=0.0)
+"""SRFT's train/clip_fraction and train/kl for rollout_metrics: its losses clip nothing, and its KL (rl.beta) is a
+term of the loss, not measured apart."""
 
 
 def mean_entropy(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,10 +90,17 @@ class SRFTStage:
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         self.ctx, self.cfg = ctx, ctx.cfg.srft
-        require_paired_demonstrations(ctx, "srft")
         self.params = ctx.policy.trainable_parameters()
         self.optimizer, self.scheduler = make_optimizer(self.params, self.cfg.lr, ctx.cfg.optim, total_updates)
         self.updates = 0
+
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore)."""
+        self.updates = state["updates"]
 
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl
@@ -106,9 +117,9 @@ class SRFTStage:
                    "srft/rl_loss_demo": demo_loss, "srft/rl_loss_self": self_loss,
                    "srft/sft_weight": sft_weight, "srft/rl_weight": rl_weight,
                    "srft/demo_reward": mixed.demo_rewards.mean().item(),
-                   **mixed_metrics(mixed, _NoStats, rl.num_generations),
+                   **mixed_metrics(mixed, ZERO_STATS, rl.num_generations),
                    "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
-        return StepOutput(metrics=metrics, train_tokens=mixed.scored.gen_tokens + mixed.demos.n_tokens,
+        return StepOutput(metrics=metrics, train_tokens=trained_tokens(mixed.scored, ctx) + mixed.demos.n_tokens,
                           gen_tokens=mixed.scored.gen_tokens,
                           completions=completion_rows(mixed.scored, ctx, self.updates))
 
@@ -172,9 +183,3 @@ class SRFTStage:
         with torch.no_grad(), self.ctx.policy.reference() as reference:
             ref_logprobs = token_logprobs(reference, input_ids, attention_mask, first_scored, mask, rl.temperature)
         return rl.beta * kl_k3(ref_logprobs, logprobs)
-
-
-class _NoStats:
-    """rollout_metrics' statistics: SRFT's losses have no clipping, and its KL is part of the loss."""
-    kl = 0.0
-    clip_fraction = 0.0

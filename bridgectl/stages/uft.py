@@ -54,9 +54,9 @@ import math
 import torch
 
 from bridgectl.core import distributed
-from bridgectl.core.context import StepOutput, TrainContext, require_paired_demonstrations
+from bridgectl.core.context import StepOutput, TrainContext
 from bridgectl.core.grpo import (ScoredRollouts, completion_rows, group_seeds, rl_backward, rollout_metrics,
-                                 sample_and_score)
+                                 sample_and_score, trained_tokens)
 from bridgectl.core.losses import SFTBatch, group_advantages, make_sft_batch, sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 
@@ -118,11 +118,18 @@ class UFTStage:
     name = "uft"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        require_paired_demonstrations(ctx, self.name)
         self.ctx, self.total_updates = ctx, total_updates
         self.params = ctx.policy.trainable_parameters()
         self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.uft.lr, ctx.cfg.optim, total_updates)
         self.updates = 0
+
+    def state_dict(self) -> dict:
+        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned (core/checkpoint.restore)."""
+        self.updates = state["updates"]
 
     def step(self) -> StepOutput:
         ctx, rl, cfg = self.ctx, self.ctx.cfg.rl, self.ctx.cfg.uft
@@ -159,7 +166,8 @@ class UFTStage:
                    "uft/hint_tokens": sum(lengths) / len(lengths)}
         if loss_hint is not None:
             metrics["train/sft_loss"] = loss_hint  # the hint tokens' NLL, before uft.sft_coef
-        return StepOutput(metrics=metrics, train_tokens=scored.gen_tokens + hint_tokens, gen_tokens=scored.gen_tokens,
+        return StepOutput(metrics=metrics, train_tokens=trained_tokens(scored, ctx) + hint_tokens,
+                          gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))
 
     def _score_with_hints(self, scored: ScoredRollouts) -> ScoredRollouts:

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config_keys import check_keys
-from bridgectl.core.choices import LOSS_TYPES, SCALE_REWARDS
+from bridgectl.core.choices import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from bridgectl.errors import UserError, require
 from bridgectl.schema import example, group_options
 from bridgectl.stages import STAGES
@@ -203,8 +203,28 @@ def _rl(cfg: DictConfig) -> None:
     require(rl.scale_rewards in SCALE_REWARDS, f"unknown rl.scale_rewards '{rl.scale_rewards}'",
             "choose group, batch or none")
     require(rl.loss_type in LOSS_TYPES, f"unknown rl.loss_type '{rl.loss_type}'",
-            "choose dapo (token mean over the step, the default), grpo (mean per completion) or dr_grpo "
-            "(sum / (completions x rl.max_completion_length))")
+            "choose dapo (token mean over the step, the default), grpo (mean per completion), dr_grpo "
+            "(sum / (completions x rl.max_completion_length)), cispo or sapo")
+    require(rl.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
+            f"unknown rl.importance_sampling_level '{rl.importance_sampling_level}'",
+            "choose token (GRPO) or sequence (GSPO)")
+    high = rl.epsilon if rl.epsilon_high is None else rl.epsilon_high
+    require(rl.delta is None or rl.delta > 1 + high,
+            f"rl.delta must exceed 1 + rl.epsilon_high ({1 + high:g}), got {rl.delta}",
+            "the cap acts above the clip range: e.g. rl.delta=1.5 (arXiv 2505.22617 uses 1 + 2 epsilon), or null")
+    require(0 < rl.top_entropy_quantile <= 1, f"rl.top_entropy_quantile must be in (0, 1], got "
+            f"{rl.top_entropy_quantile}", "e.g. rl.top_entropy_quantile=0.2 (the top 20% entropy tokens; 1.0: all)")
+    require(rl.entropy_coef >= 0, f"rl.entropy_coef must be >= 0, got {rl.entropy_coef}",
+            "e.g. rl.entropy_coef=0.001 (0: no bonus)")
+    require(rl.max_num_gen_batches >= 1, f"rl.max_num_gen_batches must be >= 1, got {rl.max_num_gen_batches}",
+            "e.g. rl.max_num_gen_batches=10 (sampling rounds per step with rl.filter_groups)")
+    require(0 <= rl.overlong_buffer_len < rl.max_completion_length and rl.overlong_penalty_factor >= 0,
+            f"rl.overlong_buffer_len must be in [0, rl.max_completion_length) and rl.overlong_penalty_factor >= 0, "
+            f"got {rl.overlong_buffer_len} and {rl.overlong_penalty_factor}",
+            f"e.g. rl.overlong_buffer_len={rl.max_completion_length // 4} rl.overlong_penalty_factor=1.0 (0: off)")
+    require(rl.sapo_temperature_pos > 0 and rl.sapo_temperature_neg > 0,
+            "rl.sapo_temperature_pos and rl.sapo_temperature_neg must be positive",
+            "e.g. rl.sapo_temperature_pos=1.0 rl.sapo_temperature_neg=1.05")
     require(rl.epsilon_high is None or rl.epsilon_high > 0, f"rl.epsilon_high must be positive, got {rl.epsilon_high}",
             "e.g. rl.epsilon_high=0.28 (DAPO), or null for rl.epsilon")
     require(0 < rl.top_p <= 1 and rl.top_k >= 0 and 0 <= rl.min_p < 1,
@@ -273,6 +293,17 @@ def _stage_capabilities(cfg: DictConfig) -> None:
         require(rl.loss_type == "dapo" or not info.own_token_mean,
                 f"rl.loss_type={rl.loss_type} does not apply to the {stage} stage (its loss is a token mean over its "
                 "own rows)", f"use rl.loss_type=dapo with {stage}")
+        variants = [f"{key}={value}" for key, value, default in (
+            ("rl.importance_sampling_level", rl.importance_sampling_level, "token"), ("rl.delta", rl.delta, None),
+            ("rl.top_entropy_quantile", rl.top_entropy_quantile, 1.0), ("rl.entropy_coef", rl.entropy_coef, 0.0))
+            if value != default]
+        require(not rl.filter_groups or info.dynamic_sampling,
+                f"rl.filter_groups does not apply to the {stage} stage (it samples its groups its own way)",
+                "dynamic sampling runs in the rl, interleaved, mix, chord and bridge stages: drop rl.filter_groups")
+        require(not variants or not info.own_token_mean,
+                f"{', '.join(variants)} does not apply to the {stage} stage (its policy loss over rollouts and "
+                "demonstrations is its own, not core/losses.grpo_loss)",
+                f"drop {', '.join(v.split('=')[0] for v in variants)} with {stage}")
         require(rl.scale_rewards in info.scale_rewards,
                 f"rl.scale_rewards={rl.scale_rewards} does not apply to the {stage} stage "
                 f"({info.scale_rewards_reason})",
@@ -280,6 +311,10 @@ def _stage_capabilities(cfg: DictConfig) -> None:
 
 
 def _across_sections(cfg: DictConfig) -> None:
+    require(not (cfg.rl.filter_groups and cfg.train.fsdp),
+            "rl.filter_groups does not run with train.fsdp (when the sampling rounds run out the processes hold "
+            "different numbers of groups, so they would run different numbers of sharded passes)",
+            "run dynamic sampling without train.fsdp (plain data parallelism: --nproc N)")
     require(cfg.rollout.backend != "vllm" or not cfg.train.fsdp,
             "rollout.backend=vllm does not run with train.fsdp (each process would need a whole copy for vLLM, "
             "which is what sharding avoids)", "use rollout.backend=hf with train.fsdp")

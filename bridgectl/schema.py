@@ -220,8 +220,42 @@ class RLConfig:
     """Advantage scaling (TRL's name): group (divide by the group's std, GRPO), batch (by the std of all the step's
     rewards, over every process) or none (Dr. GRPO)."""
     loss_type: str = "dapo"
-    """How token losses are reduced (TRL's name and default): dapo (sum / the step's completion tokens), grpo (mean
-    per completion, then over completions) or dr_grpo (sum / (completions x max_completion_length))."""
+    """The policy loss (TRL's name and default): the clipped surrogate reduced as dapo (sum / the step's completion
+    tokens), grpo (mean per completion, then over completions) or dr_grpo (sum / (completions x
+    max_completion_length)); or cispo (MiniMax-M1, arXiv 2506.13585: the importance weight capped at epsilon_high
+    and detached, times A log pi; reduced as dapo) or sapo (a soft sigmoid gate in place of the clip, temperatures
+    rl.sapo_temperature_pos/neg; reduced as grpo). TRL 1.16's bnpo, luspo and vespo are not offered."""
+    importance_sampling_level: str = "token"
+    """token (GRPO: one ratio per token) or sequence (GSPO, arXiv 2507.18071: exp of the completion's mean
+    log-ratio, for all its tokens; TRL's name and default)."""
+    delta: Optional[float] = None
+    """Two-sided clipping (TRL's name; arXiv 2505.22617): the unclipped ratio is also capped at delta, so a
+    negative-advantage token's ratio cannot grow the loss without bound; null: off. Must exceed 1 + epsilon_high."""
+    top_entropy_quantile: float = 1.0
+    """Keep only this share of the step's loss tokens, those of highest entropy, in the policy term (TRL's name;
+    arXiv 2506.01939: 0.2, the "forking tokens"); 1.0: all. The quantile is over the whole step (over every
+    process), so micro-batches change nothing."""
+    entropy_coef: float = 0.0
+    """Entropy bonus (TRL's name): the loss minus entropy_coef x the mean token entropy of the tokens trained on
+    (0: none; train/entropy is logged either way)."""
+    sapo_temperature_pos: float = 1.0
+    """(loss_type sapo) the gate's temperature for positive advantages (TRL's name and default)."""
+    sapo_temperature_neg: float = 1.05
+    """(loss_type sapo) the gate's temperature for negative advantages (TRL's name and default)."""
+    filter_groups: bool = False
+    """Dynamic sampling (DAPO, arXiv 2503.14476, Sec. 3.2; verl's algorithm.filter_groups.enable; TRL has none):
+    drop prompt groups whose rewards are all equal and sample more prompts until the batch holds
+    rl.prompts_per_step groups with reward variance (train/sampling_rounds, train/dropped_groups,
+    train/batch_filled are logged). The rl, interleaved, mix, chord and bridge stages."""
+    max_num_gen_batches: int = 10
+    """(rl.filter_groups) most sampling rounds of rl.prompts_per_step prompts per step (verl's name); when they run
+    out the step trains on the groups it has."""
+    overlong_buffer_len: int = 0
+    """DAPO's soft overlong punishment (Eq. 13; verl's overlong_buffer.len, TRL's soft_punish_cache): completions
+    longer than rl.max_completion_length - this many tokens get a reward penalty falling linearly to
+    -rl.overlong_penalty_factor at rl.max_completion_length; 0: off. Evaluation is never shaped."""
+    overlong_penalty_factor: float = 1.0
+    """(rl.overlong_buffer_len) the penalty at rl.max_completion_length (verl's overlong_buffer.penalty_factor)."""
     num_iterations: int = 1
     """Optimizer updates per batch of rollouts (TRL's name, mu of GRPO): from the second on the ratio to the
     sampling policy moves and clipping acts. The rl and interleaved stages only."""

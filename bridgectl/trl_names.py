@@ -38,10 +38,18 @@ TRL_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "top_p": (("rl.top_p",), ""),
     "top_k": (("rl.top_k",), ""),
     "min_p": (("rl.min_p",), ""),
-    "loss_type": (("rl.loss_type",), ""),
+    "loss_type": (("rl.loss_type",), "dapo, grpo, dr_grpo, cispo or sapo; TRL's bnpo, luspo and vespo are not "
+                  "offered"),
     "num_iterations": (("rl.num_iterations",), ""),
     "mask_truncated_completions": (("rl.mask_truncated_completions",), ""),
     "scale_rewards": (("rl.scale_rewards",), ""),
+    "importance_sampling_level": (("rl.importance_sampling_level",), "token or sequence (GSPO)"),
+    "delta": (("rl.delta",), "two-sided clipping"),
+    "top_entropy_quantile": (("rl.top_entropy_quantile",), "the quantile is the whole step's, not each "
+                             "micro-batch's (the same with one micro-batch)"),
+    "entropy_coef": (("rl.entropy_coef",), "a constant bonus; TRL's adaptive entropy control is not offered"),
+    "sapo_temperature_pos": (("rl.sapo_temperature_pos",), "with rl.loss_type=sapo"),
+    "sapo_temperature_neg": (("rl.sapo_temperature_neg",), "with rl.loss_type=sapo"),
     # ---- SFTConfig ------------------------------------------------------------------------------------------
     "max_length": ((), "SFT examples are not truncated (train.micro_batch_size bounds the memory)"),
     "packing": ((), "examples are padded, never packed"),

@@ -64,6 +64,9 @@ NEGATIVE_OK = {"hpt.gate": "-1: never switch a prompt to SFT (the rl stage)"}
 # Out-of-range values besides -1 (numbers) and the wrong types. A case is one override or a tuple of them, the key's
 # own first (the others set the context the value is out of range in).
 OUT_OF_RANGE: dict[str, list] = {
+    "rl.importance_sampling_level": ["tokens", "seq"],
+    "rl.delta": ["1.1"],
+    "rl.top_entropy_quantile": ["0", "1.5"],
     "recipe.stages": ["[]", "[sft,nope]"],
     "recipe.fractions": [("recipe.fractions=[0,1]", "recipe.stages=[sft,rl]"),
                          ("recipe.fractions=[1]", "recipe.stages=[sft,rl]")],

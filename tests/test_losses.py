@@ -232,3 +232,85 @@ def test_sft_loss_gradient_flows(tiny_model, tokenizer):
     grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
     tiny_model.zero_grad(set_to_none=True)
+
+
+# ---- the GRPO variants against their papers' formulas, computed by hand -------------------------------------------
+def variant_batch():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.2, -1.5, -0.5], [-0.1, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    return logprobs, old, torch.tensor([1.0, -2.0]), mask
+
+
+def test_gspo_takes_one_ratio_per_completion_the_exponentiated_mean_log_ratio():
+    """GSPO (arXiv 2507.18071, Eq. 7): s_i = exp(mean_t log(pi / pi_old)), clipped as the token ratio is; with
+    loss_type grpo the loss is the mean over completions of -min(s A, clip(s) A)."""
+    from bridgectl.core.losses import PolicyLossOptions
+
+    logprobs, old, advantages, mask = variant_batch()
+    loss, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="grpo",
+                        options=PolicyLossOptions(importance_sampling_level="sequence"))
+    first = math.exp((0.2 - 0.5 + 0.0) / 3)  # 0.905: inside [0.8, 1.2]
+    second = math.exp((-0.2 - 0.2) / 2)  # 0.819, advantage -2: -min(-2 s, -2 clip(s)) = 2 max(s, clip(s))
+    expected = (-(first * 1.0) + 2 * max(second, min(max(second, 0.8), 1.2))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # d/d logp of the first completion's loss -s/2: s/2 * (1/3) per token, with the minus sign
+    assert logprobs.grad[0].tolist() == pytest.approx([-first / 6] * 3, rel=1e-5)
+
+
+def test_cispo_clips_the_weight_and_keeps_every_token_s_gradient():
+    """CISPO (MiniMax-M1, arXiv 2506.13585, Eq. 4): -sg(min(r, eps_high)) A log pi per token, a token mean (dapo):
+    the gradient of a token whose ratio is above eps_high is the capped weight times A, not zero as under the PPO
+    clip."""
+    logprobs, old, advantages, mask = variant_batch()
+    loss, stats = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, epsilon_high=1.1, loss_type="cispo")
+    ratio = torch.exp(logprobs.detach() - old)
+    weight = torch.clamp(ratio, max=1.1)
+    expected = -(weight * advantages[:, None] * logprobs.detach() * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert torch.allclose(logprobs.grad, -(weight * advantages[:, None] * mask) / mask.sum(), atol=1e-7)
+    capped = (ratio > 1.1) & (advantages[:, None] > 0) & mask.bool()
+    assert stats.clip_fraction == pytest.approx(capped.sum().item() / mask.sum().item())
+    assert capped.any()
+
+
+def test_sapo_is_a_soft_gate_and_delta_caps_the_unclipped_ratio():
+    """SAPO (arXiv 2511.20347): -A (4 / tau) sigmoid(tau (r - 1)), tau 1.0 for A > 0 and 1.05 below, a mean per
+    completion; delta (arXiv 2505.22617): -min(min(r, delta) A, clip(r) A), which for A < 0 and r > delta stops the
+    loss growing with r."""
+    from bridgectl.core.losses import PolicyLossOptions
+
+    logprobs, old, advantages, mask = variant_batch()
+    loss, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="sapo")
+    ratio = torch.exp(logprobs.detach() - old)
+    tau = torch.tensor([[1.0], [1.05]])
+    per_token = -advantages[:, None] * 4 / tau * torch.sigmoid(tau * (ratio - 1))
+    expected = ((per_token * mask).sum(1) / mask.sum(1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+    far = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # the second completion's ratios: e^1 = 2.72
+    capped, _ = grpo_loss(far, torch.zeros(2, 3), advantages, mask, epsilon=0.2, loss_type="dapo",
+                          options=PolicyLossOptions(delta=1.5))
+    uncapped, _ = grpo_loss(far, torch.zeros(2, 3), advantages, mask, epsilon=0.2, loss_type="dapo")
+    assert capped.item() == pytest.approx((-1.0 * 3 + 2 * 1.5 * 2) / 5, rel=1e-6)
+    assert uncapped.item() == pytest.approx((-1.0 * 3 + 2 * math.e * 2) / 5, rel=1e-6)
+
+
+def test_the_entropy_mask_and_bonus_act_on_the_chosen_tokens_only():
+    """rl.top_entropy_quantile: tokens outside the mask add nothing to the policy term; rl.entropy_coef subtracts
+    coef x the mean entropy of the tokens trained on, with its gradient."""
+    from bridgectl.core.losses import PolicyLossOptions
+
+    logprobs, old, advantages, mask = variant_batch()
+    entropies = torch.tensor([[0.5, 2.0, 1.0], [3.0, 0.1, 9.0]], requires_grad=True)
+    chosen = torch.tensor([[False, True, False], [True, False, False]])
+    loss, stats = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="dapo",
+                            options=PolicyLossOptions(entropy_coef=0.1), entropies=entropies, entropy_mask=chosen)
+    plain, _ = grpo_loss(logprobs, old, advantages, mask * chosen, epsilon=0.2, loss_type="dapo",
+                         n_tokens=mask.sum())
+    assert loss.item() == pytest.approx(plain.item() - 0.1 * (2.0 + 3.0) / 2, rel=1e-6)
+    assert stats.entropy == pytest.approx((0.5 + 2.0 + 1.0 + 3.0 + 0.1) / 5)
+    loss.backward()
+    assert torch.allclose(entropies.grad, torch.tensor([[0.0, -0.05, 0.0], [-0.05, 0.0, 0.0]]))

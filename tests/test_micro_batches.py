@@ -149,6 +149,12 @@ CASES = {
     "bridge-full": (["recipe=bridge", "bridge.lower=full"], "bridge", 1),
     "bridge-lora": (["recipe=bridge", "model.finetune=lora"], "bridge", 1),
     "bridge-lookahead": (["recipe=bridge", "model.finetune=lora", "bridge.shadow=lookahead"], "bridge", 1),
+    # GSPO's sequence ratio, CISPO, the step's top-entropy tokens and the entropy bonus (core/losses.grpo_loss)
+    "rl-variants": (["recipe=rl", "rl.importance_sampling_level=sequence", "rl.loss_type=cispo",
+                     "rl.epsilon_high=1.1", "rl.top_entropy_quantile=0.3", "rl.entropy_coef=0.01"], "rl", 1),
+    "rl-sapo": (["recipe=rl", "rl.loss_type=sapo"], "rl", 1),
+    "bridge-variants": (["recipe=bridge", "model.finetune=lora", "rl.importance_sampling_level=sequence",
+                         "rl.top_entropy_quantile=0.3", "rl.entropy_coef=0.01", "rl.delta=1.5"], "bridge", 1),
 }
 
 

@@ -74,19 +74,23 @@ def gradients(model) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def through_trl(trainer):
+    """The model, the identical batch, TRL's loss on it and every parameter's gradient of that loss."""
+    model = trainer.model
+    model.train()
+    batch = identical_batch(model, model.config.vocab_size)
+    model.zero_grad()
+    loss = trainer._compute_loss(model, batch)
+    loss.backward()
+    return model, batch, loss, gradients(model)
+
+
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 @pytest.mark.parametrize("bias_correction_kl", [True, False])
 def test_kl_regularised_loss_and_gradient_equal_trl(model_dir, tmp_path, loss_type, bias_correction_kl):
     trainer = make_trainer(model_dir, tmp_path, beta=0.04, loss_type=loss_type, epsilon_high=0.28,
                            use_bias_correction_kl=bias_correction_kl)
-    model = trainer.model
-    model.train()
-    batch = identical_batch(model, model.config.vocab_size)
-
-    model.zero_grad()
-    trl_loss = trainer._compute_loss(model, batch)
-    trl_loss.backward()
-    trl_grads = gradients(model)
+    model, batch, trl_loss, trl_grads = through_trl(trainer)
 
     model.zero_grad()
     mask = batch["completion_mask"]
@@ -116,3 +120,76 @@ def test_kl_regularised_loss_and_gradient_equal_trl(model_dir, tmp_path, loss_ty
     logged_kl = trainer._metrics["train"]["kl"][-1]
     assert stats.kl == pytest.approx(logged_kl, rel=1e-5)  # the KL that both log
 
+
+
+VARIANTS = {  # TRL 1.16 GRPOConfig options -> the same batch through both tools
+    "gspo": {"importance_sampling_level": "sequence", "loss_type": "grpo"},
+    "gspo-dapo-kl": {"importance_sampling_level": "sequence", "loss_type": "dapo", "beta": 0.04},
+    "cispo": {"loss_type": "cispo", "epsilon_high": 1.2},
+    "sapo": {"loss_type": "sapo", "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05},
+    "delta": {"loss_type": "dapo", "epsilon_high": 0.28, "delta": 1.3},
+    "entropy": {"loss_type": "dapo", "top_entropy_quantile": 0.3, "entropy_coef": 0.01},
+    "done-when": {"importance_sampling_level": "sequence", "loss_type": "cispo", "epsilon_high": 1.05,
+                  "top_entropy_quantile": 0.2, "entropy_coef": 0.001},
+}
+
+
+def logprobs_and_entropies(model, batch):
+    """Each completion token's log-prob and the entropy of its distribution, from the model's own logits."""
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([torch.ones_like(batch["prompt_ids"]), batch["completion_mask"]], dim=1)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, PROMPT_LEN - 1:-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    return chosen, -(logprobs.exp() * logprobs).sum(-1)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_grpo_variants_loss_and_gradient_equal_trl(model_dir, tmp_path, name):
+    """GSPO's sequence-level ratio, CISPO, SAPO, two-sided clipping (delta), the top-entropy token mask and the
+    entropy bonus: loss and every gradient as TRL's _compute_loss gives them on one batch."""
+    from bridgectl.core.losses import PolicyLossOptions
+
+    options = dict(VARIANTS[name])
+    beta = options.pop("beta", 0.0)
+    epsilon_high = options.pop("epsilon_high", None)
+    trainer = make_trainer(model_dir, tmp_path, beta=beta, use_bias_correction_kl=True,
+                           **({"epsilon_high": epsilon_high} if epsilon_high is not None else {}), **options)
+    model, batch, trl_loss, trl_grads = through_trl(trainer)
+
+    model.zero_grad()
+    mask = batch["completion_mask"]
+    logprobs, entropies = logprobs_and_entropies(model, batch)
+    quantile = options.get("top_entropy_quantile", 1.0)
+    entropy_mask = None
+    if quantile < 1.0:  # the batch's (1 - q) quantile of its tokens' entropies, as TRL's get_high_entropy_mask
+        threshold = torch.quantile(entropies.detach()[mask.bool()], 1 - quantile)
+        entropy_mask = (entropies.detach() >= threshold) & mask.bool()
+    variant = PolicyLossOptions(importance_sampling_level=options.get("importance_sampling_level", "token"),
+                                delta=options.get("delta"), entropy_coef=options.get("entropy_coef", 0.0),
+                                sapo_temperature_pos=options.get("sapo_temperature_pos", 1.0),
+                                sapo_temperature_neg=options.get("sapo_temperature_neg", 1.05))
+    ours, stats = grpo_loss(logprobs, batch["old_per_token_logps"], batch["advantages"], mask, epsilon=0.2,
+                            epsilon_high=epsilon_high, beta=beta, ref_logprobs=batch["ref_per_token_logps"],
+                            loss_type=options["loss_type"], max_completion_length=COMPLETION_LEN,
+                            bias_correction_kl=True, options=variant,
+                            entropies=entropies if variant.entropy_coef else entropies.detach(),
+                            entropy_mask=entropy_mask)
+    ours.backward()
+    our_grads = gradients(model)
+
+    # the check can fail: the plain clipped surrogate (dapo, token ratios, no cap, mask or bonus) is outside it
+    model.zero_grad()
+    logprobs, _ = logprobs_and_entropies(model, batch)
+    plain, _ = grpo_loss(logprobs, batch["old_per_token_logps"], batch["advantages"], mask, epsilon=0.2,
+                         epsilon_high=0.28 if "delta" in options else epsilon_high, beta=beta,
+                         ref_logprobs=batch["ref_per_token_logps"], loss_type="dapo", bias_correction_kl=True)
+    plain.backward()
+    assert not all(torch.allclose(g, trl_grads[n], rtol=1e-4, atol=1e-7) for n, g in gradients(model).items())
+
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-7)
+    assert set(our_grads) == set(trl_grads)
+    for parameter, grad in trl_grads.items():
+        assert torch.allclose(our_grads[parameter], grad, rtol=1e-4, atol=1e-7), parameter
+    if "entropy" in trainer._metrics["train"]:  # the mean entropy both log
+        assert stats.entropy == pytest.approx(trainer._metrics["train"]["entropy"][-1], rel=1e-4)

@@ -1,7 +1,10 @@
 """Choices of config keys that the core implements, written once: the core branches on them, config validation
 refuses anything else. Torch-free (config composition imports it)."""
 
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
-"""rl.loss_type: how token losses are reduced (core/losses.loss_token_weights)."""
+LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "cispo", "sapo")
+"""rl.loss_type: the clipped surrogate reduced three ways (core/losses.loss_token_weights), or another policy loss
+(core/losses.grpo_loss)."""
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+"""rl.importance_sampling_level: one ratio per token (GRPO) or per completion (GSPO)."""
 SCALE_REWARDS = ("group", "batch", "none")
 """rl.scale_rewards: what the group-centred rewards are divided by (core/grpo.py)."""

@@ -99,6 +99,21 @@ def mean_denominator(count: torch.Tensor) -> torch.Tensor:
     return (total / world_size()).to(count.dtype if count.is_floating_point() else torch.float32)
 
 
+def gather_values(values: torch.Tensor) -> torch.Tensor:
+    """The 1-D `values` of every rank, concatenated in rank order (this rank's own when not distributed); ranks may
+    hold different numbers of them."""
+    if not active():
+        return values
+    sizes = [torch.zeros((), dtype=torch.long, device=values.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor(values.numel(), device=values.device))
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    padded[:values.numel()] = values
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(size)] for part, size in zip(parts, sizes)])
+
+
 def average_gradients(params) -> None:
     if not active():
         return
@@ -108,7 +123,7 @@ def average_gradients(params) -> None:
             param.grad /= world_size()
 
 
-COUNTED_METRICS = frozenset({"train/zero_std_groups"})
+COUNTED_METRICS = frozenset({"train/zero_std_groups", "train/dropped_groups"})
 """Metrics that count things in this rank's share of the batch: summed across ranks, not averaged."""
 
 

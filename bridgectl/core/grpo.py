@@ -12,8 +12,8 @@ import torch
 from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows
-from bridgectl.core.losses import GRPOStats, backward, global_std, group_advantages, grpo_loss
-from bridgectl.core.rollout import Rollouts, generate, truncated_rows
+from bridgectl.core.losses import GRPOStats, PolicyLossOptions, backward, global_std, group_advantages, grpo_loss
+from bridgectl.core.rollout import Rollouts, concat_rollouts, generate, truncated_rows
 
 
 @dataclass
@@ -26,6 +26,8 @@ class ScoredRollouts:
     logprob_gap: float | None = None  # rollout.backend=vllm: engine vs trainer log-probs (core/vllm_rollout)
     reward_means: dict = field(default_factory=dict)  # task.reward_funcs: each function's mean (tasks/rewards.py)
     verdicts: torch.Tensor | None = None  # [N] the verifier's verdicts, when rewards include more than it
+    dropped_tokens: int = 0  # tokens of groups sampled and dropped this step (rl.filter_groups)
+    sampling: dict = field(default_factory=dict)  # rl.filter_groups: how the batch was filled, for the metrics
 
     @property
     def correct(self) -> torch.Tensor:
@@ -35,7 +37,8 @@ class ScoredRollouts:
 
     @property
     def gen_tokens(self) -> int:
-        return int(self.rollouts.lengths.sum())
+        """Every token sampled for the step: the batch's, and those of groups dynamic sampling dropped."""
+        return int(self.rollouts.lengths.sum()) + self.dropped_tokens
 
 
 def sample_groups(ctx: TrainContext, group_size: int | None = None) -> ScoredRollouts:
@@ -45,10 +48,62 @@ def sample_groups(ctx: TrainContext, group_size: int | None = None) -> ScoredRol
     rl.num_generations (stages that fill the rest of each group with demonstrations: luffy, srft)."""
     rl = ctx.cfg.rl
     size = rl.num_generations if group_size is None else group_size
+    if rl.filter_groups:
+        return sample_filled(ctx, size)
     problems = [next(ctx.rl_problems) for _ in range(rl.prompts_per_step)]
     mine = distributed.shard(list(zip(problems, group_seeds(ctx, len(problems)))))
     grouped = [problem for problem, _ in mine for _ in range(size)]
     return sample_and_score(ctx, grouped, [seed for _, seed in mine], group_size=size)
+
+
+def sample_filled(ctx: TrainContext, size: int) -> ScoredRollouts:
+    """DAPO's dynamic sampling (arXiv 2503.14476, Sec. 3.2; verl's algorithm.filter_groups): rounds of
+    rl.prompts_per_step fresh prompts are sampled and each group whose rewards are all equal (no advantage, no
+    gradient) is dropped, until this rank holds its share of rl.prompts_per_step groups with reward variance or
+    rl.max_num_gen_batches rounds are done; then the batch is the first share of the kept groups (fewer when the
+    rounds ran out: it trains on what it has, and train/batch_filled says how full it was). Every rank samples as
+    many rounds as the slowest needs, so the processes stay in step; problems and seeds come from the run's
+    stream and sampling generator, so a run (and a resumed one) gets the same batches. Advantages are those of the
+    kept groups (rl.scale_rewards=batch: over the kept batch). Every round's tokens count in gen_tokens and every
+    round's time in gen_seconds."""
+    rl = ctx.cfg.rl
+    share = rl.prompts_per_step // distributed.world_size()
+    kept: list[tuple[ScoredRollouts, list[int]]] = []  # (a round, its groups kept)
+    n_kept = n_constant = rounds = 0
+    while rounds < rl.max_num_gen_batches and distributed.any_rank(n_kept < share):
+        problems = [next(ctx.rl_problems) for _ in range(rl.prompts_per_step)]
+        mine = distributed.shard(list(zip(problems, group_seeds(ctx, len(problems)))))
+        scored = sample_and_score(ctx, [problem for problem, _ in mine for _ in range(size)],
+                                  [seed for _, seed in mine], group_size=size)
+        varied = (scored.rewards.view(-1, size).std(dim=1) > 0).nonzero().flatten().tolist()
+        take = varied[:max(0, share - n_kept)]
+        kept.append((scored, take))
+        n_kept, n_constant, rounds = n_kept + len(take), n_constant + len(mine) - len(varied), rounds + 1
+    rows = [[group * size + member for group in take for member in range(size)] for _, take in kept]
+    parts = [(scored, chosen) for (scored, _), chosen in zip(kept, rows)]
+    sampled_tokens = sum(int(scored.rollouts.lengths.sum()) for scored, _ in parts)
+    chosen_parts = [(scored, chosen) for scored, chosen in parts if chosen]
+    if not chosen_parts:  # not one group with reward variance: the last round's first group, all advantages 0
+        chosen_parts = [(parts[-1][0], list(range(size)))]
+    rollouts = concat_rollouts([rollout_rows(scored.rollouts, chosen) for scored, chosen in chosen_parts],
+                               ctx.policy.tokenizer.pad_token_id)
+    index = [(scored, torch.tensor(chosen, device=ctx.device)) for scored, chosen in chosen_parts]
+    rewards = torch.cat([scored.rewards[at] for scored, at in index])
+    verdicts = None
+    if any(scored.verdicts is not None for scored, _ in index):
+        verdicts = torch.cat([(scored.rewards if scored.verdicts is None else scored.verdicts)[at]
+                              for scored, at in index])
+    problems = [scored.problems[row] for scored, chosen in chosen_parts for row in chosen]
+    advantages = group_advantages(rewards, size, rl.scale_rewards) if n_kept else torch.zeros_like(rewards)
+    sampled_rows = sum(len(scored.problems) for scored, _ in parts)
+    reward_means = {name: sum(scored.reward_means[name] * len(scored.problems) for scored, _ in parts) / sampled_rows
+                    for name in parts[0][0].reward_means}
+    gaps = [scored.logprob_gap for scored, _ in parts if scored.logprob_gap is not None]
+    return ScoredRollouts(problems, rollouts, rewards, advantages, sum(scored.gen_seconds for scored, _ in parts),
+                          sum(gaps) / len(gaps) if gaps else None, reward_means, verdicts,
+                          dropped_tokens=sampled_tokens - int(rollouts.lengths.sum()),
+                          sampling={"train/sampling_rounds": rounds, "train/batch_filled": n_kept / share,
+                                    "train/dropped_groups": n_constant})
 
 
 def group_seeds(ctx: TrainContext, n_groups: int) -> list[int]:
@@ -91,10 +146,23 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
     # the verifier, or the weighted sum of task.reward_funcs (tasks/rewards.py)
     values, reward_means, verdicts = ctx.task.step_reward(grouped, rollouts.completions)
     rewards = torch.tensor(values, device=ctx.device)
+    verdicts = None if verdicts is values else torch.tensor(verdicts, device=ctx.device)
+    if rl.overlong_buffer_len > 0:
+        penalty = overlong_penalty(rollouts.lengths, rl.max_completion_length, rl.overlong_buffer_len,
+                                   rl.overlong_penalty_factor)
+        verdicts = rewards.clone() if verdicts is None else verdicts  # what the verifier said, before the shaping
+        rewards = rewards + penalty
+        reward_means = {**reward_means, "overlong": penalty.mean().item()}
     # a group of one has no baseline to compare with: advantage 0 (its std would be NaN)
     advantages = group_advantages(rewards, size, rl.scale_rewards) if size > 1 else torch.zeros_like(rewards)
-    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, reward_means,
-                          None if verdicts is values else torch.tensor(verdicts, device=ctx.device))
+    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, reward_means, verdicts)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, Eq. 13; verl's overlong_buffer, TRL's
+    get_soft_overlong_punishment): 0 up to max_length - buffer tokens, then falling linearly to -factor at
+    max_length (and below it past max_length): factor x min(0, (max_length - buffer - length) / buffer)."""
+    return factor * torch.clamp((max_length - buffer - lengths.float()) / buffer, max=0.0)
 
 
 def loss_mask(rollouts: Rollouts, ctx: TrainContext) -> torch.Tensor:
@@ -118,14 +186,54 @@ def trained_tokens(scored: ScoredRollouts, ctx: TrainContext, rows: torch.Tensor
     return int(lengths.sum())
 
 
+def loss_options(ctx: TrainContext) -> PolicyLossOptions:
+    """The GRPO variants rl.* sets (core/losses.PolicyLossOptions)."""
+    rl = ctx.cfg.rl
+    return PolicyLossOptions(importance_sampling_level=rl.importance_sampling_level, delta=rl.delta,
+                             entropy_coef=rl.entropy_coef, sapo_temperature_pos=rl.sapo_temperature_pos,
+                             sapo_temperature_neg=rl.sapo_temperature_neg)
+
+
+@dataclass(frozen=True)
+class EntropySelection:
+    """rl.top_entropy_quantile's choice for one step (arXiv 2506.01939): the policy term keeps the tokens whose
+    entropy is at least `threshold`, the quantile 1 - rl.top_entropy_quantile of all the step's loss tokens (over
+    every process), `n_tokens` of them (per process, as the loss's other counts)."""
+    threshold: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+def select_high_entropy(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int]) -> EntropySelection:
+    """The step's entropy threshold and selected-token count: one no-grad pass over the step's rows (in
+    micro-batches), so every micro-batch keeps the same tokens the one-pass loss would (TRL takes the quantile of
+    each micro-batch's own tokens; with one micro-batch, as here, the two agree)."""
+    rollouts = scored.rollouts
+    values = []
+    lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1))[rows].tolist()
+    with torch.no_grad():
+        for part in micro_batches(lengths, ctx.cfg.train.micro_batch_size):
+            chosen = rollout_rows(rollouts, [rows[i] for i in part])
+            _, entropies = completion_logprobs(model, chosen, ctx.cfg.rl.temperature, with_entropy=True)
+            values.append(entropies[loss_mask(chosen, ctx).bool()])
+    local = torch.cat(values) if values else torch.zeros(0, device=rollouts.completion_ids.device)
+    every = distributed.gather_values(local)
+    if every.numel() == 0:
+        threshold = torch.tensor(float("inf"), device=local.device)
+    else:
+        threshold = torch.quantile(every.float(), 1 - ctx.cfg.rl.top_entropy_quantile)
+    n_tokens = distributed.mean_denominator((local >= threshold).sum().float())
+    return EntropySelection(threshold=threshold, n_tokens=n_tokens)
+
+
 def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | None = None,
-            n_tokens: torch.Tensor | None = None,
-            n_sequences: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
+            n_tokens: torch.Tensor | None = None, n_sequences: torch.Tensor | None = None,
+            selection: EntropySelection | None = None) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO loss of `model` (any module with the model's signature) on shared rollouts: of all of them, or of
     `rows` normalised by the whole step's `n_tokens` and `n_sequences` (a micro-batch of rl_backward; which one
     divides is rl.loss_type's choice, core/losses.grpo_loss). The ratio is taken against the sampling policy, so
     scoring another model (BRIDGE's shadow, or the policy after its first update with rl.num_iterations > 1) is
-    properly off-policy and clipped at rl.epsilon / rl.epsilon_high."""
+    properly off-policy and clipped at rl.epsilon / rl.epsilon_high. The same forward gives the tokens' entropies
+    (train/entropy, rl.entropy_coef's bonus, and with `selection` rl.top_entropy_quantile's mask)."""
     rl, rollouts, advantages = ctx.cfg.rl, scored.rollouts, scored.advantages
     if rows is not None:
         rollouts, advantages = rollout_rows(rollouts, rows), advantages[rows]
@@ -133,11 +241,16 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
     if rl.beta > 0:
         with torch.no_grad(), ctx.policy.reference() as reference:
             ref_logprobs = completion_logprobs(reference, rollouts, rl.temperature)
-    logprobs = completion_logprobs(model, rollouts, rl.temperature)
-    return grpo_loss(logprobs, rollouts.sampling_logprobs, advantages, loss_mask(rollouts, ctx), rl.epsilon, rl.beta,
+    logprobs, entropies = completion_logprobs(model, rollouts, rl.temperature, with_entropy=True)
+    if not rl.entropy_coef:
+        entropies = entropies.detach()  # logged only: no gradient through the entropy
+    mask = loss_mask(rollouts, ctx)
+    entropy_mask = None if selection is None else (entropies.detach() >= selection.threshold) & mask.bool()
+    return grpo_loss(logprobs, rollouts.sampling_logprobs, advantages, mask, rl.epsilon, rl.beta,
                      ref_logprobs, n_tokens, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
                      n_sequences=n_sequences, max_completion_length=rl.max_completion_length,
-                     bias_correction_kl=rl.use_bias_correction_kl)
+                     bias_correction_kl=rl.use_bias_correction_kl, options=loss_options(ctx), entropies=entropies,
+                     entropy_mask=entropy_mask, n_entropy_tokens=None if selection is None else selection.n_tokens)
 
 
 def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0,
@@ -155,16 +268,17 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
     if n_tokens is None:
         n_tokens = distributed.mean_denominator(loss_mask(rollouts, ctx)[index].sum())
     n_sequences = None
-    if ctx.cfg.rl.loss_type != "dapo":
+    if ctx.cfg.rl.loss_type not in ("dapo", "cispo"):
         n_sequences = distributed.mean_denominator(torch.tensor(float(len(rows)), device=device))
+    selection = select_high_entropy(model, scored, ctx, rows) if ctx.cfg.rl.top_entropy_quantile < 1 else None
     lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1))[index].tolist()
-    total, clip_fraction, kl = torch.zeros((), device=device), 0.0, 0.0
+    total, clip_fraction, kl, entropy = torch.zeros((), device=device), 0.0, 0.0, 0.0
     for part in (micro_batches(lengths, ctx.cfg.train.micro_batch_size) if rows else []):
-        loss, stats = rl_loss(model, scored, ctx, [rows[i] for i in part], n_tokens, n_sequences)
+        loss, stats = rl_loss(model, scored, ctx, [rows[i] for i in part], n_tokens, n_sequences, selection)
         backward(scale * loss)
         total += loss.detach()
-        clip_fraction, kl = clip_fraction + stats.clip_fraction, kl + stats.kl
-    return float(total), GRPOStats(clip_fraction=clip_fraction, kl=kl)
+        clip_fraction, kl, entropy = clip_fraction + stats.clip_fraction, kl + stats.kl, entropy + stats.entropy
+    return float(total), GRPOStats(clip_fraction=clip_fraction, kl=kl, entropy=entropy)
 
 
 @dataclass(frozen=True)
@@ -194,7 +308,7 @@ def iterate_updates(n: int, one_update: Callable[[], Update]) -> tuple[dict, GRP
     if updates[0].sft_loss is not None:
         metrics["train/sft_loss"] = mean([u.sft_loss for u in updates])
     stats = GRPOStats(clip_fraction=mean([u.stats.clip_fraction for u in updates]),
-                      kl=mean([u.stats.kl for u in updates]))
+                      kl=mean([u.stats.kl for u in updates]), entropy=mean([u.stats.entropy for u in updates]))
     return metrics, stats
 
 
@@ -205,12 +319,13 @@ def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -
         # mean of the ranks' own stds would not be it
         "train/reward_mean": rewards.mean().item(), "train/reward_std": global_std(rewards).item(),
         "train/response_len": scored.rollouts.lengths.float().mean().item(),
-        "train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction,
+        "train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction, "train/entropy": stats.entropy,
         # groups whose rewards are all equal carry no learning signal: counted, not an error
         "train/zero_std_groups": int((rewards.view(-1, group_size).std(dim=1) == 0).sum()),
         "perf/gen_tokens_per_s": scored.gen_tokens / max(scored.gen_seconds, 1e-9),
         **{f"train/rewards/{name}": mean for name, mean in scored.reward_means.items()},
         **({"rollout/logprob_gap": scored.logprob_gap} if scored.logprob_gap is not None else {}),
+        **scored.sampling,
     }
 
 

@@ -57,9 +57,10 @@ def rollout_rows(rollouts: Rollouts, rows: list[int]) -> Rollouts:
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_scored: int,
-                   scored: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+                   scored: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
     """log pi(x_t | x_<t) at `temperature` for the tokens t >= `first_scored` where `scored` [B, T - first_scored]
-    is true, as a float32 [B, T - first_scored] tensor with zeros elsewhere (with grad when grad is enabled)."""
+    is true, as a float32 [B, T - first_scored] tensor with zeros elsewhere (with grad when grad is enabled).
+    `with_entropy`: also the entropy of pi(. | x_<t) there, from the same logits (with grad likewise), as a pair."""
     scored = scored.bool()
     targets = input_ids[:, first_scored:][scored]
     position_ids = positions(attention_mask)
@@ -68,37 +69,55 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state
         # the hidden state at position t - 1 predicts token t
-        values = chunked_head_logprobs(hidden[:, first_scored - 1:-1][scored], targets, head, temperature)
+        values = chunked_head_logprobs(hidden[:, first_scored - 1:-1][scored], targets, head, temperature,
+                                       with_entropy)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=False, logits_to_keep=input_ids.size(1) - first_scored + 1).logits[:, :-1]
-        values = chunked_head_logprobs(logits[scored], targets, None, temperature)
-    return torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(scored, values)
+        values = chunked_head_logprobs(logits[scored], targets, None, temperature, with_entropy)
+
+    def placed(part: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(scored, part)
+
+    return (placed(values[0]), placed(values[1])) if with_entropy else placed(values)
 
 
 def chunked_head_logprobs(features: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None,
-                          temperature: float) -> torch.Tensor:
+                          temperature: float, with_entropy: bool = False):
     """log softmax(head(features) / temperature)[target] per row of `features` [M, H] (or of logits [M, V] when
     `head` is None), a chunk of rows at a time; under grad each chunk is checkpointed, so its logits are freed
-    after the forward and recomputed in the backward."""
+    after the forward and recomputed in the backward. `with_entropy`: also each row's entropy, as a pair."""
     vocabulary = features.size(-1) if head is None else head.weight.size(0)
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(1, vocabulary))
     if features.size(0) == 0:
-        return features.new_zeros(0, dtype=torch.float32)
+        empty = features.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if with_entropy else empty
+    score = _target_logprobs_and_entropy if with_entropy else _target_logprobs
     parts = []
     for start in range(0, features.size(0), chunk):
         rows = slice(start, start + chunk)
         if torch.is_grad_enabled() and head is not None:
-            parts.append(checkpoint(_target_logprobs, features[rows], targets[rows], head, temperature,
-                                    use_reentrant=False))
+            parts.append(checkpoint(score, features[rows], targets[rows], head, temperature, use_reentrant=False))
         else:
-            parts.append(_target_logprobs(features[rows], targets[rows], head, temperature))
+            parts.append(score(features[rows], targets[rows], head, temperature))
+    if with_entropy:
+        return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
     return torch.cat(parts)
 
 
 def _target_logprobs(features, targets, head, temperature):
     logits = (head(features) if head is not None else features).float() / temperature
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def _target_logprobs_and_entropy(features, targets, head, temperature):
+    """The target's log-prob, as _target_logprobs computes it, and the entropy -sum_v p_v log p_v of the same
+    distribution (TRL's entropy_from_logits)."""
+    logits = (head(features) if head is not None else features).float() / temperature
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits - normaliser.unsqueeze(1)
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - normaliser, entropy
 
 
 @torch.no_grad()
@@ -168,11 +187,13 @@ def _head_is_separable(model) -> bool:
     return separable
 
 
-def completion_logprobs(model, rollouts: Rollouts, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs [N, C] of the completions under `model` (with grad), masked to the completion."""
+def completion_logprobs(model, rollouts: Rollouts, temperature: float = 1.0, with_entropy: bool = False):
+    """Per-token log-probs [N, C] of the completions under `model` (with grad), masked to the completion;
+    `with_entropy`: and the per-token entropies [N, C], as a pair (token_logprobs)."""
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
-    return token_logprobs(model, input_ids, mask, rollouts.prompt_ids.size(1), rollouts.completion_mask, temperature)
+    return token_logprobs(model, input_ids, mask, rollouts.prompt_ids.size(1), rollouts.completion_mask, temperature,
+                          with_entropy)
 
 
 @torch.no_grad()

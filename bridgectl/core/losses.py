@@ -132,7 +132,27 @@ def global_std(values: torch.Tensor) -> torch.Tensor:
 @dataclass
 class GRPOStats:
     clip_fraction: float
+    """Share of the loss's tokens whose ratio the clip (or CISPO's weight cap) acted on, a token mean."""
     kl: float
+    """The k3 KL term's token mean (0 without rl.beta)."""
+    entropy: float = 0.0
+    """Mean entropy of the policy over the loss's tokens (train/entropy), when the loss was given them."""
+
+
+@dataclass(frozen=True)
+class PolicyLossOptions:
+    """The GRPO variants beyond the clipped surrogate's own settings, under TRL 1.16's names (GRPOConfig)."""
+    importance_sampling_level: str = "token"
+    """token: one ratio per token (GRPO); sequence: exp(mean log-ratio over the completion's tokens) for every token
+    of it (GSPO, arXiv 2507.18071)."""
+    delta: float | None = None
+    """Two-sided clipping: the unclipped ratio is also capped at delta (arXiv 2505.22617 uses ~1 + 2 epsilon)."""
+    entropy_coef: float = 0.0
+    """An entropy bonus: the loss minus entropy_coef x the mean entropy of the tokens the loss trains on."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO's gate temperature for positive advantages (loss_type sapo, arXiv 2511.20347)."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO's gate temperature for negative advantages."""
 
 
 
@@ -169,7 +189,9 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               epsilon: float, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
               n_tokens: torch.Tensor | None = None, epsilon_high: float | None = None, loss_type: str = "dapo",
               n_sequences: torch.Tensor | None = None, max_completion_length: int | None = None,
-              bias_correction_kl: bool = False) -> tuple[torch.Tensor, GRPOStats]:
+              bias_correction_kl: bool = False, options: PolicyLossOptions = PolicyLossOptions(),
+              entropies: torch.Tensor | None = None, entropy_mask: torch.Tensor | None = None,
+              n_entropy_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
     """Clipped surrogate  -min(r A, clip(r, 1-eps, 1+eps_high) A)  with r = pi / pi_old per token (eps_high =
     `epsilon_high`, default `epsilon`: DAPO's asymmetric "Clip-Higher", arXiv 2503.14476), plus
     beta * KL(pi || pi_ref) with the k3 estimator exp(ref - logp) - (ref - logp) - 1, over the tokens of `mask`,
@@ -181,31 +203,61 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     the sampling policy's (detached). `bias_correction_kl` multiplies each token's k3 term by the (unclipped,
     undetached) importance ratio r, as TRL's `use_bias_correction_kl` does (its default since TRL 1.x,
     grpo_trainer.py: `per_token_kl = per_token_kl * coef_1`): the k3 estimate is then unbiased for tokens sampled
-    from pi_old rather than pi; the logged KL is the corrected term, as TRL logs it."""
+    from pi_old rather than pi; the logged KL is the corrected term, as TRL logs it.
+
+    The variants of `options`, as TRL 1.16's GRPOTrainer._compute_loss computes them: r per sequence (GSPO: the
+    exponentiated mean log-ratio of the completion, for all its tokens), the two-sided cap min(r, delta) on the
+    unclipped term, and the other policy losses: `cispo` (MiniMax-M1, arXiv 2506.13585: -sg(min(r, eps_high)) A
+    log pi, the weight clipped and never the gradient; reduced as dapo) and `sapo` (-A (4 / tau) sigmoid(tau (r - 1)),
+    tau by the advantage's sign; reduced as grpo). `entropy_mask` [N, C] keeps only those tokens in the policy term
+    (rl.top_entropy_quantile: the step's highest-entropy tokens, arXiv 2506.01939); `entropies` [N, C] (with grad
+    for options.entropy_coef) give the entropy bonus, the mean over the tokens trained on (`n_entropy_tokens` in the
+    whole step, default this batch's), and the logged mean entropy."""
     mask = mask.float()
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(logprobs - old_logprobs)
+    log_ratio = logprobs - old_logprobs
+    if options.importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1))
+    ratio = torch.exp(log_ratio)
     advantage = advantages.unsqueeze(1)
-    unclipped = ratio * advantage
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantage
-    per_token = -torch.min(unclipped, clipped)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=epsilon_high).detach() * advantage * logprobs
+        was_clipped = (ratio > epsilon_high) & (advantage > 0)
+    elif loss_type == "sapo":
+        temperature = torch.where(advantage > 0, options.sapo_temperature_pos, options.sapo_temperature_neg)
+        per_token = -torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature * advantage
+        was_clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantage
+        capped = ratio if options.delta is None else torch.clamp(ratio, max=options.delta)
+        per_token = -torch.min(capped * advantage, clipped)
+        was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon_high) & (advantage > 0))
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask.float()
     if n_tokens is None:
         n_tokens = distributed.mean_denominator(mask.sum())
-    if n_sequences is None and loss_type != "dapo":
+    if n_sequences is None and loss_type not in ("dapo", "cispo"):
         n_sequences = distributed.mean_denominator(torch.tensor(float(mask.size(0)), device=mask.device))
     n_tokens = n_tokens.clamp(min=1)
     kl_value = 0.0
     if beta > 0:
         if ref_logprobs is None:
             raise ValueError("beta > 0 needs reference log-probs")
-        log_ratio = ref_logprobs - logprobs
-        per_token_kl = torch.exp(log_ratio) - log_ratio - 1
+        ref_log_ratio = ref_logprobs - logprobs
+        per_token_kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1
         if bias_correction_kl:
             per_token_kl = per_token_kl * ratio
         per_token = per_token + beta * per_token_kl
         kl_value = float((per_token_kl.detach() * mask).sum() / n_tokens)
-    weights = loss_token_weights(mask, loss_type)
-    loss = (per_token * weights).sum() / loss_denominator(loss_type, n_tokens, n_sequences, max_completion_length)
-    was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon_high) & (advantage > 0))
+    reduction = {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+    weights = loss_token_weights(mask, reduction)
+    loss = (per_token * weights).sum() / loss_denominator(reduction, n_tokens, n_sequences, max_completion_length)
+    entropy_value = 0.0
+    if entropies is not None:
+        entropy_value = float((entropies.detach() * mask).sum() / n_tokens)
+        if options.entropy_coef:
+            trained = mask if entropy_mask is None else mask * entropy_mask.float()
+            count = distributed.mean_denominator(trained.sum()) if n_entropy_tokens is None else n_entropy_tokens
+            loss = loss - options.entropy_coef * (entropies * trained).sum() / count.clamp(min=1)
     clip_fraction = float((was_clipped.float() * mask).sum() / n_tokens)
-    return loss, GRPOStats(clip_fraction=clip_fraction, kl=kl_value)
+    return loss, GRPOStats(clip_fraction=clip_fraction, kl=kl_value, entropy=entropy_value)

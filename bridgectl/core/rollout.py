@@ -241,6 +241,24 @@ def truncate(logprobs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: 
     return logprobs
 
 
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """The rows of `parts` as one Rollouts, in order: prompts left-padded and completions right-padded with
+    `pad_id` to the widest (the masks say which tokens are real)."""
+    prompt_width = max(part.prompt_ids.size(1) for part in parts)
+    completion_width = max(part.completion_ids.size(1) for part in parts)
+
+    def padded(tensor: torch.Tensor, width: int, fill, left: bool) -> torch.Tensor:
+        extra = tensor.new_full((tensor.size(0), width - tensor.size(1)), fill)
+        return torch.cat([extra, tensor] if left else [tensor, extra], dim=1)
+
+    return Rollouts(torch.cat([padded(p.prompt_ids, prompt_width, pad_id, True) for p in parts]),
+                    torch.cat([padded(p.prompt_mask, prompt_width, 0, True) for p in parts]),
+                    torch.cat([padded(p.completion_ids, completion_width, pad_id, False) for p in parts]),
+                    torch.cat([padded(p.completion_mask, completion_width, 0, False) for p in parts]),
+                    torch.cat([padded(p.sampling_logprobs, completion_width, 0.0, False) for p in parts]),
+                    [text for p in parts for text in p.completions])
+
+
 def truncated_rows(rollouts: Rollouts, end_ids: int | Collection[int]) -> torch.Tensor:
     """[N] bool: the completions cut off by the length limit, i.e. without an end token of any kind (`end_ids`,
     the policy's `end_tokens.ids`) among their tokens (TRL's is_truncated; a completion whose end token is its last

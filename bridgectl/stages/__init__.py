@@ -57,6 +57,8 @@ class StageInfo:
     (checked once, before any weights load: bridgectl/context.build_context)."""
     num_iterations: bool = False
     """Takes rl.num_iterations updates per batch of rollouts (others refuse rl.num_iterations > 1)."""
+    dynamic_sampling: bool = False
+    """Samples its groups with core/grpo.sample_groups, so rl.filter_groups acts (others refuse it)."""
     own_token_mean: bool = False
     """Its loss is a token mean over its own rows (rollouts and demonstrations), so rl.loss_type must be dapo."""
     scale_rewards: tuple[str, ...] = SCALE_REWARDS
@@ -74,24 +76,27 @@ _MIXED_GROUP_SCALING = "it normalises its mixed groups of rollouts and demonstra
 STAGES: dict[str, StageInfo] = {
     "sft": StageInfo(module="sft", cls="SFTStage", samples_rollouts=False, needs_traces=True,
                      rule="NLL of trace and answer tokens (sft.*)", source="supervised fine-tuning"),
-    "rl": StageInfo(module="rl", cls="RLStage", samples_rollouts=True, needs_traces=False,
+    "rl": StageInfo(module="rl", cls="RLStage", samples_rollouts=True, dynamic_sampling=True, needs_traces=False,
                     rule="GRPO: clipped surrogate with group-normalised advantages (rl.*)",
                     source="GRPO, arXiv 2402.03300", num_iterations=True),
     "interleaved": StageInfo(module="interleaved", cls="InterleavedStage", samples_rollouts=True, needs_traces=True,
+                             dynamic_sampling=True,
                              rule="rl_steps RL updates then sft_steps SFT updates, in turn (interleaved.*)",
                              source="naive alternating baseline, arXiv 2509.06948", num_iterations=True,
                              config=interleaved_config.InterleavedConfig, check=interleaved_config.check,
                              config_summary="The alternation pattern of the interleaved stage."),
-    "mix": StageInfo(module="mix", cls="MixStage", samples_rollouts=True, needs_traces=True,
+    "mix": StageInfo(module="mix", cls="MixStage", samples_rollouts=True, dynamic_sampling=True, needs_traces=True,
                      rule="L_rl + mu L_sft, mu constant or linear (mix.*)",
                      source="naive mixing baseline, arXiv 2509.06948", num_iterations=True,
                      config=mix_config.MixConfig, check=mix_config.check, config_summary="Mixed-loss stage settings."),
     "bridge": StageInfo(module="bridge", cls="BridgeStage", samples_rollouts=True, needs_traces=True,
+                        dynamic_sampling=True,
                         rule="bilevel: theta on L_rl + L_sft(w), w on the cooperative gain vs an RL-only shadow "
                              "(bridge.*)", source="BRIDGE, arXiv 2509.06948",
                         config=bridge_config.BridgeConfig, check=bridge_config.check,
                         config_summary="BRIDGE (bilevel SFT + RL) settings."),
     "chord": StageInfo(module="chord", cls="ChordStage", samples_rollouts=True, needs_traces=True,
+                       dynamic_sampling=True,
                        rule="(1 - mu) L_grpo + mu L_sft, mu warm-up then cosine decay, optional phi = p(1-p) token "
                             "weights (chord.*)", source="CHORD, arXiv 2508.11408", num_iterations=True,
                        config=chord_config.ChordConfig, check=chord_config.check,

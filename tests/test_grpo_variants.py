@@ -1,0 +1,45 @@
+"""The GRPO variants under TRL's names (rl.importance_sampling_level, rl.loss_type cispo/sapo, rl.delta,
+rl.top_entropy_quantile, rl.entropy_coef) run through `bridgectl run` wherever GRPO runs, log train/entropy, and are
+refused by the stages whose policy loss is their own. Their formulas: tests/test_losses.py; TRL's own loss on one
+batch: tests/test_trl_parity.py (`make test-trl`); micro-batches: tests/test_micro_batches.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bridgectl.cli import app
+from bridgectl.config import compose
+from bridgectl.errors import UserError
+
+TINY = ["train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=4", "eval.n=8",
+        "train.threads=1", "train.eval_every=0"]
+VARIANTS = ["rl.importance_sampling_level=sequence", "rl.loss_type=cispo", "rl.top_entropy_quantile=0.2",
+            "rl.entropy_coef=0.001"]
+
+
+@pytest.mark.parametrize("recipe", ["rl", "bridge"])
+def test_the_variants_run_and_log_the_entropy(tmp_path, recipe):
+    result = CliRunner().invoke(app, ["run", f"recipe={recipe}", *VARIANTS, *TINY, "--out", str(tmp_path),
+                                      "--name", "v"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if row.get("stage") == recipe]
+    assert len(steps) == 2 and all(row["train/entropy"] > 0 for row in steps)
+    saved = (tmp_path / "v" / "config.yaml").read_text()
+    assert "importance_sampling_level: sequence" in saved and "loss_type: cispo" in saved
+
+
+@pytest.mark.parametrize("stage", ["luffy", "srft"])
+def test_stages_with_their_own_policy_loss_refuse_the_variants_naming_them(stage):
+    with pytest.raises(UserError, match=f"the {stage} stage") as caught:
+        compose([f"recipe={stage}", "rl.importance_sampling_level=sequence", "rl.entropy_coef=0.01"])
+    assert "rl.importance_sampling_level" in caught.value.hint and "rl.entropy_coef" in caught.value.hint
+
+
+def test_delta_must_lie_above_the_clip_range():
+    with pytest.raises(UserError, match="rl.delta must exceed 1 \\+ rl.epsilon_high"):
+        compose(["rl.epsilon_high=0.28", "rl.delta=1.2"])
+    assert compose(["rl.epsilon_high=0.28", "rl.delta=1.5"]).rl.delta == 1.5

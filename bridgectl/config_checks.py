@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config_keys import check_keys
-from bridgectl.core.choices import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from bridgectl.core.choices import ADV_ESTIMATORS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from bridgectl.errors import UserError, require
 from bridgectl.schema import example, group_options
 from bridgectl.stages import STAGES
@@ -216,6 +216,12 @@ def _rl(cfg: DictConfig) -> None:
             f"{rl.top_entropy_quantile}", "e.g. rl.top_entropy_quantile=0.2 (the top 20% entropy tokens; 1.0: all)")
     require(rl.entropy_coef >= 0, f"rl.entropy_coef must be >= 0, got {rl.entropy_coef}",
             "e.g. rl.entropy_coef=0.001 (0: no bonus)")
+    require(rl.adv_estimator in ADV_ESTIMATORS, f"unknown rl.adv_estimator '{rl.adv_estimator}'",
+            "choose grpo (the default) or rloo")
+    require(rl.adv_estimator != "rloo" or rl.scale_rewards != "group",
+            "rl.adv_estimator=rloo takes rl.scale_rewards none or batch (the leave-one-out advantage is not divided "
+            "by its group's std)", "add rl.scale_rewards=none (TRL's RLOOTrainer) or rl.scale_rewards=batch (its "
+            "normalize_advantages)")
     require(rl.max_num_gen_batches >= 1, f"rl.max_num_gen_batches must be >= 1, got {rl.max_num_gen_batches}",
             "e.g. rl.max_num_gen_batches=10 (sampling rounds per step with rl.filter_groups)")
     require(0 <= rl.overlong_buffer_len < rl.max_completion_length and rl.overlong_penalty_factor >= 0,
@@ -295,7 +301,8 @@ def _stage_capabilities(cfg: DictConfig) -> None:
                 "own rows)", f"use rl.loss_type=dapo with {stage}")
         variants = [f"{key}={value}" for key, value, default in (
             ("rl.importance_sampling_level", rl.importance_sampling_level, "token"), ("rl.delta", rl.delta, None),
-            ("rl.top_entropy_quantile", rl.top_entropy_quantile, 1.0), ("rl.entropy_coef", rl.entropy_coef, 0.0))
+            ("rl.top_entropy_quantile", rl.top_entropy_quantile, 1.0), ("rl.entropy_coef", rl.entropy_coef, 0.0),
+            ("rl.adv_estimator", rl.adv_estimator, "grpo"))
             if value != default]
         require(not rl.filter_groups or info.dynamic_sampling,
                 f"rl.filter_groups does not apply to the {stage} stage (it samples its groups its own way)",

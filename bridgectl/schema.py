@@ -242,6 +242,11 @@ class RLConfig:
     """(loss_type sapo) the gate's temperature for positive advantages (TRL's name and default)."""
     sapo_temperature_neg: float = 1.05
     """(loss_type sapo) the gate's temperature for negative advantages (TRL's name and default)."""
+    adv_estimator: str = "grpo"
+    """The advantage (verl's name, algorithm.adv_estimator): grpo (reward minus the group's mean, scaled by
+    rl.scale_rewards) or rloo (REINFORCE leave-one-out, arXiv 2402.14740, TRL's RLOOTrainer: reward minus the mean
+    of the group's other rewards; with rl.scale_rewards=none as TRL's default, or batch for its
+    normalize_advantages). verl's REINFORCE++ is not offered."""
     filter_groups: bool = False
     """Dynamic sampling (DAPO, arXiv 2503.14476, Sec. 3.2; verl's algorithm.filter_groups.enable; TRL has none):
     drop prompt groups whose rewards are all equal and sample more prompts until the batch holds

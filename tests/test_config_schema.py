@@ -65,6 +65,7 @@ NEGATIVE_OK = {"hpt.gate": "-1: never switch a prompt to SFT (the rl stage)"}
 # own first (the others set the context the value is out of range in).
 OUT_OF_RANGE: dict[str, list] = {
     "rl.importance_sampling_level": ["tokens", "seq"],
+    "rl.adv_estimator": ["reinforce_plus_plus", ("rl.adv_estimator=rloo", "rl.scale_rewards=group")],
     "rl.delta": ["1.1"],
     "rl.top_entropy_quantile": ["0", "1.5"],
     "recipe.stages": ["[]", "[sft,nope]"],

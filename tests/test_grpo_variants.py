@@ -43,3 +43,23 @@ def test_delta_must_lie_above_the_clip_range():
     with pytest.raises(UserError, match="rl.delta must exceed 1 \\+ rl.epsilon_high"):
         compose(["rl.epsilon_high=0.28", "rl.delta=1.2"])
     assert compose(["rl.epsilon_high=0.28", "rl.delta=1.5"]).rl.delta == 1.5
+
+
+def test_rloo_advantages_reach_the_sampled_groups():
+    """rl.adv_estimator=rloo: the advantages the loss uses are each reward minus its group's other rewards' mean."""
+    import torch
+
+    from bridgectl.context import build_context
+    from bridgectl.core.grpo import sample_groups
+
+    ctx = build_context(compose(["recipe=rl", "rl.adv_estimator=rloo", "rl.scale_rewards=none",
+                                 "rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=12",
+                                 "train.threads=1"]), show_progress=False)
+    scored = sample_groups(ctx)
+    grouped = scored.rewards.view(-1, 4)
+    others = (grouped.sum(dim=1, keepdim=True) - grouped) / 3
+    assert torch.allclose(scored.advantages, (grouped - others).reshape(-1))
+    with pytest.raises(UserError, match="rl.adv_estimator=rloo takes rl.scale_rewards none or batch"):
+        compose(["rl.adv_estimator=rloo"])
+    with pytest.raises(UserError, match="the luffy stage"):
+        compose(["recipe=luffy", "rl.adv_estimator=rloo", "rl.scale_rewards=none"])

@@ -314,3 +314,15 @@ def test_the_entropy_mask_and_bonus_act_on_the_chosen_tokens_only():
     assert stats.entropy == pytest.approx((0.5 + 2.0 + 1.0 + 3.0 + 0.1) / 5)
     loss.backward()
     assert torch.allclose(entropies.grad, torch.tensor([[0.0, -0.05, 0.0], [-0.05, 0.0, 0.0]]))
+
+
+def test_rloo_subtracts_the_mean_of_the_other_rewards_of_the_group():
+    """RLOO (arXiv 2402.14740, Eq. 6; TRL's RLOOTrainer): A_i = r_i - (sum_j r_j - r_i) / (G - 1); with
+    scale_rewards=batch divided by the std of the step's advantages (TRL's normalize_advantages)."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 1.5])
+    plain = group_advantages(rewards, 4, "none", "rloo")
+    expected = torch.tensor([2 / 3, -2 / 3, -2 / 3, 2 / 3, -1 / 3, -1 / 3, -1 / 3, 1.0])
+    assert torch.allclose(plain, expected, atol=1e-6)
+    assert torch.allclose(plain, 4 / 3 * group_advantages(rewards, 4, "none"), atol=1e-6)  # G/(G-1) x centred
+    scaled = group_advantages(rewards, 4, "batch", "rloo")
+    assert torch.allclose(scaled, expected / (expected.std() + 1e-4), atol=1e-6)

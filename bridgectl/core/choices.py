@@ -4,6 +4,8 @@ refuses anything else. Torch-free (config composition imports it)."""
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "cispo", "sapo")
 """rl.loss_type: the clipped surrogate reduced three ways (core/losses.loss_token_weights), or another policy loss
 (core/losses.grpo_loss)."""
+ADV_ESTIMATORS = ("grpo", "rloo")
+"""rl.adv_estimator: the group baseline (core/losses.group_advantages)."""
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 """rl.importance_sampling_level: one ratio per token (GRPO) or per completion (GSPO)."""
 SCALE_REWARDS = ("group", "batch", "none")

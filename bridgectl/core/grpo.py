@@ -94,7 +94,8 @@ def sample_filled(ctx: TrainContext, size: int) -> ScoredRollouts:
         verdicts = torch.cat([(scored.rewards if scored.verdicts is None else scored.verdicts)[at]
                               for scored, at in index])
     problems = [scored.problems[row] for scored, chosen in chosen_parts for row in chosen]
-    advantages = group_advantages(rewards, size, rl.scale_rewards) if n_kept else torch.zeros_like(rewards)
+    advantages = (group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator) if n_kept
+                  else torch.zeros_like(rewards))
     sampled_rows = sum(len(scored.problems) for scored, _ in parts)
     reward_means = {name: sum(scored.reward_means[name] * len(scored.problems) for scored, _ in parts) / sampled_rows
                     for name in parts[0][0].reward_means}
@@ -154,7 +155,8 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
         rewards = rewards + penalty
         reward_means = {**reward_means, "overlong": penalty.mean().item()}
     # a group of one has no baseline to compare with: advantage 0 (its std would be NaN)
-    advantages = group_advantages(rewards, size, rl.scale_rewards) if size > 1 else torch.zeros_like(rewards)
+    advantages = (group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator) if size > 1
+                  else torch.zeros_like(rewards))
     return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, reward_means, verdicts)
 
 

@@ -101,12 +101,22 @@ def backward(loss: torch.Tensor) -> None:
         loss.backward()
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
+                     estimator: str = "grpo") -> torch.Tensor:
     """GRPO advantages: reward minus its group's mean, divided by the group's std (`scale_rewards=group`), by the std
     of every reward of the step (`batch`, TRL's scale_rewards="batch": over all data-parallel ranks, so a collective
     every rank must call) or by nothing (`none`). Rows are grouped consecutively: rows [k*G, (k+1)*G) are the
-    completions of prompt k. Both stds are Bessel-corrected, as torch.std and TRL."""
+    completions of prompt k. Both stds are Bessel-corrected, as torch.std and TRL.
+
+    `estimator=rloo`: REINFORCE leave-one-out (arXiv 2402.14740; TRL's RLOOTrainer, verl's rloo): reward minus the
+    mean of the other G - 1 rewards of its group, = G / (G - 1) x the centred reward; `scale_rewards=none` keeps it
+    (TRL's default), `batch` divides it by the std of the step's advantages over every rank (TRL's
+    normalize_advantages; their mean is 0 by construction). `group` does not apply (config validation refuses it)."""
     grouped = rewards.view(-1, group_size)
+    if estimator == "rloo":
+        baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+        advantages = (grouped - baseline).reshape(-1)
+        return advantages / (global_std(advantages) + 1e-4) if scale_rewards == "batch" else advantages
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_rewards == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + 1e-4)

@@ -185,6 +185,7 @@ class UFTStage:
             verdicts = None if judged is total else torch.tensor(judged, device=rewards.device)
         # recomputed on every process, hinted rows or not: rl.scale_rewards=batch takes the std over all processes
         # (a collective each must join); without hints the advantages are those sample_and_score gave
-        advantages = group_advantages(rewards, ctx.cfg.rl.num_generations, ctx.cfg.rl.scale_rewards)
+        advantages = group_advantages(rewards, ctx.cfg.rl.num_generations, ctx.cfg.rl.scale_rewards,
+                                      ctx.cfg.rl.adv_estimator)
         return dataclasses.replace(scored, rewards=rewards, advantages=advantages, verdicts=verdicts,
                                    reward_means=means)

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config_keys import check_keys
-from bridgectl.core.choices import ADV_ESTIMATORS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from bridgectl.core.choices import ADV_ESTIMATORS, AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
 from bridgectl.errors import UserError, require
 from bridgectl.schema import example, group_options
 from bridgectl.stages import STAGES
@@ -216,6 +216,14 @@ def _rl(cfg: DictConfig) -> None:
             f"{rl.top_entropy_quantile}", "e.g. rl.top_entropy_quantile=0.2 (the top 20% entropy tokens; 1.0: all)")
     require(rl.entropy_coef >= 0, f"rl.entropy_coef must be >= 0, got {rl.entropy_coef}",
             "e.g. rl.entropy_coef=0.001 (0: no bonus)")
+    require(rl.multi_objective_aggregation in AGGREGATIONS,
+            f"unknown rl.multi_objective_aggregation '{rl.multi_objective_aggregation}'",
+            "choose sum_then_normalize (the default) or normalize_then_sum")
+    require(rl.multi_objective_aggregation == "sum_then_normalize" or (
+            rl.scale_rewards == "group" and rl.adv_estimator == "grpo" and not rl.filter_groups),
+            "rl.multi_objective_aggregation=normalize_then_sum makes the advantage itself, so rl.scale_rewards, "
+            "rl.adv_estimator and rl.filter_groups do not apply",
+            "leave rl.scale_rewards=group and rl.adv_estimator=grpo, and drop rl.filter_groups")
     require(rl.adv_estimator in ADV_ESTIMATORS, f"unknown rl.adv_estimator '{rl.adv_estimator}'",
             "choose grpo (the default) or rloo")
     require(rl.adv_estimator != "rloo" or rl.scale_rewards != "group",
@@ -302,7 +310,8 @@ def _stage_capabilities(cfg: DictConfig) -> None:
         variants = [f"{key}={value}" for key, value, default in (
             ("rl.importance_sampling_level", rl.importance_sampling_level, "token"), ("rl.delta", rl.delta, None),
             ("rl.top_entropy_quantile", rl.top_entropy_quantile, 1.0), ("rl.entropy_coef", rl.entropy_coef, 0.0),
-            ("rl.adv_estimator", rl.adv_estimator, "grpo"))
+            ("rl.adv_estimator", rl.adv_estimator, "grpo"),
+            ("rl.multi_objective_aggregation", rl.multi_objective_aggregation, "sum_then_normalize"))
             if value != default]
         require(not rl.filter_groups or info.dynamic_sampling,
                 f"rl.filter_groups does not apply to the {stage} stage (it samples its groups its own way)",

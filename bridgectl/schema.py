@@ -242,6 +242,11 @@ class RLConfig:
     """(loss_type sapo) the gate's temperature for positive advantages (TRL's name and default)."""
     sapo_temperature_neg: float = 1.05
     """(loss_type sapo) the gate's temperature for negative advantages (TRL's name and default)."""
+    multi_objective_aggregation: str = "sum_then_normalize"
+    """With several task.reward_funcs (TRL's name and default): sum_then_normalize (the weighted sum is the reward,
+    its advantage as rl.adv_estimator and rl.scale_rewards say) or normalize_then_sum (GDPO, as TRL: each function's
+    rewards normalised within their group, the weighted sum then normalised over the step: it is the advantage, so
+    rl.scale_rewards and rl.adv_estimator stay at their defaults)."""
     adv_estimator: str = "grpo"
     """The advantage (verl's name, algorithm.adv_estimator): grpo (reward minus the group's mean, scaled by
     rl.scale_rewards) or rloo (REINFORCE leave-one-out, arXiv 2402.14740, TRL's RLOOTrainer: reward minus the mean

@@ -48,6 +48,8 @@ TRL_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "top_entropy_quantile": (("rl.top_entropy_quantile",), "the quantile is the whole step's, not each "
                              "micro-batch's (the same with one micro-batch)"),
     "entropy_coef": (("rl.entropy_coef",), "a constant bonus; TRL's adaptive entropy control is not offered"),
+    "multi_objective_aggregation": (("rl.multi_objective_aggregation",), "sum_then_normalize or "
+                                    "normalize_then_sum, with several task.reward_funcs"),
     "sapo_temperature_pos": (("rl.sapo_temperature_pos",), "with rl.loss_type=sapo"),
     "sapo_temperature_neg": (("rl.sapo_temperature_neg",), "with rl.loss_type=sapo"),
     # ---- SFTConfig ------------------------------------------------------------------------------------------

@@ -66,6 +66,8 @@ NEGATIVE_OK = {"hpt.gate": "-1: never switch a prompt to SFT (the rl stage)"}
 OUT_OF_RANGE: dict[str, list] = {
     "rl.importance_sampling_level": ["tokens", "seq"],
     "rl.adv_estimator": ["reinforce_plus_plus", ("rl.adv_estimator=rloo", "rl.scale_rewards=group")],
+    "rl.multi_objective_aggregation": ["sum", ("rl.multi_objective_aggregation=normalize_then_sum",
+                                               "rl.scale_rewards=batch")],
     "rl.delta": ["1.1"],
     "rl.top_entropy_quantile": ["0", "1.5"],
     "recipe.stages": ["[]", "[sft,nope]"],

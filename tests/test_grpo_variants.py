@@ -63,3 +63,31 @@ def test_rloo_advantages_reach_the_sampled_groups():
         compose(["rl.adv_estimator=rloo"])
     with pytest.raises(UserError, match="the luffy stage"):
         compose(["recipe=luffy", "rl.adv_estimator=rloo", "rl.scale_rewards=none"])
+
+
+def test_normalize_then_sum_makes_the_advantages_from_each_functions_values(tmp_path):
+    """With the verifier and a user function, the advantages are normalize_then_sum of their values, weighted."""
+    import torch
+
+    from bridgectl.context import build_context
+    from bridgectl.core.grpo import sample_groups
+    from bridgectl.core.losses import normalize_then_sum
+
+    (tmp_path / "shaped.py").write_text("def short(completions, **kwargs):\n"
+                                        "    return [1.0 / (1 + len(c)) for c in completions]\n")
+    ctx = build_context(compose(["recipe=rl", "rl.multi_objective_aggregation=normalize_then_sum",
+                                 f"task.reward_funcs=[verifier,{tmp_path / 'shaped.py'}:short]",
+                                 "task.reward_weights=[1.0,0.5]", "rl.prompts_per_step=4", "rl.num_generations=4",
+                                 "rl.max_completion_length=12", "train.threads=1"]), show_progress=False)
+    scored = sample_groups(ctx)
+    values = torch.tensor(ctx.task.step_reward.last_values).T
+    verifier = torch.tensor(ctx.task.rewards(scored.rollouts.completions, [p.answer for p in scored.problems]))
+    assert torch.equal(values[:, 0], verifier)
+    expected = normalize_then_sum(values, torch.tensor([1.0, 0.5]), 4)
+    assert torch.allclose(scored.advantages, expected)
+    assert torch.allclose(scored.rewards, values[:, 0] + 0.5 * values[:, 1])  # the logged reward stays the sum
+    ctx.task.step_reward.worker.close()  # the functions' worker process
+    with pytest.raises(UserError, match="normalize_then_sum makes the advantage itself"):
+        compose(["rl.multi_objective_aggregation=normalize_then_sum", "rl.scale_rewards=batch"])
+    with pytest.raises(UserError, match="the uft stage"):
+        compose(["recipe=uft", "rl.multi_objective_aggregation=normalize_then_sum"])

@@ -326,3 +326,21 @@ def test_rloo_subtracts_the_mean_of_the_other_rewards_of_the_group():
     assert torch.allclose(plain, 4 / 3 * group_advantages(rewards, 4, "none"), atol=1e-6)  # G/(G-1) x centred
     scaled = group_advantages(rewards, 4, "batch", "rloo")
     assert torch.allclose(scaled, expected / (expected.std() + 1e-4), atol=1e-6)
+
+
+def test_normalize_then_sum_normalises_each_reward_function_in_its_group_then_the_sum_over_the_step():
+    """TRL's multi_objective_aggregation="normalize_then_sum" (GDPO): per function, (r - group mean) / (group std +
+    1e-4); weighted sum; then (s - mean) / (std + 1e-4) over the step."""
+    from bridgectl.core.losses import normalize_then_sum
+
+    values = torch.tensor([[1.0, 0.2], [0.0, 0.8], [1.0, 0.5], [1.0, 0.1]])  # 2 groups of 2, 2 functions
+    weights = torch.tensor([1.0, 0.5])
+    by_hand = []
+    for group in (values[:2], values[2:]):
+        normalised = (group - group.mean(0)) / (group.std(0) + 1e-4)
+        by_hand.append((normalised * weights).sum(1))
+    summed = torch.cat(by_hand)
+    expected = (summed - summed.mean()) / (summed.std() + 1e-4)
+    assert torch.allclose(normalize_then_sum(values, weights, 2), expected, atol=1e-5)
+    # the second group's first function is constant: it adds nothing there, the second function decides
+    assert normalize_then_sum(values, weights, 2)[2] > normalize_then_sum(values, weights, 2)[3]

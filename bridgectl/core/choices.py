@@ -4,6 +4,8 @@ refuses anything else. Torch-free (config composition imports it)."""
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "cispo", "sapo")
 """rl.loss_type: the clipped surrogate reduced three ways (core/losses.loss_token_weights), or another policy loss
 (core/losses.grpo_loss)."""
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+"""rl.multi_objective_aggregation: how several reward functions make one advantage (core/grpo.sample_and_score)."""
 ADV_ESTIMATORS = ("grpo", "rloo")
 """rl.adv_estimator: the group baseline (core/losses.group_advantages)."""
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")

@@ -12,7 +12,8 @@ import torch
 from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows
-from bridgectl.core.losses import GRPOStats, PolicyLossOptions, backward, global_std, group_advantages, grpo_loss
+from bridgectl.core.losses import (GRPOStats, PolicyLossOptions, backward, global_std, group_advantages, grpo_loss,
+                                   normalize_then_sum)
 from bridgectl.core.rollout import Rollouts, concat_rollouts, generate, truncated_rows
 
 
@@ -155,8 +156,17 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
         rewards = rewards + penalty
         reward_means = {**reward_means, "overlong": penalty.mean().item()}
     # a group of one has no baseline to compare with: advantage 0 (its std would be NaN)
-    advantages = (group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator) if size > 1
-                  else torch.zeros_like(rewards))
+    if size == 1:
+        advantages = torch.zeros_like(rewards)
+    elif rl.multi_objective_aggregation == "normalize_then_sum":
+        per_function = torch.tensor(ctx.task.step_reward.last_values, device=ctx.device).T  # [N, K]
+        if rl.overlong_buffer_len > 0:  # the length penalty is one more objective, weight 1
+            per_function = torch.cat([per_function, penalty.unsqueeze(1)], dim=1)
+        weights = torch.tensor(ctx.task.step_reward.weights() + [1.0] * (rl.overlong_buffer_len > 0),
+                               device=ctx.device)
+        advantages = normalize_then_sum(per_function, weights, size)
+    else:
+        advantages = group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator)
     return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, reward_means, verdicts)
 
 

@@ -125,6 +125,25 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     return centred.reshape(-1)
 
 
+def normalize_then_sum(values: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    """TRL's multi_objective_aggregation="normalize_then_sum" (GRPOTrainer, after GDPO): each reward function's
+    values [N, K] centred and divided by their group's std (+ 1e-4), summed with `weights` [K], then the sums
+    centred and divided by the std of the whole step's sums (over every data-parallel rank): the advantages [N]."""
+    grouped = values.view(-1, group_size, values.size(1))
+    normalised = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    summed = (normalised * weights).sum(dim=2).reshape(-1)
+    return (summed - global_mean(summed)) / (global_std(summed) + 1e-4)
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` taken together with those of every other data-parallel rank, in float64."""
+    flat = values.detach().reshape(-1).double()
+    count_total = torch.stack([flat.new_tensor(flat.numel()), flat.sum()])
+    if distributed.active():
+        dist.all_reduce(count_total)
+    return (count_total[1] / count_total[0]).to(values.dtype)
+
+
 def global_std(values: torch.Tensor) -> torch.Tensor:
     """The Bessel-corrected std of `values` taken together with those of every other data-parallel rank (each
     rank's own when not distributed), in two passes (mean, then squared deviations) in float64."""

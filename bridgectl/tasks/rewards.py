@@ -166,23 +166,29 @@ class StepReward:
         self.task, self.task_cfg = task, task_cfg
         self._functions: list[RewardFunction] | None = None
         self._worker: RewardWorker | None = None
+        self.last_values: list[list[float]] = []
+        """Each function's values (None as 0) of the last call, in task.reward_funcs order, weighted by weights()
+        (rl.multi_objective_aggregation=normalize_then_sum reads them)."""
 
     def __call__(self, problems: list, completions: list[str]) -> tuple[list[float], dict[str, float], list[float]]:
         """(the step reward per completion, each function's mean, the verifier's verdict per completion)."""
         golds = [problem.answer for problem in problems]
         if not self.task_cfg.reward_funcs:  # the verifier alone, exactly as before reward functions existed
             verdicts = self.task.rewards(completions, golds)
+            self.last_values = [verdicts]
             return verdicts, {}, verdicts
         user = [function for function in self.functions if function.call is not None]
         # every user function of the step in one round trip to the worker (the verifier stays in this process)
         user_values = dict(zip((f.name for f in user), self._call_user(problems, completions))) if user else {}
         total, means, verdicts = [0.0] * len(completions), {}, None
+        self.last_values = []
         for function in self.functions:
             values = self.task.rewards(completions, golds) if function.call is None else user_values[function.name]
             values = [v if v is not None else 0.0 for v in values]
             verdicts = values if function.call is None else verdicts
             total = [t + function.weight * v for t, v in zip(total, values)]
             means[function.name] = sum(values) / len(values)
+            self.last_values.append(values)
         if verdicts is None:  # the verifier is not among the rewards: still what "right" means
             verdicts = self.task.rewards(completions, golds)
         return total, means, verdicts
@@ -201,6 +207,10 @@ class StepReward:
             self._worker = RewardWorker([spec for spec, _ in user], [name for _, name in user], os.getcwd(),
                                         self.task_cfg.reward_timeout_s)
         return self._functions
+
+    def weights(self) -> list[float]:
+        """The weight of each function of last_values, in its order (1.0 for the verifier alone)."""
+        return [function.weight for function in self.functions] if self.task_cfg.reward_funcs else [1.0]
 
     @property
     def worker(self) -> RewardWorker | None:

@@ -565,3 +565,21 @@ def test_run_directories_are_found_while_a_live_run_deletes_its_checkpoints(tmp_
         list(tmp_path.rglob("summary.json"))
     doomed.mkdir()
     assert find_run_dirs([str(tmp_path)]) == [tmp_path / "a", tmp_path / "b"]
+
+
+VARIANTS_BY = ["--by", "recipe", "--by", "rl.loss_type", "--by", "rl.importance_sampling_level", "--by",
+               "rl.filter_groups"]
+
+
+def test_readme_grpo_variants_table_is_what_compare_prints_for_the_recorded_runs():
+    """The README's one-seed table of the GRPO variants on the built-in task (baselines/grpo-variants-seed0), as
+    compare prints it with the flags the README gives."""
+    root = Path(__file__).resolve().parent.parent
+    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "grpo-variants-seed0"), *VARIANTS_BY,
+                                      "--format", "markdown"])
+    assert output.exit_code == 0, output.output
+    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 6 and all(" | 1 | " in line for line in table[2:])  # six runs, one seed each
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- variants-table -->")[1].split("<!-- /variants-table -->")[0]
+    assert [line for line in block.splitlines() if line.startswith("|")] == table

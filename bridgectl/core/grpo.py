@@ -13,7 +13,7 @@ from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows
 from bridgectl.core.losses import (GRPOStats, PolicyLossOptions, backward, global_std, group_advantages, grpo_loss,
-                                   normalize_then_sum)
+                                   normalize_then_sum, reduction_of)
 from bridgectl.core.rollout import Rollouts, concat_rollouts, generate, truncated_rows
 
 
@@ -49,9 +49,13 @@ def sample_groups(ctx: TrainContext, group_size: int | None = None) -> ScoredRol
     rl.num_generations (stages that fill the rest of each group with demonstrations: luffy, srft)."""
     rl = ctx.cfg.rl
     size = rl.num_generations if group_size is None else group_size
-    if rl.filter_groups:
-        return sample_filled(ctx, size)
-    problems = [next(ctx.rl_problems) for _ in range(rl.prompts_per_step)]
+    return sample_filled(ctx, size) if rl.filter_groups else sample_round(ctx, size)
+
+
+def sample_round(ctx: TrainContext, size: int) -> ScoredRollouts:
+    """rl.prompts_per_step fresh problems and their group seeds (the same on every rank), this rank's share of the
+    groups sampled and scored, `size` completions each."""
+    problems = [next(ctx.rl_problems) for _ in range(ctx.cfg.rl.prompts_per_step)]
     mine = distributed.shard(list(zip(problems, group_seeds(ctx, len(problems)))))
     grouped = [problem for problem, _ in mine for _ in range(size)]
     return sample_and_score(ctx, grouped, [seed for _, seed in mine], group_size=size)
@@ -72,14 +76,12 @@ def sample_filled(ctx: TrainContext, size: int) -> ScoredRollouts:
     kept: list[tuple[ScoredRollouts, list[int]]] = []  # (a round, its groups kept)
     n_kept = n_constant = rounds = 0
     while rounds < rl.max_num_gen_batches and distributed.any_rank(n_kept < share):
-        problems = [next(ctx.rl_problems) for _ in range(rl.prompts_per_step)]
-        mine = distributed.shard(list(zip(problems, group_seeds(ctx, len(problems)))))
-        scored = sample_and_score(ctx, [problem for problem, _ in mine for _ in range(size)],
-                                  [seed for _, seed in mine], group_size=size)
+        scored = sample_round(ctx, size)
+        groups = len(scored.problems) // size
         varied = (scored.rewards.view(-1, size).std(dim=1) > 0).nonzero().flatten().tolist()
         take = varied[:max(0, share - n_kept)]
         kept.append((scored, take))
-        n_kept, n_constant, rounds = n_kept + len(take), n_constant + len(mine) - len(varied), rounds + 1
+        n_kept, n_constant, rounds = n_kept + len(take), n_constant + groups - len(varied), rounds + 1
     rows = [[group * size + member for group in take for member in range(size)] for _, take in kept]
     parts = [(scored, chosen) for (scored, _), chosen in zip(kept, rows)]
     sampled_tokens = sum(int(scored.rollouts.lengths.sum()) for scored, _ in parts)
@@ -215,13 +217,14 @@ class EntropySelection:
     n_tokens: torch.Tensor
 
 
-def select_high_entropy(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int]) -> EntropySelection:
+def select_high_entropy(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int],
+                        lengths: list[int]) -> EntropySelection:
     """The step's entropy threshold and selected-token count: one no-grad pass over the step's rows (in
-    micro-batches), so every micro-batch keeps the same tokens the one-pass loss would (TRL takes the quantile of
-    each micro-batch's own tokens; with one micro-batch, as here, the two agree)."""
+    micro-batches of rl_backward's: `lengths` are `rows`' token counts), so every micro-batch keeps the same tokens
+    the one-pass loss would (TRL takes the quantile of each micro-batch's own tokens; with one micro-batch, as here,
+    the two agree)."""
     rollouts = scored.rollouts
     values = []
-    lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1))[rows].tolist()
     with torch.no_grad():
         for part in micro_batches(lengths, ctx.cfg.train.micro_batch_size):
             chosen = rollout_rows(rollouts, [rows[i] for i in part])
@@ -280,10 +283,12 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
     if n_tokens is None:
         n_tokens = distributed.mean_denominator(loss_mask(rollouts, ctx)[index].sum())
     n_sequences = None
-    if ctx.cfg.rl.loss_type not in ("dapo", "cispo"):
+    if reduction_of(ctx.cfg.rl.loss_type) != "dapo":  # the completion count divides
         n_sequences = distributed.mean_denominator(torch.tensor(float(len(rows)), device=device))
-    selection = select_high_entropy(model, scored, ctx, rows) if ctx.cfg.rl.top_entropy_quantile < 1 else None
     lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1))[index].tolist()
+    selection = None
+    if ctx.cfg.rl.top_entropy_quantile < 1:
+        selection = select_high_entropy(model, scored, ctx, rows, lengths)
     total, clip_fraction, kl, entropy = torch.zeros((), device=device), 0.0, 0.0, 0.0
     for part in (micro_batches(lengths, ctx.cfg.train.micro_batch_size) if rows else []):
         loss, stats = rl_loss(model, scored, ctx, [rows[i] for i in part], n_tokens, n_sequences, selection)

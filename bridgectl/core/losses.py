@@ -186,6 +186,11 @@ class PolicyLossOptions:
 
 
 
+def reduction_of(loss_type: str) -> str:
+    """How `loss_type`'s token losses are reduced: dapo, grpo or dr_grpo (cispo as dapo, sapo as grpo, as TRL)."""
+    return {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+
+
 def loss_token_weights(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
     """Each completion token's weight in the loss's numerator, before the division by `loss_denominator`: 1 for
     `dapo` and `dr_grpo`, 1 / (its completion's scored tokens) for `grpo` (a mean per sequence); 0 off the mask."""
@@ -265,7 +270,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         per_token = per_token * entropy_mask.float()
     if n_tokens is None:
         n_tokens = distributed.mean_denominator(mask.sum())
-    if n_sequences is None and loss_type not in ("dapo", "cispo"):
+    reduction = reduction_of(loss_type)
+    if n_sequences is None and reduction != "dapo":
         n_sequences = distributed.mean_denominator(torch.tensor(float(mask.size(0)), device=mask.device))
     n_tokens = n_tokens.clamp(min=1)
     kl_value = 0.0
@@ -278,7 +284,6 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
             per_token_kl = per_token_kl * ratio
         per_token = per_token + beta * per_token_kl
         kl_value = float((per_token_kl.detach() * mask).sum() / n_tokens)
-    reduction = {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
     weights = loss_token_weights(mask, reduction)
     loss = (per_token * weights).sum() / loss_denominator(reduction, n_tokens, n_sequences, max_completion_length)
     entropy_value = 0.0

@@ -11,12 +11,14 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from bridgectl.cli import app
+from bridgectl.runs import process_alive
 from test_distributed import SMALL, rows, weights
 from test_resume import final_weights, metric_rows, wait_for_step
 
@@ -47,6 +49,14 @@ def descendants(pid: int) -> list[int]:
         found += children
         frontier = children
     return found
+
+
+def wait_until_gone(pids: list[int], timeout: float = 60.0) -> None:
+    """Returns once none of `pids` is alive by the rule `--resume` applies (a zombie counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while any(process_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, [pid for pid in pids if process_alive(pid)]
+        time.sleep(0.05)
 
 
 def held_share(output: str) -> float:
@@ -87,7 +97,7 @@ def test_a_sharded_run_matches_one_process(tmp_path, recipe):
 
 
 @pytest.mark.parametrize("recipe, processes", [
-    (["recipe=rl"], SHARDED), (["recipe=bridge", "model.finetune=lora"], SHARDED),
+    (["recipe=bridge", "model.finetune=lora"], SHARDED),  # gathered shards, BRIDGE's shadow included
     (["recipe=rl"], ["--nproc", "2"]),  # plain data parallelism: whole models, the same checkpoints
 ])
 def test_a_multi_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, recipe, processes):
@@ -100,9 +110,11 @@ def test_a_multi_process_run_killed_after_a_checkpoint_resumes_to_the_same_resul
                                 str(tmp_path), "--name", "killed"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=os.environ.copy())
     wait_for_step(run, 3, process)  # step 3 is logged after step 2's checkpoint was written
-    for pid in [process.pid, *descendants(process.pid)]:  # the launcher, torchrun and both workers, at once
+    killed = [process.pid, *descendants(process.pid)]  # the launcher, torchrun and both workers, at once
+    for pid in killed:
         os.kill(pid, signal.SIGKILL)
     process.wait()
+    wait_until_gone(killed)  # a SIGKILLed worker still exits for a moment; resume refuses a live run's directory
     assert not (run / "checkpoints" / "final").exists()
 
     resumed = CliRunner().invoke(app, ["run", "--resume", str(run), "--nproc", "2"])

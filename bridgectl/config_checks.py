@@ -15,7 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from bridgectl.config_keys import check_keys
-from bridgectl.core.choices import ADV_ESTIMATORS, AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from bridgectl.core.choices import (ADV_ESTIMATORS, AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES,
+                                     ROLLOUT_CORRECTION_MODES, SCALE_REWARDS)
 from bridgectl.errors import UserError, require
 from bridgectl.schema import example, group_options
 from bridgectl.stages import STAGES
@@ -203,8 +204,31 @@ def _rl(cfg: DictConfig) -> None:
     require(rl.scale_rewards in SCALE_REWARDS, f"unknown rl.scale_rewards '{rl.scale_rewards}'",
             "choose group, batch or none")
     require(rl.loss_type in LOSS_TYPES, f"unknown rl.loss_type '{rl.loss_type}'",
-            "choose dapo (token mean over the step, the default), grpo (mean per completion), dr_grpo "
-            "(sum / (completions x rl.max_completion_length)), cispo or sapo")
+            "choose dapo (token mean over the step, the default), bnpo (over each process's tokens), grpo (mean per "
+            "completion), dr_grpo (sum / (completions x rl.max_completion_length)), luspo (mean of per-completion "
+            "sums), cispo, sapo or vespo")
+    require(rl.loss_type != "vespo" or rl.importance_sampling_level == "token",
+            "rl.loss_type=vespo weights whole completions by their own importance ratio, so "
+            "rl.importance_sampling_level=sequence does not apply", "drop rl.importance_sampling_level with vespo")
+    require(rl.vespo_k_pos >= 0 and rl.vespo_k_neg >= 0 and rl.vespo_lambda_pos > 0 and rl.vespo_lambda_neg > 0,
+            "rl.vespo_k_pos and rl.vespo_k_neg must be >= 0, rl.vespo_lambda_pos and rl.vespo_lambda_neg > 0",
+            "e.g. rl.vespo_k_pos=2.0 rl.vespo_lambda_pos=3.0 rl.vespo_k_neg=3.0 rl.vespo_lambda_neg=2.0 (TRL's)")
+    require(rl.off_policy_mask_threshold is None or rl.off_policy_mask_threshold > 0,
+            f"rl.off_policy_mask_threshold must be positive, got {rl.off_policy_mask_threshold}",
+            "e.g. rl.off_policy_mask_threshold=0.5, or null (off)")
+    require(rl.vllm_importance_sampling_mode in ROLLOUT_CORRECTION_MODES,
+            f"unknown rl.vllm_importance_sampling_mode '{rl.vllm_importance_sampling_mode}'",
+            f"choose {', '.join(ROLLOUT_CORRECTION_MODES)}")
+    low, high = rl.vllm_importance_sampling_clip_min, rl.vllm_importance_sampling_clip_max
+    require((low is None or low >= 0) and (high is None or high > 0) and (low is None or high is None or low < high),
+            f"rl.vllm_importance_sampling_clip_min and rl.vllm_importance_sampling_clip_max must be 0 <= min < max "
+            f"(null: unbounded), got {low} and {high}",
+            "e.g. rl.vllm_importance_sampling_clip_max=3.0 (TRL's) and no clip_min")
+    require(rl.loss_type != "vespo" or cfg.rollout.backend != "vllm" or not rl.vllm_importance_sampling_correction
+            or rl.vllm_importance_sampling_mode.startswith("token"),
+            "rl.loss_type=vespo folds the rollout correction's token ratios into its weight, so with "
+            "rollout.backend=vllm it needs a token_* rl.vllm_importance_sampling_mode (as TRL)",
+            "add rl.vllm_importance_sampling_mode=token_mask")
     require(rl.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
             f"unknown rl.importance_sampling_level '{rl.importance_sampling_level}'",
             "choose token (GRPO) or sequence (GSPO)")
@@ -225,7 +249,10 @@ def _rl(cfg: DictConfig) -> None:
             "rl.adv_estimator and rl.filter_groups do not apply",
             "leave rl.scale_rewards=group and rl.adv_estimator=grpo, and drop rl.filter_groups")
     require(rl.adv_estimator in ADV_ESTIMATORS, f"unknown rl.adv_estimator '{rl.adv_estimator}'",
-            "choose grpo (the default) or rloo")
+            f"choose {', '.join(ADV_ESTIMATORS)} (grpo is the default)")
+    require(not rl.adv_estimator.startswith("reinforce_plus_plus") or rl.scale_rewards == "batch",
+            f"rl.adv_estimator={rl.adv_estimator} whitens the rewards over the step's tokens itself, so "
+            f"rl.scale_rewards={rl.scale_rewards} does not apply", "add rl.scale_rewards=batch")
     require(rl.adv_estimator != "rloo" or rl.scale_rewards != "group",
             "rl.adv_estimator=rloo takes rl.scale_rewards none or batch (the leave-one-out advantage is not divided "
             "by its group's std)", "add rl.scale_rewards=none (TRL's RLOOTrainer) or rl.scale_rewards=batch (its "
@@ -267,9 +294,9 @@ def _task(cfg: DictConfig) -> None:
             "e.g. task.verify_timeout_s=5")
     funcs, weights = list(task.reward_funcs), task.reward_weights
     for spec in funcs:  # whether each one imports is checked before the run starts (tasks/rewards.py)
-        module, _, name = spec.rpartition(":")
-        require(spec == "verifier" or (module and name), f"task.reward_funcs: '{spec}' names no function",
-                "give verifier, pkg.module:function or path/to/file.py:function")
+        module, colon, name = spec.rpartition(":")
+        require(spec == "verifier" or not colon or (module and name), f"task.reward_funcs: '{spec}' names no function",
+                "give verifier, pkg.module:function, path/to/file.py:function or a reward model's directory")
     require(weights is None or len(weights) == len(funcs),
             f"task.reward_weights has {len(weights or [])} entries for {len(funcs)} task.reward_funcs",
             f"give one weight per function of {funcs or '[verifier]'}, or none (1.0 each)")
@@ -311,6 +338,7 @@ def _stage_capabilities(cfg: DictConfig) -> None:
             ("rl.importance_sampling_level", rl.importance_sampling_level, "token"), ("rl.delta", rl.delta, None),
             ("rl.top_entropy_quantile", rl.top_entropy_quantile, 1.0), ("rl.entropy_coef", rl.entropy_coef, 0.0),
             ("rl.adv_estimator", rl.adv_estimator, "grpo"),
+            ("rl.off_policy_mask_threshold", rl.off_policy_mask_threshold, None),
             ("rl.multi_objective_aggregation", rl.multi_objective_aggregation, "sum_then_normalize"))
             if value != default]
         require(not rl.filter_groups or info.dynamic_sampling,
@@ -320,6 +348,10 @@ def _stage_capabilities(cfg: DictConfig) -> None:
                 f"{', '.join(variants)} does not apply to the {stage} stage (its policy loss over rollouts and "
                 "demonstrations is its own, not core/losses.grpo_loss)",
                 f"drop {', '.join(v.split('=')[0] for v in variants)} with {stage}")
+        require(not (info.own_token_mean and cfg.rollout.backend == "vllm" and rl.vllm_importance_sampling_correction),
+                f"rl.vllm_importance_sampling_correction does not apply to the {stage} stage (its policy loss over "
+                "rollouts and demonstrations is its own, not core/losses.grpo_loss)",
+                f"add rl.vllm_importance_sampling_correction=false with {stage} and rollout.backend=vllm")
         require(rl.scale_rewards in info.scale_rewards,
                 f"rl.scale_rewards={rl.scale_rewards} does not apply to the {stage} stage "
                 f"({info.scale_rewards_reason})",

@@ -84,8 +84,9 @@ class TaskConfig:
     reward_funcs: list[str] = field(default_factory=list)
     """The training reward as a weighted sum of functions, TRL's convention (tasks/rewards.py): `verifier` (the
     task's own check), `pkg.module:function` or `path/to/file.py:function`, each called as f(prompts=...,
-    completions=..., **row columns) and returning one float or None per completion. Empty: the verifier alone.
-    Evaluation always scores with the verifier alone."""
+    completions=..., **row columns) and returning one float or None per completion, or a reward model's directory
+    (a sequence-classification model scoring prompt + completion, as TRL takes a model id; tasks/reward_model.py).
+    Empty: the verifier alone. Evaluation always scores with the verifier alone."""
     reward_weights: Optional[list[float]] = None
     """Weight of each of task.reward_funcs in the sum (one per function; null: 1.0 each)."""
     reward_timeout_s: float = 60.0
@@ -221,10 +222,14 @@ class RLConfig:
     rewards, over every process) or none (Dr. GRPO)."""
     loss_type: str = "dapo"
     """The policy loss (TRL's name and default): the clipped surrogate reduced as dapo (sum / the step's completion
-    tokens), grpo (mean per completion, then over completions) or dr_grpo (sum / (completions x
-    max_completion_length)); or cispo (MiniMax-M1, arXiv 2506.13585: the importance weight capped at epsilon_high
-    and detached, times A log pi; reduced as dapo) or sapo (a soft sigmoid gate in place of the clip, temperatures
-    rl.sapo_temperature_pos/neg; reduced as grpo). TRL 1.16's bnpo, luspo and vespo are not offered."""
+    tokens), grpo (mean per completion, then over completions), dr_grpo (sum / (completions x
+    max_completion_length)), bnpo (sum / this process's completion tokens: TRL's "local batch"; equal to dapo in one
+    process) or luspo (arXiv 2602.05261: the mean over completions of their token sums, so a completion counts by
+    its length; meant with rl.importance_sampling_level=sequence); or cispo (MiniMax-M1, arXiv 2506.13585: the
+    importance weight capped at epsilon_high and detached, times A log pi; reduced as dapo), sapo (a soft sigmoid
+    gate in place of the clip, temperatures rl.sapo_temperature_pos/neg; reduced as grpo) or vespo (arXiv
+    2602.10693: a smooth Gamma-shaped weight of the completion's importance ratio, rl.vespo_*, times A log pi;
+    reduced as dapo; token-level ratios only)."""
     importance_sampling_level: str = "token"
     """token (GRPO: one ratio per token) or sequence (GSPO, arXiv 2507.18071: exp of the completion's mean
     log-ratio, for all its tokens; TRL's name and default)."""
@@ -242,6 +247,31 @@ class RLConfig:
     """(loss_type sapo) the gate's temperature for positive advantages (TRL's name and default)."""
     sapo_temperature_neg: float = 1.05
     """(loss_type sapo) the gate's temperature for negative advantages (TRL's name and default)."""
+    vespo_k_pos: float = 2.0
+    """(loss_type vespo) the power k of the weight w^k exp(lambda (1 - w)) for A >= 0: how fast completions the
+    current policy finds less likely than the sampler did are down-weighted (TRL's name and default)."""
+    vespo_lambda_pos: float = 3.0
+    """(loss_type vespo) the decay lambda for A >= 0: how fast completions it finds more likely are down-weighted."""
+    vespo_k_neg: float = 3.0
+    """(loss_type vespo) the power k for A < 0 (TRL's name and default)."""
+    vespo_lambda_neg: float = 2.0
+    """(loss_type vespo) the decay lambda for A < 0 (TRL's name and default)."""
+    off_policy_mask_threshold: Optional[float] = None
+    """DeepSeek-V3.2's off-policy sequence masking (arXiv 2512.02556, Eq. 9; TRL's name): a completion with a negative
+    advantage whose mean per-token log-prob drop from the policy that sampled it (the engine's log-probs with
+    rollout.backend=vllm) to the current one exceeds this is left out of the policy term; null: off (e.g. 0.5)."""
+    vllm_importance_sampling_correction: bool = True
+    """With rollout.backend=vllm: multiply each token's policy term by the trainer-over-engine importance ratio
+    (truncated or masked importance sampling, TRL's name and default: on), since the engine samples from
+    probabilities its kernels compute slightly differently; rollout/is_corrected logs the share it bounded. No
+    effect with the built-in sampler, which samples from the trained model itself."""
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    """(rollout correction) token_truncate, token_mask, sequence_truncate or sequence_mask (TRL's name and
+    default): one ratio per token or per completion, clamped to the bounds or set to 0 outside them."""
+    vllm_importance_sampling_clip_min: Optional[float] = None
+    """(rollout correction) the lower bound of the ratio (null: none; TRL's name and default)."""
+    vllm_importance_sampling_clip_max: Optional[float] = 3.0
+    """(rollout correction) the upper bound of the ratio (null: none; TRL's name and default)."""
     multi_objective_aggregation: str = "sum_then_normalize"
     """With several task.reward_funcs (TRL's name and default): sum_then_normalize (the weighted sum is the reward,
     its advantage as rl.adv_estimator and rl.scale_rewards say) or normalize_then_sum (GDPO, as TRL: each function's
@@ -249,9 +279,12 @@ class RLConfig:
     rl.scale_rewards and rl.adv_estimator stay at their defaults)."""
     adv_estimator: str = "grpo"
     """The advantage (verl's name, algorithm.adv_estimator): grpo (reward minus the group's mean, scaled by
-    rl.scale_rewards) or rloo (REINFORCE leave-one-out, arXiv 2402.14740, TRL's RLOOTrainer: reward minus the mean
+    rl.scale_rewards), rloo (REINFORCE leave-one-out, arXiv 2402.14740, TRL's RLOOTrainer: reward minus the mean
     of the group's other rewards; with rl.scale_rewards=none as TRL's default, or batch for its
-    normalize_advantages). verl's REINFORCE++ is not offered."""
+    normalize_advantages), reinforce_plus_plus (arXiv 2501.03262, verl's: the rewards whitened over all the step's
+    completion tokens, no group baseline) or reinforce_plus_plus_baseline (verl's: the group's mean subtracted,
+    then whitened likewise); the two REINFORCE++ take rl.scale_rewards=batch (their whitening is the batch
+    scaling)."""
     filter_groups: bool = False
     """Dynamic sampling (DAPO, arXiv 2503.14476, Sec. 3.2; verl's algorithm.filter_groups.enable; TRL has none):
     drop prompt groups whose rewards are all equal and sample more prompts until the batch holds

@@ -38,8 +38,9 @@ TRL_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "top_p": (("rl.top_p",), ""),
     "top_k": (("rl.top_k",), ""),
     "min_p": (("rl.min_p",), ""),
-    "loss_type": (("rl.loss_type",), "dapo, grpo, dr_grpo, cispo or sapo; TRL's bnpo, luspo and vespo are not "
-                  "offered"),
+    "loss_type": (("rl.loss_type",), "all of TRL 1.16's: dapo, bnpo, grpo, dr_grpo, luspo, cispo, sapo, vespo; "
+                  "bnpo divides by each process's tokens of the whole step, TRL's by each micro-batch's "
+                  "(train.micro_batch_size never changes an update here)"),
     "num_iterations": (("rl.num_iterations",), ""),
     "mask_truncated_completions": (("rl.mask_truncated_completions",), ""),
     "scale_rewards": (("rl.scale_rewards",), ""),
@@ -52,6 +53,21 @@ TRL_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
                                     "normalize_then_sum, with several task.reward_funcs"),
     "sapo_temperature_pos": (("rl.sapo_temperature_pos",), "with rl.loss_type=sapo"),
     "sapo_temperature_neg": (("rl.sapo_temperature_neg",), "with rl.loss_type=sapo"),
+    "vespo_k_pos": (("rl.vespo_k_pos",), "with rl.loss_type=vespo"),
+    "vespo_lambda_pos": (("rl.vespo_lambda_pos",), "with rl.loss_type=vespo"),
+    "vespo_k_neg": (("rl.vespo_k_neg",), "with rl.loss_type=vespo"),
+    "vespo_lambda_neg": (("rl.vespo_lambda_neg",), "with rl.loss_type=vespo"),
+    "off_policy_mask_threshold": (("rl.off_policy_mask_threshold",), "from the engine's log-probs with "
+                                  "rollout.backend=vllm, else the sampling policy's (as TRL)"),
+    "vllm_importance_sampling_correction": (("rl.vllm_importance_sampling_correction",),
+                                            "on by default as in TRL; acts with rollout.backend=vllm only"),
+    "vllm_importance_sampling_mode": (("rl.vllm_importance_sampling_mode",), "TRL's four modes and default"),
+    "vllm_importance_sampling_clip_min": (("rl.vllm_importance_sampling_clip_min",), ""),
+    "vllm_importance_sampling_clip_max": (("rl.vllm_importance_sampling_clip_max",), ""),
+    "vllm_importance_sampling_cap": (("rl.vllm_importance_sampling_clip_max",), "TRL's deprecated name"),
+    "reward_funcs": (("task.reward_funcs",), "functions as path.py:function or pkg.module:function, and reward "
+                     "models as a directory (TRL: a model id); a GRPOTrainer argument, not a GRPOConfig field"),
+    "reward_weights": (("task.reward_weights",), ""),
     # ---- SFTConfig ------------------------------------------------------------------------------------------
     "max_length": ((), "SFT examples are not truncated (train.micro_batch_size bounds the memory)"),
     "packing": ((), "examples are padded, never packed"),

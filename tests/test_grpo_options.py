@@ -315,7 +315,7 @@ def test_rl_step_gradient_with_truncated_completions_masked_and_batch_scaling(lo
 
 
 def test_bad_values_and_stages_that_cannot_honour_an_option_are_refused():
-    for bad, words in ((["rl.loss_type=bnpo"], "rl.loss_type"), (["rl.scale_rewards=mean"], "rl.scale_rewards"),
+    for bad, words in ((["rl.loss_type=ppo"], "rl.loss_type"), (["rl.scale_rewards=mean"], "rl.scale_rewards"),
                        (["rl.epsilon_high=0"], "rl.epsilon_high"), (["rl.top_p=0"], "rl.top_p"),
                        (["rl.top_k=-1"], "rl.top_k"), (["rl.min_p=1"], "rl.min_p"),
                        (["rl.num_iterations=0"], "rl.num_iterations"),

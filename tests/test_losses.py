@@ -344,3 +344,107 @@ def test_normalize_then_sum_normalises_each_reward_function_in_its_group_then_th
     assert torch.allclose(normalize_then_sum(values, weights, 2), expected, atol=1e-5)
     # the second group's first function is constant: it adds nothing there, the second function decides
     assert normalize_then_sum(values, weights, 2)[2] > normalize_then_sum(values, weights, 2)[3]
+
+
+def test_bnpo_and_luspo_reduce_the_clipped_surrogate_by_tokens_and_by_per_completion_sums():
+    """bnpo (TRL): sum / the process's tokens, = dapo in one process; luspo (arXiv 2602.05261): the mean over
+    completions of their token sums, so with the same per-token term a completion of 3 tokens weighs 1.5x one of
+    2."""
+    logprobs, old, advantages, mask = variant_batch()
+    ratio = torch.exp(logprobs.detach() - old)
+    per_token = -torch.min(ratio * advantages[:, None], ratio.clamp(0.8, 1.2) * advantages[:, None]) * mask
+    bnpo, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="bnpo")
+    dapo, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="dapo")
+    assert bnpo.item() == pytest.approx(per_token.sum().item() / 5, rel=1e-6) and bnpo.item() == dapo.item()
+    luspo, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="luspo")
+    assert luspo.item() == pytest.approx(per_token.sum(1).mean().item(), rel=1e-6)
+    luspo.backward()
+    assert logprobs.grad[0, 1].item() == pytest.approx(-ratio[0, 1].item() * 1.0 / 2, rel=1e-5)  # -r A / N, N = 2
+
+
+def test_vespo_weights_each_completion_by_a_gamma_shaped_function_of_its_summed_log_ratio():
+    """VESPO (arXiv 2602.10693): phi(w) = e^lambda w^k e^{-lambda w}, w = exp(sum_t log r_t), (k, lambda) = (2, 3)
+    for A >= 0 and (3, 2) below; loss -sum phi A log pi / tokens; phi is detached, so d/d log pi = -phi A / tokens;
+    phi(1) = 1 and phi falls away from w = 1 on both sides for A >= 0 (its maximum is at w = k / lambda)."""
+    from bridgectl.core.losses import PolicyLossOptions, vespo_weights
+
+    logprobs, old, advantages, mask = variant_batch()
+    loss, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="vespo")
+    w = [math.exp(0.2 - 0.5 + 0.0), math.exp(-0.2 - 0.2)]
+    phi = [math.exp(3) * w[0] ** 2 * math.exp(-3 * w[0]), math.exp(2) * w[1] ** 3 * math.exp(-2 * w[1])]
+    expected = -(phi[0] * 1.0 * (-1.0 - 2.0 - 0.5) + phi[1] * -2.0 * (-0.3 - 1.2)) / 5
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert logprobs.grad[1, :2].tolist() == pytest.approx([-phi[1] * -2.0 / 5] * 2, rel=1e-5)
+    options = PolicyLossOptions()
+    at = [vespo_weights(torch.tensor([[1.0]]), torch.tensor([[math.log(x)]]), torch.ones(1, 1), None, options).item()
+          for x in (0.5, 1.0, 2 / 3, 1.5)]
+    assert at[1] == pytest.approx(1.0) and at[2] > at[1] > at[3] and at[2] > at[0]
+
+
+def test_the_off_policy_mask_drops_negative_advantage_completions_that_drifted_too_far():
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, Eq. 9): a completion is dropped when A < 0 and
+    mean_t (log pi_behaviour - log pi) > delta; kept when A >= 0 whatever its drift."""
+    from bridgectl.core.losses import PolicyLossOptions, off_policy_mask
+
+    logprobs, old, advantages, mask = variant_batch()
+    # drift of completion 1 (A = 1): 0.1 per token; of completion 2 (A = -2): mean(0.2, 0.2) = 0.2
+    drift = torch.tensor([[0.1, 0.1, 0.1], [0.2, 0.2, 9.0]])  # the padded position's value must not count
+    behaviour = logprobs.detach() + drift
+    kept = off_policy_mask(advantages[:, None], logprobs.detach(), behaviour, mask, threshold=0.15)
+    assert kept.flatten().tolist() == [1.0, 0.0]
+    assert off_policy_mask(advantages[:, None], logprobs.detach(), behaviour, mask, 0.25).flatten().tolist() == [1, 1]
+    masked, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, behaviour_logprobs=behaviour,
+                          options=PolicyLossOptions(off_policy_mask_threshold=0.15))
+    ratio = torch.exp(logprobs.detach() - old)
+    first = -torch.min(ratio[0], ratio[0].clamp(0.8, 1.2)).sum() * 1.0
+    assert masked.item() == pytest.approx(first.item() / 5, rel=1e-6)  # the second completion's terms are gone
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_the_rollout_correction_is_the_trainer_over_engine_ratio_truncated_or_masked(mode):
+    """Truncated / masked importance sampling between the trainer and an inference engine (TRL 1.16's
+    vllm_importance_sampling_*): rho = exp(log pi_trainer - log pi_engine) per token, or exp of the completion's
+    summed gap; truncate: clamp to [C_min, C_max]; mask: 0 outside; a NaN engine value is no gap."""
+    from bridgectl.core.losses import rollout_correction
+
+    trainer = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]])
+    engine = torch.tensor([[-1.5, -2.0, float("nan")], [-0.1, -1.2, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    ratio, acted = rollout_correction(trainer, engine, mask, mode, 0.8, 1.5)
+    if mode.startswith("token"):
+        raw = torch.tensor([[math.exp(0.5), 1.0, 1.0], [math.exp(-0.2), 1.0, 1.0]])
+    else:
+        raw = torch.tensor([[math.exp(0.5)], [math.exp(-0.2)]])
+    outside = (raw < 0.8) | (raw > 1.5)
+    expected = raw.clamp(0.8, 1.5) if mode.endswith("truncate") else raw.masked_fill(outside, 0.0)
+    assert torch.allclose(ratio, expected, atol=1e-6) and torch.equal(acted, outside)
+    assert outside.any() and not outside.all()
+    # it multiplies each token's policy term
+    logprobs = trainer.clone().requires_grad_(True)
+    old, advantages = trainer - 0.05, torch.tensor([1.0, -2.0])
+    plain, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2)
+    corrected, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, rollout_ratio=ratio)
+    ratio_pi = torch.exp(torch.full((2, 3), 0.05))
+    per_token = -torch.min(ratio_pi * advantages[:, None], ratio_pi.clamp(0.8, 1.2) * advantages[:, None])
+    assert corrected.item() == pytest.approx((per_token * ratio * mask).sum().item() / 5, rel=1e-5)
+    assert corrected.item() != pytest.approx(plain.item())
+
+
+def test_reinforce_plus_plus_whitens_the_rewards_over_the_steps_tokens():
+    """REINFORCE++ (arXiv 2501.03262; verl's masked_whiten, outcome reward, gamma 1): each completion's reward, for
+    each of its tokens, minus the token-weighted mean, over sqrt(Bessel-corrected token variance + 1e-8); the
+    _baseline variant subtracts the group's mean reward first."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 1.5])
+    lengths = torch.tensor([3, 1, 2, 4, 2, 2, 2, 5])
+    tokens = torch.cat([torch.full((int(n),), float(r)) for r, n in zip(rewards, lengths)])
+    plain = group_advantages(rewards, 4, "batch", "reinforce_plus_plus", lengths)
+    expected = (rewards - tokens.mean()) / (tokens.var() + 1e-8).sqrt()  # torch.var is Bessel-corrected
+    assert torch.allclose(plain, expected, atol=1e-6)
+    centred = rewards - rewards.view(2, 4).mean(1).repeat_interleave(4)
+    centred_tokens = torch.cat([torch.full((int(n),), float(r)) for r, n in zip(centred, lengths)])
+    baseline = group_advantages(rewards, 4, "batch", "reinforce_plus_plus_baseline", lengths)
+    assert torch.allclose(baseline, (centred - centred_tokens.mean()) / (centred_tokens.var() + 1e-8).sqrt(),
+                          atol=1e-6)
+    # token weighting: the long completion of reward 1.5 pulls the mean, unlike a per-completion mean
+    assert not torch.allclose(plain, (rewards - rewards.mean()) / rewards.std(), atol=1e-3)

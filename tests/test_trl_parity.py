@@ -131,7 +131,28 @@ VARIANTS = {  # TRL 1.16 GRPOConfig options -> the same batch through both tools
     "entropy": {"loss_type": "dapo", "top_entropy_quantile": 0.3, "entropy_coef": 0.01},
     "done-when": {"importance_sampling_level": "sequence", "loss_type": "cispo", "epsilon_high": 1.05,
                   "top_entropy_quantile": 0.2, "entropy_coef": 0.001},
+    "bnpo": {"loss_type": "bnpo", "epsilon_high": 0.28},
+    "luspo": {"importance_sampling_level": "sequence", "loss_type": "luspo"},
+    "vespo": {"loss_type": "vespo", "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0,
+              "vespo_lambda_neg": 2.0},
+    "vespo-kl": {"loss_type": "vespo", "beta": 0.04, "vespo_k_pos": 1.5, "vespo_lambda_neg": 2.5},
+    "off-policy-mask": {"loss_type": "dapo", "off_policy_mask_threshold": 0.05},
 }
+
+
+def loss_options(options: dict):
+    """bridgectl's PolicyLossOptions for TRL GRPOConfig `options` (TRL's defaults where unset)."""
+    from bridgectl.core.losses import PolicyLossOptions
+
+    return PolicyLossOptions(importance_sampling_level=options.get("importance_sampling_level", "token"),
+                             delta=options.get("delta"), entropy_coef=options.get("entropy_coef", 0.0),
+                             sapo_temperature_pos=options.get("sapo_temperature_pos", 1.0),
+                             sapo_temperature_neg=options.get("sapo_temperature_neg", 1.05),
+                             vespo_k_pos=options.get("vespo_k_pos", 2.0),
+                             vespo_lambda_pos=options.get("vespo_lambda_pos", 3.0),
+                             vespo_k_neg=options.get("vespo_k_neg", 3.0),
+                             vespo_lambda_neg=options.get("vespo_lambda_neg", 2.0),
+                             off_policy_mask_threshold=options.get("off_policy_mask_threshold"))
 
 
 def logprobs_and_entropies(model, batch):
@@ -146,10 +167,9 @@ def logprobs_and_entropies(model, batch):
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_grpo_variants_loss_and_gradient_equal_trl(model_dir, tmp_path, name):
-    """GSPO's sequence-level ratio, CISPO, SAPO, two-sided clipping (delta), the top-entropy token mask and the
-    entropy bonus: loss and every gradient as TRL's _compute_loss gives them on one batch."""
-    from bridgectl.core.losses import PolicyLossOptions
-
+    """GSPO's sequence-level ratio, CISPO, SAPO, BNPO, LUSPO, VESPO, two-sided clipping (delta), the off-policy
+    sequence mask, the top-entropy token mask and the entropy bonus: loss and every gradient as TRL's _compute_loss
+    gives them on one batch."""
     options = dict(VARIANTS[name])
     beta = options.pop("beta", 0.0)
     epsilon_high = options.pop("epsilon_high", None)
@@ -165,10 +185,7 @@ def test_grpo_variants_loss_and_gradient_equal_trl(model_dir, tmp_path, name):
     if quantile < 1.0:  # the batch's (1 - q) quantile of its tokens' entropies, as TRL's get_high_entropy_mask
         threshold = torch.quantile(entropies.detach()[mask.bool()], 1 - quantile)
         entropy_mask = (entropies.detach() >= threshold) & mask.bool()
-    variant = PolicyLossOptions(importance_sampling_level=options.get("importance_sampling_level", "token"),
-                                delta=options.get("delta"), entropy_coef=options.get("entropy_coef", 0.0),
-                                sapo_temperature_pos=options.get("sapo_temperature_pos", 1.0),
-                                sapo_temperature_neg=options.get("sapo_temperature_neg", 1.05))
+    variant = loss_options(options)
     ours, stats = grpo_loss(logprobs, batch["old_per_token_logps"], batch["advantages"], mask, epsilon=0.2,
                             epsilon_high=epsilon_high, beta=beta, ref_logprobs=batch["ref_per_token_logps"],
                             loss_type=options["loss_type"], max_completion_length=COMPLETION_LEN,
@@ -179,11 +196,13 @@ def test_grpo_variants_loss_and_gradient_equal_trl(model_dir, tmp_path, name):
     our_grads = gradients(model)
 
     # the check can fail: the plain clipped surrogate (dapo, token ratios, no cap, mask or bonus) is outside it
+    # (for bnpo, which is dapo in one process, the per-completion mean grpo is)
     model.zero_grad()
     logprobs, _ = logprobs_and_entropies(model, batch)
     plain, _ = grpo_loss(logprobs, batch["old_per_token_logps"], batch["advantages"], mask, epsilon=0.2,
                          epsilon_high=0.28 if "delta" in options else epsilon_high, beta=beta,
-                         ref_logprobs=batch["ref_per_token_logps"], loss_type="dapo", bias_correction_kl=True)
+                         ref_logprobs=batch["ref_per_token_logps"], loss_type="grpo" if name == "bnpo" else "dapo",
+                         bias_correction_kl=True)
     plain.backward()
     assert not all(torch.allclose(g, trl_grads[n], rtol=1e-4, atol=1e-7) for n, g in gradients(model).items())
 
@@ -193,3 +212,64 @@ def test_grpo_variants_loss_and_gradient_equal_trl(model_dir, tmp_path, name):
         assert torch.allclose(our_grads[parameter], grad, rtol=1e-4, atol=1e-7), parameter
     if "entropy" in trainer._metrics["train"]:  # the mean entropy both log
         assert stats.entropy == pytest.approx(trainer._metrics["train"]["entropy"][-1], rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "vespo"])
+def test_vllm_rollout_correction_equals_trl(model_dir, tmp_path, mode, loss_type):
+    """rl.vllm_importance_sampling_correction: with engine log-probs beside the batch, bridgectl's ratio
+    (core/losses.rollout_correction) and TRL's loss with it (TRL 1.16 multiplies the token losses by the ratio it
+    computed while sampling; VESPO folds it into its weight; the off-policy mask reads the engine's log-probs):
+    loss and gradients equal."""
+    if loss_type == "vespo" and mode.startswith("sequence"):
+        pytest.skip("TRL refuses vespo with sequence-level correction, as bridgectl's config check does")
+    from bridgectl.core.losses import rollout_correction
+
+    low, high = (0.9, 1.1) if mode.startswith("token") else (0.6, 1.5)  # a completion's ratio spreads more
+    options = {"loss_type": loss_type, "vllm_importance_sampling_mode": mode,
+               "vllm_importance_sampling_clip_min": low, "vllm_importance_sampling_clip_max": high,
+               "off_policy_mask_threshold": 0.05}
+    trainer = make_trainer(model_dir, tmp_path, **options)
+    trainer.use_vllm = True  # what GRPOConfig(use_vllm=True) sets, without starting an engine (none is needed here)
+    model = trainer.model
+    model.train()
+    batch = identical_batch(model, model.config.vocab_size)
+    mask = batch["completion_mask"]
+    noise = (torch.rand(batch["old_per_token_logps"].shape, generator=torch.Generator().manual_seed(3)) - 0.5) * 0.3
+    engine = batch["old_per_token_logps"] + noise
+    engine[0, 2] = float("nan")  # a token the engine did not score
+    ratio, acted = rollout_correction(batch["old_per_token_logps"], engine, mask, mode, low, high)
+    assert 0 < acted.float().mean() < 1  # the bounds act on some tokens or completions, not all
+    batch = dict(batch, importance_sampling_ratio=ratio, sampling_per_token_logps=engine)
+    model.zero_grad()
+    trl_loss = trainer._compute_loss(model, batch)
+    trl_loss.backward()
+    trl_grads = gradients(model)
+
+    model.zero_grad()
+    logprobs, _ = logprobs_and_entropies(model, batch)
+    ours, _ = grpo_loss(logprobs, batch["old_per_token_logps"], batch["advantages"], mask, epsilon=0.2,
+                        loss_type=loss_type, options=loss_options(options), rollout_ratio=ratio,
+                        behaviour_logprobs=engine)
+    ours.backward()
+    assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-7)
+    for parameter, grad in trl_grads.items():
+        assert torch.allclose(gradients(model)[parameter], grad, rtol=1e-4, atol=1e-7), parameter
+
+
+def test_trl_computes_the_rollout_correction_as_bridgectl():
+    """TRL 1.16 computes its vLLM importance ratio inline in _generate_and_score_completions; its lines, read from
+    the installed source, are the formula core/losses.rollout_correction implements: the masked log-prob
+    difference (NaN to 0), summed per sequence for sequence_* modes, exponentiated, clamped or masked to the
+    bounds."""
+    import inspect
+
+    from trl import GRPOTrainer
+
+    source = " ".join(inspect.getsource(GRPOTrainer._generate_and_score_completions).split())
+    for line in ["per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps) * mask",
+                 "per_token_logps_diff = torch.nan_to_num(per_token_logps_diff, nan=0.0)",
+                 "per_sequence_logps_diff = per_token_logps_diff.sum(dim=-1, keepdim=True)",
+                 "vllm_importance_sampling_ratio = torch.exp(logps_diff)",
+                 "invalid_mis_mask, value=0.0"]:
+        assert line in source, line

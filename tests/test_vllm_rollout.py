@@ -128,6 +128,50 @@ def test_logprob_gap_is_the_mean_absolute_difference():
     assert torch.isnan(torch.tensor(logprob_gap(rollouts, [[], []])))
 
 
+def test_the_engines_logprobs_travel_with_the_rollouts_and_correct_the_loss():
+    """The engine's log-probs become a NaN-padded tensor beside the trainer's, survive row selection and
+    concatenation (rows without them get NaN, which the correction reads as no gap), and rl_loss multiplies each
+    token's policy term by rollout_correction's ratio of them (rl.vllm_importance_sampling_correction, TRL's
+    default mode sequence_mask), which it does not with the correction off."""
+    from bridgectl.config import compose
+    from bridgectl.context import build_context
+    from bridgectl.core.grpo import loss_mask, rl_loss, sample_groups
+    from bridgectl.core.logprobs import rollout_rows
+    from bridgectl.core.losses import grpo_loss, rollout_correction
+    from bridgectl.core.rollout import concat_rollouts
+    from bridgectl.core.vllm_rollout import engine_logprob_tensor
+
+    rollouts = Rollouts(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3), torch.tensor([[1, 1, 1], [1, 0, 0]]),
+                        torch.tensor([[-1.0, -2.0, -0.1], [-0.5, 0.0, 0.0]]), ["", ""])
+    engine = engine_logprob_tensor(rollouts, [[-1.5, -2.0, -0.2], [-0.25]])
+    assert engine[0].tolist() == pytest.approx([-1.5, -2.0, -0.2]) and engine[1, 0].item() == -0.25
+    assert torch.isnan(engine[1, 1:]).all()
+    rollouts.engine_logprobs = engine
+    assert torch.equal(rollout_rows(rollouts, [1]).engine_logprobs[:, :1], engine[1:, :1])
+    joined = concat_rollouts([rollouts, Rollouts(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 4),
+                                                 torch.ones(1, 4), torch.zeros(1, 4), [""])], pad_id=0)
+    assert joined.engine_logprobs.shape == (3, 4) and torch.isnan(joined.engine_logprobs[2]).all()
+
+    for correct in (True, False):
+        ctx = build_context(compose(["recipe=rl", "rl.prompts_per_step=2", "rl.num_generations=4",
+                                     "rl.max_completion_length=8", "train.threads=1",
+                                     f"rl.vllm_importance_sampling_correction={str(correct).lower()}",
+                                     "rl.vllm_importance_sampling_clip_max=1.05"]), show_progress=False)
+        scored = sample_groups(ctx)
+        trainer = scored.rollouts.sampling_logprobs
+        shift = torch.linspace(-0.04, 0.04, trainer.size(0)).unsqueeze(1)  # some completions past the bound
+        scored.rollouts.engine_logprobs = trainer - shift
+        loss, _ = rl_loss(ctx.policy.model, scored, ctx)
+        mask = loss_mask(scored.rollouts, ctx)
+        ratio, acted = rollout_correction(trainer, trainer - shift, mask, "sequence_mask", None, 1.05)
+        assert acted.any() and not acted.all()
+        from bridgectl.core.logprobs import completion_logprobs
+        logprobs = completion_logprobs(ctx.policy.model, scored.rollouts, 1.0)
+        expected, _ = grpo_loss(logprobs, trainer, scored.advantages, mask, 0.2,
+                                rollout_ratio=ratio if correct else None)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+
+
 def test_each_completion_gets_its_own_seed_from_its_group():
     seeds = seeds_per_row([10, 11], rows_per_group=3)
     assert len(seeds) == 6 and len(set(seeds)) == 6  # neighbouring group seeds do not share row seeds

@@ -13,7 +13,7 @@ from bridgectl.core import distributed
 from bridgectl.core.context import TrainContext
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows
 from bridgectl.core.losses import (GRPOStats, PolicyLossOptions, backward, global_std, group_advantages, grpo_loss,
-                                   normalize_then_sum, reduction_of)
+                                   normalize_then_sum, rank_local, reduction_of, rollout_correction)
 from bridgectl.core.rollout import Rollouts, concat_rollouts, generate, truncated_rows
 
 
@@ -25,6 +25,7 @@ class ScoredRollouts:
     advantages: torch.Tensor  # [N] group-normalised
     gen_seconds: float
     logprob_gap: float | None = None  # rollout.backend=vllm: engine vs trainer log-probs (core/vllm_rollout)
+    corrected: float | None = None  # rollout.backend=vllm: share of tokens or completions the correction bounded
     reward_means: dict = field(default_factory=dict)  # task.reward_funcs: each function's mean (tasks/rewards.py)
     verdicts: torch.Tensor | None = None  # [N] the verifier's verdicts, when rewards include more than it
     dropped_tokens: int = 0  # tokens of groups sampled and dropped this step (rl.filter_groups)
@@ -97,14 +98,16 @@ def sample_filled(ctx: TrainContext, size: int) -> ScoredRollouts:
         verdicts = torch.cat([(scored.rewards if scored.verdicts is None else scored.verdicts)[at]
                               for scored, at in index])
     problems = [scored.problems[row] for scored, chosen in chosen_parts for row in chosen]
-    advantages = (group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator) if n_kept
-                  else torch.zeros_like(rewards))
+    advantages = (group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator, rollouts.lengths)
+                  if n_kept else torch.zeros_like(rewards))
     sampled_rows = sum(len(scored.problems) for scored, _ in parts)
     reward_means = {name: sum(scored.reward_means[name] * len(scored.problems) for scored, _ in parts) / sampled_rows
                     for name in parts[0][0].reward_means}
     gaps = [scored.logprob_gap for scored, _ in parts if scored.logprob_gap is not None]
+    corrected = [scored.corrected for scored, _ in parts if scored.corrected is not None]
     return ScoredRollouts(problems, rollouts, rewards, advantages, sum(scored.gen_seconds for scored, _ in parts),
-                          sum(gaps) / len(gaps) if gaps else None, reward_means, verdicts,
+                          sum(gaps) / len(gaps) if gaps else None, sum(corrected) / len(corrected) if corrected
+                          else None, reward_means, verdicts,
                           dropped_tokens=sampled_tokens - int(rollouts.lengths.sum()),
                           sampling={"train/sampling_rounds": rounds, "train/batch_filled": n_kept / share,
                                     "train/dropped_groups": n_constant})
@@ -168,8 +171,25 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
                                device=ctx.device)
         advantages = normalize_then_sum(per_function, weights, size)
     else:
-        advantages = group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator)
-    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, reward_means, verdicts)
+        advantages = group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator, rollouts.lengths)
+    corrected = None
+    if correction := rollout_ratio(rollouts, ctx):
+        ratio, acted = correction
+        mask = loss_mask(rollouts, ctx).bool()
+        corrected = float(acted.float().mean() if ratio.size(1) == 1 else acted[mask].float().mean())
+    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, corrected, reward_means,
+                          verdicts)
+
+
+def rollout_ratio(rollouts: Rollouts, ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """rl.vllm_importance_sampling_correction's ratio of `rollouts` and where its bounds acted
+    (core/losses.rollout_correction), for rollouts an engine sampled (their engine_logprobs); None otherwise."""
+    rl = ctx.cfg.rl
+    if not rl.vllm_importance_sampling_correction or rollouts.engine_logprobs is None:
+        return None
+    return rollout_correction(rollouts.sampling_logprobs, rollouts.engine_logprobs, loss_mask(rollouts, ctx),
+                              rl.vllm_importance_sampling_mode, rl.vllm_importance_sampling_clip_min,
+                              rl.vllm_importance_sampling_clip_max)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float) -> torch.Tensor:
@@ -205,7 +225,10 @@ def loss_options(ctx: TrainContext) -> PolicyLossOptions:
     rl = ctx.cfg.rl
     return PolicyLossOptions(importance_sampling_level=rl.importance_sampling_level, delta=rl.delta,
                              entropy_coef=rl.entropy_coef, sapo_temperature_pos=rl.sapo_temperature_pos,
-                             sapo_temperature_neg=rl.sapo_temperature_neg)
+                             sapo_temperature_neg=rl.sapo_temperature_neg, vespo_k_pos=rl.vespo_k_pos,
+                             vespo_lambda_pos=rl.vespo_lambda_pos, vespo_k_neg=rl.vespo_k_neg,
+                             vespo_lambda_neg=rl.vespo_lambda_neg,
+                             off_policy_mask_threshold=rl.off_policy_mask_threshold)
 
 
 @dataclass(frozen=True)
@@ -248,7 +271,8 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
     divides is rl.loss_type's choice, core/losses.grpo_loss). The ratio is taken against the sampling policy, so
     scoring another model (BRIDGE's shadow, or the policy after its first update with rl.num_iterations > 1) is
     properly off-policy and clipped at rl.epsilon / rl.epsilon_high. The same forward gives the tokens' entropies
-    (train/entropy, rl.entropy_coef's bonus, and with `selection` rl.top_entropy_quantile's mask)."""
+    (train/entropy, rl.entropy_coef's bonus, and with `selection` rl.top_entropy_quantile's mask). Rollouts an
+    engine sampled carry its log-probs: the rollout correction's ratio and the off-policy mask use them."""
     rl, rollouts, advantages = ctx.cfg.rl, scored.rollouts, scored.advantages
     if rows is not None:
         rollouts, advantages = rollout_rows(rollouts, rows), advantages[rows]
@@ -261,11 +285,14 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
         entropies = entropies.detach()  # logged only: no gradient through the entropy
     mask = loss_mask(rollouts, ctx)
     entropy_mask = None if selection is None else (entropies.detach() >= selection.threshold) & mask.bool()
+    correction = rollout_ratio(rollouts, ctx)
     return grpo_loss(logprobs, rollouts.sampling_logprobs, advantages, mask, rl.epsilon, rl.beta,
                      ref_logprobs, n_tokens, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
                      n_sequences=n_sequences, max_completion_length=rl.max_completion_length,
                      bias_correction_kl=rl.use_bias_correction_kl, options=loss_options(ctx), entropies=entropies,
-                     entropy_mask=entropy_mask, n_entropy_tokens=None if selection is None else selection.n_tokens)
+                     entropy_mask=entropy_mask, n_entropy_tokens=None if selection is None else selection.n_tokens,
+                     rollout_ratio=None if correction is None else correction[0],
+                     behaviour_logprobs=rollouts.engine_logprobs)
 
 
 def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0,
@@ -281,9 +308,10 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
     rows = list(range(rollouts.completion_ids.size(0))) if rows is None else rows
     index = torch.tensor(rows, dtype=torch.long, device=device)
     if n_tokens is None:
-        n_tokens = distributed.mean_denominator(loss_mask(rollouts, ctx)[index].sum())
+        local = loss_mask(rollouts, ctx)[index].sum()
+        n_tokens = local if rank_local(ctx.cfg.rl.loss_type) else distributed.mean_denominator(local)
     n_sequences = None
-    if reduction_of(ctx.cfg.rl.loss_type) != "dapo":  # the completion count divides
+    if reduction_of(ctx.cfg.rl.loss_type) not in ("dapo", "bnpo"):  # the completion count divides
         n_sequences = distributed.mean_denominator(torch.tensor(float(len(rows)), device=device))
     lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1))[index].tolist()
     selection = None
@@ -342,6 +370,7 @@ def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -
         "perf/gen_tokens_per_s": scored.gen_tokens / max(scored.gen_seconds, 1e-9),
         **{f"train/rewards/{name}": mean for name, mean in scored.reward_means.items()},
         **({"rollout/logprob_gap": scored.logprob_gap} if scored.logprob_gap is not None else {}),
+        **({"rollout/is_corrected": scored.corrected} if scored.corrected is not None else {}),
         **scored.sampling,
     }
 

@@ -53,7 +53,8 @@ def rollout_rows(rollouts: Rollouts, rows: list[int]) -> Rollouts:
     return Rollouts(rollouts.prompt_ids[index, -prompt_width:], prompt_mask[:, -prompt_width:],
                     rollouts.completion_ids[index, :completion_width], completion_mask[:, :completion_width],
                     rollouts.sampling_logprobs[index, :completion_width],
-                    [rollouts.completions[row] for row in rows] if rollouts.completions else [])
+                    [rollouts.completions[row] for row in rows] if rollouts.completions else [],
+                    None if rollouts.engine_logprobs is None else rollouts.engine_logprobs[index, :completion_width])
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_scored: int,

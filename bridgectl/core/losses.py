@@ -9,6 +9,7 @@ normaliser (`dr_grpo`, arXiv 2503.20783).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +103,7 @@ def backward(loss: torch.Tensor) -> None:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
-                     estimator: str = "grpo") -> torch.Tensor:
+                     estimator: str = "grpo", lengths: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO advantages: reward minus its group's mean, divided by the group's std (`scale_rewards=group`), by the std
     of every reward of the step (`batch`, TRL's scale_rewards="batch": over all data-parallel ranks, so a collective
     every rank must call) or by nothing (`none`). Rows are grouped consecutively: rows [k*G, (k+1)*G) are the
@@ -111,8 +112,21 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     `estimator=rloo`: REINFORCE leave-one-out (arXiv 2402.14740; TRL's RLOOTrainer, verl's rloo): reward minus the
     mean of the other G - 1 rewards of its group, = G / (G - 1) x the centred reward; `scale_rewards=none` keeps it
     (TRL's default), `batch` divides it by the std of the step's advantages over every rank (TRL's
-    normalize_advantages; their mean is 0 by construction). `group` does not apply (config validation refuses it)."""
+    normalize_advantages; their mean is 0 by construction). `group` does not apply (config validation refuses it).
+
+    `estimator=reinforce_plus_plus` (arXiv 2501.03262; verl's reinforce_plus_plus with an outcome reward and
+    gamma 1, so every token's return is its completion's reward): the rewards whitened over every completion token
+    of the step (all ranks), each completion counting its `lengths` tokens: (R - mean) / sqrt(var + 1e-8) with the
+    token-weighted mean and Bessel-corrected variance (verl's masked_whiten). `reinforce_plus_plus_baseline`
+    (verl's): the group's mean subtracted first, then whitened the same way. Their whitening is their batch
+    scaling, so they take `scale_rewards=batch` (config validation refuses the others)."""
     grouped = rewards.view(-1, group_size)
+    if estimator in ("reinforce_plus_plus", "reinforce_plus_plus_baseline"):
+        if lengths is None:
+            raise ValueError(f"adv_estimator={estimator} needs the completions' lengths")
+        returns = rewards if estimator == "reinforce_plus_plus" else (
+            grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+        return token_whitened(returns, lengths)
     if estimator == "rloo":
         baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
         advantages = (grouped - baseline).reshape(-1)
@@ -133,6 +147,24 @@ def normalize_then_sum(values: torch.Tensor, weights: torch.Tensor, group_size: 
     normalised = (grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + 1e-4)
     summed = (normalised * weights).sum(dim=2).reshape(-1)
     return (summed - global_mean(summed)) / (global_std(summed) + 1e-4)
+
+
+def token_whitened(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """`values` [N] (one per completion, standing for each of its `lengths` tokens) minus their token-weighted mean,
+    divided by sqrt(token-weighted variance x n / (n - 1) + 1e-8), n the number of tokens, the statistics taken over
+    every data-parallel rank in float64 (verl's masked_whiten of a token-level tensor constant along each row)."""
+    flat, weight = values.detach().double(), lengths.detach().double()
+
+    def summed(tensor: torch.Tensor) -> torch.Tensor:
+        if distributed.active():
+            dist.all_reduce(tensor)
+        return tensor
+
+    count, total = summed(torch.stack([weight.sum(), (weight * flat).sum()])).unbind()
+    mean = total / count.clamp(min=1)
+    squares = summed((weight * (flat - mean).square()).sum())
+    variance = squares / count.clamp(min=1) * count / (count - 1).clamp(min=1)
+    return ((flat - mean) / (variance + 1e-8).sqrt()).to(values.dtype)
 
 
 def global_mean(values: torch.Tensor) -> torch.Tensor:
@@ -182,18 +214,35 @@ class PolicyLossOptions:
     """SAPO's gate temperature for positive advantages (loss_type sapo, arXiv 2511.20347)."""
     sapo_temperature_neg: float = 1.05
     """SAPO's gate temperature for negative advantages."""
-
-
+    vespo_k_pos: float = 2.0
+    """VESPO's power k for non-negative advantages (loss_type vespo, arXiv 2602.10693)."""
+    vespo_lambda_pos: float = 3.0
+    """VESPO's decay lambda for non-negative advantages."""
+    vespo_k_neg: float = 3.0
+    """VESPO's power k for negative advantages."""
+    vespo_lambda_neg: float = 2.0
+    """VESPO's decay lambda for negative advantages."""
+    off_policy_mask_threshold: float | None = None
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, Eq. 9): a completion with a negative advantage
+    whose mean per-token KL from the policy that sampled it to the current one exceeds this is left out; None: off."""
 
 
 def reduction_of(loss_type: str) -> str:
-    """How `loss_type`'s token losses are reduced: dapo, grpo or dr_grpo (cispo as dapo, sapo as grpo, as TRL)."""
-    return {"cispo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+    """How `loss_type`'s token losses are reduced: dapo, bnpo, grpo, dr_grpo or luspo (cispo and vespo as dapo,
+    sapo as grpo, as TRL)."""
+    return {"cispo": "dapo", "vespo": "dapo", "sapo": "grpo"}.get(loss_type, loss_type)
+
+
+def rank_local(loss_type: str) -> bool:
+    """Whether `loss_type` divides by this process's own token count (bnpo: "the local batch", TRL), not the whole
+    step's over the processes (every other token-count reduction)."""
+    return reduction_of(loss_type) == "bnpo"
 
 
 def loss_token_weights(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
     """Each completion token's weight in the loss's numerator, before the division by `loss_denominator`: 1 for
-    `dapo` and `dr_grpo`, 1 / (its completion's scored tokens) for `grpo` (a mean per sequence); 0 off the mask."""
+    `dapo`, `bnpo`, `dr_grpo` and `luspo` (a sum per sequence), 1 / (its completion's scored tokens) for `grpo` (a
+    mean per sequence); 0 off the mask."""
     mask = mask.float()
     if loss_type == "grpo":
         return mask / mask.sum(dim=1, keepdim=True).clamp(min=1)
@@ -202,15 +251,16 @@ def loss_token_weights(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
 
 def loss_denominator(loss_type: str, n_tokens: torch.Tensor, n_sequences: torch.Tensor | None,
                      max_completion_length: int | None) -> torch.Tensor:
-    """What the weighted token sum is divided by: the step's scored tokens (`dapo`), its completions (`grpo`: the
-    mean of the per-sequence means) or its completions times rl.max_completion_length (`dr_grpo`, a constant, so
-    no completion's length changes another's weight). As in TRL, the completion count includes completions whose
-    tokens mask_truncated_completions has masked out (they add 0 to the numerator)."""
-    if loss_type == "dapo":
+    """What the weighted token sum is divided by: the step's scored tokens (`dapo`; `bnpo`: this process's own),
+    its completions (`grpo`: the mean of the per-sequence means; `luspo`: the mean of the per-sequence sums, arXiv
+    2602.05261) or its completions times rl.max_completion_length (`dr_grpo`, a constant, so no completion's
+    length changes another's weight). As in TRL, the completion count includes completions whose tokens
+    mask_truncated_completions has masked out (they add 0 to the numerator)."""
+    if loss_type in ("dapo", "bnpo"):
         return n_tokens.clamp(min=1)
     if n_sequences is None:
         raise ValueError(f"loss_type={loss_type} needs the number of completions")
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "luspo"):
         return n_sequences.clamp(min=1)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
@@ -225,7 +275,8 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
               n_sequences: torch.Tensor | None = None, max_completion_length: int | None = None,
               bias_correction_kl: bool = False, options: PolicyLossOptions = PolicyLossOptions(),
               entropies: torch.Tensor | None = None, entropy_mask: torch.Tensor | None = None,
-              n_entropy_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
+              n_entropy_tokens: torch.Tensor | None = None, rollout_ratio: torch.Tensor | None = None,
+              behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
     """Clipped surrogate  -min(r A, clip(r, 1-eps, 1+eps_high) A)  with r = pi / pi_old per token (eps_high =
     `epsilon_high`, default `epsilon`: DAPO's asymmetric "Clip-Higher", arXiv 2503.14476), plus
     beta * KL(pi || pi_ref) with the k3 estimator exp(ref - logp) - (ref - logp) - 1, over the tokens of `mask`,
@@ -242,19 +293,30 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     The variants of `options`, as TRL 1.16's GRPOTrainer._compute_loss computes them: r per sequence (GSPO: the
     exponentiated mean log-ratio of the completion, for all its tokens), the two-sided cap min(r, delta) on the
     unclipped term, and the other policy losses: `cispo` (MiniMax-M1, arXiv 2506.13585: -sg(min(r, eps_high)) A
-    log pi, the weight clipped and never the gradient; reduced as dapo) and `sapo` (-A (4 / tau) sigmoid(tau (r - 1)),
-    tau by the advantage's sign; reduced as grpo). `entropy_mask` [N, C] keeps only those tokens in the policy term
+    log pi, the weight clipped and never the gradient; reduced as dapo), `sapo` (-A (4 / tau) sigmoid(tau (r - 1)),
+    tau by the advantage's sign; reduced as grpo) and `vespo` (-phi(w) A log pi with phi detached, vespo_weights;
+    reduced as dapo); `bnpo` and `luspo` are the clipped surrogate reduced over this process's tokens and as a mean
+    of per-completion sums. `entropy_mask` [N, C] keeps only those tokens in the policy term
     (rl.top_entropy_quantile: the step's highest-entropy tokens, arXiv 2506.01939); `entropies` [N, C] (with grad
     for options.entropy_coef) give the entropy bonus, the mean over the tokens trained on (`n_entropy_tokens` in the
-    whole step, default this batch's), and the logged mean entropy."""
+    whole step, default this batch's), and the logged mean entropy. `rollout_ratio` (rollout_correction's, [N, C]
+    or [N, 1]) multiplies each token's policy term (vespo: enters its weight instead), correcting for an inference
+    engine that sampled from slightly other probabilities; `behaviour_logprobs` are that engine's log-probs
+    (default `old_logprobs`), from which options.off_policy_mask_threshold measures how far off-policy a
+    completion is (off_policy_mask)."""
     mask = mask.float()
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    log_ratio = logprobs - old_logprobs
+    token_log_ratio = logprobs - old_logprobs
+    log_ratio = token_log_ratio
     if options.importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1))
     ratio = torch.exp(log_ratio)
     advantage = advantages.unsqueeze(1)
-    if loss_type == "cispo":
+    if loss_type == "vespo":
+        phi = vespo_weights(advantage, token_log_ratio.detach(), mask, rollout_ratio, options)
+        per_token = -phi * advantage * logprobs
+        was_clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    elif loss_type == "cispo":
         per_token = -torch.clamp(ratio, max=epsilon_high).detach() * advantage * logprobs
         was_clipped = (ratio > epsilon_high) & (advantage > 0)
     elif loss_type == "sapo":
@@ -266,12 +328,18 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
         capped = ratio if options.delta is None else torch.clamp(ratio, max=options.delta)
         per_token = -torch.min(capped * advantage, clipped)
         was_clipped = ((ratio < 1 - epsilon) & (advantage < 0)) | ((ratio > 1 + epsilon_high) & (advantage > 0))
+    if options.off_policy_mask_threshold is not None:
+        behaviour = old_logprobs if behaviour_logprobs is None else behaviour_logprobs
+        per_token = per_token * off_policy_mask(advantage, logprobs.detach(), behaviour, mask,
+                                                options.off_policy_mask_threshold)
     if entropy_mask is not None:
         per_token = per_token * entropy_mask.float()
+    if rollout_ratio is not None and loss_type != "vespo":
+        per_token = per_token * rollout_ratio
     if n_tokens is None:
-        n_tokens = distributed.mean_denominator(mask.sum())
+        n_tokens = mask.sum() if rank_local(loss_type) else distributed.mean_denominator(mask.sum())
     reduction = reduction_of(loss_type)
-    if n_sequences is None and reduction != "dapo":
+    if n_sequences is None and reduction not in ("dapo", "bnpo"):
         n_sequences = distributed.mean_denominator(torch.tensor(float(mask.size(0)), device=mask.device))
     n_tokens = n_tokens.clamp(min=1)
     kl_value = 0.0
@@ -295,3 +363,57 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
             loss = loss - options.entropy_coef * (entropies * trained).sum() / count.clamp(min=1)
     clip_fraction = float((was_clipped.float() * mask).sum() / n_tokens)
     return loss, GRPOStats(clip_fraction=clip_fraction, kl=kl_value, entropy=entropy_value)
+
+
+def off_policy_mask(advantage: torch.Tensor, logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
+                    mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[N, 1] 1.0 for the completions the policy term keeps, as TRL 1.16's get_off_policy_mask: those with a
+    non-negative advantage, and the others whose mean over their tokens of (behaviour log-prob - current log-prob)
+    (the KL from the sampling policy to the current one, estimated on the sampled tokens) is at most `threshold`.
+    A NaN behaviour log-prob (a token the engine did not score) adds nothing."""
+    gap = torch.nan_to_num(behaviour_logprobs - logprobs, nan=0.0)
+    mean_gap = (gap * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return ((advantage >= 0) | (mean_gap <= threshold)).to(mask.dtype)
+
+
+def vespo_weights(advantage: torch.Tensor, token_log_ratio: torch.Tensor, mask: torch.Tensor,
+                  rollout_ratio: torch.Tensor | None, options: PolicyLossOptions) -> torch.Tensor:
+    """[N, 1] VESPO's weight (arXiv 2602.10693; TRL 1.16's get_gamma_weights) of each completion, detached:
+    phi(w) = exp(lambda) w^k exp(-lambda w) (so phi(1) = 1), with w the sequence's importance ratio
+    exp(sum of its clamped token log-ratios, times the rollout correction's token ratios when given), k and lambda by
+    the advantage's sign (vespo_k/lambda_pos for A >= 0, _neg below), log w clamped to [log 1e-8, 20]."""
+    lowest = math.log(1e-8)
+    log_w = (token_log_ratio.clamp(-20.0, 20.0) * mask).sum(dim=1, keepdim=True)
+    if rollout_ratio is not None:
+        log_w = log_w + rollout_ratio.log().clamp(lowest, 20.0).sum(dim=1, keepdim=True)
+    log_w = log_w.clamp(lowest, 20.0)
+    non_negative = advantage >= 0
+    k = torch.where(non_negative, options.vespo_k_pos, options.vespo_k_neg)
+    decay = torch.where(non_negative, options.vespo_lambda_pos, options.vespo_lambda_neg).clamp(min=1e-4)
+    phi = torch.exp(decay + k * log_w - decay * log_w.exp())
+    return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+
+@torch.no_grad()
+def rollout_correction(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
+                       mode: str, clip_min: float | None, clip_max: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance ratio pi_trainer / pi_engine that corrects for an inference engine (vLLM) sampling from
+    probabilities its kernels compute slightly differently from the trained model's (TRL 1.16's
+    vllm_importance_sampling_correction; "truncated" and "masked" importance sampling, Yao et al. 2025): per token
+    (`token_*`, [N, C]) or per completion (`sequence_*`: exp of the summed log-ratio, [N, 1]); `*_truncate` clamps
+    it to [clip_min, clip_max], `*_mask` sets it to 0 outside that range (None: unbounded on that side). A NaN
+    engine log-prob counts as no difference. Returns the ratio and where the bounds acted (same shape), from which
+    the share of tokens or completions clipped or masked is logged."""
+    gap = torch.nan_to_num((trainer_logprobs - engine_logprobs) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        gap = gap.sum(dim=1, keepdim=True)
+    ratio = torch.exp(gap)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    acted = (ratio < low) | (ratio > high)
+    if mode.endswith("truncate"):
+        ratio = ratio.clamp(min=low, max=high)
+    else:
+        ratio = ratio.masked_fill(acted, 0.0)
+    return ratio, acted

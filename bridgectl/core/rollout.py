@@ -33,6 +33,9 @@ class Rollouts:
     completion_mask: torch.Tensor  # [N, C] 1 on generated tokens up to and including the first end token
     sampling_logprobs: torch.Tensor  # [N, C] log-prob of each generated token under the sampling policy
     completions: list[str]  # decoded completion text, special tokens removed
+    # [N, C] rollout.backend=vllm: the engine's own log-prob of each sampled token (NaN where it gave none), for
+    # the rollout correction (core/losses.rollout_correction); None from the built-in sampler, which is the policy
+    engine_logprobs: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -256,7 +259,10 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
                     torch.cat([padded(p.completion_ids, completion_width, pad_id, False) for p in parts]),
                     torch.cat([padded(p.completion_mask, completion_width, 0, False) for p in parts]),
                     torch.cat([padded(p.sampling_logprobs, completion_width, 0.0, False) for p in parts]),
-                    [text for p in parts for text in p.completions])
+                    [text for p in parts for text in p.completions],
+                    None if all(p.engine_logprobs is None for p in parts) else torch.cat([padded(
+                        torch.full_like(p.sampling_logprobs, math.nan) if p.engine_logprobs is None
+                        else p.engine_logprobs, completion_width, math.nan, False) for p in parts]))
 
 
 def truncated_rows(rollouts: Rollouts, end_ids: int | Collection[int]) -> torch.Tensor:

@@ -11,7 +11,10 @@ Each sampling call:
   3. hands back Rollouts whose sampling log-probs are recomputed by the trained model (core/rollout.score_sampled):
      the GRPO ratio is taken against what the trainer computes, not against the engine's kernels.
      `rollout/logprob_gap` logs how far the engine's own log-probs were from the trainer's (mean absolute
-     difference per token): a large gap means the engine does not sample the policy being trained.
+     difference per token): a large gap means the engine does not sample the policy being trained. The engine's
+     log-probs travel with the rollouts (`engine_logprobs`), and rl.vllm_importance_sampling_correction (on by
+     default, as TRL's) weights each token's policy term by the trainer-over-engine ratio, truncated or masked
+     (core/losses.rollout_correction); rl.off_policy_mask_threshold measures off-policyness from them.
 
 The same engine decodes the run's evaluations (greedy, and pass@k samples in `bridgectl eval`).
 
@@ -123,7 +126,9 @@ class VLLMRollouts:
         rollouts, completions = self._generate(policy, prompts, max_new_tokens, temperature, row_seeds,
                                                (top_k, top_p, min_p))
         rollouts = score_sampled(policy.model, rollouts, temperature, self.scoring_rows)
-        self.last_logprob_gap = logprob_gap(rollouts, [engine_logprobs(c) for c in completions])
+        engine = [engine_logprobs(c) for c in completions]
+        self.last_logprob_gap = logprob_gap(rollouts, engine)
+        rollouts.engine_logprobs = engine_logprob_tensor(rollouts, engine)  # rl.vllm_importance_sampling_correction
         return rollouts
 
     def decoder(self, policy: Policy) -> Decode:
@@ -171,6 +176,16 @@ def sampling_kwargs(max_new_tokens: int, temperature: float, seed: int | None,
 def engine_logprobs(completion) -> list[float]:
     """The engine's log-prob of each sampled token (vLLM: one {token: Logprob} dict per position)."""
     return [position[token].logprob for token, position in zip(completion.token_ids, completion.logprobs or [])]
+
+
+def engine_logprob_tensor(rollouts: Rollouts, engine: list[list[float]]) -> torch.Tensor:
+    """The engine's log-probs as a [N, C] tensor beside the rollouts' own (NaN where it gave none: past a
+    completion's end, or a record without log-probs), on their device, for core/losses.rollout_correction."""
+    values = torch.full(rollouts.completion_ids.shape, float("nan"), dtype=torch.float32)
+    for row, logprobs in enumerate(engine):
+        width = min(len(logprobs), values.size(1))
+        values[row, :width] = torch.tensor(logprobs[:width], dtype=torch.float32)
+    return values.to(rollouts.completion_ids.device)
 
 
 def logprob_gap(rollouts: Rollouts, engine: list[list[float]]) -> float:

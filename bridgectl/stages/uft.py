@@ -186,6 +186,6 @@ class UFTStage:
         # recomputed on every process, hinted rows or not: rl.scale_rewards=batch takes the std over all processes
         # (a collective each must join); without hints the advantages are those sample_and_score gave
         advantages = group_advantages(rewards, ctx.cfg.rl.num_generations, ctx.cfg.rl.scale_rewards,
-                                      ctx.cfg.rl.adv_estimator)
+                                      ctx.cfg.rl.adv_estimator, scored.rollouts.lengths)
         return dataclasses.replace(scored, rewards=rewards, advantages=advantages, verdicts=verdicts,
                                    reward_means=means)

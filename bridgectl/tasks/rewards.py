@@ -9,7 +9,8 @@ is called once per step with one entry per completion in each list: `prompts` (t
 for conversational rows the list of messages, system turn included), `completions` (the text, or for
 conversational rows `[{"role": "assistant", "content": text}]`), and every other field of the dataset row as a
 keyword argument (the built-in arith task: question, answer, trace). TRL's `completion_ids` and `trainer_state`
-are not passed. None means "does not apply to this completion": it counts as 0 in the weighted sum, as TRL's
+are not passed. An entry without `:function` is a reward model's directory (tasks/reward_model.py, TRL's model id
+in reward_funcs), scored in the same worker. None means "does not apply to this completion": it counts as 0 in the weighted sum, as TRL's
 nansum does, and in that function's logged mean (`train/rewards/<name>`) too, where TRL takes a nanmean: so the
 weighted sum of the logged means is always train/reward_mean, and every process of a data-parallel run logs the
 same keys (a nanmean of nothing would be NaN, or a key missing on one rank). `verifier` names the task's own
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 from bridgectl.errors import UserError
+from bridgectl.tasks.reward_model import RewardModel, is_reward_model_spec
 
 VERIFIER = "verifier"
 
@@ -92,6 +94,8 @@ def load_reward_functions(task_cfg) -> list[RewardFunction]:
 
 def _load(spec: str) -> Callable:
     key = (os.getcwd(), spec)  # relative paths and modules are looked up from the current directory
+    if key not in _loaded and is_reward_model_spec(spec):  # a model directory: tasks/reward_model.py
+        _loaded[key] = RewardModel(spec)
     if key not in _loaded:
         location, _, attribute = spec.rpartition(":")
         module = _load_file(location) if location.endswith(".py") or "/" in location else _import(location)
@@ -355,8 +359,15 @@ def _serve(fd: int, parent_pid: int) -> None:
     specs, names = connection.recv()
     try:
         functions = [_load(spec) for spec in specs]
+        for function in functions:  # a reward model's weights load now, not within the first step's limit
+            if isinstance(function, RewardModel):
+                function.prepare()
     except UserError as error:
         connection.send(("error", f"{error.message} ({error.hint})"))
+        return
+    except Exception as error:  # noqa: BLE001: a reward model that does not load names itself
+        connection.send(("error", f"could not load a reward model of {', '.join(specs)}: "
+                                  f"{type(error).__name__}: {error}"))
         return
     connection.send(("ready", os.getpid()))
     while True:

@@ -153,6 +153,10 @@ CASES = {
     "rl-variants": (["recipe=rl", "rl.importance_sampling_level=sequence", "rl.loss_type=cispo",
                      "rl.epsilon_high=1.1", "rl.top_entropy_quantile=0.3", "rl.entropy_coef=0.01"], "rl", 1),
     "rl-sapo": (["recipe=rl", "rl.loss_type=sapo"], "rl", 1),
+    "rl-vespo-mask": (["recipe=rl", "rl.loss_type=vespo", "rl.off_policy_mask_threshold=0.01",
+                       "rl.adv_estimator=reinforce_plus_plus", "rl.scale_rewards=batch"], "rl", 1),
+    "rl-luspo": (["recipe=rl", "rl.loss_type=luspo", "rl.importance_sampling_level=sequence"], "rl", 1),
+    "rl-bnpo": (["recipe=rl", "rl.loss_type=bnpo"], "rl", 1),
     "bridge-variants": (["recipe=bridge", "model.finetune=lora", "rl.importance_sampling_level=sequence",
                          "rl.top_entropy_quantile=0.3", "rl.entropy_coef=0.01", "rl.delta=1.5"], "bridge", 1),
 }

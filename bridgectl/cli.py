@@ -208,6 +208,8 @@ def compare_command(
     metric: str = typer.Option("eval/test/accuracy", "--metric", help="Metric for time-to-target."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Group to compare against (e.g. rl)."),
     at_seconds: Optional[float] = typer.Option(None, "--at-seconds", help="Also show each eval metric as of this wall-clock second of every run (the equal-wall-clock view)."),
+    at_flops: Optional[float] = typer.Option(None, "--at-flops", help="Also show each eval metric as of this many FLOPs of every run's sampling and training (the equal-compute view; metrics.jsonl's compute/cum_flops)."),
+    at_tokens: Optional[float] = typer.Option(None, "--at-tokens", help="Also show each eval metric as of this many generated + trained tokens of every run (compute/cum_tokens)."),
     output_format: str = typer.Option("table", "--format", help="table, markdown, csv or json."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write report.md, comparison.csv and PNG plots here."),
     against: Optional[str] = typer.Option(None, "--against", help="Reference: recorded run directories or a published-results YAML in baselines/."),
@@ -224,9 +226,11 @@ def compare_command(
             raise UserError("no completed runs to compare", "failed and interrupted runs are left out: "
                             + ", ".join(f"{n} {s}" for s, n in loaded.left_out.items())
                             + "".join(f"; {reason}" for reason in loaded.unreadable))
-        if at_seconds is not None and at_seconds <= 0:
-            raise UserError(f"--at-seconds must be positive, got {at_seconds:g}", "e.g. --at-seconds 120")
-        rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline, at_seconds)
+        for option, value, example in (("--at-seconds", at_seconds, "120"), ("--at-flops", at_flops, "2e12"),
+                                       ("--at-tokens", at_tokens, "5e6")):
+            if value is not None and value <= 0:
+                raise UserError(f"{option} must be positive, got {value:g}", f"e.g. {option} {example}")
+        rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline, at_seconds, at_flops, at_tokens)
         reference = comparison.load_reference(against, list(by or ["recipe"]), metric) if against else None
     except UserError as error:
         _fail(error.message, error.hint, 2)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bridgectl import stats
-from bridgectl.compare_rows import Difference, GroupRow, Metric, MetricSummary, TimeToTarget, flatten
+from bridgectl.compare_rows import AXES, Difference, GroupRow, Metric, MetricSummary, TimeToTarget, flatten
 from bridgectl.errors import UserError
 from bridgectl.run_config import read_config
 
@@ -164,15 +164,18 @@ def base_runs(runs: list[Run]) -> list[Run]:
 
 
 # ---- views of a run -------------------------------------------------------------------------------------------
-def _timed_values(run: Run, metric: str) -> list[tuple[float, float]]:
-    """(wall_s, value) of every logged row that has `metric`, in log order."""
-    return [(row["wall_s"], row[metric]) for row in run.metrics
-            if row.get(metric) is not None and row.get("wall_s") is not None]
+def _timed_values(run: Run, metric: str, axis: str = "seconds") -> list[tuple[float, float]]:
+    """(cost, value) of every logged row that has `metric`, in log order: the cost is the row's wall_s, or with
+    `axis` flops or tokens the run's compute so far (compute/cum_flops, compute/cum_tokens; AXES)."""
+    field = AXES[axis][0]
+    return [(row[field], row[metric]) for row in run.metrics
+            if row.get(metric) is not None and row.get(field) is not None]
 
 
-def time_to_target(run: Run, metric: str, target: float) -> float | None:
-    """Wall-clock seconds at which `metric` first reaches `target`, interpolated linearly between logged evals."""
-    points = _timed_values(run, metric)
+def time_to_target(run: Run, metric: str, target: float, axis: str = "seconds") -> float | None:
+    """Wall-clock seconds (or with `axis`, FLOPs or tokens) at which `metric` first reaches `target`, interpolated
+    linearly between logged evals."""
+    points = _timed_values(run, metric, axis)
     for (t0, v0), (t1, v1) in zip([(None, None)] + points[:-1], points):
         if v1 >= target:
             if t0 is None or v1 == v0:
@@ -181,10 +184,11 @@ def time_to_target(run: Run, metric: str, target: float) -> float | None:
     return None
 
 
-def value_at(run: Run, metric: str, seconds: float) -> float | None:
-    """The equal-wall-clock view: `metric` as last evaluated at or before `seconds` of the run's wall-clock (what
-    stopping the run then would have given); the run's final value when it ended earlier."""
-    points = _timed_values(run, metric)
+def value_at(run: Run, metric: str, seconds: float, axis: str = "seconds") -> float | None:
+    """The equal-cost view: `metric` as last evaluated at or before `seconds` of the run's wall-clock (or with
+    `axis`, that many FLOPs or tokens of its compute): what stopping the run then would have given; the run's
+    final value when it ended earlier."""
+    points = _timed_values(run, metric, axis)
     if not points:
         return None
     before = [value for wall, value in points if wall <= seconds]
@@ -197,10 +201,10 @@ def _label(values: tuple) -> str:
 
 
 def _read(run: Run, metric: Metric) -> float | None:
-    """A run's value of `metric`: its final one, or as of metric.at_seconds (value_at)."""
-    if metric.at_seconds is None:
+    """A run's value of `metric`: its final one, or as of metric.at in its axis (value_at)."""
+    if metric.at is None:
         return run.final(metric.logged)
-    return value_at(run, metric.logged, metric.at_seconds)
+    return value_at(run, metric.logged, metric.at, metric.axis)
 
 
 def _summary(metric: Metric, runs: list[Run], baseline_runs: list[Run] | None) -> MetricSummary | None:
@@ -221,7 +225,7 @@ def _summary(metric: Metric, runs: list[Run], baseline_runs: list[Run] | None) -
         summary.difference = Difference(float(np.mean(values) - np.mean(base_values)), ci_low=test.get("low"),
                                         ci_high=test.get("high"), p=test.get("p"),
                                         seeds_needed=stats.seeds_needed(values, base_values))
-        if metric.name == "accuracy" and metric.at_seconds is None:  # final greedy accuracy: runs may be paired
+        if metric.name == "accuracy" and metric.at is None:  # final greedy accuracy: runs may be paired
             paired = paired_difference(runs, baseline_runs, metric.split)
             if paired is not None:
                 summary.difference.paired_ci_low, summary.difference.paired_ci_high = paired["low"], paired["high"]
@@ -229,15 +233,20 @@ def _summary(metric: Metric, runs: list[Run], baseline_runs: list[Run] | None) -
 
 
 def _mean_cost(runs: list[Run], cost: str) -> float | None:
-    """Mean of a summary.json cost (wall_s, gen_tokens, peak_mem_mb) over the runs that recorded it."""
+    """Mean of a summary.json cost (wall_s, gen_tokens, peak_mem_mb, flops) over the runs that recorded it."""
     costs = [r.summary[cost] for r in runs if isinstance(r.summary.get(cost), (int, float))]
     return float(np.mean(costs)) if costs else None
 
 
 def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
-            at_seconds: float | None = None) -> list[GroupRow]:
+            at_seconds: float | None = None, at_flops: float | None = None,
+            at_tokens: float | None = None) -> list[GroupRow]:
     """One row per (task, model, group): the numbers every output format carries. `at_seconds` adds, for every
-    eval metric, its value at that wall-clock time (value_at), keyed `<metric>@<S>s`."""
+    eval metric, its value at that wall-clock time (value_at), keyed `<metric>@<S>s`; `at_flops` and `at_tokens`
+    its value at that much compute (`<metric>@<X>flops`, `<metric>@<X>tokens`), and compute-to-target beside
+    time-to-target."""
+    costs = [(axis, at) for axis, at in (("seconds", at_seconds), ("flops", at_flops), ("tokens", at_tokens))
+             if at is not None]
     sections: dict[tuple, dict[tuple, list[Run]]] = {}
     for run in loaded.runs:
         section = (run.summary.get("task", run.value("task.name")), run.summary.get("model", run.value("model.name")))
@@ -261,16 +270,19 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
         # run is at from its step-0 evaluation
         target = (np.mean([r.final(metric) for r in baseline_runs if r.final(metric) is not None])
                   if baseline_runs and any(r.metrics for r in baseline_runs) else None)
-        views = finals + ([Metric(m.split, m.name, at_seconds) for m in finals] if at_seconds is not None else [])
+        views = finals + [Metric(m.split, m.name, at, axis) for axis, at in costs for m in finals]
         for key, runs in groups.items():
             summaries = [(view, _summary(view, runs, baseline_runs)) for view in views]
             row = GroupRow(task, model, key, _label(key), len(runs), runs is baseline_runs,
                            {view.key: summary for view, summary in summaries if summary is not None},
-                           _mean_cost(runs, "wall_s"), _mean_cost(runs, "gen_tokens"), _mean_cost(runs, "peak_mem_mb"))
+                           _mean_cost(runs, "wall_s"), _mean_cost(runs, "gen_tokens"), _mean_cost(runs, "peak_mem_mb"),
+                           _mean_cost(runs, "flops"))
             if target is not None and any(r.metrics for r in runs):  # base's pseudo-runs log no curve
                 reached = [t for t in (time_to_target(r, metric, target) for r in runs) if t is not None]
+                in_flops = [f for f in (time_to_target(r, metric, target, "flops") for r in runs) if f is not None]
                 row.time_to_target = TimeToTarget(float(np.mean(reached)) if len(reached) == len(runs) else None,
-                                                  len(reached), len(runs))
+                                                  len(reached), len(runs),
+                                                  float(np.mean(in_flops)) if len(in_flops) == len(runs) else None)
             rows.append(row)
     return rows
 
@@ -323,6 +335,10 @@ def _difference_cell(row: GroupRow, key: str) -> str:
     return text
 
 
+def _flops_cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def _paired_cell(row: GroupRow, key: str) -> str:
     difference = row.difference(key)
     if difference is None or difference.paired_ci_low is None:
@@ -345,7 +361,7 @@ def _shown(metric: Metric, every_metric: set[Metric]) -> bool:
     if metric.kind != "pass":
         return metric.name == "accuracy"
     return metric.k == max(m.k for m in every_metric
-                           if m.kind == "pass" and (m.split, m.at_seconds) == (metric.split, metric.at_seconds))
+                           if m.kind == "pass" and (m.split, m.at, m.axis) == (metric.split, metric.at, metric.axis))
 
 
 def display_columns(rows: list[GroupRow]) -> list[tuple[str, callable]]:
@@ -362,8 +378,13 @@ def display_columns(rows: list[GroupRow]) -> list[tuple[str, callable]]:
             columns.append((f"Δ {metric.header} paired", lambda r, k=metric.key: _paired_cell(r, k)))
     columns += [("wall s", lambda r: _cell(r.wall_s)), ("gen tokens", lambda r: _cell(r.gen_tokens)),
                 ("peak MB", lambda r: _cell(r.peak_mem_mb))]
+    if any(r.flops is not None for r in rows):
+        columns.append(("FLOPs", lambda r: _flops_cell(r.flops)))
     if any(r.time_to_target is not None for r in rows):
         columns.append(("to target s", _target_cell))
+    if any(r.time_to_target is not None and r.time_to_target.flops is not None for r in rows):
+        columns.append(("to target FLOPs", lambda r: "-" if r.time_to_target is None else
+                        ("never" if r.time_to_target.flops is None else _flops_cell(r.time_to_target.flops))))
     return columns
 
 
@@ -379,6 +400,15 @@ def footnotes(loaded: Loaded, rows: list[GroupRow]) -> list[str]:
         notes.append("Δ paired: 95% percentile interval of a two-level bootstrap over seeds (within each group) and "
                      "evaluation problems (shared by both groups), 10,000 resamples, for runs evaluated on the same "
                      "problems; at few seeds its seed level understates seed noise, so Welch's is the headline.")
+    axes = {s.metric.axis for r in rows for s in r.metrics.values() if s.metric.at is not None}
+    if axes:
+        units = {"seconds": "s of wall-clock", "flops": " FLOPs of sampling and training (core/flops.py's estimate)",
+                 "tokens": " tokens generated and trained (once per pass)"}
+        notes.append("@X: each run's value as last evaluated when it had spent X" + " / X".join(
+            units[axis] for axis in sorted(axes)) + " (its final value if it ended before): the equal-cost view.")
+    if any(r.time_to_target is not None and r.time_to_target.flops is not None for r in rows):
+        notes.append("to target: wall-clock seconds and FLOPs at which a group's runs first reached the baseline's "
+                     "final mean, interpolated between evaluations (never unless every run did).")
     if any(r.group == BASE_GROUP and r.is_baseline for r in rows):
         notes.append(f"{BASE_GROUP}: the model the runs started from, as each run evaluated it before its first "
                      "update (one value per seed).")

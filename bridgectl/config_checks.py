@@ -83,6 +83,15 @@ def _train(cfg: DictConfig) -> None:
     require(train.checkpoint_every >= 0 and train.keep_checkpoints >= 1,
             "train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1",
             "e.g. train.checkpoint_every=50 train.keep_checkpoints=2")
+    require(train.budget_flops is None or train.budget_tokens is None,
+            "train.budget_flops and train.budget_tokens are two units of one budget: set one",
+            "drop one of them")
+    for key in ("budget_flops", "budget_tokens", "eval_every_compute"):
+        require(train[key] is None or train[key] > 0, f"train.{key} must be positive, got {train[key]}",
+                f"e.g. train.{key}=1e12, or null (off)")
+    require(train.eval_every_compute is None or train.budget_flops is not None or train.budget_tokens is not None,
+            "train.eval_every_compute is counted in the compute budget's unit, and no budget is set",
+            "add train.budget_flops (or train.budget_tokens), or use train.eval_every (steps)")
 
 
 def _group_names(cfg: DictConfig) -> None:

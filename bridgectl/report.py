@@ -16,6 +16,7 @@ PLOTS = [
     ("reward_vs_wall.png", "train/reward_mean", "wall_s", "training reward (sampled)", 10),
     ("accuracy_vs_step.png", "{metric}", "step", "{metric} (greedy)", 1),
     ("accuracy_vs_wall.png", "{metric}", "wall_s", "{metric} (greedy)", 1),
+    ("accuracy_vs_flops.png", "{metric}", "compute/cum_flops", "{metric} (greedy) at equal compute", 1),
     ("response_len_vs_step.png", "train/response_len", "step", "response length (tokens)", 10),
     ("coop_gain_vs_step.png", "bridge/coop_gain", "step", "BRIDGE cooperative gain L_rl(shadow) - L_rl", 10),
 ]
@@ -33,15 +34,53 @@ def _series(run, metric: str, x_key: str, window: int) -> tuple[np.ndarray, np.n
     return x, y
 
 
+X_LABELS = {"step": "step", "wall_s": "wall-clock (s)", "compute/cum_flops": "FLOPs (sampling + training)"}
+LINE_STYLES = ["-", "--", ":", "-."]
+FAMILIES = [("SFT, RL and their sequences", ("sft", "rl", "two_stage", "interleaved", "mix")),
+            ("BRIDGE and its ablations", ("bridge", "bridge_no_meta", "bridge_no_upper")),
+            ("single-stage SFT + RL methods", ("chord", "luffy", "relift", "hpt", "srft", "uft"))]
+"""Panels of the small multiples (a crowded plot is split by recipe family; rl is drawn in every panel)."""
+CROWDED = 7
+"""More groups than this in one plot: small multiples."""
+
+
+def styles(labels: list[str]) -> dict[str, dict]:
+    """A distinct (colour, line style) pair per group, fixed by its place in the sorted labels: tab10's ten
+    colours with a solid line, then again dashed, dotted, dash-dotted, so no two of up to 40 groups look alike."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"].colors
+    return {label: {"color": colours[i % 10], "linestyle": LINE_STYLES[(i // 10) % len(LINE_STYLES)]}
+            for i, label in enumerate(sorted(labels))}
+
+
+def panels(labels: list[str]) -> list[tuple[str, list[str]]]:
+    """(title, labels) per panel: one panel when uncrowded; else by recipe family (groups of other names, such as
+    a sweep's parameter values, in chunks of CROWDED), with rl in every panel as the reference."""
+    if len(labels) <= CROWDED:
+        return [("", sorted(labels))]
+    left = set(labels)
+    out = []
+    for title, members in FAMILIES:
+        chosen = [label for label in sorted(labels) if label.split(",")[0] in members]
+        if chosen:
+            out.append((title, sorted(set(chosen) | ({"rl"} & set(labels)))))
+            left -= set(chosen)
+    rest = sorted(left)
+    out += [("", sorted(set(rest[i:i + CROWDED]) | ({"rl"} & set(labels)))) for i in range(0, len(rest), CROWDED)]
+    return out
+
+
 def plot(groups: dict[str, list], metric: str, x_key: str, title: str, window: int, path: Path) -> bool:
-    """One line per group (mean over its runs on a common x grid) with a ±std band; False when no run has it."""
+    """One line per group (mean over its runs on a common x grid) with a ±std band; False when no run has it.
+    Every group keeps one colour and line style (styles); the legend sits outside the axes; more than CROWDED
+    groups are drawn as small multiples, one panel per recipe family (panels)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.2))
-    drawn = False
+    curves = {}
     for label, runs in groups.items():
         series = [s for s in (_series(r, metric, x_key, window) for r in runs) if s is not None]
         if not series:
@@ -50,21 +89,60 @@ def plot(groups: dict[str, list], metric: str, x_key: str, title: str, window: i
         if grid[0] >= grid[-1]:
             continue
         values = np.stack([np.interp(grid, x, y) for x, y in series])
-        mean, std = values.mean(axis=0), values.std(axis=0)
-        (line,) = axes.plot(grid, mean, label=f"{label} (n={len(series)})")
-        if len(series) > 1:
-            axes.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-        drawn = True
-    if drawn:
-        axes.set_xlabel("wall-clock (s)" if x_key == "wall_s" else "step")
+        curves[label] = (grid, values.mean(axis=0), values.std(axis=0), len(series))
+    if not curves:
+        return False
+    look = styles(list(groups))
+    layout = panels(list(curves))
+    figure, grid_axes = plt.subplots(len(layout), 1, figsize=(8.5, 3.4 * len(layout) + 0.6), squeeze=False,
+                                     sharex=True)
+    for (panel_title, labels), axes in zip(layout, grid_axes[:, 0]):
+        for label in labels:
+            x, mean, std, n = curves[label]
+            axes.plot(x, mean, label=f"{label} (n={n})", linewidth=1.6, **look[label])
+            if n > 1:
+                axes.fill_between(x, mean - std, mean + std, color=look[label]["color"], alpha=0.12)
         axes.set_ylabel(metric)
-        axes.set_title(title)
+        axes.set_title(panel_title or title, fontsize=10)
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    grid_axes[-1, 0].set_xlabel(X_LABELS.get(x_key, x_key))
+    if len(layout) > 1:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
-    return drawn
+    return True
+
+
+def plot_frontier(rows: list[GroupRow], metric: str, path: Path) -> bool:
+    """Each group's final `metric` (mean with its 95% interval) against the mean total FLOPs of its runs: the
+    compute frontier, where up and to the left is better; False when no group recorded its compute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(row, row.metrics[metric]) for row in rows if row.flops is not None and metric in row.metrics]
+    if not points:
+        return False
+    look = styles([row.group for row in rows])
+    figure, axes = plt.subplots(figsize=(8.5, 4.6))
+    for row, summary in points:
+        low = summary.ci_low if summary.ci_low is not None else summary.mean
+        high = summary.ci_high if summary.ci_high is not None else summary.mean
+        axes.errorbar(row.flops, summary.mean, yerr=[[summary.mean - low], [high - summary.mean]], fmt="o",
+                      capsize=3, color=look[row.group]["color"], label=f"{row.group} (n={row.n})")
+    axes.set_xscale("log")
+    axes.set_xlabel("FLOPs per run (sampling + training, mean over seeds)")
+    axes.set_ylabel(f"{metric} (final, mean and 95% interval)")
+    axes.set_title("accuracy against compute")
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return True
 
 
 def plot_differences(rows: list[GroupRow], path: Path) -> bool:
@@ -164,7 +242,8 @@ def write_report(loaded: Loaded, rows: list[GroupRow], by: list[str], metric: st
         if plot(groups, plot_metric, x_key, title, window, out_dir / name):
             images.append(name)
             written.append(out_dir / name)
-    for name, draw in (("differences.png", plot_differences), ("pass_at_k.png", plot_pass_at_k)):
+    for name, draw in (("differences.png", plot_differences), ("pass_at_k.png", plot_pass_at_k),
+                       ("frontier.png", lambda r, path: plot_frontier(r, metric, path))):
         if draw(rows, out_dir / name):
             images.append(name)
             written.append(out_dir / name)

@@ -20,8 +20,10 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
+from bridgectl.budget import (budget_summary, count_step, cumulative_metrics, eval_due, new_counters, spent,
+                              stage_targets)
 from bridgectl.config import stage_budgets
-from bridgectl.core import distributed
+from bridgectl.core import distributed, flops
 from bridgectl.core.checkpoint import (PREFIX, CheckpointError, list_checkpoints, read_checkpoint, restore,
                                        save_checkpoint, write_manifest, written_whole)
 from bridgectl.context import build_context
@@ -68,7 +70,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
                        "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
         # before the summary says "running": `bridgectl runs` tells a live run from a killed one by the heartbeat
         heartbeat = start_heartbeat(run_path) if run_dir.enabled else None
-        counters = {"steps": 0, "train_tokens": 0, "gen_tokens": 0}
+        counters = new_counters()
         try:
             run_dir.write_config(cfg)  # resuming: the keys --allow-change let through
             run_dir.write_summary(summary)
@@ -246,7 +248,7 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
     if meta is None:
         phase("the initial evaluation")
         initial = evaluate_all(ctx, eval_problems, step=0)
-        run_dir.log_metrics(0, "init", eval_metrics(initial))
+        run_dir.log_metrics(0, "init", {**eval_metrics(initial), **cumulative_metrics(counters)})
         run_dir.log_problems(0, problem_records(initial))
         run_dir.log_completions(0, [dict(s, split=split) for split, r in initial.items() for s in r.samples])
         summary["eval_initial"] = {split: {"accuracy": r.accuracy, "n": r.n} for split, r in initial.items()}
@@ -256,6 +258,7 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
         counters.update(meta["counters"])
         train_wall = meta["train_wall_s"]
     total_steps = sum(budgets)
+    targets = stage_targets(cfg, budgets)  # train.budget_flops / budget_tokens: each stage's end, else None
     stage = index = stage_step = None
 
     def save(step: int, keep: int) -> None:
@@ -282,20 +285,23 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                                     completed=done_in_stage, info="")
             recent = deque(maxlen=10)
             for stage_step in range(done_in_stage + 1, budget + 1):
+                if targets is not None and spent(cfg, counters) >= targets[index]:
+                    break  # this stage's share of the compute budget is spent
                 started = time.perf_counter()
                 step = counters["steps"] + 1
                 try:
-                    output = stage.step()
+                    with flops.counting() as ledger:  # every pass of the step, on this rank (core/flops.py)
+                        output = stage.step()
                 except (NonFiniteError, RewardFunctionError) as error:  # no update made: the last checkpoint is good
                     raise type(error)(f"step {step} ({kind}): {error}") from None
                 counters["steps"] = step
                 output.metrics = distributed.average_metrics(output.metrics)
                 output.metrics["perf/step_s"] = time.perf_counter() - started
                 train_wall += output.metrics["perf/step_s"]
-                train_tokens, gen_tokens = distributed.total(output.train_tokens, output.gen_tokens)
-                counters["train_tokens"] += train_tokens
-                counters["gen_tokens"] += gen_tokens
-                evaluated = cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < total_steps
+                spent_before = spent(cfg, counters)
+                output.metrics.update(count_step(cfg, counters, output, ledger))
+                last = step == total_steps or (targets is not None and spent(cfg, counters) >= targets[-1])
+                evaluated = not last and eval_due(cfg, step, spent_before, spent(cfg, counters))
                 if evaluated:
                     results = evaluate_all(ctx, eval_problems, step=step)
                     output.metrics.update(eval_metrics(results))
@@ -309,10 +315,10 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 progress.update(bar, advance=1, info=_progress_info(recent))
                 every = cfg.train.checkpoint_every
                 stopping = distributed.any_rank(signals.requested is not None)  # every rank stops at one step
-                if step < total_steps and ((every > 0 and step % every == 0) or stopping):
+                if not last and ((every > 0 and step % every == 0) or stopping):
                     save(step, cfg.train.keep_checkpoints)
                 if stopping:
-                    if step == total_steps:  # its checkpoint is the last step's, written next
+                    if last:  # its checkpoint is the last step's, written next
                         phase("the final checkpoint")
                         save(step, keep=0)
                     raise KeyboardInterrupt(f"{signals.requested or 'a stop on another rank'} at step {step}; "
@@ -328,7 +334,7 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
             save(step, keep=0)
     phase("the final evaluation")
     final = evaluate_all(ctx, eval_problems, step=step)
-    run_dir.log_metrics(step, "final", eval_metrics(final))
+    run_dir.log_metrics(step, "final", {**eval_metrics(final), **cumulative_metrics(counters)})
     run_dir.log_problems(step, problem_records(final))
     run_dir.log_completions(step, [dict(s, split=split) for split, r in final.items() for s in r.samples])
     phase("the final weights")
@@ -339,7 +345,8 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
         status="completed",
         eval={split: {"accuracy": r.accuracy, "n": r.n, **(r.sampled.metrics() if r.sampled else {})}
               for split, r in final.items()},
-        wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device), **counters,
+        wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device),
+        **counters, **budget_summary(cfg, counters),
     )
     signals.hold()  # completed once the summary says so: a signal now changes nothing
     run_dir.write_summary(summary)

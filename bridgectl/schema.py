@@ -345,7 +345,17 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 200
-    """Total updates over all stages (recipes split it with `recipe.fractions`)."""
+    """Total updates over all stages (recipes split it with `recipe.fractions`); with a compute budget, the most
+    steps and the horizon of step-based schedules."""
+    budget_flops: Optional[float] = None
+    """End the run at this many FLOPs of sampling and training (core/flops.py's estimate, over every process),
+    split between the stages as their steps are: every recipe stops within one step of equal compute
+    (bridgectl/budget.py); null: train.max_steps alone ends it."""
+    budget_tokens: Optional[float] = None
+    """The same budget counted in tokens: generated + trained (once per forward+backward pass)."""
+    eval_every_compute: Optional[float] = None
+    """Evaluate each time the run's total compute passes another multiple of this (in the budget's unit: FLOPs,
+    or tokens with train.budget_tokens), instead of every train.eval_every steps: curves at equal compute."""
     eval_every: int = 50
     """Greedy evaluation of every split each this many steps (0: only before and after)."""
     log_completions_every: int = 25

@@ -427,7 +427,7 @@ def test_flat_form_has_the_csv_and_json_keys_in_their_order(sweep):
     # the runs log no ood curve: no ood@15s view to summarize
     views = ["eval/ood/accuracy", "eval/test/accuracy", "eval/test/accuracy@15s"]
     head = ["task", "model", "group", "n", "too_few_seeds", "is_baseline"]
-    tail = ["wall_s", "gen_tokens", "peak_mem_mb", "time_to_target_s", "reached_target"]
+    tail = ["wall_s", "gen_tokens", "peak_mem_mb", "flops", "time_to_target_s", "flops_to_target", "reached_target"]
     assert list(rows["bridge"].flat()) == head + [f"{v}/{k}" for v in views for k in SUMMARY_KEYS + WELCH_KEYS] + tail
     assert list(rows["rl"].flat()) == head + [f"{v}/{k}" for v in views for k in SUMMARY_KEYS + ["diff"]] + tail
     flat, typed = rows["bridge"].flat(), rows["bridge"].metrics["eval/test/accuracy"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from bridgectl.core import distributed
+from bridgectl.core import distributed, flops
 from bridgectl.core.rollout import Rollouts, positions
 
 LOGIT_CHUNK_ELEMENTS = 2**25
@@ -65,6 +65,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     scored = scored.bool()
     targets = input_ids[:, first_scored:][scored]
     position_ids = positions(attention_mask)
+    rows, width = input_ids.shape
     if _head_is_separable(model):
         decoder, head = _decoder_and_head(model)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -72,10 +73,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         # the hidden state at position t - 1 predicts token t
         values = chunked_head_logprobs(hidden[:, first_scored - 1:-1][scored], targets, head, temperature,
                                        with_entropy)
+        flops.count_pass(model, rows, width, targets.numel(), head_recomputed=True)
     else:
+        kept = width - first_scored + 1
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, logits_to_keep=input_ids.size(1) - first_scored + 1).logits[:, :-1]
+                       use_cache=False, logits_to_keep=kept).logits[:, :-1]
         values = chunked_head_logprobs(logits[scored], targets, None, temperature, with_entropy)
+        flops.count_pass(model, rows, width, rows * kept)
 
     def placed(part: torch.Tensor) -> torch.Tensor:
         return torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(scored, part)
@@ -131,15 +135,18 @@ def token_entropies(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     distributions alive at once are one chunk's, never [rows, tokens, vocabulary]."""
     scored = scored.bool()
     position_ids = positions(attention_mask)
+    rows, width = input_ids.shape
     if _head_is_separable(model):
         decoder, head = _decoder_and_head(model)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state
         features = hidden[:, first_scored - 1:-1][scored]
+        flops.count_pass(model, rows, width, features.size(0))
     else:
         head = None
         features = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, logits_to_keep=input_ids.size(1) - first_scored + 1).logits[:, :-1][scored]
+                         use_cache=False, logits_to_keep=width - first_scored + 1).logits[:, :-1][scored]
+        flops.count_pass(model, rows, width, rows * (width - first_scored + 1))
     vocabulary = features.size(-1) if head is None else head.weight.size(0)
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(1, vocabulary))
     parts = [_entropy(features[start:start + chunk], head, temperature) for start in range(0, features.size(0), chunk)]

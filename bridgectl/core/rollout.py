@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bridgectl.core import distributed
+from bridgectl.core import distributed, flops
 
 # the KV cache argument and output field: `cache` in recent transformers (5.24), `past_key_values` in the releases
 # vLLM pins (5.19)
@@ -171,6 +171,8 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
     used = prompt_mask.bool().any(dim=0)
     mask, ids = (prompt_mask, prompt_ids) if bool(used.all()) else (prompt_mask[:, used], prompt_ids[:, used])
     n = ids.size(0)
+    counter = flops.DecodeCounter(model)  # core/flops: what sampling costs, counted inside a training step
+    counter.prefill(n, ids.size(1))
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
     cache, next_logits = out[KV_CACHE], out.logits[:, -1]
     position = positions(mask)[:, -1:]
@@ -215,6 +217,7 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
                     segments = _group_segments(rows, group_size)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
+        counter.step(token.size(0), mask.size(1))
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
                     **{KV_CACHE: cache})
         cache, next_logits = out[KV_CACHE], out.logits[:, -1]

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from bridgectl.core import distributed
+from bridgectl.core import distributed, flops
 from bridgectl.core.evaluate import Decode
 from bridgectl.core.model import Policy, merged_weights
 from bridgectl.core.logprobs import score_sampled
@@ -125,6 +125,8 @@ class VLLMRollouts:
         self.load_policy_weights(policy)
         rollouts, completions = self._generate(policy, prompts, max_new_tokens, temperature, row_seeds,
                                                (top_k, top_p, min_p))
+        flops.count_engine_sampling(policy.model, rollouts.prompt_mask.sum(dim=1).tolist(),
+                                    rollouts.lengths.tolist())
         rollouts = score_sampled(policy.model, rollouts, temperature, self.scoring_rows)
         engine = [engine_logprobs(c) for c in completions]
         self.last_logprob_gap = logprob_gap(rollouts, engine)

@@ -1,0 +1,94 @@
+"""A run's compute: the counters the runner keeps (steps, tokens, FLOPs; core/flops.py counts each step's passes),
+what they put in metrics.jsonl, and budgets in compute (`train.budget_flops`, `train.budget_tokens`) that end a run
+at equal compute whatever its recipe costs per update.
+
+metrics.jsonl, every step row: `compute/flops` (the step's sampling and training FLOPs, over every process),
+`compute/gen_tokens` (tokens sampled, dropped groups of dynamic sampling included), `compute/pass_tokens` (tokens
+that received a gradient, once per forward+backward pass they went through); and the run's totals so far,
+`compute/cum_flops` and `compute/cum_tokens` (generated + pass tokens: train.budget_tokens' unit), which the init
+and final rows carry too (`bridgectl compare --at-flops / --at-tokens` reads them at each evaluation).
+
+A budget is split between the recipe's stages as its steps are (`recipe.fractions` or `recipe.steps`): a stage
+ends after the step that brings the run's total to the end of its share (stage_targets), so every recipe stops
+within one step's compute of the budget. `train.max_steps` stays the most steps a stage may take and the horizon of the schedules that depend on
+it (optim.schedule=cosine, chord's mu, uft's hints, a ramp of BRIDGE's lambda): set it at or above the steps the
+cheapest recipe takes at the budget. `train.eval_every_compute` evaluates each time the total passes another
+multiple of it, so learning curves are sampled at equal compute.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+def new_counters() -> dict:
+    """A fresh run's counters (saved in every checkpoint, so a resumed run goes on counting; summary.json
+    records them)."""
+    return {"steps": 0, "train_tokens": 0, "gen_tokens": 0, "pass_tokens": 0, "flops": 0}
+
+
+def budget_unit(cfg: DictConfig) -> str | None:
+    """flops or tokens: the unit of the run's compute budget; None without one."""
+    if cfg.train.budget_flops is not None:
+        return "flops"
+    if cfg.train.budget_tokens is not None:
+        return "tokens"
+    return None
+
+
+def spent(cfg: DictConfig, counters: dict) -> float:
+    """The run's total so far in its budget's unit (FLOPs by default)."""
+    if budget_unit(cfg) == "tokens":
+        return float(counters["gen_tokens"] + counters["pass_tokens"])
+    return float(counters["flops"])
+
+
+def stage_targets(cfg: DictConfig, budgets: list[int]) -> list[float] | None:
+    """The run's total at which each stage ends: the budget split in proportion to the stages' steps and
+    accumulated (the last stage's is the whole budget, so the run ends within one step of it whatever the
+    earlier stages overran); None without a budget."""
+    unit = budget_unit(cfg)
+    if unit is None:
+        return None
+    total = float(cfg.train.budget_flops if unit == "flops" else cfg.train.budget_tokens)
+    return [total * sum(budgets[:index + 1]) / sum(budgets) for index in range(len(budgets))]
+
+
+def count_step(cfg: DictConfig, counters: dict, output, ledger) -> dict:
+    """Adds one step (its StepOutput and core/flops Ledger, this process's) to the counters, summed over every
+    process; returns the step's compute metrics."""
+    from bridgectl.core import distributed
+
+    train_tokens, gen_tokens, pass_tokens, step_flops = distributed.total(
+        output.train_tokens, output.gen_tokens, ledger.pass_tokens, int(ledger.flops))
+    counters["train_tokens"] += train_tokens
+    counters["gen_tokens"] += gen_tokens
+    counters["pass_tokens"] += pass_tokens
+    counters["flops"] += step_flops
+    return {"compute/flops": step_flops, "compute/gen_tokens": gen_tokens, "compute/pass_tokens": pass_tokens,
+            **cumulative_metrics(counters)}
+
+
+def cumulative_metrics(counters: dict) -> dict:
+    """The run's totals so far, as every metrics row that can hold an evaluation carries them."""
+    return {"compute/cum_flops": counters["flops"],
+            "compute/cum_tokens": counters["gen_tokens"] + counters["pass_tokens"]}
+
+
+def eval_due(cfg: DictConfig, step: int, before: float, after: float) -> bool:
+    """Whether step `step` evaluates: every train.eval_every steps, or with train.eval_every_compute each time
+    the total (`before` -> `after` this step, in the budget's unit) passes a multiple of it."""
+    every = cfg.train.eval_every_compute
+    if every is not None:
+        return int(after // every) > int(before // every)
+    return cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0
+
+
+def budget_summary(cfg: DictConfig, counters: dict) -> dict:
+    """summary.json's record of the budget: its unit, size and what was spent (nothing without one)."""
+    unit = budget_unit(cfg)
+    if unit is None:
+        return {}
+    return {"budget": {"unit": unit, "value": float(cfg.train.budget_flops if unit == "flops"
+                                                      else cfg.train.budget_tokens),
+                       "spent": spent(cfg, counters)}}

@@ -238,6 +238,15 @@ def _mean_cost(runs: list[Run], cost: str) -> float | None:
     return float(np.mean(costs)) if costs else None
 
 
+def _data_seen(runs: list[Run]) -> dict:
+    """Mean items used and distinct problems per data stream over the runs that recorded them (summary `data`)."""
+    recorded = [r.summary["data"] for r in runs if isinstance(r.summary.get("data"), dict)]
+    if not recorded:
+        return {}
+    return {stream: {key: float(np.mean([seen[stream][key] for seen in recorded])) for key in ("used", "distinct")}
+            for stream in recorded[0] if all(stream in seen for seen in recorded)}
+
+
 def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
             at_seconds: float | None = None, at_flops: float | None = None,
             at_tokens: float | None = None) -> list[GroupRow]:
@@ -276,7 +285,7 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
             row = GroupRow(task, model, key, _label(key), len(runs), runs is baseline_runs,
                            {view.key: summary for view, summary in summaries if summary is not None},
                            _mean_cost(runs, "wall_s"), _mean_cost(runs, "gen_tokens"), _mean_cost(runs, "peak_mem_mb"),
-                           _mean_cost(runs, "flops"))
+                           _mean_cost(runs, "flops"), _data_seen(runs))
             if target is not None and any(r.metrics for r in runs):  # base's pseudo-runs log no curve
                 reached = [t for t in (time_to_target(r, metric, target) for r in runs) if t is not None]
                 in_flops = [f for f in (time_to_target(r, metric, target, "flops") for r in runs) if f is not None]

@@ -171,6 +171,9 @@ class GroupRow:
     """Mean peak accelerator memory of a run in MB; None when no run recorded it."""
     flops: float | None = None
     """Mean FLOPs of a run's sampling and training (core/flops.py); None when no run recorded them."""
+    data: dict = field(default_factory=dict)
+    """What the runs saw: per stream (sft, rl) the mean items used and distinct problems among them (summary.json's
+    `data`); empty for runs that did not record it."""
     time_to_target: TimeToTarget | None = None
     """None without a target (no baseline with logged curves) or for a group without curves (the base model)."""
 
@@ -192,6 +195,8 @@ class GroupRow:
             out |= summary.flat()
         out |= {"wall_s": self.wall_s, "gen_tokens": self.gen_tokens, "peak_mem_mb": self.peak_mem_mb,
                 "flops": self.flops}
+        for stream, seen in self.data.items():
+            out |= {f"data/{stream}/used": seen["used"], f"data/{stream}/distinct": seen["distinct"]}
         if self.time_to_target is not None:
             out["time_to_target_s"] = self.time_to_target.seconds
             out["flops_to_target"] = self.time_to_target.flops

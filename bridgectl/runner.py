@@ -347,6 +347,8 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
               for split, r in final.items()},
         wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device),
         **counters, **budget_summary(cfg, counters),
+        # the data each run saw (this process's streams: every rank draws the same problems and shards them)
+        data={"sft": ctx.sft_examples.usage(), "rl": ctx.rl_problems.usage()},
     )
     signals.hold()  # completed once the summary says so: a signal now changes nothing
     run_dir.write_summary(summary)

@@ -184,3 +184,23 @@ def test_an_engines_sampling_is_counted_as_the_built_in_samplers_without_padding
     with flops.counting() as ledger:
         flops.count_engine_sampling(model, [5], [9])
     assert ledger.gen_flops == pytest.approx(by_loop, rel=1e-12)
+
+
+def test_each_run_records_the_data_it_saw_and_compare_carries_it(tmp_path):
+    """summary.json's `data`: SFT examples and RL prompts handed out, and how many distinct problems they were;
+    rl draws rl.prompts_per_step prompts a step and no SFT example, sft sft.batch_size examples a step."""
+    from bridgectl import compare
+
+    small = ["train.max_steps=3", "rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=4", "eval.n=8",
+             "train.threads=1", "train.eval_every=0"]
+    for recipe in ("rl", "sft"):
+        result = CliRunner().invoke(app, ["run", f"recipe={recipe}", *small, "--out", str(tmp_path), "--name", recipe])
+        assert result.exit_code == 0, result.output
+    rl_data = json.loads((tmp_path / "rl" / "summary.json").read_text())["data"]
+    sft_data = json.loads((tmp_path / "sft" / "summary.json").read_text())["data"]
+    assert rl_data["rl"]["used"] == 6 and 1 <= rl_data["rl"]["distinct"] <= 6 and rl_data["sft"]["used"] == 0
+    assert sft_data["sft"]["used"] == 12 and sft_data["rl"]["used"] == 0
+    assert rl_data["rl"]["max_uses"] >= 1
+    flat = {row.group: row.flat() for row in compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"],
+                                                             "eval/test/accuracy", None)}
+    assert flat["rl"]["data/rl/used"] == 6 and flat["sft"]["data/sft/used"] == 12

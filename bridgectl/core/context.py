@@ -4,7 +4,7 @@ bridgectl/context.py's job: the core knows no recipe."""
 
 from __future__ import annotations
 
-import itertools
+import collections
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -21,11 +21,15 @@ from bridgectl.errors import UserError
 
 class CountingStream:
     """An endless data stream that counts what it handed out, so a resumed run can rebuild it from its seed and
-    skip exactly that many items (data order and position, without pickling a generator)."""
+    skip exactly that many items (data order and position, without pickling a generator), and how often it handed
+    out each distinct problem (by its question), so a comparison can say whether two runs saw the same data."""
 
     def __init__(self, make: Callable[[], Iterator], skip: int = 0) -> None:
-        self.consumed = skip
-        self._items = itertools.islice(make(), skip, None)
+        self.consumed = 0
+        self.uses: collections.Counter = collections.Counter()
+        self._items = iter(make())
+        for _ in range(skip):  # replayed, and counted as the interrupted run counted them
+            next(self)
 
     def __iter__(self):
         return self
@@ -33,7 +37,12 @@ class CountingStream:
     def __next__(self):
         item = next(self._items)
         self.consumed += 1
+        self.uses[getattr(item, "question", item)] += 1
         return item
+
+    def usage(self) -> dict:
+        """Items handed out, distinct problems among them, and how many times the most used one was."""
+        return {"used": self.consumed, "distinct": len(self.uses), "max_uses": max(self.uses.values(), default=0)}
 
 
 @dataclass

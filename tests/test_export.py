@@ -95,8 +95,7 @@ def final_rewards(run: Path) -> dict:
     return {row["split"]: row["rewards"] for row in rows if row["step"] == last}
 
 
-@pytest.mark.parametrize("recipe, adapter_only", [
-    (["recipe=rl"], False),
+@pytest.mark.parametrize("recipe, adapter_only", [  # full weights: bridge's (its adapter w merged into them)
     (["recipe=rl", "model.finetune=lora"], True),
     (["recipe=bridge", "model.finetune=lora"], True),
     (["recipe=bridge", "bridge.lower=full"], False),

@@ -71,8 +71,10 @@ def one_step(overrides: list[str], kind: str) -> tuple[float, float, flops.Ledge
 RECIPE_OF = {"sft": "sft", "rl": "rl", "interleaved": "interleaved"}
 
 
-@pytest.mark.parametrize("finetune", ["full", "lora"])
-@pytest.mark.parametrize("kind", list(STAGES))
+# every stage with full weights; with LoRA (a frozen base: no weight gradients, the adapters' products) the stages
+# whose passes differ in kind: SFT only, RL only, BRIDGE's three passes with two adapters, luffy's mixed groups
+@pytest.mark.parametrize("kind, finetune", [(kind, "full") for kind in STAGES]
+                         + [(kind, "lora") for kind in ("sft", "rl", "bridge", "luffy")])
 def test_every_stages_step_is_within_ten_percent_of_torchs_counter(kind, finetune):
     ours, torchs, ledger = one_step([f"recipe={RECIPE_OF.get(kind, kind)}", f"model.finetune={finetune}", *SMALL],
                                     kind)

@@ -97,10 +97,9 @@ def test_a_sharded_run_matches_one_process(tmp_path, recipe):
     assert [c.name for c in checkpoints] == ["step-000001", "step-000002"]
 
 
-@pytest.mark.parametrize("recipe, processes", [
-    (["recipe=bridge", "model.finetune=lora"], SHARDED),  # gathered shards, BRIDGE's shadow included
-    (["recipe=rl"], ["--nproc", "2"]),  # plain data parallelism: whole models, the same checkpoints
-])
+# sharded: the checkpoint gathers the shards (BRIDGE's shadow included) and the resumed processes shard them again;
+# plain data parallelism writes rank 0's whole model, the single-process format test_resume.py resumes
+@pytest.mark.parametrize("recipe, processes", [(["recipe=bridge", "model.finetune=lora"], SHARDED)])
 def test_a_multi_process_run_killed_after_a_checkpoint_resumes_to_the_same_result(tmp_path, recipe, processes):
     settings = [*recipe, *SMALL[:-1], "train.checkpoint_every=1", "train.eval_every=2"]  # 3 steps
     straight = CliRunner().invoke(app, ["run", *settings, *processes, "--out", str(tmp_path), "--name", "straight"])

@@ -89,6 +89,20 @@ def budget_summary(cfg: DictConfig, counters: dict) -> dict:
     unit = budget_unit(cfg)
     if unit is None:
         return {}
-    return {"budget": {"unit": unit, "value": float(cfg.train.budget_flops if unit == "flops"
-                                                      else cfg.train.budget_tokens),
-                       "spent": spent(cfg, counters)}}
+    value = float(cfg.train.budget_flops if unit == "flops" else cfg.train.budget_tokens)
+    return {"budget": {"unit": unit, "value": value, "spent": spent(cfg, counters),
+                       "reached": spent(cfg, counters) >= value}}
+
+
+def unspent_warning(cfg: DictConfig, counters: dict) -> str | None:
+    """What to tell the user when train.max_steps ended a budgeted run before its budget was spent (then it is
+    not at equal compute with runs that spent theirs); None otherwise."""
+    unit = budget_unit(cfg)
+    if unit is None:
+        return None
+    value = float(cfg.train.budget_flops if unit == "flops" else cfg.train.budget_tokens)
+    used = spent(cfg, counters)
+    if used >= value:
+        return None
+    return (f"Warning: train.max_steps={cfg.train.max_steps} ended the run at {used:.3g} of its {value:.3g} "
+            f"{unit} budget ({100 * used / value:.0f}%); raise train.max_steps for a run at the full budget")

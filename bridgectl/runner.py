@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.markup import escape
 
 from bridgectl.budget import (budget_summary, count_step, cumulative_metrics, eval_due, new_counters, spent,
-                              stage_targets)
+                              stage_targets, unspent_warning)
 from bridgectl.config import stage_budgets
 from bridgectl.core import distributed, flops
 from bridgectl.core.checkpoint import (PREFIX, CheckpointError, list_checkpoints, read_checkpoint, restore,
@@ -352,6 +352,9 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
     )
     signals.hold()  # completed once the summary says so: a signal now changes nothing
     run_dir.write_summary(summary)
+    warning = unspent_warning(cfg, counters)
+    if warning is not None and distributed.is_main():
+        console.print(escape(warning))
     if distributed.is_main() and last.is_dir():  # checkpoints/final holds the weights; the resumable state goes
         shutil.rmtree(last, ignore_errors=True)
 

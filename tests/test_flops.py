@@ -122,7 +122,7 @@ def test_a_flop_budget_stops_each_recipe_within_one_step_of_it(tmp_path):
         final = rows(tmp_path / recipe)[-1]
         assert final["stage"] == "final" and final["compute/cum_flops"] == cumulative[-1]
         summary = json.loads((tmp_path / recipe / "summary.json").read_text())
-        assert summary["budget"] == {"unit": "flops", "value": budget, "spent": cumulative[-1]}
+        assert summary["budget"] == {"unit": "flops", "value": budget, "spent": cumulative[-1], "reached": True}
         assert summary["flops"] == cumulative[-1]
         spent[recipe] = len(steps)
         spent_flops[recipe] = cumulative[-1]
@@ -206,3 +206,13 @@ def test_each_run_records_the_data_it_saw_and_compare_carries_it(tmp_path):
     flat = {row.group: row.flat() for row in compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"],
                                                              "eval/test/accuracy", None)}
     assert flat["rl"]["data/rl/used"] == 6 and flat["sft"]["data/sft/used"] == 12
+
+
+def test_a_budget_that_train_max_steps_cuts_short_is_said_and_recorded(tmp_path):
+    result = CliRunner().invoke(app, ["run", "recipe=rl", *BUDGET, "train.max_steps=2", "train.budget_tokens=1e9",
+                                      "--out", str(tmp_path), "--name", "r"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "Warning: train.max_steps=2 ended the run at" in said and "raise train.max_steps" in said
+    budget = json.loads((tmp_path / "r" / "summary.json").read_text())["budget"]
+    assert budget["unit"] == "tokens" and not budget["reached"] and budget["spent"] < 1e9

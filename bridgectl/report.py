@@ -157,9 +157,9 @@ def plot_differences(rows: list[GroupRow], path: Path) -> bool:
         difference = row.difference(key)
         return difference is not None and difference.ci_low is not None
 
-    # final greedy accuracy of each split; not its --at-seconds views
+    # final greedy accuracy of each split; not its equal-cost (--at-*) views
     metrics = sorted({s.metric for r in rows for s in r.metrics.values() if s.metric.name == "accuracy"
-                      and s.metric.at_seconds is None and tested(r, s.metric.key)}, key=lambda m: m.key)
+                      and s.metric.at is None and tested(r, s.metric.key)}, key=lambda m: m.key)
     shown = [r for r in rows if not r.is_baseline and any(tested(r, m.key) for m in metrics)]
     if not metrics or not shown:
         return False
@@ -198,12 +198,13 @@ def plot_pass_at_k(rows: list[GroupRow], path: Path) -> bool:
 
     def final_pass_at_k(row: GroupRow, split: str) -> list:  # by k; the --at-seconds views are not final
         return sorted((s for s in row.metrics.values() if s.metric.kind == "pass" and s.metric.split == split
-                       and s.metric.at_seconds is None), key=lambda s: s.metric.k)
+                       and s.metric.at is None), key=lambda s: s.metric.k)
 
     splits = sorted({s.metric.split for r in rows for s in r.metrics.values() if s.metric.kind == "pass"})
     if not splits:
         return False
-    figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
+    look = styles([row.group for row in rows])
+    figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits) + 1.5, 4), squeeze=False)
     for axis, split in zip(axes[0], splits):
         for row in rows:
             summaries = final_pass_at_k(row, split)
@@ -213,15 +214,15 @@ def plot_pass_at_k(rows: list[GroupRow], path: Path) -> bool:
             # one seed has no interval: the band shrinks to the mean
             lows = [100 * (s.ci_low if s.ci_low is not None else s.mean) for s in summaries]
             highs = [100 * (s.ci_high if s.ci_high is not None else s.mean) for s in summaries]
-            (line,) = axis.plot(ks, means, marker="o", label=f"{row.group} (n={row.n})")
-            axis.fill_between(ks, lows, highs, color=line.get_color(), alpha=0.15)
+            axis.plot(ks, means, marker="o", label=f"{row.group} (n={row.n})", **look[row.group])
+            axis.fill_between(ks, lows, highs, color=look[row.group]["color"], alpha=0.15)
         axis.set_xscale("log", base=2)
         axis.set_xlabel("k")
         axis.set_ylabel(f"{split} pass@k (%)")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return True
 

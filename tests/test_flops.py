@@ -216,3 +216,28 @@ def test_a_budget_that_train_max_steps_cuts_short_is_said_and_recorded(tmp_path)
     assert "Warning: train.max_steps=2 ended the run at" in said and "raise train.max_steps" in said
     budget = json.loads((tmp_path / "r" / "summary.json").read_text())["budget"]
     assert budget["unit"] == "tokens" and not budget["reached"] and budget["spent"] < 1e9
+
+
+def test_a_budgeted_run_killed_mid_stage_resumes_to_the_same_end(tmp_path):
+    """two_stage at a FLOP budget, SIGKILLed in its RL stage after a checkpoint, resumed with --resume: the same
+    steps, compute counters, evaluations at the same compute, and stop, as the run never stopped (the counters
+    that decide where each stage ends are in the checkpoint)."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_resume import metric_rows, start_run, wait_for_step
+
+    settings = ["recipe=two_stage", *BUDGET, "train.budget_flops=3e10", "train.eval_every_compute=1e10",
+                "train.checkpoint_every=1"]
+    straight = CliRunner().invoke(app, ["run", *settings, "--out", str(tmp_path), "--name", "straight"])
+    assert straight.exit_code == 0, straight.output
+    steps = [row for row in rows(tmp_path / "straight") if row["stage"] == "rl"]
+    process = start_run(settings, tmp_path, "killed")
+    wait_for_step(tmp_path / "killed", steps[1]["step"], process)  # in the RL stage, a checkpoint behind
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run([sys.executable, "-m", "bridgectl.cli", "run", "--resume", str(tmp_path / "killed")],
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert metric_rows(tmp_path / "killed") == metric_rows(tmp_path / "straight")

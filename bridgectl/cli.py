@@ -34,6 +34,9 @@ def _print_error(message: str, hint: str) -> None:
 
 def _fail(message: str, hint: str, code: int) -> None:
     _print_error(message, hint)
+    from bridgectl.launch import record_exit_status
+
+    record_exit_status(code)  # a torchrun worker: its launcher exits with this status (bridgectl/launch.py)
     raise typer.Exit(code)
 
 
@@ -73,6 +76,9 @@ def run(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its newest checkpoint."),
     allow_change: Optional[List[str]] = typer.Option(None, "--allow-change", help="With --resume: a config key the overrides may change (repeatable)."),
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (one per GPU; gloo processes on CPU), launched through torchrun."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines the run spans (torchrun's name): start the same command on each, with --rdzv-endpoint and --name; --out must be on a file system every node sees."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous every node joins (torchrun's c10d rendezvous; any node's address)."),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="The rendezvous id, the same on every node (default: the run's name)."),
 ) -> None:
     """Train one recipe into a new run directory and print eval accuracy before and after."""
     try:
@@ -86,17 +92,26 @@ def run(
             cfg = compose(_resolve_overrides(list(overrides or [])))
             from bridgectl.runs import new_run_path
 
+            if nnodes > 1 and name is None:
+                raise UserError("--nnodes needs --name: every node must write to the same run directory",
+                                "add --name NAME (the default name holds each node's own start time)")
             run_path = new_run_path(out, name if name is not None else _default_name(cfg))
-            if run_path.exists() and "LOCAL_RANK" not in os.environ:  # torchrun's processes: the launcher checked
+            # torchrun's processes: the launcher checked; several nodes: rank 0 claims the directory once the
+            # processes have met (another node's launcher may already have started it)
+            if run_path.exists() and "LOCAL_RANK" not in os.environ and nnodes == 1:
                 raise UserError(f"run directory {run_path} already exists",
                                 "choose another --name or --out (runs are never overwritten), or continue it "
                                 f"with --resume {run_path}")
         budgets = stage_budgets(cfg)
-        if nproc < 1:
-            raise UserError(f"--nproc must be at least 1, got {nproc}", "e.g. --nproc 2")
+        if nproc < 1 or nnodes < 1:
+            raise UserError(f"--nproc and --nnodes must be at least 1, got {nproc} and {nnodes}", "e.g. --nproc 2")
+        if nnodes > 1 and rdzv_endpoint is None:
+            raise UserError("--nnodes needs --rdzv-endpoint HOST:PORT, where the nodes meet",
+                            "give one node's address and a free port, the same on every node: "
+                            "--rdzv-endpoint node1:29500")
         from bridgectl.core.distributed import check_batch_split
 
-        check_batch_split(cfg, nproc)
+        check_batch_split(cfg, nproc * nnodes)
         from bridgectl.tasks.rewards import load_reward_functions
 
         load_reward_functions(cfg.task)  # imports task.reward_funcs: a bad one exits 2 before --nproc launches
@@ -108,10 +123,12 @@ def run(
         console.print(f"plan: recipe {cfg.recipe.name}: {plan} steps -> {run_path}")
         return
     worker_rank = int(os.environ.get("RANK", "0"))  # set by torchrun in the processes it starts
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from bridgectl.launch import launch_data_parallel
+    if (nproc > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        from bridgectl.launch import Rendezvous, launch_data_parallel
 
-        returncode = launch_data_parallel(nproc, list(overrides or []), run_path, resume, list(allow_change or []))
+        rendezvous = Rendezvous(nnodes, rdzv_endpoint, rdzv_id or run_path.name) if nnodes > 1 else None
+        returncode = launch_data_parallel(nproc, list(overrides or []), run_path, resume, list(allow_change or []),
+                                          rendezvous)
         if returncode != 0:  # torchrun's exit status becomes ours
             raise typer.Exit(returncode)
         return
@@ -125,6 +142,9 @@ def run(
     except KeyboardInterrupt as stopped:
         console.print(f"Interrupted: {run_path} has status 'interrupted' ({escape(str(stopped) or 'Ctrl-C')}); "
                       f"continue with: bridgectl run --resume {run_path}")
+        from bridgectl.launch import record_exit_status
+
+        record_exit_status(130)
         raise typer.Exit(130)
     except UserError as error:  # found while loading data or the model; the run directory was removed
         _fail(error.message, error.hint, 2)

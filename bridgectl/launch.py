@@ -1,11 +1,15 @@
-"""`bridgectl run --nproc N`: the torchrun launch. The command that was given runs again in N data-parallel
-processes on this host under `torch.distributed.run`; each of them sees LOCAL_RANK and RANK, joins the process
-group and trains its share of every batch (bridgectl/core/distributed.py)."""
+"""`bridgectl run --nproc N [--nnodes M --rdzv-endpoint HOST:PORT]`: the torchrun launch. The command that was given
+runs again in N data-parallel processes on this host under `torch.distributed.run` (on each of M hosts, meeting at
+torchrun's c10d rendezvous); each of them sees LOCAL_RANK and RANK, joins the process group and trains its share
+of every batch (bridgectl/core/distributed.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.markup import escape
@@ -13,19 +17,68 @@ from rich.markup import escape
 from bridgectl.core.ui import console
 
 
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of a multi-node run meet (torchrun's c10d rendezvous, its option names)."""
+    nnodes: int
+    """Machines in the run; the same command runs on each."""
+    endpoint: str
+    """HOST:PORT of the rendezvous (one node's address), the same on every node."""
+    id: str
+    """The rendezvous id, the same on every node (the run's name by default)."""
+
+    def torchrun_options(self) -> list[str]:
+        return [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}",
+                f"--rdzv-id={self.id}"]
+
+
 def launch_data_parallel(nproc: int, overrides: list[str], run_path: Path, resume: Path | None,
-                         allow_change: list[str]) -> int:
-    """Runs `bridgectl run` with `overrides` in `nproc` processes under torchrun (one host), into `run_path`, or
+                         allow_change: list[str], rendezvous: Rendezvous | None = None) -> int:
+    """Runs `bridgectl run` with `overrides` in `nproc` processes under torchrun, on this host alone or, with
+    `rendezvous`, as one node of several (each node runs this with the same arguments; the ranks are assigned at
+    the rendezvous, and rank 0, wherever it lands, claims and writes the run directory), into `run_path`, or
     continuing `resume` with the `allow_change` keys; waits for them and returns torchrun's exit status (130 when
     interrupted)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    where = ["--standalone"] if rendezvous is None else rendezvous.torchrun_options()
+    command = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}",
                "-m", "bridgectl.cli", "run", *overrides]
     if resume is not None:
         command += ["--resume", str(resume), *(f"--allow-change={key}" for key in allow_change)]
     else:  # the name is fixed here: each process would otherwise stamp its own time into the default name
         command += ["--out", str(run_path.parent), "--name", run_path.name]
-    console.print(f"launching {nproc} data-parallel processes: {escape(' '.join(command[2:]))}")
-    try:
-        return subprocess.run(command).returncode
-    except KeyboardInterrupt:  # torchrun passed the signal on; its processes checkpoint and stop
-        return 130
+    nodes = "" if rendezvous is None else f" on each of {rendezvous.nnodes} nodes"
+    console.print(f"launching {nproc} data-parallel processes{nodes}: {escape(' '.join(command[2:]))}")
+    with tempfile.TemporaryDirectory(prefix="bridgectl-exit-") as statuses:
+        try:
+            returncode = subprocess.run(command, env={**os.environ, EXIT_DIR: statuses}).returncode
+        except KeyboardInterrupt:  # torchrun passed the signal on; its processes checkpoint and stop
+            return 130
+        return workers_status(Path(statuses), returncode)
+
+
+EXIT_DIR = "BRIDGECTL_EXIT_DIR"
+"""The environment variable naming where torchrun's workers leave their exit status (record_exit_status)."""
+
+
+def record_exit_status(code: int) -> None:
+    """A worker's exit status, left for its launcher (torchrun itself exits 1 whatever its workers did): so a
+    refused run (2) or an interrupted one (130) ends every node's command with that status."""
+    directory = os.environ.get(EXIT_DIR)
+    if directory and "LOCAL_RANK" in os.environ:
+        try:
+            (Path(directory) / f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
+        except OSError:
+            pass
+
+
+def workers_status(directory: Path, returncode: int) -> int:
+    """The command's exit status: 0 when torchrun succeeded; else the status this node's workers recorded when
+    they agree (every worker that recorded one: 2 for a refused run on every rank), torchrun's otherwise."""
+    if returncode == 0:
+        return 0
+    recorded = {path.read_text().strip() for path in directory.glob("rank-*")}
+    if len(recorded) == 1:
+        (status,) = recorded
+        if status.isdigit() and status != "0":
+            return int(status)
+    return returncode

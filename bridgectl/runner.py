@@ -53,18 +53,43 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
     budgets = stage_budgets(cfg)
     load_reward_functions(cfg.task)  # a bad task.reward_funcs exits 2 before the run directory exists
     distributed.init_from_environment(pick_device(cfg.train.device).type)  # before anything is written
+    # every process checks what depends on the world size, and none goes on when one fails (the same Error:)
+    checked = None
+    try:
+        distributed.check_batch_split(cfg, distributed.world_size())
+    except UserError as error:
+        checked = error
+    distributed.raise_together(checked)
     with RunSignals() as signals:  # from here a signal waits until the summary can say "interrupted"
         if resume:
             summary = json.loads((run_path / "summary.json").read_text())
+            refused = None
             if distributed.is_main():
-                refuse_if_running(run_path, summary)  # before this process writes anything there
+                try:
+                    refuse_if_running(run_path, summary)  # before this process writes anything there
+                except UserError as error:
+                    refused = error
+            distributed.raise_together(refused)
             # its logs are cut back once the checkpoint is chosen; until then its clock goes on from the summary's
             run_dir = RunDir(run_path, existing=True, wall_offset=float(summary.get("wall_s") or 0.0),
                              enabled=distributed.is_main())
             summary.update(status="running", **(tags or {}))  # a sweep's retry: its own tags
             summary.pop("error", None)
+            distributed.shared_directory_check(run_path)
         else:
-            run_dir = RunDir(run_path, enabled=distributed.is_main())  # rank 0 writes; other ranks only train
+            claimed, run_dir = None, None
+            try:  # rank 0 alone claims the directory (an atomic mkdir); every rank hears whether it could
+                run_dir = RunDir(run_path, enabled=distributed.is_main())  # rank 0 writes; others only train
+            except UserError as error:
+                claimed = error
+            distributed.raise_together(claimed)
+            try:
+                distributed.shared_directory_check(run_path)
+            except UserError:
+                if distributed.is_main():  # nothing is in it yet: the claim is given back
+                    run_dir.close()
+                    shutil.rmtree(run_path, ignore_errors=True)
+                raise
             summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
                        "model": cfg.model.name, **(tags or {}),
                        "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
@@ -94,7 +119,7 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
             if heartbeat is not None:
                 heartbeat()  # first: a beat written while the directory is removed would leave it half there
             run_dir.close()
-            if not resume:
+            if not resume and distributed.is_main():  # only rank 0 ever makes or removes the run directory
                 shutil.rmtree(run_path, ignore_errors=True)
             raise
         except BaseException as error:

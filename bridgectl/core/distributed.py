@@ -156,6 +156,71 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item() > 0)
 
 
+def raise_together(error: Exception | None) -> None:
+    """Raises on every rank when any rank has an `error` (a UserError: its message and hint, from the lowest rank
+    that has one, naming that rank), so a check that fails on one process ends them all with the same Error: and
+    exit status instead of leaving the others waiting in a collective."""
+    from bridgectl.errors import UserError
+
+    if not active():
+        if error is not None:
+            raise error
+        return
+    said = [None] * world_size()
+    dist.all_gather_object(said, None if error is None else (str(getattr(error, "message", error)),
+                                                             getattr(error, "hint", None)))
+    first = next(((index, found) for index, found in enumerate(said) if found is not None), None)
+    if first is not None:
+        index, (message, hint) = first
+        where = "" if index == rank() else f" (on rank {index})"
+        raise UserError(message + where, hint)
+
+
+NODE_WAIT_ENV = "BRIDGECTL_NODE_WAIT_S"
+"""Seconds the other ranks wait to see the run directory rank 0 made (default 30; more for a slow shared file
+system's attribute cache)."""
+
+
+def shared_directory_check(path, timeout_s: float | None = None) -> None:
+    """Every rank must see the run directory `path` that rank 0 has made: rank 0 writes a file with a fresh token
+    in it, the others wait up to `timeout_s` seconds (default $BRIDGECTL_NODE_WAIT_S, else 30) for that file and
+    token. A rank on another machine without a shared file system (or with --out on a local disk) fails within
+    that time, naming its host, and so do all ranks (raise_together), instead of training into a directory only
+    one node has."""
+    import secrets
+    import socket
+    import time
+    from pathlib import Path
+
+    from bridgectl.errors import UserError
+
+    if not active():
+        return
+    timeout_s = float(os.environ.get(NODE_WAIT_ENV, "30")) if timeout_s is None else timeout_s
+    marker = Path(path) / ".ranks-see-this"
+    token = [secrets.token_hex(8) if is_main() else None]
+    if is_main():
+        marker.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    deadline, seen = time.monotonic() + timeout_s, is_main()
+    while not seen and time.monotonic() < deadline:
+        try:
+            seen = marker.read_text() == token[0]
+        except OSError:
+            seen = False
+        if not seen:
+            time.sleep(0.2)
+    error = None if seen else UserError(
+        f"the run directory {path} is not visible from {socket.gethostname()} (rank {rank()}) within "
+        f"{timeout_s:g} s", "every node must see --out on one shared file system (NFS, Lustre, ...): give --out "
+        "a path there")
+    try:
+        raise_together(error)
+    finally:
+        if is_main():
+            marker.unlink(missing_ok=True)
+
+
 # ---- sharded models (train.fsdp) ------------------------------------------------------------------------------
 def shard_model(policy) -> None:
     """Shards the policy's model (and a frozen reference, when kept) over the ranks with FSDP2: every decoder layer

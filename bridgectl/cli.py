@@ -328,8 +328,14 @@ def sweep_command(
     from bridgectl.sweep_spec import load_spec
 
     try:
+        if "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("bridgectl sweep is running under torchrun: every process would be an Optuna worker of "
+                            "its own, training different trials in one process group",
+                            "start bridgectl sweep directly; it starts its trials' processes itself")
         if workers < 1:
             raise UserError(f"--workers must be at least 1, got {workers}", "e.g. --workers 2")
+        if storage is not None:
+            storage = sweeping.storage_url(storage, workers)
         if launcher not in sweeping.LAUNCHERS:
             raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(sweeping.LAUNCHERS)}")
         launcher_options = _key_values(launcher_opt or [], "--launcher-opt")

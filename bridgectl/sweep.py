@@ -44,6 +44,35 @@ class DeadWorkers(RuntimeError):
     """Worker processes died and trials they held were not retried to completion (the CLI exits 1)."""
 
 
+def storage_url(url: str, workers: int) -> str:
+    """`--storage URL` as SQLAlchemy 2 opens it: a bare postgresql:// URL names psycopg2, which is rarely
+    installed where psycopg 3 is, so it becomes postgresql+psycopg:// when only psycopg 3 is there. A URL whose
+    driver is missing, and SQLite with several workers (its file locks let concurrent writers lose or repeat
+    trials, Optuna's own warning), are refused with the reason."""
+    import importlib.util
+
+    from bridgectl.errors import UserError
+
+    def installed(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme == "postgresql" and not installed("psycopg2") and installed("psycopg"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        scheme = "postgresql+psycopg"
+    drivers = {"postgresql": "psycopg2", "postgresql+psycopg2": "psycopg2", "postgresql+psycopg": "psycopg",
+               "mysql": "MySQLdb", "mysql+pymysql": "pymysql"}
+    if scheme in drivers and not installed(drivers[scheme]):
+        raise UserError(f"--storage {scheme}:// needs the {drivers[scheme]} package, which is not installed",
+                        "pip install 'psycopg[binary]' for postgresql:// (psycopg 3), or pymysql for "
+                        "mysql+pymysql://; or leave --storage out (a journal file in the sweep directory)")
+    if scheme.startswith("sqlite") and workers > 1:
+        raise UserError("--storage sqlite:// with --workers > 1: SQLite's file locks let concurrent workers lose "
+                        "trials or run one twice", "leave --storage out (the journal file handles concurrent "
+                        "workers), use PostgreSQL, or --workers 1")
+    return url
+
+
 def make_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
     """Opens (or creates) the spec's study in the journal file of `sweep_dir`, or in `storage_url`."""
     import optuna

@@ -131,7 +131,8 @@ def plot_frontier(rows: list[GroupRow], metric: str, path: Path) -> bool:
     for row, summary in points:
         low = summary.ci_low if summary.ci_low is not None else summary.mean
         high = summary.ci_high if summary.ci_high is not None else summary.mean
-        axes.errorbar(row.flops, summary.mean, yerr=[[summary.mean - low], [high - summary.mean]], fmt="o",
+        marker = {"-": "o", "--": "s", ":": "^", "-.": "D"}[look[row.group]["linestyle"]]  # colours repeat past 10
+        axes.errorbar(row.flops, summary.mean, yerr=[[summary.mean - low], [high - summary.mean]], fmt=marker,
                       capsize=3, color=look[row.group]["color"], label=f"{row.group} (n={row.n})")
     axes.set_xscale("log")
     axes.set_xlabel("FLOPs per run (sampling + training, mean over seeds)")

@@ -399,6 +399,26 @@ def test_readme_paper_comparison_is_what_compare_prints_for_the_recorded_sweep()
     assert all(line in readme for line in table)
 
 
+def test_readme_equal_compute_table_is_what_compare_prints_for_the_recorded_study():
+    """The README's equal-compute table: the recorded sweeps/paper_compute*.yaml runs, every recipe stopped by
+    one FLOP budget, as compare prints them with the flags the README gives; every run spent its budget to within
+    one step (its largest), and at most 2% short where train.max_steps capped it (README says which)."""
+    root = Path(__file__).resolve().parent.parent
+    study = root / "baselines" / "paper-compute-5seeds"
+    output = CliRunner().invoke(app, ["compare", str(study), "--baseline", "rl", "--metric", "eval/ood/accuracy",
+                                      "--format", "markdown"])
+    assert output.exit_code == 0, output.output
+    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- compute-table -->")[1].split("<!-- /compute-table -->")[0]
+    assert [line for line in block.splitlines() if line.startswith("|")] == table
+    for summary_path in study.glob("*/summary.json"):
+        summary = json.loads(summary_path.read_text())
+        steps = [json.loads(line) for line in (summary_path.parent / "metrics.jsonl").read_text().splitlines()]
+        largest = max(row.get("compute/flops", 0) for row in steps)
+        assert 0.98 * 4.5e12 <= summary["flops"] < 4.5e12 + largest, summary_path.parent.name
+
+
 def test_readme_real_model_table_is_what_compare_prints_for_the_recorded_study():
     """The README's "A real model learns" table: the recorded sweeps/smollm2_wordmath.yaml runs against the base
     model (their step-0 evaluations), as compare prints them with the flags the README gives."""

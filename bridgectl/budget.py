@@ -10,10 +10,10 @@ and final rows carry too (`bridgectl compare --at-flops / --at-tokens` reads the
 
 A budget is split between the recipe's stages as its steps are (`recipe.fractions` or `recipe.steps`): a stage
 ends after the step that brings the run's total to the end of its share (stage_targets), so every recipe stops
-within one step's compute of the budget. `train.max_steps` stays the most steps a stage may take and the horizon of the schedules that depend on
-it (optim.schedule=cosine, chord's mu, uft's hints, a ramp of BRIDGE's lambda): set it at or above the steps the
-cheapest recipe takes at the budget. `train.eval_every_compute` evaluates each time the total passes another
-multiple of it, so learning curves are sampled at equal compute.
+within one step's compute of the budget. `train.max_steps` stays the most steps a stage may take and the horizon
+of the schedules that depend on it (optim.schedule=cosine, chord's mu, uft's hints, a ramp of BRIDGE's lambda):
+set it at or above the steps the cheapest recipe takes at the budget. `train.eval_every_compute` evaluates each
+time the total passes another multiple of it, so learning curves are sampled at equal compute.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def budget_unit(cfg: DictConfig) -> str | None:
     return None
 
 
+def budget_value(cfg: DictConfig) -> float:
+    """The size of the run's compute budget in its unit (budget_unit; a run without one has none to ask for)."""
+    return float(cfg.train.budget_flops if budget_unit(cfg) == "flops" else cfg.train.budget_tokens)
+
+
 def spent(cfg: DictConfig, counters: dict) -> float:
     """The run's total so far in its budget's unit (FLOPs by default)."""
     if budget_unit(cfg) == "tokens":
@@ -47,10 +52,9 @@ def stage_targets(cfg: DictConfig, budgets: list[int]) -> list[float] | None:
     """The run's total at which each stage ends: the budget split in proportion to the stages' steps and
     accumulated (the last stage's is the whole budget, so the run ends within one step of it whatever the
     earlier stages overran); None without a budget."""
-    unit = budget_unit(cfg)
-    if unit is None:
+    if budget_unit(cfg) is None:
         return None
-    total = float(cfg.train.budget_flops if unit == "flops" else cfg.train.budget_tokens)
+    total = budget_value(cfg)
     return [total * sum(budgets[:index + 1]) / sum(budgets) for index in range(len(budgets))]
 
 
@@ -89,9 +93,8 @@ def budget_summary(cfg: DictConfig, counters: dict) -> dict:
     unit = budget_unit(cfg)
     if unit is None:
         return {}
-    value = float(cfg.train.budget_flops if unit == "flops" else cfg.train.budget_tokens)
-    return {"budget": {"unit": unit, "value": value, "spent": spent(cfg, counters),
-                       "reached": spent(cfg, counters) >= value}}
+    value, used = budget_value(cfg), spent(cfg, counters)
+    return {"budget": {"unit": unit, "value": value, "spent": used, "reached": used >= value}}
 
 
 def unspent_warning(cfg: DictConfig, counters: dict) -> str | None:
@@ -100,8 +103,7 @@ def unspent_warning(cfg: DictConfig, counters: dict) -> str | None:
     unit = budget_unit(cfg)
     if unit is None:
         return None
-    value = float(cfg.train.budget_flops if unit == "flops" else cfg.train.budget_tokens)
-    used = spent(cfg, counters)
+    value, used = budget_value(cfg), spent(cfg, counters)
     if used >= value:
         return None
     return (f"Warning: train.max_steps={cfg.train.max_steps} ended the run at {used:.3g} of its {value:.3g} "

@@ -54,22 +54,14 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
     load_reward_functions(cfg.task)  # a bad task.reward_funcs exits 2 before the run directory exists
     distributed.init_from_environment(pick_device(cfg.train.device).type)  # before anything is written
     # every process checks what depends on the world size, and none goes on when one fails (the same Error:)
-    checked = None
-    try:
+    with distributed.failing_together():
         distributed.check_batch_split(cfg, distributed.world_size())
-    except UserError as error:
-        checked = error
-    distributed.raise_together(checked)
     with RunSignals() as signals:  # from here a signal waits until the summary can say "interrupted"
         if resume:
             summary = json.loads((run_path / "summary.json").read_text())
-            refused = None
-            if distributed.is_main():
-                try:
+            with distributed.failing_together():
+                if distributed.is_main():
                     refuse_if_running(run_path, summary)  # before this process writes anything there
-                except UserError as error:
-                    refused = error
-            distributed.raise_together(refused)
             # its logs are cut back once the checkpoint is chosen; until then its clock goes on from the summary's
             run_dir = RunDir(run_path, existing=True, wall_offset=float(summary.get("wall_s") or 0.0),
                              enabled=distributed.is_main())
@@ -77,12 +69,8 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
             summary.pop("error", None)
             distributed.shared_directory_check(run_path)
         else:
-            claimed, run_dir = None, None
-            try:  # rank 0 alone claims the directory (an atomic mkdir); every rank hears whether it could
-                run_dir = RunDir(run_path, enabled=distributed.is_main())  # rank 0 writes; others only train
-            except UserError as error:
-                claimed = error
-            distributed.raise_together(claimed)
+            with distributed.failing_together():  # rank 0 alone claims the directory (an atomic mkdir); every
+                run_dir = RunDir(run_path, enabled=distributed.is_main())  # rank hears whether it could
             try:
                 distributed.shared_directory_check(run_path)
             except UserError:

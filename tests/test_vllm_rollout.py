@@ -19,7 +19,7 @@ from bridgectl.core.model import Policy, add_upper_adapter, merged_weights
 from bridgectl.core.logprobs import score_sampled
 from bridgectl.core.rollout import Rollouts, encode_prompts, generate, prompt_token_lists, rollouts_from_token_ids
 from bridgectl.core.grpo import seeds_per_row
-from bridgectl.core.vllm_rollout import logprob_gap
+from bridgectl.core.vllm_rollout import engine_logprob_tensor, logprob_gap
 from bridgectl.models.tiny import SHIPPED_DIR
 
 PROMPTS = ["4+9*3-5*3=", "1+2=", "7*8-6+5*2=", "3-4=", "2*2=", "9-1+1="]
@@ -124,8 +124,10 @@ def test_a_completion_is_exactly_the_tokens_the_engine_returned(tokenizer):
 def test_logprob_gap_is_the_mean_absolute_difference():
     rollouts = Rollouts(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 2), torch.tensor([[1, 1], [1, 0]]),
                         torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]), ["", ""])
-    assert logprob_gap(rollouts, [[-1.5, -2.0], [-0.25]]) == pytest.approx((0.5 + 0.0 + 0.25) / 3)
-    assert torch.isnan(torch.tensor(logprob_gap(rollouts, [[], []])))
+    rollouts.engine_logprobs = engine_logprob_tensor(rollouts, [[-1.5, -2.0], [-0.25]])
+    assert logprob_gap(rollouts) == pytest.approx((0.5 + 0.0 + 0.25) / 3)
+    rollouts.engine_logprobs = engine_logprob_tensor(rollouts, [[], []])
+    assert torch.isnan(torch.tensor(logprob_gap(rollouts)))
 
 
 def test_the_engines_logprobs_travel_with_the_rollouts_and_correct_the_loss():
@@ -139,7 +141,6 @@ def test_the_engines_logprobs_travel_with_the_rollouts_and_correct_the_loss():
     from bridgectl.core.logprobs import rollout_rows
     from bridgectl.core.losses import grpo_loss, rollout_correction
     from bridgectl.core.rollout import concat_rollouts
-    from bridgectl.core.vllm_rollout import engine_logprob_tensor
 
     rollouts = Rollouts(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3), torch.tensor([[1, 1, 1], [1, 0, 0]]),
                         torch.tensor([[-1.0, -2.0, -0.1], [-0.5, 0.0, 0.0]]), ["", ""])

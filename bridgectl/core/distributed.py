@@ -24,6 +24,7 @@ load time) and before any optimizer exists, since it replaces the parameters wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -174,6 +175,21 @@ def raise_together(error: Exception | None) -> None:
         index, (message, hint) = first
         where = "" if index == rank() else f" (on rank {index})"
         raise UserError(message + where, hint)
+
+
+@contextlib.contextmanager
+def failing_together():
+    """Runs its block on this rank and then raises on every rank when the block raised a UserError on any
+    (raise_together): `with failing_together(): check()` in every process instead of a check whose failure on one
+    process leaves the others waiting. Every rank must enter it."""
+    from bridgectl.errors import UserError
+
+    error = None
+    try:
+        yield
+    except UserError as raised:
+        error = raised
+    raise_together(error)
 
 
 NODE_WAIT_ENV = "BRIDGECTL_NODE_WAIT_S"

@@ -394,7 +394,6 @@ def vespo_weights(advantage: torch.Tensor, token_log_ratio: torch.Tensor, mask: 
     return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-
 @torch.no_grad()
 def rollout_correction(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
                        mode: str, clip_min: float | None, clip_max: float | None) -> tuple[torch.Tensor, torch.Tensor]:

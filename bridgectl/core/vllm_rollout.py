@@ -128,9 +128,9 @@ class VLLMRollouts:
         flops.count_engine_sampling(policy.model, rollouts.prompt_mask.sum(dim=1).tolist(),
                                     rollouts.lengths.tolist())
         rollouts = score_sampled(policy.model, rollouts, temperature, self.scoring_rows)
-        engine = [engine_logprobs(c) for c in completions]
-        self.last_logprob_gap = logprob_gap(rollouts, engine)
-        rollouts.engine_logprobs = engine_logprob_tensor(rollouts, engine)  # rl.vllm_importance_sampling_correction
+        # the engine's own log-probs: for rollout/logprob_gap, and rl.vllm_importance_sampling_correction's ratio
+        rollouts.engine_logprobs = engine_logprob_tensor(rollouts, [engine_logprobs(c) for c in completions])
+        self.last_logprob_gap = logprob_gap(rollouts)
         return rollouts
 
     def decoder(self, policy: Policy) -> Decode:
@@ -190,13 +190,10 @@ def engine_logprob_tensor(rollouts: Rollouts, engine: list[list[float]]) -> torc
     return values.to(rollouts.completion_ids.device)
 
 
-def logprob_gap(rollouts: Rollouts, engine: list[list[float]]) -> float:
-    """Mean |engine log-prob - trainer log-prob| over the sampled tokens (nan when the engine gave none)."""
-    trainer = rollouts.sampling_logprobs.detach().cpu()  # one transfer, not one per token
-    total, count = 0.0, 0
-    for row, values in enumerate(engine):
-        if values:
-            total += float((torch.tensor(values) - trainer[row, :len(values)]).abs().sum())
-            count += len(values)
-    return total / count if count else float("nan")
+def logprob_gap(rollouts: Rollouts) -> float:
+    """Mean |engine log-prob - trainer log-prob| over the sampled tokens the engine scored (its engine_logprobs;
+    nan when it scored none)."""
+    gap = (rollouts.engine_logprobs - rollouts.sampling_logprobs.detach()).abs()
+    scored = ~torch.isnan(gap)
+    return float(gap[scored].mean()) if bool(scored.any()) else float("nan")
 

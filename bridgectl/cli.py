@@ -135,10 +135,12 @@ def run(
     if worker_rank == 0:
         console.print(f"[bold]bridgectl run[/bold] recipe [cyan]{cfg.recipe.name}[/cyan] ({plan} steps), "
                       f"task {cfg.task.name}, model {cfg.model.name}, seed {cfg.seed} -> {run_path}")
+    from bridgectl.launch import run_tags
     from bridgectl.runner import run as run_training  # torch and transformers load only when training
 
     try:
-        summary = run_training(cfg, run_path, resume=resume is not None, show_progress=worker_rank == 0)
+        summary = run_training(cfg, run_path, resume=resume is not None, show_progress=worker_rank == 0,
+                               tags=run_tags())
     except KeyboardInterrupt as stopped:
         console.print(f"Interrupted: {run_path} has status 'interrupted' ({escape(str(stopped) or 'Ctrl-C')}); "
                       f"continue with: bridgectl run --resume {run_path}")
@@ -321,6 +323,7 @@ def sweep_command(
     out: Path = typer.Option(Path("runs/sweeps"), "--out", help="Parent of the sweep directory <out>/<name>/."),
     launcher: str = typer.Option("local", "--launcher", help="local (processes here), slurm (one sbatch job per worker, via submitit) or submitit-local."),
     launcher_opt: Optional[List[str]] = typer.Option(None, "--launcher-opt", help="KEY=VALUE for submitit's update_parameters, e.g. timeout_min=120, slurm_partition=gpu (repeatable)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Data-parallel processes per run (default: the spec's nproc, else 1): each seed of a trial runs under torchrun, as bridgectl run --nproc does."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the spec and print the plan; run nothing."),
 ) -> None:
     """Run (or resume) an Optuna study over `bridgectl run` configs, then compare its trials."""
@@ -341,14 +344,15 @@ def sweep_command(
         launcher_options = _key_values(launcher_opt or [], "--launcher-opt")
         if launcher_options and launcher == "local":
             raise UserError("--launcher-opt applies to --launcher slurm or submitit-local", "drop it, or add --launcher slurm")
-        parsed = load_spec(spec)
+        parsed = load_spec(spec, nproc)
         if launcher != "local":  # settings checked now, in a scratch folder: nothing is written before a trial
             with tempfile.TemporaryDirectory() as scratch:
                 sweeping.make_executor(launcher, Path(scratch), launcher_options)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     total = len(parsed.grid()) if parsed.sampler == "grid" else parsed.n_trials
-    console.print(f"sweep [cyan]{parsed.name}[/cyan]: {total} trials x {len(parsed.seeds)} seeds, sampler "
+    processes = f" in {parsed.nproc} processes each" if parsed.nproc > 1 else ""
+    console.print(f"sweep [cyan]{parsed.name}[/cyan]: {total} trials x {len(parsed.seeds)} seeds{processes}, sampler "
                   f"{parsed.sampler}, objective {parsed.direction} {parsed.metric} -> {out / parsed.name}")
     if dry_run:
         for key, param in parsed.params.items():
@@ -361,7 +365,7 @@ def sweep_command(
         on_progress = sweeping.progress_view(progress, progress.add_task("trials", total=total, info=""))
         try:
             study = sweeping.run_sweep(spec, out, workers, storage, on_progress=on_progress, launcher=launcher,
-                                       launcher_options=launcher_options)
+                                       launcher_options=launcher_options, nproc=nproc)
         except KeyboardInterrupt:
             console.print(f"Interrupted: the study in {out / parsed.name} is kept; re-run the same command to resume")
             raise typer.Exit(130)

@@ -32,13 +32,11 @@ class Rendezvous:
                 f"--rdzv-id={self.id}"]
 
 
-def launch_data_parallel(nproc: int, overrides: list[str], run_path: Path, resume: Path | None,
-                         allow_change: list[str], rendezvous: Rendezvous | None = None) -> int:
-    """Runs `bridgectl run` with `overrides` in `nproc` processes under torchrun, on this host alone or, with
-    `rendezvous`, as one node of several (each node runs this with the same arguments; the ranks are assigned at
-    the rendezvous, and rank 0, wherever it lands, claims and writes the run directory), into `run_path`, or
-    continuing `resume` with the `allow_change` keys; waits for them and returns torchrun's exit status (130 when
-    interrupted)."""
+def torchrun_command(nproc: int, overrides: list[str], run_path: Path, resume: Path | None,
+                     allow_change: list[str], rendezvous: Rendezvous | None = None) -> list[str]:
+    """The torchrun command line that runs `bridgectl run` with `overrides` in `nproc` processes, on this host alone
+    or, with `rendezvous`, as one node of several, into `run_path`, or continuing `resume` with the `allow_change`
+    keys."""
     where = ["--standalone"] if rendezvous is None else rendezvous.torchrun_options()
     command = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}",
                "-m", "bridgectl.cli", "run", *overrides]
@@ -46,6 +44,15 @@ def launch_data_parallel(nproc: int, overrides: list[str], run_path: Path, resum
         command += ["--resume", str(resume), *(f"--allow-change={key}" for key in allow_change)]
     else:  # the name is fixed here: each process would otherwise stamp its own time into the default name
         command += ["--out", str(run_path.parent), "--name", run_path.name]
+    return command
+
+
+def launch_data_parallel(nproc: int, overrides: list[str], run_path: Path, resume: Path | None,
+                         allow_change: list[str], rendezvous: Rendezvous | None = None) -> int:
+    """Runs `bridgectl run` under torchrun (torchrun_command: each node runs this with the same arguments; the
+    ranks are assigned at the rendezvous, and rank 0, wherever it lands, claims and writes the run directory);
+    waits for it and returns the workers' exit status (130 when interrupted)."""
+    command = torchrun_command(nproc, overrides, run_path, resume, allow_change, rendezvous)
     nodes = "" if rendezvous is None else f" on each of {rendezvous.nnodes} nodes"
     console.print(f"launching {nproc} data-parallel processes{nodes}: {escape(' '.join(command[2:]))}")
     with tempfile.TemporaryDirectory(prefix="bridgectl-exit-") as statuses:
@@ -54,6 +61,19 @@ def launch_data_parallel(nproc: int, overrides: list[str], run_path: Path, resum
         except KeyboardInterrupt:  # torchrun passed the signal on; its processes checkpoint and stop
             return 130
         return workers_status(Path(statuses), returncode)
+
+
+def run_tags() -> dict | None:
+    """The tags (a sweep's study, trial and params) a launcher passed to the run's processes (RUN_TAGS)."""
+    import json
+
+    value = os.environ.get(RUN_TAGS)
+    return json.loads(value) if value else None
+
+
+RUN_TAGS = "BRIDGECTL_RUN_TAGS"
+"""The environment variable through which a sweep hands a torchrun-launched run its tags (JSON): summary.json and
+W&B carry them from the run's start, as they do for a trial run in the sweep's own process."""
 
 
 EXIT_DIR = "BRIDGECTL_EXIT_DIR"

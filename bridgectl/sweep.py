@@ -80,13 +80,34 @@ def make_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
     from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = storage_url or JournalStorage(JournalFileBackend(str(sweep_dir / "optuna-journal.log")))
+    if storage_url:
+        storage = _open_database(storage_url)
+    else:
+        storage = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna-journal.log")))
     pruners = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
                "hyperband": optuna.pruners.HyperbandPruner}
     # the sampler is replaced per sampled trial (claim_sampled) by one seeded from that trial's number
     return optuna.create_study(study_name=spec.name, storage=storage,
                                sampler=make_sampler(spec.sampler, trial_seed(spec.name, -1)),
                                pruner=pruners[spec.pruner](), direction=spec.direction, load_if_exists=True)
+
+
+def _open_database(url: str, tries: int = 8):
+    """Optuna's RDB storage of `url`. Commands started together on a new database each create Optuna's tables;
+    PostgreSQL lets only one create them (the others fail with a duplicate type or table), after which opening
+    succeeds: so a failed creation is retried a few times, a fraction of a second apart."""
+    import random
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(tries):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, ProgrammingError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.5)
 
 
 def objective(trial, spec: SweepSpec, sweep_dir: Path) -> float:
@@ -133,11 +154,85 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
                     raise StopRun("pruned")
 
         try:
-            summary = run(cfg, run_path, show_progress=False, on_eval=report, tags=tags, resume=earlier is not None)
+            if spec.nproc > 1:
+                summary = _run_under_torchrun(spec.nproc, trial_overrides(spec, params, seed), run_path, tags,
+                                              report, resume=earlier is not None)
+            else:
+                summary = run(cfg, run_path, show_progress=False, on_eval=report, tags=tags,
+                              resume=earlier is not None)
         except StopRun:
             raise optuna.TrialPruned() from None
         values.append(summary["eval"][split]["accuracy"])
     return sum(values) / len(values)
+
+
+def _run_under_torchrun(nproc: int, overrides: list[str], run_path: Path, tags: dict, on_eval, resume: bool,
+                        poll_seconds: float = 0.5) -> dict:
+    """One seed of a trial as `bridgectl run --nproc N` (torchrun, its own process group) and its summary. Rank 0
+    reports through its metrics.jsonl: each periodic evaluation it logs goes to `on_eval` as it appears, and when
+    that raises StopRun (pruned) the run is stopped with SIGTERM (its processes checkpoint and end interrupted)
+    and the StopRun raised here. Its output goes to <run_path>.log beside the run directory; a run that fails
+    raises with that log's last lines."""
+    import shutil
+    import subprocess
+
+    from bridgectl.core.tracking import atomic_write_text
+    from bridgectl.core.wandb_sink import redact
+    from bridgectl.launch import EXIT_DIR, RUN_TAGS, torchrun_command, workers_status
+
+    command = torchrun_command(nproc, overrides, run_path, run_path if resume else None, [])
+    log_path = run_path.with_name(run_path.name + ".log")
+    statuses = run_path.with_name(run_path.name + ".exit")
+    statuses.mkdir(exist_ok=True)
+    env = {**os.environ, RUN_TAGS: json.dumps(tags), EXIT_DIR: str(statuses)}
+    seen, stopped = 0, None
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            while process.poll() is None:
+                time.sleep(poll_seconds)
+                seen = _pass_new_evaluations(run_path / "metrics.jsonl", seen, on_eval)
+            seen = _pass_new_evaluations(run_path / "metrics.jsonl", seen, on_eval)
+        except StopRun as pruned:
+            stopped = pruned
+            process.terminate()  # torchrun passes SIGTERM to its workers: they checkpoint and stop
+            process.wait()
+        except BaseException:  # Ctrl-C or the worker's own end: its processes stop with it
+            process.terminate()
+            process.wait()
+            raise
+    status = workers_status(statuses, process.returncode)
+    shutil.rmtree(statuses, ignore_errors=True)
+    if stopped is not None:
+        raise stopped
+    if status != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"the torchrun run {run_path.name} exited with status {status}; its log "
+                           f"{log_path}:\n{tail}")
+    summary = json.loads((run_path / "summary.json").read_text())
+    if any(summary.get(key) != value for key, value in tags.items()):  # a retry takes over an older trial's run
+        summary.update(tags)
+        atomic_write_text(run_path / "summary.json", json.dumps(redact(summary), indent=2))
+    return summary
+
+
+def _pass_new_evaluations(metrics_path: Path, seen: int, on_eval) -> int:
+    """Calls on_eval(step, metrics) for each complete line of metrics.jsonl past the first `seen` that holds an
+    evaluation; returns how many lines are read now (a line still being written waits for the next call)."""
+    try:
+        text = metrics_path.read_text()
+    except OSError:  # not written yet
+        return seen
+    lines = text.splitlines(keepends=True)
+    complete = [line for line in lines if line.endswith("\n")]
+    for line in complete[seen:]:
+        try:
+            metrics = json.loads(line)
+        except ValueError:
+            continue
+        if any(key.startswith("eval/") for key in metrics):
+            on_eval(metrics["step"], metrics)
+    return len(complete)
 
 
 def _continuable_run(sweep_dir: Path, trial_number: int | None, seed: int) -> Path | None:
@@ -253,9 +348,9 @@ def work(study, spec: SweepSpec, sweep_dir: Path, worker: str) -> int:
         ran += 1
 
 
-def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, index: int) -> None:
+def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, index: int, nproc: int | None = None) -> None:
     """A worker process or cluster job: its own handle on the study, working until nothing is left."""
-    spec = load_spec(Path(spec_path))
+    spec = load_spec(Path(spec_path), nproc)
     study = make_study(spec, Path(sweep_dir), storage_url)
     work(study, spec, Path(sweep_dir), worker_name(index))
 
@@ -285,7 +380,8 @@ def _run_local(spec_path: Path, sweep_dir: Path, storage_url: str | None, study,
         work(study, spec, sweep_dir, worker_name(0))
         return []
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(str(spec_path), str(sweep_dir), storage_url, index),
+    processes = [context.Process(target=_worker, args=(str(spec_path), str(sweep_dir), storage_url, index,
+                                                       spec.nproc),
                                  name=f"bridgectl-sweep-worker-{index}") for index in range(count)]
     for process in processes:
         process.start()
@@ -328,14 +424,16 @@ def unretried(study, spec: SweepSpec, dead: list) -> list:
 
 
 def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None, on_progress=None,
-              launcher: str = "local", launcher_options: dict | None = None, poll_seconds: float = 1.0):
+              launcher: str = "local", launcher_options: dict | None = None, poll_seconds: float = 1.0,
+              nproc: int | None = None):
     """Runs the trials still missing; returns the study. Crashing trials are marked failed (with their error in
     their run directory) and the sweep goes on. `launcher`: local (this process, or up to `workers` spawned
     processes) or a submitit executor (slurm, or submitit-local: the same path on this machine) running `workers`
     jobs. Dead workers: trials left running by a process that is gone (found at the start, or a local worker
     process that died) are reported and run again once (a local worker's in one more pass of workers); raises
-    DeadWorkers when one was not retried to completion, or a worker of that last pass died too."""
-    spec = load_spec(spec_path)
+    DeadWorkers when one was not retried to completion, or a worker of that last pass died too. `nproc` replaces
+    the spec's (each seed of a trial then runs under torchrun in that many processes)."""
+    spec = load_spec(spec_path, nproc)
     sweep_dir = out / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study = make_study(spec, sweep_dir, storage_url)
@@ -348,7 +446,7 @@ def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None,
         if launcher != "local":
             count = min(workers, remaining_trials(study, spec))
             if count:
-                _submit_workers(launcher, launcher_options or {}, spec_path, sweep_dir, storage_url, count)
+                _submit_workers(launcher, launcher_options or {}, spec_path, sweep_dir, storage_url, count, spec.nproc)
         else:
             deaths = _run_local(spec_path, sweep_dir, storage_url, study, spec, workers)
             if deaths:  # one more pass: the dead workers' trials run again, with whatever else is left
@@ -430,13 +528,13 @@ def make_executor(launcher: str, folder: Path, options: dict):
 
 
 def _submit_workers(launcher: str, options: dict, spec_path: Path, sweep_dir: Path, storage_url: str | None,
-                    count: int) -> None:
+                    count: int, nproc: int = 1) -> None:
     """One submitit job per worker, each joining the shared study; waits for them all. Ctrl-C cancels the jobs
     (the study stays resumable). A job that dies is reported; its trial is retried on the next resume."""
     executor = make_executor(launcher, sweep_dir / "submitit", options)
     try:
         jobs = [executor.submit(_worker, str(Path(spec_path).resolve()), str(sweep_dir.resolve()), storage_url,
-                                index) for index in range(count)]
+                                index, nproc) for index in range(count)]
     except Exception as error:  # sbatch refused the job (partition, account, limits): the user's settings
         raise UserError(f"submitting the sweep's worker jobs failed: {error}",
                         "check --launcher-opt (partition, account, time) against `sinfo`") from None

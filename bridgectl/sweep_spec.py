@@ -18,7 +18,7 @@ SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = ("type", "low", "high", "log", "choices", "values")
-SPEC_KEYS = ("name", "base", "seeds", "objective", "sampler", "n_trials", "pruner", "params")
+SPEC_KEYS = ("name", "base", "seeds", "objective", "sampler", "n_trials", "pruner", "params", "nproc")
 ENUMERABLE_POINTS = 10_000
 """A finite search space up to this many points is enumerated, so a duplicate draw is replaced by an untried point."""
 
@@ -34,6 +34,8 @@ class SweepSpec:
     n_trials: int
     pruner: str
     params: dict[str, dict]
+    nproc: int = 1
+    """Data-parallel processes per run: above 1 each seed of a trial runs under torchrun (`bridgectl run --nproc`)."""
 
     def grid(self) -> list[dict]:
         """Every combination of the params' `choices` (grid search; floats and ints need `values`)."""
@@ -85,6 +87,7 @@ def check_types(raw: dict) -> None:
     need(raw.get("seeds") is None or (isinstance(raw["seeds"], list) and all(_is_int(s) for s in raw["seeds"])),
          "seeds", "a list of integers", "seeds: [0, 1, 2]")
     need(raw.get("n_trials") is None or _is_int(raw["n_trials"]), "n_trials", "an integer", "n_trials: 12")
+    need(raw.get("nproc") is None or _is_int(raw["nproc"]), "nproc", "an integer", "nproc: 2")
     objective = raw.get("objective")
     need(objective is None or isinstance(objective, dict), "objective", "a mapping",
          "objective: {metric: eval/test/accuracy, direction: maximize}")
@@ -120,8 +123,9 @@ def check_types(raw: dict) -> None:
             raise UserError(f"param '{key}': log must be true or false, got {_kind(param['log'])}", "e.g. log: true")
 
 
-def load_spec(path: Path) -> SweepSpec:
-    """Reads and checks a sweep spec: types first, then values, then one composed example config."""
+def load_spec(path: Path, nproc: int | None = None) -> SweepSpec:
+    """Reads and checks a sweep spec: types first, then values, then one composed example config. `nproc` (the
+    command's --nproc) replaces the spec's."""
     if not path.is_file():
         raise UserError(f"sweep spec {path} does not exist", "give a YAML file like sweeps/quick.yaml")
     try:
@@ -141,12 +145,14 @@ def load_spec(path: Path) -> SweepSpec:
         name=str(raw.get("name") or path.stem), base=list(raw.get("base") or []),
         seeds=list(raw.get("seeds") or [0]), metric=objective.get("metric", "eval/test/accuracy"),
         direction=objective.get("direction", "maximize"), sampler=raw.get("sampler", "tpe"),
-        n_trials=raw.get("n_trials", 10), pruner=raw.get("pruner", "none"), params=raw.get("params") or {})
+        n_trials=raw.get("n_trials", 10), pruner=raw.get("pruner", "none"), params=raw.get("params") or {},
+        nproc=nproc if nproc is not None else raw.get("nproc", 1))
     checks = [
         (spec.sampler in SAMPLERS, f"unknown sampler '{spec.sampler}'", f"choose one of: {', '.join(SAMPLERS)}"),
         (spec.pruner in PRUNERS, f"unknown pruner '{spec.pruner}'", f"choose one of: {', '.join(PRUNERS)}"),
         (spec.direction in ("maximize", "minimize"), f"unknown direction '{spec.direction}'", "maximize or minimize"),
         (spec.n_trials > 0, f"n_trials must be positive, got {spec.n_trials}", "e.g. n_trials: 12"),
+        (spec.nproc > 0, f"nproc must be at least 1, got {spec.nproc}", "e.g. nproc: 2 (or --nproc 2)"),
         (spec.metric.startswith("eval/") and spec.metric.endswith("/accuracy"), f"unsupported objective metric "
          f"'{spec.metric}'", "use a final eval metric, e.g. eval/test/accuracy or eval/ood/accuracy"),
     ]
@@ -174,8 +180,10 @@ def load_spec(path: Path) -> SweepSpec:
     # Every key and value must compose exactly as `bridgectl run` would: check one example of each param.
     example = {k: (p.get("choices") or p.get("values") or [p["low"]])[0] for k, p in spec.params.items()}
     cfg = compose(trial_overrides(spec, example, spec.seeds[0]))
+    from bridgectl.core.distributed import check_batch_split
     from bridgectl.tasks import task_eval_splits
 
+    check_batch_split(cfg, spec.nproc)  # a batch that does not split over nproc processes: before any trial
     splits = task_eval_splits(cfg.task)
     if spec.metric.split("/")[1] not in splits:
         raise UserError(f"objective metric {spec.metric} is never logged by task {cfg.task.name}",

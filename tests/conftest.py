@@ -98,7 +98,7 @@ def training_refused(monkeypatch):
 
     started = []
 
-    def refuse(cfg, run_path, show_progress=True, resume=False):
+    def refuse(cfg, run_path, show_progress=True, resume=False, tags=None):
         started.append(run_path)
         raise RuntimeError("training was started")
 

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from rich.markup import escape
 from rich.table import Table
 
+from bridgectl.cluster import LAUNCHERS, make_executor
 from bridgectl.config import compose, group_options, register_recipe_file, stage_budgets
 from bridgectl.core.ui import console
 from bridgectl.errors import UserError
@@ -79,9 +80,21 @@ def run(
     nnodes: int = typer.Option(1, "--nnodes", help="Machines the run spans (torchrun's name): start the same command on each, with --rdzv-endpoint and --name; --out must be on a file system every node sees."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous every node joins (torchrun's c10d rendezvous; any node's address)."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="The rendezvous id, the same on every node (default: the run's name)."),
+    launcher: str = typer.Option("local", "--launcher", help="local (torchrun here), slurm (one job of --nnodes tasks submitted through submitit, each a torchrun node) or submitit-local (that job on this machine)."),
+    launcher_opt: Optional[List[str]] = typer.Option(None, "--launcher-opt", help="KEY=VALUE for submitit's update_parameters, e.g. timeout_min=240, slurm_partition=gpu, gpus_per_node=8 (repeatable)."),
 ) -> None:
     """Train one recipe into a new run directory and print eval accuracy before and after."""
+    on_cluster = launcher != "local" and "LOCAL_RANK" not in os.environ
     try:
+        if launcher not in LAUNCHERS:
+            raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(LAUNCHERS)}")
+        launcher_options = _key_values(launcher_opt or [], "--launcher-opt")
+        if launcher_options and launcher == "local":
+            raise UserError("--launcher-opt applies to --launcher slurm or submitit-local",
+                            "drop it, or add --launcher slurm")
+        if on_cluster and (rdzv_endpoint or rdzv_id):
+            raise UserError("--rdzv-endpoint and --rdzv-id are set by the job with --launcher "
+                            f"{launcher}: its first node hosts the rendezvous", "drop them")
         if resume is not None:
             from bridgectl.runs import resume_config
 
@@ -92,20 +105,20 @@ def run(
             cfg = compose(_resolve_overrides(list(overrides or [])))
             from bridgectl.runs import new_run_path
 
-            if nnodes > 1 and name is None:
+            if nnodes > 1 and name is None and not on_cluster:
                 raise UserError("--nnodes needs --name: every node must write to the same run directory",
                                 "add --name NAME (the default name holds each node's own start time)")
             run_path = new_run_path(out, name if name is not None else _default_name(cfg))
             # torchrun's processes: the launcher checked; several nodes: rank 0 claims the directory once the
             # processes have met (another node's launcher may already have started it)
-            if run_path.exists() and "LOCAL_RANK" not in os.environ and nnodes == 1:
+            if run_path.exists() and "LOCAL_RANK" not in os.environ and (nnodes == 1 or on_cluster):
                 raise UserError(f"run directory {run_path} already exists",
                                 "choose another --name or --out (runs are never overwritten), or continue it "
                                 f"with --resume {run_path}")
         budgets = stage_budgets(cfg)
         if nproc < 1 or nnodes < 1:
             raise UserError(f"--nproc and --nnodes must be at least 1, got {nproc} and {nnodes}", "e.g. --nproc 2")
-        if nnodes > 1 and rdzv_endpoint is None:
+        if nnodes > 1 and rdzv_endpoint is None and not on_cluster:
             raise UserError("--nnodes needs --rdzv-endpoint HOST:PORT, where the nodes meet",
                             "give one node's address and a free port, the same on every node: "
                             "--rdzv-endpoint node1:29500")
@@ -115,12 +128,19 @@ def run(
         from bridgectl.tasks.rewards import load_reward_functions
 
         load_reward_functions(cfg.task)  # imports task.reward_funcs: a bad one exits 2 before --nproc launches
+        if on_cluster:  # the settings checked in a scratch folder: nothing is written before the job
+            with tempfile.TemporaryDirectory() as scratch:
+                make_executor(launcher, Path(scratch), launcher_options)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))
     if dry_run:  # plain output, not the console's: it would wrap long strings at the terminal width, breaking YAML
         typer.echo(OmegaConf.to_yaml(cfg, resolve=True))
         console.print(f"plan: recipe {cfg.recipe.name}: {plan} steps -> {run_path}")
+        return
+    if on_cluster:
+        _run_as_job(launcher, launcher_options, nproc, nnodes, list(overrides or []), run_path, resume is not None,
+                    list(allow_change or []), sum(budgets))
         return
     worker_rank = int(os.environ.get("RANK", "0"))  # set by torchrun in the processes it starts
     if (nproc > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
@@ -169,6 +189,32 @@ def run(
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _run_as_job(launcher: str, options: dict, nproc: int, nnodes: int, overrides: list[str], run_path: Path,
+                resume: bool, allow_change: list[str], total_steps: int) -> None:
+    """`bridgectl run --launcher slurm|submitit-local`: one job of `nnodes` torchrun tasks (bridgectl/cluster.py),
+    waited for with the run's progress; exits with the run's status."""
+    import json
+
+    from bridgectl.cluster import submit_run, wait_for_job
+
+    try:
+        job = submit_run(launcher, options, nproc, nnodes, overrides, run_path, resume, allow_change)
+    except UserError as error:
+        _fail(error.message, error.hint, 2)
+    console.print(f"submitted job {job.job_id}: {nnodes} node(s) x {nproc} process(es) -> {run_path} "
+                  f"(job files in {job.paths.folder})")
+    try:
+        status = wait_for_job(job, run_path, total_steps)
+    except RuntimeError as error:
+        _fail(str(error), f"the job's log: {job.paths.stdout}", 1)
+    if status == 130:
+        console.print(f"Interrupted: job {job.job_id} cancelled; continue with: bridgectl run --resume {run_path} "
+                      f"--launcher {launcher} ...")
+    if status != 0:
+        raise typer.Exit(status)
+    _print_eval_table(json.loads((run_path / "summary.json").read_text()), run_path)
 
 
 def _print_eval_table(summary: dict, run_path: Path) -> None:
@@ -339,15 +385,15 @@ def sweep_command(
             raise UserError(f"--workers must be at least 1, got {workers}", "e.g. --workers 2")
         if storage is not None:
             storage = sweeping.storage_url(storage, workers)
-        if launcher not in sweeping.LAUNCHERS:
-            raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(sweeping.LAUNCHERS)}")
+        if launcher not in LAUNCHERS:
+            raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(LAUNCHERS)}")
         launcher_options = _key_values(launcher_opt or [], "--launcher-opt")
         if launcher_options and launcher == "local":
             raise UserError("--launcher-opt applies to --launcher slurm or submitit-local", "drop it, or add --launcher slurm")
         parsed = load_spec(spec, nproc)
         if launcher != "local":  # settings checked now, in a scratch folder: nothing is written before a trial
             with tempfile.TemporaryDirectory() as scratch:
-                sweeping.make_executor(launcher, Path(scratch), launcher_options)
+                make_executor(launcher, Path(scratch), launcher_options)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     total = len(parsed.grid()) if parsed.sampler == "grid" else parsed.n_trials

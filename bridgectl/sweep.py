@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bridgectl.cluster import make_executor
 from bridgectl.config import compose
 from bridgectl.core.ui import console
 from bridgectl.errors import StopRun, UserError
@@ -36,9 +37,6 @@ from bridgectl.sweep_spec import SweepSpec, load_spec, space_points, suggest_par
 
 if TYPE_CHECKING:  # compare (and its numpy) loads only when a sweep compares its trials
     from bridgectl.compare_rows import GroupRow
-
-LAUNCHERS = ("local", "slurm", "submitit-local")
-
 
 class DeadWorkers(RuntimeError):
     """Worker processes died and trials they held were not retried to completion (the CLI exits 1)."""
@@ -503,35 +501,11 @@ def print_outcome(study, spec: SweepSpec) -> None:
                       f"{escape(str(study.best_params))}")
 
 
-def make_executor(launcher: str, folder: Path, options: dict):
-    """A submitit executor for `slurm` (sbatch) or `submitit-local` (subprocesses on this machine, for trying the
-    cluster path without a cluster). `options` go to submitit's update_parameters (timeout_min,
-    slurm_partition, gpus_per_node, cpus_per_task, mem_gb, slurm_account, ...)."""
-    try:
-        import submitit
-    except ImportError:
-        raise UserError(f"--launcher {launcher} needs submitit", "pip install 'bridgectl[slurm]'") from None
-    cluster = "slurm" if launcher == "slurm" else "local"
-    try:
-        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    except RuntimeError as error:  # no srun/sbatch on this machine
-        raise UserError(f"--launcher {launcher}: {error}",
-                        "run the sweep from a Slurm login node, or start `bridgectl sweep SPEC --storage URL` on "
-                        "each machine by hand (sweeps/README.md)") from None
-    try:
-        executor.update_parameters(name="bridgectl-sweep", **options)
-    except (ValueError, TypeError, NameError) as error:
-        raise UserError(f"submitit rejected the {launcher} launcher settings: {error}",
-                        "--launcher-opt takes submitit's update_parameters names, e.g. timeout_min=120 "
-                        "slurm_partition=gpu gpus_per_node=1") from None
-    return executor
-
-
 def _submit_workers(launcher: str, options: dict, spec_path: Path, sweep_dir: Path, storage_url: str | None,
                     count: int, nproc: int = 1) -> None:
     """One submitit job per worker, each joining the shared study; waits for them all. Ctrl-C cancels the jobs
     (the study stays resumable). A job that dies is reported; its trial is retried on the next resume."""
-    executor = make_executor(launcher, sweep_dir / "submitit", options)
+    executor = make_executor(launcher, sweep_dir / "submitit", options, name="bridgectl-sweep")
     try:
         jobs = [executor.submit(_worker, str(Path(spec_path).resolve()), str(sweep_dir.resolve()), storage_url,
                                 index, nproc) for index in range(count)]

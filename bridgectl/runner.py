@@ -114,8 +114,12 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
             signals.hold()  # a second signal must not cut the summary's last word short
             status = error.status if isinstance(error, StopRun) else (
                 "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
-            summary.update(status=status, error=f"{type(error).__name__}: {error}", wall_s=run_dir.wall_s,
-                           **counters)
+            said = f"{type(error).__name__}: {error}"
+            if not distributed.is_main():  # for rank 0's summary: it sees only a collective whose peer is gone
+                distributed.leave_error(said)
+            elif status == "failed":
+                said = distributed.error_left_elsewhere() or said
+            summary.update(status=status, error=said, wall_s=run_dir.wall_s, **counters)
             _record_end(run_dir, summary)
             raise
         finally:

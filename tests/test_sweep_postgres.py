@@ -61,6 +61,12 @@ def test_two_sweep_commands_with_two_workers_each_run_a_grid_once_on_postgresql(
         assert [t.number for t in failed] == [victim.number], said  # the killed trial alone, retried
         retry = next(t for t in ran if t.user_attrs.get("retry_of") == victim.number)
         assert retry.state == TrialState.COMPLETE and retry.params == victim.params
-        summary = json.loads((sweep_dir / f"trial-{retry.number:03d}-seed0" / "summary.json").read_text())
-        assert summary["status"] == "completed" and summary["resumed_from_step"] >= 2
+        # the retry took the killed trial's run over (continued from its checkpoint, or kept as it was when the
+        # run had just completed before the kill): one history from step 0, no step twice
+        retried = sweep_dir / f"trial-{retry.number:03d}-seed0"
+        assert not (sweep_dir / f"trial-{victim.number:03d}-seed0").exists()
+        summary = json.loads((retried / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["trial"] == retry.number
+        steps = [json.loads(line)["step"] for line in (retried / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 4 and steps.count(1) == 1
         assert not any(t.state == TrialState.RUNNING for t in study.trials)

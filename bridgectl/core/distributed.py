@@ -192,6 +192,43 @@ def failing_together():
     raise_together(error)
 
 
+ERROR_KEY = "bridgectl/error/rank-{}"
+"""The process group's store key under which a failing rank leaves its error (leave_error)."""
+
+
+def _store_within(seconds: float):
+    """The process group's store (torchrun's, held by a launcher, not by a worker), its operations limited to
+    `seconds`: it may have gone with its node."""
+    import datetime
+
+    store = dist.distributed_c10d._get_default_store()
+    store.set_timeout(datetime.timedelta(seconds=seconds))
+    return store
+
+
+def leave_error(message: str) -> None:
+    """Leaves this rank's error in the process group's store for rank 0 (error_left_elsewhere), before this
+    process ends: the other ranks learn of it only as a collective whose peer is gone ("Connection closed by
+    peer"). Best effort; nothing when not distributed."""
+    if active():
+        with contextlib.suppress(Exception):
+            _store_within(5).set(ERROR_KEY.format(rank()), message)
+
+
+def error_left_elsewhere() -> str | None:
+    """The error another rank left (leave_error), naming that rank (the lowest one's, when several did); None
+    when none did. A rank leaves it before its process ends, so it is there by the time a collective here fails
+    for want of that rank: the cause of this rank's own error then."""
+    if active():
+        with contextlib.suppress(Exception):
+            store = _store_within(5)
+            for other in range(world_size()):
+                key = ERROR_KEY.format(other)
+                if other != rank() and store.check([key]):
+                    return f"{store.get(key).decode()} (on rank {other})"
+    return None
+
+
 NODE_WAIT_ENV = "BRIDGECTL_NODE_WAIT_S"
 """Seconds the other ranks wait to see the run directory rank 0 made (default 30; more for a slow shared file
 system's attribute cache)."""

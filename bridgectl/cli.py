@@ -370,6 +370,7 @@ def sweep_command(
     launcher: str = typer.Option("local", "--launcher", help="local (processes here), slurm (one sbatch job per worker, via submitit) or submitit-local."),
     launcher_opt: Optional[List[str]] = typer.Option(None, "--launcher-opt", help="KEY=VALUE for submitit's update_parameters, e.g. timeout_min=120, slurm_partition=gpu (repeatable)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Data-parallel processes per run (default: the spec's nproc, else 1): each seed of a trial runs under torchrun, as bridgectl run --nproc does."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Machines per run (default: the spec's nnodes, else 1): above 1 each seed of a trial is a --launcher job of that many torchrun nodes, as bridgectl run --launcher slurm --nnodes submits it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the spec and print the plan; run nothing."),
 ) -> None:
     """Run (or resume) an Optuna study over `bridgectl run` configs, then compare its trials."""
@@ -390,7 +391,10 @@ def sweep_command(
         launcher_options = _key_values(launcher_opt or [], "--launcher-opt")
         if launcher_options and launcher == "local":
             raise UserError("--launcher-opt applies to --launcher slurm or submitit-local", "drop it, or add --launcher slurm")
-        parsed = load_spec(spec, nproc)
+        parsed = load_spec(spec, nproc, nnodes)
+        if parsed.nnodes > 1 and launcher == "local":
+            raise UserError(f"trials over {parsed.nnodes} nodes are cluster jobs",
+                            "add --launcher slurm (or submitit-local to try it on this machine)")
         if launcher != "local":  # settings checked now, in a scratch folder: nothing is written before a trial
             with tempfile.TemporaryDirectory() as scratch:
                 make_executor(launcher, Path(scratch), launcher_options)
@@ -398,6 +402,8 @@ def sweep_command(
         _fail(error.message, error.hint, 2)
     total = len(parsed.grid()) if parsed.sampler == "grid" else parsed.n_trials
     processes = f" in {parsed.nproc} processes each" if parsed.nproc > 1 else ""
+    if parsed.nnodes > 1:
+        processes = f" as {launcher} jobs of {parsed.nnodes} nodes x {parsed.nproc} processes"
     console.print(f"sweep [cyan]{parsed.name}[/cyan]: {total} trials x {len(parsed.seeds)} seeds{processes}, sampler "
                   f"{parsed.sampler}, objective {parsed.direction} {parsed.metric} -> {out / parsed.name}")
     if dry_run:
@@ -411,7 +417,7 @@ def sweep_command(
         on_progress = sweeping.progress_view(progress, progress.add_task("trials", total=total, info=""))
         try:
             study = sweeping.run_sweep(spec, out, workers, storage, on_progress=on_progress, launcher=launcher,
-                                       launcher_options=launcher_options, nproc=nproc)
+                                       launcher_options=launcher_options, nproc=nproc, nnodes=nnodes)
         except KeyboardInterrupt:
             console.print(f"Interrupted: the study in {out / parsed.name} is kept; re-run the same command to resume")
             raise typer.Exit(130)

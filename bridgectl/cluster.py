@@ -62,8 +62,8 @@ class NodeTask:
     `checkpoint` returns the task that continues the run)."""
 
     def __init__(self, nproc: int, nnodes: int, overrides: list[str], run_path: str, resume: bool,
-                 allow_change: list[str]) -> None:
-        self.nproc, self.nnodes, self.overrides = nproc, nnodes, list(overrides)
+                 allow_change: list[str], env: dict | None = None) -> None:
+        self.nproc, self.nnodes, self.overrides, self.env = nproc, nnodes, list(overrides), dict(env or {})
         self.run_path, self.resume, self.allow_change = run_path, resume, list(allow_change)
         self._process: subprocess.Popen | None = None
         self._ended: threading.Event | None = None
@@ -96,7 +96,7 @@ class NodeTask:
             signal.signal(preempt_signal, signal.SIG_IGN)
 
         with tempfile.TemporaryDirectory(prefix="bridgectl-exit-") as statuses:
-            self._process = subprocess.Popen(command, env={**os.environ, EXIT_DIR: statuses},
+            self._process = subprocess.Popen(command, env={**os.environ, **self.env, EXIT_DIR: statuses},
                                              preexec_fn=ignore_preemption)
             # reaped by a thread: submitit's signal handler (checkpoint) runs in this thread and waits for the end
             # too, which it could not while this thread sat inside Popen.wait holding Popen's lock
@@ -115,18 +115,19 @@ class NodeTask:
         if self._process is not None and not self._ended.is_set():
             self._process.send_signal(signal.SIGTERM)
             self._ended.wait(timeout=STOP_GRACE_SECONDS)
-        resumed = NodeTask(self.nproc, self.nnodes, self.overrides, self.run_path, True, self.allow_change)
+        resumed = NodeTask(self.nproc, self.nnodes, self.overrides, self.run_path, True, self.allow_change, self.env)
         return submitit.helpers.DelayedSubmission(resumed)
 
 
 def submit_run(launcher: str, options: dict, nproc: int, nnodes: int, overrides: list[str], run_path: Path,
-               resume: bool, allow_change: list[str]):
+               resume: bool, allow_change: list[str], env: dict | None = None):
     """Submits the run's job (its files in <out>/.submitit/<name>/) and returns it: N tasks, one per node (on
-    one machine for submitit-local, where the tasks play the nodes)."""
+    one machine for submitit-local, where the tasks play the nodes); `env` is added to its processes'
+    environment."""
     layout = {"nodes": nnodes, "tasks_per_node": 1} if launcher == "slurm" else {"tasks_per_node": nnodes}
     executor = make_executor(launcher, run_path.parent / ".submitit" / run_path.name, {**layout, **options},
                              name=f"bridgectl-{run_path.name}")
-    task = NodeTask(nproc, nnodes, overrides, str(run_path.absolute()), resume, allow_change)
+    task = NodeTask(nproc, nnodes, overrides, str(run_path.absolute()), resume, allow_change, env)
     try:
         return executor.submit(task)
     except Exception as error:  # sbatch refused the job (partition, account, limits): the user's settings
@@ -144,6 +145,16 @@ def last_step(run_path: Path) -> int:
         with contextlib.suppress(ValueError, KeyError):
             return int(json.loads(line)["step"])
     return 0
+
+
+def job_status(job) -> int:
+    """The exit status of a finished job's run: the first non-zero status of its nodes' tasks, else 0. Raises
+    RuntimeError when a task itself failed (not the run, whose status each task returns)."""
+    try:
+        statuses = [int(status) for status in job.results()]  # one per node
+    except Exception as error:
+        raise RuntimeError(f"job {job.job_id} failed: {error}") from None
+    return next((status for status in statuses if status != 0), 0)
 
 
 def wait_for_job(job, run_path: Path, total_steps: int, poll_seconds: float = 1.0) -> int:
@@ -164,8 +175,4 @@ def wait_for_job(job, run_path: Path, total_steps: int, poll_seconds: float = 1.
                 job.cancel()
             return 130
         progress.update(task, completed=last_step(run_path), info=job.state.lower())
-    try:
-        statuses = [int(status) for status in job.results()]  # one per node
-    except Exception as error:  # a task itself failed (not the run, whose status each task returns)
-        raise RuntimeError(f"job {job.job_id} failed: {error}") from None
-    return next((status for status in statuses if status != 0), 0)
+    return job_status(job)

@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,7 +152,10 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
                     raise StopRun("pruned")
 
         try:
-            if spec.nproc > 1:
+            if spec.run_jobs is not None:
+                summary = _run_as_job(spec, trial_overrides(spec, params, seed), run_path, tags, report,
+                                      resume=earlier is not None)
+            elif spec.nproc > 1:
                 summary = _run_under_torchrun(spec.nproc, trial_overrides(spec, params, seed), run_path, tags,
                                               report, resume=earlier is not None)
             else:
@@ -212,6 +215,35 @@ def _run_under_torchrun(nproc: int, overrides: list[str], run_path: Path, tags: 
         summary.update(tags)
         atomic_write_text(run_path / "summary.json", json.dumps(redact(summary), indent=2))
     return summary
+
+
+def _run_as_job(spec: SweepSpec, overrides: list[str], run_path: Path, tags: dict, on_eval, resume: bool,
+                poll_seconds: float = 1.0) -> dict:
+    """One seed of a trial as a cluster job of spec.nnodes torchrun nodes (bridgectl/cluster.py, as `bridgectl run
+    --launcher slurm --nnodes N` submits it) and its summary; rank 0's evaluations reach `on_eval` from its
+    metrics.jsonl as they are logged, and a pruned run's job is cancelled (its processes get SIGTERM and
+    checkpoint)."""
+    from bridgectl.cluster import job_status, submit_run
+    from bridgectl.launch import RUN_TAGS
+
+    launcher, options = spec.run_jobs
+    job = submit_run(launcher, options, spec.nproc, spec.nnodes, overrides, run_path, resume, [],
+                     env={RUN_TAGS: json.dumps(tags)})
+    seen = 0
+    try:
+        while not job.done():
+            time.sleep(poll_seconds)
+            seen = _pass_new_evaluations(run_path / "metrics.jsonl", seen, on_eval)
+        _pass_new_evaluations(run_path / "metrics.jsonl", seen, on_eval)
+    except BaseException:  # pruned, or Ctrl-C: the job stops with the trial
+        with contextlib.suppress(Exception):
+            job.cancel()
+        raise
+    status = job_status(job)
+    if status != 0:
+        raise RuntimeError(f"the job {job.job_id} of run {run_path.name} exited with status {status}; its log "
+                           f"{job.paths.stdout}")
+    return json.loads((run_path / "summary.json").read_text())
 
 
 def _pass_new_evaluations(metrics_path: Path, seen: int, on_eval) -> int:
@@ -346,9 +378,12 @@ def work(study, spec: SweepSpec, sweep_dir: Path, worker: str) -> int:
         ran += 1
 
 
-def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, index: int, nproc: int | None = None) -> None:
-    """A worker process or cluster job: its own handle on the study, working until nothing is left."""
-    spec = load_spec(Path(spec_path), nproc)
+def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, index: int,
+            placement: tuple = (None, None, None)) -> None:
+    """A worker process or cluster job: its own handle on the study, working until nothing is left.
+    `placement`: the command's (nproc, nnodes, run_jobs), which replace the spec's."""
+    nproc, nnodes, run_jobs = placement
+    spec = replace(load_spec(Path(spec_path), nproc, nnodes), run_jobs=run_jobs)
     study = make_study(spec, Path(sweep_dir), storage_url)
     work(study, spec, Path(sweep_dir), worker_name(index))
 
@@ -378,8 +413,9 @@ def _run_local(spec_path: Path, sweep_dir: Path, storage_url: str | None, study,
         work(study, spec, sweep_dir, worker_name(0))
         return []
     context = multiprocessing.get_context("spawn")
+    placement = (spec.nproc, spec.nnodes, spec.run_jobs)
     processes = [context.Process(target=_worker, args=(str(spec_path), str(sweep_dir), storage_url, index,
-                                                       spec.nproc),
+                                                       placement),
                                  name=f"bridgectl-sweep-worker-{index}") for index in range(count)]
     for process in processes:
         process.start()
@@ -423,15 +459,23 @@ def unretried(study, spec: SweepSpec, dead: list) -> list:
 
 def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None, on_progress=None,
               launcher: str = "local", launcher_options: dict | None = None, poll_seconds: float = 1.0,
-              nproc: int | None = None):
+              nproc: int | None = None, nnodes: int | None = None):
     """Runs the trials still missing; returns the study. Crashing trials are marked failed (with their error in
     their run directory) and the sweep goes on. `launcher`: local (this process, or up to `workers` spawned
     processes) or a submitit executor (slurm, or submitit-local: the same path on this machine) running `workers`
     jobs. Dead workers: trials left running by a process that is gone (found at the start, or a local worker
     process that died) are reported and run again once (a local worker's in one more pass of workers); raises
-    DeadWorkers when one was not retried to completion, or a worker of that last pass died too. `nproc` replaces
-    the spec's (each seed of a trial then runs under torchrun in that many processes)."""
-    spec = load_spec(spec_path, nproc)
+    DeadWorkers when one was not retried to completion, or a worker of that last pass died too. `nproc` and
+    `nnodes` replace the spec's: each seed of a trial then runs under torchrun in nproc processes, or, with
+    nnodes > 1, as a job of the launcher (slurm or submitit-local) whose nnodes tasks are torchrun nodes,
+    submitted by workers that run here."""
+    spec = load_spec(spec_path, nproc, nnodes)
+    if spec.nnodes > 1:
+        if launcher == "local":
+            raise UserError(f"trials over {spec.nnodes} nodes are cluster jobs", "add --launcher slurm (or "
+                            "submitit-local to try it on this machine)")
+        spec = replace(spec, run_jobs=(launcher, launcher_options or {}))
+        launcher = "local"  # the workers run here and submit each run as a job
     sweep_dir = out / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
     study = make_study(spec, sweep_dir, storage_url)
@@ -444,7 +488,8 @@ def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None,
         if launcher != "local":
             count = min(workers, remaining_trials(study, spec))
             if count:
-                _submit_workers(launcher, launcher_options or {}, spec_path, sweep_dir, storage_url, count, spec.nproc)
+                _submit_workers(launcher, launcher_options or {}, spec_path, sweep_dir, storage_url, count,
+                                (spec.nproc, spec.nnodes, None))
         else:
             deaths = _run_local(spec_path, sweep_dir, storage_url, study, spec, workers)
             if deaths:  # one more pass: the dead workers' trials run again, with whatever else is left
@@ -502,13 +547,13 @@ def print_outcome(study, spec: SweepSpec) -> None:
 
 
 def _submit_workers(launcher: str, options: dict, spec_path: Path, sweep_dir: Path, storage_url: str | None,
-                    count: int, nproc: int = 1) -> None:
+                    count: int, placement: tuple = (None, None, None)) -> None:
     """One submitit job per worker, each joining the shared study; waits for them all. Ctrl-C cancels the jobs
     (the study stays resumable). A job that dies is reported; its trial is retried on the next resume."""
     executor = make_executor(launcher, sweep_dir / "submitit", options, name="bridgectl-sweep")
     try:
         jobs = [executor.submit(_worker, str(Path(spec_path).resolve()), str(sweep_dir.resolve()), storage_url,
-                                index, nproc) for index in range(count)]
+                                index, placement) for index in range(count)]
     except Exception as error:  # sbatch refused the job (partition, account, limits): the user's settings
         raise UserError(f"submitting the sweep's worker jobs failed: {error}",
                         "check --launcher-opt (partition, account, time) against `sinfo`") from None

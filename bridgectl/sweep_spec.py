@@ -18,7 +18,7 @@ SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = ("type", "low", "high", "log", "choices", "values")
-SPEC_KEYS = ("name", "base", "seeds", "objective", "sampler", "n_trials", "pruner", "params", "nproc")
+SPEC_KEYS = ("name", "base", "seeds", "objective", "sampler", "n_trials", "pruner", "params", "nproc", "nnodes")
 ENUMERABLE_POINTS = 10_000
 """A finite search space up to this many points is enumerated, so a duplicate draw is replaced by an untried point."""
 
@@ -35,7 +35,13 @@ class SweepSpec:
     pruner: str
     params: dict[str, dict]
     nproc: int = 1
-    """Data-parallel processes per run: above 1 each seed of a trial runs under torchrun (`bridgectl run --nproc`)."""
+    """Data-parallel processes per run (per node): above 1 each seed of a trial runs under torchrun (`bridgectl
+    run --nproc`)."""
+    nnodes: int = 1
+    """Machines per run: above 1 each seed of a trial is a cluster job of that many torchrun nodes (`bridgectl run
+    --launcher slurm --nnodes`), submitted by workers that run where the sweep command runs."""
+    run_jobs: tuple | None = None
+    """Not in the YAML: (launcher, submitit options) each seed's job is submitted with, when nnodes > 1."""
 
     def grid(self) -> list[dict]:
         """Every combination of the params' `choices` (grid search; floats and ints need `values`)."""
@@ -88,6 +94,7 @@ def check_types(raw: dict) -> None:
          "seeds", "a list of integers", "seeds: [0, 1, 2]")
     need(raw.get("n_trials") is None or _is_int(raw["n_trials"]), "n_trials", "an integer", "n_trials: 12")
     need(raw.get("nproc") is None or _is_int(raw["nproc"]), "nproc", "an integer", "nproc: 2")
+    need(raw.get("nnodes") is None or _is_int(raw["nnodes"]), "nnodes", "an integer", "nnodes: 2")
     objective = raw.get("objective")
     need(objective is None or isinstance(objective, dict), "objective", "a mapping",
          "objective: {metric: eval/test/accuracy, direction: maximize}")
@@ -123,9 +130,9 @@ def check_types(raw: dict) -> None:
             raise UserError(f"param '{key}': log must be true or false, got {_kind(param['log'])}", "e.g. log: true")
 
 
-def load_spec(path: Path, nproc: int | None = None) -> SweepSpec:
-    """Reads and checks a sweep spec: types first, then values, then one composed example config. `nproc` (the
-    command's --nproc) replaces the spec's."""
+def load_spec(path: Path, nproc: int | None = None, nnodes: int | None = None) -> SweepSpec:
+    """Reads and checks a sweep spec: types first, then values, then one composed example config. `nproc` and
+    `nnodes` (the command's --nproc, --nnodes) replace the spec's."""
     if not path.is_file():
         raise UserError(f"sweep spec {path} does not exist", "give a YAML file like sweeps/quick.yaml")
     try:
@@ -146,13 +153,15 @@ def load_spec(path: Path, nproc: int | None = None) -> SweepSpec:
         seeds=list(raw.get("seeds") or [0]), metric=objective.get("metric", "eval/test/accuracy"),
         direction=objective.get("direction", "maximize"), sampler=raw.get("sampler", "tpe"),
         n_trials=raw.get("n_trials", 10), pruner=raw.get("pruner", "none"), params=raw.get("params") or {},
-        nproc=nproc if nproc is not None else raw.get("nproc", 1))
+        nproc=nproc if nproc is not None else raw.get("nproc", 1),
+        nnodes=nnodes if nnodes is not None else raw.get("nnodes", 1))
     checks = [
         (spec.sampler in SAMPLERS, f"unknown sampler '{spec.sampler}'", f"choose one of: {', '.join(SAMPLERS)}"),
         (spec.pruner in PRUNERS, f"unknown pruner '{spec.pruner}'", f"choose one of: {', '.join(PRUNERS)}"),
         (spec.direction in ("maximize", "minimize"), f"unknown direction '{spec.direction}'", "maximize or minimize"),
         (spec.n_trials > 0, f"n_trials must be positive, got {spec.n_trials}", "e.g. n_trials: 12"),
         (spec.nproc > 0, f"nproc must be at least 1, got {spec.nproc}", "e.g. nproc: 2 (or --nproc 2)"),
+        (spec.nnodes > 0, f"nnodes must be at least 1, got {spec.nnodes}", "e.g. nnodes: 2 (or --nnodes 2)"),
         (spec.metric.startswith("eval/") and spec.metric.endswith("/accuracy"), f"unsupported objective metric "
          f"'{spec.metric}'", "use a final eval metric, e.g. eval/test/accuracy or eval/ood/accuracy"),
     ]
@@ -183,7 +192,7 @@ def load_spec(path: Path, nproc: int | None = None) -> SweepSpec:
     from bridgectl.core.distributed import check_batch_split
     from bridgectl.tasks import task_eval_splits
 
-    check_batch_split(cfg, spec.nproc)  # a batch that does not split over nproc processes: before any trial
+    check_batch_split(cfg, spec.nproc * spec.nnodes)  # a batch that does not split: before any trial
     splits = task_eval_splits(cfg.task)
     if spec.metric.split("/")[1] not in splits:
         raise UserError(f"objective metric {spec.metric} is never logged by task {cfg.task.name}",

@@ -50,6 +50,23 @@ def test_a_trial_of_nproc_2_equals_the_same_run_launched_alone(tmp_path):
     reported = {r["step"]: r["eval/test/accuracy"] for r in two if "eval/test/accuracy" in r}
     assert trial.intermediate_values == reported and len(reported) >= 2  # rank 0's evaluations, as they came
 
+    # the same trial over two "nodes": a job of two torchrun tasks (submitit's local executor plays SLURM)
+    spec_path.write_text(spec_path.read_text().replace("name: np", "name: nn").replace("nproc: 2", "nnodes: 2"))
+    jobs = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--launcher",
+                                    "submitit-local", "--launcher-opt", "timeout_min=10"])
+    assert jobs.exit_code == 0, jobs.output
+    assert "as submitit-local jobs of 2 nodes x 1 processes" in " ".join(jobs.output.split())
+    job_dir = tmp_path / "out" / "nn" / "trial-000-seed0"
+    assert list((tmp_path / "out" / "nn" / ".submitit" / job_dir.name).glob("*_1_log.out"))  # two tasks
+    summary = json.loads((job_dir / "summary.json").read_text())
+    assert (summary["status"], summary["study"], summary["trial"]) == ("completed", "nn", 0)
+    for a, b in zip(one, rows(job_dir)):  # two nodes of one process add up as one node of two, to rounding
+        for key in ("train/rl_loss", "train/reward_mean", "train/grad_norm", "eval/test/accuracy"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    (trial,) = sweep.make_study(sweep_spec.load_spec(spec_path), tmp_path / "out" / "nn", None).trials
+    assert trial.value == summary["eval"]["test"]["accuracy"] and len(trial.intermediate_values) >= 2
+
 
 def test_a_batch_that_does_not_split_over_nproc_exits_2_and_writes_nothing(tmp_path):
     spec_path = tmp_path / "spec.yaml"
@@ -58,6 +75,9 @@ def test_a_batch_that_does_not_split_over_nproc_exits_2_and_writes_nothing(tmp_p
     result = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--nproc", "3"])
     assert result.exit_code == 2, result.output
     assert "rl.prompts_per_step=2 does not split evenly over 3 processes" in " ".join(result.output.split())
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--nnodes", "2"])
+    assert result.exit_code == 2 and "add --launcher slurm" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
     spec_path.write_text(spec_path.read_text() + "nproc: 0\n")
     result = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out")])

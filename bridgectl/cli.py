@@ -386,6 +386,7 @@ def sweep_command(
             raise UserError(f"--workers must be at least 1, got {workers}", "e.g. --workers 2")
         if storage is not None:
             storage = sweeping.storage_url(storage, workers)
+            sweeping.open_database(storage)  # a server that is not there: exit 2 now, nothing written
         if launcher not in LAUNCHERS:
             raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(LAUNCHERS)}")
         launcher_options = _key_values(launcher_opt or [], "--launcher-opt")

@@ -79,7 +79,7 @@ def make_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage_url:
-        storage = _open_database(storage_url)
+        storage = open_database(storage_url)
     else:
         storage = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna-journal.log")))
     pruners = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
@@ -90,14 +90,14 @@ def make_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
                                pruner=pruners[spec.pruner](), direction=spec.direction, load_if_exists=True)
 
 
-def _open_database(url: str, tries: int = 8):
+def open_database(url: str, tries: int = 8):
     """Optuna's RDB storage of `url`. Commands started together on a new database each create Optuna's tables;
     PostgreSQL lets only one create them (the others fail with a duplicate type or table), after which opening
     succeeds: so a failed creation is retried a few times, a fraction of a second apart."""
     import random
 
     import optuna
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(tries):
         try:
@@ -106,6 +106,16 @@ def _open_database(url: str, tries: int = 8):
             if attempt == tries - 1:
                 raise
             time.sleep(0.2 + random.random() * 0.5)
+        except (OperationalError, ArgumentError) as error:  # no server there, a bad login, a malformed URL
+            shown = url
+            if "@" in url:  # the user, never the password
+                scheme, rest = url.split("://", 1)
+                login, place = rest.rsplit("@", 1)
+                shown = f"{scheme}://{login.split(':', 1)[0]}@{place}"
+            reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            raise UserError(f"cannot open the study storage {shown}: {reason}",
+                            "check that the database server runs and accepts this user from here (host, port, "
+                            "database name, password in the URL or ~/.pgpass)") from None
 
 
 def objective(trial, spec: SweepSpec, sweep_dir: Path) -> float:

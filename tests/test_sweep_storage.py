@@ -48,3 +48,14 @@ def test_a_postgresql_url_is_opened_with_psycopg_3_and_a_missing_driver_is_named
         result = sweep_cli(tmp_path, "--storage", f"{missing}://user@localhost/study")
         said = " ".join(result.output.split())
         assert result.exit_code == 2 and "needs the pymysql package" in said and not (tmp_path / "out").exists()
+
+
+def test_a_database_that_is_not_there_exits_2_naming_it_without_the_password(tmp_path):
+    from postgres import free_port
+
+    url = f"postgresql://bridgectl:secret@127.0.0.1:{free_port()}/study"  # nothing listens there
+    result = sweep_cli(tmp_path, "--storage", url)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Error: cannot open the study storage" in said and "Hint:" in said
+    assert "bridgectl@127.0.0.1" in said and "secret" not in said and "Traceback" not in said
+    assert not (tmp_path / "out").exists()

@@ -139,6 +139,8 @@ def _lora(cfg: DictConfig) -> None:
     require(lora.rank > 0, f"lora.rank must be positive, got {lora.rank}", "e.g. lora.rank=8")
     require(lora.forward in ("auto", "merged", "unmerged"), f"unknown lora.forward '{lora.forward}'",
             "choose auto, merged or unmerged")
+    require(lora.sampling in ("auto", "merged", "unmerged"), f"unknown lora.sampling '{lora.sampling}'",
+            "choose auto, merged or unmerged")
 
 
 def _optim(cfg: DictConfig) -> None:

@@ -101,6 +101,7 @@ OUT_OF_RANGE: dict[str, list] = {
     "lora.dropout": ["1.0"],
     "lora.target_modules": ["[]"],
     "lora.forward": ["fused"],
+    "lora.sampling": ["fused"],
     "optim.adam_beta1": ["1.0"],
     "optim.adam_beta2": ["1.5"],
     "optim.schedule": ["linear"],

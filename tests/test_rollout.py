@@ -167,3 +167,24 @@ def test_seeded_generator_reproduces_samples(tiny_model, tokenizer):
     assert first.completions == second.completions
     assert first.completion_ids.shape != other.completion_ids.shape or \
         not torch.equal(first.completion_ids, other.completion_ids)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "groups"])
+def test_reading_ended_rows_every_few_tokens_changes_nothing(sharp_model, tokenizer, sampling):
+    """What an accelerator does (core/rollout.END_CHECK_EVERY: which rows have ended is read back every few
+    tokens, not every token): the same tokens, log-probs and width as reading every token, with rows that end at
+    different steps (a completion ends at any of a few common tokens) and leave the batch at different times."""
+    prompts = [p for p in PROMPTS for _ in range(4)]  # 4 groups of 4
+
+    def decoded(check_every: int):
+        groups = [torch.Generator().manual_seed(seed) for seed in range(4)] if sampling == "groups" else None
+        return generate(sharp_model, tokenizer, prompts, max_new_tokens=48, temperature=1.0,
+                        greedy=sampling == "greedy", group_generators=groups, check_every=check_every,
+                        end_ids=ids_of(tokenizer, "0123"))
+
+    every, sparse = decoded(1), decoded(5)
+    lengths = every.lengths.tolist()
+    assert len(set(lengths)) > 1 and min(lengths) < 48  # rows did end, at different steps
+    assert torch.equal(every.completion_ids, sparse.completion_ids)
+    assert torch.equal(every.completion_mask, sparse.completion_mask)
+    torch.testing.assert_close(sparse.sampling_logprobs, every.sampling_logprobs, rtol=0, atol=1e-5)

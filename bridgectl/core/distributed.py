@@ -299,7 +299,7 @@ def shard_model(policy) -> None:
         # otherwise leave plain tensors where the optimizers and checkpoints expect the sharded parameters
         fully_shard(model, reshard_after_forward=True)
     set_lora_forward(policy.model, merged=False)
-    policy.merge_for_sampling = False
+    policy.sampling = "unmerged"  # its weights are shards: a merged copy would be a shard's
     total = sum(p.numel() for p in policy.model.parameters())
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in policy.model.parameters())
     if is_main():

@@ -37,8 +37,9 @@ class Policy:
     """Its tokenizer; left padding for generation."""
     frozen_reference: torch.nn.Module | None = field(default=None, repr=False)
     """Frozen copy of the base under full fine-tuning with a KL term; None otherwise."""
-    merge_for_sampling: bool = True
-    """Sample with adapters folded into the weights (small models; see merged_for_generation)."""
+    sampling: str = "auto"
+    """How sampling computes adapted layers (`lora.sampling`: merged, unmerged or auto; merged_for_generation);
+    a sharded model samples unmerged (its weights are shards)."""
     end_tokens: EndTokens | None = None
     """The ids that end a completion and the one SFT targets end with (core/end_tokens); load_policy finds them,
     and a policy built without them gets the tokenizer's EOS alone."""
@@ -67,26 +68,32 @@ class Policy:
 
     @contextlib.contextmanager
     def merged_for_generation(self):
-        """The model to sample from. With adapters on a small model (`lora.forward` rule: merged below 20M base
-        parameters), each adapted layer's weight is swapped for W + sum s B A while sampling, with the adapters
-        disabled, and the very same W tensor is put back afterwards: unmerged adapters slowed generation ~40% on
-        the tiny model, and merging in place (peft's merge/unmerge, W += dW then W -= dW) would change the
-        frozen base by rounding at every step (in bf16 by up to an ulp per step). Large models sample with their
-        adapters unmerged (no weight-sized copies); full fine-tuning has nothing to merge."""
-        if not self.has_adapters or not self.merge_for_sampling:
+        """The model to sample from. With adapters merged for sampling (`sampling`, merges_for_sampling), each
+        adapted layer's weight is swapped for W + sum s B A while sampling, with the adapters disabled, and the
+        very same W tensor is put back afterwards: unmerged adapters slowed decoding ~1.5x on SmolLM2-135M and
+        ~40% on the tiny model, and merging in place (peft's merge/unmerge, W += dW then W -= dW) would change
+        the frozen base by rounding at every step (in bf16 by up to an ulp per step). Unmerged: peft's forward,
+        no weight-sized copies; full fine-tuning has nothing to merge."""
+        if not self.has_adapters:
+            yield self.model
+            return
+        adapted = [(layer, [name for name in layer.active_adapters if name in layer.lora_A])
+                   for layer in self.model.modules() if isinstance(layer, LoraLinear) and not layer.merged
+                   and isinstance(layer.base_layer, torch.nn.Linear)]
+        adapted = [(layer, active) for layer, active in adapted if active]
+        copy_bytes = sum(layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
+                         for layer, _ in adapted)
+        if not adapted or not merges_for_sampling(self.sampling, copy_bytes, next(self.model.parameters()).device):
             yield self.model
             return
         saved = {}
         with torch.no_grad():
-            for layer in self.model.modules():
-                if isinstance(layer, LoraLinear) and not layer.merged and isinstance(layer.base_layer, torch.nn.Linear):
-                    active = [name for name in layer.active_adapters if name in layer.lora_A]
-                    if active:
-                        weight = layer.base_layer.weight
-                        saved[layer] = weight.data
-                        weight.data = weight.data + sum(layer.get_delta_weight(name) for name in active)
-                        # the flag peft's forward reads; enable_adapters() would also reset requires_grad
-                        layer._disable_adapters = True
+            for layer, active in adapted:
+                weight = layer.base_layer.weight
+                saved[layer] = weight.data
+                weight.data = weight.data + sum(layer.get_delta_weight(name) for name in active)
+                # the flag peft's forward reads; enable_adapters() would also reset requires_grad
+                layer._disable_adapters = True
         try:
             yield self.model
         finally:
@@ -170,13 +177,23 @@ def load_policy(model_cfg, lora_cfg, path: Path | str, device: torch.device, kee
         model = get_peft_model(model, PeftLoraConfig(
             r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
             target_modules=peft_targets(lora_cfg), task_type="CAUSAL_LM"))
-        merge = _choose_lora_forward(model, lora_cfg)
+        _choose_lora_forward(model, lora_cfg)
     elif keep_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    policy = Policy(model=model, tokenizer=tokenizer, frozen_reference=reference, end_tokens=end_tokens)
-    if finetune == "lora":
-        policy.merge_for_sampling = merge
-    return policy
+    return Policy(model=model, tokenizer=tokenizer, frozen_reference=reference, end_tokens=end_tokens,
+                  sampling=getattr(lora_cfg, "sampling", "auto"))  # a run recorded before the key: auto
+
+
+def merges_for_sampling(mode: str, copy_bytes: int, device: torch.device) -> bool:
+    """Whether sampling folds the adapters into a copy of the adapted weights (`lora.sampling`): merged, unmerged,
+    or auto: merged, unless on an accelerator the copy (`copy_bytes`) would take more than half its free memory
+    (host memory is not counted: the copy is at most the model's size)."""
+    if mode != "auto":
+        return mode == "merged"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return copy_bytes <= free / 2
+    return True
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
@@ -213,12 +230,12 @@ def add_upper_adapter(policy: Policy, name: str, rank: int, alpha: int, lora_cfg
     for param_name, param in policy.model.named_parameters():
         if adapter_of(param_name) is None:
             param.requires_grad_(train_base)
-    policy.merge_for_sampling = _choose_lora_forward(policy.model, lora_cfg)
+    _choose_lora_forward(policy.model, lora_cfg)
 
 
 def _choose_lora_forward(model: torch.nn.Module, lora_cfg) -> bool:
     """Merged-weight or peft's own forward in training passes (`lora.forward`; core/lora_forward.py); returns
-    whether merging is chosen (sampling follows the same choice)."""
+    whether merging is chosen (sampling chooses on its own: lora.sampling)."""
     base_parameters = sum(p.numel() for n, p in model.named_parameters() if adapter_of(n) is None)
     merged = wants_merged_forward(lora_cfg.forward, base_parameters)
     set_lora_forward(model, merged)

@@ -72,12 +72,20 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 # 16.3 s. 1/8 does as well as compacting whenever a row ends, with a third of the compactions (20 against 63).
 _COMPACT_FRACTION = 0.125
 
+END_CHECK_EVERY = 8
+"""On an accelerator, whether rows have ended is read back to the host every this many tokens, not every token
+(each read waits for the device to finish its queued work). In between, rows that ended keep decoding as pad and
+leave the batch at the next check: the tokens and log-probs are the same (greedy, or with per-group generators,
+which are fresh for each call; a single shared generator's stream depends on which rows are in the batch, so that
+path reads every token)."""
+
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
              greedy: bool = False, generator: torch.Generator | None = None,
              group_generators: list[torch.Generator] | None = None, rows_per_batch: int = 0, top_k: int = 0,
-             top_p: float = 1.0, min_p: float = 0.0, end_ids: Collection[int] | None = None) -> Rollouts:
+             top_p: float = 1.0, min_p: float = 0.0, end_ids: Collection[int] | None = None,
+             check_every: int | None = None) -> Rollouts:
     """Samples one completion per prompt (repeat prompts for groups), decoding until every row has emitted an end
     token (any of `end_ids`, the policy's `end_tokens.ids`; default the tokenizer's EOS) or `max_new_tokens`.
     Rows that have ended leave the decoding batch (with their KV cache rows), so a batch costs the tokens its rows
@@ -100,6 +108,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
 
     `top_k`, `top_p`, `min_p` (off at 0, 1.0, 0.0) sample from the truncated distribution (`truncate`); the
     returned `sampling_logprobs` are still the untruncated tempered log-probs of the sampled tokens.
+
+    `check_every`: tokens between reads of which rows have ended (default: every token on the CPU,
+    END_CHECK_EVERY on an accelerator, where each read is a host sync); the result does not depend on it.
 
     Under a sharded model (train.fsdp) every rank makes the same forward passes, as each gathers the weights: a
     chunk decodes until the rows of every rank have ended (a rank whose rows have ended keeps one row in its batch
@@ -131,7 +142,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
             groups = group_generators[start // group_size:end // group_size] if group_generators is not None else None
             decoded.append(_decode_rows(model, prompt_ids[start:end], prompt_mask[start:end], max_new_tokens,
                                         temperature, greedy, generator, groups, group_size, ends, pad, sharded,
-                                        truncation=(top_k, top_p, min_p)))
+                                        truncation=(top_k, top_p, min_p), check_every=check_every))
         else:
             # a rank out of chunks while another still has one decodes its first row as already ended (greedily:
             # no generator is touched), and drops it: its forward passes pair with the other rank's
@@ -160,12 +171,18 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
                  temperature: float, greedy: bool, generator: torch.Generator | None,
                  group_generators: list[torch.Generator] | None, group_size: int, ends: tuple[int, ...], pad: int,
                  sharded: bool, ended: bool = False,
-                 truncation: tuple[int, float, float] = (0, 1.0, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+                 truncation: tuple[int, float, float] = (0, 1.0, 0.0),
+                 check_every: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decodes one chunk of rows (whole groups with `group_generators`): returns its tokens [n, T] (pad from the
     step after a row's end token, any of `ends`) and their untruncated log-probs [n, T], T the steps taken.
     `ended` starts every row as already ended (a sharded rank's stand-in chunk). `truncation`: (top_k, top_p,
-    min_p) of `truncate`."""
+    min_p) of `truncate`. `check_every`: tokens between reads of which rows have ended (END_CHECK_EVERY on an
+    accelerator, 1 on the CPU, where a read costs nothing; always 1 with one shared generator or sharded)."""
     device = prompt_ids.device
+    if check_every is None:
+        check_every = 1 if device.type == "cpu" else END_CHECK_EVERY
+    if sharded or (not greedy and group_generators is None):
+        check_every = 1
     # padding columns no row of this chunk uses (another chunk's longer prompt) are dropped: positions come from
     # the mask, so a row's numbers do not change
     used = prompt_mask.bool().any(dim=0)
@@ -182,22 +199,35 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
     rows = torch.arange(n, device=device)  # the chunk row of each batch row; ascending, rows only ever leave
     finished = torch.full((n,), ended, dtype=torch.bool, device=device)
     segments = _group_segments(rows, group_size) if group_generators is not None else None
+    known_ended = finished.tolist()  # as of the last check: rows that ended since then still draw (as pad)
+    decoding = torch.zeros(max_new_tokens, dtype=torch.bool, device=device)  # a row was live at this step
     for step in range(max_new_tokens):
+        if check_every > 1:
+            decoding[step] = (~finished).any()
         scaled = torch.log_softmax(next_logits.float() / temperature, dim=-1)
         if greedy:
             token = scaled.argmax(dim=-1)
         else:
             allowed = truncate(scaled, *truncation)  # `scaled` itself when nothing is truncated
             if group_generators is not None:
-                token = _gumbel_max_by_group(allowed, finished, segments, group_generators, group_size)
+                token = _gumbel_max_by_group(allowed, known_ended, segments, group_generators, group_size)
             else:
                 token = torch.multinomial(allowed.exp(), 1, generator=generator).squeeze(1)
         token = torch.where(finished, torch.full_like(token, pad), token)
         tokens[rows, step] = token
         logprobs[rows, step] = scaled.gather(1, token.unsqueeze(1)).squeeze(1)
         finished |= torch.isin(token, end_ids)
+        if step % check_every != check_every - 1 and step < max_new_tokens - 1:  # no read-back this token
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            position = position + 1
+            counter.step(token.size(0), mask.size(1))
+            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
+                        **{KV_CACHE: cache})
+            cache, next_logits = out[KV_CACHE], out.logits[:, -1]
+            continue
+        known_ended = finished.tolist()
         live = ~finished
-        n_live, n_batch = int(live.sum()), rows.numel()
+        n_live, n_batch = len(known_ended) - sum(known_ended), rows.numel()
         done = n_live == 0
         if sharded:
             done = not distributed.any_rank(not done)
@@ -213,6 +243,7 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
                 # the dynamic layers and leaves a quantized layer's quantized states unselected
                 cache.reorder_cache(keep)
                 rows, finished, mask, position, token = (t[keep] for t in (rows, finished, mask, position, token))
+                known_ended = [known_ended[i] for i in keep.tolist()]
                 if segments is not None:
                     segments = _group_segments(rows, group_size)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -221,7 +252,10 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
         out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
                     **{KV_CACHE: cache})
         cache, next_logits = out[KV_CACHE], out.logits[:, -1]
-    return tokens[:, :step + 1], logprobs[:, :step + 1]
+    width = step + 1  # the steps taken (a sharded rank's: as many as its peers')
+    if check_every > 1:  # steps decoded past the end of every row, before the next check, are dropped
+        width = max(1, int(decoding.nonzero().max()) + 1) if bool(decoding.any()) else 1
+    return tokens[:, :width], logprobs[:, :width]
 
 
 def truncate(logprobs: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
@@ -290,13 +324,13 @@ def _group_segments(rows: torch.Tensor, group_size: int) -> list[tuple[int, int,
     return segments
 
 
-def _gumbel_max_by_group(scaled: torch.Tensor, finished: torch.Tensor, segments: list, group_generators: list,
+def _gumbel_max_by_group(scaled: torch.Tensor, ended: list[bool], segments: list, group_generators: list,
                          group_size: int) -> torch.Tensor:
     """One token per batch row by Gumbel-max with each group's own generator. A group with a row still decoding
     draws [group_size, vocab] uniforms, whichever of its rows are left, and each row takes its own: the draw
-    sequence of a group is fixed by the group alone. A group whose rows have all ended draws nothing (its rows'
-    tokens are replaced by pad)."""
-    ended = finished.tolist()
+    sequence of a group is fixed by the group alone. A group whose rows have all ended (by `ended`, per batch row,
+    as last read from the device) draws nothing (its rows' tokens are replaced by pad); one that ended since draws
+    on, which changes no token of its (a group's generator serves this call alone)."""
     draws, drawn = [], []
     for start, end, group, members in segments:
         if all(ended[start:end]):

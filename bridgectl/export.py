@@ -11,7 +11,7 @@ The weights are the run's `checkpoints/final`, or with `--checkpoint step-NNNNNN
 put together exactly as `bridgectl eval` (and `eval --checkpoint`) puts them together (evaluation.load_for_eval,
 evaluation.rebuilt_policy), in the dtype it evaluates in on this machine (`model.dtype`; auto: float32 on the CPU,
 bfloat16 on CUDA), so greedy decoding of the export gives the answers `bridgectl eval` scored. Runs whose adapters
-sampled unmerged (`lora.sampling=unmerged`, or auto on an accelerator short of memory) match it to float rounding only.
+are decoded unmerged (`lora.sampling`) match it to float rounding only.
 
 --adapter-only needs weights that are adapters over the unchanged base: model.finetune=lora runs, and BRIDGE with
 bridge.lower=lora, whose two adapters (theta, rank r1, and w, rank r2) become one adapter of rank r1 + r2 by

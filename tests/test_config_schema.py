@@ -283,10 +283,13 @@ def test_every_hinted_key_exists_and_every_hinted_value_composes():
 
 
 def test_every_name_is_trls():
-    """GRPOConfig, SFTConfig (both TrainingArguments) and ModelConfig of the installed TRL (1.16 when written);
-    max_prompt_length is GRPOConfig's in earlier releases."""
+    """GRPOConfig, SFTConfig (both TrainingArguments) and ModelConfig of the installed TRL (1.16 when written), or
+    GRPOTrainer's own arguments (reward_funcs); max_prompt_length is GRPOConfig's in earlier releases."""
+    import inspect
+
     trl = pytest.importorskip("trl")
     names = {item.name for cls in (trl.GRPOConfig, trl.SFTConfig, trl.ModelConfig) for item in dataclasses.fields(cls)}
+    names |= set(inspect.signature(trl.GRPOTrainer.__init__).parameters)
     assert set(TRL_NAMES) - names <= {"max_prompt_length", "torch_dtype"}  # torch_dtype: ModelConfig's before dtype
 
 

@@ -217,35 +217,30 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
         tokens[rows, step] = token
         logprobs[rows, step] = scaled.gather(1, token.unsqueeze(1)).squeeze(1)
         finished |= torch.isin(token, end_ids)
-        if step % check_every != check_every - 1 and step < max_new_tokens - 1:  # no read-back this token
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            position = position + 1
-            counter.step(token.size(0), mask.size(1))
-            out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
-                        **{KV_CACHE: cache})
-            cache, next_logits = out[KV_CACHE], out.logits[:, -1]
-            continue
-        known_ended = finished.tolist()
-        live = ~finished
-        n_live, n_batch = len(known_ended) - sum(known_ended), rows.numel()
-        done = n_live == 0
-        if sharded:
-            done = not distributed.any_rank(not done)
-        if done or step == max_new_tokens - 1:  # no forward pass for logits nobody samples
-            break
-        if n_batch - n_live >= _COMPACT_FRACTION * n_batch and n_live < n_batch:
-            # only a sharded rank whose rows have all ended gets here with none live: it keeps one row to make its
-            # remaining forward passes with
-            keep = live.nonzero().squeeze(1) if n_live else torch.zeros(1, dtype=torch.long, device=device)
-            if keep.numel() < n_batch:
-                # reorder_cache (index_select on the batch dimension) is what every cache layer type implements
-                # (dynamic, sliding-window, quantized, linear-attention states); batch_select_indices is only on
-                # the dynamic layers and leaves a quantized layer's quantized states unselected
-                cache.reorder_cache(keep)
-                rows, finished, mask, position, token = (t[keep] for t in (rows, finished, mask, position, token))
-                known_ended = [known_ended[i] for i in keep.tolist()]
-                if segments is not None:
-                    segments = _group_segments(rows, group_size)
+        if step % check_every == check_every - 1 or step == max_new_tokens - 1:  # read back which rows ended
+            known_ended = finished.tolist()
+            live = ~finished
+            n_live, n_batch = len(known_ended) - sum(known_ended), rows.numel()
+            done = n_live == 0
+            if sharded:
+                done = not distributed.any_rank(not done)
+            if done or step == max_new_tokens - 1:  # no forward pass for logits nobody samples
+                break
+            if n_batch - n_live >= _COMPACT_FRACTION * n_batch and n_live < n_batch:
+                # only a sharded rank whose rows have all ended gets here with none live: it keeps one row to make
+                # its remaining forward passes with
+                keep = live.nonzero().squeeze(1) if n_live else torch.zeros(1, dtype=torch.long, device=device)
+                if keep.numel() < n_batch:
+                    # reorder_cache (index_select on the batch dimension) is what every cache layer type
+                    # implements (dynamic, sliding-window, quantized, linear-attention states);
+                    # batch_select_indices is only on the dynamic layers and leaves a quantized layer's quantized
+                    # states unselected
+                    cache.reorder_cache(keep)
+                    rows, finished, mask, position, token = (t[keep] for t in
+                                                             (rows, finished, mask, position, token))
+                    known_ended = [known_ended[i] for i in keep.tolist()]
+                    if segments is not None:
+                        segments = _group_segments(rows, group_size)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         counter.step(token.size(0), mask.size(1))

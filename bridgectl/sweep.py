@@ -137,7 +137,7 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
     tags = {"study": spec.name, "trial": trial.number, "params": params}
     split = spec.metric.split("/")[1]
     for index, seed in enumerate(spec.seeds):
-        cfg = compose(trial_overrides(spec, params, seed))
+        overrides = trial_overrides(spec, params, seed)
         run_path = sweep_dir / f"trial-{trial.number:03d}-seed{seed}"
         attempt = 1
         while run_path.exists():  # never reuse a directory left by an earlier attempt: runs are not overwritten
@@ -163,13 +163,12 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
 
         try:
             if spec.run_jobs is not None:
-                summary = _run_as_job(spec, trial_overrides(spec, params, seed), run_path, tags, report,
-                                      resume=earlier is not None)
+                summary = _run_as_job(spec, overrides, run_path, tags, report, resume=earlier is not None)
             elif spec.nproc > 1:
-                summary = _run_under_torchrun(spec.nproc, trial_overrides(spec, params, seed), run_path, tags,
-                                              report, resume=earlier is not None)
+                summary = _run_under_torchrun(spec.nproc, overrides, run_path, tags, report,
+                                              resume=earlier is not None)
             else:
-                summary = run(cfg, run_path, show_progress=False, on_eval=report, tags=tags,
+                summary = run(compose(overrides), run_path, show_progress=False, on_eval=report, tags=tags,
                               resume=earlier is not None)
         except StopRun:
             raise optuna.TrialPruned() from None
@@ -184,47 +183,33 @@ def _run_under_torchrun(nproc: int, overrides: list[str], run_path: Path, tags: 
     that raises StopRun (pruned) the run is stopped with SIGTERM (its processes checkpoint and end interrupted)
     and the StopRun raised here. Its output goes to <run_path>.log beside the run directory; a run that fails
     raises with that log's last lines."""
-    import shutil
     import subprocess
+    import tempfile
 
-    from bridgectl.core.tracking import atomic_write_text
-    from bridgectl.core.wandb_sink import redact
     from bridgectl.launch import EXIT_DIR, RUN_TAGS, torchrun_command, workers_status
 
     command = torchrun_command(nproc, overrides, run_path, run_path if resume else None, [])
     log_path = run_path.with_name(run_path.name + ".log")
-    statuses = run_path.with_name(run_path.name + ".exit")
-    statuses.mkdir(exist_ok=True)
-    env = {**os.environ, RUN_TAGS: json.dumps(tags), EXIT_DIR: str(statuses)}
-    seen, stopped = 0, None
-    with open(log_path, "a") as log:
+    seen = 0
+    with tempfile.TemporaryDirectory(prefix="bridgectl-exit-") as statuses, open(log_path, "a") as log:
+        # the tags reach the run's summary (a resumed one's too) and W&B from its start (launch.run_tags)
+        env = {**os.environ, RUN_TAGS: json.dumps(tags), EXIT_DIR: statuses}
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             while process.poll() is None:
                 time.sleep(poll_seconds)
                 seen = _pass_new_evaluations(run_path / "metrics.jsonl", seen, on_eval)
-            seen = _pass_new_evaluations(run_path / "metrics.jsonl", seen, on_eval)
-        except StopRun as pruned:
-            stopped = pruned
-            process.terminate()  # torchrun passes SIGTERM to its workers: they checkpoint and stop
-            process.wait()
-        except BaseException:  # Ctrl-C or the worker's own end: its processes stop with it
-            process.terminate()
+            _pass_new_evaluations(run_path / "metrics.jsonl", seen, on_eval)
+        except BaseException:  # pruned (StopRun), Ctrl-C or the worker's own end: torchrun passes SIGTERM on to
+            process.terminate()  # its workers, which checkpoint and stop
             process.wait()
             raise
-    status = workers_status(statuses, process.returncode)
-    shutil.rmtree(statuses, ignore_errors=True)
-    if stopped is not None:
-        raise stopped
+        status = workers_status(Path(statuses), process.returncode)
     if status != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"the torchrun run {run_path.name} exited with status {status}; its log "
                            f"{log_path}:\n{tail}")
-    summary = json.loads((run_path / "summary.json").read_text())
-    if any(summary.get(key) != value for key, value in tags.items()):  # a retry takes over an older trial's run
-        summary.update(tags)
-        atomic_write_text(run_path / "summary.json", json.dumps(redact(summary), indent=2))
-    return summary
+    return json.loads((run_path / "summary.json").read_text())
 
 
 def _run_as_job(spec: SweepSpec, overrides: list[str], run_path: Path, tags: dict, on_eval, resume: bool,

@@ -63,6 +63,24 @@ def _resolve_overrides(overrides: list[str]) -> list[str]:
     return resolved
 
 
+def _launcher_options(launcher: str, launcher_opt: list[str] | None) -> dict:
+    """--launcher checked and --launcher-opt KEY=VALUE parsed (run and sweep take both)."""
+    if launcher not in LAUNCHERS:
+        raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(LAUNCHERS)}")
+    options = _key_values(launcher_opt or [], "--launcher-opt")
+    if options and launcher == "local":
+        raise UserError("--launcher-opt applies to --launcher slurm or submitit-local",
+                        "drop it, or add --launcher slurm")
+    return options
+
+
+def _check_executor(launcher: str, options: dict) -> None:
+    """submitit takes the launcher and its settings: checked in a scratch folder, so nothing is written before a
+    job is submitted."""
+    with tempfile.TemporaryDirectory() as scratch:
+        make_executor(launcher, Path(scratch), options)
+
+
 def _default_name(cfg) -> str:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{cfg.recipe.name}-{cfg.task.name}-seed{cfg.seed}-{stamp}"
@@ -86,12 +104,7 @@ def run(
     """Train one recipe into a new run directory and print eval accuracy before and after."""
     on_cluster = launcher != "local" and "LOCAL_RANK" not in os.environ
     try:
-        if launcher not in LAUNCHERS:
-            raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(LAUNCHERS)}")
-        launcher_options = _key_values(launcher_opt or [], "--launcher-opt")
-        if launcher_options and launcher == "local":
-            raise UserError("--launcher-opt applies to --launcher slurm or submitit-local",
-                            "drop it, or add --launcher slurm")
+        launcher_options = _launcher_options(launcher, launcher_opt)
         if on_cluster and (rdzv_endpoint or rdzv_id):
             raise UserError("--rdzv-endpoint and --rdzv-id are set by the job with --launcher "
                             f"{launcher}: its first node hosts the rendezvous", "drop them")
@@ -128,9 +141,8 @@ def run(
         from bridgectl.tasks.rewards import load_reward_functions
 
         load_reward_functions(cfg.task)  # imports task.reward_funcs: a bad one exits 2 before --nproc launches
-        if on_cluster:  # the settings checked in a scratch folder: nothing is written before the job
-            with tempfile.TemporaryDirectory() as scratch:
-                make_executor(launcher, Path(scratch), launcher_options)
+        if on_cluster:
+            _check_executor(launcher, launcher_options)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     plan = ", ".join(f"{kind} x {steps}" for kind, steps in zip(cfg.recipe.stages, budgets))
@@ -387,18 +399,13 @@ def sweep_command(
         if storage is not None:
             storage = sweeping.storage_url(storage, workers)
             sweeping.open_database(storage)  # a server that is not there: exit 2 now, nothing written
-        if launcher not in LAUNCHERS:
-            raise UserError(f"unknown launcher '{launcher}'", f"choose one of: {', '.join(LAUNCHERS)}")
-        launcher_options = _key_values(launcher_opt or [], "--launcher-opt")
-        if launcher_options and launcher == "local":
-            raise UserError("--launcher-opt applies to --launcher slurm or submitit-local", "drop it, or add --launcher slurm")
+        launcher_options = _launcher_options(launcher, launcher_opt)
         parsed = load_spec(spec, nproc, nnodes)
         if parsed.nnodes > 1 and launcher == "local":
             raise UserError(f"trials over {parsed.nnodes} nodes are cluster jobs",
                             "add --launcher slurm (or submitit-local to try it on this machine)")
-        if launcher != "local":  # settings checked now, in a scratch folder: nothing is written before a trial
-            with tempfile.TemporaryDirectory() as scratch:
-                make_executor(launcher, Path(scratch), launcher_options)
+        if launcher != "local":
+            _check_executor(launcher, launcher_options)
     except UserError as error:
         _fail(error.message, error.hint, 2)
     total = len(parsed.grid()) if parsed.sampler == "grid" else parsed.n_trials

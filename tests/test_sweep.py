@@ -308,6 +308,12 @@ def start_sweep(spec: Path, out: Path, *options: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def described(processes: list[subprocess.Popen], outputs: list[str]) -> str:
+    """Each ended process's exit status and output, as one string (an assertion shows it whole, not cut)."""
+    return "\n".join(f"--- process {index} (exit {process.returncode}):\n{output}"
+                     for index, (process, output) in enumerate(zip(processes, outputs)))
+
+
 def end_group(process: subprocess.Popen) -> None:
     """SIGKILLs what is left of a sweep started by start_sweep (nothing, when it ended on its own)."""
     with contextlib.suppress(ProcessLookupError):
@@ -326,8 +332,7 @@ def test_two_sweep_processes_on_one_grid_run_every_point_exactly_once(tmp_path):
     finally:
         for process in processes:
             end_group(process)
-    said = "\n".join(f"--- process {index} (exit {process.returncode}):\n{output}"
-                     for index, (process, output) in enumerate(zip(processes, outputs)))
+    said = described(processes, outputs)
     assert [process.returncode for process in processes] == [0, 0], said  # a string: shown whole, not cut
     sweep_dir = tmp_path / "out" / "race"
     study = sweep.make_study(sweep_spec.load_spec(spec_path), sweep_dir, None)

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from bridgectl import sweep, sweep_claims, sweep_spec
 from postgres import postgres_server
-from test_sweep import end_group, start_sweep, write_spec
+from test_sweep import described, end_group, start_sweep, write_spec
 
 BASE = ("[recipe=rl, train.max_steps=4, train.checkpoint_every=2, rl.prompts_per_step=2, rl.num_generations=2, "
         "eval.n=8, train.threads=1]")
@@ -48,8 +48,7 @@ def test_two_sweep_commands_with_two_workers_each_run_a_grid_once_on_postgresql(
         finally:
             for command in commands:
                 end_group(command)
-        said = "\n".join(f"--- command {index} (exit {command.returncode}):\n{output}"
-                         for index, (command, output) in enumerate(zip(commands, outputs)))
+        said = described(commands, outputs)
         assert [command.returncode for command in commands] == [0, 0], said
         killed = victim.system_attrs["heartbeat"]["pid"]
         assert f"(pid {killed}) was killed by SIGKILL while running trial {victim.number}" in " ".join(said.split())

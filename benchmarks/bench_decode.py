@@ -1,7 +1,8 @@
 """Decoding speed on SmolLM2-135M-Instruct against the hardware's floors (issue 30): the built-in sampler
 (core/rollout.generate: eager, transformers' dynamic KV cache, ended rows dropped), `model.generate`, a static KV
 cache decoded eagerly, the same step compiled with torch.compile (first call, compile included, and later calls),
-and sampling under LoRA with the adapters unmerged against merged into the weights (`lora.sampling`).
+a hand-fused Llama decode step (`fused_decode`: what the best eager step could take on this CPU), and sampling under
+LoRA with the adapters unmerged against merged into the weights (`lora.sampling`).
 
 Floors, measured on this machine: the memory bandwidth (a plain copy of a weights-sized buffer), the time to read
 the linear layers' weights once at that bandwidth, and the time of the linear layers' matmuls alone at the decode
@@ -38,7 +39,8 @@ def prompts_for(rows: int) -> list[str]:
 
 def floors(model, rows: int) -> dict:
     """Copy bandwidth (GB/s), the linear weights read once at it (ms), and the linear layers' matmuls at `rows`
-    rows (ms per decode step)."""
+    rows (ms per decode step): plain (torch's matmul, MKL) and with the weights packed for oneDNN
+    (core/packed_linear.py)."""
     import torch
 
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -60,9 +62,18 @@ def floors(model, rows: int) -> dict:
         for _ in range(10):
             for w in weights:
                 inputs[w.shape[1]] @ w.t()
-    matmul_s = (time.perf_counter() - started) / 10
+        matmul_s = (time.perf_counter() - started) / 10
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
+        for _ in range(2):
+            for w, p in zip(weights, packed):
+                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
+        started = time.perf_counter()
+        for _ in range(10):
+            for w, p in zip(weights, packed):
+                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
+        packed_s = (time.perf_counter() - started) / 10
     return {"weights_mb": nbytes / 1e6, "bandwidth_gbs": bandwidth / 1e9, "read_ms": 1e3 * nbytes / bandwidth,
-            "matmul_ms": 1e3 * matmul_s}
+            "matmul_ms": 1e3 * matmul_s, "packed_ms": 1e3 * packed_s}
 
 
 def static_decode(model, ids, mask, new_tokens: int, step_fn, cache):
@@ -89,6 +100,74 @@ def static_decode(model, ids, mask, new_tokens: int, step_fn, cache):
     return torch.stack(tokens, 1)
 
 
+def fused_decode(model, ids, mask, new_tokens: int):
+    """Greedy decoding with a hand-written decode step for Llama-architecture models (SmolLM2 is one), as lean as an
+    eager step gets: the prefill through the model, then per token one matmul for q, k and v together and one for
+    the MLP's gate and up projections (the weights concatenated once per call, as a training loop would have to
+    after each update), the new keys and values written in place into a KV cache allocated once for the whole
+    length, and attention as two batched matmuls per layer with the query heads grouped over their shared key-value
+    head (no copies of the cache: no concatenation, no repeat of the key-value heads). Not a sampler bridgectl
+    uses: it measures how much of the eager step's time is anything but its matmuls."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    config = model.config
+    if config.model_type != "llama" or config.attention_bias or config.mlp_bias or config.hidden_act != "silu":
+        raise ValueError(f"fused_decode is written for Llama models without biases, not {config.model_type}")
+    layers = model.model.layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    inter, eps, rows, width = config.intermediate_size, config.rms_norm_eps, ids.size(0), ids.size(1)
+
+    def rms_norm(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rotate(x, cos, sin):
+        half = head_dim // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    with torch.no_grad():
+        qkv = [torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight])
+               for l in layers]
+        gate_up = [torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]) for l in layers]
+        position = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+        capacity = width + new_tokens
+        keys = [torch.zeros(rows, kv_heads, capacity, head_dim) for _ in layers]
+        values = [torch.zeros(rows, kv_heads, capacity, head_dim) for _ in layers]
+        for i, layer in enumerate(out.past_key_values.layers):
+            keys[i][:, :, :width], values[i][:, :, :width] = layer.keys, layer.values
+        bias = torch.full((rows, 1, 1, capacity), -math.inf)  # additive attention mask: 0 where a key is real
+        bias[:, 0, 0, :width] = torch.where(mask.bool(), 0.0, -math.inf)
+        token, position, length = out.logits[:, -1].argmax(-1), position[:, -1:], width
+        tokens = [token]
+        embed, head, norm = model.model.embed_tokens.weight, model.lm_head.weight, model.model.norm.weight
+        for _ in range(new_tokens - 1):
+            position, length = position + 1, length + 1
+            bias[:, 0, 0, length - 1] = 0.0
+            x = embed[token]
+            cos, sin = (t.unsqueeze(1) for t in model.model.rotary_emb(x.unsqueeze(1), position))
+            for i, layer in enumerate(layers):
+                y = F.linear(rms_norm(x, layer.input_layernorm.weight), qkv[i])
+                q = rotate(y[:, :heads * head_dim].view(rows, heads, 1, head_dim), cos, sin)
+                k = rotate(y[:, heads * head_dim:(heads + kv_heads) * head_dim].view(rows, kv_heads, 1, head_dim),
+                           cos, sin)
+                keys[i][:, :, length - 1:length] = k
+                values[i][:, :, length - 1:length] = y[:, (heads + kv_heads) * head_dim:].view(rows, kv_heads, 1,
+                                                                                             head_dim)
+                grouped = q.view(rows, kv_heads, heads // kv_heads, head_dim)
+                scores = torch.matmul(grouped, keys[i][:, :, :length].transpose(-1, -2)).mul_(head_dim ** -0.5)
+                attended = torch.matmul(scores.add_(bias[..., :length]).softmax(-1), values[i][:, :, :length])
+                x = x + F.linear(attended.reshape(rows, heads * head_dim), layer.self_attn.o_proj.weight)
+                g = F.linear(rms_norm(x, layer.post_attention_layernorm.weight), gate_up[i])
+                x = x + F.linear(F.silu(g[:, :inter]) * g[:, inter:], layer.mlp.down_proj.weight)
+            token = F.linear(rms_norm(x, norm), head).argmax(-1)
+            tokens.append(token)
+    return torch.stack(tokens, 1)
+
+
 def decode_speeds(model, tokenizer, rows: int, new_tokens: int, compiled: bool) -> dict:
     """Tokens/s (and seconds) of each way of decoding `rows` x `new_tokens` greedy tokens; whether the
     static-cache and compiled paths gave the built-in sampler's tokens."""
@@ -106,11 +185,19 @@ def decode_speeds(model, tokenizer, rows: int, new_tokens: int, compiled: bool) 
         started = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - started
+        calls.setdefault(name, []).append(seconds)
         result[name] = {"s": seconds, "tok_s": tokens / seconds}
         return out
 
-    reference = timed("bridgectl", lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True,
-                                                    end_ids=[-1]).completion_ids)
+    calls = {}
+
+    reference = timed("unpacked", lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True,
+                                                   end_ids=[-1], pack_weights=False).completion_ids)
+    packed = [timed("bridgectl", lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True,
+                                                  end_ids=[-1]).completion_ids) for _ in range(3)]
+    result["packed_calls_s"] = calls["bridgectl"]  # the packing is paid on every call, the first as the others
+    result["bridgectl"] = {"s": calls["bridgectl"][0], "tok_s": tokens / calls["bridgectl"][0]}  # the first call
+    result["packed_same_tokens"] = all(bool(torch.equal(out, reference)) for out in packed)
     with torch.no_grad():
         timed("generate", lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                  min_new_tokens=new_tokens, do_sample=False,
@@ -123,12 +210,54 @@ def decode_speeds(model, tokenizer, rows: int, new_tokens: int, compiled: bool) 
 
     static = timed("static", lambda: static_decode(model, ids, mask, new_tokens, step, cache))
     result["static_same_tokens"] = bool(torch.equal(static, reference))
+    fused = timed("fused", lambda: fused_decode(model, ids, mask, new_tokens))
+    result["fused_same_tokens"] = bool(torch.equal(fused, reference))
     if compiled:
         compiled_step = torch.compile(step, dynamic=False)
         first = timed("compiled_first", lambda: static_decode(model, ids, mask, new_tokens, compiled_step, cache))
         timed("compiled", lambda: static_decode(model, ids, mask, new_tokens, compiled_step, cache))
         result["compiled_same_tokens"] = bool(torch.equal(first, reference))
     return result
+
+
+def packing_by_size(rows: int, new_tokens: int) -> list[dict]:
+    """Tokens/s of the built-in sampler with and without packed weights (packed_linear.MIN_PARAMETERS lifted) on
+    the built-in 1M-parameter model and on randomly initialised Llamas of 2-48M linear-layer parameters, `rows`
+    x `new_tokens` greedy tokens each: where packing starts to pay (packed_linear.MIN_PARAMETERS)."""
+    from unittest import mock
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bridgectl.core import packed_linear
+    from bridgectl.core.rollout import generate
+
+    tiny = HERE.parent / "bridgectl" / "assets" / "tiny-base"
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    tokenizer.padding_side = "left"
+    models = [("built-in tiny-base", AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32))]
+    for hidden, layers in ((128, 4), (256, 4), (384, 6), (512, 8)):
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                             num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
+                             vocab_size=max(len(tokenizer), 64 * hidden), tie_word_embeddings=True)
+        models.append((f"random Llama, hidden {hidden}, {layers} layers", LlamaForCausalLM(config)))
+    prompts = [f"Question {i}: what is {i} plus {3 * i}?" for i in range(rows)]
+    table = []
+    with mock.patch.object(packed_linear, "MIN_PARAMETERS", 0):
+        for name, model in models:
+            model.eval()
+            seconds, outputs = {}, {}
+            for pack in (False, True, False, True):  # the second of each counts: the first warms up
+                started = time.perf_counter()
+                outputs[pack] = generate(model, tokenizer, prompts, new_tokens, greedy=True, end_ids=[-1],
+                                         pack_weights=pack).completion_ids
+                seconds[pack] = time.perf_counter() - started
+            parameters = sum(m.weight.numel() for m in packed_linear.packable_linears(model))
+            table.append({"model": name, "parameters": parameters, "unpacked": rows * new_tokens / seconds[False],
+                          "packed": rows * new_tokens / seconds[True],
+                          "same": bool(torch.equal(outputs[False], outputs[True]))})
+    return table
 
 
 def lora_speeds(model_dir: Path, rows: int, new_tokens: int) -> dict:
@@ -196,21 +325,31 @@ def main() -> None:
             lines += [f"### {rows} rows x {new_tokens} tokens", "",
                       f"Floors: copy bandwidth {floor['bandwidth_gbs']:.1f} GB/s, so reading the "
                       f"{floor['weights_mb']:.0f} MB of linear weights once takes {floor['read_ms']:.1f} ms; the "
-                      f"linear layers' matmuls at {rows} rows take {floor['matmul_ms']:.1f} ms per step.", "",
+                      f"linear layers' matmuls at {rows} rows take {floor['matmul_ms']:.1f} ms per step "
+                      f"({floor['packed_ms']:.1f} ms with the weights packed for oneDNN).", "",
                       "| decoding | tokens/s | ms per step | / model.generate | step / matmul floor |",
                       "|---|---|---|---|---|"]
-            names = {"bridgectl": "built-in sampler (eager, dynamic cache)", "generate": "model.generate",
-                     "static": "static cache, eager", "compiled_first": "static cache, torch.compile, first call",
+            names = {"bridgectl": "built-in sampler, weights packed (the default on the CPU), first call",
+                     "unpacked": "built-in sampler, rollout.cpu_packed_weights=false", "generate": "model.generate",
+                     "static": "static cache, eager", "fused": "hand-fused Llama step (fused_decode), eager",
+                     "compiled_first": "static cache, torch.compile, first call",
                      "compiled": "static cache, torch.compile, later calls"}
             for key, label in names.items():
                 if key in speeds:
                     lines.append(f"| {label} | {speeds[key]['tok_s']:.1f} | {step_ms[key]:.1f} | "
                                  f"{speeds[key]['tok_s'] / base:.2f}x | {step_ms[key] / floor['matmul_ms']:.2f} |")
             ten_steps = (speeds["compiled_first"]["s"] + 9 * speeds["compiled"]["s"]) / 10
-            lines += ["", f"Compiled over a run of 10 sampling calls, first included: "
+            packed_rate = rows * new_tokens * 3 / sum(speeds["packed_calls_s"])
+            lines += ["", f"Built-in sampler with packed weights over 3 sampling calls (each packs the weights "
+                      f"again; no compilation): {packed_rate:.1f} tokens/s ({packed_rate / base:.2f}x "
+                      f"model.generate, {packed_rate / speeds['unpacked']['tok_s']:.2f}x unpacked), calls "
+                      f"{' / '.join(f'{c:.1f}' for c in speeds['packed_calls_s'])} s; same tokens as unpacked: "
+                      f"{speeds['packed_same_tokens']}."]
+            lines += [f"Compiled over a run of 10 sampling calls, first included: "
                       f"{rows * new_tokens / ten_steps:.1f} tokens/s ({rows * new_tokens / ten_steps / base:.2f}x "
-                      f"model.generate). Same tokens as the built-in sampler: static "
-                      f"{speeds['static_same_tokens']}, compiled {speeds['compiled_same_tokens']}.", ""]
+                      f"model.generate). Same tokens as the unpacked built-in sampler: static "
+                      f"{speeds['static_same_tokens']}, fused {speeds['fused_same_tokens']}, compiled "
+                      f"{speeds['compiled_same_tokens']}.", ""]
         lora = lora_speeds(model_dir, 16, 32 if args.quick else 64)
         print(f"lora: {lora}", flush=True)
         lines += ["### Sampling under LoRA (16 rows x 64 tokens; rank 8 on every linear layer)", "",
@@ -220,6 +359,14 @@ def main() -> None:
             lines.append(f"| {label} | {lora[f'{adapters}-unmerged']:.1f} | {lora[f'{adapters}-merged']:.1f} | "
                          f"{lora[f'{adapters}-merged'] / lora[f'{adapters}-unmerged']:.2f}x | "
                          f"{lora[f'{adapters}-same_tokens']} |")
+        sizes = packing_by_size(16, 32 if args.quick else 64)
+        print(f"sizes: {sizes}", flush=True)
+        lines += ["", f"### Packed weights by model size (16 rows x {32 if args.quick else 64} tokens, greedy)", "",
+                  "| model | linear-layer parameters | unpacked tokens/s | packed tokens/s | packed / unpacked | "
+                  "same tokens |", "|---|---|---|---|---|---|"]
+        for row in sizes:
+            lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.1f}M | {row['unpacked']:.0f} | "
+                         f"{row['packed']:.0f} | {row['packed'] / row['unpacked']:.2f}x | {row['same']} |")
     write_section("decode", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

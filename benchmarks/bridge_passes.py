@@ -1,17 +1,20 @@
 """Where an `rl` or BRIDGE step's time goes on a real model: sampling, each RL pass (BRIDGE: joint, then shadow)
 and the SFT pass, timed around the core functions the stage calls, for 3 steps of one recipe in this process.
 
-Usage: python benchmarks/bridge_passes.py rl|bridge MODEL_DIR [overrides...]
+Usage: python benchmarks/bridge_passes.py rl|bridge MODEL_DIR [experiment=NAME] [overrides...]
   MODEL_DIR  SmolLM2-135M-Instruct's directory (benchmarks/smollm2_dir.py writes it)
-  Default settings: experiment=smollm2-wordmath (the real-model study's). Prints one line per step; the README's
-  "BRIDGE's step at the real-model study's settings" is its output.
+  experiment=smollm2-wordmath (default: the real-model study's settings) or smollm2-gsm8k (the laptop run's; its
+  GSM8K-format problems are written to a temporary file by bench_trl_natural.write_problems unless task.path is
+  given). Prints one line per step; the README's "BRIDGE's step at the real-model study's settings" is its output.
 """
 
 from __future__ import annotations
 
 import collections
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -21,6 +24,14 @@ def main() -> None:
     from bridgectl.context import build_context
 
     recipe, model_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+    experiment = next((o for o in overrides if o.startswith("experiment=")), "experiment=smollm2-wordmath")
+    overrides = [o for o in overrides if o != experiment]
+    if experiment == "experiment=smollm2-gsm8k" and not any(o.startswith("task.path=") for o in overrides):
+        from bench_trl_natural import write_problems  # benchmarks/bench_trl_natural.py
+
+        data = Path(tempfile.mkdtemp()) / "gsm8k.jsonl"
+        write_problems(data, 64)
+        overrides += [f"task.path={data}", f"task.eval_sets={{test:{data}}}"]
     times = collections.defaultdict(list)
 
     def timed(name, function):
@@ -35,7 +46,7 @@ def main() -> None:
         for name in ("sample_groups", "rl_backward", "sft_backward"):
             if hasattr(module, name):
                 setattr(module, name, timed(name, getattr(module, name)))
-    cfg = compose(["experiment=smollm2-wordmath", f"model.name_or_path={model_dir}", f"recipe={recipe}", "eval.n=4",
+    cfg = compose([experiment, f"model.name_or_path={model_dir}", f"recipe={recipe}", "eval.n=4",
                    *overrides])
     ctx = build_context(cfg, show_progress=False)
     stage = (bridge_stage.BridgeStage if recipe == "bridge" else rl_stage.RLStage)(ctx, 10)

@@ -79,7 +79,7 @@ def decoder_for(cfg: DictConfig, model, tokenizer) -> Decode:
     the model's weights; either stops a row at any of the model's end tokens (end_tokens_for)."""
     end_tokens = end_tokens_for(cfg, model, tokenizer)
     if cfg.rollout.backend != "vllm":
-        return model_decoder(model, tokenizer, end_tokens.ids)
+        return model_decoder(model, tokenizer, end_tokens.ids, cfg.rollout.cpu_packed_weights)
     from bridgectl.core.model import Policy
     from bridgectl.models.sources import base_model_path
     from bridgectl.core.vllm_rollout import engine_for

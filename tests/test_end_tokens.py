@@ -302,8 +302,10 @@ def test_evaluation_decodes_with_the_policy_end_tokens():
     tokenizer, config, ends = shape("qwen_base")
     model = tiny_lm(tokenizer, config)
     prompts, plan = ending_plan(ends)
-    ctx = SimpleNamespace(rollout_engine=None, policy=Policy(model=model, tokenizer=tokenizer, end_tokens=ends))
-    cfg = OmegaConf.create({"rollout": {"backend": "hf"}, "task": {"name": "gsm8k", "chat_template": True}})
+    cfg = OmegaConf.create({"rollout": {"backend": "hf", "cpu_packed_weights": True},
+                            "task": {"name": "gsm8k", "chat_template": True}})
+    ctx = SimpleNamespace(rollout_engine=None, policy=Policy(model=model, tokenizer=tokenizer, end_tokens=ends),
+                          cfg=cfg)
     with forced_ends(model, ends.ids, plan):
         with decoding(ctx) as decode:
             assert_ended_as_planned(decode(prompts, 8, None, None), plan, prompts, tokenizer.pad_token_id, 8)

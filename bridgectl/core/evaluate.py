@@ -20,15 +20,17 @@ Decode = Callable[[list[str], int, Optional[float], Optional[torch.Generator]], 
 samples at that temperature drawn with `generator`."""
 
 
-def model_decoder(model, tokenizer, end_ids: Collection[int] | None = None) -> Decode:
+def model_decoder(model, tokenizer, end_ids: Collection[int] | None = None, pack_weights: bool = True) -> Decode:
     """Decoding with `model` itself (KV-cached, core/rollout.generate), in eval mode for the duration, stopping a
-    row at any of `end_ids` (the policy's end_tokens.ids, as its rollouts stop; default the tokenizer's EOS)."""
+    row at any of `end_ids` (the policy's end_tokens.ids, as its rollouts stop; default the tokenizer's EOS);
+    `pack_weights`: rollout.cpu_packed_weights (core/packed_linear.py)."""
     def decode(prompts, max_new_tokens, temperature=None, generator=None) -> Rollouts:
         was_training = model.training
         model.eval()
         try:
             return generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature or 1.0,
-                            greedy=temperature is None, generator=generator, end_ids=end_ids)
+                            greedy=temperature is None, generator=generator, end_ids=end_ids,
+                            pack_weights=pack_weights)
         finally:
             model.train(was_training)
     return decode
@@ -187,7 +189,8 @@ def decoding(ctx):
         yield ctx.rollout_engine.decoder(ctx.policy)
     else:
         with ctx.policy.merged_for_generation() as model:
-            yield model_decoder(model, ctx.policy.tokenizer, ctx.policy.end_tokens.ids)
+            yield model_decoder(model, ctx.policy.tokenizer, ctx.policy.end_tokens.ids,
+                                ctx.cfg.rollout.cpu_packed_weights)
 
 
 def eval_metrics(results: dict) -> dict:

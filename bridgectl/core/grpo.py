@@ -147,7 +147,8 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
             rollouts = generate(sampler, policy.tokenizer, questions, rl.max_completion_length,
                                 temperature=rl.temperature, group_generators=generators,
                                 rows_per_batch=ctx.cfg.rollout.batch_size, top_k=rl.top_k, top_p=rl.top_p,
-                                min_p=rl.min_p, end_ids=policy.end_tokens.ids)
+                                min_p=rl.min_p, end_ids=policy.end_tokens.ids,
+                                pack_weights=ctx.cfg.rollout.cpu_packed_weights)
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
     # the verifier, or the weighted sum of task.reward_funcs (tasks/rewards.py)

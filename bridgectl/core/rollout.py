@@ -1,15 +1,17 @@
 """Batched generation with a KV cache, and the log-prob pass that scores completions for training.
 
-Both sides must agree to ~1e-6 for the importance ratio to mean anything (measured on the prototype): prompts are
-left-padded and every forward pass gets explicit `position_ids = cumsum(mask) - 1`, and completions are masked
+Both sides must agree to ~1e-6 for the importance ratio to mean anything (measured on the prototype; ~5e-5 where the
+CPU sampler packs the weights for oneDNN, core/packed_linear.py, which still leaves the ratio 1 to 1e-4): prompts
+are left-padded and every forward pass gets explicit `position_ids = cumsum(mask) - 1`, and completions are masked
 after their first end token (any of the policy's end ids, core/end_tokens: EOS, the generation config's, the chat
 template's turn end). Log-probs are taken at the sampling temperature on both sides (as TRL does). Truncated
-sampling (top-k, top-p, min-p) only narrows which tokens can be drawn: the recorded log-probs stay those of the whole
-tempered distribution, which is what the trained model recomputes, so the on-policy ratio stays 1 (as in TRL).
+sampling (top-k, top-p, min-p) only narrows which tokens can be drawn: the recorded log-probs stay those of the
+whole tempered distribution, which is what the trained model recomputes, so the on-policy ratio stays 1 (as in TRL).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections.abc import Collection
@@ -18,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bridgectl.core import distributed, flops
+from bridgectl.core import distributed, flops, packed_linear
 
 # the KV cache argument and output field: `cache` in recent transformers (5.24), `past_key_values` in the releases
 # vLLM pins (5.19)
@@ -85,7 +87,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
              greedy: bool = False, generator: torch.Generator | None = None,
              group_generators: list[torch.Generator] | None = None, rows_per_batch: int = 0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, end_ids: Collection[int] | None = None,
-             check_every: int | None = None) -> Rollouts:
+             check_every: int | None = None, pack_weights: bool = True) -> Rollouts:
     """Samples one completion per prompt (repeat prompts for groups), decoding until every row has emitted an end
     token (any of `end_ids`, the policy's `end_tokens.ids`; default the tokenizer's EOS) or `max_new_tokens`.
     Rows that have ended leave the decoding batch (with their KV cache rows), so a batch costs the tokens its rows
@@ -112,6 +114,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     `check_every`: tokens between reads of which rows have ended (default: every token on the CPU,
     END_CHECK_EVERY on an accelerator, where each read is a host sync); the result does not depend on it.
 
+    `pack_weights` (rollout.cpu_packed_weights): on the CPU, decode with the linear layers' weights packed for
+    oneDNN for the duration of the call (core/packed_linear.py), for models where that pays
+    (packed_linear.worth_packing); the same tokens up to float rounding.
+
     Under a sharded model (train.fsdp) every rank makes the same forward passes, as each gathers the weights: a
     chunk decodes until the rows of every rank have ended (a rank whose rows have ended keeps one row in its batch
     to make them with), the completions are then as wide as the steps taken, and a rank with fewer chunks decodes
@@ -132,6 +138,28 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     chunks = _row_chunks(n_rows, rows_per_batch, group_size)
     ends = end_id_tuple(end_ids if end_ids is not None else tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id
+    pack = pack_weights and device.type == "cpu" and not sharded and packed_linear.worth_packing(model)
+    rows = max((end - start for start, end in chunks), default=1)
+    with packed_linear.packed_linears(model, rows) if pack else contextlib.nullcontext():
+        decoded = _decode_chunks(model, prompt_ids, prompt_mask, chunks, max_new_tokens, temperature, greedy,
+                                 generator, group_generators, group_size, ends, pad, sharded, (top_k, top_p, min_p),
+                                 check_every)
+    width = max(tokens.size(1) for tokens, _ in decoded)
+    completion_ids = torch.cat([torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad)
+                                for tokens, _ in decoded])
+    logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.size(1))) for _, lp in decoded])
+    completion_mask = completion_mask_from(completion_ids, ends)
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
+    sampling_logprobs = logprobs * completion_mask
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, texts)
+
+
+def _decode_chunks(model, prompt_ids, prompt_mask, chunks, max_new_tokens, temperature, greedy, generator,
+                   group_generators, group_size, ends, pad, sharded, truncation,
+                   check_every) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens, log-probs) of each chunk of rows (`chunks`, _row_chunks'), decoded one after another by
+    _decode_rows."""
     decoded = []
     for index in itertools.count():
         mine = index < len(chunks)
@@ -142,21 +170,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
             groups = group_generators[start // group_size:end // group_size] if group_generators is not None else None
             decoded.append(_decode_rows(model, prompt_ids[start:end], prompt_mask[start:end], max_new_tokens,
                                         temperature, greedy, generator, groups, group_size, ends, pad, sharded,
-                                        truncation=(top_k, top_p, min_p), check_every=check_every))
+                                        truncation=truncation, check_every=check_every))
         else:
             # a rank out of chunks while another still has one decodes its first row as already ended (greedily:
             # no generator is touched), and drops it: its forward passes pair with the other rank's
             _decode_rows(model, prompt_ids[:1], prompt_mask[:1], max_new_tokens, temperature, True, None, None,
                          group_size, ends, pad, sharded, ended=True)
-    width = max(tokens.size(1) for tokens, _ in decoded)
-    completion_ids = torch.cat([torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad)
-                                for tokens, _ in decoded])
-    logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.size(1))) for _, lp in decoded])
-    completion_mask = completion_mask_from(completion_ids, ends)
-    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
-    sampling_logprobs = logprobs * completion_mask
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, texts)
+    return decoded
 
 
 def _row_chunks(n_rows: int, rows_per_batch: int, group_size: int) -> list[tuple[int, int]]:

@@ -63,6 +63,7 @@ bench: install
 	$(PY) benchmarks/bench_decode.py       # decoding tokens/s on SmolLM2-135M against the bandwidth and matmul floors
 
 # On a GPU machine: a ~0.5B-parameter model (Qwen2.5-0.5B's shape, random weights) through rl and bridge steps in
-# bf16; writes benchmarks/gpu_results.md (step time, rollout tokens/s, peak memory). Not yet run on a GPU.
+# bf16, after timing decoding (built-in sampler, model.generate, a CUDA-graph step); writes
+# benchmarks/gpu_results.md (step time, rollout tokens/s, peak memory). Not yet run on a GPU.
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py

@@ -83,18 +83,19 @@ def static_decode(model, ids, mask, new_tokens: int, step_fn, cache):
 
     batch, width = ids.shape
     cache.reset()
-    full = torch.zeros(batch, width + new_tokens, dtype=mask.dtype)
+    full = torch.zeros(batch, width + new_tokens, dtype=mask.dtype, device=ids.device)
     full[:, :width] = mask
     position = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=full, position_ids=position, past_key_values=cache,
-                    cache_position=torch.arange(width), use_cache=True, logits_to_keep=1)
+                    cache_position=torch.arange(width, device=ids.device), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1)
         tokens, position = [token], position[:, -1:]
         for step in range(new_tokens - 1):
             full[:, width + step] = 1
             position = position + 1
-            logits = step_fn(token.unsqueeze(1), full, position, torch.tensor([width + step]), cache)
+            logits = step_fn(token.unsqueeze(1), full, position, torch.tensor([width + step], device=ids.device),
+                             cache)
             token = logits[:, -1].argmax(-1)
             tokens.append(token)
     return torch.stack(tokens, 1)

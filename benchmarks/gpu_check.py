@@ -14,8 +14,15 @@ GPU. `--shape tiny` runs the same pipeline on a 2-layer model in seconds (what C
 
 With the vllm package installed (and a CUDA GPU), `rl` and `bridge lower=lora` also run with rollout.backend=vllm.
 
+First, a decoding check (issue 30; `decode_check`, in a child process with a time limit): rollout tokens/s of the
+built-in sampler (core/rollout.generate, what the rl steps use), of `model.generate`, and on CUDA of a static KV
+cache step compiled with torch.compile(mode="reduce-overhead"), which runs it as CUDA graphs, compile time
+included (first call) and not (second), at 64 rows x the completion length, greedy, every row to the full
+length; and whether each gave the built-in sampler's tokens. It says whether a compiled decode step would pay on a
+GPU, which no CPU measurement can.
+
 Usage: python benchmarks/gpu_check.py [--steps 3] [--shape qwen2.5-0.5b|tiny] [--completion-length 384]
-                                     [--micro-batch-size 8] [--budget-s 420]
+                                     [--micro-batch-size 8] [--budget-s 420] [--decode-limit-s 240]
 """
 
 from __future__ import annotations
@@ -105,6 +112,88 @@ def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
             if "rollout/logprob_gap" in steps[0] else None}
 
 
+def decode_child(model_dir: str, rows: int, new_tokens: int) -> None:
+    """Prints decode_check's measurements as one JSON line (run in a child process: a hung compilation is cut off
+    by the parent's time limit, and its memory goes with the process)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_decode import static_decode  # benchmarks/bench_decode.py
+
+    from bridgectl.core.rollout import generate
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = model.to(device).eval()
+    prompts = [row["question"] for row in ROWS[:rows]]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    result = {"rows": len(prompts), "new_tokens": new_tokens, "device": str(device)}
+
+    def timed(name, fn):
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        result[name] = len(prompts) * new_tokens / (time.perf_counter() - started)  # tokens/s
+        return out
+
+    never = [-1]  # no row ends: every variant decodes the same number of tokens
+    generate(model, tokenizer, prompts[:2], 4, greedy=True, end_ids=never)  # kernels and allocator warmed up
+    reference = timed("built-in sampler", lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True,
+                                                           end_ids=never).completion_ids)
+    with torch.no_grad():
+        out = timed("model.generate", lambda: model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id))
+    result["model.generate same tokens"] = bool(torch.equal(out[:, ids.size(1):], reference))
+    if cuda:
+        cache = StaticCache(config=model.config, max_batch_size=len(prompts), max_cache_len=ids.size(1) + new_tokens)
+
+        def step(token, full, position, cache_position, cache):
+            return model(input_ids=token, attention_mask=full, position_ids=position, past_key_values=cache,
+                         cache_position=cache_position, use_cache=True).logits
+
+        compiled = torch.compile(step, mode="reduce-overhead", dynamic=False)
+        first = timed("CUDA graphs, first call", lambda: static_decode(model, ids, mask, new_tokens, compiled, cache))
+        timed("CUDA graphs, second call", lambda: static_decode(model, ids, mask, new_tokens, compiled, cache))
+        result["CUDA graphs same tokens"] = bool(torch.equal(first, reference))
+    print(json.dumps(result), flush=True)
+
+
+def decode_check(model_dir: Path, rows: int, new_tokens: int, limit_s: float) -> tuple[list[str], float]:
+    """decode_child's measurements as markdown lines, and the seconds it took (an error or the time limit is
+    reported in the lines, not raised: the recipes still run)."""
+    started = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, __file__, "--decode-child", str(model_dir), str(rows), str(new_tokens)],
+                             capture_output=True, text=True, timeout=limit_s, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return [f"Decoding check: cut off at its limit of {limit_s:.0f} s."], time.perf_counter() - started
+    if out.returncode != 0:
+        return [f"Decoding check failed (exit status {out.returncode}):", "", "```",
+                *out.stderr.strip().splitlines()[-15:], "```"], time.perf_counter() - started
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    base = result["model.generate"]
+    lines = [f"Decoding ({result['rows']} rows x {result['new_tokens']} tokens, greedy, every row to the full "
+             f"length, on {result['device']}; one run each):", "",
+             "| decoding | tokens/s | / model.generate | same tokens as the built-in sampler |", "|---|---|---|---|"]
+    for name in ("built-in sampler", "model.generate", "CUDA graphs, first call", "CUDA graphs, second call"):
+        if name in result:
+            same = {"model.generate": result["model.generate same tokens"],
+                    "CUDA graphs, first call": result.get("CUDA graphs same tokens")}.get(name, "")
+            lines.append(f"| {name} | {result[name]:.0f} | {result[name] / base:.2f}x | {same} |")
+    if "CUDA graphs, first call" not in result:
+        lines += ["", "The compiled (CUDA graphs) step runs on CUDA only."]
+    return lines, time.perf_counter() - started
+
+
 def default_recipes() -> list[str]:
     """Every recipe, with the vLLM ones where vLLM can run (a CUDA GPU and the vllm package)."""
     import importlib.util
@@ -124,7 +213,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no further recipe once this many seconds have passed, or would by its end")
     parser.add_argument("--recipes", nargs="*", default=None, choices=list(ALL_RECIPES))
+    parser.add_argument("--decode-limit-s", type=float, default=240.0,
+                        help="time limit of the decoding check, which runs first and counts toward --budget-s")
+    parser.add_argument("--decode-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.decode_child:
+        decode_child(args.decode_child[0], int(args.decode_child[1]), int(args.decode_child[2]))
+        return ""
     args.recipes = args.recipes or default_recipes()
 
     import torch
@@ -139,6 +234,9 @@ def main(argv: list[str] | None = None) -> str:
         parameters = build_model(scratch / "model", SHAPES[args.shape])
         print(f"{args.shape}: {parameters / 1e6:.1f}M parameters, random init, bf16 weights; device {device}")
         results, started, skipped = {}, time.perf_counter(), []
+        print("decoding check ...", flush=True)
+        decode_lines, decode_s = decode_check(scratch / "model", 64, args.completion_length, args.decode_limit_s)
+        print("\n".join(decode_lines), flush=True)
         for name in args.recipes:
             elapsed = time.perf_counter() - started
             slowest = max((r["wall_s"] for r in results.values()), default=0.0)
@@ -164,6 +262,7 @@ def main(argv: list[str] | None = None) -> str:
               for name, r in results.items()]
     if skipped:
         lines += ["", f"Not run within --budget-s {args.budget_s:.0f}: {', '.join(skipped)}."]
+    lines += ["", *decode_lines, "", f"(The decoding check took {decode_s:.0f} s, before the recipes.)"]
     if any(name in VLLM_RECIPES for name in results):
         lines += ["", "Peak memory is PyTorch's allocator peak: with vLLM rollouts the engine's reserved share "
                       "(rollout.gpu_memory_utilization) is not all in it. The log-prob gap is the mean absolute "

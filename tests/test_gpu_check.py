@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py, the script a session with a GPU runs (`make gpu-check`), on its tiny shape: it builds a
-model and tokenizer locally, runs rl and bridge through `bridgectl run model=hf`, and tabulates step time, rollout
-tokens/s and peak memory, so the device's minutes are not spent finding a broken script."""
+model and tokenizer locally, checks decoding speed, runs rl and bridge through `bridgectl run model=hf`, and
+tabulates step time, rollout tokens/s and peak memory, so the device's minutes are not spent finding a broken
+script."""
 
 from __future__ import annotations
 
@@ -24,3 +25,12 @@ def test_gpu_check_runs_rl_and_bridge_on_the_tiny_shape():
     assert cells[5] == ""  # no log-prob gap without vLLM rollouts
     assert tokens_per_step == 64 * 8  # 8 prompts x 8 samples, every completion at the full 8 tokens
     assert "| bridge lower=lora | " in text.split("ratio against rl")[1]
+    # the decoding check, run first: the built-in sampler and model.generate decode the same greedy tokens (the
+    # compiled CUDA-graph step is measured on CUDA only)
+    decoding = text.split("Decoding (")[1]
+    assert decoding.startswith("64 rows x 8 tokens")
+    table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                               for line in decoding.splitlines() if line.startswith("| "))}
+    assert float(table["built-in sampler"][0]) > 0 and float(table["model.generate"][0]) > 0
+    assert table["model.generate"][2] == "True"
+    assert "CUDA only" in decoding

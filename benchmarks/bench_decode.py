@@ -54,26 +54,38 @@ def floors(model, rows: int) -> dict:
     copy_s = (time.perf_counter() - started) / 10
     bandwidth = 2 * nbytes / copy_s  # read and write
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
-    with torch.no_grad():
-        for _ in range(2):
-            for w in weights:
-                inputs[w.shape[1]] @ w.t()
-        started = time.perf_counter()
-        for _ in range(10):
-            for w in weights:
-                inputs[w.shape[1]] @ w.t()
-        matmul_s = (time.perf_counter() - started) / 10
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
-        for _ in range(2):
-            for w, p in zip(weights, packed):
-                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
-        started = time.perf_counter()
-        for _ in range(10):
-            for w, p in zip(weights, packed):
-                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
-        packed_s = (time.perf_counter() - started) / 10
+
+    def seconds_per_step(linear, operands) -> float:
+        """Seconds of `linear(input, operand)` for every weight's operand once (2 warm-up rounds, mean of 10)."""
+        with torch.no_grad():
+            for _ in range(2):
+                for w, operand in zip(weights, operands):
+                    linear(inputs[w.shape[1]], operand)
+            started = time.perf_counter()
+            for _ in range(10):
+                for w, operand in zip(weights, operands):
+                    linear(inputs[w.shape[1]], operand)
+        return (time.perf_counter() - started) / 10
+
+    matmul_s = seconds_per_step(lambda x, w: x @ w.t(), weights)
+    packed_s = seconds_per_step(lambda x, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
+                                [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights])
     return {"weights_mb": nbytes / 1e6, "bandwidth_gbs": bandwidth / 1e9, "read_ms": 1e3 * nbytes / bandwidth,
             "matmul_ms": 1e3 * matmul_s, "packed_ms": 1e3 * packed_s}
+
+
+def static_cache_step(model, rows: int, length: int):
+    """A one-token decode step of `model` through a static KV cache of `rows` x `length` positions, and the cache:
+    the step static_decode calls (eagerly, or compiled)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_batch_size=rows, max_cache_len=length)
+
+    def step(token, full, position, cache_position, cache):
+        return model(input_ids=token, attention_mask=full, position_ids=position, past_key_values=cache,
+                     cache_position=cache_position, use_cache=True).logits
+
+    return step, cache
 
 
 def static_decode(model, ids, mask, new_tokens: int, step_fn, cache):
@@ -173,7 +185,6 @@ def decode_speeds(model, tokenizer, rows: int, new_tokens: int, compiled: bool) 
     """Tokens/s (and seconds) of each way of decoding `rows` x `new_tokens` greedy tokens; whether the
     static-cache and compiled paths gave the built-in sampler's tokens."""
     import torch
-    from transformers import StaticCache
 
     from bridgectl.core.rollout import generate
 
@@ -203,12 +214,7 @@ def decode_speeds(model, tokenizer, rows: int, new_tokens: int, compiled: bool) 
         timed("generate", lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                  min_new_tokens=new_tokens, do_sample=False,
                                                  pad_token_id=tokenizer.pad_token_id))
-    cache = StaticCache(config=model.config, max_batch_size=rows, max_cache_len=ids.size(1) + new_tokens)
-
-    def step(token, full, position, cache_position, cache):
-        return model(input_ids=token, attention_mask=full, position_ids=position, past_key_values=cache,
-                     cache_position=cache_position, use_cache=True).logits
-
+    step, cache = static_cache_step(model, rows, ids.size(1) + new_tokens)
     static = timed("static", lambda: static_decode(model, ids, mask, new_tokens, step, cache))
     result["static_same_tokens"] = bool(torch.equal(static, reference))
     fused = timed("fused", lambda: fused_decode(model, ids, mask, new_tokens))

@@ -116,10 +116,10 @@ def decode_child(model_dir: str, rows: int, new_tokens: int) -> None:
     """Prints decode_check's measurements as one JSON line (run in a child process: a hung compilation is cut off
     by the parent's time limit, and its memory goes with the process)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, StaticCache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_decode import static_decode  # benchmarks/bench_decode.py
+    from bench_decode import static_cache_step, static_decode  # benchmarks/bench_decode.py
 
     from bridgectl.core.rollout import generate
 
@@ -154,12 +154,7 @@ def decode_child(model_dir: str, rows: int, new_tokens: int) -> None:
             do_sample=False, pad_token_id=tokenizer.pad_token_id))
     result["model.generate same tokens"] = bool(torch.equal(out[:, ids.size(1):], reference))
     if cuda:
-        cache = StaticCache(config=model.config, max_batch_size=len(prompts), max_cache_len=ids.size(1) + new_tokens)
-
-        def step(token, full, position, cache_position, cache):
-            return model(input_ids=token, attention_mask=full, position_ids=position, past_key_values=cache,
-                         cache_position=cache_position, use_cache=True).logits
-
+        step, cache = static_cache_step(model, len(prompts), ids.size(1) + new_tokens)
         compiled = torch.compile(step, mode="reduce-overhead", dynamic=False)
         first = timed("CUDA graphs, first call", lambda: static_decode(model, ids, mask, new_tokens, compiled, cache))
         timed("CUDA graphs, second call", lambda: static_decode(model, ids, mask, new_tokens, compiled, cache))

@@ -330,7 +330,7 @@ class RolloutConfig:
     once). Bounds the KV cache: rows x (prompt + completion) tokens x layers."""
     cpu_packed_weights: bool = True
     """(hf, on the CPU) Decode rollouts and evaluations with the linear layers' float32 weights packed for oneDNN
-    once per sampling call (core/packed_linear.py), for models of 4M linear-layer parameters and up: 1.35-1.7x
+    once per sampling call (core/packed_linear.py), for models of 4M linear-layer parameters and up: 1.27-1.51x
     the tokens/s of PyTorch's plain matmuls on SmolLM2-135M (benchmarks/results.md, "decode"), for a packed copy
     of the weights held while sampling. The same tokens up to float rounding; false: the plain matmuls."""
 

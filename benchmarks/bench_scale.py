@@ -3,8 +3,8 @@
 What it measures, each configuration in its own process (peak memory is per process):
   1. Peak tensor memory of one `rl` step and of one `bridge bridge.lower=lora` step on a model of
      SmolLM2-135M-Instruct's shape (LlamaConfig: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536,
-     vocabulary 49,152, tied embeddings) with random weights, `model=hf model.finetune=lora` (LoRA rank 32 on every
-     linear layer; model=hf turns on model.gradient_checkpointing: transformers' activation checkpointing of every
+     vocabulary 49,152, tied embeddings) with random weights, `model=hf model.finetune=lora` (LoRA on every linear
+     layer, rank 8 for rl and 32 for BRIDGE's theta; model=hf turns on model.gradient_checkpointing: transformers' activation checkpointing of every
      decoder layer, non-reentrant), `train.micro_batch_size=8`, at 8, 32 and 128 rows x 512 completion tokens;
      and peak(128 rows) / peak(8 rows) for each recipe (the issue's target: <= 1.25).
   2. The same steps with the code before micro-batches and chunked log-probs (commit b05f050, `--before DIR`: a
@@ -69,7 +69,9 @@ GROUP = 8  # rl.num_generations
 MICRO = 8  # train.micro_batch_size
 PROMPT = 16  # prompt tokens per row
 SFT_BATCH = 8
-RECIPES = {"rl": ["recipe=rl"], "bridge lower=lora": ["recipe=bridge", "model.finetune=lora"]}
+# theta's rank as recorded in benchmarks/results.md: rl at its rank 8, BRIDGE's theta at 32 (the bridge recipe's own
+# rank until 2026-12-08, when every recipe came to train the same lora.rank)
+RECIPES = {"rl": ["recipe=rl"], "bridge lower=lora": ["recipe=bridge", "model.finetune=lora", "lora.rank=32"]}
 # item 3: Qwen2.5's vocabulary and Qwen2.5-0.5B's hidden size
 QWEN_VOCAB, QWEN_HIDDEN, HEAD_ROWS, HEAD_TOKENS = 151936, 896, 8, 512
 
@@ -447,8 +449,8 @@ def write_results(steps, head, tokens, rows_list, after_commit, before_commit, m
              f"One measurement per configuration by `python benchmarks/bench_scale.py` ({minutes:.0f} minutes in all"
              + (f", over {invocations} invocations continued with --reuse" if invocations > 1 else "")
              + f"), 2 torch threads, float32 on a CPU. After: {after_commit}; before: {before_commit or 'not measured'}. "
-             "Model: SmolLM2-135M-Instruct's shape with random weights, `model=hf model.finetune=lora` (rank 32, every "
-             f"linear layer), {PROMPT}-token prompts and exactly {tokens} completion tokens per row (fixed random "
+             "Model: SmolLM2-135M-Instruct's shape with random weights, `model=hf model.finetune=lora` (every linear "
+             f"layer; rank 8 for rl, 32 for BRIDGE's theta), {PROMPT}-token prompts and exactly {tokens} completion tokens per row (fixed random "
              f"rollouts in place of sampling), groups of {GROUP}; BRIDGE's SFT batch: {SFT_BATCH} arith traces. After: "
              f"`train.micro_batch_size={MICRO}`. Peak tensor memory = the training state alive at the step's start "
              "+ the highest running sum of the allocator's allocations and frees during the step "

@@ -46,7 +46,7 @@ SHAPES = {  # config.json of Qwen/Qwen2.5-0.5B; a tiny stand-in of the same arch
 }
 RECIPES = {  # name: overrides; LoRA rank 32 on every linear layer for both, as the README's memory figures
     "rl (LoRA r32)": ["recipe=rl", "model.finetune=lora", "lora.rank=32"],
-    "bridge lower=lora": ["recipe=bridge", "model.finetune=lora"],
+    "bridge lower=lora": ["recipe=bridge", "model.finetune=lora", "lora.rank=32"],
     "bridge lower=full": ["recipe=bridge", "bridge.lower=full"],
 }
 VLLM_RECIPES = {  # the same with rollouts from a colocated vLLM engine (rollout.backend=vllm), where vllm is installed

@@ -146,7 +146,8 @@ class ModelConfig:
 @dataclass
 class LoraConfig:
     rank: int = 8
-    """LoRA rank r."""
+    """LoRA rank r, the same in every recipe (BRIDGE's theta and theta_hat included; its extra adapter w has
+    bridge.w_rank), so that recipes compared at their defaults train adapters of equal capacity."""
     alpha: int = 16
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.0

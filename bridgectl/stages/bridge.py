@@ -31,11 +31,12 @@ shipped as recipes (bridge_no_meta, bridge_no_upper).
 
 What theta is, model.finetune decides, as in every recipe (bridge.lower follows it or is refused).
 `model.finetune=full` is the paper: theta are the model's full weights and theta_hat a second full copy.
-`model.finetune=lora` makes theta a larger LoRA adapter (rank `lora.rank`) over one frozen base and theta_hat a copy of
-that adapter, so there is no second full copy (memory close to the `rl` recipe). The shadow is not a second module:
-its passes are the live model's with theta_hat's values swapped into theta's parameters for the duration (and
-w's joint gradient set aside), sharing w and everything else; so the shadow runs wherever the model does,
-sharded over processes (train.fsdp) included.
+`model.finetune=lora` makes theta a LoRA adapter over one frozen base, of the `lora.rank` and `lora.target_modules`
+every recipe's trained adapter has (so `rl` and `bridge` train theta at equal capacity unless the user sets them; w,
+the extra adapter, has `bridge.w_rank`), and theta_hat a copy of that adapter, so there is no second full copy
+(memory close to the `rl` recipe). The shadow is not a second module: its passes are the live model's with
+theta_hat's values swapped into theta's parameters for the duration (and w's joint gradient set aside), sharing w
+and everything else; so the shadow runs wherever the model does, sharded over processes (train.fsdp) included.
 
 Choices the paper leaves open, with the value chosen here (all configurable):
   - RL algorithm: GRPO as in `rl` (group-normalised advantages, clip `rl.epsilon`=0.2, token-level averaging);

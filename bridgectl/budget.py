@@ -23,8 +23,10 @@ from omegaconf import DictConfig
 
 def new_counters() -> dict:
     """A fresh run's counters (saved in every checkpoint, so a resumed run goes on counting; summary.json
-    records them)."""
-    return {"steps": 0, "train_tokens": 0, "gen_tokens": 0, "pass_tokens": 0, "flops": 0}
+    records them). `rl_steps`: the steps that logged rollout/no_signal, `no_signal_steps`: those of them without a
+    learning signal (the runner counts both; a checkpoint from before they existed leaves them at 0)."""
+    return {"steps": 0, "train_tokens": 0, "gen_tokens": 0, "pass_tokens": 0, "flops": 0, "rl_steps": 0,
+            "no_signal_steps": 0}
 
 
 def budget_unit(cfg: DictConfig) -> str | None:

@@ -155,6 +155,31 @@ def base_runs(runs: list[Run]) -> list[Run]:
     (summary.json's eval_initial, eval_problems.jsonl at step 0), so the base model counts once per seed however
     many recipes ran it. Its greedy accuracy is the same at every seed when the evaluation problems are; the paired
     bootstrap against it then resamples the problems, which is where the base's uncertainty lies."""
+NO_SIGNAL_SHARE = 0.5
+"""A run whose RL steps had no learning signal (every group's rewards equal, so every advantage 0: summary.json's
+`no_signal_steps` of `rl_steps`) for more than this share of them is marked by `compare` and `bridgectl runs`."""
+
+
+def mostly_without_signal(summary: dict) -> bool:
+    """Whether a run's summary.json says most of its RL steps had no learning signal (NO_SIGNAL_SHARE); False for
+    runs without RL steps and for runs made before the counts were recorded."""
+    rl_steps, without = summary.get("rl_steps"), summary.get("no_signal_steps")
+    if not isinstance(rl_steps, int) or not isinstance(without, int) or rl_steps <= 0:
+        return False
+    return without > NO_SIGNAL_SHARE * rl_steps
+
+
+def signal_counts(run: "Run") -> dict:
+    """{rl_steps, no_signal_steps} of a run: as its summary.json records them, or for runs made before it did, read
+    from its metrics.jsonl: a step without signal is one whose `train/zero_std_groups` is every group of the step
+    (rl.prompts_per_step; the metric is summed over processes)."""
+    if isinstance(run.summary.get("rl_steps"), int):
+        return {key: run.summary.get(key) for key in ("rl_steps", "no_signal_steps")}
+    groups = run.value("rl.prompts_per_step")
+    counted = [row["train/zero_std_groups"] for row in run.metrics if row.get("train/zero_std_groups") is not None]
+    return {"rl_steps": len(counted), "no_signal_steps": sum(count == groups for count in counted)}
+
+
     by_seed: dict = {}
     for run in runs:
         initial = run.summary.get("eval_initial")

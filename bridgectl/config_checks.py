@@ -72,6 +72,9 @@ def _train(cfg: DictConfig) -> None:
     require(train.eval_every >= 0 and train.log_completions_every >= 0,
             "train.eval_every and train.log_completions_every must be >= 0 (0: never)",
             "e.g. train.eval_every=50 train.log_completions_every=25")
+    require(train.no_signal_warn_after >= 0,
+            f"train.no_signal_warn_after must be >= 0 (0: never warn), got {train.no_signal_warn_after}",
+            "e.g. train.no_signal_warn_after=3")
     if train.device == "cuda":
         _require_cuda()
     require(train.max_steps > 0, f"train.max_steps must be positive, got {train.max_steps}",

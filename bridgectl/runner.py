@@ -272,8 +272,9 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
         run_dir.write_summary(summary)
         train_wall = 0.0
     else:
-        counters.update(meta["counters"])
+        counters.update(meta["counters"])  # one from before a counter existed leaves it at new_counters()' 0
         train_wall = meta["train_wall_s"]
+    watch = SignalWatch(cfg, counters, meta.get("no_signal") if meta else None)
     total_steps = sum(budgets)
     targets = stage_targets(cfg, budgets)  # train.budget_flops / budget_tokens: each stage's end, else None
     stage = index = stage_step = None
@@ -283,7 +284,8 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
         save_checkpoint(run_dir.path / "checkpoints", step, policy.model, stage, ctx.sampling_generator,
                         {"stage_index": index, "stage_step": stage_step, "counters": dict(counters),
                          "consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed},
-                         "wall_s": run_dir.wall_s, "train_wall_s": train_wall, "log_bytes": run_dir.log_bytes()},
+                         "wall_s": run_dir.wall_s, "train_wall_s": train_wall, "log_bytes": run_dir.log_bytes(),
+                         "no_signal": watch.state_dict()},
                         keep=keep)
 
     phase("training")
@@ -317,6 +319,12 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                 train_wall += output.metrics["perf/step_s"]
                 spent_before = spent(cfg, counters)
                 output.metrics.update(count_step(cfg, counters, output, ledger))
+                warning = watch.observe(step, output.metrics)
+                if warning is not None and warning not in summary.get("warnings", []):  # a resumed run's again
+                    summary["warnings"] = summary.get("warnings", []) + [warning]
+                    run_dir.write_summary(summary)
+                    if distributed.is_main():
+                        console.print(f"[yellow]Warning:[/yellow] {escape(warning)}")
                 last = step == total_steps or (targets is not None and spent(cfg, counters) >= targets[-1])
                 evaluated = not last and eval_due(cfg, step, spent_before, spent(cfg, counters))
                 if evaluated:
@@ -374,6 +382,79 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
         console.print(escape(warning))
     if distributed.is_main() and last.is_dir():  # checkpoints/final holds the weights; the resumable state goes
         shutil.rmtree(last, ignore_errors=True)
+
+
+NO_SIGNAL = "rollout/no_signal"
+"""The metric of an RL step (core/grpo.rollout_metrics): 1.0 when not one of its advantages was non-zero."""
+
+
+class SignalWatch:
+    """Counts the RL steps (those that log rollout/no_signal) and those of them without a learning signal into the
+    run's counters, and after train.no_signal_warn_after of the latter in a row gives one warning naming what those
+    steps saw; a run that trains on nothing for minutes must not look like one that learns. Its state goes into
+    checkpoints, so a resumed run warns where the uninterrupted one would."""
+
+    def __init__(self, cfg: DictConfig, counters: dict, state: dict | None = None) -> None:
+        self.cfg, self.counters = cfg, counters
+        state = state or {}
+        self.streak: list[dict] = list(state.get("streak", []))
+        """The current run of steps without signal (until the warning): step, clipped ratio, reward, skipped."""
+        self.warned: bool = bool(state.get("warned", False))
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (JSON: meta.json)."""
+        return {"streak": self.streak, "warned": self.warned}
+
+    def observe(self, step: int, metrics: dict) -> str | None:
+        """Counts step `step` from its metrics (averaged over ranks: the same on every rank); returns the warning's
+        text the one time it is due, else None."""
+        if NO_SIGNAL not in metrics:  # an SFT step: neither counted nor breaking a run of RL steps
+            return None
+        self.counters["rl_steps"] += 1
+        if metrics[NO_SIGNAL] < 0.5:
+            self.streak = []
+            return None
+        self.counters["no_signal_steps"] += 1
+        after = self.cfg.train.no_signal_warn_after
+        if self.warned or after <= 0:
+            return None
+        # rollout_metrics leaves the loss's statistics out of a step whose passes it skipped (nothing was measured)
+        skipped = "train/clip_fraction" not in metrics
+        self.streak.append({"step": step, "clipped": metrics.get("rollout/clipped_ratio", 0.0),
+                            "reward": metrics.get("train/reward_mean"), "skipped": skipped})
+        if len(self.streak) < after:
+            return None
+        self.warned = True
+        return no_signal_warning(self.cfg, self.streak)
+
+
+def no_signal_warning(cfg: DictConfig, streak: list[dict]) -> str:
+    """The warning for `streak`, consecutive RL steps without signal (SignalWatch): the causes seen in them and the
+    remedies."""
+    limit, n = cfg.rl.max_completion_length, len(streak)
+    causes = []
+    clipped = sum(s["clipped"] for s in streak) / n
+    if clipped > 0:
+        causes.append(f"{100 * clipped:.0f}% of the completions were cut at rl.max_completion_length={limit} tokens "
+                      "without an end token (rollout/clipped_ratio)")
+    rewards = [s["reward"] for s in streak if s["reward"] is not None]
+    if rewards and all(r == 0 for r in rewards):
+        causes.append("every completion scored 0 (train/reward_mean 0: the problems are beyond the model as it is)")
+    elif rewards and all(r == 1 for r in rewards):
+        causes.append("every completion scored 1 (train/reward_mean 1: the problems are too easy for it)")
+    elif rewards:
+        causes.append(f"within each group every completion scored the same (mean train/reward_mean "
+                      f"{sum(rewards) / len(rewards):.3g})")
+    skipped = sum(s["skipped"] for s in streak)
+    passes = ("their RL backward passes were skipped and the optimizer stepped on zero gradients" if skipped == n
+              else "their RL backward passes ran (rl.beta's KL or rl.entropy_coef's bonus has a gradient of its own)"
+              if skipped == 0 else f"the RL backward passes of {skipped} of them were skipped")
+    return (f"steps {streak[0]['step']}-{streak[-1]['step']}: {n} RL steps in a row without a learning signal (in "
+            f"every group all completions got the same reward, so every advantage was 0; {passes}). Seen: "
+            f"{'; '.join(causes)}. Remedies: a longer rl.max_completion_length (now {limit}); rl.filter_groups=true "
+            "(DAPO's dynamic sampling: groups without reward variance are dropped and more prompts sampled); an SFT "
+            "stage first (recipe=two_stage) or model.init_from=<an sft run>. summary.json counts such steps "
+            "(no_signal_steps of rl_steps).")
 
 
 def _progress_info(recent) -> str:

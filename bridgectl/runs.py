@@ -199,7 +199,7 @@ def read_run(path: Path, root: Path, now: float | None = None) -> dict:
     if not isinstance(summary, dict):
         return {"name": name, "recipe": None, "seed": None, "status": "unreadable", "error": "summary.json is not "
                 "valid JSON", "last_step": None, "steps_done": None, "steps_total": None, "eval": {},
-                "wall_s": None, "host": None, "pid": None}
+                "wall_s": None, "host": None, "pid": None, "rl_steps": None, "no_signal_steps": None}
     status = status_of(path, summary, now)
     problem = config_problem(path)
     if problem is not None:  # compare leaves it out, eval/export/--resume refuse it: say so, keep what summary says
@@ -219,6 +219,9 @@ def read_run(path: Path, root: Path, now: float | None = None) -> dict:
         "eval": {split: result.get("accuracy") for split, result in (summary.get("eval") or {}).items()},
         "wall_s": summary.get("wall_s") if final else (last or {}).get("wall_s"),
         "host": beat.get("host") if beat else None, "pid": beat.get("pid") if beat else None,
+        # RL steps, and those without a learning signal (every advantage 0): counted when the run ends
+        "rl_steps": summary.get("rl_steps") if final else None,
+        "no_signal_steps": summary.get("no_signal_steps") if final else None,
     }
 
 
@@ -245,6 +248,11 @@ def short_error(error: str | None) -> str:
 
 
 def status_cell(run: dict) -> str:
+    """The status column: with the step of a live or dead run, the error of a failed one, and a mark on any other
+    run that trained most of its RL steps on no signal (compare.mostly_without_signal), e.g. "completed (no signal
+    8/8)" (a failure is news enough, and its error needs the room)."""
+    from bridgectl.compare import mostly_without_signal  # only here: training imports this module for the heartbeat
+
     status = run["status"]
     if status == "running":
         return f"running (step {run['last_step'] if run['last_step'] is not None else '-'})"
@@ -252,6 +260,8 @@ def status_cell(run: dict) -> str:
         return f"died (last step {run['last_step'] if run['last_step'] is not None else '-'})"
     if status in ("failed", "unreadable") and run["error"]:
         return f"{status}: {short_error(run['error'])}"
+    if mostly_without_signal(run):
+        return f"{status} (no signal {run['no_signal_steps']}/{run['rl_steps']})"
     return status
 
 

@@ -372,6 +372,8 @@ class TrainConfig:
     """Greedy evaluation of every split each this many steps (0: only before and after)."""
     log_completions_every: int = 25
     """Write a sample of rollouts to completions.jsonl each this many RL steps."""
+    no_signal_warn_after: int = 3
+    """Warn once when this many RL steps in a row had no learning signal (rollout/no_signal; 0: never)."""
     threads: int = 2
     """torch CPU threads (0: torch's default)."""
     device: str = "auto"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,6 +61,8 @@ def finished(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(grpo, "rl_loss", poisoned)
+        # every step runs its passes, also one without signal (core/grpo.skips_backward): the NaN is step 2's
+        patch.setattr(grpo, "skips_backward", lambda *args: False)
         nan = CliRunner().invoke(app, ["run", *TINY, "train.max_steps=3", "--out", str(root / "sub"), "--name", "nan"])
     assert nan.exit_code == 1, nan.output
     return root
@@ -101,6 +104,33 @@ def test_the_table_shows_what_the_json_says(finished):
                         *(f"{100 * done['eval'][s]['accuracy']:.1f}" for s in splits), f"{done['wall_s']:.0f}"]
     assert shown[1][:5] == ["sub/nan", "rl", "0", runs.status_cell(objects[1]), "1/3"]
     assert shown[1][5:-1] == ["-"] * len(splits)
+
+
+def test_a_run_mostly_without_signal_is_marked(finished, tmp_path):
+    """A run's JSON object carries its RL steps and those without a learning signal (summary.json's counts, which
+    match the steps metrics.jsonl marks rollout/no_signal); the status says "no signal" when they are most of them,
+    not at half, and not for a run made before the counts existed."""
+    done = by_name(finished)["done"]
+    summary = summary_of(finished / "done")
+    marked = [row["rollout/no_signal"] for row in metric_lines(finished / "done") if row["stage"] == "rl"]
+    assert (done["rl_steps"], done["no_signal_steps"]) == (summary["rl_steps"], summary["no_signal_steps"])
+    assert (done["rl_steps"], done["no_signal_steps"]) == (len(marked), sum(value == 1.0 for value in marked))
+    cases = {"all": ({"no_signal_steps": 2}, "completed (no signal 2/2)"),
+             "half": ({"no_signal_steps": 1}, "completed"),
+             "old": ({"rl_steps": None, "no_signal_steps": None}, "completed"),
+             "interrupted": ({"no_signal_steps": 2, "status": "interrupted"}, "interrupted (no signal 2/2)"),
+             "failed": ({"no_signal_steps": 2, "status": "failed", "error": "NonFiniteError: x"},
+                        "failed: NonFiniteError: x")}  # the error first: it needs the room
+    for name, (changes, shown) in cases.items():
+        shutil.copytree(finished / "done", tmp_path / name)
+        edited = {key: value for key, value in {**summary, **changes}.items() if value is not None}
+        (tmp_path / name / "summary.json").write_text(json.dumps(edited))
+    found = by_name(tmp_path)
+    assert {name: runs.status_cell(found[name]) for name in cases} == {name: shown for name, (_, shown) in
+                                                                        cases.items()}
+    assert (found["old"]["rl_steps"], found["old"]["no_signal_steps"]) == (None, None)
+    table = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["runs", str(tmp_path)])
+    assert table.exit_code == 0 and "completed (no signal 2/2)" in table.output, table.output
 
 
 def start_run(args: list[str]) -> subprocess.Popen:

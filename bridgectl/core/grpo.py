@@ -303,11 +303,18 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
     (rl.loss_type), so the sum equals the one-pass gradient to float rounding; returns the loss and its statistics.
     `n_tokens`: the token count when the step's token mean also covers other tokens (luffy's demonstrations);
     default the rollouts' own (of loss_mask). `rows`: only these rollouts, normalised by their own counts (hpt's
-    kept prompts; every process calls this, also with no rows, as the counts are summed over processes)."""
+    kept prompts; every process calls this, also with no rows, as the counts are summed over processes).
+
+    When no row has an advantage on any process and nothing else in the loss has a gradient (skips_backward), no
+    pass runs (and core/flops counts none): every trainable parameter without a gradient gets a zero one, which is
+    exactly what the passes would have given, and the loss 0.0 comes with statistics marked `skipped`."""
     rollouts = scored.rollouts
     device = rollouts.completion_ids.device
     rows = list(range(rollouts.completion_ids.size(0))) if rows is None else rows
     index = torch.tensor(rows, dtype=torch.long, device=device)
+    if skips_backward(scored, ctx, index):
+        zero_missing_gradients(model)
+        return 0.0, GRPOStats(clip_fraction=0.0, kl=0.0, skipped=True)
     if n_tokens is None:
         local = loss_mask(rollouts, ctx)[index].sum()
         n_tokens = local if rank_local(ctx.cfg.rl.loss_type) else distributed.mean_denominator(local)
@@ -325,6 +332,32 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
         total += loss.detach()
         clip_fraction, kl, entropy = clip_fraction + stats.clip_fraction, kl + stats.kl, entropy + stats.entropy
     return float(total), GRPOStats(clip_fraction=clip_fraction, kl=kl, entropy=entropy)
+
+
+def without_signal(advantages: torch.Tensor, other_signal: bool = False) -> bool:
+    """Whether every one of `advantages` is 0 and no rank has `other_signal`, over every data-parallel rank (a
+    collective every rank must call)."""
+    return not distributed.any_rank(other_signal or bool((advantages != 0).any()))
+
+
+def skips_backward(scored: ScoredRollouts, ctx: TrainContext, rows: torch.Tensor) -> bool:
+    """Whether rl_backward may leave out its passes over `rows` (indices into `scored`): every advantage of theirs is
+    0 on every data-parallel rank (a collective: every rank calls rl_backward together), and rl.beta and
+    rl.entropy_coef are 0, the only terms of core/losses.grpo_loss that are not a product with the advantage. The
+    passes would then give exactly zero gradients, whatever rl.loss_type (tests/test_no_signal.py checks each)."""
+    rl = ctx.cfg.rl
+    if rl.beta != 0 or rl.entropy_coef != 0:  # the KL or the entropy bonus has a gradient of its own
+        return False
+    return without_signal(scored.advantages[rows])
+
+
+def zero_missing_gradients(model) -> None:
+    """A zero `.grad` for every parameter of `model` that trains and has none: what left-out passes would have
+    accumulated, so the optimizer step that follows is theirs (AdamW passes over a parameter without a gradient,
+    but advances its moments, step count and weight decay on a zero one)."""
+    for param in model.parameters():
+        if param.requires_grad and param.grad is None:
+            param.grad = torch.zeros_like(param)
 
 
 @dataclass(frozen=True)
@@ -354,20 +387,38 @@ def iterate_updates(n: int, one_update: Callable[[], Update]) -> tuple[dict, GRP
     if updates[0].sft_loss is not None:
         metrics["train/sft_loss"] = mean([u.sft_loss for u in updates])
     stats = GRPOStats(clip_fraction=mean([u.stats.clip_fraction for u in updates]),
-                      kl=mean([u.stats.kl for u in updates]), entropy=mean([u.stats.entropy for u in updates]))
+                      kl=mean([u.stats.kl for u in updates]), entropy=mean([u.stats.entropy for u in updates]),
+                      skipped=all(u.stats.skipped for u in updates))
     return metrics, stats
 
 
-def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int) -> dict:
+def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int, ctx: TrainContext,
+                    other_signal: bool = False) -> dict:
+    """The step's metrics of its rollouts, the same for every stage that samples (groups of `group_size`
+    consecutive rows of `scored`): rewards, lengths, the RL loss's statistics (none for a step whose passes were
+    skipped: nothing was measured), and whether the step had a learning signal at all. A collective: every rank
+    calls it at one point of the step. `other_signal`: this rank's stage learned from the step's prompts in a way
+    no advantage measures (hpt's demonstrations of the prompts it switched to SFT, srft's losses, luffy's
+    demonstrations), so the step has a signal whatever the rollouts' advantages."""
     rewards = scored.rewards
+    grouped = rewards.view(-1, group_size)
+    constant = (grouped == grouped[:, :1]).all(dim=1)  # groups whose rewards are all equal: no advantage
+    stats_metrics = {} if stats.skipped else {"train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction,
+                                              "train/entropy": stats.entropy}
     return {
         # the std of the whole step's rewards, over every data-parallel rank (a collective: every rank logs it); the
         # mean of the ranks' own stds would not be it
         "train/reward_mean": rewards.mean().item(), "train/reward_std": global_std(rewards).item(),
         "train/response_len": scored.rollouts.lengths.float().mean().item(),
-        "train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction, "train/entropy": stats.entropy,
+        **stats_metrics,
         # groups whose rewards are all equal carry no learning signal: counted, not an error
-        "train/zero_std_groups": int((rewards.view(-1, group_size).std(dim=1) == 0).sum()),
+        "train/zero_std_groups": int(constant.sum()),
+        "rollout/frac_reward_zero_std": constant.float().mean().item(),
+        # completions cut at rl.max_completion_length before any end token (TRL's completions/clipped_ratio): a
+        # limit too short for the task scores them all alike
+        "rollout/clipped_ratio": truncated_rows(scored.rollouts, ctx.policy.end_tokens.ids).float().mean().item(),
+        # 1.0: not one advantage on any rank, so the RL loss gave no gradient (the runner counts and warns)
+        "rollout/no_signal": float(without_signal(scored.advantages, other_signal)),
         "perf/gen_tokens_per_s": scored.gen_tokens / max(scored.gen_seconds, 1e-9),
         **{f"train/rewards/{name}": mean for name, mean in scored.reward_means.items()},
         **({"rollout/logprob_gap": scored.logprob_gap} if scored.logprob_gap is not None else {}),

@@ -198,6 +198,9 @@ class GRPOStats:
     """The k3 KL term's token mean (0 without rl.beta)."""
     entropy: float = 0.0
     """Mean entropy of the policy over the loss's tokens (train/entropy), when the loss was given them."""
+    skipped: bool = False
+    """The passes were left out (core/grpo.skips_backward: no advantage, so no gradient): the other fields were not
+    measured, and rollout_metrics logs none of them."""
 
 
 @dataclass(frozen=True)

@@ -205,11 +205,11 @@ class BridgeStage:
                 shadow_grad, param.grad = param.grad, joint[param]
                 if shadow_grad is not None:
                     param.grad = -lam * shadow_grad if param.grad is None else param.grad - lam * shadow_grad
-            metrics.update({
-                "train/rl_loss_shadow": loss_rl_shadow, "bridge/coop_gain": loss_rl_shadow - loss_rl,
+            metrics.update({"train/rl_loss_shadow": loss_rl_shadow, "bridge/coop_gain": loss_rl_shadow - loss_rl})
+            if not shadow_stats.skipped:  # a skipped pass (no advantage, core/grpo.skips_backward) measured nothing
                 # the shadow scores rollouts of (theta, w): as theta and theta_hat drift apart its ratio leaves
                 # [1 - eps, 1 + eps] and clipping can silently stall its updates
-                "bridge/shadow_clip_frac": shadow_stats.clip_fraction})
+                metrics["bridge/shadow_clip_frac"] = shadow_stats.clip_fraction
 
         steps = []
         if upper_params:
@@ -226,7 +226,7 @@ class BridgeStage:
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)  # no gradient stays alive into the next step
         self.updates += 1
-        metrics.update({**norms, **rollout_metrics(scored, stats, rl.num_generations)})
+        metrics.update({**norms, **rollout_metrics(scored, stats, rl.num_generations, ctx)})
         if shadow_reward is not None:
             metrics["bridge/reward_gap"] = scored.rewards.mean().item() - shadow_reward
         return StepOutput(metrics=metrics, train_tokens=trained_tokens(scored, ctx) + batch.n_tokens,

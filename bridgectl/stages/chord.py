@@ -100,7 +100,7 @@ class ChordStage:
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
-        metrics.update({"chord/mu": mu, **rollout_metrics(scored, stats, rl.num_generations),
+        metrics.update({"chord/mu": mu, **rollout_metrics(scored, stats, rl.num_generations, ctx),
                         "train/lr": self.scheduler.get_last_lr()[0]})
         train_tokens = trained_tokens(scored, ctx) + (batch.n_tokens if batch is not None else 0)
         return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * train_tokens, gen_tokens=scored.gen_tokens,

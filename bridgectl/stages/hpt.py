@@ -87,7 +87,9 @@ class HPTStage:
             distributed.mean_denominator(torch.zeros((), dtype=torch.long, device=ctx.device))
         grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
-        metrics.update({**rollout_metrics(scored, stats, group_size), "train/grad_norm": grad_norm,
+        # prompts switched to demonstrations are learned from whatever their advantages: a signal of the step
+        metrics.update({**rollout_metrics(scored, stats, group_size, ctx, other_signal=bool(demonstrated)),
+                        "train/grad_norm": grad_norm,
                         "train/lr": self.scheduler.get_last_lr()[0]})
         return StepOutput(metrics=metrics, train_tokens=train_tokens, gen_tokens=scored.gen_tokens,
                           completions=completion_rows(scored, ctx, self.updates))

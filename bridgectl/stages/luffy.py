@@ -163,10 +163,14 @@ def demo_backward(model, mixed: MixedGroups, ctx: TrainContext, gamma: float,
     return float(total), float(prob_sum / max(1, int((demos.labels[:, 1:] != -100).sum())))
 
 
-def mixed_metrics(mixed: MixedGroups, stats, group_size: int) -> dict:
-    """rollout_metrics of the on-policy rollouts, with zero_std_groups counted over the mixed groups."""
+def mixed_metrics(mixed: MixedGroups, stats, group_size: int, ctx: TrainContext, other_signal: bool = False) -> dict:
+    """rollout_metrics of the on-policy rollouts, with zero_std_groups and frac_reward_zero_std counted over the
+    mixed groups, and a signal wherever a rollout or a demonstration has an advantage in its mixed group (or with
+    `other_signal`: srft's losses need none)."""
     rewards = mixed.scored.rewards
-    metrics = rollout_metrics(replace(mixed.scored, rewards=mixed.group_rewards().reshape(-1)), stats, group_size)
+    other_signal = other_signal or bool((mixed.demo_advantages != 0).any())
+    metrics = rollout_metrics(replace(mixed.scored, rewards=mixed.group_rewards().reshape(-1)), stats, group_size,
+                              ctx, other_signal)
     metrics["train/reward_mean"] = rewards.mean().item()
     metrics["train/reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0
     return metrics
@@ -205,7 +209,7 @@ class LuffyStage:
         # each of a demonstration's k copies is a member of its group, weighted as k identical rows (demo_backward)
         demo_tokens = mixed.copies * mixed.demos.n_tokens if mixed.demos is not None else 0
         metrics = {"train/rl_loss": loss_on + loss_off, "luffy/on_policy_loss": loss_on,
-                   "luffy/off_policy_loss": loss_off, **mixed_metrics(mixed, stats, rl.num_generations),
+                   "luffy/off_policy_loss": loss_off, **mixed_metrics(mixed, stats, rl.num_generations, ctx),
                    "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
         if mixed.copies:
             metrics.update({"luffy/demo_reward": mixed.demo_rewards.mean().item(),

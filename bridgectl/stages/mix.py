@@ -58,7 +58,7 @@ class MixStage:
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
-        metrics.update({"mix/mu": mu, **rollout_metrics(scored, stats, rl.num_generations),
+        metrics.update({"mix/mu": mu, **rollout_metrics(scored, stats, rl.num_generations, ctx),
                         "train/lr": self.scheduler.get_last_lr()[0]})
         train_tokens = rl.num_iterations * (trained_tokens(scored, ctx) + batch.n_tokens)
         return StepOutput(metrics=metrics, train_tokens=train_tokens,

@@ -136,7 +136,7 @@ class ReliftStage:
         hardest = self._hardest(scored, [position for position, _, _ in mine], len(problems))
         self.buffer.extend(Demonstration(problems[position].question, problems[position].trace_completion)
                            for position in hardest)
-        metrics = {"train/rl_loss": loss_rl, **rollout_metrics(scored, stats, rl.num_generations),
+        metrics = {"train/rl_loss": loss_rl, **rollout_metrics(scored, stats, rl.num_generations, ctx),
                    "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
                    "relift/hard_prompts": len(hardest)}
         sft_tokens = 0

@@ -57,7 +57,7 @@ class RLStage:
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
-        metrics.update({**rollout_metrics(scored, stats, rl.num_generations),
+        metrics.update({**rollout_metrics(scored, stats, rl.num_generations, ctx),
                         "train/lr": self.scheduler.get_last_lr()[0]})
         return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * trained_tokens(scored, ctx),
                           gen_tokens=scored.gen_tokens, completions=completion_rows(scored, ctx, self.updates))

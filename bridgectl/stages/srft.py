@@ -117,7 +117,8 @@ class SRFTStage:
                    "srft/rl_loss_demo": demo_loss, "srft/rl_loss_self": self_loss,
                    "srft/sft_weight": sft_weight, "srft/rl_weight": rl_weight,
                    "srft/demo_reward": mixed.demo_rewards.mean().item(),
-                   **mixed_metrics(mixed, ZERO_STATS, rl.num_generations),
+                   # every rollout and demonstration has a loss term of its own, advantage or not: never no signal
+                   **mixed_metrics(mixed, ZERO_STATS, rl.num_generations, ctx, other_signal=True),
                    "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
         return StepOutput(metrics=metrics, train_tokens=trained_tokens(mixed.scored, ctx) + mixed.demos.n_tokens,
                           gen_tokens=mixed.scored.gen_tokens,

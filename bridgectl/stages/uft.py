@@ -160,7 +160,7 @@ class UFTStage:
         grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
 
-        metrics = {"train/rl_loss": loss_rl, **rollout_metrics(scored, stats, rl.num_generations),
+        metrics = {"train/rl_loss": loss_rl, **rollout_metrics(scored, stats, rl.num_generations, ctx),
                    "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
                    "uft/hint_prob": probability, "uft/hint_fraction": sum(fractions) / len(fractions),
                    "uft/hint_tokens": sum(lengths) / len(lengths)}

@@ -4,8 +4,8 @@ What it measures, each configuration in its own process (peak memory is per proc
   1. Peak tensor memory of one `rl` step and of one `bridge bridge.lower=lora` step on a model of
      SmolLM2-135M-Instruct's shape (LlamaConfig: hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536,
      vocabulary 49,152, tied embeddings) with random weights, `model=hf model.finetune=lora` (LoRA on every linear
-     layer, rank 8 for rl and 32 for BRIDGE's theta; model=hf turns on model.gradient_checkpointing: transformers' activation checkpointing of every
-     decoder layer, non-reentrant), `train.micro_batch_size=8`, at 8, 32 and 128 rows x 512 completion tokens;
+     layer, rank 8 for rl and 32 for BRIDGE's theta; model=hf turns on model.gradient_checkpointing: transformers'
+     activation checkpointing of every decoder layer, non-reentrant), `train.micro_batch_size=8`, at 8, 32 and 128 rows x 512 completion tokens;
      and peak(128 rows) / peak(8 rows) for each recipe (the issue's target: <= 1.25).
   2. The same steps with the code before micro-batches and chunked log-probs (commit b05f050, `--before DIR`: a
      checkout of it, e.g. `git worktree add /tmp/before b05f050`; run with PYTHONPATH=DIR and the same

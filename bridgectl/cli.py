@@ -277,6 +277,19 @@ def _print_comparison(rows: list, notes: list[str]) -> None:
         for row in section:
             table.add_row(*(escape(fn(row)) for _, fn in columns))
         console.print(table)
+        header, lines = comparison.differences_table(section)
+        widths = [max(len(cell) for cell in column) for column in zip(header, *lines)] if lines else []
+        if lines and sum(widths) + 3 * len(widths) + 1 <= console.width:
+            differences = Table(title=comparison.DIFFERENCES_TITLE, title_justify="left")
+            for name in header:
+                differences.add_column(escape(name))
+            for cells in lines:
+                differences.add_row(*(escape(cell) for cell in cells))
+            console.print(differences)
+        elif lines:  # one column per group would not fit: a line per key or fact
+            console.print(escape(comparison.DIFFERENCES_TITLE + ":"))
+            for line in comparison.differences_lines(header, lines):
+                console.print("  " + escape(line))
     for note in notes:
         console.print(escape(note))
 
@@ -287,6 +300,7 @@ def compare_command(
     by: Optional[List[str]] = typer.Option(None, "--by", help="Config key(s) to group by (default: recipe); repeat for several."),
     metric: str = typer.Option("eval/test/accuracy", "--metric", help="Metric for time-to-target."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Group to compare against (e.g. rl)."),
+    pool: Optional[List[str]] = typer.Option(None, "--pool", help="Pool runs that differ in this config key (or section) into one group on purpose; the table says so. Repeat for several."),
     at_seconds: Optional[float] = typer.Option(None, "--at-seconds", help="Also show each eval metric as of this wall-clock second of every run (the equal-wall-clock view)."),
     at_flops: Optional[float] = typer.Option(None, "--at-flops", help="Also show each eval metric as of this many FLOPs of every run's sampling and training (the equal-compute view; metrics.jsonl's compute/cum_flops)."),
     at_tokens: Optional[float] = typer.Option(None, "--at-tokens", help="Also show each eval metric as of this many generated + trained tokens of every run (compute/cum_tokens)."),
@@ -310,13 +324,16 @@ def compare_command(
                                        ("--at-tokens", at_tokens, "5e6")):
             if value is not None and value <= 0:
                 raise UserError(f"{option} must be positive, got {value:g}", f"e.g. {option} {example}")
-        rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline, at_seconds, at_flops, at_tokens)
+        rows = comparison.compare(loaded, list(by or ["recipe"]), metric, baseline, at_seconds, at_flops, at_tokens,
+                                  pool=list(pool or []))
         reference = comparison.load_reference(against, list(by or ["recipe"]), metric) if against else None
     except UserError as error:
         _fail(error.message, error.hint, 2)
     notes = comparison.footnotes(loaded, rows)
     for reason in loaded.unreadable:  # on stderr: the table, CSV or JSON on stdout stays whole
         typer.echo(f"Warning: left out an unreadable run: {reason}", err=True)
+    for copy in loaded.copies:
+        typer.echo(f"Warning: counted once: {copy}", err=True)
     if loaded.malformed_lines:
         typer.echo(f"Warning: skipped {loaded.malformed_lines} malformed metrics.jsonl line(s)", err=True)
     if output_format == "markdown":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridgectl import stats
+from bridgectl import compare_audit, stats
 from bridgectl.compare_rows import AXES, Difference, GroupRow, Metric, MetricSummary, TimeToTarget, flatten
 from bridgectl.errors import UserError
 from bridgectl.run_config import read_config
@@ -65,6 +65,7 @@ class Loaded:
     left_out: dict[str, int] = field(default_factory=dict)  # status -> count of runs not completed
     malformed_lines: int = 0
     unreadable: list[str] = field(default_factory=list)  # why each run counted "unreadable" was left out
+    copies: list[str] = field(default_factory=list)  # run directories left out as copies of another run given
 
 
 def run_dirs_under(directory: Path) -> list[Path]:
@@ -77,15 +78,17 @@ def run_dirs_under(directory: Path) -> list[Path]:
 def find_run_dirs(paths: list[str]) -> list[Path]:
     """Run directories under each PATH: a run directory itself, a directory of runs (searched recursively), or a
     glob pattern."""
-    found: list[Path] = []
+    found: dict[Path, Path] = {}  # resolved -> as first reached: one run named twice (a relative and an absolute
+    # path, a symlink in a glob) is one run
     for pattern in paths:
         matches = [Path(m) for m in sorted(glob.glob(pattern))] or [Path(pattern)]
         for path in matches:
             if (path / "summary.json").is_file():
-                found.append(path)
+                found.setdefault(path.resolve(), path)
             elif path.is_dir():
-                found.extend(run_dirs_under(path))
-    return sorted(set(found))
+                for run in run_dirs_under(path):
+                    found.setdefault(run.resolve(), run)
+    return sorted(found.values())
 
 
 def load_runs(paths: list[str]) -> Loaded:
@@ -97,6 +100,7 @@ def load_runs(paths: list[str]) -> Loaded:
         raise UserError(f"no run directories under {', '.join(paths)}",
                         "a run directory holds summary.json; train one with `bridgectl run`, or pass runs/")
     loaded = Loaded()
+    identities: dict[str, Path] = {}
     for path in run_dirs:
         try:
             summary = json.loads((path / "summary.json").read_text())
@@ -106,6 +110,11 @@ def load_runs(paths: list[str]) -> Loaded:
             loaded.left_out["unreadable"] = loaded.left_out.get("unreadable", 0) + 1
             loaded.unreadable.append(f"{path / 'summary.json'} is not a JSON object")
             continue
+        identity = compare_audit.run_identity(path)
+        if identity in identities:  # a copy of a run directory: the same run, counted once
+            loaded.copies.append(f"{path} is a copy of {identities[identity]}")
+            continue
+        identities[identity] = path
         status = summary.get("status", "unknown")
         if status != "completed":
             loaded.left_out[status] = loaded.left_out.get(status, 0) + 1
@@ -146,15 +155,6 @@ def final_problem_records(path: Path, final_step: int | None) -> dict[str, dict]
     return records
 
 
-BASE_GROUP = "base"
-"""`--baseline base`: the group of the runs' starting model, read from their step-0 evaluations."""
-
-
-def base_runs(runs: list[Run]) -> list[Run]:
-    """The base model as a group: one pseudo-run per seed, whose final evaluation is a run's step-0 evaluation
-    (summary.json's eval_initial, eval_problems.jsonl at step 0), so the base model counts once per seed however
-    many recipes ran it. Its greedy accuracy is the same at every seed when the evaluation problems are; the paired
-    bootstrap against it then resamples the problems, which is where the base's uncertainty lies."""
 NO_SIGNAL_SHARE = 0.5
 """A run whose RL steps had no learning signal (every group's rewards equal, so every advantage 0: summary.json's
 `no_signal_steps` of `rl_steps`) for more than this share of them is marked by `compare` and `bridgectl runs`."""
@@ -180,6 +180,15 @@ def signal_counts(run: "Run") -> dict:
     return {"rl_steps": len(counted), "no_signal_steps": sum(count == groups for count in counted)}
 
 
+BASE_GROUP = "base"
+"""`--baseline base`: the group of the runs' starting model, read from their step-0 evaluations."""
+
+
+def base_runs(runs: list[Run]) -> list[Run]:
+    """The base model as a group: one pseudo-run per seed, whose final evaluation is a run's step-0 evaluation
+    (summary.json's eval_initial, eval_problems.jsonl at step 0), so the base model counts once per seed however
+    many recipes ran it. Its greedy accuracy is the same at every seed when the evaluation problems are; the paired
+    bootstrap against it then resamples the problems, which is where the base's uncertainty lies."""
     by_seed: dict = {}
     for run in runs:
         initial = run.summary.get("eval_initial")
@@ -241,7 +250,7 @@ def _summary(metric: Metric, runs: list[Run], baseline_runs: list[Run] | None) -
     # every eval metric is a share of problems: its mean lies in [0, 1], and so does its interval
     low, high = (max(interval[0], 0.0), min(interval[1], 1.0)) if interval else (None, None)
     std = float(np.std(values, ddof=1)) if len(values) > 1 else None  # one seed: neither a spread nor an interval
-    summary = MetricSummary(metric, float(np.mean(values)), std, low, high)
+    summary = MetricSummary(metric, float(np.mean(values)), std, low, high, n=len(values))
     base_values = [v for v in (_read(r, metric) for r in baseline_runs or []) if v is not None]
     if baseline_runs is runs:
         summary.difference = Difference(0.0, of_baseline=True)
@@ -274,11 +283,14 @@ def _data_seen(runs: list[Run]) -> dict:
 
 def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
             at_seconds: float | None = None, at_flops: float | None = None,
-            at_tokens: float | None = None) -> list[GroupRow]:
+            at_tokens: float | None = None, pool: list[str] | None = ()) -> list[GroupRow]:
     """One row per (task, model, group): the numbers every output format carries. `at_seconds` adds, for every
     eval metric, its value at that wall-clock time (value_at), keyed `<metric>@<S>s`; `at_flops` and `at_tokens`
     its value at that much compute (`<metric>@<X>flops`, `<metric>@<X>tokens`), and compute-to-target beside
-    time-to-target."""
+    time-to-target. Runs of a group must share their config but for the seed (compare_audit.mixed_keys): a group
+    that would pool runs of different configs raises UserError unless `pool` names the keys (None: pool whatever
+    differs); what was pooled is on each row (GroupRow.mixed), as are the keys that differ between groups and
+    the fairness facts (GroupRow.settings, facts)."""
     costs = [(axis, at) for axis, at in (("seconds", at_seconds), ("flops", at_flops), ("tokens", at_tokens))
              if at is not None]
     sections: dict[tuple, dict[tuple, list[Run]]] = {}
@@ -291,6 +303,15 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
                          for split, values in r.summary.get("eval", {}).items() for name in values
                          if name == "accuracy" or name.split("@")[0] in ("pass", "maj", "mean") and "@" in name},
                         key=lambda m: m.logged)
+        # the runs' own groups are audited; the base model's pseudo-runs (one per seed, read from runs of any
+        # group) trained nothing
+        mixed = {key: compare_audit.mixed_keys(runs, by) for key, runs in groups.items()}
+        if pool is not None:
+            error = compare_audit.pooling_error([(_label(key), runs, mixed[key]) for key, runs in groups.items()],
+                                                list(pool))
+            if error is not None:
+                raise error
+        between = compare_audit.differences({_label(key): runs for key, runs in groups.items()}, by)
         if baseline == BASE_GROUP and not any(_label(key) == BASE_GROUP for key in groups):
             initial = base_runs([run for runs in groups.values() for run in runs])
             if initial:
@@ -311,6 +332,14 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
                            {view.key: summary for view, summary in summaries if summary is not None},
                            _mean_cost(runs, "wall_s"), _mean_cost(runs, "gen_tokens"), _mean_cost(runs, "peak_mem_mb"),
                            _mean_cost(runs, "flops"), _data_seen(runs))
+            row.missing = {view.key: [r.path.name for r in runs if _read(r, view) is None]
+                           for view, summary in summaries if summary is not None and summary.n < len(runs)}
+            row.mixed = {k: [compare_audit.shown(v) for v in values] for k, values in mixed.get(key, {}).items()}
+            row.no_signal = [r.path.name for r in runs if mostly_without_signal(signal_counts(r))]
+            if key in mixed:  # the base model's pseudo-runs trained nothing
+                row.facts = compare_audit.facts(runs)
+                row.settings = {d.key: d.values[row.group] for d in between}
+                row.marked = tuple(d.key for d in between if d.marked)
             if target is not None and any(r.metrics for r in runs):  # base's pseudo-runs log no curve
                 reached = [t for t in (time_to_target(r, metric, target) for r in runs) if t is not None]
                 in_flops = [f for f in (time_to_target(r, metric, target, "flops") for r in runs) if f is not None]
@@ -341,14 +370,22 @@ def _points(value: float | None, signed: bool = False) -> str:
 
 
 def _mean_cell(row: GroupRow, key: str) -> str:
-    """mean ± std [95% t interval], in %."""
+    """mean ± std [95% t interval], in %; `(n=k)` when only k of the group's runs have the metric."""
     summary = row.metrics.get(key)
     if summary is None:
         return "-"
+    fewer = f" (n={summary.n})" if summary.n is not None and summary.n < row.n else ""
     if summary.std is None:  # one seed: neither a spread nor an interval
-        return _points(summary.mean)
+        return _points(summary.mean) + fewer
     interval = "" if summary.ci_low is None else f" [{_points(summary.ci_low)}, {_points(summary.ci_high)}]"
-    return f"{_points(summary.mean)} ± {_points(summary.std)}{interval}"
+    return f"{_points(summary.mean)} ± {_points(summary.std)}{interval}{fewer}"
+
+
+def _group_cell(row: GroupRow) -> str:
+    """The group's label, `*` under stats.FEW_SEEDS seeds, `!` when it pooled runs of different configs on
+    purpose (--pool) and `(no signal: k)` when k of its runs trained on no learning signal most of the time."""
+    marks = (" *" if row.too_few_seeds else "") + (" !" if row.mixed else "")
+    return row.group + marks + (f" (no signal: {len(row.no_signal)})" if row.no_signal else "")
 
 
 def _difference_cell(row: GroupRow, key: str) -> str:
@@ -402,7 +439,7 @@ def display_columns(rows: list[GroupRow]) -> list[tuple[str, callable]]:
     """(header, row -> text) pairs shared by the table and markdown outputs."""
     every_metric = {s.metric for r in rows for s in r.metrics.values()}
     shown = sorted((m for m in every_metric if _shown(m, every_metric)), key=lambda m: m.key)
-    columns = [("group", lambda r: r.group + (" *" if r.too_few_seeds else "")), ("n", lambda r: str(r.n))]
+    columns = [("group", _group_cell), ("runs", lambda r: str(r.n))]
     for metric in shown:
         differences = [r.difference(metric.key) for r in rows if r.difference(metric.key) is not None]
         columns.append((f"{metric.header} %", lambda r, k=metric.key: _mean_cell(r, k)))
@@ -449,6 +486,20 @@ def footnotes(loaded: Loaded, rows: list[GroupRow]) -> list[str]:
     if any(r.too_few_seeds for r in rows):
         notes.append(f"* fewer than {stats.FEW_SEEDS} seeds: intervals are wide and only large differences can be "
                      "shown.")
+    for row in rows:
+        for key, names in row.missing.items():
+            notes.append(f"(n=k): group {row.group}: {len(names)} of {row.n} runs have no {key} "
+                         f"({', '.join(names)}); its mean and intervals are over the other {row.n - len(names)}.")
+        if row.mixed:
+            notes.append(f"! group {row.group} pools runs of different configs on purpose (--pool): "
+                         + "; ".join(f"{key} = {', '.join(values)}" for key, values in row.mixed.items()) + ".")
+        if row.no_signal:
+            notes.append(f"no signal: group {row.group}: {', '.join(row.no_signal)} had every reward of a group equal "
+                         f"(no advantage, no gradient) in over {NO_SIGNAL_SHARE:.0%} of its RL steps: it barely "
+                         "trained, so its numbers say little about the recipe (bridgectl runs shows the counts).")
+    if loaded.copies:
+        notes.append(f"Counted once: {len(loaded.copies)} run director(y/ies) copied from another run given ("
+                     + "; ".join(loaded.copies) + ").")
     if len({(r.task, r.model) for r in rows}) > 1:
         notes.append("Runs of different tasks or models are compared in separate tables, never averaged together.")
     if loaded.left_out:
@@ -456,6 +507,37 @@ def footnotes(loaded: Loaded, rows: list[GroupRow]) -> list[str]:
     if loaded.malformed_lines:
         notes.append(f"Skipped {loaded.malformed_lines} malformed metrics.jsonl line(s).")
     return notes
+
+
+DIFFERENCES_TITLE = "What differs between the groups (! : not the compared thing itself), and the fairness facts"
+
+
+def differences_table(section: list[GroupRow]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of what differs between one table's groups: each config key whose values differ (marked `!`
+    where the difference is not the compared thing itself: GroupRow.marked), then every fairness fact
+    (compare_audit.FACTS), one column per group; the base model's pseudo-group is left out (it trained nothing)."""
+    groups = [row for row in section if row.facts]
+    if not groups:
+        return [], []
+    keys = list(dict.fromkeys(key for row in groups for key in row.settings))
+    lines = [[("! " if key in groups[0].marked else "") + key] + [row.settings.get(key, "-") for row in groups]
+             for key in keys]
+    lines += [[name] + [row.facts.get(name, "-") for row in groups] for name in groups[0].facts
+              if any(row.facts.get(name, "-") != "-" for row in groups)]  # not recorded by any run: left out
+    return [""] + [row.group for row in groups], lines
+
+
+def differences_lines(header: list[str], lines: list[list[str]]) -> list[str]:
+    """differences_table as one line per key or fact, groups of equal value together (`train.max_steps: 400
+    (bridge, rl), 86 (chord)`): what a terminal too narrow for one column per group shows."""
+    out = []
+    for name, *values in lines:
+        by_value: dict[str, list[str]] = {}
+        for group, value in zip(header[1:], values):
+            by_value.setdefault(value, []).append(group)
+        out.append(f"{name}: " + "; ".join(value if len(by_value) == 1 else f"{value} ({', '.join(groups)})"
+                                           for value, groups in by_value.items()))
+    return out
 
 
 def sections_of(rows: list[GroupRow]) -> dict[tuple, list[GroupRow]]:
@@ -473,6 +555,11 @@ def to_markdown(rows: list[GroupRow], notes: list[str]) -> str:
                 "|" + "---|" * len(columns)]
         out += ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in section]
         out.append("")
+        header, lines = differences_table(section)
+        if lines:
+            out += [f"{DIFFERENCES_TITLE}:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            out += ["| " + " | ".join(cells) + " |" for cells in lines]
+            out.append("")
     return "\n".join(out + notes) + "\n"
 
 
@@ -490,7 +577,11 @@ def to_json(rows: list[GroupRow], notes: list[str], against: list[dict] | None =
     def clean(items):  # json has no NaN or infinity
         return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in items]
 
-    document = {"groups": clean(flatten(rows)), "notes": notes}
+    differences = [{"task": task, "model": model, "key": key, "marked": any(key in row.marked for row in section),
+                    "values": {row.group: row.settings[key] for row in section if key in row.settings}}
+                   for (task, model), section in sections_of(rows).items()
+                   for key in dict.fromkeys(k for row in section for k in row.settings)]
+    document = {"groups": clean(flatten(rows)), "differences": differences, "notes": notes}
     if against is not None:
         document["against"] = clean(against)
     return json.dumps(document, indent=2)
@@ -511,7 +602,7 @@ def load_reference(path: str, by: list[str], metric: str) -> dict:
             raise UserError(f"{path} is not a reference file", "it needs `models: {MODEL: {recipe: {metric: value}}}`")
         return {"kind": "published", "source": content.get("source", path), "models": content["models"]}
     loaded = load_runs([path])
-    return {"kind": "runs", "source": path, "rows": compare(loaded, by, metric, None)}
+    return {"kind": "runs", "source": path, "rows": compare(loaded, by, metric, None, pool=None)}
 
 
 def against_rows(rows: list[GroupRow], reference: dict, metric: str) -> list[dict]:

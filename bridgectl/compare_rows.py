@@ -121,10 +121,13 @@ class MetricSummary:
     """Upper end of the 95% Student-t interval of the mean, cut at 1; None with one seed."""
     difference: Difference | None = None
     """Against the baseline group; None without --baseline or when the baseline has no value of this metric."""
+    n: int | None = None
+    """How many of the group's runs have this metric: the mean, spread and intervals are over these (None: not
+    counted, for rows made by hand)."""
 
     def flat(self) -> dict:
         prefix = self.metric.key
-        out = {f"{prefix}/mean": self.mean, f"{prefix}/std": self.std, f"{prefix}/ci_low": self.ci_low,
+        out = {f"{prefix}/n": self.n, f"{prefix}/mean": self.mean, f"{prefix}/std": self.std, f"{prefix}/ci_low": self.ci_low,
                f"{prefix}/ci_high": self.ci_high}
         return out | (self.difference.flat(prefix) if self.difference is not None else {})
 
@@ -176,6 +179,20 @@ class GroupRow:
     `data`); empty for runs that did not record it."""
     time_to_target: TimeToTarget | None = None
     """None without a target (no baseline with logged curves) or for a group without curves (the base model)."""
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    """Metric key -> the names of the group's runs that lack it (its MetricSummary.n counts the others)."""
+    mixed: dict[str, list[str]] = field(default_factory=dict)
+    """Config keys whose values differ within the group, with their values: runs pooled on purpose (--pool)."""
+    no_signal: list[str] = field(default_factory=list)
+    """Names of the group's runs that had no learning signal in most of their RL steps (compare.NO_SIGNAL_SHARE)."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """The group's value of every config key that differs between the groups of its table (compare_audit)."""
+    marked: tuple[str, ...] = ()
+    """Those of `settings`' keys whose difference is not the compared thing itself (not --by, recipe.*, or a stage
+    section only some groups run): the same for every row of a table."""
+    facts: dict[str, str] = field(default_factory=dict)
+    """Fairness facts of the group (compare_audit.FACTS): what trains, updates, compute, data, learning rates,
+    length limits; empty for the base model."""
 
     def difference(self, key: str) -> Difference | None:
         """The difference from the baseline on the metric keyed `key` (Metric.key); None without one."""
@@ -183,8 +200,8 @@ class GroupRow:
 
     @property
     def too_few_seeds(self) -> bool:
-        """Fewer than stats.FEW_SEEDS seeds: the table marks the group with `*`."""
-        return self.n < stats.FEW_SEEDS
+        """Fewer than stats.FEW_SEEDS seeds behind some metric: the table marks the group with `*`."""
+        return min([self.n] + [s.n for s in self.metrics.values() if s.n is not None]) < stats.FEW_SEEDS
 
     def flat(self) -> dict:
         """The csv/json form, one key per number: `task`, `group`, `eval/test/accuracy/mean`, ..., in this order
@@ -201,6 +218,10 @@ class GroupRow:
             out["time_to_target_s"] = self.time_to_target.seconds
             out["flops_to_target"] = self.time_to_target.flops
             out["reached_target"] = f"{self.time_to_target.reached}/{self.time_to_target.runs}"
+        out["no_signal_runs"] = len(self.no_signal)
+        out |= {f"pooled/{key}": ", ".join(values) for key, values in self.mixed.items()}
+        out |= {f"config/{key}": value for key, value in self.settings.items()}
+        out |= {f"facts/{name}": value for name, value in self.facts.items()}
         return out
 
 

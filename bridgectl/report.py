@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridgectl.compare import Loaded, footnotes, to_csv, to_markdown
+from bridgectl.compare import Loaded, differences_table, footnotes, sections_of, to_csv, to_markdown
 from bridgectl.compare_rows import GroupRow, flatten
 
 # (file name, metric, x axis, title, smoothing window in logged steps)
@@ -271,7 +271,13 @@ def log_to_wandb(rows: list[GroupRow], images: list[Path], by: list[str]) -> str
     flat = flatten(rows)  # the csv's columns
     columns = sorted({k for r in flat for k in r}, key=lambda k: (k not in ("task", "model", "group", "n"), k))
     table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in flat])
-    run.log({"comparison": table, **{image.stem: wandb.Image(str(image)) for image in images}})
+    # what differs between the groups and the fairness facts, one W&B table per task and model
+    differences = {}
+    for (task, model), section in sections_of(rows).items():
+        header, lines = differences_table(section)
+        if lines:
+            differences[f"differences/{task}/{model}"] = wandb.Table(columns=["key or fact"] + header[1:], data=lines)
+    run.log({"comparison": table, **differences, **{image.stem: wandb.Image(str(image)) for image in images}})
     directory = run.dir
     run.finish()
     return directory

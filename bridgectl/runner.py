@@ -374,6 +374,8 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
         **counters, **budget_summary(cfg, counters),
         # the data each run saw (this process's streams: every rank draws the same problems and shards them)
         data={"sft": ctx.sft_examples.usage(), "rl": ctx.rl_problems.usage()},
+        # what the final model trained (BRIDGE's w included, its shadow copy of theta not): compare sets it side by side
+        trainable_params=sum(p.numel() for p in policy.model.parameters() if p.requires_grad),
     )
     signals.hold()  # completed once the summary says so: a signal now changes nothing
     run_dir.write_summary(summary)

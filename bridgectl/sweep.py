@@ -523,7 +523,8 @@ def trial_comparison(spec: SweepSpec, sweep_dir: Path) -> tuple[list[GroupRow], 
     loaded = comparison.load_runs([str(sweep_dir)])
     if not loaded.runs:
         return None
-    rows = comparison.compare(loaded, list(spec.params) or ["trial"], spec.metric, None)
+    # the trial's seeds share the spec's config; whatever else differs is pooled and stated, not a failed sweep
+    rows = comparison.compare(loaded, list(spec.params) or ["trial"], spec.metric, None, pool=None)
     return rows, comparison.footnotes(loaded, rows)
 
 

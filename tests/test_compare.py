@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from bridgectl import compare
 from bridgectl.cli import app
+from bridgectl.compare_audit import FACTS
 from bridgectl.compare_rows import Difference, GroupRow, Metric, MetricSummary
 
 
@@ -39,7 +40,7 @@ def sweep(tmp_path):
     for seed, acc in enumerate([0.60, 0.70, 0.80]):
         make_run(tmp_path / "runs", f"rl-{seed}", "rl", seed, acc, curve=[(0, 0.2), (10, 0.6), (20, acc)])
     for seed, acc in enumerate([0.85, 0.90, 0.95]):
-        make_run(tmp_path / "runs", f"bridge-{seed}", "bridge", seed, acc, lam=0.3 if seed < 2 else 0.7,
+        make_run(tmp_path / "runs", f"bridge-{seed}", "bridge", seed, acc, lam=0.3,
                  curve=[(0, 0.2), (10, 0.5), (20, 0.9), (30, acc)])
     make_run(tmp_path / "runs", "sft-0", "sft", 0, 0.9)
     make_run(tmp_path / "runs", "rl-dead", "rl", 9, 0.0, status="failed")
@@ -49,6 +50,12 @@ def sweep(tmp_path):
 
 def by_group(rows):
     return {r.group: r for r in rows}
+
+
+def results_table(markdown: str) -> list[str]:
+    """The lines of compare's results table(s) in its markdown output, without the differences table under them
+    (test_readme_differences_are_what_compare_prints checks that one)."""
+    return [line for line in markdown.split(compare.DIFFERENCES_TITLE)[0].splitlines() if line.startswith("|")]
 
 
 def test_means_stds_n_and_student_t_intervals(sweep):
@@ -239,6 +246,9 @@ def test_time_to_target_interpolates_between_evals(tmp_path):
 
 
 def test_group_by_nested_config_key(sweep):
+    for seed in (0, 1):  # bridge-0 and bridge-1 and these two differ in bridge.lam alone
+        make_run(sweep, f"bridge-lam7-{seed}", "bridge", seed + 5, 0.85 + 0.05 * seed, lam=0.7)
+    (sweep / "bridge-2").rename(sweep.parent / "elsewhere")
     loaded = compare.load_runs([str(sweep / "bridge-*")])
     rows = by_group(compare.compare(loaded, ["bridge.lam"], "eval/test/accuracy", None))
     assert set(rows) == {"0.3", "0.7"}
@@ -303,7 +313,7 @@ def test_readme_results_table_is_what_compare_prints_for_the_recorded_runs():
     root = Path(__file__).resolve().parent.parent
     output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "builtin-seed0"), "--format", "markdown"])
     assert output.exit_code == 0
-    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    table = results_table(output.output)
     assert len(table) == 8  # header, rule, six recipes
     readme = (root / "README.md").read_text()
     assert all(line in readme for line in table)
@@ -366,6 +376,11 @@ def test_wandb_logs_table_and_plots_offline(sweep, tmp_path, monkeypatch):
     assert len(run_dirs) == 1 and list(run_dirs[0].glob("*.wandb"))
     media = list(run_dirs[0].rglob("*.png")) + list(run_dirs[0].rglob("*table.json"))
     assert any(p.suffix == ".png" for p in media) and any(p.name.endswith("table.json") for p in media)
+    # what differs between the groups goes to W&B too, as a table of its own (here the fairness facts alone)
+    tables = {str(p.relative_to(run_dirs[0])): json.loads(p.read_text()) for p in run_dirs[0].rglob("*table.json")}
+    differences = next(t for name, t in tables.items() if "differences" in name)
+    assert differences["columns"] == ["key or fact", "bridge", "rl", "sft"]
+    assert any(row[0] == "tokens generated" for row in differences["data"])
 
 
 def test_equal_wall_clock_view(sweep):
@@ -392,7 +407,7 @@ def test_readme_paper_comparison_is_what_compare_prints_for_the_recorded_sweep()
     output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "paper-5seeds"), "--baseline", "rl",
                                       "--metric", "eval/ood/accuracy", "--format", "markdown"])
     assert output.exit_code == 0, output.output
-    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    table = results_table(output.output)
     assert len(table) == 16 and all(" | 5 | " in line for line in table[2:])  # fourteen recipes, five seeds each
     assert "paired" in table[0]  # every run recorded its problems: the paired comparison is there
     readme = (root / "README.md").read_text()
@@ -408,7 +423,7 @@ def test_readme_equal_compute_table_is_what_compare_prints_for_the_recorded_stud
     output = CliRunner().invoke(app, ["compare", str(study), "--baseline", "rl", "--metric", "eval/ood/accuracy",
                                       "--format", "markdown"])
     assert output.exit_code == 0, output.output
-    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    table = results_table(output.output)
     readme = (root / "README.md").read_text()
     block = readme.split("<!-- compute-table -->")[1].split("<!-- /compute-table -->")[0]
     assert [line for line in block.splitlines() if line.startswith("|")] == table
@@ -426,7 +441,7 @@ def test_readme_real_model_table_is_what_compare_prints_for_the_recorded_study()
     output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "smollm2-wordmath"), "--baseline", "base",
                                       "--format", "markdown"])
     assert output.exit_code == 0, output.output
-    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    table = results_table(output.output)
     assert table[2].startswith("| base ") and "paired" in table[0]  # the base first; every run recorded its problems
     readme = (root / "README.md").read_text()
     block = readme.split("<!-- smollm2-table -->")[1].split("<!-- /smollm2-table -->")[0]
@@ -435,7 +450,7 @@ def test_readme_real_model_table_is_what_compare_prints_for_the_recorded_study()
 
 # ---- typed rows: what every output reads, and the flat csv/json form --------------------------------------------
 TEST, OOD = Metric("test", "accuracy"), Metric("ood", "accuracy")
-SUMMARY_KEYS = ["mean", "std", "ci_low", "ci_high"]
+SUMMARY_KEYS = ["n", "mean", "std", "ci_low", "ci_high"]
 WELCH_KEYS = ["diff", "diff_ci_low", "diff_ci_high", "diff_p", "seeds_needed"]
 
 
@@ -447,12 +462,13 @@ def test_flat_form_has_the_csv_and_json_keys_in_their_order(sweep):
     # the runs log no ood curve: no ood@15s view to summarize
     views = ["eval/ood/accuracy", "eval/test/accuracy", "eval/test/accuracy@15s"]
     head = ["task", "model", "group", "n", "too_few_seeds", "is_baseline"]
-    tail = ["wall_s", "gen_tokens", "peak_mem_mb", "flops", "time_to_target_s", "flops_to_target", "reached_target"]
+    tail = ["wall_s", "gen_tokens", "peak_mem_mb", "flops", "time_to_target_s", "flops_to_target", "reached_target",
+            "no_signal_runs"] + [f"facts/{name}" for name, _ in FACTS]
     assert list(rows["bridge"].flat()) == head + [f"{v}/{k}" for v in views for k in SUMMARY_KEYS + WELCH_KEYS] + tail
     assert list(rows["rl"].flat()) == head + [f"{v}/{k}" for v in views for k in SUMMARY_KEYS + ["diff"]] + tail
     flat, typed = rows["bridge"].flat(), rows["bridge"].metrics["eval/test/accuracy"]
     assert [flat[f"eval/test/accuracy/{k}"] for k in SUMMARY_KEYS + WELCH_KEYS] == [
-        typed.mean, typed.std, typed.ci_low, typed.ci_high, typed.difference.diff, typed.difference.ci_low,
+        3, typed.mean, typed.std, typed.ci_low, typed.ci_high, typed.difference.diff, typed.difference.ci_low,
         typed.difference.ci_high, typed.difference.p, typed.difference.seeds_needed]
     assert flat["reached_target"] == "3/3" and flat["time_to_target_s"] == rows["bridge"].time_to_target.seconds
     assert [rows["sft"].flat()[f"eval/test/accuracy/{k}"] for k in WELCH_KEYS[1:4]] == [None] * 3  # one seed
@@ -461,7 +477,7 @@ def test_flat_form_has_the_csv_and_json_keys_in_their_order(sweep):
     # the paired interval's keys follow Welch's, and only where the runs were paired
     paired = MetricSummary(TEST, 0.5, 0.1, 0.4, 0.6, Difference(0.1, ci_low=0.0, ci_high=0.2, p=0.05,
                                                               seeds_needed=4, paired_ci_low=0.05, paired_ci_high=0.15))
-    assert paired.flat() == {"eval/test/accuracy/mean": 0.5, "eval/test/accuracy/std": 0.1,
+    assert paired.flat() == {"eval/test/accuracy/n": None, "eval/test/accuracy/mean": 0.5, "eval/test/accuracy/std": 0.1,
                              "eval/test/accuracy/ci_low": 0.4, "eval/test/accuracy/ci_high": 0.6,
                              "eval/test/accuracy/diff": 0.1, "eval/test/accuracy/diff_ci_low": 0.0,
                              "eval/test/accuracy/diff_ci_high": 0.2, "eval/test/accuracy/diff_p": 0.05,
@@ -544,7 +560,7 @@ def test_pass_at_k_plot_and_columns_read_the_typed_fields(tmp_path, monkeypatch)
     assert list(lines["rl (n=3)"].get_ydata()) == pytest.approx([40.0, 55.0, 70.0])
     assert list(lines["sft (n=1)"].get_xdata()) == [1, 4]
     headers = [header for header, _ in compare.display_columns(rows)]
-    assert headers == ["group", "n", "test acc %", "test pass@4 %", "test pass@4@15s %", "wall s", "gen tokens",
+    assert headers == ["group", "runs", "test acc %", "test pass@4 %", "test pass@4@15s %", "wall s", "gen tokens",
                        "peak MB"]
 
 
@@ -598,8 +614,33 @@ def test_readme_grpo_variants_table_is_what_compare_prints_for_the_recorded_runs
     output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "grpo-variants-seed0"), *VARIANTS_BY,
                                       "--format", "markdown"])
     assert output.exit_code == 0, output.output
-    table = [line for line in output.output.splitlines() if line.startswith("|")]
+    table = results_table(output.output)
     assert len(table) == 2 + 6 and all(" | 1 | " in line for line in table[2:])  # six runs, one seed each
     readme = (root / "README.md").read_text()
     block = readme.split("<!-- variants-table -->")[1].split("<!-- /variants-table -->")[0]
     assert [line for line in block.splitlines() if line.startswith("|")] == table
+
+
+def test_readme_differences_are_what_compare_prints():
+    """Under each recorded study's table the README shows what differs between its groups and the fairness facts,
+    generated by benchmarks/readme_tables.py from the runs in baselines/: each block is what compare prints now (the
+    audit of the recorded studies: BRIDGE at rank 32 beside rank-8 recipes in the SmolLM2 study, the step caps of
+    the equal-compute study, the GRPO variants' other settings)."""
+    root = Path(__file__).resolve().parent.parent
+    readme_tables = _load_readme_tables(root)
+    readme = (root / "README.md").read_text()
+    found = readme_tables.blocks(readme)
+    assert len(found) == 5
+    for args, body in found:
+        assert body == readme_tables.differences_part(readme_tables.compare_markdown(args)), args
+    smollm2 = next(body for args, body in found if "baselines/smollm2-wordmath" in args)
+    assert "| ! lora.rank | 32 | 8 | 8 | 8 |" in smollm2
+
+
+def _load_readme_tables(root: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tables", root / "benchmarks" / "readme_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -65,6 +65,8 @@ class StageInfo:
     """The rl.scale_rewards values it honours (others are refused)."""
     scale_rewards_reason: str = ""
     """Why it refuses the others (the error message's reason and hint)."""
+    learning_rates: tuple[str, ...] = ()
+    """The config keys of the learning rates its updates use (`bridgectl compare` sets them side by side)."""
     fsdp: bool = True
     """Runs with train.fsdp (its processes always run the same sharded passes)."""
     no_fsdp_reason: str = ""
@@ -75,35 +77,40 @@ _MIXED_GROUP_SCALING = "it normalises its mixed groups of rollouts and demonstra
 
 STAGES: dict[str, StageInfo] = {
     "sft": StageInfo(module="sft", cls="SFTStage", samples_rollouts=False, needs_traces=True,
-                     rule="NLL of trace and answer tokens (sft.*)", source="supervised fine-tuning"),
+                     rule="NLL of trace and answer tokens (sft.*)", source="supervised fine-tuning",
+                     learning_rates=("sft.lr",)),
     "rl": StageInfo(module="rl", cls="RLStage", samples_rollouts=True, dynamic_sampling=True, needs_traces=False,
                     rule="GRPO: clipped surrogate with group-normalised advantages (rl.*)",
-                    source="GRPO, arXiv 2402.03300", num_iterations=True),
+                    source="GRPO, arXiv 2402.03300", num_iterations=True, learning_rates=("rl.lr",)),
     "interleaved": StageInfo(module="interleaved", cls="InterleavedStage", samples_rollouts=True, needs_traces=True,
                              dynamic_sampling=True,
                              rule="rl_steps RL updates then sft_steps SFT updates, in turn (interleaved.*)",
                              source="naive alternating baseline, arXiv 2509.06948", num_iterations=True,
+                             learning_rates=("rl.lr", "sft.lr"),
                              config=interleaved_config.InterleavedConfig, check=interleaved_config.check,
                              config_summary="The alternation pattern of the interleaved stage."),
     "mix": StageInfo(module="mix", cls="MixStage", samples_rollouts=True, dynamic_sampling=True, needs_traces=True,
                      rule="L_rl + mu L_sft, mu constant or linear (mix.*)",
-                     source="naive mixing baseline, arXiv 2509.06948", num_iterations=True,
+                     source="naive mixing baseline, arXiv 2509.06948", num_iterations=True, learning_rates=("mix.lr",),
                      config=mix_config.MixConfig, check=mix_config.check, config_summary="Mixed-loss stage settings."),
     "bridge": StageInfo(module="bridge", cls="BridgeStage", samples_rollouts=True, needs_traces=True,
                         dynamic_sampling=True,
                         rule="bilevel: theta on L_rl + L_sft(w), w on the cooperative gain vs an RL-only shadow "
                              "(bridge.*)", source="BRIDGE, arXiv 2509.06948",
+                        learning_rates=("bridge.alpha", "bridge.beta"),
                         config=bridge_config.BridgeConfig, check=bridge_config.check,
                         config_summary="BRIDGE (bilevel SFT + RL) settings."),
     "chord": StageInfo(module="chord", cls="ChordStage", samples_rollouts=True, needs_traces=True,
                        dynamic_sampling=True,
                        rule="(1 - mu) L_grpo + mu L_sft, mu warm-up then cosine decay, optional phi = p(1-p) token "
                             "weights (chord.*)", source="CHORD, arXiv 2508.11408", num_iterations=True,
+                       learning_rates=("chord.lr",),
                        config=chord_config.ChordConfig, check=chord_config.check,
                        config_summary="CHORD stage settings: the mu schedule and the optional phi weighting."),
     "hpt": StageInfo(module="hpt", cls="HPTStage", samples_rollouts=True, needs_traces=True,
                      rule="per prompt: GRPO on its rollouts, or SFT on its demonstration when at most hpt.gate are "
                           "correct (hpt.*)", source="HPT, arXiv 2509.04419", pairs_demonstrations=always,
+                     learning_rates=("hpt.lr",),
                      config=hpt_config.HPTConfig, check=hpt_config.check,
                      config_summary="HPT stage settings: the per-prompt switch between GRPO and SFT.", fsdp=False,
                      no_fsdp_reason="each process switches a different number of its prompts to SFT, so the "
@@ -111,6 +118,7 @@ STAGES: dict[str, StageInfo] = {
     "luffy": StageInfo(module="luffy", cls="LuffyStage", samples_rollouts=True, needs_traces=True,
                        rule="GRPO over groups of rollouts + the prompt's demonstration; demonstration tokens shaped "
                             "-A p/(p+gamma), unclipped (luffy.*)", source="LUFFY, arXiv 2504.14945",
+                       learning_rates=("luffy.lr",),
                        pairs_demonstrations=luffy_config.pairs_demonstrations, own_token_mean=True,
                        scale_rewards=("group",), scale_rewards_reason=_MIXED_GROUP_SCALING + ": "
                        "luffy.std_normalize=true (std) or false (none) decides",
@@ -120,6 +128,7 @@ STAGES: dict[str, StageInfo] = {
     "srft": StageInfo(module="srft", cls="SRFTStage", samples_rollouts=True, needs_traces=True,
                       rule="0.5 exp(-H) SFT on demonstrations + demonstrations as off-policy RL + rollouts' signed "
                            "NLL, correct ones weighted 0.1 exp(H) (srft.*)", source="SRFT, arXiv 2506.19767",
+                      learning_rates=("srft.lr",),
                       pairs_demonstrations=always, own_token_mean=True, scale_rewards=("group", "none"),
                       scale_rewards_reason=_MIXED_GROUP_SCALING,
                       config=srft_config.SRFTConfig, check=srft_config.check,
@@ -128,11 +137,13 @@ STAGES: dict[str, StageInfo] = {
                         rule="GRPO each step; prompts with no correct rollout join a buffer with their "
                              "demonstrations, one SFT round per buffer_size of them (relift.*)",
                         source="ReLIFT, arXiv 2506.07527", pairs_demonstrations=always,
+                        learning_rates=("rl.lr", "relift.sft_lr"),
                         config=relift_config.ReliftConfig, check=relift_config.check,
                         config_summary="ReLIFT stage settings: the buffer of hardest prompts and its SFT rounds."),
     "uft": StageInfo(module="uft", cls="UFTStage", samples_rollouts=True, needs_traces=True,
                      rule="GRPO on rollouts continuing a cosine-annealed demonstration prefix + sft_coef NLL of that "
                           "prefix (uft.*)", source="UFT, arXiv 2505.16984", pairs_demonstrations=always,
+                     learning_rates=("uft.lr",),
                      config=uft_config.UFTConfig, check=uft_config.check,
                      config_summary="UFT stage settings: the hint schedule and the hint's log-likelihood term.",
                      fsdp=False, no_fsdp_reason="a process whose hints are all empty in a step has no hint term to "

@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-trl test-vllm bench gpu-check clean
+.PHONY: install demo test test-fast lint test-trl test-vllm bench gpu-check clean docs docs-serve
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,15 @@ demo: install
 
 test: install
 	WANDB_MODE=disabled $(VENV)/bin/pytest -q
+
+# The inner loop: every test but those marked slow (whole runs, several processes, studies), a few minutes.
+test-fast: install
+	WANDB_MODE=disabled $(VENV)/bin/pytest -q -m "not slow"
+
+# ruff's lint and formatter, as .ci/run checks them.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) .pytest_cache
@@ -67,3 +76,13 @@ bench: install
 # benchmarks/gpu_results.md (step time, rollout tokens/s, peak memory). Not yet run on a GPU.
 gpu-check: install
 	$(PY) benchmarks/gpu_check.py
+
+# The documentation site (mkdocs.yml, docs/): the docs extra, then the pages generated from the code (config keys,
+# commands, each stage's update rule: docs/gen_reference.py), then a strict build into site/.
+docs: install
+	$(VENV)/bin/pip install -q -e '.[docs]'
+	$(PY) docs/gen_reference.py
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: docs
+	$(VENV)/bin/mkdocs serve

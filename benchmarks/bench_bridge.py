@@ -232,9 +232,9 @@ def with_forced_length(ctx):
 def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     import torch
 
-    from bridgectl.config import compose
-    from bridgectl.context import build_context
+    from bridgectl.config.compose import compose
     from bridgectl.stages import build_stage
+    from bridgectl.training.setup import build_context
 
     cfg = compose([*COMMON, *overrides])
     baseline = rss_mb()
@@ -268,9 +268,9 @@ INTERLEAVED = ["rl (full)", "rl (lora)", "bridge lower=full", "bridge lower=lora
 def measure_interleaved(rounds: int, warmup: int) -> dict:
     """Seconds per step (median of `rounds`) of the INTERLEAVED configurations, built in one process and stepped in
     turn, round after round."""
-    from bridgectl.config import compose
-    from bridgectl.context import build_context
+    from bridgectl.config.compose import compose
     from bridgectl.stages import build_stage
+    from bridgectl.training.setup import build_context
 
     stages = {}
     for name in INTERLEAVED:
@@ -307,7 +307,7 @@ def measure_trl(steps: int, warmup: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from bridgectl.config import compose
+    from bridgectl.config.compose import compose
     from bridgectl.models import tiny
     from bridgectl.tasks.arith import ArithTask
 
@@ -362,10 +362,10 @@ def measure_generation(steps: int) -> dict:
 
     import torch
 
-    from bridgectl.config import compose
+    from bridgectl.config.compose import compose
     from bridgectl.core.grpo import group_seeds
     from bridgectl.core.rollout import generate
-    from bridgectl.context import build_context
+    from bridgectl.training.setup import build_context
 
     cfg = compose([*COMMON, "recipe=rl", *SHORT])
     ctx = build_context(cfg, show_progress=False)

@@ -142,9 +142,9 @@ def fused_decode(model, ids, mask, new_tokens: int):
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
     with torch.no_grad():
-        qkv = [torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight])
-               for l in layers]
-        gate_up = [torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]) for l in layers]
+        qkv = [torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                          layer.self_attn.v_proj.weight]) for layer in layers]
+        gate_up = [torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]) for layer in layers]
         position = (mask.cumsum(1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
         capacity = width + new_tokens
@@ -272,7 +272,7 @@ def lora_speeds(model_dir: Path, rows: int, new_tokens: int) -> dict:
     one adapter (rl) and two (BRIDGE lower=lora's theta and w), unmerged and merged (lora.sampling)."""
     import torch
 
-    from bridgectl.config import compose
+    from bridgectl.config.compose import compose
     from bridgectl.core.model import add_upper_adapter, load_policy
     from bridgectl.core.rollout import generate
 

@@ -124,8 +124,8 @@ def fixed_rollouts(rows: int, tokens: int, device, seed: int):
     """ScoredRollouts of `rows` rows (groups of GROUP) with exactly `tokens` random completion tokens each."""
     import torch
 
+    from bridgectl.core.advantages import group_advantages
     from bridgectl.core.grpo import ScoredRollouts
-    from bridgectl.core.losses import group_advantages
     from bridgectl.core.rollout import Rollouts
 
     generator = torch.Generator().manual_seed(seed)
@@ -183,16 +183,16 @@ class SegmentedAllocationPeak:
 
 def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bool) -> dict:
     import torch
+    from bench_bridge import training_state_mb  # the same measurement as make bench
 
     import bridgectl
     import bridgectl.core.grpo as grpo
-    from bench_bridge import training_state_mb  # the same measurement as make bench
-    from bridgectl.config import compose
+    from bridgectl.config.compose import compose
     try:
-        from bridgectl.context import build_context
         from bridgectl.stages import build_stage
+        from bridgectl.training.setup import build_context
     except ImportError:  # the code before the stage registry (b05f050 and abc0ab9, measured as before and after)
-        from bridgectl.runner import STAGES, build_context
+        from bridgectl.training.runner import STAGES, build_context
 
         def build_stage(kind, ctx, total_updates):
             return STAGES[kind](ctx, total_updates)

@@ -90,9 +90,9 @@ def length_summary(lengths: list[int], limit: int) -> dict:
 
 
 def measure_bridgectl(model_dir: str, data: str, max_tokens: int, steps: int, warmup: int) -> dict:
-    from bridgectl.config import compose
-    from bridgectl.context import build_context
+    from bridgectl.config.compose import compose
     from bridgectl.stages import build_stage
+    from bridgectl.training.setup import build_context
 
     cfg = compose(overrides(model_dir, data, max_tokens))
     ctx = build_context(cfg, show_progress=False)
@@ -124,12 +124,12 @@ def measure_trl(model_dir: str, data: str, max_tokens: int, steps: int, warmup: 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from bridgectl.config import compose
-    from bridgectl.tasks import make_task
+    from bridgectl.config.compose import compose
+    from bridgectl.models.sources import load_task
 
     cfg = compose(overrides(model_dir, data, max_tokens))
     torch.set_num_threads(THREADS)
-    task = make_task(cfg, show_progress=False)
+    task = load_task(cfg, show_progress=False)
     stream = task.rl_prompts(cfg.seed)  # the problems bridgectl's run draws, in its order
     problems = [next(stream) for _ in range((steps + warmup) * PROMPTS)]
     dataset = Dataset.from_dict({"prompt": [p.question for p in problems], "answer": [p.answer for p in problems]})

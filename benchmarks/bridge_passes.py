@@ -5,7 +5,7 @@ Usage: python benchmarks/bridge_passes.py rl|bridge MODEL_DIR [experiment=NAME] 
   MODEL_DIR  SmolLM2-135M-Instruct's directory (benchmarks/smollm2_dir.py writes it)
   experiment=smollm2-wordmath (default: the real-model study's settings) or smollm2-gsm8k (the laptop run's; its
   GSM8K-format problems are written to a temporary file by bench_trl_natural.write_problems unless task.path is
-  given). Prints one line per step; the README's "BRIDGE's step at the real-model study's settings" is its output.
+  given). Prints one line per step; docs/benchmarks/index.md's "BRIDGE's step at the real-model settings" is its output.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 def main() -> None:
     import bridgectl.stages.bridge as bridge_stage
     import bridgectl.stages.rl as rl_stage
-    from bridgectl.config import compose
-    from bridgectl.context import build_context
+    from bridgectl.config.compose import compose
+    from bridgectl.training.setup import build_context
 
     recipe, model_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     experiment = next((o for o in overrides if o.startswith("experiment=")), "experiment=smollm2-wordmath")

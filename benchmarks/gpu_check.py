@@ -44,7 +44,7 @@ SHAPES = {  # config.json of Qwen/Qwen2.5-0.5B; a tiny stand-in of the same arch
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
 }
-RECIPES = {  # name: overrides; LoRA rank 32 on every linear layer for both, as the README's memory figures
+RECIPES = {  # name: overrides; LoRA rank 32 on every linear layer for both, as the memory figures of docs/benchmarks/index.md
     "rl (LoRA r32)": ["recipe=rl", "model.finetune=lora", "lora.rank=32"],
     "bridge lower=lora": ["recipe=bridge", "model.finetune=lora", "lora.rank=32"],
     "bridge lower=full": ["recipe=bridge", "bridge.lower=full"],
@@ -94,7 +94,7 @@ def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
                  f"train.micro_batch_size={args.micro_batch_size}", "rollout.batch_size=64"]
     run_name = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-")
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "bridgectl.cli", "run", *overrides, "--out", str(out),
+    result = subprocess.run([sys.executable, "-m", "bridgectl.cli.app", "run", *overrides, "--out", str(out),
                              "--name", run_name], capture_output=True, text=True, env=os.environ.copy())
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

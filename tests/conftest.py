@@ -33,7 +33,7 @@ def bridgectl_cache():
 @pytest.fixture(autouse=True)
 def _isolate_user_recipes():
     """`recipe=path.yaml` registers the file process-wide; forget it after each test so tests stay independent."""
-    from bridgectl import schema
+    from bridgectl.config import schema
 
     saved = set(schema.user_recipes)
     yield
@@ -68,7 +68,7 @@ def task_cfg():
     """The default `task` section, typed by the dataclass schema (a fresh copy per test)."""
     from omegaconf import OmegaConf
 
-    from bridgectl.config import Config
+    from bridgectl.config.compose import Config
 
     return OmegaConf.structured(Config).task
 
@@ -78,7 +78,7 @@ def shipped_recipe(name: str) -> dict:
     stage's exact share of the steps (None where the share is not a whole number)."""
     from omegaconf import OmegaConf
 
-    from bridgectl.schema import CONF_DIR, TrainConfig
+    from bridgectl.config.schema import CONF_DIR, TrainConfig
 
     raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "recipe" / f"{name}.yaml"))
     stages = list(raw["recipe"]["stages"])
@@ -102,5 +102,5 @@ def training_refused(monkeypatch):
         started.append(run_path)
         raise RuntimeError("training was started")
 
-    monkeypatch.setitem(sys.modules, "bridgectl.runner", types.SimpleNamespace(run=refuse))
+    monkeypatch.setitem(sys.modules, "bridgectl.training.runner", types.SimpleNamespace(run=refuse))
     return started

@@ -17,7 +17,7 @@ TINY = ["recipe=sft", "train.threads=1", "train.max_steps=2", "rl.prompts_per_st
 
 def start_run(args: list[str]) -> subprocess.Popen:
     """`bridgectl run ARGS` in a new process (its output in .stdout, stderr merged)."""
-    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli", "run", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli.app", "run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=os.environ.copy())
 
 

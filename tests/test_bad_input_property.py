@@ -13,10 +13,10 @@ import string
 from pathlib import Path
 
 import pytest
+from test_config_schema import CASES
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from test_config_schema import CASES
+from bridgectl.cli.app import app
 
 VALID = ["seed=3", "recipe=rl", "recipe=sft", "train.max_steps=7", "rl.num_generations=4", "eval.n=5",
          "task.max_operand=7", "bridge.lam=0.3", "train.threads=1", "lora.rank=8"]
@@ -58,6 +58,7 @@ def snapshot(root: Path) -> set[tuple[str, int]]:
     return {(str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(N_CASES))
 def test_random_bad_overrides_exit_2_and_touch_nothing(tmp_path, monkeypatch, training_refused, index):
     overrides = case(index)

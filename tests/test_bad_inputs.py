@@ -13,8 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, args, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_a_message_and_changes_no_file(workspace, name, args, message):
     before = snapshot(workspace)

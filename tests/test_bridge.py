@@ -17,14 +17,14 @@ import pytest
 import torch
 
 import bridgectl.stages.bridge as bridge_module
-from bridgectl.config import compose
+from bridgectl.config.compose import compose
 from bridgectl.core.checkpoint import stage_state
 from bridgectl.core.grpo import rl_loss
 from bridgectl.core.logprobs import completion_logprobs
 from bridgectl.core.lora_forward import set_lora_forward
 from bridgectl.core.losses import sft_loss
-from bridgectl.context import build_context
 from bridgectl.stages.bridge import BridgeStage
+from bridgectl.training.setup import build_context
 
 # 8 groups of 4: with fewer, every group of a step can score all-equal rewards (no RL gradient at all), which
 # happened with 4 groups at seed 0 and would make the shadow-term checks vacuous
@@ -79,6 +79,7 @@ def expected_gradients(ctx, stage, theta, w, theta_hat, recorded):
     return g_sft, g_rl, g_hat
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lower", ["full", "lora"])
 @pytest.mark.parametrize("lam", [0.5, 1.0])
 def test_one_bridge_step_matches_the_paper_update(lower, lam, monkeypatch):
@@ -133,6 +134,7 @@ def test_lambda_one_removes_sft_and_lambda_zero_removes_rl(monkeypatch):
                                    atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_lookahead_shadow_is_one_rl_step_from_theta(monkeypatch):
     ctx, stage, recorded = make_stage(["bridge.shadow=lookahead", "bridge.lam=0.5"], monkeypatch)
     # the look-ahead variant keeps no persistent shadow: neither its weights nor its optimizer exist, and a
@@ -169,6 +171,7 @@ def test_lambda_ramp_and_logged_quantities(monkeypatch):
         assert -1.0 <= m["bridge/reward_gap"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lower", ["full", "lora"])
 def test_ablation_upper_joint_trains_w_on_the_joint_loss_without_a_shadow(lower, monkeypatch):
     """bridge.upper=joint (the paper's "w/o J_meta"): theta as in BRIDGE (Eq. 8), w -= beta grad_w of the joint

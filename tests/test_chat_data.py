@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from hf_fixtures import GSM8K_ROWS, build_hf_model, write_jsonl
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import Config
+from bridgectl.cli.app import app
+from bridgectl.config.compose import Config
 from bridgectl.errors import UserError
-from bridgectl.tasks import prompt_formatter
 from bridgectl.tasks.data import DatasetTask
-from hf_fixtures import GSM8K_ROWS, build_hf_model, write_jsonl
+from bridgectl.tasks.prompts import prompt_formatter
 
 SMALL = ["train.threads=1", "train.max_steps=2", "train.eval_every=0", "rl.prompts_per_step=2",
          "rl.num_generations=2", "rl.max_completion_length=12", "sft.batch_size=2", "eval.n=2",
@@ -43,6 +43,7 @@ def task_of(tokenizer, name="gsm8k", **settings) -> DatasetTask:
     return DatasetTask(cfg, prompt_formatter(tokenizer, use_chat_template=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["rl", "sft", "bridge"])
 def test_a_conversational_gsm8k_file_trains_through_the_cli(hf_dir, tokenizer, tmp_path, recipe):
     """Every prompt the run logged is the chat template applied to the row's turns before the demonstration, with

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import TINY, read_json
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import bridgectl.runner as runner
-from bridgectl.cli import app
-from bridgectl.core.checkpoint import (MANIFEST, CheckpointError, list_checkpoints, read_checkpoint,
-                                       save_checkpoint)
-from bridgectl.core.tracking import RunDir, _append, atomic_write_text
-from processes import TINY, read_json
+import bridgectl.training.runner as runner
+from bridgectl.cli.app import app
+from bridgectl.core.checkpoint import MANIFEST, CheckpointError, list_checkpoints, read_checkpoint, save_checkpoint
+from bridgectl.rundir.writer import RunDir, _append, atomic_write_text
 
 THREE = [*TINY, "train.max_steps=3", "train.checkpoint_every=1"]
 """Checkpoints after steps 1 and 2 (train.keep_checkpoints=2), and the last step's before the final evaluation."""

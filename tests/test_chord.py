@@ -15,18 +15,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from gradient_checks import full_completion_logprobs
 
 import bridgectl.core.optim as optim_module
 import bridgectl.stages.chord as chord_module
 import bridgectl.stages.rl as rl_module
-from bridgectl.config import compose
-from bridgectl.context import build_context
+from bridgectl.config.compose import compose
 from bridgectl.core.rollout import positions
 from bridgectl.errors import UserError
 from bridgectl.stages.chord import ChordStage, chord_mu
 from bridgectl.stages.rl import RLStage
-
-from gradient_checks import full_completion_logprobs
+from bridgectl.training.setup import build_context
 
 # 8 groups of 4, so that some group of a step has mixed rewards (an RL gradient); micro-batches of 3 rows
 SMALL = ["rl.prompts_per_step=8", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=4",

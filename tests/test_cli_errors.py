@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shipped_recipe
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from conftest import shipped_recipe
+from bridgectl.cli.app import app
 
 BRIDGECTL = Path(sys.executable).parent / "bridgectl"
 
@@ -94,6 +94,7 @@ def check_user_error(output: str, message: str, hint: str) -> None:
     assert hint in hint_part, output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message,hint", [case[1:] for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
 def test_bad_input_exits_2_with_error_and_hint(workdir, no_training, args, message, hint, dry_run):

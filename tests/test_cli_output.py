@@ -7,8 +7,8 @@ import yaml
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bridgectl.cli import _print_eval_table, app
-from bridgectl.config import compose
+from bridgectl.cli.app import _print_eval_table, app
+from bridgectl.config.compose import compose
 
 
 def test_dry_run_prints_yaml_equal_to_the_config_whatever_the_terminal_width(tmp_path):

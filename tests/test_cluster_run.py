@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import SMALL, rows, weights
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from test_distributed import SMALL, rows, weights
+from bridgectl.cli.app import app
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 
 def test_two_tasks_of_one_job_train_as_one_process(tmp_path):

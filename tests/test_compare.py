@@ -12,10 +12,10 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from bridgectl import compare
-from bridgectl.cli import app
-from bridgectl.compare_audit import FACTS
-from bridgectl.compare_rows import Difference, GroupRow, Metric, MetricSummary
+from bridgectl.analysis import compare
+from bridgectl.analysis.audit import FACTS
+from bridgectl.analysis.rows import Difference, GroupRow, Metric, MetricSummary
+from bridgectl.cli.app import app
 
 
 def make_run(root: Path, name: str, recipe: str, seed: int, test_acc: float, ood_acc: float = 0.5,
@@ -315,8 +315,8 @@ def test_readme_results_table_is_what_compare_prints_for_the_recorded_runs():
     assert output.exit_code == 0
     table = results_table(output.output)
     assert len(table) == 8  # header, rule, six recipes
-    readme = (root / "README.md").read_text()
-    assert all(line in readme for line in table)
+    page = (root / "docs" / "results" / "builtin-seed0.md").read_text()
+    assert all(line in page for line in table)
 
 
 def test_report_writes_markdown_csv_and_valid_pngs(sweep, tmp_path):
@@ -400,9 +400,11 @@ def test_equal_wall_clock_view(sweep):
     assert bad.exit_code == 2 and "--at-seconds must be positive" in bad.output
 
 
+@pytest.mark.slow
 def test_readme_paper_comparison_is_what_compare_prints_for_the_recorded_sweep():
-    """The README's "Results on the built-in task" table: the recorded sweeps/paper.yaml runs (fourteen recipes, five
-    seeds each, with per-problem records), as compare prints them with the flags the README gives."""
+    """The "Results on the built-in task" table, in the README and in docs/results/five-seeds.md: the recorded
+    sweeps/paper.yaml runs (fourteen recipes, five seeds each, with per-problem records), as compare prints them
+    with the flags the pages give."""
     root = Path(__file__).resolve().parent.parent
     output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "paper-5seeds"), "--baseline", "rl",
                                       "--metric", "eval/ood/accuracy", "--format", "markdown"])
@@ -410,22 +412,25 @@ def test_readme_paper_comparison_is_what_compare_prints_for_the_recorded_sweep()
     table = results_table(output.output)
     assert len(table) == 16 and all(" | 5 | " in line for line in table[2:])  # fourteen recipes, five seeds each
     assert "paired" in table[0]  # every run recorded its problems: the paired comparison is there
-    readme = (root / "README.md").read_text()
-    assert all(line in readme for line in table)
+    for page in (root / "README.md", root / "docs" / "results" / "five-seeds.md"):
+        text = page.read_text()
+        assert all(line in text for line in table), page.name
 
 
+@pytest.mark.slow
 def test_readme_equal_compute_table_is_what_compare_prints_for_the_recorded_study():
-    """The README's equal-compute table: the recorded sweeps/paper_compute*.yaml runs, every recipe stopped by
-    one FLOP budget, as compare prints them with the flags the README gives; every run spent its budget to within
-    one step (its largest), and at most 2% short where train.max_steps capped it (README says which)."""
+    """The equal-compute table (docs/results/equal-compute.md): the recorded sweeps/paper_compute*.yaml runs, every
+    recipe stopped by one FLOP budget, as compare prints them with the flags the page gives; every run spent its
+    budget to within one step (its largest), and at most 2% short where train.max_steps capped it (the page says
+    which)."""
     root = Path(__file__).resolve().parent.parent
     study = root / "baselines" / "paper-compute-5seeds"
     output = CliRunner().invoke(app, ["compare", str(study), "--baseline", "rl", "--metric", "eval/ood/accuracy",
                                       "--format", "markdown"])
     assert output.exit_code == 0, output.output
     table = results_table(output.output)
-    readme = (root / "README.md").read_text()
-    block = readme.split("<!-- compute-table -->")[1].split("<!-- /compute-table -->")[0]
+    page = (root / "docs" / "results" / "equal-compute.md").read_text()
+    block = page.split("<!-- compute-table -->")[1].split("<!-- /compute-table -->")[0]
     assert [line for line in block.splitlines() if line.startswith("|")] == table
     for summary_path in study.glob("*/summary.json"):
         summary = json.loads(summary_path.read_text())
@@ -434,17 +439,18 @@ def test_readme_equal_compute_table_is_what_compare_prints_for_the_recorded_stud
         assert 0.98 * 4.5e12 <= summary["flops"] < 4.5e12 + largest, summary_path.parent.name
 
 
+@pytest.mark.slow
 def test_readme_real_model_table_is_what_compare_prints_for_the_recorded_study():
-    """The README's "A real model learns" table: the recorded sweeps/smollm2_wordmath.yaml runs against the base
-    model (their step-0 evaluations), as compare prints them with the flags the README gives."""
+    """The "A real model learns" table (docs/results/smollm2.md): the recorded sweeps/smollm2_wordmath.yaml runs
+    against the base model (their step-0 evaluations), as compare prints them with the flags the page gives."""
     root = Path(__file__).resolve().parent.parent
     output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "smollm2-wordmath"), "--baseline", "base",
                                       "--format", "markdown"])
     assert output.exit_code == 0, output.output
     table = results_table(output.output)
     assert table[2].startswith("| base ") and "paired" in table[0]  # the base first; every run recorded its problems
-    readme = (root / "README.md").read_text()
-    block = readme.split("<!-- smollm2-table -->")[1].split("<!-- /smollm2-table -->")[0]
+    page = (root / "docs" / "results" / "smollm2.md").read_text()
+    block = page.split("<!-- smollm2-table -->")[1].split("<!-- /smollm2-table -->")[0]
     assert [line for line in block.splitlines() if line.startswith("|")] == table
 
 
@@ -510,7 +516,7 @@ def test_difference_plot_draws_each_groups_typed_difference(tmp_path, monkeypatc
     """The forest plot from hand-made rows: one point and Welch bar per tested group and split (in points, gray
     where it includes zero), the paired bootstrap's bar under it, nothing for the baseline, a group without an
     interval, or an --at-seconds view."""
-    from bridgectl.report import plot_differences
+    from bridgectl.analysis.report import plot_differences
 
     rows = [_hand_row("rl", [MetricSummary(TEST, 0.5, 0.05, 0.4, 0.6, Difference(0.0, of_baseline=True))], True),
             _hand_row("up", [_with_difference(TEST, 0.10, 0.05, 0.15, paired=(0.06, 0.14)),
@@ -543,7 +549,7 @@ def test_difference_plot_draws_each_groups_typed_difference(tmp_path, monkeypatc
 def test_pass_at_k_plot_and_columns_read_the_typed_fields(tmp_path, monkeypatch):
     """pass@k against k per group from the final pass@k summaries (not their --at-seconds views); the table shows
     pass@k at the largest k of each split and view."""
-    from bridgectl.report import plot_pass_at_k
+    from bridgectl.analysis.report import plot_pass_at_k
 
     def summary(name, mean, at=None, interval=(None, None)):
         return MetricSummary(Metric("test", name, at), mean, None if interval[0] is None else 0.05, *interval)
@@ -582,7 +588,7 @@ def test_run_directories_are_found_while_a_live_run_deletes_its_checkpoints(tmp_
     import os
     import shutil
 
-    from bridgectl.compare import find_run_dirs
+    from bridgectl.analysis.compare import find_run_dirs
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -608,28 +614,28 @@ VARIANTS_BY = ["--by", "recipe", "--by", "rl.loss_type", "--by", "rl.importance_
 
 
 def test_readme_grpo_variants_table_is_what_compare_prints_for_the_recorded_runs():
-    """The README's one-seed table of the GRPO variants on the built-in task (baselines/grpo-variants-seed0), as
-    compare prints it with the flags the README gives."""
+    """The one-seed table of the GRPO variants on the built-in task (baselines/grpo-variants-seed0,
+    docs/results/grpo-variants.md), as compare prints it with the flags the page gives."""
     root = Path(__file__).resolve().parent.parent
     output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "grpo-variants-seed0"), *VARIANTS_BY,
                                       "--format", "markdown"])
     assert output.exit_code == 0, output.output
     table = results_table(output.output)
     assert len(table) == 2 + 6 and all(" | 1 | " in line for line in table[2:])  # six runs, one seed each
-    readme = (root / "README.md").read_text()
-    block = readme.split("<!-- variants-table -->")[1].split("<!-- /variants-table -->")[0]
+    page = (root / "docs" / "results" / "grpo-variants.md").read_text()
+    block = page.split("<!-- variants-table -->")[1].split("<!-- /variants-table -->")[0]
     assert [line for line in block.splitlines() if line.startswith("|")] == table
 
 
+@pytest.mark.slow
 def test_readme_differences_are_what_compare_prints():
-    """Under each recorded study's table the README shows what differs between its groups and the fairness facts,
-    generated by benchmarks/readme_tables.py from the runs in baselines/: each block is what compare prints now (the
-    audit of the recorded studies: BRIDGE at rank 32 beside rank-8 recipes in the SmolLM2 study, the step caps of
-    the equal-compute study, the GRPO variants' other settings)."""
+    """Under each recorded study's table the docs (docs/results/, and the README if it holds one) show what differs
+    between its groups and the fairness facts, generated by benchmarks/readme_tables.py from the runs in baselines/:
+    each block is what compare prints now (the audit of the recorded studies: BRIDGE at rank 32 beside rank-8
+    recipes in the SmolLM2 study, the step caps of the equal-compute study, the GRPO variants' other settings)."""
     root = Path(__file__).resolve().parent.parent
     readme_tables = _load_readme_tables(root)
-    readme = (root / "README.md").read_text()
-    found = readme_tables.blocks(readme)
+    found = [(args, body) for _, args, body in readme_tables.all_blocks()]
     assert len(found) == 5
     for args, body in found:
         assert body == readme_tables.differences_part(readme_tables.compare_markdown(args)), args

@@ -1,4 +1,4 @@
-"""`bridgectl compare` checks what it pools and states what differs (bridgectl/compare_audit.py), on hand-made run
+"""`bridgectl compare` checks what it pools and states what differs (bridgectl/analysis/audit.py), on hand-made run
 directories whose configs are known: runs of different configs are never silently seeds of one group, one run
 reached twice counts once, n counts the runs that have the metric, and every table says what differs between its
 groups."""
@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from bridgectl import compare
-from bridgectl.cli import app
+from bridgectl.analysis import compare
+from bridgectl.cli.app import app
 
 BASE_CONFIG = {"recipe": {"name": "sft", "stages": ["sft"], "description": "x"}, "seed": 0,
                "task": {"name": "arith"}, "model": {"name": "hf", "finetune": "lora"},
@@ -175,7 +175,7 @@ def test_a_run_without_learning_signal_is_marked(tmp_path):
 def test_every_stage_names_the_learning_rates_it_uses():
     """compare's `learning rates` fact reads StageInfo.learning_rates: each stage names at least one, each a key of
     the schema, and a stage's own section's learning rate is among them (a stage that gains one must say so)."""
-    from bridgectl.schema import schema_types
+    from bridgectl.config.schema import schema_types
     from bridgectl.stages import STAGES
 
     keys = schema_types()

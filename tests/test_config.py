@@ -7,14 +7,14 @@ import importlib
 from pathlib import Path
 
 import pytest
+from conftest import shipped_recipe
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-import bridgectl.config as config_module
-from bridgectl.cli import app
-from bridgectl.config import CONF_DIR, compose, stage_budgets, validate
+import bridgectl.config.compose as config_module
+from bridgectl.cli.app import app
+from bridgectl.config.compose import CONF_DIR, compose, stage_budgets, validate
 from bridgectl.errors import UserError
-from conftest import shipped_recipe
 
 SHIPPED = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
            for group in ("recipe", "task", "model", "experiment")}
@@ -55,6 +55,7 @@ def test_every_shipped_recipe_runs_registered_stages_and_every_stage_is_buildabl
         assert cls.name == kind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in SHIPPED.items() for o in options])
 def test_every_shipped_yaml_composes_validates_and_is_applied(group, option):
     # what some options need besides their file (model=hf names no model of its own)
@@ -256,7 +257,7 @@ def _is_dataclass(node: ast.ClassDef) -> bool:
 
 def test_every_config_field_has_a_docstring():
     """The shared sections (schema.py) and every registered stage's own section (stages/<stage>_config.py)."""
-    import bridgectl.schema as schema
+    import bridgectl.config.schema as schema
     from bridgectl.stages import STAGES
 
     modules = [schema] + [importlib.import_module(info.config.__module__) for info in STAGES.values() if info.config]
@@ -302,8 +303,7 @@ def test_a_config_saved_before_the_renames_reads_as_it_trained(tmp_path):
     """A config.yaml written before `interleave` became `interleaved` and before model.finetune alone decided what
     trains: its section reads under the new name, and a BRIDGE run that set bridge.lower=lora (with model.finetune
     left at full, which it then ignored) reads back as what it trained, LoRA, and validates."""
-    from bridgectl.config import load_saved
-    from bridgectl.run_config import config_text
+    from bridgectl.config.saved import config_text, load_saved
 
     data = OmegaConf.to_container(compose(["interleaved.rl_steps=3"]), resolve=True)
     data["interleave"] = data.pop("interleaved")

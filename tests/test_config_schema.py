@@ -1,8 +1,8 @@
-"""Every config key is validated. The schema is walked from bridgectl/config.py's dataclasses (a key added there is
+"""Every config key is validated. The schema is walked from bridgectl/config/compose.py's dataclasses (a key added there is
 covered at once): for each key, a value of the wrong type and, where the key has a range or a set of choices, a value
 outside it make `bridgectl run` exit 2 with `Error:` naming the key and a `Hint:`, before a run directory exists and
 before training starts (a stand-in runner fails the test if it is reached). TRL's names for keys get a hint naming
-bridgectl's key (bridgectl/trl_names.py)."""
+bridgectl's key (bridgectl/config/trl_names.py)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import Config, apply_overrides, compose
+from bridgectl.cli.app import app
+from bridgectl.config.compose import Config, apply_overrides, compose
+from bridgectl.config.trl_names import TRL_NAMES
 from bridgectl.errors import UserError
-from bridgectl.trl_names import TRL_NAMES
 
 
 def schema_keys(cls: type = Config, prefix: str = "") -> dict[str, typing.Any]:
@@ -229,6 +229,7 @@ def test_every_key_is_probed_or_listed_with_a_reason():
     assert len(SCHEMA) > 100 and {key for key, _, _ in CASES} == set(SCHEMA)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, overrides, check", CASES, ids=[" ".join(o) for _, o, _ in CASES])
 def test_bad_value_exits_2_before_anything_is_written(tmp_path, training_started, key, overrides, check):
     result, said = run_cli(tmp_path, *overrides)
@@ -264,6 +265,7 @@ def test_cuda_on_a_machine_without_it_exits_2(tmp_path, training_started, monkey
     ("seed=${nope}", "bad value for 'seed'"),  # an interpolation of no key
     ("seed=${rl.lr}", "bad value for 'seed'"),  # ... or of a value of another type
 ])
+@pytest.mark.slow
 def test_odd_overrides_are_refused(tmp_path, training_started, override, error):
     result, said = run_cli(tmp_path, override)
     assert_refused(result, said, tmp_path, training_started, error)
@@ -298,6 +300,7 @@ def section_lacking(name: str) -> str:
     return next(f"{section}.{name}" for section in ("train", "rl", "sft") if f"{section}.{name}" not in SCHEMA)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TRL_NAMES))
 def test_trl_name_bare_and_in_a_section_hints_bridgectls_key(name):
     keys, note = TRL_NAMES[name]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hf_fixtures import GSM8K_ROWS, MATH_ROWS, write_jsonl
 from omegaconf import OmegaConf
 
-from bridgectl.config import compose
+from bridgectl.config.compose import compose
 from bridgectl.errors import UserError
 from bridgectl.tasks.data import DatasetTask
 from bridgectl.tasks.verify import MathVerifier, gsm8k_gold, gsm8k_trace, last_boxed
-from hf_fixtures import GSM8K_ROWS, MATH_ROWS, write_jsonl
 
 
 @pytest.fixture(scope="module")

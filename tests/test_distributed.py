@@ -11,10 +11,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
 from bridgectl.core.rollout import generate
-from bridgectl.context import build_context
+from bridgectl.training.setup import build_context
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 SMALL = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=4",
          "rl.num_generations=4", "sft.batch_size=8", "eval.n=20", "train.checkpoint_every=0"]

@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose
-from bridgectl.context import build_context
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
 from bridgectl.core.grpo import overlong_penalty, sample_groups
 from bridgectl.errors import UserError
+from bridgectl.training.setup import build_context
 
 SMALL = ["recipe=rl", "rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=12",
          "train.threads=1", "eval.n=8"]
@@ -74,6 +74,7 @@ def test_without_any_varied_group_the_step_runs_with_zero_advantages():
     assert len(scored.problems) == 4 and bool((scored.advantages == 0).all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["rl", "bridge"])
 def test_dynamic_sampling_and_the_overlong_penalty_run_and_are_logged(tmp_path, recipe):
     result = CliRunner().invoke(app, ["run", f"recipe={recipe}", "rl.filter_groups=true", "rl.overlong_buffer_len=4",

@@ -146,10 +146,11 @@ def test_the_built_in_tiny_model_ends_at_its_eos_alone(tokenizer):
 def test_build_context_finds_the_set_once_and_sft_batches_end_with_the_turn_end(tmp_path):
     """A Qwen2.5-base-shaped model on a GSM8K file, as a run loads it: the policy's end tokens include <|im_end|>,
     and SFT and demonstration targets end with it, not with <|endoftext|>; with task.chat_template=false the EOS."""
-    from bridgectl.config import compose
-    from bridgectl.context import build_context
-    from bridgectl.core.context import demonstration_batch, next_sft_batch
     from hf_fixtures import GSM8K_ROWS, write_jsonl
+
+    from bridgectl.config.compose import compose
+    from bridgectl.core.context import demonstration_batch, next_sft_batch
+    from bridgectl.training.setup import build_context
 
     tokenizer, config, expected = shape("qwen_base")
     model_dir = tmp_path / "model"
@@ -297,7 +298,7 @@ def test_the_sampler_stops_a_row_at_each_end_id(name, greedy):
 def test_evaluation_decodes_with_the_policy_end_tokens():
     """A run's evaluations (core/evaluate.decoding) and `bridgectl eval` (evaluation.decoder_for) stop at the set."""
     from bridgectl.core.evaluate import decoding
-    from bridgectl.evaluation import decoder_for
+    from bridgectl.training.eval_run import decoder_for
 
     tokenizer, config, ends = shape("qwen_base")
     model = tiny_lm(tokenizer, config)
@@ -348,7 +349,7 @@ def test_the_vllm_sampler_stops_at_the_whole_set(monkeypatch):
 def test_the_export_generation_config_lists_the_whole_set(tmp_path):
     """`bridgectl export` of a Qwen2.5-base-shaped model used with its chat template: the generation config's
     eos_token_id is [<|endoftext|>, <|im_end|>], so transformers' generate() stops where bridgectl did."""
-    from bridgectl.export import generation_eos, write_merged
+    from bridgectl.training.export import generation_eos, write_merged
 
     assert generation_eos((2,)) == 2 and generation_eos((5, 7)) == [5, 7] and generation_eos(()) is None
     tokenizer, config, ends = shape("qwen_base")

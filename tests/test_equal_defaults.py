@@ -1,6 +1,7 @@
 """Equal defaults across recipes (issue 36, item 3): unless the user sets them, every recipe trains adapters of the
 same rank, alpha and target modules, so a default comparison does not give one recipe more capacity; and the
-README's "Defaults that differ, with model=hf" table is the one bridgectl.trl_names renders from the config."""
+"Defaults that differ, with model=hf" table (docs/guides/coming-from-trl.md) is the one bridgectl.config.defaults_table
+renders from the config."""
 
 from __future__ import annotations
 
@@ -11,10 +12,18 @@ import yaml
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import CONF_DIR, compose
-from bridgectl.trl_names import (DEFAULTS_TABLE_END, DEFAULTS_TABLE_START, README, defaults_table, defaults_table_in,
-                                 hf_defaults_config, with_defaults_table, write_defaults_table)
+from bridgectl.cli.app import app
+from bridgectl.config.compose import CONF_DIR, compose
+from bridgectl.config.defaults_table import (
+    DEFAULTS_TABLE_END,
+    DEFAULTS_TABLE_START,
+    README,
+    defaults_table,
+    defaults_table_in,
+    hf_defaults_config,
+    with_defaults_table,
+    write_defaults_table,
+)
 
 RECIPES = sorted(path.stem for path in (CONF_DIR / "recipe").glob("*.yaml"))
 HF = ["model=hf", "model.name_or_path=x"]
@@ -27,12 +36,13 @@ def lora_settings(recipe: str | None) -> tuple[int, int, list[str]]:
     return cfg.lora.rank, cfg.lora.alpha, list(cfg.lora.target_modules)
 
 
+@pytest.mark.slow
 def test_every_shipped_recipe_trains_the_same_lora_parameters():
     # the glob finds every shipped recipe; these are the ones the issue names, so none may go missing unnoticed
     assert {"bridge", "rl", "sft", "two_stage", "mix", "chord", "bridge_no_meta", "bridge_no_upper"} <= set(RECIPES)
     settings = {recipe: lora_settings(recipe) for recipe in RECIPES}
     assert len({repr(value) for value in settings.values()}) == 1, settings
-    assert settings["bridge"] == lora_settings(None)  # what a bare model=hf run (and the README's table) gets
+    assert settings["bridge"] == lora_settings(None)  # what a bare model=hf run (and the docs' table) gets
 
 
 def dry_run_lora(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe: str) -> dict:
@@ -57,9 +67,9 @@ def test_bridge_keeps_w_rank_as_its_own_setting():
     assert (cfg.lora.rank, cfg.bridge.w_rank) == (4, 12)
 
 
-# ---- the README's defaults table ---------------------------------------------------------------------------
+# ---- the docs' defaults table ------------------------------------------------------------------------------
 def test_readme_defaults_table_is_the_generated_one():
-    """A changed default fails here until `python -m bridgectl.trl_names` rewrites the README's block."""
+    """A changed default fails here until `python -m bridgectl.config.defaults_table` rewrites the docs page's block."""
     assert defaults_table_in(README.read_text()) == defaults_table()
 
 

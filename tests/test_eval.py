@@ -7,15 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from hf_fixtures import GSM8K_ROWS, build_hf_model, write_jsonl
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from hf_fixtures import GSM8K_ROWS, build_hf_model, write_jsonl
+from bridgectl.cli.app import app
 
 TINY_RUN = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",
             "rl.num_generations=2", "sft.batch_size=4", "eval.n=20"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=rl", "model.finetune=lora"],
                                     ["recipe=bridge", "model.finetune=lora"], ["recipe=bridge", "bridge.lower=full"]])
 def test_eval_of_a_run_reproduces_its_final_greedy_accuracy(tmp_path, recipe):
@@ -65,6 +66,7 @@ def test_bad_eval_targets_exit_2(tmp_path, target, args, message):
     assert "Error:" in result.output and message in " ".join(result.output.split())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [["recipe=bridge", "bridge.lower=full"], ["recipe=rl", "model.finetune=lora"]])
 def test_eval_of_an_intermediate_checkpoint_reproduces_the_periodic_eval(tmp_path, recipe):
     """--checkpoint step-000002: the run's state after step 2 (BRIDGE's upper adapter w included) scores what the

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
+from bridgectl.cli.app import app
 
 TINY_RUN = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",
             "rl.num_generations=2", "sft.batch_size=4", "eval.n=12"]
@@ -76,11 +76,11 @@ def eval_reference(run: Path) -> tuple[dict, dict, object]:
     """{split: prompts}, {split: greedy completions} as `bridgectl eval RUN` decodes them (load_for_eval of the
     final weights, the model's own decoder), and the task (its verifier)."""
     from bridgectl.core.evaluate import model_decoder
-    from bridgectl.evaluation import config_for, load_for_eval
-    from bridgectl.tasks import make_task
+    from bridgectl.models.sources import load_task
+    from bridgectl.training.eval_run import config_for, load_for_eval
 
     cfg, final = config_for(str(run), [])
-    task = make_task(cfg, show_progress=False)
+    task = load_task(cfg, show_progress=False)
     model, tokenizer = load_for_eval(cfg, final, torch.device("cpu"))
     decode = model_decoder(model, tokenizer)
     prompts = {split: [p.question for p in task.eval_problems(split, cfg.eval.n)] for split in task.eval_splits}
@@ -100,6 +100,7 @@ def final_rewards(run: Path) -> dict:
     (["recipe=bridge", "model.finetune=lora"], True),
     (["recipe=bridge", "bridge.lower=full"], False),
 ])
+@pytest.mark.slow
 def test_export_decodes_what_the_run_evaluated(tmp_path, recipe, adapter_only):
     run = train(tmp_path, recipe)
     result = export(run, tmp_path / "model")
@@ -133,7 +134,7 @@ def test_stacked_adapter_equals_the_two_adapters(tmp_path):
     B A * alpha/r equals s1 B1 A1 + s2 B2 A2 computed from the run's own two adapter files."""
     from safetensors.torch import load_file
 
-    from bridgectl.export import stacked_adapter
+    from bridgectl.training.export import stacked_adapter
 
     run = train(tmp_path, ["recipe=bridge", "model.finetune=lora"])
     final = run / "checkpoints" / "final"
@@ -151,6 +152,7 @@ def test_stacked_adapter_equals_the_two_adapters(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [["recipe=bridge", "bridge.lower=full"], ["recipe=rl", "model.finetune=lora"]])
 def test_checkpoint_export_scores_what_eval_of_the_checkpoint_scored(tmp_path, recipe):
     run = train(tmp_path, recipe, "train.max_steps=4", "train.checkpoint_every=2")
@@ -162,11 +164,11 @@ def test_checkpoint_export_scores_what_eval_of_the_checkpoint_scored(tmp_path, r
     assert result.exit_code == 0, result.output
     from safetensors.torch import load_file
 
-    from bridgectl.config import load_saved
-    from bridgectl.tasks import make_task
+    from bridgectl.config.saved import load_saved
+    from bridgectl.models.sources import load_task
 
     cfg = load_saved(run / "config.yaml")
-    task = make_task(cfg, show_progress=False)
+    task = load_task(cfg, show_progress=False)
     problems = {split: task.eval_problems(split, cfg.eval.n) for split in task.eval_splits}
     prompts = {split: [p.question for p in rows] for split, rows in problems.items()}
     exported = plain_completions(tmp_path / "model", prompts)

@@ -1,4 +1,4 @@
-"""Compute accounting (core/flops.py, bridgectl/budget.py): the FLOP estimate equals a hand count of a tiny model's
+"""Compute accounting (core/flops.py, bridgectl/training/budget.py): the FLOP estimate equals a hand count of a tiny model's
 matmuls, is within 10% of torch's own FLOP counter (torch.utils.flop_counter, which counts every matmul that runs,
 backward included) on one step of every stage, with full weights and with LoRA; metrics.jsonl carries the step and
 cumulative counters; and a compute budget stops every recipe at the same compute, within one step."""
@@ -12,11 +12,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose
-from bridgectl.context import build_context
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
 from bridgectl.core import flops
 from bridgectl.stages import STAGES, build_stage
+from bridgectl.training.setup import build_context
 
 SMALL = ["rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=8", "train.threads=1",
          "model.attn_implementation=eager"]  # eager: torch's counter does not count the CPU SDPA kernel
@@ -73,6 +73,7 @@ RECIPE_OF = {"sft": "sft", "rl": "rl", "interleaved": "interleaved"}
 
 # every stage with full weights; with LoRA (a frozen base: no weight gradients, the adapters' products) the stages
 # whose passes differ in kind: SFT only, RL only, BRIDGE's three passes with two adapters, luffy's mixed groups
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, finetune", [(kind, "full") for kind in STAGES]
                          + [(kind, "lora") for kind in ("sft", "rl", "bridge", "luffy")])
 def test_every_stages_step_is_within_ten_percent_of_torchs_counter(kind, finetune):
@@ -102,6 +103,7 @@ BUDGET = ["train.max_steps=40", "rl.prompts_per_step=2", "rl.num_generations=4",
           "train.threads=1", "train.eval_every=0"]
 
 
+@pytest.mark.slow
 def test_a_flop_budget_stops_each_recipe_within_one_step_of_it(tmp_path):
     budget = 4e10
     spent, spent_flops = {}, {}
@@ -131,7 +133,7 @@ def test_a_flop_budget_stops_each_recipe_within_one_step_of_it(tmp_path):
     assert "sft" in stages and "rl" in stages  # each stage spent its half
 
     # the equal-compute view: each run's test accuracy as last evaluated by 2e10 FLOPs (its step-0 value counts)
-    from bridgectl import compare
+    from bridgectl.analysis import compare
 
     groups = {row.group: row for row in compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"],
                                                         "eval/test/accuracy", "rl", at_flops=2e10)}
@@ -154,7 +156,7 @@ def test_a_flop_budget_stops_each_recipe_within_one_step_of_it(tmp_path):
 def test_fourteen_groups_get_distinct_looks_and_one_panel_per_family():
     """The 14 recipes of the paper study: no two share a colour and a line style, and the plot is split into
     the three recipe families, rl drawn in each as the reference."""
-    from bridgectl.report import panels, styles
+    from bridgectl.analysis.report import panels, styles
 
     recipes = ["sft", "rl", "two_stage", "interleaved", "mix", "bridge", "chord", "luffy", "relift", "hpt", "srft",
                "uft", "bridge_no_meta", "bridge_no_upper"]
@@ -188,10 +190,11 @@ def test_an_engines_sampling_is_counted_as_the_built_in_samplers_without_padding
     assert ledger.gen_flops == pytest.approx(by_loop, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_each_run_records_the_data_it_saw_and_compare_carries_it(tmp_path):
     """summary.json's `data`: SFT examples and RL prompts handed out, and how many distinct problems they were;
     rl draws rl.prompts_per_step prompts a step and no SFT example, sft sft.batch_size examples a step."""
-    from bridgectl import compare
+    from bridgectl.analysis import compare
 
     small = ["train.max_steps=3", "rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=4", "eval.n=8",
              "train.threads=1", "train.eval_every=0"]
@@ -218,6 +221,7 @@ def test_a_budget_that_train_max_steps_cuts_short_is_said_and_recorded(tmp_path)
     assert budget["unit"] == "tokens" and not budget["reached"] and budget["spent"] < 1e9
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_killed_mid_stage_resumes_to_the_same_end(tmp_path):
     """two_stage at a FLOP budget, SIGKILLed in its RL stage after a checkpoint, resumed with --resume: the same
     steps, compute counters, evaluations at the same compute, and stop, as the run never stopped (the counters
@@ -237,7 +241,7 @@ def test_a_budgeted_run_killed_mid_stage_resumes_to_the_same_end(tmp_path):
     wait_for_step(tmp_path / "killed", steps[1]["step"], process)  # in the RL stage, a checkpoint behind
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run([sys.executable, "-m", "bridgectl.cli", "run", "--resume", str(tmp_path / "killed")],
+    resumed = subprocess.run([sys.executable, "-m", "bridgectl.cli.app", "run", "--resume", str(tmp_path / "killed")],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert metric_rows(tmp_path / "killed") == metric_rows(tmp_path / "straight")

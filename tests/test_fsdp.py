@@ -15,12 +15,14 @@ import time
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from bridgectl.cli import app
-from bridgectl.runs import process_alive
 from test_distributed import SMALL, rows, weights
 from test_resume import final_weights, metric_rows, wait_for_step
+from typer.testing import CliRunner
+
+from bridgectl.cli.app import app
+from bridgectl.rundir.liveness import process_alive
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 SHARDED = ["--nproc", "2", "train.fsdp=true"]
 
@@ -28,7 +30,7 @@ SHARDED = ["--nproc", "2", "train.fsdp=true"]
 def run_cli(arguments: list[str]) -> subprocess.CompletedProcess:
     """`bridgectl ARGUMENTS` in a subprocess, with what its torchrun workers print (CliRunner sees the launcher's
     output only)."""
-    return subprocess.run([sys.executable, "-m", "bridgectl.cli", *arguments], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bridgectl.cli.app", *arguments], capture_output=True, text=True,
                           env=os.environ.copy())
 
 
@@ -106,7 +108,7 @@ def test_a_multi_process_run_killed_after_a_checkpoint_resumes_to_the_same_resul
     assert straight.exit_code == 0, straight.output
 
     run = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "bridgectl.cli", "run", *settings, *processes, "--out",
+    process = subprocess.Popen([sys.executable, "-m", "bridgectl.cli.app", "run", *settings, *processes, "--out",
                                 str(tmp_path), "--name", "killed"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=os.environ.copy())
     wait_for_step(run, 2, process)  # step 2 is logged after step 1's checkpoint was written

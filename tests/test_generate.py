@@ -252,9 +252,9 @@ def test_bad_arguments_are_refused(tiny_model, tokenizer):
 
 def test_rollout_batch_size_bounds_the_rows_decoded_at_once_and_keeps_the_samples():
     """`rollout.batch_size` reaches the sampler of every RL stage (core/grpo.sample_groups)."""
-    from bridgectl.config import compose
+    from bridgectl.config.compose import compose
     from bridgectl.core.grpo import sample_groups
-    from bridgectl.context import build_context
+    from bridgectl.training.setup import build_context
 
     sampled, widest = {}, {}
     for rows in (0, 8):

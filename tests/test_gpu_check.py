@@ -8,9 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import gpu_check  # noqa: E402
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 
 def test_gpu_check_runs_rl_and_bridge_on_the_tiny_shape():

@@ -11,16 +11,17 @@ import math
 
 import pytest
 import torch
+from gradient_checks import assert_same_gradients, full_completion_logprobs
 
 import bridgectl.core.optim as optim_module
 import bridgectl.stages.rl as rl_module
-from bridgectl.config import compose
-from bridgectl.context import build_context
-from bridgectl.core.losses import group_advantages, grpo_loss
+from bridgectl.config.compose import compose
+from bridgectl.core.advantages import group_advantages
+from bridgectl.core.policy_losses import grpo_loss
 from bridgectl.core.rollout import Rollouts, generate, positions, truncate, truncated_rows
 from bridgectl.errors import UserError
 from bridgectl.stages import build_stage
-from gradient_checks import assert_same_gradients, full_completion_logprobs
+from bridgectl.training.setup import build_context
 
 
 # ---- loss_type and epsilon_high on a hand-made batch -------------------------------------------------------------
@@ -360,6 +361,7 @@ def test_one_iteration_is_the_first_update_of_two(monkeypatch):
     assert_same_gradients(one[0], two[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixed", [["recipe=mix", "mix.lr=1e-3", "mix.mu=0"],
                                    ["recipe=chord", "chord.lr=1e-3", "chord.mu_peak=0", "chord.mu_valley=0"]],
                          ids=["mix", "chord"])
@@ -369,7 +371,7 @@ def test_mixed_stages_with_mu_zero_iterate_exactly_as_the_rl_stage(tmp_path, mix
     from safetensors.torch import load_file
     from typer.testing import CliRunner
 
-    from bridgectl.cli import app
+    from bridgectl.cli.app import app
 
     common = ["train.max_steps=2", "train.threads=1", "train.eval_every=0", "eval.n=5", "rl.prompts_per_step=2",
               "rl.num_generations=4", "rl.lr=1e-3", "--out", str(tmp_path)]

@@ -11,8 +11,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
 from bridgectl.errors import UserError
 
 TINY = ["train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=4", "eval.n=8",
@@ -21,6 +21,7 @@ VARIANTS = ["rl.importance_sampling_level=sequence", "rl.loss_type=cispo", "rl.t
             "rl.entropy_coef=0.001"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["rl", "bridge"])
 def test_the_variants_run_and_log_the_entropy(tmp_path, recipe):
     result = CliRunner().invoke(app, ["run", f"recipe={recipe}", *VARIANTS, *TINY, "--out", str(tmp_path),
@@ -40,6 +41,7 @@ def test_the_variants_run_and_log_the_entropy(tmp_path, recipe):
                 "rl.scale_rewards=batch"]),
     ("interleaved", ["rl.loss_type=bnpo", "rl.off_policy_mask_threshold=0.5"]),
 ])
+@pytest.mark.slow
 def test_the_other_loss_types_and_estimators_train(tmp_path, recipe, options):
     """luspo, vespo and bnpo, the off-policy mask and both REINFORCE++ estimators, through `bridgectl run`: the
     steps train (a finite loss and a nonzero gradient) and the config keeps what was asked."""
@@ -90,8 +92,8 @@ def test_rloo_advantages_reach_the_sampled_groups():
     """rl.adv_estimator=rloo: the advantages the loss uses are each reward minus its group's other rewards' mean."""
     import torch
 
-    from bridgectl.context import build_context
     from bridgectl.core.grpo import sample_groups
+    from bridgectl.training.setup import build_context
 
     ctx = build_context(compose(["recipe=rl", "rl.adv_estimator=rloo", "rl.scale_rewards=none",
                                  "rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=12",
@@ -110,9 +112,9 @@ def test_normalize_then_sum_makes_the_advantages_from_each_functions_values(tmp_
     """With the verifier and a user function, the advantages are normalize_then_sum of their values, weighted."""
     import torch
 
-    from bridgectl.context import build_context
+    from bridgectl.core.advantages import normalize_then_sum
     from bridgectl.core.grpo import sample_groups
-    from bridgectl.core.losses import normalize_then_sum
+    from bridgectl.training.setup import build_context
 
     (tmp_path / "shaped.py").write_text("def short(completions, **kwargs):\n"
                                         "    return [1.0 / (1 + len(c)) for c in completions]\n")

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from hf_fixtures import CHAT_TEMPLATE, GSM8K_ROWS, MATH_ROWS, build_hf_model, write_jsonl
 from peft.tuners.lora.layer import Linear as LoraLinear
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose
-from bridgectl.context import build_context
-from bridgectl.tasks import prompt_formatter
-from hf_fixtures import CHAT_TEMPLATE, GSM8K_ROWS, MATH_ROWS, build_hf_model, write_jsonl
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
+from bridgectl.tasks.prompts import prompt_formatter
+from bridgectl.training.setup import build_context
 
 SMALL = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",
          "rl.num_generations=2", "rl.max_completion_length=12", "sft.batch_size=2", "eval.n=2",
@@ -36,6 +36,7 @@ def overrides(hf_dir, data, task="gsm8k", *extra):
             f"task.eval_sets={{test:{data[task]}}}", *SMALL, *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, task", [("rl", "gsm8k"), ("sft", "math"), ("bridge", "gsm8k"), ("chord", "gsm8k"),
                                           ("luffy", "gsm8k"), ("relift", "math"), ("hpt", "gsm8k"),
                                           ("srft", "math"), ("uft", "gsm8k")])

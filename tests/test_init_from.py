@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
+from bridgectl.cli.app import app
 
 FAST = ["train.threads=1", "eval.n=30", "train.eval_every=0", "rl.prompts_per_step=2", "rl.num_generations=2",
         "sft.batch_size=8"]
@@ -36,6 +36,7 @@ def final_answers(run: Path) -> dict:
     return answers(run, json.loads((run / "summary.json").read_text())["steps"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", [["recipe=sft", "train.max_steps=15"],
                                    ["recipe=sft", "train.max_steps=15", "model.finetune=lora"],
                                    ["recipe=bridge", "train.max_steps=3", "model.finetune=lora"]],
@@ -53,6 +54,7 @@ def test_second_run_starts_where_the_first_ended(tmp_path, first):
     assert {split: row["per_problem"]["rewards"] for split, row in evaluated.items()} == final_answers(after)
 
 
+@pytest.mark.slow
 def test_adapter_directory_and_model_directory(tmp_path):
     lora = train(tmp_path, "lora", "recipe=sft", "train.max_steps=15", "model.finetune=lora")
     from_adapter = train(tmp_path, "a", "recipe=rl", "train.max_steps=1",

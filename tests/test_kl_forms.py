@@ -1,14 +1,13 @@
-"""The GRPO loss's KL term in both forms (core/losses.grpo_loss): TRL 1.16's default, where each token's k3 term is
+"""The GRPO loss's KL term in both forms (core/policy_losses.grpo_loss): TRL 1.16's default, where each token's k3 term is
 weighted by the importance ratio pi/pi_old (`rl.use_bias_correction_kl=true`), and the plain k3 term. Value and
 gradient against a token-by-token computation written here from the formulas."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from bridgectl.core.losses import grpo_loss
+from bridgectl.core.policy_losses import grpo_loss
 
 
 def by_hand(logprobs: list[list[float]], old, ref, advantages, mask, epsilon, beta, corrected) -> float:

@@ -1,5 +1,6 @@
-"""The house's layers, checked from the source: the core imports nothing above it, each stage owns its config
-section (beside its update rule, torch-free), and the shared config holds no stage's section."""
+"""The house's layers, checked from the source: each package imports only the layers below it (the core nothing
+above it), no module imports itself back through others, each stage owns its config section (beside its update
+rule, torch-free), and the shared config holds no stage's section."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ import bridgectl
 from bridgectl.stages import STAGES
 
 PACKAGE = Path(bridgectl.__file__).resolve().parent
+LAYERS = [("cli",), ("sweep",), ("training", "analysis", "launch"), ("rundir",), ("models",), ("tasks",), ("config",),
+          ("stages",), ("core",), ("errors",)]
+"""bridgectl's packages from the top down: a module may import its own package and any layer below its own, never a
+package beside it (training, analysis and launch do not import each other) or above it."""
+LEVEL = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -29,37 +35,119 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
                 module = f"{base}.{node.module}" if node.module else base
             else:
                 module = node.module
+            # `from package import name`: the name may be a module of the package (import_graph keeps those)
             found += [(node.lineno, module)] + [(node.lineno, f"{module}.{alias.name}") for alias in node.names
-                                                if module == "bridgectl"]
+                                                if module.startswith("bridgectl")]
     return found
 
 
-def test_the_core_imports_nothing_above_it():
-    upward = []
-    for path in sorted((PACKAGE / "core").rglob("*.py")):
+def module_name(path: Path) -> str:
+    """`bridgectl.training.runner` for bridgectl/training/runner.py; a package's __init__.py is the package."""
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
+def import_graph(root: Path = PACKAGE) -> dict[str, dict[str, int]]:
+    """{module: {bridgectl module it imports: line}} for every module under `root` (function-level imports too: a
+    lazy import is still a dependency), `from package import name` resolved to the module `name` when it is one."""
+    modules = {module_name(path): path for path in root.rglob("*.py")}
+    graph: dict[str, dict[str, int]] = {}
+    for name, path in modules.items():
+        edges: dict[str, int] = {}
         for line, module in imported_modules(path):
-            inside = module == "bridgectl.core" or module.startswith("bridgectl.core.") or module == "bridgectl.errors"
-            if module.startswith("bridgectl") and not inside:
-                upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
-    assert upward == []
+            target = module if module in modules else module.rpartition(".")[0]
+            if target in modules and target != name:
+                edges.setdefault(target, line)
+        graph[name] = edges
+    return graph
 
 
-def test_the_import_walk_sees_an_upward_import(tmp_path):
-    """The walk itself: an upward import, at module level or inside a function, absolute or relative, is found."""
+def package_of(module: str) -> str:
+    """The top package of a module under bridgectl (`training` for bridgectl.training.runner, `errors`)."""
+    return module.split(".")[1] if "." in module else ""
+
+
+def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
+    found = []
+    for module, edges in graph.items():
+        source = package_of(module)
+        for target, line in edges.items():
+            goal = package_of(target)
+            if source in LEVEL and goal in LEVEL and goal != source and LEVEL[goal] <= LEVEL[source]:
+                found.append(f"{module}:{line} ({source}) imports {target} ({goal})")
+    return found
+
+
+def cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan): modules that import each other, however
+    indirectly."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, {}):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_every_package_imports_only_the_layers_below_it():
+    graph = import_graph()
+    assert {package_of(module) for module in graph} - {""} == set(LEVEL) | {"__main__"}  # no package unplaced
+    assert upward_imports(graph) == []
+
+
+def test_no_module_imports_itself_back():
+    assert cycles(import_graph()) == []
+
+
+def test_the_top_level_holds_only_the_entry_points_and_errors():
+    assert sorted(path.name for path in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "errors.py"]
+
+
+def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path):
+    """The walk itself: an upward import, at module level or inside a function, absolute or relative, is found, and
+    two modules importing each other (lazily) are a cycle."""
     core = PACKAGE / "core"
     probe = core / "_probe_upward.py"
     probe.write_text("from bridgectl.stages import STAGES\n\ndef f():\n    from ..tasks import make_task\n"
-                     "    from bridgectl import runner\n")
+                     "    from bridgectl.training import runner\n")
     try:
         modules = [module for _, module in imported_modules(probe)]
+        upward = upward_imports(import_graph())
     finally:
         probe.unlink()
-    assert "bridgectl.stages" in modules and "bridgectl.tasks" in modules and "bridgectl.runner" in modules
+    assert "bridgectl.stages" in modules and "bridgectl.tasks" in modules and "bridgectl.training.runner" in modules
+    assert any(line.startswith("bridgectl.core._probe_upward:4 (core) imports bridgectl.tasks") for line in upward)
+    graph = {"bridgectl.config.a": {"bridgectl.config.b": 1}, "bridgectl.config.b": {"bridgectl.config.a": 9},
+             "bridgectl.config.c": {"bridgectl.config.a": 2}}
+    assert cycles(graph) == [["bridgectl.config.a", "bridgectl.config.b"]]
+    assert upward_imports({"bridgectl.training.x": {"bridgectl.analysis.y": 3}}) == [
+        "bridgectl.training.x:3 (training) imports bridgectl.analysis.y (analysis)"]
 
 
 def test_each_stage_owns_its_config_section_and_the_shared_schema_holds_none():
-    import bridgectl.config as config
-    import bridgectl.schema as schema
+    import bridgectl.config.compose as config
+    import bridgectl.config.schema as schema
 
     shared = {item.name for item in fields(schema.SharedConfig)}
     for kind, info in STAGES.items():
@@ -78,7 +166,7 @@ def test_each_stage_owns_its_config_section_and_the_shared_schema_holds_none():
 def test_composing_a_config_imports_neither_torch_nor_an_update_rule():
     """Config composition (every `bridgectl` command, sweeps' spec checks) stays fast: the registry and every
     stage's config module are torch-free."""
-    code = ("import sys\nfrom bridgectl.config import compose\n"
+    code = ("import sys\nfrom bridgectl.config.compose import compose\n"
             "for recipe in ('bridge', 'luffy', 'relift', 'uft', 'interleaved'):\n"
             "    compose([f'recipe={recipe}'])\n"
             "rules = [m for m in sys.modules if m.startswith('bridgectl.stages.') and not m.endswith('_config')]\n"
@@ -88,6 +176,6 @@ def test_composing_a_config_imports_neither_torch_nor_an_update_rule():
 
 
 def test_every_stage_class_lives_where_its_registry_entry_says():
-    for kind, info in STAGES.items():
+    for info in STAGES.values():
         module = importlib.import_module(f"bridgectl.stages.{info.module}")
         assert getattr(module, info.cls).__module__ == module.__name__

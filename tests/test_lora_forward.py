@@ -14,10 +14,10 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from torch.func import functional_call
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bridgectl.config import compose
+from bridgectl.config.compose import compose
 from bridgectl.core.lora_forward import _merged_weight_forward, set_lora_forward, wants_merged_forward
 from bridgectl.core.model import adapter_of
-from bridgectl.context import build_context
+from bridgectl.training.setup import build_context
 
 
 def two_adapter_model(dropout: float = 0.0) -> torch.nn.Module:
@@ -116,6 +116,7 @@ def test_runs_pick_the_configured_forward(mode, merged):
     assert all(("forward" in vars(m) and m.forward.__func__ is _merged_weight_forward) is merged for m in layers)
 
 
+@pytest.mark.slow
 def test_sampling_with_merged_adapters_leaves_every_weight_bit_identical():
     """Policy.merged_for_generation swaps W for W + s B A and puts the same W back: the frozen base never drifts,
     where peft's in-place merge/unmerge (W += dW; W -= dW) changes it by rounding."""

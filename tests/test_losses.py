@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from bridgectl.core.losses import grpo_loss, group_advantages, make_sft_batch, sft_loss
+from bridgectl.core.advantages import group_advantages
+from bridgectl.core.losses import make_sft_batch, sft_loss
+from bridgectl.core.policy_losses import grpo_loss
 
 # ---- group_advantages --------------------------------------------------------------------------------------
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0,   1.0, 1.0, 1.0, 1.0,   0.0, 0.0, 1.0, 0.0])
@@ -245,7 +247,7 @@ def variant_batch():
 def test_gspo_takes_one_ratio_per_completion_the_exponentiated_mean_log_ratio():
     """GSPO (arXiv 2507.18071, Eq. 7): s_i = exp(mean_t log(pi / pi_old)), clipped as the token ratio is; with
     loss_type grpo the loss is the mean over completions of -min(s A, clip(s) A)."""
-    from bridgectl.core.losses import PolicyLossOptions
+    from bridgectl.core.policy_losses import PolicyLossOptions
 
     logprobs, old, advantages, mask = variant_batch()
     loss, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="grpo",
@@ -280,7 +282,7 @@ def test_sapo_is_a_soft_gate_and_delta_caps_the_unclipped_ratio():
     """SAPO (arXiv 2511.20347): -A (4 / tau) sigmoid(tau (r - 1)), tau 1.0 for A > 0 and 1.05 below, a mean per
     completion; delta (arXiv 2505.22617): -min(min(r, delta) A, clip(r) A), which for A < 0 and r > delta stops the
     loss growing with r."""
-    from bridgectl.core.losses import PolicyLossOptions
+    from bridgectl.core.policy_losses import PolicyLossOptions
 
     logprobs, old, advantages, mask = variant_batch()
     loss, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="sapo")
@@ -301,7 +303,7 @@ def test_sapo_is_a_soft_gate_and_delta_caps_the_unclipped_ratio():
 def test_the_entropy_mask_and_bonus_act_on_the_chosen_tokens_only():
     """rl.top_entropy_quantile: tokens outside the mask add nothing to the policy term; rl.entropy_coef subtracts
     coef x the mean entropy of the tokens trained on, with its gradient."""
-    from bridgectl.core.losses import PolicyLossOptions
+    from bridgectl.core.policy_losses import PolicyLossOptions
 
     logprobs, old, advantages, mask = variant_batch()
     entropies = torch.tensor([[0.5, 2.0, 1.0], [3.0, 0.1, 9.0]], requires_grad=True)
@@ -331,7 +333,7 @@ def test_rloo_subtracts_the_mean_of_the_other_rewards_of_the_group():
 def test_normalize_then_sum_normalises_each_reward_function_in_its_group_then_the_sum_over_the_step():
     """TRL's multi_objective_aggregation="normalize_then_sum" (GDPO): per function, (r - group mean) / (group std +
     1e-4); weighted sum; then (s - mean) / (std + 1e-4) over the step."""
-    from bridgectl.core.losses import normalize_then_sum
+    from bridgectl.core.advantages import normalize_then_sum
 
     values = torch.tensor([[1.0, 0.2], [0.0, 0.8], [1.0, 0.5], [1.0, 0.1]])  # 2 groups of 2, 2 functions
     weights = torch.tensor([1.0, 0.5])
@@ -366,7 +368,7 @@ def test_vespo_weights_each_completion_by_a_gamma_shaped_function_of_its_summed_
     """VESPO (arXiv 2602.10693): phi(w) = e^lambda w^k e^{-lambda w}, w = exp(sum_t log r_t), (k, lambda) = (2, 3)
     for A >= 0 and (3, 2) below; loss -sum phi A log pi / tokens; phi is detached, so d/d log pi = -phi A / tokens;
     phi(1) = 1 and phi falls away from w = 1 on both sides for A >= 0 (its maximum is at w = k / lambda)."""
-    from bridgectl.core.losses import PolicyLossOptions, vespo_weights
+    from bridgectl.core.policy_losses import PolicyLossOptions, vespo_weights
 
     logprobs, old, advantages, mask = variant_batch()
     loss, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="vespo")
@@ -385,7 +387,7 @@ def test_vespo_weights_each_completion_by_a_gamma_shaped_function_of_its_summed_
 def test_the_off_policy_mask_drops_negative_advantage_completions_that_drifted_too_far():
     """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, Eq. 9): a completion is dropped when A < 0 and
     mean_t (log pi_behaviour - log pi) > delta; kept when A >= 0 whatever its drift."""
-    from bridgectl.core.losses import PolicyLossOptions, off_policy_mask
+    from bridgectl.core.policy_losses import PolicyLossOptions, off_policy_mask
 
     logprobs, old, advantages, mask = variant_batch()
     # drift of completion 1 (A = 1): 0.1 per token; of completion 2 (A = -2): mean(0.2, 0.2) = 0.2
@@ -406,7 +408,7 @@ def test_the_rollout_correction_is_the_trainer_over_engine_ratio_truncated_or_ma
     """Truncated / masked importance sampling between the trainer and an inference engine (TRL 1.16's
     vllm_importance_sampling_*): rho = exp(log pi_trainer - log pi_engine) per token, or exp of the completion's
     summed gap; truncate: clamp to [C_min, C_max]; mask: 0 outside; a NaN engine value is no gap."""
-    from bridgectl.core.losses import rollout_correction
+    from bridgectl.core.policy_losses import rollout_correction
 
     trainer = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]])
     engine = torch.tensor([[-1.5, -2.0, float("nan")], [-0.1, -1.2, 5.0]])

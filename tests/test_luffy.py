@@ -10,16 +10,15 @@ import math
 
 import pytest
 import torch
+from gradient_checks import record_returns, record_updates
 
 import bridgectl.stages.luffy as luffy_module
-from bridgectl.config import compose
-from bridgectl.context import build_context
+from bridgectl.config.compose import compose
 from bridgectl.core.rollout import positions
 from bridgectl.errors import UserError
 from bridgectl.stages import build_stage
 from bridgectl.stages.luffy import mixed_advantages, shaping
-
-from gradient_checks import record_returns, record_updates
+from bridgectl.training.setup import build_context
 
 SMALL = ["rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
          "optim.max_grad_norm=0"]

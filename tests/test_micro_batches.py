@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gradient_checks import ScaledLogits
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bridgectl.core.logprobs as logprobs_module
 import bridgectl.core.optim as optim_module
 import bridgectl.stages.bridge as bridge_module
-from bridgectl.config import compose
+from bridgectl.config.compose import compose
 from bridgectl.core.logprobs import micro_batches, token_logprobs
 from bridgectl.core.losses import SFTBatch, sft_loss
 from bridgectl.core.rollout import positions
-from bridgectl.context import build_context
 from bridgectl.stages import build_stage
-from gradient_checks import ScaledLogits
+from bridgectl.training.setup import build_context
 
 
 # ---- chunked log-probs ------------------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ CASES = {
     "bridge-full": (["recipe=bridge", "bridge.lower=full"], "bridge", 1),
     "bridge-lora": (["recipe=bridge", "model.finetune=lora"], "bridge", 1),
     "bridge-lookahead": (["recipe=bridge", "model.finetune=lora", "bridge.shadow=lookahead"], "bridge", 1),
-    # GSPO's sequence ratio, CISPO, the step's top-entropy tokens and the entropy bonus (core/losses.grpo_loss)
+    # GSPO's sequence ratio, CISPO, the step's top-entropy tokens and the entropy bonus (core/policy_losses.grpo_loss)
     "rl-variants": (["recipe=rl", "rl.importance_sampling_level=sequence", "rl.loss_type=cispo",
                      "rl.epsilon_high=1.1", "rl.top_entropy_quantile=0.3", "rl.entropy_coef=0.01"], "rl", 1),
     "rl-sapo": (["recipe=rl", "rl.loss_type=sapo"], "rl", 1),
@@ -162,6 +162,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_micro_batches_give_the_one_pass_gradients(case, monkeypatch):
     overrides, kind, steps = CASES[case]
@@ -171,6 +172,7 @@ def test_micro_batches_give_the_one_pass_gradients(case, monkeypatch):
         assert_same_gradients(split, whole)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["rl-lora-kl", "sft", "bridge-full", "bridge-lora"])
 def test_gradient_checkpointing_gives_the_same_gradients(case, monkeypatch):
     overrides, kind, steps = CASES[case]

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 import bridgectl.core.grpo as grpo
-import bridgectl.runner as runner
-from bridgectl import runs
-from bridgectl.config import compose
+import bridgectl.training.runner as runner
+from bridgectl.analysis import runs
+from bridgectl.config.compose import compose
 from bridgectl.core.choices import LOSS_TYPES
 from bridgectl.core.grpo import ScoredRollouts, rollout_metrics, skips_backward
-from bridgectl.core.losses import GRPOStats, PolicyLossOptions, grpo_loss
+from bridgectl.core.policy_losses import GRPOStats, PolicyLossOptions, grpo_loss
 from bridgectl.core.rollout import Rollouts
-from bridgectl.runner import run
 from bridgectl.tasks.rewards import StepReward
+from bridgectl.training.runner import run
 
 BASE = ["train.threads=1", "train.max_steps=4", "train.eval_every=0", "eval.n=4", "rl.prompts_per_step=2",
         "rl.num_generations=2", "sft.batch_size=4", "train.checkpoint_every=0"]
@@ -143,6 +143,7 @@ def final_weights(path: Path) -> dict[str, torch.Tensor]:
     ("bridge", "full", ["bridge.shadow=lookahead"]),  # theta_hat read off theta's (zero) gradient
     ("hpt", "full", ["hpt.gate=-1"]),  # rl_backward over hpt's kept rows (here every prompt's)
 ], ids=["rl", "bridge", "rl-lora", "bridge-lora", "bridge-lookahead", "hpt"])
+@pytest.mark.slow
 def test_skipping_a_step_without_signal_changes_nothing_but_its_cost(tmp_path, recipe, finetune, extra):
     """Steps 2 and 4 have no reward variance. With the skip and with it disabled (every pass run), the runs end
     with the same weights (step 4's AdamW update on a zero gradient moves them: a skip without zero gradients would
@@ -259,13 +260,14 @@ def scripted(prompts, completions, **kwargs):
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_skip_only_together(tmp_path):
     """Under data parallelism a step is skipped only when no rank has an advantage: at step 3 rank 0's share has
     none but rank 1's has, so both run their passes (one skipping alone would leave the other waiting in a
     collective); the run matches one process, counts and metrics included."""
     from typer.testing import CliRunner
 
-    from bridgectl.cli import app
+    from bridgectl.cli.app import app
 
     rewards = tmp_path / "by_rank.py"
     rewards.write_text(REWARDS_BY_RANK)

@@ -9,7 +9,7 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
+from bridgectl.cli.app import app
 
 TINY = ["recipe=sft", "train.threads=1", "train.max_steps=1", "sft.batch_size=4", "eval.n=4"]
 

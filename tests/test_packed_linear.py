@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bridgectl.config import compose
-from bridgectl.context import build_context
+from bridgectl.config.compose import compose
 from bridgectl.core import packed_linear
 from bridgectl.core.evaluate import decoding
 from bridgectl.core.grpo import sample_groups
 from bridgectl.core.rollout import generate
+from bridgectl.training.setup import build_context
 
 pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="this PyTorch build has no oneDNN")
 

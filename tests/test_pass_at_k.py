@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
+from bridgectl.cli.app import app
 from bridgectl.core.evaluate import majority_correct, pass_at_k, reported_ks, sample_split
 
 

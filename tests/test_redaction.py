@@ -1,4 +1,4 @@
-"""Secret redaction never changes what a run's files parse to (core/redaction.py), and every reader of run
+"""Secret redaction never changes what a run's files parse to (rundir/redaction.py), and every reader of run
 directories survives one whose config.yaml does not parse: `compare` and `runs` leave it out and say why,
 `eval`, `export` and `run --resume` refuse it with Error:/Hint: (exit 2) naming the file.
 
@@ -15,8 +15,8 @@ import yaml
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.core.redaction import MIN_SECRET_LENGTH, is_secret_name, redact, secret_values
+from bridgectl.cli.app import app
+from bridgectl.rundir.redaction import MIN_SECRET_LENGTH, is_secret_name, redact, secret_values
 
 BUDGET = ["train.threads=1", "train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=2",
           "sft.batch_size=4", "eval.n=8", "train.eval_every=0"]
@@ -57,7 +57,7 @@ def repro_run(tmp_path_factory) -> tuple[Path, list[str]]:
 def test_the_reproductions_config_parses_and_round_trips(repro_run):
     """abc123 (6 characters) is below MIN_SECRET_LENGTH, so the entity is kept; the long secret becomes a quoted
     '***'. Everything else reads back exactly as the config the run was composed from."""
-    from bridgectl.config import compose
+    from bridgectl.config.compose import compose
 
     run, overrides = repro_run
     text = (run / "config.yaml").read_text()
@@ -71,7 +71,7 @@ def test_the_reproductions_config_parses_and_round_trips(repro_run):
 
 
 def test_the_reproduction_is_compared_and_its_config_loads_for_eval(repro_run):
-    from bridgectl.evaluation import config_for
+    from bridgectl.training.eval_run import config_for
 
     run, _ = repro_run
     result = CliRunner().invoke(app, ["compare", str(run), "--format", "json"])
@@ -121,8 +121,8 @@ def test_short_and_common_values_are_not_secrets(monkeypatch):
 def test_a_whole_value_secret_is_redacted_and_the_file_keeps_its_structure(tmp_path, monkeypatch):
     """Every secret-bearing value becomes the string '***'; keys, numbers, booleans and every other value read back
     as they were, whatever YAML would make of `***` or of a secret that looks like a number or a mapping."""
-    from bridgectl.config import compose
-    from bridgectl.core.tracking import RunDir
+    from bridgectl.config.compose import compose
+    from bridgectl.rundir.writer import RunDir
 
     monkeypatch.setenv("WANDB_API_KEY", "&anchor: {not: yaml}")  # redacted text would change the file's meaning
     monkeypatch.setenv("DB_PASSWORD", "12345678")
@@ -142,7 +142,7 @@ def test_a_whole_value_secret_is_redacted_and_the_file_keeps_its_structure(tmp_p
 def test_a_secret_inside_free_text_is_redacted_in_every_log(tmp_path, monkeypatch):
     """Completion text, a summary's error line, a metrics row and a per-problem row: the secret inside the text is
     replaced, the rest of the text kept, and each file still parses as JSON."""
-    from bridgectl.core.tracking import RunDir
+    from bridgectl.rundir.writer import RunDir
 
     monkeypatch.setenv("CLIENT_SECRET", LONG_SECRET)
     run = RunDir(tmp_path / "r")
@@ -188,7 +188,7 @@ def runs_with_a_corrupt_one(tmp_path) -> Path:
 
 
 def test_compare_leaves_out_a_run_whose_config_does_not_parse(runs_with_a_corrupt_one):
-    from bridgectl import compare
+    from bridgectl.analysis import compare
 
     loaded = compare.load_runs([str(runs_with_a_corrupt_one)])
     assert sorted(run.path.name for run in loaded.runs) == ["good-0", "good-1"]
@@ -214,7 +214,7 @@ def test_compare_of_only_a_corrupt_run_says_why(tmp_path):
 
 
 def test_runs_reports_the_corrupt_run_and_lists_the_rest(runs_with_a_corrupt_one):
-    from bridgectl import runs
+    from bridgectl.analysis import runs
 
     result = CliRunner().invoke(app, ["runs", str(runs_with_a_corrupt_one), "--format", "json"])
     assert result.exit_code == 0, result.output
@@ -249,8 +249,8 @@ def test_a_run_whose_config_does_not_parse_is_refused_with_error_and_hint(tmp_pa
                                           ("a: 1\na: 2\n", "does not parse as YAML (line 2, column 1: found "
                                                            "duplicate key a)")])
 def test_other_unreadable_configs_are_reported_the_same_way(tmp_path, content, what):
-    from bridgectl import compare
-    from bridgectl.run_config import config_problem
+    from bridgectl.analysis import compare
+    from bridgectl.config.saved import config_problem
 
     make_run(tmp_path, "good", 0, 0.5)
     bad = make_run(tmp_path, "bad", 1, 0.5, config=content)

@@ -16,11 +16,11 @@ import itertools
 
 import pytest
 import torch
+from gradient_checks import assert_same_gradients, record_returns, record_updates
 
 import bridgectl.stages.relift as relift_module
-from bridgectl.config import compose
+from bridgectl.config.compose import compose
 from bridgectl.core.checkpoint import read_checkpoint, restore, save_checkpoint
-from bridgectl.context import build_context
 from bridgectl.core.context import demonstration_batch
 from bridgectl.core.grpo import rl_loss
 from bridgectl.core.losses import sft_loss
@@ -28,7 +28,7 @@ from bridgectl.errors import UserError
 from bridgectl.stages.relift import Demonstration, ReliftStage
 from bridgectl.stages.rl import RLStage
 from bridgectl.tasks.arith import ArithTask
-from gradient_checks import assert_same_gradients, record_returns, record_updates
+from bridgectl.training.setup import build_context
 
 G = 4  # rollouts per prompt
 SMALL = ["recipe=relift", "rl.prompts_per_step=4", f"rl.num_generations={G}", "rl.max_completion_length=16",

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import bridgectl.core.grpo as grpo
-from bridgectl.cli import app
+from bridgectl.cli.app import app
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
 
 SHORT = ["train.threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2",
@@ -56,10 +56,11 @@ def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: floa
 
 
 def start_run(overrides: list[str], out: Path, name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli", "run", *overrides, "--out", str(out),
+    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli.app", "run", *overrides, "--out", str(out),
                              "--name", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=bridge", "model.finetune=lora"]])
 def test_a_run_killed_at_a_random_step_resumes_to_the_same_result(tmp_path, recipe):
     overrides = [*recipe, *SHORT]
@@ -85,6 +86,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_result(tmp_path, reci
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_to_send", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_stop_after_the_step_with_a_checkpoint(tmp_path, signal_to_send):
     overrides = ["recipe=rl", *SHORT, "train.checkpoint_every=0"]  # no periodic checkpoint: the stop writes one
@@ -135,6 +137,7 @@ class _Stage:
         raise NotImplementedError
 
 
+@pytest.mark.slow
 def test_checkpoints_survive_kills_while_being_written(tmp_path):
     context = multiprocessing.get_context("fork")
     directory = tmp_path / "checkpoints"
@@ -160,6 +163,7 @@ def test_checkpoints_survive_kills_while_being_written(tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in complete)
 
 
+@pytest.mark.slow
 def test_a_nan_stops_the_run_naming_step_and_quantity_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     real, calls = grpo.rl_loss, []  # what rl_backward computes for each micro-batch (one per step here)
 

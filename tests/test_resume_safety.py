@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from processes import TINY, finish, read_json, start_run, wait_for
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose, load_saved
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
+from bridgectl.config.saved import CONFIG_END, config_text, load_saved
 from bridgectl.errors import UserError
-from bridgectl.run_config import CONFIG_END, config_text
-from processes import TINY, finish, read_json, start_run, wait_for
 
 
 def plain(output: str) -> str:
@@ -118,6 +118,7 @@ def test_an_older_run_without_a_key_count_still_resumes(trained, tmp_path):
     assert "plan: recipe sft: sft x 2 steps" in plain(result.output)
 
 
+@pytest.mark.slow
 def test_resuming_a_run_that_is_still_running_is_refused(tmp_path):
     run = tmp_path / "live"
     process = start_run([*TINY, "train.max_steps=100000", "train.checkpoint_every=0", "--out", str(tmp_path),
@@ -132,7 +133,7 @@ def test_resuming_a_run_that_is_still_running_is_refused(tmp_path):
         assert error.startswith(squashed(f"run {run} is still running (pid {process.pid} on ")), error
         assert "training;heartbeat" in error and "stopitfirst" in hint
         # the runner refuses too (a sweep's retry calls it directly), before writing anything
-        from bridgectl.runner import run as run_training
+        from bridgectl.training.runner import run as run_training
 
         with pytest.raises(UserError, match="is still running"):
             run_training(load_saved(run / "config.yaml"), run, show_progress=False, resume=True)

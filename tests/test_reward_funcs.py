@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import Config
+from bridgectl.cli.app import app
+from bridgectl.config.compose import Config
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint
 from bridgectl.tasks.arith import reward as arith_verdict
 from bridgectl.tasks.data import Problem
@@ -236,6 +236,7 @@ def test_bad_reward_functions_exit_2_before_a_run_directory_exists(tmp_path, sou
     ("    if len(calls) == 2:\n        threading.Event().wait(20)\n    return [0.0] * len(completions)\n", 1,
      "step 2 (rl): reward function flaky did not return within task.reward_timeout_s=1 s"),
 ])
+@pytest.mark.slow
 def test_a_failing_reward_function_fails_the_run_at_its_step(tmp_path, body, timeout, message):
     """Raising, returning the wrong number of values or hanging past task.reward_timeout_s at the second step:
     exit 1, status failed with the function and the step named, and step 1's checkpoint intact."""

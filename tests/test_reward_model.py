@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_fixtures import build_hf_model
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
+from bridgectl.cli.app import app
 from bridgectl.tasks.arith import reward as arith_verdict
-from hf_fixtures import build_hf_model
 
 SMALL = ["train.threads=1", "train.max_steps=2", "train.eval_every=0", "eval.n=4", "rl.prompts_per_step=1",
          "rl.num_generations=4", "rl.max_completion_length=16", "train.log_completions_every=1"]
@@ -49,6 +49,7 @@ def scores_by_hand(directory: Path, texts: list[str]) -> list[float]:
     return values
 
 
+@pytest.mark.slow
 def test_a_reward_model_scores_prompt_and_completion_and_adds_to_the_verifier(tmp_path, reward_model_dir):
     result = CliRunner().invoke(app, ["run", "recipe=rl", *SMALL,
                                       f"task.reward_funcs=[verifier,{reward_model_dir}]",

@@ -21,11 +21,13 @@ import pytest
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import Config, compose
-from bridgectl.runner import run
+from bridgectl.cli.app import app
+from bridgectl.config.compose import Config, compose
 from bridgectl.tasks.data import Problem
 from bridgectl.tasks.rewards import RewardFunctionError, StepReward, checked_values
+from bridgectl.training.runner import run
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 SMALL = ["recipe=rl", "train.threads=1", "train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=2",
          "sft.batch_size=4", "eval.n=8", "train.eval_every=0", "rl.max_completion_length=24"]
@@ -181,7 +183,7 @@ def test_the_trainer_dying_mid_call_takes_the_worker_with_it(tmp_path):
     file = regex_reward(tmp_path)
     script = textwrap.dedent(f"""
         from omegaconf import OmegaConf
-        from bridgectl.config import Config
+        from bridgectl.config.compose import Config
         from bridgectl.tasks.data import Problem
         from bridgectl.tasks.rewards import StepReward
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_MODEL_CFG
 
 from bridgectl.core.logprobs import completion_logprobs
 from bridgectl.core.rollout import Rollouts, completion_mask_from, generate, positions
 from bridgectl.models.tiny import SHIPPED_DIR, build_model
-
-from conftest import TINY_MODEL_CFG
 
 # different lengths, so the batch is left-padded
 PROMPTS = ["4+9*3-5*3=", "1+2=", "7*8-6+5*2=", "3-4="]

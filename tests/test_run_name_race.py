@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.core.tracking import RunDir
+from bridgectl.cli.app import app
+from bridgectl.rundir.writer import RunDir
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 RUN = ["recipe=rl", "train.max_steps=3", "train.threads=1", "train.eval_every=0", "rl.prompts_per_step=2",
        "rl.num_generations=2", "eval.n=10"]
@@ -25,7 +28,7 @@ def rows_without_clock(run: Path) -> list[dict]:
 
 def test_two_runs_with_one_name_one_trains_the_other_exits_2(tmp_path):
     # the pre-flight check of the CLI passes for both (neither directory exists yet); the claim decides
-    command = [sys.executable, "-m", "bridgectl.cli", "run", *RUN, "--out", str(tmp_path), "--name", "same"]
+    command = [sys.executable, "-m", "bridgectl.cli.app", "run", *RUN, "--out", str(tmp_path), "--name", "same"]
     processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   env=os.environ.copy()) for _ in range(2)]
     results = [(p.wait(timeout=600), p.stdout.read()) for p in processes]

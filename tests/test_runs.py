@@ -20,8 +20,9 @@ import pytest
 from typer.testing import CliRunner
 
 import bridgectl.core.grpo as grpo
-from bridgectl import runs
-from bridgectl.cli import app
+from bridgectl.analysis import runs
+from bridgectl.cli.app import app
+from bridgectl.rundir import liveness
 
 TINY = ["recipe=rl", "train.threads=1", "rl.prompts_per_step=2", "rl.num_generations=2", "eval.n=4",
         "train.eval_every=0"]
@@ -121,7 +122,7 @@ def test_a_run_mostly_without_signal_is_marked(finished, tmp_path):
              "interrupted": ({"no_signal_steps": 2, "status": "interrupted"}, "interrupted (no signal 2/2)"),
              "failed": ({"no_signal_steps": 2, "status": "failed", "error": "NonFiniteError: x"},
                         "failed: NonFiniteError: x")}  # the error first: it needs the room
-    for name, (changes, shown) in cases.items():
+    for name, (changes, _) in cases.items():
         shutil.copytree(finished / "done", tmp_path / name)
         edited = {key: value for key, value in {**summary, **changes}.items() if value is not None}
         (tmp_path / name / "summary.json").write_text(json.dumps(edited))
@@ -134,7 +135,7 @@ def test_a_run_mostly_without_signal_is_marked(finished, tmp_path):
 
 
 def start_run(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli", "run", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli.app", "run", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
@@ -147,6 +148,7 @@ def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: floa
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_running_interrupted_resumed_and_killed(tmp_path):
     run = tmp_path / "live"
     args = [*TINY, "train.max_steps=1000", "train.checkpoint_every=0"]
@@ -195,7 +197,7 @@ def write_running(run: Path, beat: dict | None) -> None:
         (run / "heartbeat.json").write_text(json.dumps(beat))
 
 
-@pytest.mark.parametrize("age, status", [(30.0, "running"), (runs.STALE_AFTER_SECONDS + 1, "died")])
+@pytest.mark.parametrize("age, status", [(30.0, "running"), (liveness.STALE_AFTER_SECONDS + 1, "died")])
 def test_a_run_on_another_host_is_alive_while_its_heartbeat_is_fresh(tmp_path, age, status):
     write_running(tmp_path / "remote", {"host": "node-17", "pid": os.getpid(), "time": 5000.0 - age})
     found = runs.list_runs(tmp_path, now=5000.0)[0]
@@ -209,35 +211,35 @@ def test_a_running_summary_without_a_heartbeat_is_unknown(tmp_path):
 
 
 def test_only_the_recorded_process_counts_as_alive(tmp_path):
-    ticks = runs._proc_stat(os.getpid())[1]
-    assert runs.process_alive(os.getpid(), ticks)
-    assert not runs.process_alive(os.getpid(), ticks + 1)  # the pid, given to a later process
-    assert not runs.process_alive(0) and not runs.process_alive(-1)  # never a process group
+    ticks = liveness._proc_stat(os.getpid())[1]
+    assert liveness.process_alive(os.getpid(), ticks)
+    assert not liveness.process_alive(os.getpid(), ticks + 1)  # the pid, given to a later process
+    assert not liveness.process_alive(0) and not liveness.process_alive(-1)  # never a process group
     child = subprocess.Popen(["true"])
-    while runs._proc_stat(child.pid)[0] != "Z":  # exited, not yet reaped: a zombie
+    while liveness._proc_stat(child.pid)[0] != "Z":  # exited, not yet reaped: a zombie
         time.sleep(0.01)
     os.kill(child.pid, 0)  # the signal check alone would call it alive
-    assert not runs.process_alive(child.pid)
+    assert not liveness.process_alive(child.pid)
     child.wait()
-    assert not runs.process_alive(child.pid)
+    assert not liveness.process_alive(child.pid)
     write_running(tmp_path / "reused", {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": ticks + 1,
                                         "time": time.time()})
     assert runs.list_runs(tmp_path)[0]["status"] == "died"
 
 
 def test_the_heartbeat_is_refreshed_until_stopped(tmp_path):
-    stop = runs.start_heartbeat(tmp_path, interval=0.05)
-    first = runs.read_heartbeat(tmp_path)
+    stop = liveness.start_heartbeat(tmp_path, interval=0.05)
+    first = liveness.read_heartbeat(tmp_path)
     assert (first["host"], first["pid"]) == (socket.gethostname(), os.getpid())
     deadline = time.monotonic() + 10
-    while runs.read_heartbeat(tmp_path)["time"] == first["time"]:
+    while liveness.read_heartbeat(tmp_path)["time"] == first["time"]:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     stop()
     stop()  # twice is harmless
-    last = runs.read_heartbeat(tmp_path)
+    last = liveness.read_heartbeat(tmp_path)
     time.sleep(0.2)
-    assert runs.read_heartbeat(tmp_path) == last
+    assert liveness.read_heartbeat(tmp_path) == last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heartbeat.json"]  # no temporary file left behind
 
 

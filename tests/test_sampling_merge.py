@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from bridgectl.config import compose
+from bridgectl.config.compose import compose
 from bridgectl.core.model import add_upper_adapter, merges_for_sampling
 from bridgectl.core.rollout import generate
-from bridgectl.context import build_context
+from bridgectl.training.setup import build_context
 
 
 def policy_with_two_adapters(sampling: str):

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import TINY, finish, read_json, start_run, wait_for_phase
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
+from bridgectl.cli.app import app
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint
-from bridgectl.runner import RunSignals
-from processes import TINY, finish, read_json, start_run, wait_for_phase
+from bridgectl.training.runner import RunSignals
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 SLOW_FINAL = [*TINY, "eval.n=30", "eval.batch_size=2"]
 """A short initial evaluation (the untrained model answers in a few tokens) and a final one of a second or more."""

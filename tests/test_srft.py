@@ -9,17 +9,17 @@ import math
 
 import pytest
 import torch
+from gradient_checks import ScaledLogits, record_returns, record_updates
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bridgectl.core.logprobs as logprobs_module
 import bridgectl.stages.srft as srft_module
-from bridgectl.config import compose
-from bridgectl.context import build_context
+from bridgectl.config.compose import compose
 from bridgectl.core.logprobs import token_entropies
 from bridgectl.core.rollout import positions
 from bridgectl.stages import build_stage
 from bridgectl.stages.srft import mean_entropy, rollout_coefficients, sft_weights
-from gradient_checks import ScaledLogits, record_returns, record_updates
+from bridgectl.training.setup import build_context
 
 SMALL = ["rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
          "optim.max_grad_norm=0"]

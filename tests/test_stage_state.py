@@ -7,7 +7,7 @@
     outside its state_dict would show here; a skipped load_state_dict does
     checkpoints written before stage state was declared (flat attribute paths, optimizer pairs under their old
     names, relift's buffer as stream positions) still load
-    an optimizer hidden in a tuple, or saved state a stage has no load_state_dict for, is refused loudly"""
+    an optimizer declared in a tuple, or saved state a stage has no load_state_dict for, is refused loudly"""
 
 from __future__ import annotations
 
@@ -20,15 +20,21 @@ import torch
 from typer.testing import CliRunner
 
 import bridgectl.stages.relift as relift_module
-from bridgectl.cli import app
-from bridgectl.config import compose
-from bridgectl.context import build_context
-from bridgectl.core.checkpoint import (list_checkpoints, load_stage_state, read_checkpoint, restore, save_checkpoint,
-                                       stage_state)
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
+from bridgectl.core.checkpoint import (
+    list_checkpoints,
+    load_stage_state,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+    stage_state,
+)
 from bridgectl.core.context import TrainContext
 from bridgectl.errors import NonFiniteError
 from bridgectl.stages import STAGES, build_stage
 from bridgectl.tasks.arith import ArithTask
+from bridgectl.training.setup import build_context
 
 SMALL = ["train.threads=1", "rl.prompts_per_step=2", "rl.num_generations=4", "rl.max_completion_length=8",
          "sft.batch_size=4", "relift.buffer_size=3", "interleaved.rl_steps=1", "interleaved.sft_steps=1"]
@@ -53,6 +59,7 @@ def buffers(run: Path) -> dict[int, list]:
             for path in list_checkpoints(run / "checkpoints")}
 
 
+@pytest.mark.slow
 def test_relift_resumed_from_a_checkpoint_keeps_its_buffer_and_continues_as_the_uninterrupted_run(tmp_path,
                                                                                                 monkeypatch):
     monkeypatch.setattr(ArithTask, "rewards", staticmethod(odd_answers_fail))
@@ -147,6 +154,7 @@ def save(ctx, stage, directory: Path) -> Path:
                            {"consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed}}, keep=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(STAGES))
 def test_a_restored_stage_equals_the_original_in_every_attribute_and_takes_the_same_step(kind, tmp_path,
                                                                                          monkeypatch):
@@ -225,6 +233,9 @@ class _PairedStage:
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
         self.pair = (optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0))
 
+    def optimizers(self) -> dict:
+        return {"pair": self.pair}
+
     def step(self):
         raise NotImplementedError
 
@@ -238,7 +249,8 @@ class _CounterOnlyStage:
 
 
 def test_state_a_checkpoint_would_miss_or_could_not_give_back_is_refused():
-    with pytest.raises(TypeError, match="_PairedStage.pair: keep each optimizer and scheduler in an attribute"):
+    with pytest.raises(TypeError, match=r"_PairedStage.optimizers\(\)\['pair'\] is a tuple: declare each optimizer "
+                                        "and scheduler under a name of its own"):
         stage_state(_PairedStage())
     with pytest.raises(TypeError, match=r"holds state \(updates\) for the _CounterOnlyStage, which has no "
                                         "load_state_dict"):

@@ -17,11 +17,15 @@ import pytest
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from bridgectl import sweep, sweep_claims, sweep_spec
-from bridgectl.cli import app
-from bridgectl.config import compose
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
 from bridgectl.errors import StopRun
-from bridgectl.runner import run
+from bridgectl.sweep import claims as sweep_claims
+from bridgectl.sweep import spec as sweep_spec
+from bridgectl.sweep import study as sweep
+from bridgectl.training.runner import run
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 TINY = ("[recipe=bridge, train.max_steps=2, rl.prompts_per_step=2, rl.num_generations=2, sft.batch_size=4, "
         "eval.n=10, train.threads=1]")
@@ -158,7 +162,7 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_completed_trials(tmp_pa
     spec_path = write_spec(tmp_path, f"name: kill\nbase: {base}\nsampler: grid\n"
                                      "params:\n  bridge.lam: {type: float, values: [0.2, 0.5, 0.8]}\n")
     sweep_dir = tmp_path / "out" / "kill"
-    command = [sys.executable, "-m", "bridgectl.cli", "sweep", str(spec_path), "--out", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "bridgectl.cli.app", "sweep", str(spec_path), "--out", str(tmp_path / "out")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.monotonic() + 300
     # trial 0 is done, trial 1 has written its first checkpoint
@@ -303,7 +307,7 @@ def test_a_retry_takes_over_finished_or_checkpointed_runs_only(tmp_path, status,
 def start_sweep(spec: Path, out: Path, *options: str) -> subprocess.Popen:
     """A real `bridgectl sweep` process in its own process group (so end_group can take its workers too), its
     output captured."""
-    command = [sys.executable, "-m", "bridgectl.cli", "sweep", str(spec), "--out", str(out), *options]
+    command = [sys.executable, "-m", "bridgectl.cli.app", "sweep", str(spec), "--out", str(out), *options]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

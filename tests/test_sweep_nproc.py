@@ -9,11 +9,14 @@ import json
 
 import pytest
 from optuna.trial import TrialState
+from test_distributed import rows, weights
 from typer.testing import CliRunner
 
-from bridgectl import sweep, sweep_spec
-from bridgectl.cli import app
-from test_distributed import rows, weights
+from bridgectl.cli.app import app
+from bridgectl.sweep import spec as sweep_spec
+from bridgectl.sweep import study as sweep
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 SETTINGS = ["recipe=rl", "train.threads=1", "train.max_steps=2", "train.eval_every=1", "rl.prompts_per_step=2",
             "rl.num_generations=2", "eval.n=8", "train.checkpoint_every=0", "seed=0"]

@@ -9,11 +9,16 @@ import os
 import signal
 import time
 
+import pytest
 from optuna.trial import TrialState
-
-from bridgectl import sweep, sweep_claims, sweep_spec
 from postgres import postgres_server
 from test_sweep import described, end_group, start_sweep, write_spec
+
+from bridgectl.sweep import claims as sweep_claims
+from bridgectl.sweep import spec as sweep_spec
+from bridgectl.sweep import study as sweep
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 BASE = ("[recipe=rl, train.max_steps=4, train.checkpoint_every=2, rl.prompts_per_step=2, rl.num_generations=2, "
         "eval.n=8, train.threads=1]")

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 
-import pytest
 from typer.testing import CliRunner
 
-from bridgectl import sweep
-from bridgectl.cli import app
-from bridgectl.errors import UserError
+from bridgectl.cli.app import app
+from bridgectl.sweep import study as sweep
 
 SPEC = "name: s\nbase: [recipe=rl, train.max_steps=1]\nsampler: grid\nparams:\n  rl.lr: {type: float, values: [1.0e-4]}\n"
 

@@ -14,13 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from test_resume import start_run, wait_for_step
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
 from bridgectl.errors import StopRun
-from bridgectl.runner import run as train
-from test_resume import start_run, wait_for_step
+from bridgectl.training.runner import run as train
 
 SMALL = ["recipe=rl", "train.threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2",
          "rl.prompts_per_step=2", "rl.num_generations=2", "eval.n=10", "tracker.tensorboard=true"]
@@ -71,6 +71,7 @@ def test_event_files_hold_every_metric_of_every_step(tmp_path):
     assert tensorboard_points(tmp_path / "tb") == expected  # float64 both sides: equal, not approximately
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_keeps_one_point_per_step(tmp_path):
     process = start_run(SMALL, tmp_path, "killed")
     wait_for_step(tmp_path / "killed", 5, process)  # past the checkpoint of step 4

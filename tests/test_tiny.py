@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bridgectl.config import compose
+from bridgectl.config.compose import compose
 from bridgectl.core.losses import make_sft_batch, sft_loss
 from bridgectl.core.rollout import generate
 from bridgectl.models import tiny

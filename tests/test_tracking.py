@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.core.wandb_sink import redact
+from bridgectl.cli.app import app
+from bridgectl.rundir.wandb_sink import redact
 
 SMALL = ["recipe=rl", "train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",
          "rl.num_generations=2", "eval.n=10", "train.log_completions_every=1"]

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bridgectl.cli import app
-from bridgectl.config import compose
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
 from bridgectl.core.context import TrainContext
 from bridgectl.core.model import load_policy
 from bridgectl.models.sources import base_model_path
-from bridgectl.runner import run
 from bridgectl.stages.sft import SFTStage
 from bridgectl.tasks.arith import ArithTask
+from bridgectl.training.runner import run
 
 QUICK = ["eval.n=40", "train.eval_every=0", "train.threads=1"]
 
@@ -31,6 +31,7 @@ def series(rows: list[dict], key: str) -> list[float]:
     return [row[key] for row in rows if row.get(key) is not None]
 
 
+@pytest.mark.slow
 def test_sft_loss_falls(tmp_path):
     cfg = compose(["recipe=sft", "train.max_steps=40", "sft.batch_size=32", "sft.lr=1e-3", *QUICK])
     run(cfg, tmp_path / "run", show_progress=False)
@@ -39,6 +40,7 @@ def test_sft_loss_falls(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
 
+@pytest.mark.slow
 def test_rl_reward_rises_on_easy_problems(tmp_path):
     # Two-operation problems: the base writes a trace ~30% of the time at temperature 1 and those traces are
     # right ~90% of the time against ~32% for direct answers, so GRPO has a clear signal to follow.
@@ -50,6 +52,7 @@ def test_rl_reward_rises_on_easy_problems(tmp_path):
     assert summary["eval"]["test"]["accuracy"] > summary["eval_initial"]["test"]["accuracy"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     overrides = ["recipe=rl", "train.max_steps=4", "rl.prompts_per_step=4", "rl.num_generations=4", *QUICK]
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):

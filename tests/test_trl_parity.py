@@ -1,6 +1,6 @@
 """bridgectl's GRPO loss against TRL 1.16's on one identical batch: the same model, prompts, completions, masks,
 advantages, sampling-policy and reference log-probs go through TRL's own `GRPOTrainer._compute_loss` and through
-`core.losses.grpo_loss`, and the losses and every parameter's gradient must agree to float32 rounding.
+`core.policy_losses.grpo_loss`, and the losses and every parameter's gradient must agree to float32 rounding.
 
 TRL is not a dependency of bridgectl, so this runs where TRL is installed (`make test-trl` builds a scratch venv
 with TRL 1.16 beside the project's packages) and is skipped elsewhere. The batch is built so that every term acts:
@@ -16,8 +16,9 @@ import torch
 
 trl = pytest.importorskip("trl")
 
-from bridgectl.core.losses import grpo_loss  # noqa: E402
 from hf_fixtures import build_hf_model  # noqa: E402
+
+from bridgectl.core.policy_losses import grpo_loss  # noqa: E402
 
 PROMPT_LEN, COMPLETION_LEN, ROWS = 5, 7, 4
 
@@ -142,7 +143,7 @@ VARIANTS = {  # TRL 1.16 GRPOConfig options -> the same batch through both tools
 
 def loss_options(options: dict):
     """bridgectl's PolicyLossOptions for TRL GRPOConfig `options` (TRL's defaults where unset)."""
-    from bridgectl.core.losses import PolicyLossOptions
+    from bridgectl.core.policy_losses import PolicyLossOptions
 
     return PolicyLossOptions(importance_sampling_level=options.get("importance_sampling_level", "token"),
                              delta=options.get("delta"), entropy_coef=options.get("entropy_coef", 0.0),
@@ -218,12 +219,12 @@ def test_grpo_variants_loss_and_gradient_equal_trl(model_dir, tmp_path, name):
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "vespo"])
 def test_vllm_rollout_correction_equals_trl(model_dir, tmp_path, mode, loss_type):
     """rl.vllm_importance_sampling_correction: with engine log-probs beside the batch, bridgectl's ratio
-    (core/losses.rollout_correction) and TRL's loss with it (TRL 1.16 multiplies the token losses by the ratio it
+    (core/policy_losses.rollout_correction) and TRL's loss with it (TRL 1.16 multiplies the token losses by the ratio it
     computed while sampling; VESPO folds it into its weight; the off-policy mask reads the engine's log-probs):
     loss and gradients equal."""
     if loss_type == "vespo" and mode.startswith("sequence"):
         pytest.skip("TRL refuses vespo with sequence-level correction, as bridgectl's config check does")
-    from bridgectl.core.losses import rollout_correction
+    from bridgectl.core.policy_losses import rollout_correction
 
     low, high = (0.9, 1.1) if mode.startswith("token") else (0.6, 1.5)  # a completion's ratio spreads more
     options = {"loss_type": loss_type, "vllm_importance_sampling_mode": mode,
@@ -259,7 +260,7 @@ def test_vllm_rollout_correction_equals_trl(model_dir, tmp_path, mode, loss_type
 
 def test_trl_computes_the_rollout_correction_as_bridgectl():
     """TRL 1.16 computes its vLLM importance ratio inline in _generate_and_score_completions; its lines, read from
-    the installed source, are the formula core/losses.rollout_correction implements: the masked log-prob
+    the installed source, are the formula core/policy_losses.rollout_correction implements: the masked log-prob
     difference (NaN to 0), summed per sequence for sequence_* modes, exponentiated, clamped or masked to the
     bounds."""
     import inspect

@@ -17,17 +17,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from gradient_checks import assert_same_gradients, record_returns, record_updates
 
 import bridgectl.stages.uft as uft_module
-from bridgectl.config import compose
-from bridgectl.context import build_context
+from bridgectl.config.compose import compose
+from bridgectl.core.advantages import group_advantages
 from bridgectl.core.grpo import ScoredRollouts, rl_loss
-from bridgectl.core.losses import SFTBatch, group_advantages, sft_loss
+from bridgectl.core.losses import SFTBatch, sft_loss
 from bridgectl.errors import UserError
 from bridgectl.stages.rl import RLStage
 from bridgectl.stages.uft import UFTStage, hint_length, hint_probability
 from bridgectl.tasks.arith import ArithTask
-from gradient_checks import assert_same_gradients, record_returns, record_updates
+from bridgectl.training.setup import build_context
 
 G = 4  # rollouts per prompt
 SMALL = ["recipe=uft", "rl.prompts_per_step=4", f"rl.num_generations={G}", "rl.max_completion_length=16",

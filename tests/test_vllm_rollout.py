@@ -14,11 +14,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from bridgectl.schema import LoraConfig
-from bridgectl.core.model import Policy, add_upper_adapter, merged_weights
-from bridgectl.core.logprobs import score_sampled
-from bridgectl.core.rollout import Rollouts, encode_prompts, generate, prompt_token_lists, rollouts_from_token_ids
+from bridgectl.config.schema import LoraConfig
 from bridgectl.core.grpo import seeds_per_row
+from bridgectl.core.logprobs import score_sampled
+from bridgectl.core.model import Policy, add_upper_adapter, merged_weights
+from bridgectl.core.rollout import Rollouts, encode_prompts, generate, prompt_token_lists, rollouts_from_token_ids
 from bridgectl.core.vllm_rollout import engine_logprob_tensor, logprob_gap
 from bridgectl.models.tiny import SHIPPED_DIR
 
@@ -135,12 +135,12 @@ def test_the_engines_logprobs_travel_with_the_rollouts_and_correct_the_loss():
     concatenation (rows without them get NaN, which the correction reads as no gap), and rl_loss multiplies each
     token's policy term by rollout_correction's ratio of them (rl.vllm_importance_sampling_correction, TRL's
     default mode sequence_mask), which it does not with the correction off."""
-    from bridgectl.config import compose
-    from bridgectl.context import build_context
+    from bridgectl.config.compose import compose
     from bridgectl.core.grpo import loss_mask, rl_loss, sample_groups
     from bridgectl.core.logprobs import rollout_rows
-    from bridgectl.core.losses import grpo_loss, rollout_correction
+    from bridgectl.core.policy_losses import grpo_loss, rollout_correction
     from bridgectl.core.rollout import concat_rollouts
+    from bridgectl.training.setup import build_context
 
     rollouts = Rollouts(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3), torch.tensor([[1, 1, 1], [1, 0, 0]]),
                         torch.tensor([[-1.0, -2.0, -0.1], [-0.5, 0.0, 0.0]]), ["", ""])
@@ -188,10 +188,10 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 
 @pytest.fixture(scope="module")
 def engine_and_policy():
-    from bridgectl.config import compose
+    from bridgectl.config.compose import compose
     from bridgectl.core.model import load_policy
-    from bridgectl.models.sources import base_model_path
     from bridgectl.core.vllm_rollout import check_usable, engine_for
+    from bridgectl.models.sources import base_model_path
     from bridgectl.stages.bridge import ensure_upper_adapter
 
     cfg = compose(["recipe=bridge", "model.finetune=lora", "rollout.backend=vllm", "train.device=cpu"])
@@ -259,7 +259,7 @@ def test_a_bridge_run_samples_through_vllm(tmp_path):
 
     from typer.testing import CliRunner
 
-    from bridgectl.cli import app
+    from bridgectl.cli.app import app
 
     result = CliRunner().invoke(app, ["run", "recipe=bridge", "model.finetune=lora", "bridge.shadow_rollouts=true",
                                       "rollout.backend=vllm", "train.device=cpu", "train.max_steps=6",
@@ -314,7 +314,7 @@ def test_two_processes_with_vllm_match_one(tmp_path):
 
     from typer.testing import CliRunner
 
-    from bridgectl.cli import app
+    from bridgectl.cli.app import app
 
     small = ["recipe=rl", "rollout.backend=vllm", "rollout.gpu_memory_utilization=0.1", "train.device=cpu",
              "train.max_steps=3", "train.eval_every=0", "eval.n=20", "--out", str(tmp_path)]

@@ -11,16 +11,18 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from bridgectl.cli import app
-from bridgectl.config import compose
-from bridgectl.core.wandb_sink import _history_steps
-from bridgectl.errors import StopRun
-from bridgectl.runner import run as train
 from test_resume import start_run, wait_for_step
 from test_tensorboard import metric_points, tensorboard_points
 from test_tracking import items, wandb_records
+from typer.testing import CliRunner
+
+from bridgectl.cli.app import app
+from bridgectl.config.compose import compose
+from bridgectl.errors import StopRun
+from bridgectl.rundir.wandb_sink import _history_steps
+from bridgectl.training.runner import run as train
+
+pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
 SMALL = ["recipe=rl", "train.threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2",
          "rl.prompts_per_step=2", "rl.num_generations=2", "eval.n=10", "tracker.wandb.mode=offline"]

@@ -8,7 +8,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from bridgectl.config import compose
+from bridgectl.config.compose import compose
 from bridgectl.tasks.verify import gsm8k_gold
 from bridgectl.tasks.wordmath import HELD_OUT_BUCKETS, WordMathTask, bucket_of, word_problems
 
@@ -46,6 +46,7 @@ def test_problems_are_deterministic_distinct_and_held_out_by_question_text():
     assert min(operands) >= 2 and max(operands) <= 12
 
 
+@pytest.mark.slow
 def test_too_few_distinct_problems_is_an_error_naming_the_knobs():
     with pytest.raises(ValueError, match="task.max_operand"):
         word_problems(0, 5000, [1, 1], 2, held_out=True)

@@ -22,22 +22,23 @@ wrong (a file missing, of another size, with another checksum, or that does not 
 back to the previous checkpoint (runner.py). A checkpoint written before manifests existed (its meta.json has no
 "format") is loaded unchecked, as before; one whose meta.json says it has a manifest and lacks it is damaged.
 
-A stage's state is what it declares, in two parts:
-  - its optimizers and schedulers: every attribute of the stage that is a torch optimizer or LR scheduler, and
-    those of its sub-stages (a dict of stages: interleaved's `rules`), found by type and saved under their attribute
-    path (`optimizer`, `sft_scheduler`, `rules.rl.optimizer`). Nothing about them is the stage's to say, and each
-    is restored sharded like its parameters under train.fsdp; one kept in a tuple or list is refused (TypeError),
-    as it would be missed;
+A stage's state is what it declares through the Checkpointable protocol (below; bridgectl/stages/base.py states the
+whole contract of a stage and implements it), in two parts:
+  - its optimizers and schedulers: what its `optimizers()` returns, each by the name its state is saved under
+    (`optimizer`, `sft_scheduler`, a sub-stage's `rules.rl.optimizer`: the names the stages' attributes had when
+    checkpoints found them by type, kept as the format). Each is restored sharded like its parameters under
+    train.fsdp; anything else declared is refused (TypeError). A stage without optimizers() owns none;
   - everything else it keeps from one step to the next: what its `state_dict()` returns (plain Python values and
     tensors: step counters, relift's buffer, BRIDGE's shadow theta_hat), handed back to its
-    `load_state_dict(state)`. A stage with no such state has neither method; a checkpoint holding state for a
-    stage without load_state_dict is refused (TypeError).
+    `load_state_dict(state)`. A stage without state_dict() keeps none; a checkpoint holding state for a stage
+    without load_state_dict is refused (TypeError).
 Everything else (the config, the context, the parameters, schedules derived from the config, the stage's budget)
 is rebuilt from the config when the stage is built. tests/test_stage_state.py builds every registered stage, takes
 steps, restores a fresh stage from a checkpoint of it and compares every attribute of the two, so state kept outside
-state_dict fails there instead of being dropped.
+state_dict fails there instead of being dropped (and tests/test_stage_contract.py that every optimizer a stage
+holds is declared).
 
-trainer.pt holds the stage as {"optimizers": {path: state_dict}, "state": the stage's state_dict}, except that each
+trainer.pt holds the stage as {"optimizers": {name: state_dict}, "state": the stage's state_dict}, except that each
 value of the state_dict that is a dict of tensors (the shadow) goes to weights.safetensors as
 `stage/<key>/<name>` and is put back in the state before load_state_dict. A checkpoint written before stage state
 was declared (one flat dict of attribute path -> counter, optimizer or scheduler state, or (optimizer, scheduler)
@@ -53,6 +54,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -94,36 +96,42 @@ _RENAMED_PAIRS = {  # (optimizer, scheduler) pairs of legacy checkpoints -> the 
 }
 
 
-def _is_stage(value) -> bool:
-    return hasattr(value, "step") and hasattr(value, "ctx")
+class Checkpointable(Protocol):
+    """What checkpoints read of a stage (bridgectl/stages/base.Stage implements it; the core cannot import the
+    stages, so it is stated here by shape). Each method may be missing: no optimizers, no state."""
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer | torch.optim.lr_scheduler.LRScheduler]:
+        """Every optimizer and LR scheduler of the stage, by the name its state is saved under."""
+
+    def state_dict(self) -> dict:
+        """The stage's state besides parameters, optimizers and schedulers: plain values and tensors."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned."""
 
 
 def _is_tensor_dict(value) -> bool:
     return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
-def stage_optimizers(stage, prefix: str = "") -> dict:
-    """Every optimizer and scheduler of `stage` by attribute path, its sub-stages' included (module docstring)."""
-    found = {}
-    for name, value in vars(stage).items():
-        if isinstance(value, _OPTIMIZING):
-            found[f"{prefix}{name}"] = value
-        elif isinstance(value, (tuple, list)) and any(isinstance(item, _OPTIMIZING) for item in value):
-            raise TypeError(f"{type(stage).__name__}.{name}: keep each optimizer and scheduler in an attribute of "
-                            "its own, where checkpoints find them")
-        elif isinstance(value, dict) and value and all(_is_stage(v) for v in value.values()):
-            for sub_name, sub in value.items():
-                found.update(stage_optimizers(sub, f"{prefix}{name}.{sub_name}."))
-    return found
+def stage_optimizers(stage: Checkpointable) -> dict:
+    """Every optimizer and scheduler `stage` declares (its optimizers()), by the name its state is saved under;
+    TypeError for anything else declared."""
+    declared = stage.optimizers() if hasattr(stage, "optimizers") else {}
+    for name, item in declared.items():
+        if not isinstance(item, _OPTIMIZING):
+            raise TypeError(f"{type(stage).__name__}.optimizers()['{name}'] is a {type(item).__name__}: declare each "
+                            "optimizer and scheduler under a name of its own")
+    return declared
 
 
-def stage_state(stage) -> tuple[dict, dict[str, torch.Tensor]]:
+def stage_state(stage: Checkpointable) -> tuple[dict, dict[str, torch.Tensor]]:
     """(trainer.pt's entry, weights.safetensors' `stage/...` tensors) of `stage`: see the module docstring."""
     state = stage.state_dict() if hasattr(stage, "state_dict") else {}
     plain = {key: value for key, value in state.items() if not _is_tensor_dict(value)}
     tensors = {f"stage/{key}/{name}": tensor.detach() for key, value in state.items() if _is_tensor_dict(value)
                for name, tensor in value.items()}
-    optimizers = {path: item.state_dict() for path, item in stage_optimizers(stage).items()}
+    optimizers = {name: item.state_dict() for name, item in stage_optimizers(stage).items()}
     return {"optimizers": optimizers, "state": plain}, tensors
 
 
@@ -146,14 +154,14 @@ def _legacy_stage(saved: dict) -> dict:
     return {"optimizers": optimizers, "state": state}
 
 
-def load_stage_state(stage, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
+def load_stage_state(stage: Checkpointable, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Restores what stage_state saved: the optimizers and schedulers (those the checkpoint has), then the stage's
     own state through its load_state_dict."""
     if set(saved) != {"optimizers", "state"}:
         saved = _legacy_stage(saved)
-    for path, item in stage_optimizers(stage).items():
-        if path in saved["optimizers"]:
-            item.load_state_dict(saved["optimizers"][path])
+    for name, item in stage_optimizers(stage).items():
+        if name in saved["optimizers"]:
+            item.load_state_dict(saved["optimizers"][name])
             if isinstance(item, torch.optim.Optimizer):
                 _shard_optimizer_state(item)
     state = dict(saved["state"])

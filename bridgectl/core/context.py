@@ -1,6 +1,6 @@
 """What every stage is given (TrainContext: the policy, the task's data streams and the config) and the plain
 helpers around it (seeding, the device, SFT and demonstration batches). Building one for a recipe is
-bridgectl/context.py's job: the core knows no recipe."""
+bridgectl/training/setup.py's job: the core knows no recipe."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def next_sft_batch(ctx: TrainContext) -> SFTBatch:
 @dataclass
 class StepOutput:
     metrics: dict
-    """Metric name -> value for metrics.jsonl (the names the README's run-directory table lists)."""
+    """Metric name -> value for metrics.jsonl (the names docs/guides/run-directory.md lists)."""
     train_tokens: int = 0
     """Completion tokens that received a gradient."""
     gen_tokens: int = 0

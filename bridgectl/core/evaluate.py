@@ -44,7 +44,7 @@ class SplitResult:
     samples: list[dict]  # a few (prompt, completion, reward) rows for completions.jsonl
     rewards: list[float] = field(default_factory=list)  # per problem, in the split's order (eval_problems.jsonl)
     problems: str = ""  # fingerprint of the split's questions: runs with equal fingerprints can be paired
-    sampled: Optional["SampledResult"] = None  # with eval.k > 0: pass@k, maj@k, mean@n from sampled answers
+    sampled: Optional[SampledResult] = None  # with eval.k > 0: pass@k, maj@k, mean@n from sampled answers
     completions: list[str] = field(default_factory=list)  # every greedy answer, in the split's order
 
 

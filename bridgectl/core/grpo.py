@@ -10,10 +10,18 @@ from typing import Callable
 import torch
 
 from bridgectl.core import distributed
+from bridgectl.core.advantages import global_std, group_advantages, normalize_then_sum
 from bridgectl.core.context import TrainContext
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows
-from bridgectl.core.losses import (GRPOStats, PolicyLossOptions, backward, global_std, group_advantages, grpo_loss,
-                                   normalize_then_sum, rank_local, reduction_of, rollout_correction)
+from bridgectl.core.losses import backward
+from bridgectl.core.policy_losses import (
+    GRPOStats,
+    PolicyLossOptions,
+    grpo_loss,
+    rank_local,
+    reduction_of,
+    rollout_correction,
+)
 from bridgectl.core.rollout import Rollouts, concat_rollouts, generate, truncated_rows
 
 
@@ -184,7 +192,7 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
 
 def rollout_ratio(rollouts: Rollouts, ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor] | None:
     """rl.vllm_importance_sampling_correction's ratio of `rollouts` and where its bounds acted
-    (core/losses.rollout_correction), for rollouts an engine sampled (their engine_logprobs); None otherwise."""
+    (core/policy_losses.rollout_correction), for rollouts an engine sampled (their engine_logprobs); None otherwise."""
     rl = ctx.cfg.rl
     if not rl.vllm_importance_sampling_correction or rollouts.engine_logprobs is None:
         return None
@@ -222,7 +230,7 @@ def trained_tokens(scored: ScoredRollouts, ctx: TrainContext, rows: torch.Tensor
 
 
 def loss_options(ctx: TrainContext) -> PolicyLossOptions:
-    """The GRPO variants rl.* sets (core/losses.PolicyLossOptions)."""
+    """The GRPO variants rl.* sets (core/policy_losses.PolicyLossOptions)."""
     rl = ctx.cfg.rl
     return PolicyLossOptions(importance_sampling_level=rl.importance_sampling_level, delta=rl.delta,
                              entropy_coef=rl.entropy_coef, sapo_temperature_pos=rl.sapo_temperature_pos,
@@ -269,7 +277,7 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
             selection: EntropySelection | None = None) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO loss of `model` (any module with the model's signature) on shared rollouts: of all of them, or of
     `rows` normalised by the whole step's `n_tokens` and `n_sequences` (a micro-batch of rl_backward; which one
-    divides is rl.loss_type's choice, core/losses.grpo_loss). The ratio is taken against the sampling policy, so
+    divides is rl.loss_type's choice, core/policy_losses.grpo_loss). The ratio is taken against the sampling policy, so
     scoring another model (BRIDGE's shadow, or the policy after its first update with rl.num_iterations > 1) is
     properly off-policy and clipped at rl.epsilon / rl.epsilon_high. The same forward gives the tokens' entropies
     (train/entropy, rl.entropy_coef's bonus, and with `selection` rl.top_entropy_quantile's mask). Rollouts an
@@ -343,7 +351,7 @@ def without_signal(advantages: torch.Tensor, other_signal: bool = False) -> bool
 def skips_backward(scored: ScoredRollouts, ctx: TrainContext, rows: torch.Tensor) -> bool:
     """Whether rl_backward may leave out its passes over `rows` (indices into `scored`): every advantage of theirs is
     0 on every data-parallel rank (a collective: every rank calls rl_backward together), and rl.beta and
-    rl.entropy_coef are 0, the only terms of core/losses.grpo_loss that are not a product with the advantage. The
+    rl.entropy_coef are 0, the only terms of core/policy_losses.grpo_loss that are not a product with the advantage. The
     passes would then give exactly zero gradients, whatever rl.loss_type (tests/test_no_signal.py checks each)."""
     rl = ctx.cfg.rl
     if rl.beta != 0 or rl.entropy_coef != 0:  # the KL or the entropy bonus has a gradient of its own

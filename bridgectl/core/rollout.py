@@ -36,7 +36,7 @@ class Rollouts:
     sampling_logprobs: torch.Tensor  # [N, C] log-prob of each generated token under the sampling policy
     completions: list[str]  # decoded completion text, special tokens removed
     # [N, C] rollout.backend=vllm: the engine's own log-prob of each sampled token (NaN where it gave none), for
-    # the rollout correction (core/losses.rollout_correction); None from the built-in sampler, which is the policy
+    # the rollout correction (core/policy_losses.rollout_correction); None from the built-in sampler, which is the policy
     engine_logprobs: torch.Tensor | None = None
 
     @property

@@ -14,7 +14,7 @@ Each sampling call:
      difference per token): a large gap means the engine does not sample the policy being trained. The engine's
      log-probs travel with the rollouts (`engine_logprobs`), and rl.vllm_importance_sampling_correction (on by
      default, as TRL's) weights each token's policy term by the trainer-over-engine ratio, truncated or masked
-     (core/losses.rollout_correction); rl.off_policy_mask_threshold measures off-policyness from them.
+     (core/policy_losses.rollout_correction); rl.off_policy_mask_threshold measures off-policyness from them.
 
 The same engine decodes the run's evaluations (greedy, and pass@k samples in `bridgectl eval`).
 
@@ -36,8 +36,8 @@ import torch
 
 from bridgectl.core import distributed, flops
 from bridgectl.core.evaluate import Decode
-from bridgectl.core.model import Policy, merged_weights
 from bridgectl.core.logprobs import score_sampled
+from bridgectl.core.model import Policy, merged_weights
 from bridgectl.core.rollout import Rollouts, encode_prompts, prompt_token_lists, rollouts_from_token_ids
 from bridgectl.errors import UserError
 
@@ -64,7 +64,7 @@ def check_usable(device: torch.device) -> None:
 _open_engine: dict = {}  # the one engine of this process, by its settings: kept for the next run (a sweep's trials)
 
 
-def engine_for(model_path, cfg, policy: Policy) -> "VLLMRollouts":
+def engine_for(model_path, cfg, policy: Policy) -> VLLMRollouts:
     """The process's engine for this model and these settings: the one already open when they match (a sweep runs
     its trials one after another in a process; starting an engine takes from seconds to minutes, and two would
     each claim their share of memory), else a new one, after closing any other. Reusing one is safe: weights are
@@ -182,7 +182,7 @@ def engine_logprobs(completion) -> list[float]:
 
 def engine_logprob_tensor(rollouts: Rollouts, engine: list[list[float]]) -> torch.Tensor:
     """The engine's log-probs as a [N, C] tensor beside the rollouts' own (NaN where it gave none: past a
-    completion's end, or a record without log-probs), on their device, for core/losses.rollout_correction."""
+    completion's end, or a record without log-probs), on their device, for core/policy_losses.rollout_correction."""
     values = torch.full(rollouts.completion_ids.shape, float("nan"), dtype=torch.float32)
     for row, logprobs in enumerate(engine):
         width = min(len(logprobs), values.size(1))

@@ -17,6 +17,17 @@ from bridgectl.errors import UserError
 from bridgectl.models import tiny
 
 
+def load_task(cfg, show_progress: bool = True):
+    """The task of `cfg` (tasks.make_task), its prompts formatted with the base model's tokenizer where it has any
+    (dataset tasks: the chat template); the built-in arith task needs none, so no model is touched for it."""
+    from bridgectl.core.model import tokenizer_from
+    from bridgectl.tasks import make_task
+
+    if cfg.task.name == "arith":
+        return make_task(cfg)
+    return make_task(cfg, tokenizer_from(base_model_path(cfg.model, cfg.task, show_progress=show_progress), cfg.model))
+
+
 def base_model_path(model_cfg, task_cfg, show_progress: bool = True) -> Path | str:
     """The directory (or Hub id) the base model and tokenizer load from: with `model.init_from`, the weights it
     names (init_model_dir), else the model itself."""
@@ -42,7 +53,7 @@ def init_model_dir(source: str, show_progress: bool = True) -> Path:
     `$BRIDGECTL_CACHE/init-<hash>` (keyed by the adapter files' paths, sizes and times), in the base's own dtype."""
     path = Path(source).expanduser()
     if (path / "config.yaml").is_file():  # a bridgectl run
-        from bridgectl.run_config import load_run_config  # Hydra loads only when a run is given
+        from bridgectl.config.saved import load_run_config  # Hydra loads only when a run is given
 
         final = path / "checkpoints" / "final"
         if not final.is_dir():

@@ -2,7 +2,7 @@
 
 The base weights come from a short deterministic pretraining run on the `arith` task's own text (never on its test
 bucket): mostly direct answers (`4+9*3=#1`) and a minority of step-by-step traces at every length. That mixture is
-what makes every recipe have something to do (measured; the README's "The built-in task and model"):
+what makes every recipe have something to do (measured; docs/quickstart.md's "The built-in task and model"):
   - greedy decoding answers directly and gets a minority of problems right, so SFT on traces has something to teach;
   - sampling at temperature 1 writes a trace some of the time, and those traces are right far more often than direct
     answers, so RL from the base has something to discover.
@@ -92,7 +92,7 @@ def pretrain(model_cfg, task_cfg, out_dir: Path, show_progress: bool = True) -> 
     model.train()
     with progress_bar(enabled=show_progress) as progress:
         task_id = progress.add_task("pretraining tiny base", total=spec.steps, info="")
-        for step in range(spec.steps):
+        for _ in range(spec.steps):
             n_trace = sum(rng.random() < spec.trace_fraction for _ in range(spec.batch_size))
             batch = [next(problems) for _ in range(spec.batch_size)]
             # Traces and direct answers go in separate sub-batches so short rows are not padded to trace length.

@@ -1,8 +1,9 @@
 """The stage registry: the one list of training stages that the runner, config composition and validation,
 `bridgectl recipes`, checkpoint resume and `bridgectl eval --checkpoint` read.
 
-A stage is its update rule, `<name>.py` in this folder (a class built as `Stage(ctx, total_updates)` with a `step()`
-that returns a core.context.StepOutput), its config section and checks, `<name>_config.py` beside it (a dataclass
+A stage is its update rule, `<name>.py` in this folder (a subclass of stages/base.Stage, which states the contract:
+built as `Stage(ctx, total_updates)`, a `step()` that returns a core.context.StepOutput, the optimizers it owns by
+name and its state for checkpoints), its config section and checks, `<name>_config.py` beside it (a dataclass
 with a docstring per field, and `check(cfg)`; torch-free), one entry in STAGES below, and a recipe YAML in
 conf/recipe/ that lists stages. The entries hold no update code, only where the class lives, its config section,
 and what the rest of the tool needs to know about it (named capabilities), so that reading this file (config
@@ -18,9 +19,17 @@ from typing import Callable, Optional
 from omegaconf import DictConfig
 
 from bridgectl.core.choices import SCALE_REWARDS
-from bridgectl.stages import (bridge_config, chord_config, hpt_config, interleaved_config, luffy_config, mix_config,
-                              relift_config, srft_config, uft_config)
-
+from bridgectl.stages import (
+    bridge_config,
+    chord_config,
+    hpt_config,
+    interleaved_config,
+    luffy_config,
+    mix_config,
+    relift_config,
+    srft_config,
+    uft_config,
+)
 
 
 def always(cfg: DictConfig) -> bool:
@@ -38,7 +47,7 @@ class StageInfo:
     cls: str
     """The stage class's name in that module."""
     rule: str
-    """Its update rule in one line (bridgectl recipes, the README's recipe table)."""
+    """Its update rule in one line (bridgectl recipes, docs/methods/index.md)."""
     source: str
     """The paper it comes from (arXiv id) or what it is."""
     samples_rollouts: bool
@@ -54,7 +63,7 @@ class StageInfo:
     """Its section's checks (and its rules when the recipe runs it): raises UserError for values no run could use."""
     pairs_demonstrations: Callable[[DictConfig], bool] = never
     """Whether, with this config, it trains on each RL prompt's own demonstration, so every RL problem needs a trace
-    (checked once, before any weights load: bridgectl/context.build_context)."""
+    (checked once, before any weights load: bridgectl/training/setup.build_context)."""
     num_iterations: bool = False
     """Takes rl.num_iterations updates per batch of rollouts (others refuse rl.num_iterations > 1)."""
     dynamic_sampling: bool = False

@@ -47,7 +47,7 @@ Choices the paper leaves open, with the value chosen here (all configurable):
     theta_hat = theta - alpha grad L_rl(theta, w), recomputed each step, is `bridge.shadow=lookahead` (ablation).
 Deviations from the paper, each off by default where possible and reachable by config:
   - the paper uses one learning rate (5e-7) everywhere; at the tiny scale SFT wants ~1e-3 and RL diverges above
-    ~1e-4 (measured on the tiny model: the README's "The built-in task and model"), so alpha and beta are separate
+    ~1e-4 (measured on the tiny model: docs/quickstart.md's "The built-in task and model"), so alpha and beta are separate
     and `bridge.sft_scale` (default 1 = paper) multiplies the SFT term of both levels;
   - w's rank `bridge.w_rank` is 8 by default where the paper states 16 (with alpha 16; its LoRA ablation table's
     first row reads 32/16): set bridge.w_rank=16 for the paper's;
@@ -65,11 +65,18 @@ import torch
 
 from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import (completion_rows, rl_backward, rollout_metrics, sample_and_score, sample_groups,
-                                 trained_tokens)
+from bridgectl.core.grpo import (
+    completion_rows,
+    rl_backward,
+    rollout_metrics,
+    sample_and_score,
+    sample_groups,
+    trained_tokens,
+)
 from bridgectl.core.losses import sft_backward
 from bridgectl.core.model import adapter_of, add_upper_adapter
 from bridgectl.core.optim import clip_gradients, make_optimizer
+from bridgectl.stages.base import Optimizing, Stage
 
 UPPER = "w"  # adapter name of the upper level
 
@@ -111,9 +118,11 @@ def _optimizer(params, lr, settings, optim_cfg, total_updates):
     return make_optimizer(params, lr, optim_cfg, total_updates)
 
 
-class BridgeStage:
+class BridgeStage(Stage):
+    """BRIDGE's meta-step (module docstring): one optimizer per level (theta, w, theta_hat); its state is the step
+    counter and the persistent shadow theta_hat."""
     name = "bridge"
-    before_sharding = staticmethod(ensure_upper_adapter)  # bridgectl/context.build_context, train.fsdp
+    before_sharding = staticmethod(ensure_upper_adapter)  # bridgectl/training/setup.build_context, train.fsdp
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         self.ctx, self.settings, self.total_updates = ctx, ctx.cfg.bridge, total_updates
@@ -138,6 +147,15 @@ class BridgeStage:
             self.shadow_optimizer, self.shadow_scheduler = _optimizer(list(self.shadow.values()), settings.alpha,
                                                                       settings, optim, total_updates)
         self.updates = 0
+
+    def optimizers(self) -> dict[str, Optimizing]:
+        """Each level's optimizer and scheduler, `lower_`, `upper_` and `shadow_optimizer` / `_scheduler`, those of
+        the levels this configuration has (no w with bridge.upper=none, no shadow but the cooperative persistent
+        one's)."""
+        levels = {"lower_optimizer": self.lower_optimizer, "lower_scheduler": self.lower_scheduler,
+                  "upper_optimizer": self.upper_optimizer, "upper_scheduler": self.upper_scheduler,
+                  "shadow_optimizer": self.shadow_optimizer, "shadow_scheduler": self.shadow_scheduler}
+        return {name: item for name, item in levels.items() if item is not None}
 
     def state_dict(self) -> dict:
         """The training state core/checkpoint.py saves besides the optimizers and schedulers: the step counter and

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from bridgectl.errors import require
 
+
 @dataclass
 class BridgeConfig:
     lower: Optional[str] = None

@@ -45,10 +45,18 @@ from __future__ import annotations
 import math
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import (Update, completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups,
-                                 trained_tokens)
+from bridgectl.core.grpo import (
+    Update,
+    completion_rows,
+    iterate_updates,
+    rl_backward,
+    rollout_metrics,
+    sample_groups,
+    trained_tokens,
+)
 from bridgectl.core.losses import phi_sft_loss, sft_backward, sft_loss
-from bridgectl.core.optim import make_optimizer, take_step
+from bridgectl.core.optim import take_step
+from bridgectl.stages.base import CountingStage
 
 
 def chord_mu(cfg, update: int) -> float:
@@ -63,24 +71,13 @@ def chord_mu(cfg, update: int) -> float:
     return cfg.mu_valley + (cfg.mu_peak - cfg.mu_valley) * cosine
 
 
-class ChordStage:
+class ChordStage(CountingStage):
+    """CHORD's hybrid loss (module docstring): one optimizer (chord.lr), its step counter as its state."""
     name = "chord"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx = ctx
-        self.params = ctx.policy.trainable_parameters()
         # `total_updates` counts steps; the optimizer takes rl.num_iterations updates in each (mu keeps per step)
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.chord.lr, ctx.cfg.optim,
-                                                        total_updates * ctx.cfg.rl.num_iterations)
-        self.updates = 0
-
-    def state_dict(self) -> dict:
-        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict returned (core/checkpoint.restore)."""
-        self.updates = state["updates"]
+        super().__init__(ctx, ctx.cfg.chord.lr, total_updates * ctx.cfg.rl.num_iterations)
 
     def step(self) -> StepOutput:
         ctx, cfg, rl = self.ctx, self.ctx.cfg.chord, self.ctx.cfg.rl

@@ -39,7 +39,8 @@ from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch
 from bridgectl.core.grpo import completion_rows, rl_backward, rollout_metrics, sample_groups, trained_tokens
 from bridgectl.core.losses import sft_backward
-from bridgectl.core.optim import make_optimizer, take_step
+from bridgectl.core.optim import take_step
+from bridgectl.stages.base import CountingStage
 
 
 def switched_groups(correct: torch.Tensor, group_size: int, gate: int) -> list[bool]:
@@ -48,22 +49,12 @@ def switched_groups(correct: torch.Tensor, group_size: int, gate: int) -> list[b
     return ((correct.view(-1, group_size) > 0).sum(dim=1) <= gate).tolist()
 
 
-class HPTStage:
+class HPTStage(CountingStage):
+    """HPT's per-prompt switch (module docstring): one optimizer (hpt.lr), its step counter as its state."""
     name = "hpt"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx = ctx
-        self.params = ctx.policy.trainable_parameters()
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.hpt.lr, ctx.cfg.optim, total_updates)
-        self.updates = 0
-
-    def state_dict(self) -> dict:
-        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict returned (core/checkpoint.restore)."""
-        self.updates = state["updates"]
+        super().__init__(ctx, ctx.cfg.hpt.lr, total_updates)
 
     def step(self) -> StepOutput:
         ctx, cfg, group_size = self.ctx, self.ctx.cfg.hpt, self.ctx.cfg.rl.num_generations

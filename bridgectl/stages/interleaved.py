@@ -8,22 +8,31 @@ alternation does not mix Adam statistics of two different losses.
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext
+from bridgectl.stages.base import Optimizing, Stage
 from bridgectl.stages.rl import RLStage
 from bridgectl.stages.sft import SFTStage
 
 
-class InterleavedStage:
+class InterleavedStage(Stage):
+    """RL and SFT updates in turn (module docstring): the two rules' optimizers, the step counter and the RL
+    rule's own state."""
     name = "interleaved"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
+        self.ctx = ctx
         pattern = ["rl"] * ctx.cfg.interleaved.rl_steps + ["sft"] * ctx.cfg.interleaved.sft_steps
         self.schedule = [pattern[i % len(pattern)] for i in range(total_updates)]
         self.rules = {"rl": RLStage(ctx, self.schedule.count("rl")), "sft": SFTStage(ctx, self.schedule.count("sft"))}
         self.updates = 0
 
+    def optimizers(self) -> dict[str, Optimizing]:
+        """Each rule's optimizers and schedulers under `rules.<rule>.` (`rules.rl.optimizer`, ...)."""
+        return {f"rules.{kind}.{name}": item for kind, rule in self.rules.items()
+                for name, item in rule.optimizers().items()}
+
     def state_dict(self) -> dict:
-        """The training state core/checkpoint.py saves besides the rules' optimizers and schedulers (which it finds
-        as `rules.rl.optimizer` and so on): the step counter and the RL rule's own (the SFT rule keeps none)."""
+        """The training state core/checkpoint.py saves besides the rules' optimizers and schedulers: the step
+        counter and the RL rule's own (the SFT rule keeps none)."""
         return {"updates": self.updates, "rules": {"rl": self.rules["rl"].state_dict()}}
 
     def load_state_dict(self, state: dict) -> None:

@@ -59,24 +59,28 @@ from dataclasses import dataclass, replace
 import torch
 
 from bridgectl.core import distributed
+from bridgectl.core.advantages import group_advantages
 from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch
-from bridgectl.core.grpo import (ScoredRollouts, completion_rows, loss_mask, rl_backward, rollout_metrics,
-                                 sample_groups, trained_tokens)
+from bridgectl.core.grpo import (
+    ScoredRollouts,
+    completion_rows,
+    loss_mask,
+    rl_backward,
+    rollout_metrics,
+    sample_groups,
+    trained_tokens,
+)
 from bridgectl.core.logprobs import micro_batches, token_logprobs
-from bridgectl.core.losses import SFTBatch, backward, group_advantages
-from bridgectl.core.optim import make_optimizer, take_step
+from bridgectl.core.losses import SFTBatch, backward
+from bridgectl.core.optim import take_step
+from bridgectl.core.policy_losses import kl_k3
+from bridgectl.stages.base import CountingStage
 
 
 def shaping(probs: torch.Tensor, gamma: float) -> torch.Tensor:
     """LUFFY's policy shaping f(p) = p / (p + gamma), in place of the importance ratio p / 1 of a demonstration
     token."""
     return probs / (probs + gamma)
-
-
-def kl_k3(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || pi_ref), exp(ref - logp) - (ref - logp) - 1, as in core/losses.grpo_loss."""
-    log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1
 
 
 def mixed_advantages(on_rewards: torch.Tensor, demo_rewards: torch.Tensor, copies: int,
@@ -176,22 +180,13 @@ def mixed_metrics(mixed: MixedGroups, stats, group_size: int, ctx: TrainContext,
     return metrics
 
 
-class LuffyStage:
+class LuffyStage(CountingStage):
+    """LUFFY's mixed-policy GRPO (module docstring): one optimizer (luffy.lr), its step counter as its state."""
     name = "luffy"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx, self.cfg = ctx, ctx.cfg.luffy
-        self.params = ctx.policy.trainable_parameters()
-        self.optimizer, self.scheduler = make_optimizer(self.params, self.cfg.lr, ctx.cfg.optim, total_updates)
-        self.updates = 0
-
-    def state_dict(self) -> dict:
-        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict returned (core/checkpoint.restore)."""
-        self.updates = state["updates"]
+        super().__init__(ctx, ctx.cfg.luffy.lr, total_updates)
+        self.cfg = ctx.cfg.luffy
 
     def step(self) -> StepOutput:
         ctx, cfg, rl = self.ctx, self.cfg, self.ctx.cfg.rl

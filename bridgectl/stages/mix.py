@@ -10,10 +10,18 @@ policy's).
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
-from bridgectl.core.grpo import (Update, completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups,
-                                 trained_tokens)
+from bridgectl.core.grpo import (
+    Update,
+    completion_rows,
+    iterate_updates,
+    rl_backward,
+    rollout_metrics,
+    sample_groups,
+    trained_tokens,
+)
 from bridgectl.core.losses import sft_backward
-from bridgectl.core.optim import make_optimizer, take_step
+from bridgectl.core.optim import take_step
+from bridgectl.stages.base import CountingStage
 
 
 def linear_mu(cfg, update: int, total_updates: int) -> float:
@@ -24,24 +32,14 @@ def linear_mu(cfg, update: int, total_updates: int) -> float:
     return cfg.mu + (cfg.mu_end - cfg.mu) * update / max(1, total_updates - 1)
 
 
-class MixStage:
+class MixStage(CountingStage):
+    """L_rl + mu L_sft (module docstring): one optimizer (mix.lr), its step counter as its state."""
     name = "mix"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx, self.total_updates = ctx, total_updates
-        self.params = ctx.policy.trainable_parameters()
         # `total_updates` counts steps; the optimizer takes rl.num_iterations updates in each
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.mix.lr, ctx.cfg.optim,
-                                                        total_updates * ctx.cfg.rl.num_iterations)
-        self.updates = 0
-
-    def state_dict(self) -> dict:
-        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict returned (core/checkpoint.restore)."""
-        self.updates = state["updates"]
+        super().__init__(ctx, ctx.cfg.mix.lr, total_updates * ctx.cfg.rl.num_iterations)
+        self.total_updates = total_updates  # mu's line spans the stage
 
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl

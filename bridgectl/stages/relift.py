@@ -60,11 +60,18 @@ from dataclasses import asdict, dataclass
 
 from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext, demonstration_batch
-from bridgectl.core.grpo import (completion_rows, group_seeds, rl_backward, rollout_metrics, sample_and_score,
-                                 trained_tokens)
+from bridgectl.core.grpo import (
+    completion_rows,
+    group_seeds,
+    rl_backward,
+    rollout_metrics,
+    sample_and_score,
+    trained_tokens,
+)
 from bridgectl.core.losses import sft_backward
 from bridgectl.core.optim import make_optimizer, take_step
 from bridgectl.errors import UserError
+from bridgectl.stages.base import CountingStage, Optimizing
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,9 @@ class Demonstration:
     """Its paired demonstration: trace and answer."""
 
 
-class ReliftStage:
+class ReliftStage(CountingStage):
+    """ReLIFT (module docstring): the RL optimizer (rl.lr) and the SFT one (relift.sft_lr); its state is the buffer
+    and the step counters."""
     name = "relift"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -87,26 +96,28 @@ class ReliftStage:
             raise UserError(f"relift.buffer_size={cfg.buffer_size} and its SFT mini-batches of {mini_batch} do not "
                             f"split evenly over {world} processes",
                             f"use multiples of {world}: each SFT mini-batch is shared out across processes")
-        self.ctx = ctx
-        self.params = ctx.policy.trainable_parameters()
-        optim = ctx.cfg.optim
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.rl.lr, optim, total_updates)
+        super().__init__(ctx, ctx.cfg.rl.lr, total_updates)  # the RL updates' optimizer
         # the SFT optimizer's schedule (warm-up, cosine) counts SFT updates against the stage's budget in steps
-        self.sft_optimizer, self.sft_scheduler = make_optimizer(self.params, cfg.sft_lr, optim, total_updates)
+        self.sft_optimizer, self.sft_scheduler = make_optimizer(self.params, cfg.sft_lr, ctx.cfg.optim, total_updates)
         self.buffer: list[Demonstration] = []  # the hardest prompts not trained on yet, oldest first
-        self.updates = 0
         self.sft_updates = 0
+
+    def optimizers(self) -> dict[str, Optimizing]:
+        """The RL optimizer and scheduler (`optimizer`, `scheduler`) and the SFT rounds' (`sft_optimizer`,
+        `sft_scheduler`)."""
+        return {**super().optimizers(), "sft_optimizer": self.sft_optimizer, "sft_scheduler": self.sft_scheduler}
 
     def state_dict(self) -> dict:
         """The training state core/checkpoint.py saves besides the two optimizers and schedulers: the buffer (as
         plain strings) and the step counters."""
-        return {"buffer": [asdict(example) for example in self.buffer], "updates": self.updates,
+        return {"buffer": [asdict(example) for example in self.buffer], **super().state_dict(),
                 "sft_updates": self.sft_updates}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict returned (core/checkpoint.restore), or what a checkpoint written before the
         buffer was saved as it is holds (see _legacy_buffer)."""
-        self.updates, self.sft_updates = state["updates"], state["sft_updates"]
+        super().load_state_dict(state)
+        self.sft_updates = state["sft_updates"]
         if isinstance(state["buffer"], dict):
             self.buffer = self._legacy_buffer(state["buffer"]["stream_index"][:state["buffered"]].tolist())
         else:

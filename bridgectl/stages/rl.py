@@ -10,7 +10,7 @@ no format reward). Each step, in the order:
     A         <- (R - mean_group) / std_group                      (`rl.scale_rewards=group`; or batch, none)
     repeat `rl.num_iterations` times (TRL's num_iterations, GRPO's mu, arXiv 2402.03300 Algorithm 1):
         loss  <- clipped surrogate with pi / pi_sampling (clip at `rl.epsilon`, `rl.epsilon_high`), + beta KL,
-                 reduced by `rl.loss_type` (core/losses.py)
+                 reduced by `rl.loss_type` (core/policy_losses.py)
         one optimizer update
 
 The first update of a batch has ratio 1 (TRL's num_iterations=1 is that update alone), so clipping only acts from
@@ -22,29 +22,26 @@ old_per_token_logps (computed once per batch); the learning-rate schedule counts
 from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext
-from bridgectl.core.grpo import (Update, completion_rows, iterate_updates, rl_backward, rollout_metrics, sample_groups,
-                                 trained_tokens)
-from bridgectl.core.optim import make_optimizer, take_step
+from bridgectl.core.grpo import (
+    Update,
+    completion_rows,
+    iterate_updates,
+    rl_backward,
+    rollout_metrics,
+    sample_groups,
+    trained_tokens,
+)
+from bridgectl.core.optim import take_step
+from bridgectl.stages.base import CountingStage
 
 
-class RLStage:
+class RLStage(CountingStage):
+    """GRPO (module docstring): one optimizer (rl.lr), its step counter as its state."""
     name = "rl"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx = ctx
-        self.params = ctx.policy.trainable_parameters()
         # `total_updates` counts steps (batches of rollouts); the optimizer takes rl.num_iterations updates in each
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.rl.lr, ctx.cfg.optim,
-                                                        total_updates * ctx.cfg.rl.num_iterations)
-        self.updates = 0  # steps taken (batches of rollouts), as in every stage
-
-    def state_dict(self) -> dict:
-        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict returned (core/checkpoint.restore)."""
-        self.updates = state["updates"]
+        super().__init__(ctx, ctx.cfg.rl.lr, total_updates * ctx.cfg.rl.num_iterations)
 
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from bridgectl.core.context import StepOutput, TrainContext, next_sft_batch
 from bridgectl.core.losses import sft_backward
-from bridgectl.core.optim import make_optimizer, take_step
+from bridgectl.core.optim import take_step
+from bridgectl.stages.base import OptimizerStage
 
 
-class SFTStage:
+class SFTStage(OptimizerStage):
+    """SFT (module docstring): one optimizer (sft.lr) and no other state (it counts no steps)."""
     name = "sft"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx = ctx
-        self.params = ctx.policy.trainable_parameters()
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.sft.lr, ctx.cfg.optim, total_updates)
+        super().__init__(ctx, ctx.cfg.sft.lr, total_updates)
 
     def step(self) -> StepOutput:
         ctx = self.ctx

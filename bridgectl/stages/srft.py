@@ -58,10 +58,11 @@ from bridgectl.core import distributed
 from bridgectl.core.context import StepOutput, TrainContext
 from bridgectl.core.grpo import completion_rows, loss_mask, trained_tokens
 from bridgectl.core.logprobs import completion_logprobs, micro_batches, rollout_rows, token_entropies, token_logprobs
-from bridgectl.core.losses import GRPOStats, backward
-from bridgectl.core.optim import make_optimizer, take_step
-from bridgectl.stages.luffy import MixedGroups, kl_k3, mixed_metrics, sample_mixed_groups
-
+from bridgectl.core.losses import backward
+from bridgectl.core.optim import take_step
+from bridgectl.core.policy_losses import GRPOStats, kl_k3
+from bridgectl.stages.base import CountingStage
+from bridgectl.stages.luffy import MixedGroups, mixed_metrics, sample_mixed_groups
 
 ZERO_STATS = GRPOStats(clip_fraction=0.0, kl=0.0)
 """SRFT's train/clip_fraction and train/kl for rollout_metrics: its losses clip nothing, and its KL (rl.beta) is a
@@ -85,22 +86,13 @@ def rollout_coefficients(entropy: torch.Tensor, rewards: torch.Tensor, coef: flo
     return torch.where(rewards > 0, coef * torch.exp(entropy.detach()), torch.full_like(entropy, -1.0))
 
 
-class SRFTStage:
+class SRFTStage(CountingStage):
+    """SRFT's single-stage loss (module docstring): one optimizer (srft.lr), its step counter as its state."""
     name = "srft"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx, self.cfg = ctx, ctx.cfg.srft
-        self.params = ctx.policy.trainable_parameters()
-        self.optimizer, self.scheduler = make_optimizer(self.params, self.cfg.lr, ctx.cfg.optim, total_updates)
-        self.updates = 0
-
-    def state_dict(self) -> dict:
-        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict returned (core/checkpoint.restore)."""
-        self.updates = state["updates"]
+        super().__init__(ctx, ctx.cfg.srft.lr, total_updates)
+        self.cfg = ctx.cfg.srft
 
     def step(self) -> StepOutput:
         ctx, rl = self.ctx, self.ctx.cfg.rl

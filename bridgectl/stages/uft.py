@@ -54,11 +54,20 @@ import math
 import torch
 
 from bridgectl.core import distributed
+from bridgectl.core.advantages import group_advantages
 from bridgectl.core.context import StepOutput, TrainContext
-from bridgectl.core.grpo import (ScoredRollouts, completion_rows, group_seeds, rl_backward, rollout_metrics,
-                                 sample_and_score, trained_tokens)
-from bridgectl.core.losses import SFTBatch, group_advantages, make_sft_batch, sft_backward
-from bridgectl.core.optim import make_optimizer, take_step
+from bridgectl.core.grpo import (
+    ScoredRollouts,
+    completion_rows,
+    group_seeds,
+    rl_backward,
+    rollout_metrics,
+    sample_and_score,
+    trained_tokens,
+)
+from bridgectl.core.losses import SFTBatch, make_sft_batch, sft_backward
+from bridgectl.core.optim import take_step
+from bridgectl.stages.base import CountingStage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,22 +123,13 @@ def hint_batch(tokenizer, problems: list, hints: list[str], device) -> SFTBatch:
     return SFTBatch(batch.input_ids, batch.attention_mask, labels)
 
 
-class UFTStage:
+class UFTStage(CountingStage):
+    """UFT's hint curriculum (module docstring): one optimizer (uft.lr), its step counter as its state."""
     name = "uft"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
-        self.ctx, self.total_updates = ctx, total_updates
-        self.params = ctx.policy.trainable_parameters()
-        self.optimizer, self.scheduler = make_optimizer(self.params, ctx.cfg.uft.lr, ctx.cfg.optim, total_updates)
-        self.updates = 0
-
-    def state_dict(self) -> dict:
-        """The training state core/checkpoint.py saves besides the optimizer and scheduler: the step counter."""
-        return {"updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restores what state_dict returned (core/checkpoint.restore)."""
-        self.updates = state["updates"]
+        super().__init__(ctx, ctx.cfg.uft.lr, total_updates)
+        self.total_updates = total_updates  # the hint schedule spans the stage
 
     def step(self) -> StepOutput:
         ctx, rl, cfg = self.ctx, self.ctx.cfg.rl, self.ctx.cfg.uft

@@ -10,7 +10,7 @@ intermediate result is reduced modulo `task.modulus` (10 by default):
 Why modular: each trace step is one of a few hundred single-digit facts, while a direct answer needs the whole
 composition. So a model that sometimes writes traces gets more right with them than without, which is what lets
 RL from the base ("RL-zero") discover something (measured while designing the task: on natural arithmetic,
-traces were no better than direct answers and RL stayed flat; the README's "The built-in task and model" has
+traces were no better than direct answers and RL stayed flat; docs/quickstart.md's "The built-in task and model" has
 the measured base accuracies).
 
 Splits are fixed by a hash of the question text, so they never overlap whatever the seed:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from bridgectl.errors import UserError
-from bridgectl.tasks import plain_prompt
+from bridgectl.tasks.prompts import plain_prompt
 from bridgectl.tasks.rewards import StepReward
 from bridgectl.tasks.verify import MathVerifier, gsm8k_gold, gsm8k_trace, last_boxed
 

@@ -365,7 +365,7 @@ def _serve(fd: int, parent_pid: int) -> None:
     except UserError as error:
         connection.send(("error", f"{error.message} ({error.hint})"))
         return
-    except Exception as error:  # noqa: BLE001: a reward model that does not load names itself
+    except Exception as error:  # noqa: BLE001 (a reward model that does not load names itself)
         connection.send(("error", f"could not load a reward model of {', '.join(specs)}: "
                                   f"{type(error).__name__}: {error}"))
         return
@@ -381,7 +381,7 @@ def _serve(fd: int, parent_pid: int) -> None:
             except RewardFunctionError as error:
                 connection.send(("error", str(error)))
                 break
-            except BaseException as error:  # noqa: BLE001: whatever it raises (SystemExit too) is reported
+            except BaseException as error:  # noqa: BLE001 (whatever it raises, SystemExit too, is reported)
                 connection.send(("error", f"reward function {name} raised {type(error).__name__}: {error}"))
                 break
             connection.send(("values", values))

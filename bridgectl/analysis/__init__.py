@@ -1,0 +1,1 @@
+"""Reading finished runs: `compare` (its statistics, audit and rows), the report and plots, and `bridgectl runs`."""

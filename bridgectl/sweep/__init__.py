@@ -1,0 +1,1 @@
+"""Optuna studies over run configs: the spec, the claims that make every grid point run once, and the workers."""

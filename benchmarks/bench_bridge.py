@@ -82,12 +82,25 @@ SHORT, LONG = ["rl.max_completion_length=24"], ["rl.max_completion_length=256"]
 # the regime of RL on real models, where generation takes most of a step.
 GEN_BOUND = [*LONG, "rl.prompts_per_step=4", "rl.num_generations=4", "sft.batch_size=16"]
 # A ~100M-parameter random-init model (no pretraining) where the base, not the adapters, dominates the state.
-WIDE = ["model.hidden_size=1024", "model.num_layers=8", "model.num_heads=16", "model.pretrain.steps=0",
-        "rl.prompts_per_step=2", "rl.num_generations=2", "rl.max_completion_length=8", "sft.batch_size=2"]
+WIDE = [
+    "model.hidden_size=1024",
+    "model.num_layers=8",
+    "model.num_heads=16",
+    "model.pretrain.steps=0",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "rl.max_completion_length=8",
+    "sft.batch_size=2",
+]
 # The same model with a batch whose activations count as they do in real RL (16 sequences x 64 tokens, 16 SFT
 # examples): peak memory there, not only the training state.
-WIDE_BATCH = [*WIDE, "rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=64",
-              "sft.batch_size=16"]
+WIDE_BATCH = [
+    *WIDE,
+    "rl.prompts_per_step=4",
+    "rl.num_generations=4",
+    "rl.max_completion_length=64",
+    "sft.batch_size=16",
+]
 CONFIGS = {
     # name: overrides; LoRA configurations at rank 32 for both recipes, as the recorded figures were measured
     "rl (full)": ["recipe=rl", *SHORT],
@@ -104,7 +117,12 @@ CONFIGS = {
     "bridge lower=full, 100M model": ["recipe=bridge", "bridge.lower=full", *WIDE],
     "bridge lower=lora, 100M model": ["recipe=bridge", "model.finetune=lora", "lora.rank=32", *WIDE],
     "rl (lora), 100M model, 16 x 64 tokens": ["recipe=rl", "model.finetune=lora", "lora.rank=32", *WIDE_BATCH],
-    "bridge lower=lora, 100M model, 16 x 64 tokens": ["recipe=bridge", "model.finetune=lora", "lora.rank=32", *WIDE_BATCH],
+    "bridge lower=lora, 100M model, 16 x 64 tokens": [
+        "recipe=bridge",
+        "model.finetune=lora",
+        "lora.rank=32",
+        *WIDE_BATCH,
+    ],
 }
 # Configurations measured for memory only: one timed step is enough.
 MEMORY_ONLY = {"rl (lora), 100M model, 16 x 64 tokens", "bridge lower=lora, 100M model, 16 x 64 tokens"}
@@ -161,10 +179,24 @@ def training_state_mb(stage, policy) -> float:
 # Published shapes of two models users post-train (config.json of Qwen/Qwen2.5-0.5B and Qwen/Qwen2.5-7B); the
 # models are built on the meta device, so nothing is downloaded or allocated.
 REAL_SHAPES = {
-    "Qwen2.5-0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "Qwen2.5-7B": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "Qwen2.5-0.5B": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "Qwen2.5-7B": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -205,8 +237,11 @@ def peak_tensor_mb_of_step(stage, policy) -> float:
     alive_at_start = training_state_mb(stage, policy)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         stage.step()
-    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
-                    if event.name() == "[memory]")
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
     live = highest = 0
     for _, nbytes in events:
         live += nbytes
@@ -256,10 +291,16 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     else:
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
         peak = peak_tensor_mb_of_step(stage, ctx.policy)
-    return {"step_s": seconds, "peak_mb": peak, "peak_rss_mb": peak_rss, "device": str(ctx.device),
-            "state_mb": training_state_mb(stage, ctx.policy), "gen_tokens_per_step": gen_tokens / steps,
-            "gen_share": gen_seconds / steps / seconds,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "step_s": seconds,
+        "peak_mb": peak,
+        "peak_rss_mb": peak_rss,
+        "device": str(ctx.device),
+        "state_mb": training_state_mb(stage, ctx.policy),
+        "gen_tokens_per_step": gen_tokens / steps,
+        "gen_share": gen_seconds / steps / seconds,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 INTERLEAVED = ["rl (full)", "rl (lora)", "bridge lower=full", "bridge lower=lora"]
@@ -327,17 +368,36 @@ def measure_trl(steps: int, warmup: int) -> dict:
 
     rows = cfg.rl.prompts_per_step * cfg.rl.num_generations
     args = GRPOConfig(
-        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bridgectl-bench-trl"), use_cpu=True, bf16=False,
-        per_device_train_batch_size=rows, gradient_accumulation_steps=1, num_generations=cfg.rl.num_generations,
-        steps_per_generation=1, num_iterations=1, max_completion_length=cfg.rl.max_completion_length,
-        generation_kwargs={"min_new_tokens": cfg.rl.max_completion_length}, temperature=cfg.rl.temperature,
-        learning_rate=cfg.rl.lr, lr_scheduler_type="constant", beta=0.0, loss_type="dapo", epsilon=cfg.rl.epsilon,
-        max_grad_norm=cfg.optim.max_grad_norm, gradient_checkpointing=False, max_steps=steps + warmup,
-        logging_steps=1000, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
-        disable_tqdm=True)
+        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "bridgectl-bench-trl"),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=rows,
+        gradient_accumulation_steps=1,
+        num_generations=cfg.rl.num_generations,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_completion_length=cfg.rl.max_completion_length,
+        generation_kwargs={"min_new_tokens": cfg.rl.max_completion_length},
+        temperature=cfg.rl.temperature,
+        learning_rate=cfg.rl.lr,
+        lr_scheduler_type="constant",
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=cfg.rl.epsilon,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        gradient_checkpointing=False,
+        max_steps=steps + warmup,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=lora)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+    )
     times = []
 
     class Timer(TrainerCallback):
@@ -372,22 +432,34 @@ def measure_generation(steps: int) -> dict:
     model, tokenizer = ctx.policy.model.eval(), ctx.policy.tokenizer
     length = cfg.rl.max_completion_length
     stream = ctx.task.rl_prompts(0)
-    prompts = [p.question for p in (next(stream) for _ in range(cfg.rl.prompts_per_step))
-               for _ in range(cfg.rl.num_generations)]
+    prompts = [
+        p.question
+        for p in (next(stream) for _ in range(cfg.rl.prompts_per_step))
+        for _ in range(cfg.rl.num_generations)
+    ]
 
     hook = with_forced_length(ctx)
 
     def ours():  # as RL steps sample: one seeded generator per prompt group (core/grpo.sample_groups)
         generators = [torch.Generator().manual_seed(seed) for seed in group_seeds(ctx, cfg.rl.prompts_per_step)]
-        return int(generate(model, tokenizer, prompts, length, temperature=1.0, group_generators=generators)
-                   .lengths.sum())
+        return int(
+            generate(model, tokenizer, prompts, length, temperature=1.0, group_generators=generators).lengths.sum()
+        )
 
     def plain():
         encoded = tokenizer(prompts, padding=True, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**encoded, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                 max_new_tokens=length, min_new_tokens=length, pad_token_id=tokenizer.pad_token_id)
-        return int((out[:, encoded["input_ids"].size(1):] != tokenizer.pad_token_id).sum())
+            out = model.generate(
+                **encoded,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=length,
+                min_new_tokens=length,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        return int((out[:, encoded["input_ids"].size(1) :] != tokenizer.pad_token_id).sum())
 
     samplers = {"bridgectl": ours, "model.generate": plain}
     seconds = {name: [] for name in samplers}
@@ -431,25 +503,45 @@ def main() -> None:
     for name in CONFIGS:
         console.print(f"measuring {name} ...")  # the 100M model is built once (random init) into the cache
         steps = 1 if name in MEMORY_ONLY else args.steps
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--steps", str(steps), "--warmup",
-                              str(args.warmup)], capture_output=True, text=True, env={**os.environ}, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--steps", str(steps), "--warmup", str(args.warmup)],
+            capture_output=True,
+            text=True,
+            env={**os.environ},
+            check=True,
+        )
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
     rounds = 2 * args.steps + 1
     console.print(f"measuring rl and BRIDGE at the default settings, {rounds} interleaved rounds ...")
-    out = subprocess.run([sys.executable, __file__, "--child", "interleaved", "--steps", str(rounds), "--warmup",
-                          str(args.warmup)], capture_output=True, text=True, env={**os.environ}, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "interleaved", "--steps", str(rounds), "--warmup", str(args.warmup)],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        check=True,
+    )
     interleaved = json.loads(out.stdout.strip().splitlines()[-1])
     console.print("measuring rollout generation against model.generate ...")
-    out = subprocess.run([sys.executable, __file__, "--child", "generate", "--steps", str(2 * args.steps + 1)],
-                         capture_output=True, text=True, env={**os.environ}, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "generate", "--steps", str(2 * args.steps + 1)],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        check=True,
+    )
     generation = json.loads(out.stdout.strip().splitlines()[-1])
     trl = None
     try:
         import trl as _trl  # noqa: F401  (benchmark-only dependency)
 
         console.print("measuring TRL's GRPOTrainer ...")
-        out = subprocess.run([sys.executable, __file__, "--child", "trl", "--steps", str(args.steps), "--warmup",
-                              str(args.warmup)], capture_output=True, text=True, env={**os.environ}, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", "trl", "--steps", str(args.steps), "--warmup", str(args.warmup)],
+            capture_output=True,
+            text=True,
+            env={**os.environ},
+            check=True,
+        )
         trl = json.loads(out.stdout.strip().splitlines()[-1])
     except ImportError:
         console.print("TRL is not installed: pip install 'bridgectl[bench]' for the comparison with GRPOTrainer")
@@ -458,44 +550,95 @@ def main() -> None:
         return results[a][key] / results[b][key]
 
     rows = [
-        ("rl step / TRL GRPOTrainer step (same model, prompts, 16x8, 24 tokens, LoRA r8, lr; CPU)",
-         results["rl (lora rank 8, TRL's settings)"]["step_s"] / trl["step_s"] if trl else float("nan"), "<= 0.5"),
-        ("rollout tokens/s, bridgectl sampler / model.generate (same batch, 24 tokens)",
-         generation["bridgectl"] / generation["model.generate"], ">= 1.0"),
-        ("BRIDGE step / rl step, default tiny settings (lower=full vs rl full; interleaved, medians)",
-         interleaved["bridge lower=full"] / interleaved["rl (full)"], "<= 2.0"),
-        ("BRIDGE step / rl step, default tiny settings (lower=lora vs rl lora; interleaved, medians)",
-         interleaved["bridge lower=lora"] / interleaved["rl (lora)"], "<= 2.0"),
-        ("BRIDGE step / rl step, 256-token completions, 128 sequences (lower=full)",
-         ratio("bridge lower=full, 256-token completions", "rl (full), 256-token completions", "step_s"), "<= 1.5"),
-        ("BRIDGE step / rl step, 256-token completions, 16 sequences (lower=full)",
-         ratio("bridge lower=full, 256 tokens x 16 sequences", "rl (full), 256 tokens x 16 sequences", "step_s"),
-         "<= 1.5"),
-        ("training state (weights, grads, optimizer, shadow), bridge lower=full / rl full",
-         ratio("bridge lower=full", "rl (full)", "state_mb"), "(reported)"),
+        (
+            "rl step / TRL GRPOTrainer step (same model, prompts, 16x8, 24 tokens, LoRA r8, lr; CPU)",
+            results["rl (lora rank 8, TRL's settings)"]["step_s"] / trl["step_s"] if trl else float("nan"),
+            "<= 0.5",
+        ),
+        (
+            "rollout tokens/s, bridgectl sampler / model.generate (same batch, 24 tokens)",
+            generation["bridgectl"] / generation["model.generate"],
+            ">= 1.0",
+        ),
+        (
+            "BRIDGE step / rl step, default tiny settings (lower=full vs rl full; interleaved, medians)",
+            interleaved["bridge lower=full"] / interleaved["rl (full)"],
+            "<= 2.0",
+        ),
+        (
+            "BRIDGE step / rl step, default tiny settings (lower=lora vs rl lora; interleaved, medians)",
+            interleaved["bridge lower=lora"] / interleaved["rl (lora)"],
+            "<= 2.0",
+        ),
+        (
+            "BRIDGE step / rl step, 256-token completions, 128 sequences (lower=full)",
+            ratio("bridge lower=full, 256-token completions", "rl (full), 256-token completions", "step_s"),
+            "<= 1.5",
+        ),
+        (
+            "BRIDGE step / rl step, 256-token completions, 16 sequences (lower=full)",
+            ratio("bridge lower=full, 256 tokens x 16 sequences", "rl (full), 256 tokens x 16 sequences", "step_s"),
+            "<= 1.5",
+        ),
+        (
+            "training state (weights, grads, optimizer, shadow), bridge lower=full / rl full",
+            ratio("bridge lower=full", "rl (full)", "state_mb"),
+            "(reported)",
+        ),
         ("training state, bridge lower=lora / rl lora", ratio("bridge lower=lora", "rl (lora)", "state_mb"), "<= 1.1"),
-        ("training state, 100M model, bridge lower=full / rl full",
-         ratio("bridge lower=full, 100M model", "rl (full), 100M model", "state_mb"), "(reported)"),
-        ("training state, 100M model, bridge lower=lora / rl lora",
-         ratio("bridge lower=lora, 100M model", "rl (lora), 100M model", "state_mb"), "<= 1.1"),
-        *[(f"training state, {name} shapes (parameter counts), bridge lower=lora / rl lora",
-           real_shape_state_ratio(shape)[0], "<= 1.1") for name, shape in REAL_SHAPES.items()],
-        ("peak tensor memory, bridge lower=full / rl full", ratio("bridge lower=full", "rl (full)", "peak_mb"),
-         "(reported)"),
-        ("peak tensor memory, bridge lower=lora / rl lora", ratio("bridge lower=lora", "rl (lora)", "peak_mb"),
-         "<= 1.1"),
-        ("peak tensor memory, bridge lower=lora / rl full", ratio("bridge lower=lora", "rl (full)", "peak_mb"),
-         "(reported)"),
-        ("peak tensor memory, 256-token completions, bridge lower=full / rl full",
-         ratio("bridge lower=full, 256-token completions", "rl (full), 256-token completions", "peak_mb"),
-         "(reported)"),
-        ("peak tensor memory, 100M model, 4 sequences x 8 tokens, bridge lower=lora / rl lora",
-         ratio("bridge lower=lora, 100M model", "rl (lora), 100M model", "peak_mb"), "<= 1.1"),
-        ("peak tensor memory, 100M model, 16 sequences x 64 tokens, bridge lower=lora / rl lora",
-         ratio("bridge lower=lora, 100M model, 16 x 64 tokens", "rl (lora), 100M model, 16 x 64 tokens", "peak_mb"),
-         "<= 1.1"),
-        ("peak resident set (CPU, counts fragmentation), bridge lower=lora / rl lora",
-         ratio("bridge lower=lora", "rl (lora)", "peak_rss_mb"), "(reported)"),
+        (
+            "training state, 100M model, bridge lower=full / rl full",
+            ratio("bridge lower=full, 100M model", "rl (full), 100M model", "state_mb"),
+            "(reported)",
+        ),
+        (
+            "training state, 100M model, bridge lower=lora / rl lora",
+            ratio("bridge lower=lora, 100M model", "rl (lora), 100M model", "state_mb"),
+            "<= 1.1",
+        ),
+        *[
+            (
+                f"training state, {name} shapes (parameter counts), bridge lower=lora / rl lora",
+                real_shape_state_ratio(shape)[0],
+                "<= 1.1",
+            )
+            for name, shape in REAL_SHAPES.items()
+        ],
+        (
+            "peak tensor memory, bridge lower=full / rl full",
+            ratio("bridge lower=full", "rl (full)", "peak_mb"),
+            "(reported)",
+        ),
+        (
+            "peak tensor memory, bridge lower=lora / rl lora",
+            ratio("bridge lower=lora", "rl (lora)", "peak_mb"),
+            "<= 1.1",
+        ),
+        (
+            "peak tensor memory, bridge lower=lora / rl full",
+            ratio("bridge lower=lora", "rl (full)", "peak_mb"),
+            "(reported)",
+        ),
+        (
+            "peak tensor memory, 256-token completions, bridge lower=full / rl full",
+            ratio("bridge lower=full, 256-token completions", "rl (full), 256-token completions", "peak_mb"),
+            "(reported)",
+        ),
+        (
+            "peak tensor memory, 100M model, 4 sequences x 8 tokens, bridge lower=lora / rl lora",
+            ratio("bridge lower=lora, 100M model", "rl (lora), 100M model", "peak_mb"),
+            "<= 1.1",
+        ),
+        (
+            "peak tensor memory, 100M model, 16 sequences x 64 tokens, bridge lower=lora / rl lora",
+            ratio("bridge lower=lora, 100M model, 16 x 64 tokens", "rl (lora), 100M model, 16 x 64 tokens", "peak_mb"),
+            "<= 1.1",
+        ),
+        (
+            "peak resident set (CPU, counts fragmentation), bridge lower=lora / rl lora",
+            ratio("bridge lower=lora", "rl (lora)", "peak_rss_mb"),
+            "(reported)",
+        ),
     ]
     table = Table(title="bridgectl benchmarks (ratios from one run)")
     for column in ("measure", "ratio", "target"):
@@ -504,24 +647,45 @@ def main() -> None:
         table.add_row(label, f"{value:.2f}", target)
     console.print(table)
 
-    lines = ["# Benchmark results", "",
-             f"Produced by `make bench` ({args.steps} timed steps after {args.warmup} warm-up steps per configuration, "
-             f"each in its own process, {results['rl (full)']['torch_threads']} torch threads, device "
-             f"{results['rl (full)']['device']}). Ratios from one run. Every completion is forced to the same length "
-             "(EOS suppressed while sampling), so every configuration generates the same tokens.",
-             "", "| measure | ratio | target |", "|---|---|---|"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `make bench` ({args.steps} timed steps after {args.warmup} warm-up steps per configuration, "
+        f"each in its own process, {results['rl (full)']['torch_threads']} torch threads, device "
+        f"{results['rl (full)']['device']}). Ratios from one run. Every completion is forced to the same length "
+        "(EOS suppressed while sampling), so every configuration generates the same tokens.",
+        "",
+        "| measure | ratio | target |",
+        "|---|---|---|",
+    ]
     lines += [f"| {label} | {value:.2f} | {target} |" for label, value, target in rows]
-    lines += ["", "| configuration | s/step (own process) | generation share of the step | training state (MB) | "
-              "peak tensor memory (MB) | peak resident set (MB over the pre-load baseline) | generated tokens/step |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['step_s']:.3f} | {r['gen_share']:.0%} | {r['state_mb']:.1f} | {r['peak_mb']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['gen_tokens_per_step']:.0f} |" for name, r in results.items()]
-    lines += ["", "Interleaved in one process (median s/step of " + str(rounds) + " rounds): " + ", ".join(
-        f"{name} {seconds:.3f}" for name, seconds in interleaved.items()) + "."]
-    lines += ["", f"TRL GRPOTrainer: {trl['step_s']:.3f} s/step ({trl['steps']} timed steps)." if trl else
-              "TRL GRPOTrainer: not measured (TRL not installed).",
-              f"Rollout generation: bridgectl {generation['bridgectl']:.0f} tokens/s, model.generate "
-              f"{generation['model.generate']:.0f} tokens/s (median of {2 * args.steps + 1} interleaved rounds)."]
+    lines += [
+        "",
+        "| configuration | s/step (own process) | generation share of the step | training state (MB) | "
+        "peak tensor memory (MB) | peak resident set (MB over the pre-load baseline) | generated tokens/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {r['step_s']:.3f} | {r['gen_share']:.0%} | {r['state_mb']:.1f} | {r['peak_mb']:.0f} | "
+        f"{r['peak_rss_mb']:.0f} | {r['gen_tokens_per_step']:.0f} |"
+        for name, r in results.items()
+    ]
+    lines += [
+        "",
+        "Interleaved in one process (median s/step of "
+        + str(rounds)
+        + " rounds): "
+        + ", ".join(f"{name} {seconds:.3f}" for name, seconds in interleaved.items())
+        + ".",
+    ]
+    lines += [
+        "",
+        f"TRL GRPOTrainer: {trl['step_s']:.3f} s/step ({trl['steps']} timed steps)."
+        if trl
+        else "TRL GRPOTrainer: not measured (TRL not installed).",
+        f"Rollout generation: bridgectl {generation['bridgectl']:.0f} tokens/s, model.generate "
+        f"{generation['model.generate']:.0f} tokens/s (median of {2 * args.steps + 1} interleaved rounds).",
+    ]
     kept = owned_sections(RESULTS)  # the sections bench_scale.py and bench_trl_natural.py write
     RESULTS.write_text("\n".join(lines) + "\n" + READING + ("\n" + kept if kept else ""))
     console.print(f"wrote {RESULTS}")

@@ -33,8 +33,10 @@ THREADS = 2
 
 
 def prompts_for(rows: int) -> list[str]:
-    return [f"Question: what is {i} plus {3 * i}? Think step by step, then answer." + " Please." * (i % 5)
-            for i in range(rows)]
+    return [
+        f"Question: what is {i} plus {3 * i}? Think step by step, then answer." + " Please." * (i % 5)
+        for i in range(rows)
+    ]
 
 
 def floors(model, rows: int) -> dict:
@@ -68,10 +70,17 @@ def floors(model, rows: int) -> dict:
         return (time.perf_counter() - started) / 10
 
     matmul_s = seconds_per_step(lambda x, w: x @ w.t(), weights)
-    packed_s = seconds_per_step(lambda x, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
-                                [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights])
-    return {"weights_mb": nbytes / 1e6, "bandwidth_gbs": bandwidth / 1e9, "read_ms": 1e3 * nbytes / bandwidth,
-            "matmul_ms": 1e3 * matmul_s, "packed_ms": 1e3 * packed_s}
+    packed_s = seconds_per_step(
+        lambda x, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
+        [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights],
+    )
+    return {
+        "weights_mb": nbytes / 1e6,
+        "bandwidth_gbs": bandwidth / 1e9,
+        "read_ms": 1e3 * nbytes / bandwidth,
+        "matmul_ms": 1e3 * matmul_s,
+        "packed_ms": 1e3 * packed_s,
+    }
 
 
 def static_cache_step(model, rows: int, length: int):
@@ -82,8 +91,14 @@ def static_cache_step(model, rows: int, length: int):
     cache = StaticCache(config=model.config, max_batch_size=rows, max_cache_len=length)
 
     def step(token, full, position, cache_position, cache):
-        return model(input_ids=token, attention_mask=full, position_ids=position, past_key_values=cache,
-                     cache_position=cache_position, use_cache=True).logits
+        return model(
+            input_ids=token,
+            attention_mask=full,
+            position_ids=position,
+            past_key_values=cache,
+            cache_position=cache_position,
+            use_cache=True,
+        ).logits
 
     return step, cache
 
@@ -99,15 +114,21 @@ def static_decode(model, ids, mask, new_tokens: int, step_fn, cache):
     full[:, :width] = mask
     position = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=full, position_ids=position, past_key_values=cache,
-                    cache_position=torch.arange(width, device=ids.device), use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids,
+            attention_mask=full,
+            position_ids=position,
+            past_key_values=cache,
+            cache_position=torch.arange(width, device=ids.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         token = out.logits[:, -1].argmax(-1)
         tokens, position = [token], position[:, -1:]
         for step in range(new_tokens - 1):
             full[:, width + step] = 1
             position = position + 1
-            logits = step_fn(token.unsqueeze(1), full, position, torch.tensor([width + step], device=ids.device),
-                             cache)
+            logits = step_fn(token.unsqueeze(1), full, position, torch.tensor([width + step], device=ids.device), cache)
             token = logits[:, -1].argmax(-1)
             tokens.append(token)
     return torch.stack(tokens, 1)
@@ -142,8 +163,10 @@ def fused_decode(model, ids, mask, new_tokens: int):
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
     with torch.no_grad():
-        qkv = [torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                          layer.self_attn.v_proj.weight]) for layer in layers]
+        qkv = [
+            torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight])
+            for layer in layers
+        ]
         gate_up = [torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]) for layer in layers]
         position = (mask.cumsum(1) - 1).clamp(min=0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
@@ -164,14 +187,16 @@ def fused_decode(model, ids, mask, new_tokens: int):
             cos, sin = (t.unsqueeze(1) for t in model.model.rotary_emb(x.unsqueeze(1), position))
             for i, layer in enumerate(layers):
                 y = F.linear(rms_norm(x, layer.input_layernorm.weight), qkv[i])
-                q = rotate(y[:, :heads * head_dim].view(rows, heads, 1, head_dim), cos, sin)
-                k = rotate(y[:, heads * head_dim:(heads + kv_heads) * head_dim].view(rows, kv_heads, 1, head_dim),
-                           cos, sin)
-                keys[i][:, :, length - 1:length] = k
-                values[i][:, :, length - 1:length] = y[:, (heads + kv_heads) * head_dim:].view(rows, kv_heads, 1,
-                                                                                             head_dim)
+                q = rotate(y[:, : heads * head_dim].view(rows, heads, 1, head_dim), cos, sin)
+                k = rotate(
+                    y[:, heads * head_dim : (heads + kv_heads) * head_dim].view(rows, kv_heads, 1, head_dim), cos, sin
+                )
+                keys[i][:, :, length - 1 : length] = k
+                values[i][:, :, length - 1 : length] = y[:, (heads + kv_heads) * head_dim :].view(
+                    rows, kv_heads, 1, head_dim
+                )
                 grouped = q.view(rows, kv_heads, heads // kv_heads, head_dim)
-                scores = torch.matmul(grouped, keys[i][:, :, :length].transpose(-1, -2)).mul_(head_dim ** -0.5)
+                scores = torch.matmul(grouped, keys[i][:, :, :length].transpose(-1, -2)).mul_(head_dim**-0.5)
                 attended = torch.matmul(scores.add_(bias[..., :length]).softmax(-1), values[i][:, :, :length])
                 x = x + F.linear(attended.reshape(rows, heads * head_dim), layer.self_attn.o_proj.weight)
                 g = F.linear(rms_norm(x, layer.post_attention_layernorm.weight), gate_up[i])
@@ -203,17 +228,36 @@ def decode_speeds(model, tokenizer, rows: int, new_tokens: int, compiled: bool) 
 
     calls = {}
 
-    reference = timed("unpacked", lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True,
-                                                   end_ids=[-1], pack_weights=False).completion_ids)
-    packed = [timed("bridgectl", lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True,
-                                                  end_ids=[-1]).completion_ids) for _ in range(3)]
+    reference = timed(
+        "unpacked",
+        lambda: (
+            generate(
+                model, tokenizer, prompts, new_tokens, greedy=True, end_ids=[-1], pack_weights=False
+            ).completion_ids
+        ),
+    )
+    packed = [
+        timed(
+            "bridgectl",
+            lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True, end_ids=[-1]).completion_ids,
+        )
+        for _ in range(3)
+    ]
     result["packed_calls_s"] = calls["bridgectl"]  # the packing is paid on every call, the first as the others
     result["bridgectl"] = {"s": calls["bridgectl"][0], "tok_s": tokens / calls["bridgectl"][0]}  # the first call
     result["packed_same_tokens"] = all(bool(torch.equal(out, reference)) for out in packed)
     with torch.no_grad():
-        timed("generate", lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                                 min_new_tokens=new_tokens, do_sample=False,
-                                                 pad_token_id=tokenizer.pad_token_id))
+        timed(
+            "generate",
+            lambda: model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+        )
     step, cache = static_cache_step(model, rows, ids.size(1) + new_tokens)
     static = timed("static", lambda: static_decode(model, ids, mask, new_tokens, step, cache))
     result["static_same_tokens"] = bool(torch.equal(static, reference))
@@ -245,9 +289,15 @@ def packing_by_size(rows: int, new_tokens: int) -> list[dict]:
     models = [("built-in tiny-base", AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32))]
     for hidden, layers in ((128, 4), (256, 4), (384, 6), (512, 8)):
         torch.manual_seed(0)
-        config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-                             num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 128),
-                             vocab_size=max(len(tokenizer), 64 * hidden), tie_word_embeddings=True)
+        config = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=hidden * 8 // 3,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=max(1, hidden // 128),
+            vocab_size=max(len(tokenizer), 64 * hidden),
+            tie_word_embeddings=True,
+        )
         models.append((f"random Llama, hidden {hidden}, {layers} layers", LlamaForCausalLM(config)))
     prompts = [f"Question {i}: what is {i} plus {3 * i}?" for i in range(rows)]
     table = []
@@ -257,13 +307,20 @@ def packing_by_size(rows: int, new_tokens: int) -> list[dict]:
             seconds, outputs = {}, {}
             for pack in (False, True, False, True):  # the second of each counts: the first warms up
                 started = time.perf_counter()
-                outputs[pack] = generate(model, tokenizer, prompts, new_tokens, greedy=True, end_ids=[-1],
-                                         pack_weights=pack).completion_ids
+                outputs[pack] = generate(
+                    model, tokenizer, prompts, new_tokens, greedy=True, end_ids=[-1], pack_weights=pack
+                ).completion_ids
                 seconds[pack] = time.perf_counter() - started
             parameters = sum(m.weight.numel() for m in packed_linear.packable_linears(model))
-            table.append({"model": name, "parameters": parameters, "unpacked": rows * new_tokens / seconds[False],
-                          "packed": rows * new_tokens / seconds[True],
-                          "same": bool(torch.equal(outputs[False], outputs[True]))})
+            table.append(
+                {
+                    "model": name,
+                    "parameters": parameters,
+                    "unpacked": rows * new_tokens / seconds[False],
+                    "packed": rows * new_tokens / seconds[True],
+                    "same": bool(torch.equal(outputs[False], outputs[True])),
+                }
+            )
     return table
 
 
@@ -277,8 +334,7 @@ def lora_speeds(model_dir: Path, rows: int, new_tokens: int) -> dict:
     from bridgectl.core.rollout import generate
 
     cfg = compose(["model=hf", f"model.name_or_path={model_dir}"])
-    policy = load_policy(cfg.model, cfg.lora, model_dir, torch.device("cpu"), keep_reference=False,
-                         finetune="lora")
+    policy = load_policy(cfg.model, cfg.lora, model_dir, torch.device("cpu"), keep_reference=False, finetune="lora")
     prompts, result = prompts_for(rows), {}
     for adapters in (1, 2):
         if adapters == 2:
@@ -293,8 +349,9 @@ def lora_speeds(model_dir: Path, rows: int, new_tokens: int) -> dict:
             policy.sampling = mode
             with policy.merged_for_generation() as sampler:
                 started = time.perf_counter()
-                outputs[mode] = generate(sampler, policy.tokenizer, prompts, new_tokens, greedy=True,
-                                         end_ids=[-1]).completion_ids
+                outputs[mode] = generate(
+                    sampler, policy.tokenizer, prompts, new_tokens, greedy=True, end_ids=[-1]
+                ).completion_ids
                 seconds = time.perf_counter() - started
             result[f"{adapters}-{mode}"] = rows * new_tokens / seconds
         result[f"{adapters}-same_tokens"] = bool(torch.equal(outputs["unmerged"], outputs["merged"]))
@@ -319,9 +376,13 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tokenizer.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        lines = ["## Decoding speed against the hardware's floors (benchmarks/bench_decode.py)", "",
-                 f"SmolLM2-135M-Instruct, float32, greedy, every row decoding the full length, {THREADS} threads, "
-                 f"one run each (measured {time.strftime('%Y-%m-%d')}).", ""]
+        lines = [
+            "## Decoding speed against the hardware's floors (benchmarks/bench_decode.py)",
+            "",
+            f"SmolLM2-135M-Instruct, float32, greedy, every row decoding the full length, {THREADS} threads, "
+            f"one run each (measured {time.strftime('%Y-%m-%d')}).",
+            "",
+        ]
         for rows, new_tokens in shapes:
             floor = floors(model, rows)
             print(f"{rows} x {new_tokens}: floors {floor}", flush=True)
@@ -329,51 +390,79 @@ def main() -> None:
             print(f"{rows} x {new_tokens}: {speeds}", flush=True)
             step_ms = {name: 1e3 * value["s"] / new_tokens for name, value in speeds.items() if isinstance(value, dict)}
             base = speeds["generate"]["tok_s"]
-            lines += [f"### {rows} rows x {new_tokens} tokens", "",
-                      f"Floors: copy bandwidth {floor['bandwidth_gbs']:.1f} GB/s, so reading the "
-                      f"{floor['weights_mb']:.0f} MB of linear weights once takes {floor['read_ms']:.1f} ms; the "
-                      f"linear layers' matmuls at {rows} rows take {floor['matmul_ms']:.1f} ms per step "
-                      f"({floor['packed_ms']:.1f} ms with the weights packed for oneDNN).", "",
-                      "| decoding | tokens/s | ms per step | / model.generate | step / matmul floor |",
-                      "|---|---|---|---|---|"]
-            names = {"bridgectl": "built-in sampler, weights packed (the default on the CPU), first call",
-                     "unpacked": "built-in sampler, rollout.cpu_packed_weights=false", "generate": "model.generate",
-                     "static": "static cache, eager", "fused": "hand-fused Llama step (fused_decode), eager",
-                     "compiled_first": "static cache, torch.compile, first call",
-                     "compiled": "static cache, torch.compile, later calls"}
+            lines += [
+                f"### {rows} rows x {new_tokens} tokens",
+                "",
+                f"Floors: copy bandwidth {floor['bandwidth_gbs']:.1f} GB/s, so reading the "
+                f"{floor['weights_mb']:.0f} MB of linear weights once takes {floor['read_ms']:.1f} ms; the "
+                f"linear layers' matmuls at {rows} rows take {floor['matmul_ms']:.1f} ms per step "
+                f"({floor['packed_ms']:.1f} ms with the weights packed for oneDNN).",
+                "",
+                "| decoding | tokens/s | ms per step | / model.generate | step / matmul floor |",
+                "|---|---|---|---|---|",
+            ]
+            names = {
+                "bridgectl": "built-in sampler, weights packed (the default on the CPU), first call",
+                "unpacked": "built-in sampler, rollout.cpu_packed_weights=false",
+                "generate": "model.generate",
+                "static": "static cache, eager",
+                "fused": "hand-fused Llama step (fused_decode), eager",
+                "compiled_first": "static cache, torch.compile, first call",
+                "compiled": "static cache, torch.compile, later calls",
+            }
             for key, label in names.items():
                 if key in speeds:
-                    lines.append(f"| {label} | {speeds[key]['tok_s']:.1f} | {step_ms[key]:.1f} | "
-                                 f"{speeds[key]['tok_s'] / base:.2f}x | {step_ms[key] / floor['matmul_ms']:.2f} |")
+                    lines.append(
+                        f"| {label} | {speeds[key]['tok_s']:.1f} | {step_ms[key]:.1f} | "
+                        f"{speeds[key]['tok_s'] / base:.2f}x | {step_ms[key] / floor['matmul_ms']:.2f} |"
+                    )
             ten_steps = (speeds["compiled_first"]["s"] + 9 * speeds["compiled"]["s"]) / 10
             packed_rate = rows * new_tokens * 3 / sum(speeds["packed_calls_s"])
-            lines += ["", f"Built-in sampler with packed weights over 3 sampling calls (each packs the weights "
-                      f"again; no compilation): {packed_rate:.1f} tokens/s ({packed_rate / base:.2f}x "
-                      f"model.generate, {packed_rate / speeds['unpacked']['tok_s']:.2f}x unpacked), calls "
-                      f"{' / '.join(f'{c:.1f}' for c in speeds['packed_calls_s'])} s; same tokens as unpacked: "
-                      f"{speeds['packed_same_tokens']}."]
-            lines += [f"Compiled over a run of 10 sampling calls, first included: "
-                      f"{rows * new_tokens / ten_steps:.1f} tokens/s ({rows * new_tokens / ten_steps / base:.2f}x "
-                      f"model.generate). Same tokens as the unpacked built-in sampler: static "
-                      f"{speeds['static_same_tokens']}, fused {speeds['fused_same_tokens']}, compiled "
-                      f"{speeds['compiled_same_tokens']}.", ""]
+            lines += [
+                "",
+                f"Built-in sampler with packed weights over 3 sampling calls (each packs the weights "
+                f"again; no compilation): {packed_rate:.1f} tokens/s ({packed_rate / base:.2f}x "
+                f"model.generate, {packed_rate / speeds['unpacked']['tok_s']:.2f}x unpacked), calls "
+                f"{' / '.join(f'{c:.1f}' for c in speeds['packed_calls_s'])} s; same tokens as unpacked: "
+                f"{speeds['packed_same_tokens']}.",
+            ]
+            lines += [
+                f"Compiled over a run of 10 sampling calls, first included: "
+                f"{rows * new_tokens / ten_steps:.1f} tokens/s ({rows * new_tokens / ten_steps / base:.2f}x "
+                f"model.generate). Same tokens as the unpacked built-in sampler: static "
+                f"{speeds['static_same_tokens']}, fused {speeds['fused_same_tokens']}, compiled "
+                f"{speeds['compiled_same_tokens']}.",
+                "",
+            ]
         lora = lora_speeds(model_dir, 16, 32 if args.quick else 64)
         print(f"lora: {lora}", flush=True)
-        lines += ["### Sampling under LoRA (16 rows x 64 tokens; rank 8 on every linear layer)", "",
-                  "| adapters | unmerged tokens/s | merged tokens/s | merged / unmerged | same tokens |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "### Sampling under LoRA (16 rows x 64 tokens; rank 8 on every linear layer)",
+            "",
+            "| adapters | unmerged tokens/s | merged tokens/s | merged / unmerged | same tokens |",
+            "|---|---|---|---|---|",
+        ]
         for adapters, label in ((1, "1 (rl)"), (2, "2 (BRIDGE lower=lora: theta and w)")):
-            lines.append(f"| {label} | {lora[f'{adapters}-unmerged']:.1f} | {lora[f'{adapters}-merged']:.1f} | "
-                         f"{lora[f'{adapters}-merged'] / lora[f'{adapters}-unmerged']:.2f}x | "
-                         f"{lora[f'{adapters}-same_tokens']} |")
+            lines.append(
+                f"| {label} | {lora[f'{adapters}-unmerged']:.1f} | {lora[f'{adapters}-merged']:.1f} | "
+                f"{lora[f'{adapters}-merged'] / lora[f'{adapters}-unmerged']:.2f}x | "
+                f"{lora[f'{adapters}-same_tokens']} |"
+            )
         sizes = packing_by_size(16, 32 if args.quick else 64)
         print(f"sizes: {sizes}", flush=True)
-        lines += ["", f"### Packed weights by model size (16 rows x {32 if args.quick else 64} tokens, greedy)", "",
-                  "| model | linear-layer parameters | unpacked tokens/s | packed tokens/s | packed / unpacked | "
-                  "same tokens |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"### Packed weights by model size (16 rows x {32 if args.quick else 64} tokens, greedy)",
+            "",
+            "| model | linear-layer parameters | unpacked tokens/s | packed tokens/s | packed / unpacked | "
+            "same tokens |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in sizes:
-            lines.append(f"| {row['model']} | {row['parameters'] / 1e6:.1f}M | {row['unpacked']:.0f} | "
-                         f"{row['packed']:.0f} | {row['packed'] / row['unpacked']:.2f}x | {row['same']} |")
+            lines.append(
+                f"| {row['model']} | {row['parameters'] / 1e6:.1f}M | {row['unpacked']:.0f} | "
+                f"{row['packed']:.0f} | {row['packed'] / row['unpacked']:.2f}x | {row['same']} |"
+            )
     write_section("decode", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -61,10 +61,22 @@ REPO = HERE.parent
 BEFORE_COMMIT = "b05f050"
 
 # SmolLM2-135M-Instruct's config.json (HuggingFaceTB/SmolLM2-135M-Instruct)
-SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-             rms_norm_eps=1e-5, rope_theta=100000.0, hidden_act="silu", bos_token_id=1, eos_token_id=2,
-             pad_token_id=2)
+SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 GROUP = 8  # rl.num_generations
 MICRO = 8  # train.micro_batch_size
 PROMPT = 16  # prompt tokens per row
@@ -132,12 +144,21 @@ def fixed_rollouts(rows: int, tokens: int, device, seed: int):
     low, high = 16, SHAPE["vocab_size"]  # no special tokens
     prompt_ids = torch.randint(low, high, (rows, PROMPT), generator=generator)
     completion_ids = torch.randint(low, high, (rows, tokens), generator=generator)
-    rollouts = Rollouts(prompt_ids.to(device), torch.ones_like(prompt_ids).to(device), completion_ids.to(device),
-                        torch.ones_like(completion_ids).to(device),
-                        torch.full((rows, tokens), -math.log(SHAPE["vocab_size"]), device=device), [""] * rows)
+    rollouts = Rollouts(
+        prompt_ids.to(device),
+        torch.ones_like(prompt_ids).to(device),
+        completion_ids.to(device),
+        torch.ones_like(completion_ids).to(device),
+        torch.full((rows, tokens), -math.log(SHAPE["vocab_size"]), device=device),
+        [""] * rows,
+    )
     # half of each group right, in a random order: every advantage is +-1
-    rewards = torch.cat([torch.tensor([1.0, 0.0]).repeat_interleave(GROUP // 2)[torch.randperm(GROUP, generator=generator)]
-                         for _ in range(rows // GROUP)]).to(device)
+    rewards = torch.cat(
+        [
+            torch.tensor([1.0, 0.0]).repeat_interleave(GROUP // 2)[torch.randperm(GROUP, generator=generator)]
+            for _ in range(rows // GROUP)
+        ]
+    ).to(device)
     advantages = group_advantages(rewards, GROUP, "group")
 
     class Problem:
@@ -168,8 +189,11 @@ class SegmentedAllocationPeak:
         if self.profiler is None:
             return
         self.profiler.__exit__(None, None, None)
-        events = sorted((event.start_ns(), event.nbytes()) for event in self.profiler.profiler.kineto_results.events()
-                        if event.name() == "[memory]")
+        events = sorted(
+            (event.start_ns(), event.nbytes())
+            for event in self.profiler.profiler.kineto_results.events()
+            if event.name() == "[memory]"
+        )
         self.profiler = None
         for _, nbytes in events:
             self.live += nbytes
@@ -188,6 +212,7 @@ def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bo
     import bridgectl
     import bridgectl.core.grpo as grpo
     from bridgectl.config.compose import compose
+
     try:
         from bridgectl.stages import build_stage
         from bridgectl.training.setup import build_context
@@ -197,17 +222,29 @@ def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bo
         def build_stage(kind, ctx, total_updates):
             return STAGES[kind](ctx, total_updates)
 
-    overrides = ["model=hf", f"model.name_or_path={model_dir}", "model.finetune=lora",
-                 "model.gradient_checkpointing=true", "train.threads=2", f"rl.num_generations={GROUP}",
-                 f"rl.prompts_per_step={rows // GROUP}", f"rl.max_completion_length={tokens}",
-                 f"sft.batch_size={SFT_BATCH}", "train.log_completions_every=0", *RECIPES[recipe]]
+    overrides = [
+        "model=hf",
+        f"model.name_or_path={model_dir}",
+        "model.finetune=lora",
+        "model.gradient_checkpointing=true",
+        "train.threads=2",
+        f"rl.num_generations={GROUP}",
+        f"rl.prompts_per_step={rows // GROUP}",
+        f"rl.max_completion_length={tokens}",
+        f"sft.batch_size={SFT_BATCH}",
+        "train.log_completions_every=0",
+        *RECIPES[recipe],
+    ]
     if not before:  # b05f050 has no such key: every pass on the whole batch
         overrides.append(f"train.micro_batch_size={MICRO}")
     cfg = compose(overrides)
     ctx = build_context(cfg, show_progress=False)
     stage = build_stage(cfg.recipe.stages[0], ctx, 4)
     module = sys.modules[type(stage).__module__]
-    batches = {"warm-up": fixed_rollouts(GROUP, 4, ctx.device, 1), "measured": fixed_rollouts(rows, tokens, ctx.device, 2)}
+    batches = {
+        "warm-up": fixed_rollouts(GROUP, 4, ctx.device, 1),
+        "measured": fixed_rollouts(rows, tokens, ctx.device, 2),
+    }
     current = ["warm-up"]
     module.sample_groups = lambda ctx: batches[current[0]]  # what the stage calls; sampling is not measured
 
@@ -246,14 +283,24 @@ def measure_step(recipe: str, rows: int, tokens: int, model_dir: str, before: bo
     allocations.stop()
     peak = state + allocations.highest / 2**20
     seconds = time.perf_counter() - started
-    return {"recipe": recipe, "rows": rows, "tokens": tokens, "code": "before" if before else "after",
-            "state_mb": state, "peak_mb": peak, "above_state_mb": peak - state, "step_s": seconds,
-            "rl_passes": passes[0], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "bridgectl": str(Path(bridgectl.__file__).parent.parent),
-            # transformers checkpoints a decoder layer only when the flag is set AND the model is in training mode
-            "checkpointing_flag": bool(getattr(decoder, "gradient_checkpointing", False)),
-            "training_mode": bool(decoder.training), "threads": torch.get_num_threads(),
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")}
+    return {
+        "recipe": recipe,
+        "rows": rows,
+        "tokens": tokens,
+        "code": "before" if before else "after",
+        "state_mb": state,
+        "peak_mb": peak,
+        "above_state_mb": peak - state,
+        "step_s": seconds,
+        "rl_passes": passes[0],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "bridgectl": str(Path(bridgectl.__file__).parent.parent),
+        # transformers checkpoints a decoder layer only when the flag is set AND the model is in training mode
+        "checkpointing_flag": bool(getattr(decoder, "gradient_checkpointing", False)),
+        "training_mode": bool(decoder.training),
+        "threads": torch.get_num_threads(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default"),
+    }
 
 
 # ---- item 3: the log-prob computation alone ----------------------------------------------------------------------
@@ -284,15 +331,23 @@ def measure_logprobs(variant: str) -> dict:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         compute().sum().backward()
     seconds = time.perf_counter() - started
-    events = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
-                    if event.name() == "[memory]")
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
     live = highest = 0
     for _, nbytes in events:
         live += nbytes
         highest = max(highest, live)
-    return {"variant": variant, "inputs_mb": inputs_mb, "above_inputs_mb": highest / 2**20, "seconds": seconds,
-            "chunk_rows": LOGIT_CHUNK_ELEMENTS // QWEN_VOCAB,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "variant": variant,
+        "inputs_mb": inputs_mb,
+        "above_inputs_mb": highest / 2**20,
+        "seconds": seconds,
+        "chunk_rows": LOGIT_CHUNK_ELEMENTS // QWEN_VOCAB,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 # ---- the parent ----------------------------------------------------------------------------------------------------
@@ -300,8 +355,9 @@ def run_child(args: list[str], code_dir: Path, limit_gb: float, glibc_default: b
     env = {**os.environ, "PYTHONPATH": str(code_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     if not glibc_default:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
-    out = subprocess.run([sys.executable, __file__, "--limit-gb", str(limit_gb), *args], stdout=subprocess.PIPE,
-                         text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, __file__, "--limit-gb", str(limit_gb), *args], stdout=subprocess.PIPE, text=True, env=env
+    )
     lines = out.stdout.strip().splitlines()
     if out.returncode != 0 or not lines:
         return {"error": f"exit status {out.returncode}"}
@@ -319,14 +375,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--before", default="/tmp/before")
     parser.add_argument("--after", default=str(REPO))
-    parser.add_argument("--before-limit-gb", type=float, default=16.0,
-                        help="address-space limit of a before-code process, and the estimate a case must fit under")
-    parser.add_argument("--raw", default=str(Path(tempfile.gettempdir()) / "bridgectl-bench-scale.json"),
-                        help="every result so far, saved after each configuration")
-    parser.add_argument("--reuse", action="store_true",
-                        help="keep the results already in --raw for the same commits and sizes (a run cut short)")
-    parser.add_argument("--glibc-malloc", action="store_true",
-                        help="leave glibc's dynamic mmap threshold in the children (see MMAP_THRESHOLD)")
+    parser.add_argument(
+        "--before-limit-gb",
+        type=float,
+        default=16.0,
+        help="address-space limit of a before-code process, and the estimate a case must fit under",
+    )
+    parser.add_argument(
+        "--raw",
+        default=str(Path(tempfile.gettempdir()) / "bridgectl-bench-scale.json"),
+        help="every result so far, saved after each configuration",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the results already in --raw for the same commits and sizes (a run cut short)",
+    )
+    parser.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="leave glibc's dynamic mmap threshold in the children (see MMAP_THRESHOLD)",
+    )
     parser.add_argument("--limit-gb", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -344,13 +413,17 @@ def main() -> None:
     after_dir = Path(args.after).resolve()
     before_dir = None if args.before == "none" else Path(args.before)
     if before_dir is not None and not before_dir.exists():
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before_dir), BEFORE_COMMIT],
-                       check=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(before_dir), BEFORE_COMMIT], check=True
+        )
 
     def commit_of(path: Path) -> str:
         out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "bridgectl"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "bridgectl"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return out.stdout.strip() + (" + uncommitted changes in bridgectl/" if dirty else "")
 
     after_commit = commit_of(after_dir)
@@ -365,20 +438,31 @@ def main() -> None:
         if saved.get("key") == key:
             raw = saved
             raw["steps"] = [s for s in raw["steps"] if "error" not in s]
-            progress(f"reusing {len(raw['steps'])} step results and {len(raw['head'])} log-prob results "
-                     f"from {raw_path}")
+            progress(
+                f"reusing {len(raw['steps'])} step results and {len(raw['head'])} log-prob results from {raw_path}"
+            )
     spent_before = raw["seconds"]
     raw["invocations"] = raw.get("invocations", 0) + 1
 
     def save() -> None:
         raw["seconds"] = spent_before + time.perf_counter() - begun
         raw_path.write_text(json.dumps(raw, indent=1))
-        write_results(raw["steps"], raw["head"], tokens, rows_list, after_commit, before_commit,
-                      raw["seconds"] / 60, args.before_limit_gb, raw["invocations"])
+        write_results(
+            raw["steps"],
+            raw["head"],
+            tokens,
+            rows_list,
+            after_commit,
+            before_commit,
+            raw["seconds"] / 60,
+            args.before_limit_gb,
+            raw["invocations"],
+        )
 
     def find(recipe, rows, code):
-        return next((s for s in raw["steps"] if s["recipe"] == recipe and s["rows"] == rows and s["code"] == code),
-                    None)
+        return next(
+            (s for s in raw["steps"] if s["recipe"] == recipe and s["rows"] == rows and s["code"] == code), None
+        )
 
     def stamp() -> str:
         return f"[{(spent_before + time.perf_counter() - begun) / 60:.1f} min]"
@@ -416,8 +500,13 @@ def main() -> None:
                 # activations and logits grow with the rows; the training state does not
                 estimate = smallest["state_mb"] + smallest["above_state_mb"] * rows / small
                 if estimate / 1024 > args.before_limit_gb:
-                    raw["steps"].append({**entry, "not_run": f"estimated {estimate / 1024:.0f} GiB (the {small}-row "
-                                         f"peak above the state x {rows // small}) > {args.before_limit_gb:g} GiB"})
+                    raw["steps"].append(
+                        {
+                            **entry,
+                            "not_run": f"estimated {estimate / 1024:.0f} GiB (the {small}-row "
+                            f"peak above the state x {rows // small}) > {args.before_limit_gb:g} GiB",
+                        }
+                    )
                     save()
                     continue
             if not (Path(model_dir) / "config.json").exists():
@@ -426,9 +515,12 @@ def main() -> None:
             commit = after_commit if code == "after" else before_commit
             how = f"micro-batches of {MICRO}" if code == "after" else "whole-batch passes"
             progress(f"{stamp()} {code} ({commit}): {recipe}, {rows} rows x {tokens} tokens, {how} ...")
-            result = run_child(["--tokens", str(tokens), "--child", recipe, str(rows), str(model_dir), code],
-                               after_dir if code == "after" else before_dir,
-                               0 if code == "after" else args.before_limit_gb, args.glibc_malloc)
+            result = run_child(
+                ["--tokens", str(tokens), "--child", recipe, str(rows), str(model_dir), code],
+                after_dir if code == "after" else before_dir,
+                0 if code == "after" else args.before_limit_gb,
+                args.glibc_malloc,
+            )
             raw["steps"].append({**entry, **result})
             progress(f"    -> {json.dumps(result)}")
             save()
@@ -438,26 +530,32 @@ def main() -> None:
     progress(f"wrote the section 'scale' of benchmarks/results.md ({raw['seconds'] / 60:.1f} minutes in all)")
 
 
-def write_results(steps, head, tokens, rows_list, after_commit, before_commit, minutes, limit_gb,
-                  invocations: int = 1) -> None:
+def write_results(
+    steps, head, tokens, rows_list, after_commit, before_commit, minutes, limit_gb, invocations: int = 1
+) -> None:
     vocab = SHAPE["vocab_size"]
 
     def find(recipe, rows, code):
         return next((s for s in steps if s["recipe"] == recipe and s["rows"] == rows and s["code"] == code), None)
 
-    lines = ["## Peak memory of a training step as the batch grows (benchmarks/bench_scale.py)", "",
-             f"One measurement per configuration by `python benchmarks/bench_scale.py` ({minutes:.0f} minutes in all"
-             + (f", over {invocations} invocations continued with --reuse" if invocations > 1 else "")
-             + f"), 2 torch threads, float32 on a CPU. After: {after_commit}; before: {before_commit or 'not measured'}. "
-             "Model: SmolLM2-135M-Instruct's shape with random weights, `model=hf model.finetune=lora` (every linear "
-             f"layer; rank 8 for rl, 32 for BRIDGE's theta), {PROMPT}-token prompts and exactly {tokens} completion tokens per row (fixed random "
-             f"rollouts in place of sampling), groups of {GROUP}; BRIDGE's SFT batch: {SFT_BATCH} arith traces. After: "
-             f"`train.micro_batch_size={MICRO}`. Peak tensor memory = the training state alive at the step's start "
-             "+ the highest running sum of the allocator's allocations and frees during the step "
-             "(torch.profiler, profile_memory), in MiB.", "",
-             "| recipe | rows x tokens | code | activation checkpointing | training state (MiB) | peak tensor memory "
-             "(MiB) | peak above the state (MiB) | step (s, under the profiler) | RL passes | peak resident set of "
-             "the process (MiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Peak memory of a training step as the batch grows (benchmarks/bench_scale.py)",
+        "",
+        f"One measurement per configuration by `python benchmarks/bench_scale.py` ({minutes:.0f} minutes in all"
+        + (f", over {invocations} invocations continued with --reuse" if invocations > 1 else "")
+        + f"), 2 torch threads, float32 on a CPU. After: {after_commit}; before: {before_commit or 'not measured'}. "
+        "Model: SmolLM2-135M-Instruct's shape with random weights, `model=hf model.finetune=lora` (every linear "
+        f"layer; rank 8 for rl, 32 for BRIDGE's theta), {PROMPT}-token prompts and exactly {tokens} completion tokens per row (fixed random "
+        f"rollouts in place of sampling), groups of {GROUP}; BRIDGE's SFT batch: {SFT_BATCH} arith traces. After: "
+        f"`train.micro_batch_size={MICRO}`. Peak tensor memory = the training state alive at the step's start "
+        "+ the highest running sum of the allocator's allocations and frees during the step "
+        "(torch.profiler, profile_memory), in MiB.",
+        "",
+        "| recipe | rows x tokens | code | activation checkpointing | training state (MiB) | peak tensor memory "
+        "(MiB) | peak above the state (MiB) | step (s, under the profiler) | RL passes | peak resident set of "
+        "the process (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for recipe in RECIPES:
         for code in ("after", "before"):
             for rows in rows_list:
@@ -468,53 +566,76 @@ def write_results(steps, head, tokens, rows_list, after_commit, before_commit, m
                 if "not_run" in s or "error" in s:
                     size = logits_gb(rows, tokens + 1, vocab)
                     why = s.get("not_run") or f"failed ({s['error']}; limit {limit_gb:g} GiB)"
-                    lines.append(f"{label} - | - | not run: {why}. Computed: one float32 [{rows}, {tokens + 1}, "
-                                 f"{vocab}] tensor is {size:.1f} GB; the logits and their log-softmax, "
-                                 f"{2 * size:.1f} GB | - | - | - | - |")
+                    lines.append(
+                        f"{label} - | - | not run: {why}. Computed: one float32 [{rows}, {tokens + 1}, "
+                        f"{vocab}] tensor is {size:.1f} GB; the logits and their log-softmax, "
+                        f"{2 * size:.1f} GB | - | - | - | - |"
+                    )
                     continue
-                active = "on" if s["checkpointing_flag"] and s["training_mode"] else (
-                    "flag set, inert (eval mode)" if s["checkpointing_flag"] else "off")
+                active = (
+                    "on"
+                    if s["checkpointing_flag"] and s["training_mode"]
+                    else ("flag set, inert (eval mode)" if s["checkpointing_flag"] else "off")
+                )
                 malloc = s.get("malloc_mmap_threshold", "glibc default")
                 rss = f"{s['peak_rss_mb']:.0f}" + (" (glibc's default malloc)" if malloc == "glibc default" else "")
-                lines.append(f"{label} {active} | {s['state_mb']:.0f} | {s['peak_mb']:.0f} | {s['above_state_mb']:.0f} "
-                             f"| {s['step_s']:.0f} | {s['rl_passes']} | {rss} |")
+                lines.append(
+                    f"{label} {active} | {s['state_mb']:.0f} | {s['peak_mb']:.0f} | {s['above_state_mb']:.0f} "
+                    f"| {s['step_s']:.0f} | {s['rl_passes']} | {rss} |"
+                )
     lines += ["", "| measure | value | target |", "|---|---|---|"]
     small, large = rows_list[0], rows_list[-1]
     for recipe in RECIPES:
         a, b = find(recipe, small, "after"), find(recipe, large, "after")
         if a and b and "peak_mb" in a and "peak_mb" in b:
-            lines.append(f"| {recipe}: peak tensor memory, {large} rows / {small} rows (after) | "
-                         f"{b['peak_mb'] / a['peak_mb']:.2f} | <= 1.25 |")
-            lines.append(f"| {recipe}: peak above the training state, {large} rows / {small} rows (after) | "
-                         f"{b['above_state_mb'] / a['above_state_mb']:.2f} | (reported) |")
+            lines.append(
+                f"| {recipe}: peak tensor memory, {large} rows / {small} rows (after) | "
+                f"{b['peak_mb'] / a['peak_mb']:.2f} | <= 1.25 |"
+            )
+            lines.append(
+                f"| {recipe}: peak above the training state, {large} rows / {small} rows (after) | "
+                f"{b['above_state_mb'] / a['above_state_mb']:.2f} | (reported) |"
+            )
         for rows in rows_list:
             p, q = find(recipe, rows, "before"), find(recipe, rows, "after")
             if p and q and "peak_mb" in p and "peak_mb" in q:
-                lines.append(f"| {recipe}: peak tensor memory at {rows} rows, before / after | "
-                             f"{p['peak_mb'] / q['peak_mb']:.2f} | (reported) |")
+                lines.append(
+                    f"| {recipe}: peak tensor memory at {rows} rows, before / after | "
+                    f"{p['peak_mb'] / q['peak_mb']:.2f} | (reported) |"
+                )
     if head:
         full = logits_gb(HEAD_ROWS, HEAD_TOKENS, QWEN_VOCAB)
-        lines += ["", f"Log-probs alone, vocabulary {QWEN_VOCAB} (Qwen2.5), hidden states [{HEAD_ROWS}, {HEAD_TOKENS}, "
-                  f"{QWEN_HIDDEN}] with requires_grad, float32 Linear head {QWEN_HIDDEN} -> {QWEN_VOCAB} (frozen), "
-                  "forward + backward of the sum of the targets' log-probs. Peak tensor memory above the inputs "
-                  "(head weight, hidden states, targets: "
-                  f"{next((r['inputs_mb'] for r in head.values() if 'inputs_mb' in r), float('nan')):.0f} MiB). One float32 "
-                  f"[{HEAD_ROWS}, {HEAD_TOKENS}, {QWEN_VOCAB}] tensor: {full:.2f} GB ({full * 1e9 / 2**20:.0f} MiB).", "",
-                  "| computation | peak above the inputs (MiB) | / one full float32 [rows, tokens, vocab] tensor | "
-                  "seconds (under the profiler) |", "|---|---|---|---|"]
-        names = {"chunked": "chunked_head_logprobs (abc0ab9: checkpointed chunks of "
-                            f"{head.get('chunked', {}).get('chunk_rows', '?')} tokens)",
-                 "plain": "log_softmax(head(h).float() / T).gather (b05f050)"}
+        lines += [
+            "",
+            f"Log-probs alone, vocabulary {QWEN_VOCAB} (Qwen2.5), hidden states [{HEAD_ROWS}, {HEAD_TOKENS}, "
+            f"{QWEN_HIDDEN}] with requires_grad, float32 Linear head {QWEN_HIDDEN} -> {QWEN_VOCAB} (frozen), "
+            "forward + backward of the sum of the targets' log-probs. Peak tensor memory above the inputs "
+            "(head weight, hidden states, targets: "
+            f"{next((r['inputs_mb'] for r in head.values() if 'inputs_mb' in r), float('nan')):.0f} MiB). One float32 "
+            f"[{HEAD_ROWS}, {HEAD_TOKENS}, {QWEN_VOCAB}] tensor: {full:.2f} GB ({full * 1e9 / 2**20:.0f} MiB).",
+            "",
+            "| computation | peak above the inputs (MiB) | / one full float32 [rows, tokens, vocab] tensor | "
+            "seconds (under the profiler) |",
+            "|---|---|---|---|",
+        ]
+        names = {
+            "chunked": "chunked_head_logprobs (abc0ab9: checkpointed chunks of "
+            f"{head.get('chunked', {}).get('chunk_rows', '?')} tokens)",
+            "plain": "log_softmax(head(h).float() / T).gather (b05f050)",
+        }
         for variant in ("chunked", "plain"):
             r = head.get(variant, {})
             if "above_inputs_mb" in r:
-                lines.append(f"| {names[variant]} | {r['above_inputs_mb']:.0f} | "
-                             f"{r['above_inputs_mb'] * 2**20 / (full * 1e9):.3f} | {r['seconds']:.0f} |")
+                lines.append(
+                    f"| {names[variant]} | {r['above_inputs_mb']:.0f} | "
+                    f"{r['above_inputs_mb'] * 2**20 / (full * 1e9):.3f} | {r['seconds']:.0f} |"
+                )
             else:
                 lines.append(f"| {names[variant]} | failed ({r.get('error')}) | - | - |")
         if "above_inputs_mb" in head.get("chunked", {}) and "above_inputs_mb" in head.get("plain", {}):
-            lines.append(f"| chunked / plain | {head['chunked']['above_inputs_mb'] / head['plain']['above_inputs_mb']:.3f}"
-                         " | | |")
+            lines.append(
+                f"| chunked / plain | {head['chunked']['above_inputs_mb'] / head['plain']['above_inputs_mb']:.3f} | | |"
+            )
     write_section("scale", "\n".join(lines))
 
 

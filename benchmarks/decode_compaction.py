@@ -62,8 +62,9 @@ def length_hook(model, tokenizer, length_of: dict[int, int]):
         target = table[mask.sum(dim=1) - step]
         logits = output.logits[:, -1]
         logits[:, n_tokens:] = -math.inf  # only tokens the tokenizer can write back
-        logits[:, eos] = torch.where(step >= target - 1, torch.full_like(logits[:, eos], 30.0),
-                                     torch.full_like(logits[:, eos], -math.inf))
+        logits[:, eos] = torch.where(
+            step >= target - 1, torch.full_like(logits[:, eos], 30.0), torch.full_like(logits[:, eos], -math.inf)
+        )
         return output
 
     return model.register_forward_hook(hook, with_kwargs=True), counts
@@ -90,9 +91,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tokenizer = build_tokenizer()
     tokenizer.padding_side = "left"
-    model = build_model(SimpleNamespace(hidden_size=args.width, num_layers=args.layers, num_heads=args.width // 64,
-                                        max_positions=args.max_new_tokens + 2 * args.rows + 8), args.vocab,
-                        seed=0).eval()
+    model = build_model(
+        SimpleNamespace(
+            hidden_size=args.width,
+            num_layers=args.layers,
+            num_heads=args.width // 64,
+            max_positions=args.max_new_tokens + 2 * args.rows + 8,
+        ),
+        args.vocab,
+        seed=0,
+    ).eval()
 
     # every row its own prompt, each a different length ("1+2*3*3...=": BOS + 4 + 2k tokens), so the hook can give
     # every row its own completion length; rows are shuffled (fixed permutation) so the long ones sit anywhere
@@ -113,18 +121,27 @@ def main() -> None:
         generators = [torch.Generator().manual_seed(1000 + g) for g in range(args.rows // args.group)]
         counts.update(row_steps=0, compactions=0)
         started, started_cpu = time.perf_counter(), time.process_time()
-        result = generate(model, tokenizer, rows, args.max_new_tokens, temperature=1.0,
-                          group_generators=generators, rows_per_batch=args.rows_per_batch)
+        result = generate(
+            model,
+            tokenizer,
+            rows,
+            args.max_new_tokens,
+            temperature=1.0,
+            group_generators=generators,
+            rows_per_batch=args.rows_per_batch,
+        )
         return (time.perf_counter() - started, time.process_time() - started_cpu), result, dict(counts)
 
     fractions = [float(f) for f in args.fractions.split(",")]
     reference = run(math.inf)[1]  # warm-up
     lengths = reference.lengths
     ended = lengths[lengths < args.max_new_tokens]
-    print(f"{args.rows} rows ({args.group} per group), {args.layers} layers x {args.width}, vocab {args.vocab}, "
-          f"{args.threads} threads, rows_per_batch {args.rows_per_batch}; completion lengths: {ended.numel()} rows "
-          f"of {int(ended.min())}-{int(ended.max())} tokens, {int((lengths == args.max_new_tokens).sum())} rows of "
-          f"{args.max_new_tokens}; {int(lengths.sum())} tokens in all")
+    print(
+        f"{args.rows} rows ({args.group} per group), {args.layers} layers x {args.width}, vocab {args.vocab}, "
+        f"{args.threads} threads, rows_per_batch {args.rows_per_batch}; completion lengths: {ended.numel()} rows "
+        f"of {int(ended.min())}-{int(ended.max())} tokens, {int((lengths == args.max_new_tokens).sum())} rows of "
+        f"{args.max_new_tokens}; {int(lengths.sum())} tokens in all"
+    )
     times = {f: [] for f in fractions}
     stats = {}
     for _ in range(args.repeats):  # interleaved, so drifting machine load hits every setting alike
@@ -136,14 +153,20 @@ def main() -> None:
     handle.remove()
     wall = {f: statistics.median(t[0] for t in times[f]) for f in fractions}
     cpu = {f: statistics.median(t[1] for t in times[f]) for f in fractions}
-    print(f"{'compact at':>10} {'wall s':>8} {'cpu s':>8} {'tokens/s':>9} {'row-steps':>10} {'compactions':>11} "
-          f"{'speedup (wall, cpu)':>20}")
+    print(
+        f"{'compact at':>10} {'wall s':>8} {'cpu s':>8} {'tokens/s':>9} {'row-steps':>10} {'compactions':>11} "
+        f"{'speedup (wall, cpu)':>20}"
+    )
     for fraction in fractions:
         label = "never" if math.isinf(fraction) else f"{fraction:g}"
-        speedup = f"{wall[math.inf] / wall[fraction]:.2f}x, {cpu[math.inf] / cpu[fraction]:.2f}x" \
-            if math.inf in wall else "-"
-        print(f"{label:>10} {wall[fraction]:8.2f} {cpu[fraction]:8.2f} {float(lengths.sum()) / wall[fraction]:9.0f} "
-              f"{stats[fraction]['row_steps']:>10} {stats[fraction]['compactions']:>11} {speedup:>20}")
+        speedup = (
+            f"{wall[math.inf] / wall[fraction]:.2f}x, {cpu[math.inf] / cpu[fraction]:.2f}x" if math.inf in wall else "-"
+        )
+        print(
+            f"{label:>10} {wall[fraction]:8.2f} {cpu[fraction]:8.2f} {float(lengths.sum()) / wall[fraction]:9.0f} "
+            f"{stats[fraction]['row_steps']:>10} {stats[fraction]['compactions']:>11} {speedup:>20}"
+        )
+
 
 if __name__ == "__main__":
     main()

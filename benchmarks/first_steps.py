@@ -63,21 +63,27 @@ CONFIGS = {
 }
 CALLS = ["A", "A", "A", "B", "B", "C", "D"]
 LABELS = ["A 1st", "A 2nd", "A 3rd", "B new prompt len", "B again", "C new rows", "D new n_tokens"]
-QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
-            "clips did Natalia sell altogether in April and May? Weng earns $12 an hour for babysitting. Yesterday, "
-            "she just did 50 minutes of babysitting. How much did she earn? Betty is saving money for a new wallet "
-            "which costs $100. Betty has only half of the money she needs. Her parents decided to give her $15 for "
-            "that purpose, and her grandparents twice as much as her parents. How much more money does Betty need "
-            "to buy the wallet? Julie is reading a 120-page book. Yesterday, she was able to read 12 pages and today, "
-            "she read twice as many pages as yesterday. If she wants to read half of the remaining pages tomorrow, "
-            "how many pages should she read?")
+QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+    "clips did Natalia sell altogether in April and May? Weng earns $12 an hour for babysitting. Yesterday, "
+    "she just did 50 minutes of babysitting. How much did she earn? Betty is saving money for a new wallet "
+    "which costs $100. Betty has only half of the money she needs. Her parents decided to give her $15 for "
+    "that purpose, and her grandparents twice as much as her parents. How much more money does Betty need "
+    "to buy the wallet? Julie is reading a 120-page book. Yesterday, she was able to read 12 pages and today, "
+    "she read twice as many pages as yesterday. If she wants to read half of the remaining pages tomorrow, "
+    "how many pages should she read?"
+)
 
 
 def shapes(args) -> dict:
     """rows, prompt tokens, new tokens of each call kind."""
     r, p, n = args.rows, args.prompt_tokens, args.new_tokens
-    return {"A": (r, p, n), "B": (r, p + p // 4, n), "C": (r - 2, p, n),
-            "D": (r, p + p // 2, n) if args.op == "forward" else (r, p, n + n // 4)}
+    return {
+        "A": (r, p, n),
+        "B": (r, p + p // 4, n),
+        "C": (r - 2, p, n),
+        "D": (r, p + p // 2, n) if args.op == "forward" else (r, p, n + n // 4),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- child
@@ -114,13 +120,19 @@ def child(args) -> None:
 
     def prompts(rows: int, length: int) -> list[str]:
         # chat-formatted prompts of about `length` tokens; rows differ in length by up to 6 tokens (left padding)
-        empty = len(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=True,
-                                                  add_generation_prompt=True, return_dict=True)["input_ids"])
+        empty = len(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": ""}], tokenize=True, add_generation_prompt=True, return_dict=True
+            )["input_ids"]
+        )
         texts = []
         for row in range(rows):
-            body = tokenizer.decode(question_ids[:max(1, length - empty - row % 7)])
-            texts.append(tokenizer.apply_chat_template([{"role": "user", "content": body}], tokenize=False,
-                                                       add_generation_prompt=True))
+            body = tokenizer.decode(question_ids[: max(1, length - empty - row % 7)])
+            texts.append(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True
+                )
+            )
         return texts
 
     class NoEos:
@@ -144,14 +156,28 @@ def child(args) -> None:
             work = lambda: model(**batch, logits_to_keep=1)  # noqa: E731
         elif args.op == "generate":
             batch = tokenizer(texts, padding=True, return_tensors="pt")
-            work = lambda: model.generate(**batch, max_new_tokens=new, min_new_tokens=new, do_sample=True,  # noqa
-                                          temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+            work = lambda: model.generate(  # noqa: E731
+                **batch,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         elif args.op == "sampler":
             from bridgectl.core import rollout
 
             generators = [torch.Generator().manual_seed(g) for g in range(rows // 2)]
-            work = lambda: rollout.generate(model, NoEos(), texts, new, temperature=1.0,  # noqa: E731
-                                            group_generators=generators)
+            work = lambda: rollout.generate(  # noqa: E731
+                model,
+                NoEos(),
+                texts,
+                new,
+                temperature=1.0,
+                group_generators=generators,
+            )
         else:
             batch = tokenizer(texts, padding=True, return_tensors="pt")
             full = torch.cat([batch["input_ids"], torch.randint(100, 40000, (rows, new))], dim=1)
@@ -161,6 +187,7 @@ def child(args) -> None:
                 model.zero_grad(set_to_none=True)
                 out = model(input_ids=full, attention_mask=mask, labels=full)
                 out.loss.backward()
+
         before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         if args.op == "train":
             work()
@@ -170,10 +197,15 @@ def child(args) -> None:
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_SELF)
         tokens = len(tokenizer(texts[0])["input_ids"])
-        return {"wall": wall, "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
-                "sys": after.ru_stime - before.ru_stime, "minflt": after.ru_minflt - before.ru_minflt,
-                "preempt": after.ru_nivcsw - before.ru_nivcsw, "load1": os.getloadavg()[0],
-                "shape": [rows, tokens, new]}
+        return {
+            "wall": wall,
+            "cpu": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+            "sys": after.ru_stime - before.ru_stime,
+            "minflt": after.ru_minflt - before.ru_minflt,
+            "preempt": after.ru_nivcsw - before.ru_nivcsw,
+            "load1": os.getloadavg()[0],
+            "shape": [rows, tokens, new],
+        }
 
     table = shapes(args)
     for index, kind in enumerate(CALLS):
@@ -213,8 +245,10 @@ def placement(args) -> None:
             time.sleep(0.1)
 
     threading.Thread(target=watch, daemon=True).start()
-    print(f"{args.rows} x {args.prompt_tokens} forward passes, 2 threads, OMP_WAIT_POLICY="
-          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}")
+    print(
+        f"{args.rows} x {args.prompt_tokens} forward passes, 2 threads, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}"
+    )
     started = time.perf_counter()
     with torch.no_grad():
         for index in range(args.placement):
@@ -222,8 +256,10 @@ def placement(args) -> None:
             start = time.perf_counter()
             model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
             threads = ", ".join(f"thread {tid} on CPU {cpu}" for tid, cpu in sorted(seen))
-            print(f"call {index:2d} at {start - started:6.1f} s: {time.perf_counter() - start:6.2f} s   ({threads})",
-                  flush=True)
+            print(
+                f"call {index:2d} at {start - started:6.1f} s: {time.perf_counter() - start:6.2f} s   ({threads})",
+                flush=True,
+            )
     stop.set()
 
 
@@ -235,11 +271,33 @@ def busy_loops(count: int) -> list[subprocess.Popen]:
 
 
 def run_child(args, op: str, config: str) -> list[dict]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TRANSFORMERS_VERBOSITY="error",
-               TQDM_DISABLE="1", **CONFIGS[config]["env"])
-    command = [sys.executable, __file__, "--child", "--model", args.model, "--op", op, "--config", config,
-               "--rows", str(args.rows), "--prompt-tokens", str(args.prompt_tokens),
-               "--new-tokens", str(args.new_tokens), "--attn", args.attn]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="disabled",
+        TRANSFORMERS_VERBOSITY="error",
+        TQDM_DISABLE="1",
+        **CONFIGS[config]["env"],
+    )
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--model",
+        args.model,
+        "--op",
+        op,
+        "--config",
+        config,
+        "--rows",
+        str(args.rows),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--attn",
+        args.attn,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
     results = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or len(results) != len(CALLS):
@@ -266,9 +324,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per child process")
     parser.add_argument("--raw", help="append every call's JSON line to this file")
     parser.add_argument("--table", nargs="+", metavar="RAW", help="only print the table of earlier --raw files")
-    parser.add_argument("--placement", type=int, metavar="CALLS",
-                        help="only: CALLS forward passes (rows x prompt tokens) on 2 threads in this process, "
-                             "each printed with the CPUs its threads ran on (see the docstring)")
+    parser.add_argument(
+        "--placement",
+        type=int,
+        metavar="CALLS",
+        help="only: CALLS forward passes (rows x prompt tokens) on 2 threads in this process, "
+        "each printed with the CPUs its threads ran on (see the docstring)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--op", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -309,19 +371,26 @@ def main() -> None:
                     if args.raw:
                         with open(args.raw, "a") as raw:
                             raw.writelines(json.dumps(item) + "\n" for item in got)
-                    print(f"# repeat {repeat + 1}/{args.repeats} {op}/{config} done "
-                          f"({time.time() - started:.0f} s, load {os.getloadavg()[0]:.1f})", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"# repeat {repeat + 1}/{args.repeats} {op}/{config} done "
+                        f"({time.time() - started:.0f} s, load {os.getloadavg()[0]:.1f})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         for loop in loops:
             loop.kill()
-    print(f"rows {args.rows}, prompt ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-          f"{args.repeats} repeats, {args.busy} busy loops, nice {args.nice}, attn {args.attn}")
+    print(
+        f"rows {args.rows}, prompt ~{args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+        f"{args.repeats} repeats, {args.busy} busy loops, nice {args.nice}, attn {args.attn}"
+    )
     print_table(results, ops, configs)
 
 
 def print_table(results: list[dict], ops: list[str], configs: list[str]) -> None:
-    print("| op | config | call | runs | shape (rows, prompt, new) | wall s | cpu s | sys s | page faults | preempted |")
+    print(
+        "| op | config | call | runs | shape (rows, prompt, new) | wall s | cpu s | sys s | page faults | preempted |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for op in ops:
         for config in configs:
@@ -329,10 +398,12 @@ def print_table(results: list[dict], ops: list[str], configs: list[str]) -> None
                 got = [r for r in results if r["op"] == op and r["config"] == config and r["call"] == index]
                 if not got:
                     continue
-                print(f"| {op} | {config} | {label} | n={len(got)} | {tuple(got[0]['shape'])} | {spread([r['wall'] for r in got])} "
-                      f"| {spread([r['cpu'] for r in got])} | {statistics.median(r['sys'] for r in got):.2f} "
-                      f"| {statistics.median(r['minflt'] for r in got):.0f} "
-                      f"| {statistics.median(r['preempt'] for r in got):.0f} |")
+                print(
+                    f"| {op} | {config} | {label} | n={len(got)} | {tuple(got[0]['shape'])} | {spread([r['wall'] for r in got])} "
+                    f"| {spread([r['cpu'] for r in got])} | {statistics.median(r['sys'] for r in got):.2f} "
+                    f"| {statistics.median(r['minflt'] for r in got):.0f} "
+                    f"| {statistics.median(r['preempt'] for r in got):.0f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -39,10 +39,24 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "gpu_results.md"
 SHAPES = {  # config.json of Qwen/Qwen2.5-0.5B; a tiny stand-in of the same architecture
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=2048,
+        tie_word_embeddings=True,
+    ),
 }
 RECIPES = {  # name: overrides; LoRA rank 32 on every linear layer for both, as the memory figures of docs/benchmarks/index.md
     "rl (LoRA r32)": ["recipe=rl", "model.finetune=lora", "lora.rank=32"],
@@ -54,9 +68,14 @@ VLLM_RECIPES = {  # the same with rollouts from a colocated vLLM engine (rollout
     "bridge lower=lora, vLLM rollouts": [*RECIPES["bridge lower=lora"], "rollout.backend=vllm"],
 }
 ALL_RECIPES = {**RECIPES, **VLLM_RECIPES}
-ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
-         "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
-        for a in range(1, 9) for b in range(1, 9)]
+ROWS = [
+    {
+        "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+        "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+    }
+    for a in range(1, 9)
+    for b in range(1, 9)
+]
 
 
 def build_model(directory: Path, shape: dict) -> int:
@@ -85,31 +104,53 @@ def build_model(directory: Path, shape: dict) -> int:
 
 
 def run_recipe(name: str, model_dir: Path, data: Path, out: Path, args) -> dict:
-    overrides = [*ALL_RECIPES[name], "model=hf", f"model.name_or_path={model_dir}", "task=gsm8k",
-                 f"task.path={data / 'train.jsonl'}", f"++task.eval_sets={{test:{data / 'test.jsonl'}}}",
-                 f"train.max_steps={args.steps}", "train.eval_every=0", "train.checkpoint_every=0", "eval.n=8",
-                 "rl.prompts_per_step=8", "rl.num_generations=8", "sft.batch_size=16",
-                 f"rl.max_completion_length={args.completion_length}", f"eval.max_new_tokens={args.completion_length}",
-                 "train.threads=0",
-                 f"train.micro_batch_size={args.micro_batch_size}", "rollout.batch_size=64"]
+    overrides = [
+        *ALL_RECIPES[name],
+        "model=hf",
+        f"model.name_or_path={model_dir}",
+        "task=gsm8k",
+        f"task.path={data / 'train.jsonl'}",
+        f"++task.eval_sets={{test:{data / 'test.jsonl'}}}",
+        f"train.max_steps={args.steps}",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "eval.n=8",
+        "rl.prompts_per_step=8",
+        "rl.num_generations=8",
+        "sft.batch_size=16",
+        f"rl.max_completion_length={args.completion_length}",
+        f"eval.max_new_tokens={args.completion_length}",
+        "train.threads=0",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        "rollout.batch_size=64",
+    ]
     run_name = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "-")
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "bridgectl.cli.app", "run", *overrides, "--out", str(out),
-                             "--name", run_name], capture_output=True, text=True, env=os.environ.copy())
+    result = subprocess.run(
+        [sys.executable, "-m", "bridgectl.cli.app", "run", *overrides, "--out", str(out), "--name", run_name],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / run_name / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "perf/step_s" in row][1:]  # the first step warms kernels and allocators up
     summary = json.loads((out / run_name / "summary.json").read_text())
     step_s = statistics.median(row["perf/step_s"] for row in steps)
-    return {"step_s": step_s,
-            # tokens that went through a training pass (completions and SFT targets) per second of the whole step
-            "train_tokens_per_s": summary["train_tokens"] / summary["train_wall_s"],
-            "gen_tokens_per_s": statistics.median(row["perf/gen_tokens_per_s"] for row in steps),
-            "gen_tokens_per_step": statistics.median(row["train/response_len"] for row in steps) * 64,
-            "peak_mb": summary["peak_mem_mb"], "wall_s": time.perf_counter() - started, "steps": len(steps),
-            "logprob_gap": statistics.median(row["rollout/logprob_gap"] for row in steps)
-            if "rollout/logprob_gap" in steps[0] else None}
+    return {
+        "step_s": step_s,
+        # tokens that went through a training pass (completions and SFT targets) per second of the whole step
+        "train_tokens_per_s": summary["train_tokens"] / summary["train_wall_s"],
+        "gen_tokens_per_s": statistics.median(row["perf/gen_tokens_per_s"] for row in steps),
+        "gen_tokens_per_step": statistics.median(row["train/response_len"] for row in steps) * 64,
+        "peak_mb": summary["peak_mem_mb"],
+        "wall_s": time.perf_counter() - started,
+        "steps": len(steps),
+        "logprob_gap": statistics.median(row["rollout/logprob_gap"] for row in steps)
+        if "rollout/logprob_gap" in steps[0]
+        else None,
+    }
 
 
 def decode_child(model_dir: str, rows: int, new_tokens: int) -> None:
@@ -146,13 +187,23 @@ def decode_child(model_dir: str, rows: int, new_tokens: int) -> None:
 
     never = [-1]  # no row ends: every variant decodes the same number of tokens
     generate(model, tokenizer, prompts[:2], 4, greedy=True, end_ids=never)  # kernels and allocator warmed up
-    reference = timed("built-in sampler", lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True,
-                                                           end_ids=never).completion_ids)
+    reference = timed(
+        "built-in sampler",
+        lambda: generate(model, tokenizer, prompts, new_tokens, greedy=True, end_ids=never).completion_ids,
+    )
     with torch.no_grad():
-        out = timed("model.generate", lambda: model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id))
-    result["model.generate same tokens"] = bool(torch.equal(out[:, ids.size(1):], reference))
+        out = timed(
+            "model.generate",
+            lambda: model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+        )
+    result["model.generate same tokens"] = bool(torch.equal(out[:, ids.size(1) :], reference))
     if cuda:
         step, cache = static_cache_step(model, len(prompts), ids.size(1) + new_tokens)
         compiled = torch.compile(step, mode="reduce-overhead", dynamic=False)
@@ -167,22 +218,38 @@ def decode_check(model_dir: Path, rows: int, new_tokens: int, limit_s: float) ->
     reported in the lines, not raised: the recipes still run)."""
     started = time.perf_counter()
     try:
-        out = subprocess.run([sys.executable, __file__, "--decode-child", str(model_dir), str(rows), str(new_tokens)],
-                             capture_output=True, text=True, timeout=limit_s, env=os.environ.copy())
+        out = subprocess.run(
+            [sys.executable, __file__, "--decode-child", str(model_dir), str(rows), str(new_tokens)],
+            capture_output=True,
+            text=True,
+            timeout=limit_s,
+            env=os.environ.copy(),
+        )
     except subprocess.TimeoutExpired:
         return [f"Decoding check: cut off at its limit of {limit_s:.0f} s."], time.perf_counter() - started
     if out.returncode != 0:
-        return [f"Decoding check failed (exit status {out.returncode}):", "", "```",
-                *out.stderr.strip().splitlines()[-15:], "```"], time.perf_counter() - started
+        return [
+            f"Decoding check failed (exit status {out.returncode}):",
+            "",
+            "```",
+            *out.stderr.strip().splitlines()[-15:],
+            "```",
+        ], time.perf_counter() - started
     result = json.loads(out.stdout.strip().splitlines()[-1])
     base = result["model.generate"]
-    lines = [f"Decoding ({result['rows']} rows x {result['new_tokens']} tokens, greedy, every row to the full "
-             f"length, on {result['device']}; one run each):", "",
-             "| decoding | tokens/s | / model.generate | same tokens as the built-in sampler |", "|---|---|---|---|"]
+    lines = [
+        f"Decoding ({result['rows']} rows x {result['new_tokens']} tokens, greedy, every row to the full "
+        f"length, on {result['device']}; one run each):",
+        "",
+        "| decoding | tokens/s | / model.generate | same tokens as the built-in sampler |",
+        "|---|---|---|---|",
+    ]
     for name in ("built-in sampler", "model.generate", "CUDA graphs, first call", "CUDA graphs, second call"):
         if name in result:
-            same = {"model.generate": result["model.generate same tokens"],
-                    "CUDA graphs, first call": result.get("CUDA graphs same tokens")}.get(name, "")
+            same = {
+                "model.generate": result["model.generate same tokens"],
+                "CUDA graphs, first call": result.get("CUDA graphs same tokens"),
+            }.get(name, "")
             lines.append(f"| {name} | {result[name]:.0f} | {result[name] / base:.2f}x | {same} |")
     if "CUDA graphs, first call" not in result:
         lines += ["", "The compiled (CUDA graphs) step runs on CUDA only."]
@@ -205,11 +272,19 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--completion-length", type=int, default=384)
     parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--budget-s", type=float, default=420.0,
-                        help="start no further recipe once this many seconds have passed, or would by its end")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="start no further recipe once this many seconds have passed, or would by its end",
+    )
     parser.add_argument("--recipes", nargs="*", default=None, choices=list(ALL_RECIPES))
-    parser.add_argument("--decode-limit-s", type=float, default=240.0,
-                        help="time limit of the decoding check, which runs first and counts toward --budget-s")
+    parser.add_argument(
+        "--decode-limit-s",
+        type=float,
+        default=240.0,
+        help="time limit of the decoding check, which runs first and counts toward --budget-s",
+    )
     parser.add_argument("--decode-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.decode_child:
@@ -242,31 +317,43 @@ def main(argv: list[str] | None = None) -> str:
             results[name] = run_recipe(name, scratch / "model", data, scratch / "runs", args)
             print(json.dumps(results[name]), flush=True)
 
-    lines = ["# GPU check", "",
-             f"Produced by `make gpu-check` on {device}: {args.shape} shape ({parameters / 1e6:.1f}M parameters, "
-             f"random init), `model=hf`, dtype auto (bf16 on CUDA), 8 prompts x 8 samples, completions of "
-             f"{args.completion_length} tokens (EOS is rare with random weights), 16 SFT examples, training passes "
-             f"in micro-batches of {args.micro_batch_size} rows with activation checkpointing; medians over "
-             f"{args.steps - 1} steps after the first; {time.perf_counter() - started:.0f} s in all.", "",
-             "| recipe | s/step | rollout tokens/s | trained tokens/s | generated tokens/step | peak memory (MB) "
-             "| vLLM log-prob gap |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r['step_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f} | "
-              f"{r['gen_tokens_per_step']:.0f} | {r['peak_mb']:.0f} | "
-              f"{'' if r['logprob_gap'] is None else format(r['logprob_gap'], '.4f')} |"
-              for name, r in results.items()]
+    lines = [
+        "# GPU check",
+        "",
+        f"Produced by `make gpu-check` on {device}: {args.shape} shape ({parameters / 1e6:.1f}M parameters, "
+        f"random init), `model=hf`, dtype auto (bf16 on CUDA), 8 prompts x 8 samples, completions of "
+        f"{args.completion_length} tokens (EOS is rare with random weights), 16 SFT examples, training passes "
+        f"in micro-batches of {args.micro_batch_size} rows with activation checkpointing; medians over "
+        f"{args.steps - 1} steps after the first; {time.perf_counter() - started:.0f} s in all.",
+        "",
+        "| recipe | s/step | rollout tokens/s | trained tokens/s | generated tokens/step | peak memory (MB) "
+        "| vLLM log-prob gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {r['step_s']:.2f} | {r['gen_tokens_per_s']:.0f} | {r['train_tokens_per_s']:.0f} | "
+        f"{r['gen_tokens_per_step']:.0f} | {r['peak_mb']:.0f} | "
+        f"{'' if r['logprob_gap'] is None else format(r['logprob_gap'], '.4f')} |"
+        for name, r in results.items()
+    ]
     if skipped:
         lines += ["", f"Not run within --budget-s {args.budget_s:.0f}: {', '.join(skipped)}."]
     lines += ["", *decode_lines, "", f"(The decoding check took {decode_s:.0f} s, before the recipes.)"]
     if any(name in VLLM_RECIPES for name in results):
-        lines += ["", "Peak memory is PyTorch's allocator peak: with vLLM rollouts the engine's reserved share "
-                      "(rollout.gpu_memory_utilization) is not all in it. The log-prob gap is the mean absolute "
-                      "difference per sampled token between vLLM's and the trained model's log-probs."]
+        lines += [
+            "",
+            "Peak memory is PyTorch's allocator peak: with vLLM rollouts the engine's reserved share "
+            "(rollout.gpu_memory_utilization) is not all in it. The log-prob gap is the mean absolute "
+            "difference per sampled token between vLLM's and the trained model's log-probs.",
+        ]
     if "rl (LoRA r32)" in results:
         base = results["rl (LoRA r32)"]
         lines += ["", "| ratio against rl (LoRA r32) | step time | peak memory |", "|---|---|---|"]
-        lines += [f"| {name} | {r['step_s'] / base['step_s']:.2f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
-                  for name, r in results.items() if name != "rl (LoRA r32)"]
+        lines += [
+            f"| {name} | {r['step_s'] / base['step_s']:.2f} | {r['peak_mb'] / base['peak_mb']:.2f} |"
+            for name, r in results.items()
+            if name != "rl (LoRA r32)"
+        ]
     text = "\n".join(lines) + "\n"
     if args.shape == "qwen2.5-0.5b":
         RESULTS.write_text(text)

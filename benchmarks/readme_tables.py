@@ -68,6 +68,7 @@ def rewritten(text: str) -> str:
     def one(match: re.Match) -> str:
         body = differences_part(compare_markdown(shlex.split(match["args"])))
         return f"<!-- differences: {match['args']} -->\n{body}<!-- /differences -->"
+
     return BLOCK.sub(one, text)
 
 

@@ -49,7 +49,7 @@ def full_completion_logprobs(model, rollouts, temperature):
     mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
     start = rollouts.prompt_ids.size(1)
-    logprobs = torch.log_softmax(logits[:, start - 1:-1] / temperature, dim=-1)
+    logprobs = torch.log_softmax(logits[:, start - 1 : -1] / temperature, dim=-1)
     return logprobs.gather(2, rollouts.completion_ids.unsqueeze(2)).squeeze(2)
 
 
@@ -71,8 +71,12 @@ def record_updates(monkeypatch) -> list:
     updates, real = [], optim_module.clip_gradients
 
     def clip(params, *args, **kwargs):
-        updates.append(([p.detach().clone() for p in params],
-                        [None if p.grad is None else p.grad.detach().clone() for p in params]))
+        updates.append(
+            (
+                [p.detach().clone() for p in params],
+                [None if p.grad is None else p.grad.detach().clone() for p in params],
+            )
+        )
         return real(params, *args, **kwargs)
 
     monkeypatch.setattr(optim_module, "clip_gradients", clip)

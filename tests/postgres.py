@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-INSTALL_HINT = ("the PostgreSQL server binaries (initdb, pg_ctl) are not installed: `apt-get install postgresql` "
-                "(what .ci/run does), or put their directory on PATH")
+INSTALL_HINT = (
+    "the PostgreSQL server binaries (initdb, pg_ctl) are not installed: `apt-get install postgresql` "
+    "(what .ci/run does), or put their directory on PATH"
+)
 
 
 def server_binaries() -> Path | None:
@@ -52,12 +54,17 @@ def postgres_server():
     port = free_port()
 
     def ctl(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([*prefix, str(binaries / "pg_ctl"), "-D", str(data), *args], capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [*prefix, str(binaries / "pg_ctl"), "-D", str(data), *args], capture_output=True, text=True, timeout=60
+        )
 
     try:
-        made = subprocess.run([*prefix, str(binaries / "initdb"), "-D", str(data), "-U", "bridgectl",
-                               "--auth=trust", "--no-sync"], capture_output=True, text=True, timeout=120)
+        made = subprocess.run(
+            [*prefix, str(binaries / "initdb"), "-D", str(data), "-U", "bridgectl", "--auth=trust", "--no-sync"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert made.returncode == 0, made.stdout + made.stderr
         options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
         started = ctl("-o", options, "-l", str(home / "server.log"), "-w", "-t", "60", "start")

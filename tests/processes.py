@@ -10,15 +10,26 @@ import sys
 import time
 from pathlib import Path
 
-TINY = ["recipe=sft", "train.threads=1", "train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=2",
-        "sft.batch_size=4", "eval.n=8"]
+TINY = [
+    "recipe=sft",
+    "train.threads=1",
+    "train.max_steps=2",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "sft.batch_size=4",
+    "eval.n=8",
+]
 """The cheapest real run: SFT on the tiny built-in model, two steps, eight problems per evaluation split."""
 
 
 def start_run(args: list[str]) -> subprocess.Popen:
     """`bridgectl run ARGS` in a new process (its output in .stdout, stderr merged)."""
-    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli.app", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, "-m", "bridgectl.cli.app", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
 
 
 def read_json(path: Path) -> dict | None:
@@ -43,8 +54,9 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 1
 
 def wait_for_phase(run: Path, phase: str, process: subprocess.Popen, timeout: float = 120) -> None:
     """Until the run's heartbeat says it is in `phase` (runner.py records each phase as it enters it)."""
-    wait_for(lambda: (read_json(run / "heartbeat.json") or {}).get("phase") == phase, process, f"phase {phase!r}",
-             timeout)
+    wait_for(
+        lambda: (read_json(run / "heartbeat.json") or {}).get("phase") == phase, process, f"phase {phase!r}", timeout
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 120) -> str:

@@ -137,21 +137,24 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("completion,gold,expected", [
-    ("9*3=7;5*3=5;4+7=1;1-5=6;#6", "6", 1.0),
-    ("#6", "6", 1.0),
-    ("# 6.", "6", 1.0),
-    ("#06", "6", 1.0),
-    ("#6", "7", 0.0),
-    ("#16", "6", 0.0),
-    ("#-4", "6", 0.0),  # no modular normalisation of the prediction
-    ("the answer is 6", "6", 0.0),  # no mark, no reward (and no format reward either)
-    ("#6 ... actually #7", "6", 0.0),
-    ("#7 ... actually #6", "6", 1.0),
-    ("9*3=7;5*3=5;4+7=1;1-", "6", 0.0),
-    ("", "0", 0.0),
-    ("#0", "0", 1.0),
-])
+@pytest.mark.parametrize(
+    "completion,gold,expected",
+    [
+        ("9*3=7;5*3=5;4+7=1;1-5=6;#6", "6", 1.0),
+        ("#6", "6", 1.0),
+        ("# 6.", "6", 1.0),
+        ("#06", "6", 1.0),
+        ("#6", "7", 0.0),
+        ("#16", "6", 0.0),
+        ("#-4", "6", 0.0),  # no modular normalisation of the prediction
+        ("the answer is 6", "6", 0.0),  # no mark, no reward (and no format reward either)
+        ("#6 ... actually #7", "6", 0.0),
+        ("#7 ... actually #6", "6", 1.0),
+        ("9*3=7;5*3=5;4+7=1;1-", "6", 0.0),
+        ("", "0", 0.0),
+        ("#0", "0", 1.0),
+    ],
+)
 def test_reward(completion, gold, expected):
     value = reward(completion, gold)
     assert isinstance(value, float)

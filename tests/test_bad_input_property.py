@@ -18,10 +18,33 @@ from typer.testing import CliRunner
 
 from bridgectl.cli.app import app
 
-VALID = ["seed=3", "recipe=rl", "recipe=sft", "train.max_steps=7", "rl.num_generations=4", "eval.n=5",
-         "task.max_operand=7", "bridge.lam=0.3", "train.threads=1", "lora.rank=8"]
-MALFORMED = ["=1", "seed==", "seed=[1,", "rl.lr={a:", "seed=1=2", "recipe=", "recipe=not_a_recipe",
-             "task=not_a_task", "model=not_a_model", "rl..lr=1", "seed=${", "+", "~"]
+VALID = [
+    "seed=3",
+    "recipe=rl",
+    "recipe=sft",
+    "train.max_steps=7",
+    "rl.num_generations=4",
+    "eval.n=5",
+    "task.max_operand=7",
+    "bridge.lam=0.3",
+    "train.threads=1",
+    "lora.rank=8",
+]
+MALFORMED = [
+    "=1",
+    "seed==",
+    "seed=[1,",
+    "rl.lr={a:",
+    "seed=1=2",
+    "recipe=",
+    "recipe=not_a_recipe",
+    "task=not_a_task",
+    "model=not_a_model",
+    "rl..lr=1",
+    "seed=${",
+    "+",
+    "~",
+]
 
 
 def random_key(rng: random.Random) -> str:
@@ -66,8 +89,11 @@ def test_random_bad_overrides_exit_2_and_touch_nothing(tmp_path, monkeypatch, tr
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "kept.txt").write_text("a file of the user's")
     before = snapshot(tmp_path)
-    commands = [["run", *overrides, "--out", "runs"], ["run", "--dry-run", *overrides, "--out", "runs"],
-                ["eval", "tiny", *overrides]]
+    commands = [
+        ["run", *overrides, "--out", "runs"],
+        ["run", "--dry-run", *overrides, "--out", "runs"],
+        ["eval", "tiny", *overrides],
+    ]
     for command in commands:
         result = CliRunner().invoke(app, command)
         said = " ".join(result.output.split())
@@ -78,16 +104,32 @@ def test_random_bad_overrides_exit_2_and_touch_nothing(tmp_path, monkeypatch, tr
 
 
 # ---- sweep specs --------------------------------------------------------------------------------------------------
-GOOD_SPEC = {"name": "prop", "base": ["recipe=sft", "train.max_steps=1"], "seeds": [0],
-             "objective": {"metric": "eval/test/accuracy", "direction": "maximize"}, "sampler": "grid",
-             "params": {"bridge.lam": {"type": "float", "values": [0.3, 0.5]}}}
+GOOD_SPEC = {
+    "name": "prop",
+    "base": ["recipe=sft", "train.max_steps=1"],
+    "seeds": [0],
+    "objective": {"metric": "eval/test/accuracy", "direction": "maximize"},
+    "sampler": "grid",
+    "params": {"bridge.lam": {"type": "float", "values": [0.3, 0.5]}},
+}
 # values of the wrong YAML type or shape for each field, one of which replaces the good value
-WRONG = {"name": [[1, 2], {"a": 1}, 3], "base": ["recipe=sft", 5, {"a": 1}], "seeds": ["abc", 3, [0, 1.5], [None]],
-         "objective": [3, "eval/test/accuracy", {"metric": 3}, {"metrc": "x"}, {"direction": "sideways"}],
-         "sampler": [3, "annealing", ["grid"]], "n_trials": ["x", True, 0, -2, 1.5], "pruner": ["wise", 7],
-         "params": [[1, 2], "bridge.lam", {"bridge.lam": 0.5}, {"bridge.lamda": {"type": "float", "values": [1]}},
-                    {"bridge.lam": {"type": "float", "low": "a", "high": 1}}],
-         "colour": ["blue"]}
+WRONG = {
+    "name": [[1, 2], {"a": 1}, 3],
+    "base": ["recipe=sft", 5, {"a": 1}],
+    "seeds": ["abc", 3, [0, 1.5], [None]],
+    "objective": [3, "eval/test/accuracy", {"metric": 3}, {"metrc": "x"}, {"direction": "sideways"}],
+    "sampler": [3, "annealing", ["grid"]],
+    "n_trials": ["x", True, 0, -2, 1.5],
+    "pruner": ["wise", 7],
+    "params": [
+        [1, 2],
+        "bridge.lam",
+        {"bridge.lam": 0.5},
+        {"bridge.lamda": {"type": "float", "values": [1]}},
+        {"bridge.lam": {"type": "float", "low": "a", "high": 1}},
+    ],
+    "colour": ["blue"],
+}
 
 
 def bad_spec(index: int) -> dict:

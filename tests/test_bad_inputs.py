@@ -38,13 +38,22 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def jsonl_task(name: str) -> list[str]:
-    return ["run", "task=jsonl", f"task.path={{ws}}/{name}", f"task.eval_sets={{{{test:{{ws}}/{name}}}}}",
-            "--out", "{ws}/runs"]
+    return [
+        "run",
+        "task=jsonl",
+        f"task.path={{ws}}/{name}",
+        f"task.eval_sets={{{{test:{{ws}}/{name}}}}}",
+        "--out",
+        "{ws}/runs",
+    ]
 
 
 CASES = [
@@ -53,21 +62,45 @@ CASES = [
     ("wrong type", ["run", "train.max_steps=abc", "--out", "{ws}/runs"], "train.max_steps"),
     ("value out of range", ["run", "bridge.lam=1.5", "--out", "{ws}/runs"], "bridge.lam must be in [0, 1]"),
     ("unknown recipe", ["run", "recipe=nope", "--out", "{ws}/runs"], "unknown recipe 'nope'"),
-    ("sharding with the look-ahead shadow", ["run", "train.fsdp=true", "bridge.shadow=lookahead", "--nproc", "2",
-                                             "--out", "{ws}/runs"], "train.fsdp runs the bridge stage as the first"),
-    ("unknown rollout backend", ["run", "rollout.backend=sglang", "--out", "{ws}/runs"],
-     "unknown rollout.backend 'sglang'"),
-    *([("vllm not installed", ["run", "rollout.backend=vllm", "train.device=cpu", "--out", "{ws}/runs"],
-        "rollout.backend=vllm needs the vllm package")] if importlib.util.find_spec("vllm") is None else []),
-    ("vllm with sharding", ["run", "rollout.backend=vllm", "train.fsdp=true", "--nproc", "2", "--out", "{ws}/runs"],
-     "rollout.backend=vllm does not run with train.fsdp"),
-    ("vllm memory share", ["run", "rollout.backend=vllm", "rollout.gpu_memory_utilization=1.5", "--out", "{ws}/runs"],
-     "rollout.gpu_memory_utilization must be in (0, 1)"),
+    (
+        "sharding with the look-ahead shadow",
+        ["run", "train.fsdp=true", "bridge.shadow=lookahead", "--nproc", "2", "--out", "{ws}/runs"],
+        "train.fsdp runs the bridge stage as the first",
+    ),
+    (
+        "unknown rollout backend",
+        ["run", "rollout.backend=sglang", "--out", "{ws}/runs"],
+        "unknown rollout.backend 'sglang'",
+    ),
+    *(
+        [
+            (
+                "vllm not installed",
+                ["run", "rollout.backend=vllm", "train.device=cpu", "--out", "{ws}/runs"],
+                "rollout.backend=vllm needs the vllm package",
+            )
+        ]
+        if importlib.util.find_spec("vllm") is None
+        else []
+    ),
+    (
+        "vllm with sharding",
+        ["run", "rollout.backend=vllm", "train.fsdp=true", "--nproc", "2", "--out", "{ws}/runs"],
+        "rollout.backend=vllm does not run with train.fsdp",
+    ),
+    (
+        "vllm memory share",
+        ["run", "rollout.backend=vllm", "rollout.gpu_memory_utilization=1.5", "--out", "{ws}/runs"],
+        "rollout.gpu_memory_utilization must be in (0, 1)",
+    ),
     ("broken recipe file", ["run", "recipe={ws}/broken.yaml", "--out", "{ws}/runs"], "not valid YAML"),
     ("unknown task", ["run", "task=nope", "--out", "{ws}/runs"], "unknown task 'nope'"),
     ("hf model without a path", ["run", "model=hf", "--out", "{ws}/runs"], "needs model.name_or_path"),
-    ("missing model directory", ["run", "model=hf", "model.name_or_path={ws}/nomodel", "--out", "{ws}/runs"],
-     "does not exist"),
+    (
+        "missing model directory",
+        ["run", "model=hf", "model.name_or_path={ws}/nomodel", "--out", "{ws}/runs"],
+        "does not exist",
+    ),
     ("existing run directory", ["run", "--out", "{ws}/runs", "--name", "existing"], "already exists"),
     ("unknown W&B mode", ["run", "tracker.wandb.mode=cloud", "--out", "{ws}/runs"], "tracker.wandb.mode"),
     # data files
@@ -78,10 +111,12 @@ CASES = [
     # run directories
     ("resume a directory that is no run", ["run", "--resume", "{ws}/notarun"], "not a run directory"),
     ("resume a completed run", ["run", "--resume", "{ws}/runs/completed"], "already completed"),
-    ("resume with a changed config", ["run", "--resume", "{ws}/runs/interrupted", "rl.lr=0.1"],
-     "--allow-change rl.lr"),
-    ("resume with another recipe", ["run", "--resume", "{ws}/runs/interrupted", "recipe=sft"],
-     "does not match the saved config"),
+    ("resume with a changed config", ["run", "--resume", "{ws}/runs/interrupted", "rl.lr=0.1"], "--allow-change rl.lr"),
+    (
+        "resume with another recipe",
+        ["run", "--resume", "{ws}/runs/interrupted", "recipe=sft"],
+        "does not match the saved config",
+    ),
     ("allow-change without resume", ["run", "--allow-change", "rl.lr", "--out", "{ws}/runs"], "--resume only"),
     ("eval of a run without weights", ["eval", "{ws}/runs/interrupted"], "has no checkpoints/final"),
     ("eval of a plain directory", ["eval", "{ws}/notarun"], "neither a run directory"),
@@ -91,10 +126,16 @@ CASES = [
     ("sweep with an unknown sampler", ["sweep", "{ws}/sampler.yaml", "--out", "{ws}/sweeps"], "unknown sampler"),
     ("sweep with an inverted range", ["sweep", "{ws}/inverted.yaml", "--out", "{ws}/sweeps"], "is not below high"),
     ("missing sweep spec", ["sweep", "{ws}/missing.yaml", "--out", "{ws}/sweeps"], "does not exist"),
-    ("sweep on an unknown launcher", ["sweep", "{ws}/grid.yaml", "--launcher", "pbs", "--out", "{ws}/sweeps"],
-     "unknown launcher"),
-    ("sweep with no workers", ["sweep", "{ws}/grid.yaml", "--workers", "0", "--out", "{ws}/sweeps"],
-     "--workers must be at least 1"),
+    (
+        "sweep on an unknown launcher",
+        ["sweep", "{ws}/grid.yaml", "--launcher", "pbs", "--out", "{ws}/sweeps"],
+        "unknown launcher",
+    ),
+    (
+        "sweep with no workers",
+        ["sweep", "{ws}/grid.yaml", "--workers", "0", "--out", "{ws}/sweeps"],
+        "--workers must be at least 1",
+    ),
 ]
 
 

@@ -28,9 +28,19 @@ from bridgectl.training.setup import build_context
 
 # 8 groups of 4: with fewer, every group of a step can score all-equal rewards (no RL gradient at all), which
 # happened with 4 groups at seed 0 and would make the shadow-term checks vacuous
-SMALL = ["rl.prompts_per_step=8", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=4",
-         "optim.max_grad_norm=0", "bridge.optimizer=sgd", "bridge.alpha=0.05", "bridge.beta=0.5",
-         "train.threads=1", "lora.rank=4", "bridge.w_rank=2"]
+SMALL = [
+    "rl.prompts_per_step=8",
+    "rl.num_generations=4",
+    "rl.max_completion_length=16",
+    "sft.batch_size=4",
+    "optim.max_grad_norm=0",
+    "bridge.optimizer=sgd",
+    "bridge.alpha=0.05",
+    "bridge.beta=0.5",
+    "train.threads=1",
+    "lora.rank=4",
+    "bridge.w_rank=2",
+]
 
 
 def make_stage(overrides, monkeypatch):
@@ -43,6 +53,7 @@ def make_stage(overrides, monkeypatch):
         def wrapper(*args, **kwargs):
             recorded[name] = real(*args, **kwargs)
             return recorded[name]
+
         monkeypatch.setattr(bridge_module, name, wrapper)
 
     spy("sample_groups", bridge_module.sample_groups)
@@ -62,6 +73,7 @@ def grads_of(loss, model, names):
 
 def expected_gradients(ctx, stage, theta, w, theta_hat, recorded):
     """g_sft and g_rl at (theta, w), g_rl at (theta_hat, w), each from its own copy of the model."""
+
     def model_at(lower_values):
         model = copy.deepcopy(ctx.policy.model)
         assert set_lora_forward(model, merged=False) > 0  # peft's own forward, independent of the stage's
@@ -122,16 +134,18 @@ def test_lambda_one_removes_sft_and_lambda_zero_removes_rl(monkeypatch):
     moved_by_sft = max(float(g.abs().max()) for g in g_sft.values())
     assert moved_by_sft > 0
     for n, before in theta.items():
-        torch.testing.assert_close(stage.lower[n].detach(), before - ctx.cfg.bridge.alpha * g_rl[n],
-                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            stage.lower[n].detach(), before - ctx.cfg.bridge.alpha * g_rl[n], atol=1e-6, rtol=1e-4
+        )
 
     ctx, stage, recorded = make_stage(["bridge.lam=0.0"], monkeypatch)
     theta, w, theta_hat = snapshot(stage.lower), snapshot(stage.upper), snapshot(stage.shadow)
     stage.step()
     g_sft, _, _ = expected_gradients(ctx, stage, theta, w, theta_hat, recorded)
     for n, before in w.items():
-        torch.testing.assert_close(stage.upper[n].detach(), before - ctx.cfg.bridge.beta * g_sft[n],
-                                   atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(
+            stage.upper[n].detach(), before - ctx.cfg.bridge.beta * g_sft[n], atol=1e-6, rtol=1e-4
+        )
 
 
 @pytest.mark.slow
@@ -158,15 +172,23 @@ def test_lookahead_shadow_is_one_rl_step_from_theta(monkeypatch):
 
 
 def test_lambda_ramp_and_logged_quantities(monkeypatch):
-    ctx, stage, recorded = make_stage(["bridge.lam_start=0.2", "bridge.lam_end=0.8", "bridge.shadow_rollouts=true"],
-                                      monkeypatch)
+    ctx, stage, recorded = make_stage(
+        ["bridge.lam_start=0.2", "bridge.lam_end=0.8", "bridge.shadow_rollouts=true"], monkeypatch
+    )
     outputs = [stage.step() for _ in range(3)]
     assert [o.metrics["bridge/lambda"] for o in outputs] == pytest.approx([0.2, 0.5, 0.8])
     for output in outputs:
         m = output.metrics
         assert m["bridge/coop_gain"] == pytest.approx(m["train/rl_loss_shadow"] - m["train/rl_loss"])
-        for key in ("train/sft_loss", "train/reward_mean", "bridge/grad_norm_theta", "bridge/grad_norm_w",
-                    "bridge/grad_norm_theta_hat", "bridge/reward_gap", "bridge/shadow_clip_frac"):
+        for key in (
+            "train/sft_loss",
+            "train/reward_mean",
+            "bridge/grad_norm_theta",
+            "bridge/grad_norm_w",
+            "bridge/grad_norm_theta_hat",
+            "bridge/reward_gap",
+            "bridge/shadow_clip_frac",
+        ):
             assert key in m
         assert -1.0 <= m["bridge/reward_gap"] <= 1.0
 
@@ -177,8 +199,9 @@ def test_ablation_upper_joint_trains_w_on_the_joint_loss_without_a_shadow(lower,
     """bridge.upper=joint (the paper's "w/o J_meta"): theta as in BRIDGE (Eq. 8), w -= beta grad_w of the joint
     loss only: the cooperative gain's shadow term is gone, and so is the shadow."""
     lam = 0.5
-    ctx, stage, recorded = make_stage([f"model.finetune={lower}", "bridge.upper=joint", f"bridge.lam={lam}"],
-                                      monkeypatch)
+    ctx, stage, recorded = make_stage(
+        [f"model.finetune={lower}", "bridge.upper=joint", f"bridge.lam={lam}"], monkeypatch
+    )
     assert stage.upper and stage.shadow == {} and stage.shadow_optimizer is None
     stage.step()  # a second step: theta has moved, so the check does not pass at theta_0 by accident
     theta, w = snapshot(stage.lower), snapshot(stage.upper)
@@ -214,8 +237,11 @@ def test_ablation_upper_none_has_no_adapter_w_and_trains_theta_on_the_fused_loss
 def test_ablation_settings_are_checked():
     from bridgectl.errors import UserError
 
-    for bad in (["bridge.upper=meta"], ["bridge.upper=joint", "bridge.shadow=lookahead"],
-                ["bridge.upper=none", "bridge.shadow_rollouts=true"]):
+    for bad in (
+        ["bridge.upper=meta"],
+        ["bridge.upper=joint", "bridge.shadow=lookahead"],
+        ["bridge.upper=none", "bridge.shadow_rollouts=true"],
+    ):
         with pytest.raises(UserError):
             compose(["recipe=bridge", *bad])
 

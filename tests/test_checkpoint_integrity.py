@@ -30,8 +30,10 @@ THREE = [*TINY, "train.max_steps=3", "train.checkpoint_every=1"]
 
 
 def rows(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_s" and not k.startswith("perf/")}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "wall_s" and not k.startswith("perf/")}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -52,7 +54,7 @@ def temporary_files(run: Path) -> list[str]:
 def flip_bytes(path: Path, at: int | None = None) -> None:
     data = bytearray(path.read_bytes())
     at = len(data) // 2 if at is None else at
-    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
     path.write_bytes(bytes(data))
 
 
@@ -175,8 +177,9 @@ def small_disk(path: Path, megabytes: int):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs takes root")
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -197,8 +200,9 @@ def test_a_checkpoint_that_fills_the_disk_fails_the_run_and_leaves_the_previous_
         run = disk / "r"
         summary = read_json(run / "summary.json")
         assert summary["status"] == "failed" and summary["steps"] == 3, summary
-        assert summary["error"] == ("OSError: [Errno 28] No space left on device (writing "
-                                    f"{run / 'checkpoints' / 'step-000003'})")
+        assert summary["error"] == (
+            f"OSError: [Errno 28] No space left on device (writing {run / 'checkpoints' / 'step-000003'})"
+        )
         unwrapped = "".join(result.output.split())  # the console wraps long paths anywhere
         assert "".join(f"Error: training failed: {summary['error']}".split()) in unwrapped
         assert temporary_files(run) == []  # the half-written checkpoint's files are gone, their space free
@@ -239,6 +243,8 @@ def test_when_the_summary_cannot_record_the_failure_stderr_says_so(tmp_path, mon
     monkeypatch.setattr(RunDir, "write_summary", write_summary)
     result = CliRunner().invoke(app, ["run", *TINY, "--out", str(tmp_path), "--name", "r"])
     assert result.exit_code == 1, result.output
-    assert (f"Error: {tmp_path / 'r' / 'summary.json'} could not record status failed (OSError: [Errno 28] No "
-            "space left on device); the run ended with OSError: [Errno 28] No space left on device") in result.stderr
+    assert (
+        f"Error: {tmp_path / 'r' / 'summary.json'} could not record status failed (OSError: [Errno 28] No "
+        "space left on device); the run ended with OSError: [Errno 28] No space left on device"
+    ) in result.stderr
     assert read_json(tmp_path / "r" / "summary.json")["status"] == "running"  # what it said last

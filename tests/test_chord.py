@@ -28,17 +28,32 @@ from bridgectl.stages.rl import RLStage
 from bridgectl.training.setup import build_context
 
 # 8 groups of 4, so that some group of a step has mixed rewards (an RL gradient); micro-batches of 3 rows
-SMALL = ["rl.prompts_per_step=8", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=4",
-         "train.threads=1", "optim.max_grad_norm=0", "train.micro_batch_size=3"]
+SMALL = [
+    "rl.prompts_per_step=8",
+    "rl.num_generations=4",
+    "rl.max_completion_length=16",
+    "sft.batch_size=4",
+    "train.threads=1",
+    "optim.max_grad_norm=0",
+    "train.micro_batch_size=3",
+]
 
 
 # ---- the mu schedule ---------------------------------------------------------------------------------------------
 def test_mu_warms_up_from_zero_decays_along_a_cosine_and_stays_at_the_valley():
     cfg = SimpleNamespace(mu_warmup_steps=4, mu_decay_steps=8, mu_peak=0.5, mu_valley=0.02)
-    expected = {0: 0.0, 1: 0.125, 3: 0.375,  # linear warm-up from 0
-                4: 0.5, 6: 0.02 + 0.48 * (1 + math.cos(math.pi / 4)) / 2, 8: 0.26,  # cosine from the peak
-                11: 0.02 + 0.48 * (1 + math.cos(7 * math.pi / 8)) / 2,
-                12: 0.02, 13: 0.02, 500: 0.02}  # the valley after W + D updates, to the end
+    expected = {
+        0: 0.0,
+        1: 0.125,
+        3: 0.375,  # linear warm-up from 0
+        4: 0.5,
+        6: 0.02 + 0.48 * (1 + math.cos(math.pi / 4)) / 2,
+        8: 0.26,  # cosine from the peak
+        11: 0.02 + 0.48 * (1 + math.cos(7 * math.pi / 8)) / 2,
+        12: 0.02,
+        13: 0.02,
+        500: 0.02,
+    }  # the valley after W + D updates, to the end
     assert [chord_mu(cfg, t) for t in expected] == pytest.approx(list(expected.values()), abs=1e-12)
     no_warmup = SimpleNamespace(mu_warmup_steps=0, mu_decay_steps=2, mu_peak=0.9, mu_valley=0.05)
     assert [chord_mu(no_warmup, t) for t in range(4)] == pytest.approx([0.9, 0.475, 0.05, 0.05], abs=1e-12)
@@ -89,6 +104,7 @@ def recording(real, into: list):
     def wrapper(ctx):
         into.append(real(ctx))
         return into[-1]
+
     return wrapper
 
 
@@ -120,7 +136,8 @@ def run(stage_cls, module, overrides, steps, monkeypatch):
 def test_each_update_is_the_mu_weighted_sum_of_the_grpo_and_sft_gradients(phi, monkeypatch):
     schedule = ["chord.mu_warmup_steps=0", "chord.mu_decay_steps=2", "chord.mu_peak=0.8", "chord.mu_valley=0.2"]
     ctx, captured, models, recorded, outputs = run(
-        ChordStage, chord_module, ["recipe=chord", *SMALL, *schedule, f"chord.phi={str(phi).lower()}"], 2, monkeypatch)
+        ChordStage, chord_module, ["recipe=chord", *SMALL, *schedule, f"chord.phi={str(phi).lower()}"], 2, monkeypatch
+    )
     rl = ctx.cfg.rl
     for step, mu in enumerate([0.8, 0.5]):  # mu_0 = peak, mu_1 = halfway down the cosine
         assert outputs[step].metrics["chord/mu"] == pytest.approx(mu)
@@ -141,8 +158,12 @@ def test_each_update_is_the_mu_weighted_sum_of_the_grpo_and_sft_gradients(phi, m
 def test_zero_mu_is_exactly_the_rl_stage(monkeypatch):
     same_lr = ["rl.lr=1e-4", "chord.lr=1e-4"]
     ctx, chord_grads, _, _, outputs = run(
-        ChordStage, chord_module, ["recipe=chord", *SMALL, *same_lr, "chord.mu_peak=0", "chord.mu_valley=0"], 2,
-        monkeypatch)
+        ChordStage,
+        chord_module,
+        ["recipe=chord", *SMALL, *same_lr, "chord.mu_peak=0", "chord.mu_valley=0"],
+        2,
+        monkeypatch,
+    )
     _, rl_grads, _, _, _ = run(RLStage, rl_module, ["recipe=rl", *SMALL, *same_lr], 2, monkeypatch)
     assert len(chord_grads) == len(rl_grads) == 2
     for chord_step, rl_step in zip(chord_grads, rl_grads):

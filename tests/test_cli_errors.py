@@ -28,8 +28,12 @@ BAD_INPUTS = [
     ("unknown model", ["model=nope"], "unknown model 'nope'", "tiny"),
     ("unknown top-level key", ["seeed=1"], "unknown key 'seeed'", "did you mean 'seed'"),
     ("unknown nested key", ["train.max_step=3"], "unknown key 'train.max_step'", "did you mean 'train.max_steps'"),
-    ("unknown nested key rl", ["rl.num_generaton=4"], "unknown key 'rl.num_generaton'",
-     "did you mean 'rl.num_generations'"),
+    (
+        "unknown nested key rl",
+        ["rl.num_generaton=4"],
+        "unknown key 'rl.num_generaton'",
+        "did you mean 'rl.num_generations'",
+    ),
     ("wrong type", ["train.max_steps=abc"], "bad value for 'train.max_steps'", ""),
     ("zero steps", ["train.max_steps=0"], "train.max_steps must be positive", "train.max_steps="),
     ("negative steps", ["train.max_steps=-5"], "train.max_steps must be positive", "train.max_steps="),
@@ -54,8 +58,12 @@ BAD_INPUTS = [
     ("unknown lower mode", ["bridge.lower=half"], "unknown bridge.lower 'half'", "full or lora"),
     ("unknown lora forward", ["lora.forward=fused"], "unknown lora.forward 'fused'", "auto, merged or unmerged"),
     ("unknown shadow mode", ["bridge.shadow=ghost"], "unknown bridge.shadow 'ghost'", "lookahead"),
-    ("shadow rollouts with lookahead", ["bridge.shadow=lookahead", "bridge.shadow_rollouts=true"],
-     "needs the persistent shadow", ""),
+    (
+        "shadow rollouts with lookahead",
+        ["bridge.shadow=lookahead", "bridge.shadow_rollouts=true"],
+        "needs the persistent shadow",
+        "",
+    ),
     ("negative mix weight", ["recipe=mix", "mix.mu=-1"], "mix.mu", ""),
     ("negative pretraining steps", ["model.pretrain.steps=-1"], "model.pretrain.steps must be >= 0", ""),
     ("fewer steps than stages", ["recipe=two_stage", "train.max_steps=1"], "fewer than the 2 stages", "recipe.steps"),
@@ -109,11 +117,18 @@ def test_bad_input_exits_2_with_error_and_hint(workdir, no_training, args, messa
     assert no_training == []
 
 
-@pytest.mark.parametrize("args,message,hint", [
-    (["recipe.stages=[]"], "recipe.stages is empty", "e.g. recipe.stages=[sft,rl]"),
-    (["task.train_ops=[3,2]"], "task.train_ops must be [min, max] with 1 <= min <= max, got [3, 2]",
-     "e.g. task.train_ops=[2,4]"),
-], ids=["empty-stages", "reversed-ops"])
+@pytest.mark.parametrize(
+    "args,message,hint",
+    [
+        (["recipe.stages=[]"], "recipe.stages is empty", "e.g. recipe.stages=[sft,rl]"),
+        (
+            ["task.train_ops=[3,2]"],
+            "task.train_ops must be [min, max] with 1 <= min <= max, got [3, 2]",
+            "e.g. task.train_ops=[2,4]",
+        ),
+    ],
+    ids=["empty-stages", "reversed-ops"],
+)
 def test_hint_and_message_keep_their_brackets(workdir, args, message, hint):
     """Messages are shown verbatim: square brackets in them (`[sft,rl]`, `[min, max]`) are not console markup."""
     result = CliRunner().invoke(app, ["run", "--dry-run", "--out", str(workdir / "out"), *args])
@@ -167,8 +182,11 @@ def test_recipes_lists_every_builtin_recipe_with_its_stages():
         assert rows[name][1:3] == [stages, str(expected["max_steps"])], rows[name]
     from bridgectl.stages import STAGES
 
-    listed = {cells[0] for line in stages_table.splitlines()
-              if (cells := [c.strip() for c in line.replace("|", "│").split("│") if c.strip()])}
+    listed = {
+        cells[0]
+        for line in stages_table.splitlines()
+        if (cells := [c.strip() for c in line.replace("|", "│").split("│") if c.strip()])
+    }
     assert set(STAGES) <= listed  # every registered stage, with its update rule
 
 
@@ -184,17 +202,26 @@ def test_dry_run_prints_the_plan_and_writes_nothing(workdir):
     assert not (workdir / "runs").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["run", "--dry-run", "recipe=nope"], "unknown recipe 'nope'"),
-    (["run", "--dry-run", "train.max_step=3"], "did you mean 'train.max_steps'"),
-    (["run", "--dry-run", "recipe=broken.yaml"], "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--dry-run", "recipe=nope"], "unknown recipe 'nope'"),
+        (["run", "--dry-run", "train.max_step=3"], "did you mean 'train.max_steps'"),
+        (["run", "--dry-run", "recipe=broken.yaml"], "not valid YAML"),
+    ],
+)
 def test_installed_entry_point(workdir, args, message):
     """The real console script (not just the Typer app): same exit code and messages, no traceback."""
     assert BRIDGECTL.exists()
     env = dict(os.environ, COLUMNS="200")
-    result = subprocess.run([str(BRIDGECTL), *args, "--out", str(workdir / "out")], capture_output=True,
-                            text=True, cwd=workdir, env=env, timeout=60)
+    result = subprocess.run(
+        [str(BRIDGECTL), *args, "--out", str(workdir / "out")],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=env,
+        timeout=60,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     check_user_error(output, "", "")
@@ -202,10 +229,14 @@ def test_installed_entry_point(workdir, args, message):
     assert not (workdir / "out").exists()
 
 
-@pytest.mark.parametrize("content,key", [
-    ("recipe:\n  name: w\n  stagez: [sft]\n", "stagez"),  # misspelled key inside the recipe file
-    ("recipe:\n  name: w\n  stages: [sft]\ntrain:\n  max_steps: abc\n", "max_steps"),  # wrong type inside it
-], ids=["misspelled-key", "wrong-type"])
+@pytest.mark.parametrize(
+    "content,key",
+    [
+        ("recipe:\n  name: w\n  stagez: [sft]\n", "stagez"),  # misspelled key inside the recipe file
+        ("recipe:\n  name: w\n  stages: [sft]\ntrain:\n  max_steps: abc\n", "max_steps"),  # wrong type inside it
+    ],
+    ids=["misspelled-key", "wrong-type"],
+)
 def test_errors_inside_a_recipe_file_name_the_offending_key(workdir, content, key):
     (workdir / "mine.yaml").write_text(content)
     result = CliRunner().invoke(app, ["run", "--dry-run", "--out", str(workdir / "out"), "recipe=mine.yaml"])

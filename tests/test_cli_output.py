@@ -22,8 +22,12 @@ def test_dry_run_prints_yaml_equal_to_the_config_whatever_the_terminal_width(tmp
 
 
 def test_results_table_gives_the_change_in_points(capsys):
-    summary = {"recipe": "rl", "wall_s": 12.0, "eval": {"test": {"accuracy": 0.897, "n": 300}},
-               "eval_initial": {"test": {"accuracy": 0.25, "n": 300}}}
+    summary = {
+        "recipe": "rl",
+        "wall_s": 12.0,
+        "eval": {"test": {"accuracy": 0.897, "n": 300}},
+        "eval_initial": {"test": {"accuracy": 0.25, "n": 300}},
+    }
     _print_eval_table(summary, "runs/x")
     shown = capsys.readouterr().out
     assert "+64.7" in shown and "points" in shown and "+64.7%" not in shown  # 25.0 -> 89.7 is 64.7 points

@@ -27,8 +27,25 @@ def test_two_tasks_of_one_job_train_as_one_process(tmp_path):
     settings = ["recipe=rl", *SMALL]
     single = CliRunner().invoke(app, ["run", *settings, "--out", str(tmp_path), "--name", "one"])
     assert single.exit_code == 0, single.output
-    job = CliRunner().invoke(app, ["run", *settings, "--launcher", "submitit-local", "--nnodes", "2", "--nproc", "1",
-                                   "--launcher-opt", "timeout_min=10", "--out", str(tmp_path), "--name", "job"])
+    job = CliRunner().invoke(
+        app,
+        [
+            "run",
+            *settings,
+            "--launcher",
+            "submitit-local",
+            "--nnodes",
+            "2",
+            "--nproc",
+            "1",
+            "--launcher-opt",
+            "timeout_min=10",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "job",
+        ],
+    )
     assert job.exit_code == 0, job.output
     assert "submitted job" in job.output and "2 node(s) x 1 process(es)" in job.output
     assert list((tmp_path / ".submitit" / "job").glob("*_0_log.out"))  # it ran as a submitit job's tasks
@@ -60,12 +77,30 @@ def task_processes(folder: Path) -> list[int]:
 
 
 def test_a_preempted_job_is_requeued_and_continues_the_run(tmp_path):
-    settings = ["recipe=rl", *[s for s in SMALL if not s.startswith(("train.max_steps", "train.checkpoint_every"))],
-                "train.max_steps=6", "train.checkpoint_every=2"]
-    command = [sys.executable, "-m", "bridgectl", "run", *settings, "--launcher", "submitit-local",
-               "--launcher-opt", "timeout_min=10", "--out", str(tmp_path), "--name", "pre"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    settings = [
+        "recipe=rl",
+        *[s for s in SMALL if not s.startswith(("train.max_steps", "train.checkpoint_every"))],
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "bridgectl",
+        "run",
+        *settings,
+        "--launcher",
+        "submitit-local",
+        "--launcher-opt",
+        "timeout_min=10",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "pre",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     run_path, folder = tmp_path / "pre", tmp_path / ".submitit" / "pre"
     try:
         deadline = time.monotonic() + 180
@@ -89,13 +124,16 @@ def test_a_preempted_job_is_requeued_and_continues_the_run(tmp_path):
     assert "this job is preempted" in log or "Requeued" in log, log
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--launcher", "pbs"], "unknown launcher 'pbs'"),
-    (["--launcher", "submitit-local", "--launcher-opt", "colour=blue"], "submitit rejected"),
-    (["--launcher-opt", "timeout_min=5"], "applies to --launcher slurm"),
-    (["--launcher", "submitit-local", "--rdzv-endpoint", "h:1"], "set by the job"),
-    (["--launcher", "slurm"], "srun"),  # this machine has no Slurm
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--launcher", "pbs"], "unknown launcher 'pbs'"),
+        (["--launcher", "submitit-local", "--launcher-opt", "colour=blue"], "submitit rejected"),
+        (["--launcher-opt", "timeout_min=5"], "applies to --launcher slurm"),
+        (["--launcher", "submitit-local", "--rdzv-endpoint", "h:1"], "set by the job"),
+        (["--launcher", "slurm"], "srun"),  # this machine has no Slurm
+    ],
+)
 def test_bad_launcher_settings_exit_2_and_write_nothing(tmp_path, args, message):
     result = CliRunner().invoke(app, ["run", "recipe=rl", "train.max_steps=1", "--out", str(tmp_path / "out"), *args])
     assert result.exit_code == 2 and "Error:" in result.output and message in " ".join(result.output.split())

@@ -18,19 +18,39 @@ from bridgectl.analysis.rows import Difference, GroupRow, Metric, MetricSummary
 from bridgectl.cli.app import app
 
 
-def make_run(root: Path, name: str, recipe: str, seed: int, test_acc: float, ood_acc: float = 0.5,
-             status: str = "completed", task: str = "arith", lam: float = 0.5, curve=None, wall_s: float = 100.0,
-             extra_lines: tuple[str, ...] = ()) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    recipe: str,
+    seed: int,
+    test_acc: float,
+    ood_acc: float = 0.5,
+    status: str = "completed",
+    task: str = "arith",
+    lam: float = 0.5,
+    curve=None,
+    wall_s: float = 100.0,
+    extra_lines: tuple[str, ...] = (),
+) -> Path:
     path = root / name
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(f"recipe:\n  name: {recipe}\nbridge:\n  lam: {lam}\ntask:\n  name: {task}\n"
-                                      f"seed: {seed}\n")
+    (path / "config.yaml").write_text(
+        f"recipe:\n  name: {recipe}\nbridge:\n  lam: {lam}\ntask:\n  name: {task}\nseed: {seed}\n"
+    )
     curve = curve or [(0.0, 0.1), (wall_s, test_acc)]
     rows = [{"step": i, "stage": "x", "wall_s": t, "eval/test/accuracy": a} for i, (t, a) in enumerate(curve)]
     (path / "metrics.jsonl").write_text("\n".join([json.dumps(r) for r in rows] + list(extra_lines)) + "\n")
-    summary = {"status": status, "recipe": recipe, "seed": seed, "task": task, "model": "tiny", "wall_s": wall_s,
-               "gen_tokens": 1000 * (seed + 1), "peak_mem_mb": 500.0,
-               "eval": {"test": {"accuracy": test_acc, "n": 100}, "ood": {"accuracy": ood_acc, "n": 100}}}
+    summary = {
+        "status": status,
+        "recipe": recipe,
+        "seed": seed,
+        "task": task,
+        "model": "tiny",
+        "wall_s": wall_s,
+        "gen_tokens": 1000 * (seed + 1),
+        "peak_mem_mb": 500.0,
+        "eval": {"test": {"accuracy": test_acc, "n": 100}, "ood": {"accuracy": ood_acc, "n": 100}},
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -40,8 +60,15 @@ def sweep(tmp_path):
     for seed, acc in enumerate([0.60, 0.70, 0.80]):
         make_run(tmp_path / "runs", f"rl-{seed}", "rl", seed, acc, curve=[(0, 0.2), (10, 0.6), (20, acc)])
     for seed, acc in enumerate([0.85, 0.90, 0.95]):
-        make_run(tmp_path / "runs", f"bridge-{seed}", "bridge", seed, acc, lam=0.3,
-                 curve=[(0, 0.2), (10, 0.5), (20, 0.9), (30, acc)])
+        make_run(
+            tmp_path / "runs",
+            f"bridge-{seed}",
+            "bridge",
+            seed,
+            acc,
+            lam=0.3,
+            curve=[(0, 0.2), (10, 0.5), (20, 0.9), (30, acc)],
+        )
     make_run(tmp_path / "runs", "sft-0", "sft", 0, 0.9)
     make_run(tmp_path / "runs", "rl-dead", "rl", 9, 0.0, status="failed")
     make_run(tmp_path / "runs", "rl-stopped", "rl", 8, 0.0, status="interrupted")
@@ -99,8 +126,9 @@ def test_sampled_metrics_are_compared_and_plotted_as_pass_at_k_curves(tmp_path):
     low, high = stats.t.interval(0.95, df=1, loc=0.825, scale=stats.sem([0.8, 0.85]))
     assert row.metrics["eval/test/pass@4"].ci_low == pytest.approx(max(low, 0.0))
     assert row.metrics["eval/test/pass@4"].ci_high == pytest.approx(min(high, 1.0))
-    result = CliRunner().invoke(app, ["compare", str(tmp_path / "runs"), "--format", "markdown", "--report",
-                                      str(tmp_path / "report")])
+    result = CliRunner().invoke(
+        app, ["compare", str(tmp_path / "runs"), "--format", "markdown", "--report", str(tmp_path / "report")]
+    )
     assert result.exit_code == 0, result.output
     assert "test pass@4 %" in result.output and "test pass@2 %" not in result.output  # the largest k only
     assert (tmp_path / "report" / "pass_at_k.png").read_bytes()[:4] == b"\x89PNG"
@@ -138,8 +166,10 @@ def test_seeds_needed_is_where_welch_would_first_separate_the_difference(diff, s
     assert needed is not None and needed > 2
 
     def p_at(n):  # scipy's Welch test on n seeds per group with the same means and spreads
-        return stats.ttest_ind(_with_mean_and_std(0.5 + diff, std_a, n), _with_mean_and_std(0.5, std_b, n),
-                               equal_var=False).pvalue
+        return stats.ttest_ind(
+            _with_mean_and_std(0.5 + diff, std_a, n), _with_mean_and_std(0.5, std_b, n), equal_var=False
+        ).pvalue
+
     assert p_at(needed) < 0.05 <= p_at(needed - 1)
 
 
@@ -148,8 +178,10 @@ def _paired_run(root: Path, name: str, recipe: str, seed: int, rewards: list[int
     summary = json.loads((root / name / "summary.json").read_text())
     summary["steps"] = 100
     (root / name / "summary.json").write_text(json.dumps(summary))
-    lines = [{"step": 0, "split": "test", "problems": fingerprint, "rewards": [0] * len(rewards)},
-             {"step": 100, "split": "test", "problems": fingerprint, "rewards": rewards}]
+    lines = [
+        {"step": 0, "split": "test", "problems": fingerprint, "rewards": [0] * len(rewards)},
+        {"step": 100, "split": "test", "problems": fingerprint, "rewards": rewards},
+    ]
     (root / name / "eval_problems.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -191,8 +223,10 @@ def _run_from_base(root: Path, name: str, recipe: str, seed: int, initial: list[
     summary = json.loads((root / name / "summary.json").read_text())
     summary["eval_initial"] = {"test": {"accuracy": sum(initial) / len(initial), "n": len(initial)}}
     (root / name / "summary.json").write_text(json.dumps(summary))
-    lines = [{"step": 0, "split": "test", "problems": "abc", "rewards": initial},
-             {"step": 100, "split": "test", "problems": "abc", "rewards": final}]
+    lines = [
+        {"step": 0, "split": "test", "problems": "abc", "rewards": initial},
+        {"step": 100, "split": "test", "problems": "abc", "rewards": final},
+    ]
     (root / name / "eval_problems.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -239,7 +273,9 @@ def test_runs_on_different_problems_are_not_paired(tmp_path):
 
 
 def test_time_to_target_interpolates_between_evals(tmp_path):
-    run = compare.load_runs([str(make_run(tmp_path, "r", "rl", 0, 0.9, curve=[(0, 0.2), (10, 0.6), (30, 0.9)]))]).runs[0]
+    run = compare.load_runs([str(make_run(tmp_path, "r", "rl", 0, 0.9, curve=[(0, 0.2), (10, 0.6), (30, 0.9)]))]).runs[
+        0
+    ]
     assert compare.time_to_target(run, "eval/test/accuracy", 0.75) == pytest.approx(20.0)
     assert compare.time_to_target(run, "eval/test/accuracy", 0.1) == pytest.approx(0.0)
     assert compare.time_to_target(run, "eval/test/accuracy", 0.95) is None
@@ -270,8 +306,10 @@ def test_every_format_carries_the_same_numbers(sweep):
             expected = json_rows[row["group"]][key]  # None (sft's one seed has no interval) is an empty cell
             assert (row[key] == "") if expected is None else float(row[key]) == pytest.approx(expected)
     bridge = json_rows["bridge"]
-    shown = (f"{100 * bridge['eval/test/accuracy/mean']:.1f} ± {100 * bridge['eval/test/accuracy/std']:.1f} "
-             f"[{100 * bridge['eval/test/accuracy/ci_low']:.1f}, {100 * bridge['eval/test/accuracy/ci_high']:.1f}]")
+    shown = (
+        f"{100 * bridge['eval/test/accuracy/mean']:.1f} ± {100 * bridge['eval/test/accuracy/std']:.1f} "
+        f"[{100 * bridge['eval/test/accuracy/ci_low']:.1f}, {100 * bridge['eval/test/accuracy/ci_high']:.1f}]"
+    )
     assert shown in markdown and shown in table
     assert "Left out: 1 failed, 1 interrupted." in markdown and "Left out: 1 failed, 1 interrupted." in as_json["notes"]
 
@@ -294,12 +332,15 @@ def test_malformed_metrics_lines_are_skipped_and_counted(tmp_path):
     assert result.exit_code == 0 and "skipped 2 malformed" in result.output
 
 
-@pytest.mark.parametrize("args,message", [
-    (["compare", "{missing}"], "no run directories"),
-    (["compare", "{only_failed}"], "no completed runs"),
-    (["compare", "{only_failed}", "--format", "xml"], "unknown --format"),
-    (["compare", "{good}", "--baseline", "nope"], "no group 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["compare", "{missing}"], "no run directories"),
+        (["compare", "{only_failed}"], "no completed runs"),
+        (["compare", "{only_failed}", "--format", "xml"], "unknown --format"),
+        (["compare", "{good}", "--baseline", "nope"], "no group 'nope'"),
+    ],
+)
 def test_bad_input_exits_2(tmp_path, args, message):
     make_run(tmp_path / "failed", "r", "rl", 0, 0.1, status="failed")
     make_run(tmp_path / "good", "r", "rl", 0, 0.1)
@@ -321,7 +362,9 @@ def test_readme_results_table_is_what_compare_prints_for_the_recorded_runs():
 
 def test_report_writes_markdown_csv_and_valid_pngs(sweep, tmp_path):
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["compare", str(sweep), "--baseline", "rl", "--format", "csv", "--report", str(out)])
+    result = CliRunner().invoke(
+        app, ["compare", str(sweep), "--baseline", "rl", "--format", "csv", "--report", str(out)]
+    )
     assert result.exit_code == 0
     assert (out / "comparison.csv").read_text() in result.output  # same numbers as the printed csv
     images = sorted(p.name for p in out.glob("*.png"))
@@ -355,8 +398,9 @@ def test_against_published_table_compares_gains_over_rl(tmp_path):
     make_run(tmp_path, "bridge", "bridge", 0, 0.75)
     loaded = compare.load_runs([str(tmp_path)])
     rows = compare.compare(loaded, ["recipe"], "eval/test/accuracy", None)
-    reference = compare.load_reference(str(root / "baselines" / "paper-bridge-2509.06948.yaml"), ["recipe"],
-                                       "eval/test/accuracy")
+    reference = compare.load_reference(
+        str(root / "baselines" / "paper-bridge-2509.06948.yaml"), ["recipe"], "eval/test/accuracy"
+    )
     entries = {e["group"]: e for e in compare.against_rows(rows, reference, "eval/test/accuracy")}
     assert entries["bridge"]["eval/test/accuracy/gain_over_rl"] == pytest.approx(0.05)
     assert entries["bridge"]["Qwen2.5-3B/avg_pass@1/gain_over_rl"] == pytest.approx(36.0 - 32.2)
@@ -387,8 +431,13 @@ def test_equal_wall_clock_view(sweep):
     """--at-seconds S: each run's metric as last evaluated by S seconds (its final value when it ended earlier)."""
     loaded = compare.load_runs([str(sweep)])
     bridge_0 = next(r for r in loaded.runs if r.path.name == "bridge-0")  # evals (0, .2) (10, .5) (20, .9) (30, .85)
-    assert [compare.value_at(bridge_0, "eval/test/accuracy", s) for s in (0, 9.9, 10, 25, 1000)] == \
-        [0.2, 0.2, 0.5, 0.9, 0.85]
+    assert [compare.value_at(bridge_0, "eval/test/accuracy", s) for s in (0, 9.9, 10, 25, 1000)] == [
+        0.2,
+        0.2,
+        0.5,
+        0.9,
+        0.85,
+    ]
     rows = by_group(compare.compare(loaded, ["recipe"], "eval/test/accuracy", "rl", at_seconds=15))
     assert rows["rl"].metrics["eval/test/accuracy@15s"].mean == pytest.approx(0.6)  # every rl run: 0.6 at 10 s
     assert rows["bridge"].metrics["eval/test/accuracy@15s"].mean == pytest.approx(0.5)
@@ -406,8 +455,19 @@ def test_readme_paper_comparison_is_what_compare_prints_for_the_recorded_sweep()
     sweeps/paper.yaml runs (fourteen recipes, five seeds each, with per-problem records), as compare prints them
     with the flags the pages give."""
     root = Path(__file__).resolve().parent.parent
-    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "paper-5seeds"), "--baseline", "rl",
-                                      "--metric", "eval/ood/accuracy", "--format", "markdown"])
+    output = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(root / "baselines" / "paper-5seeds"),
+            "--baseline",
+            "rl",
+            "--metric",
+            "eval/ood/accuracy",
+            "--format",
+            "markdown",
+        ],
+    )
     assert output.exit_code == 0, output.output
     table = results_table(output.output)
     assert len(table) == 16 and all(" | 5 | " in line for line in table[2:])  # fourteen recipes, five seeds each
@@ -425,8 +485,9 @@ def test_readme_equal_compute_table_is_what_compare_prints_for_the_recorded_stud
     which)."""
     root = Path(__file__).resolve().parent.parent
     study = root / "baselines" / "paper-compute-5seeds"
-    output = CliRunner().invoke(app, ["compare", str(study), "--baseline", "rl", "--metric", "eval/ood/accuracy",
-                                      "--format", "markdown"])
+    output = CliRunner().invoke(
+        app, ["compare", str(study), "--baseline", "rl", "--metric", "eval/ood/accuracy", "--format", "markdown"]
+    )
     assert output.exit_code == 0, output.output
     table = results_table(output.output)
     page = (root / "docs" / "results" / "equal-compute.md").read_text()
@@ -444,8 +505,9 @@ def test_readme_real_model_table_is_what_compare_prints_for_the_recorded_study()
     """The "A real model learns" table (docs/results/smollm2.md): the recorded sweeps/smollm2_wordmath.yaml runs
     against the base model (their step-0 evaluations), as compare prints them with the flags the page gives."""
     root = Path(__file__).resolve().parent.parent
-    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "smollm2-wordmath"), "--baseline", "base",
-                                      "--format", "markdown"])
+    output = CliRunner().invoke(
+        app, ["compare", str(root / "baselines" / "smollm2-wordmath"), "--baseline", "base", "--format", "markdown"]
+    )
     assert output.exit_code == 0, output.output
     table = results_table(output.output)
     assert table[2].startswith("| base ") and "paired" in table[0]  # the base first; every run recorded its problems
@@ -463,42 +525,81 @@ WELCH_KEYS = ["diff", "diff_ci_low", "diff_ci_high", "diff_p", "seeds_needed"]
 def test_flat_form_has_the_csv_and_json_keys_in_their_order(sweep):
     """GroupRow.flat() is the only writer of the csv/json keys: these names and this order (json keeps it) are what
     scripts reading `--format json` depend on, so they are spelled out here rather than derived."""
-    rows = by_group(compare.compare(compare.load_runs([str(sweep)]), ["recipe"], "eval/test/accuracy", "rl",
-                                    at_seconds=15))
+    rows = by_group(
+        compare.compare(compare.load_runs([str(sweep)]), ["recipe"], "eval/test/accuracy", "rl", at_seconds=15)
+    )
     # the runs log no ood curve: no ood@15s view to summarize
     views = ["eval/ood/accuracy", "eval/test/accuracy", "eval/test/accuracy@15s"]
     head = ["task", "model", "group", "n", "too_few_seeds", "is_baseline"]
-    tail = ["wall_s", "gen_tokens", "peak_mem_mb", "flops", "time_to_target_s", "flops_to_target", "reached_target",
-            "no_signal_runs"] + [f"facts/{name}" for name, _ in FACTS]
+    tail = [
+        "wall_s",
+        "gen_tokens",
+        "peak_mem_mb",
+        "flops",
+        "time_to_target_s",
+        "flops_to_target",
+        "reached_target",
+        "no_signal_runs",
+    ] + [f"facts/{name}" for name, _ in FACTS]
     assert list(rows["bridge"].flat()) == head + [f"{v}/{k}" for v in views for k in SUMMARY_KEYS + WELCH_KEYS] + tail
     assert list(rows["rl"].flat()) == head + [f"{v}/{k}" for v in views for k in SUMMARY_KEYS + ["diff"]] + tail
     flat, typed = rows["bridge"].flat(), rows["bridge"].metrics["eval/test/accuracy"]
     assert [flat[f"eval/test/accuracy/{k}"] for k in SUMMARY_KEYS + WELCH_KEYS] == [
-        3, typed.mean, typed.std, typed.ci_low, typed.ci_high, typed.difference.diff, typed.difference.ci_low,
-        typed.difference.ci_high, typed.difference.p, typed.difference.seeds_needed]
+        3,
+        typed.mean,
+        typed.std,
+        typed.ci_low,
+        typed.ci_high,
+        typed.difference.diff,
+        typed.difference.ci_low,
+        typed.difference.ci_high,
+        typed.difference.p,
+        typed.difference.seeds_needed,
+    ]
     assert flat["reached_target"] == "3/3" and flat["time_to_target_s"] == rows["bridge"].time_to_target.seconds
     assert [rows["sft"].flat()[f"eval/test/accuracy/{k}"] for k in WELCH_KEYS[1:4]] == [None] * 3  # one seed
     document = json.loads(compare.to_json(list(rows.values()), []))
     assert document["groups"] == [row.flat() for row in rows.values()]
     # the paired interval's keys follow Welch's, and only where the runs were paired
-    paired = MetricSummary(TEST, 0.5, 0.1, 0.4, 0.6, Difference(0.1, ci_low=0.0, ci_high=0.2, p=0.05,
-                                                              seeds_needed=4, paired_ci_low=0.05, paired_ci_high=0.15))
-    assert paired.flat() == {"eval/test/accuracy/n": None, "eval/test/accuracy/mean": 0.5, "eval/test/accuracy/std": 0.1,
-                             "eval/test/accuracy/ci_low": 0.4, "eval/test/accuracy/ci_high": 0.6,
-                             "eval/test/accuracy/diff": 0.1, "eval/test/accuracy/diff_ci_low": 0.0,
-                             "eval/test/accuracy/diff_ci_high": 0.2, "eval/test/accuracy/diff_p": 0.05,
-                             "eval/test/accuracy/seeds_needed": 4, "eval/test/accuracy/paired_ci_low": 0.05,
-                             "eval/test/accuracy/paired_ci_high": 0.15}
+    paired = MetricSummary(
+        TEST,
+        0.5,
+        0.1,
+        0.4,
+        0.6,
+        Difference(0.1, ci_low=0.0, ci_high=0.2, p=0.05, seeds_needed=4, paired_ci_low=0.05, paired_ci_high=0.15),
+    )
+    assert paired.flat() == {
+        "eval/test/accuracy/n": None,
+        "eval/test/accuracy/mean": 0.5,
+        "eval/test/accuracy/std": 0.1,
+        "eval/test/accuracy/ci_low": 0.4,
+        "eval/test/accuracy/ci_high": 0.6,
+        "eval/test/accuracy/diff": 0.1,
+        "eval/test/accuracy/diff_ci_low": 0.0,
+        "eval/test/accuracy/diff_ci_high": 0.2,
+        "eval/test/accuracy/diff_p": 0.05,
+        "eval/test/accuracy/seeds_needed": 4,
+        "eval/test/accuracy/paired_ci_low": 0.05,
+        "eval/test/accuracy/paired_ci_high": 0.15,
+    }
 
 
 def _hand_row(group: str, summaries: list[MetricSummary], is_baseline: bool = False, n: int = 3) -> GroupRow:
     return GroupRow("arith", "tiny", (group,), group, n, is_baseline, {s.metric.key: s for s in summaries})
 
 
-def _with_difference(metric: Metric, diff: float, low: float | None, high: float | None,
-                     paired: tuple[float, float] | None = None) -> MetricSummary:
-    difference = Difference(diff, ci_low=low, ci_high=high, p=None if low is None else 0.01,
-                            paired_ci_low=paired and paired[0], paired_ci_high=paired and paired[1])
+def _with_difference(
+    metric: Metric, diff: float, low: float | None, high: float | None, paired: tuple[float, float] | None = None
+) -> MetricSummary:
+    difference = Difference(
+        diff,
+        ci_low=low,
+        ci_high=high,
+        p=None if low is None else 0.01,
+        paired_ci_low=paired and paired[0],
+        paired_ci_high=paired and paired[1],
+    )
     return MetricSummary(metric, 0.5 + diff, 0.05, 0.4, 0.6, difference)
 
 
@@ -518,12 +619,19 @@ def test_difference_plot_draws_each_groups_typed_difference(tmp_path, monkeypatc
     interval, or an --at-seconds view."""
     from bridgectl.analysis.report import plot_differences
 
-    rows = [_hand_row("rl", [MetricSummary(TEST, 0.5, 0.05, 0.4, 0.6, Difference(0.0, of_baseline=True))], True),
-            _hand_row("up", [_with_difference(TEST, 0.10, 0.05, 0.15, paired=(0.06, 0.14)),
-                             _with_difference(Metric("test", "accuracy", 15.0), 0.3, 0.2, 0.4)]),
-            _hand_row("flat", [_with_difference(TEST, 0.01, -0.02, 0.04)]),
-            _hand_row("one seed", [_with_difference(TEST, 0.2, None, None)], n=1),
-            _hand_row("down", [_with_difference(TEST, -0.08, -0.12, -0.04), _with_difference(OOD, 0.05, 0.01, 0.09)])]
+    rows = [
+        _hand_row("rl", [MetricSummary(TEST, 0.5, 0.05, 0.4, 0.6, Difference(0.0, of_baseline=True))], True),
+        _hand_row(
+            "up",
+            [
+                _with_difference(TEST, 0.10, 0.05, 0.15, paired=(0.06, 0.14)),
+                _with_difference(Metric("test", "accuracy", 15.0), 0.3, 0.2, 0.4),
+            ],
+        ),
+        _hand_row("flat", [_with_difference(TEST, 0.01, -0.02, 0.04)]),
+        _hand_row("one seed", [_with_difference(TEST, 0.2, None, None)], n=1),
+        _hand_row("down", [_with_difference(TEST, -0.08, -0.12, -0.04), _with_difference(OOD, 0.05, 0.01, 0.09)]),
+    ]
     figure = _captured_figure(monkeypatch, plot_differences, rows, tmp_path / "differences.png")
     ood_axis, test_axis = figure.axes  # one panel per split, in key order; none for the @15s view
     assert [t.get_text() for t in test_axis.get_yticklabels()] == ["up", "flat", "down"]
@@ -537,9 +645,11 @@ def test_difference_plot_draws_each_groups_typed_difference(tmp_path, monkeypatc
             found[int(point.get_ydata()[0])] = (float(point.get_xdata()[0]), low, high, point.get_color())
         return found
 
-    assert bars(test_axis) == {0: (pytest.approx(10.0), pytest.approx(5.0), pytest.approx(15.0), "tab:green"),
-                               1: (pytest.approx(1.0), pytest.approx(-2.0), pytest.approx(4.0), "tab:gray"),
-                               2: (pytest.approx(-8.0), pytest.approx(-12.0), pytest.approx(-4.0), "tab:red")}
+    assert bars(test_axis) == {
+        0: (pytest.approx(10.0), pytest.approx(5.0), pytest.approx(15.0), "tab:green"),
+        1: (pytest.approx(1.0), pytest.approx(-2.0), pytest.approx(4.0), "tab:gray"),
+        2: (pytest.approx(-8.0), pytest.approx(-12.0), pytest.approx(-4.0), "tab:red"),
+    }
     assert bars(ood_axis) == {2: (pytest.approx(5.0), pytest.approx(1.0), pytest.approx(9.0), "tab:green")}
     (paired,) = [line for line in test_axis.lines if line.get_linewidth() == 3]
     assert list(paired.get_xdata()) == pytest.approx([6.0, 14.0]) and list(paired.get_ydata()) == [-0.2, -0.2]
@@ -554,11 +664,20 @@ def test_pass_at_k_plot_and_columns_read_the_typed_fields(tmp_path, monkeypatch)
     def summary(name, mean, at=None, interval=(None, None)):
         return MetricSummary(Metric("test", name, at), mean, None if interval[0] is None else 0.05, *interval)
 
-    rows = [_hand_row("rl", [summary("accuracy", 0.4), summary("pass@1", 0.4, interval=(0.3, 0.5)),
-                             summary("pass@2", 0.55, interval=(0.45, 0.65)),
-                             summary("pass@4", 0.7, interval=(0.6, 0.8)), summary("pass@4", 0.6, at=15.0),
-                             summary("maj@4", 0.45)]),
-            _hand_row("sft", [summary("pass@1", 0.3), summary("pass@4", 0.5)], n=1)]
+    rows = [
+        _hand_row(
+            "rl",
+            [
+                summary("accuracy", 0.4),
+                summary("pass@1", 0.4, interval=(0.3, 0.5)),
+                summary("pass@2", 0.55, interval=(0.45, 0.65)),
+                summary("pass@4", 0.7, interval=(0.6, 0.8)),
+                summary("pass@4", 0.6, at=15.0),
+                summary("maj@4", 0.45),
+            ],
+        ),
+        _hand_row("sft", [summary("pass@1", 0.3), summary("pass@4", 0.5)], n=1),
+    ]
     figure = _captured_figure(monkeypatch, plot_pass_at_k, rows, tmp_path / "pass_at_k.png")
     lines = {line.get_label(): line for line in figure.axes[0].lines}
     assert set(lines) == {"rl (n=3)", "sft (n=1)"}
@@ -566,19 +685,41 @@ def test_pass_at_k_plot_and_columns_read_the_typed_fields(tmp_path, monkeypatch)
     assert list(lines["rl (n=3)"].get_ydata()) == pytest.approx([40.0, 55.0, 70.0])
     assert list(lines["sft (n=1)"].get_xdata()) == [1, 4]
     headers = [header for header, _ in compare.display_columns(rows)]
-    assert headers == ["group", "runs", "test acc %", "test pass@4 %", "test pass@4@15s %", "wall s", "gen tokens",
-                       "peak MB"]
+    assert headers == [
+        "group",
+        "runs",
+        "test acc %",
+        "test pass@4 %",
+        "test pass@4@15s %",
+        "wall s",
+        "gen tokens",
+        "peak MB",
+    ]
 
 
 def test_against_recorded_runs_names_each_delta_after_its_metric():
     """A delta's key is its metric's (`mean@4` stays `mean@4`, which cutting `/mean` out of a flat key did not)."""
+
     def row(test_mean: float) -> GroupRow:
-        return _hand_row("rl", [MetricSummary(TEST, test_mean, None, None, None),
-                                MetricSummary(Metric("test", "mean@4"), 0.5, None, None, None)], n=1)
+        return _hand_row(
+            "rl",
+            [
+                MetricSummary(TEST, test_mean, None, None, None),
+                MetricSummary(Metric("test", "mean@4"), 0.5, None, None, None),
+            ],
+            n=1,
+        )
 
     (entry,) = compare.against_rows([row(0.7)], {"kind": "runs", "rows": [row(0.8)]}, "eval/test/accuracy")
-    assert entry == {"task": "arith", "model": "tiny", "group": "rl", "n": 1, "n_ref": 1,
-                     "eval/test/accuracy/delta": pytest.approx(-0.1), "eval/test/mean@4/delta": 0.0}
+    assert entry == {
+        "task": "arith",
+        "model": "tiny",
+        "group": "rl",
+        "n": 1,
+        "n_ref": 1,
+        "eval/test/accuracy/delta": pytest.approx(-0.1),
+        "eval/test/mean@4/delta": 0.0,
+    }
 
 
 def test_run_directories_are_found_while_a_live_run_deletes_its_checkpoints(tmp_path, monkeypatch):
@@ -609,16 +750,25 @@ def test_run_directories_are_found_while_a_live_run_deletes_its_checkpoints(tmp_
     assert find_run_dirs([str(tmp_path)]) == [tmp_path / "a", tmp_path / "b"]
 
 
-VARIANTS_BY = ["--by", "recipe", "--by", "rl.loss_type", "--by", "rl.importance_sampling_level", "--by",
-               "rl.filter_groups"]
+VARIANTS_BY = [
+    "--by",
+    "recipe",
+    "--by",
+    "rl.loss_type",
+    "--by",
+    "rl.importance_sampling_level",
+    "--by",
+    "rl.filter_groups",
+]
 
 
 def test_readme_grpo_variants_table_is_what_compare_prints_for_the_recorded_runs():
     """The one-seed table of the GRPO variants on the built-in task (baselines/grpo-variants-seed0,
     docs/results/grpo-variants.md), as compare prints it with the flags the page gives."""
     root = Path(__file__).resolve().parent.parent
-    output = CliRunner().invoke(app, ["compare", str(root / "baselines" / "grpo-variants-seed0"), *VARIANTS_BY,
-                                      "--format", "markdown"])
+    output = CliRunner().invoke(
+        app, ["compare", str(root / "baselines" / "grpo-variants-seed0"), *VARIANTS_BY, "--format", "markdown"]
+    )
     assert output.exit_code == 0, output.output
     table = results_table(output.output)
     assert len(table) == 2 + 6 and all(" | 1 | " in line for line in table[2:])  # six runs, one seed each

@@ -16,13 +16,19 @@ from typer.testing import CliRunner
 from bridgectl.analysis import compare
 from bridgectl.cli.app import app
 
-BASE_CONFIG = {"recipe": {"name": "sft", "stages": ["sft"], "description": "x"}, "seed": 0,
-               "task": {"name": "arith"}, "model": {"name": "hf", "finetune": "lora"},
-               "lora": {"rank": 8, "alpha": 16, "target_modules": ["all-linear"]},
-               "sft": {"lr": 2e-4}, "rl": {"lr": 1e-5, "max_completion_length": 1024},
-               "bridge": {"lam": 0.5, "w_rank": 8, "upper": "cooperative", "alpha": 1e-5, "beta": 1e-5},
-               "train": {"max_steps": 10, "threads": 2}, "eval": {"max_new_tokens": 1024},
-               "tracker": {"wandb": {"mode": "disabled"}}}
+BASE_CONFIG = {
+    "recipe": {"name": "sft", "stages": ["sft"], "description": "x"},
+    "seed": 0,
+    "task": {"name": "arith"},
+    "model": {"name": "hf", "finetune": "lora"},
+    "lora": {"rank": 8, "alpha": 16, "target_modules": ["all-linear"]},
+    "sft": {"lr": 2e-4},
+    "rl": {"lr": 1e-5, "max_completion_length": 1024},
+    "bridge": {"lam": 0.5, "w_rank": 8, "upper": "cooperative", "alpha": 1e-5, "beta": 1e-5},
+    "train": {"max_steps": 10, "threads": 2},
+    "eval": {"max_new_tokens": 1024},
+    "tracker": {"wandb": {"mode": "disabled"}},
+}
 
 
 def write_run(root: Path, name: str, accuracy: float | None = 0.5, recipe: str = "sft", **overrides) -> Path:
@@ -41,8 +47,16 @@ def write_run(root: Path, name: str, accuracy: float | None = 0.5, recipe: str =
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     (path / "metrics.jsonl").write_text(json.dumps({"step": 0, "wall_s": 1.0, "name": name}) + "\n")
     evaluation = {"test": {"accuracy": accuracy, "n": 100}} if accuracy is not None else {}
-    summary = {"status": "completed", "recipe": recipe, "seed": config["seed"], "task": "arith", "model": "hf",
-               "eval": evaluation, "steps": config["train"]["max_steps"], "wall_s": 10.0}
+    summary = {
+        "status": "completed",
+        "recipe": recipe,
+        "seed": config["seed"],
+        "task": "arith",
+        "model": "hf",
+        "eval": evaluation,
+        "steps": config["train"]["max_steps"],
+        "wall_s": 10.0,
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -107,8 +121,9 @@ def test_one_run_reached_twice_counts_once(tmp_path, monkeypatch):
     write_run(tmp_path / "runs", "b", 0.7, seed=1)
     monkeypatch.chdir(tmp_path)
     os.symlink(tmp_path / "runs" / "a", tmp_path / "runs" / "link-to-a")
-    rows = compare.compare(compare.load_runs(["runs/a", str(tmp_path / "runs" / "a"), "runs/*"]), ["recipe"],
-                           "eval/test/accuracy", None)
+    rows = compare.compare(
+        compare.load_runs(["runs/a", str(tmp_path / "runs" / "a"), "runs/*"]), ["recipe"], "eval/test/accuracy", None
+    )
     assert rows[0].n == 2 and rows[0].metrics["eval/test/accuracy"].mean == 0.6
     shutil.copytree(tmp_path / "runs" / "a", tmp_path / "copy-of-a")  # a copy of the directory: the same run
     loaded = compare.load_runs(["runs", "copy-of-a"])
@@ -126,8 +141,10 @@ def test_n_counts_the_runs_that_have_the_metric(tmp_path):
     assert row.n == 3 and accuracy.n == 2 and accuracy.mean == 0.6 and row.missing == {"eval/test/accuracy": ["c"]}
     output = run_compare(str(tmp_path), "--format", "markdown").output
     assert "| sft * | 3 | 60.0 ± 14.1" in output and "(n=2) |" in output
-    assert "group sft: 1 of 3 runs have no eval/test/accuracy (c); its mean and intervals are over the other 2" \
+    assert (
+        "group sft: 1 of 3 runs have no eval/test/accuracy (c); its mean and intervals are over the other 2"
         in " ".join(output.split())
+    )
     flat = json.loads(run_compare(str(tmp_path), "--format", "json").output)["groups"][0]
     assert flat["eval/test/accuracy/n"] == 2 and flat["n"] == 3
 
@@ -140,13 +157,19 @@ def test_every_comparison_states_what_differs_between_its_groups(tmp_path):
         write_run(tmp_path, f"rl-{seed}", recipe="rl", seed=seed, train__max_steps=150)
         write_run(tmp_path, f"sft-{seed}", recipe="sft", seed=seed, train__max_steps=300)
     markdown = run_compare(str(tmp_path), "--format", "markdown").output
-    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in markdown.splitlines()
-             if line.startswith("| ")}
+    table = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[1:]
+        for line in markdown.splitlines()
+        if line.startswith("| ")
+    }
     assert table[""] == ["bridge", "rl", "sft |"]
     assert table["! lora.rank"] == ["32", "8", "8 |"] and table["! train.max_steps"] == ["120", "150", "300 |"]
     assert table["recipe.stages"] == ['["bridge"]', '["rl"]', '["sft"] |']  # the recipe itself: not marked
-    assert table["trains"][0] == "LoRA r=32 alpha=16 on all-linear + w r=8" and table["updates"] == ["120", "150",
-                                                                                                      "300 |"]
+    assert table["trains"][0] == "LoRA r=32 alpha=16 on all-linear + w r=8" and table["updates"] == [
+        "120",
+        "150",
+        "300 |",
+    ]
     assert table["learning rates"] == ["bridge.alpha=1e-05 bridge.beta=1e-05", "rl.lr=1e-05", "sft.lr=0.0002 |"]
     assert table["length limits"] == ["rollouts 1024, eval 1024", "rollouts 1024, eval 1024", "eval 1024 |"]
     assert not any(key.startswith("bridge.") for key in table)  # a stage section only bridge runs: no difference

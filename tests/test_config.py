@@ -16,8 +16,10 @@ from bridgectl.cli.app import app
 from bridgectl.config.compose import CONF_DIR, compose, stage_budgets, validate
 from bridgectl.errors import UserError
 
-SHIPPED = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-           for group in ("recipe", "task", "model", "experiment")}
+SHIPPED = {
+    group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    for group in ("recipe", "task", "model", "experiment")
+}
 
 
 def flatten(node, prefix=""):
@@ -107,13 +109,16 @@ def test_two_stage_splits_its_steps_in_half():
     assert stage_budgets(compose(["recipe=two_stage", "train.max_steps=300"])) == [150, 150]
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["recipe=two_stage", "recipe.fractions=[0.2,0.8]", "train.max_steps=100"], [20, 80]),
-    (["recipe=two_stage", "recipe.fractions=[1,3]", "train.max_steps=40"], [10, 30]),  # fractions need not sum to 1
-    (["recipe=two_stage", "recipe.fractions=[0.2,0.8]", "train.max_steps=7"], [1, 6]),  # 1.4 -> 1, rest to last
-    (["recipe=two_stage", "recipe.fractions=null", "train.max_steps=9"], [4, 5]),  # equal shares when null
-    (["recipe.stages=[sft,rl,sft]", "recipe.fractions=[1,1,2]", "train.max_steps=20"], [5, 5, 10]),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["recipe=two_stage", "recipe.fractions=[0.2,0.8]", "train.max_steps=100"], [20, 80]),
+        (["recipe=two_stage", "recipe.fractions=[1,3]", "train.max_steps=40"], [10, 30]),  # fractions need not sum to 1
+        (["recipe=two_stage", "recipe.fractions=[0.2,0.8]", "train.max_steps=7"], [1, 6]),  # 1.4 -> 1, rest to last
+        (["recipe=two_stage", "recipe.fractions=null", "train.max_steps=9"], [4, 5]),  # equal shares when null
+        (["recipe.stages=[sft,rl,sft]", "recipe.fractions=[1,1,2]", "train.max_steps=20"], [5, 5, 10]),
+    ],
+)
 def test_stage_budgets_split_by_fractions(overrides, expected):
     cfg = compose(overrides)
     assert stage_budgets(cfg) == expected
@@ -127,12 +132,24 @@ def test_recipe_steps_override_fractions_and_max_steps():
 
 def _budgets(fractions, max_steps):
     stages = ["sft", "rl", "sft", "rl"][: len(fractions)]
-    return stage_budgets(OmegaConf.create({"recipe": {"stages": stages, "fractions": fractions, "steps": None},
-                                           "train": {"max_steps": max_steps}}))
+    return stage_budgets(
+        OmegaConf.create(
+            {"recipe": {"stages": stages, "fractions": fractions, "steps": None}, "train": {"max_steps": max_steps}}
+        )
+    )
 
 
-FRACTION_SETS = [[0.5, 0.5], [0.3, 0.7], [0.1, 0.9], [1, 1, 1], [0.2, 0.3, 0.5], [0.25, 0.25, 0.25, 0.25],
-                 [0.9, 0.1], [0.95, 0.05], [0.5, 0.5, 0.01]]
+FRACTION_SETS = [
+    [0.5, 0.5],
+    [0.3, 0.7],
+    [0.1, 0.9],
+    [1, 1, 1],
+    [0.2, 0.3, 0.5],
+    [0.25, 0.25, 0.25, 0.25],
+    [0.9, 0.1],
+    [0.95, 0.05],
+    [0.5, 0.5, 0.01],
+]
 
 
 def test_stage_budgets_always_sum_to_max_steps():
@@ -150,10 +167,13 @@ def test_stage_budgets_always_sum_to_max_steps():
     assert wrong == [], f"{len(wrong)} budgets do not sum to train.max_steps, e.g. {wrong[:4]}"
 
 
-@pytest.mark.parametrize("overrides", [
-    ["recipe.stages=[sft,rl,sft,rl]", "train.max_steps=6"],  # equal shares: 1.5 rounds to 2 three times
-    ["recipe=two_stage", "recipe.fractions=[0.95,0.05]", "train.max_steps=10"],  # 9.5 rounds to 10
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["recipe.stages=[sft,rl,sft,rl]", "train.max_steps=6"],  # equal shares: 1.5 rounds to 2 three times
+        ["recipe=two_stage", "recipe.fractions=[0.95,0.05]", "train.max_steps=10"],  # 9.5 rounds to 10
+    ],
+)
 def test_stage_budgets_sum_to_max_steps_on_composed_configs(overrides):
     cfg = compose(overrides)
     budgets = stage_budgets(cfg)
@@ -236,8 +256,11 @@ def test_tokenizer_round_trips_through_save_pretrained(tmp_path):
     assert ids == [vocab["<s>"]] + [vocab[c] for c in text]  # one id per character, BOS prepended
     assert loaded(text, add_special_tokens=False)["input_ids"] == ids[1:]
     assert loaded.decode(ids, skip_special_tokens=True) == text
-    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (vocab["<s>"], vocab["</s>"],
-                                                                               vocab["<pad>"])
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (
+        vocab["<s>"],
+        vocab["</s>"],
+        vocab["<pad>"],
+    )
     assert len(loaded) == len(vocab)
     loaded.padding_side = "left"
     batch = loaded(["1+2=", text], padding=True)
@@ -249,8 +272,9 @@ def test_tokenizer_round_trips_through_save_pretrained(tmp_path):
 def _is_dataclass(node: ast.ClassDef) -> bool:
     for decorator in node.decorator_list:
         target = decorator.func if isinstance(decorator, ast.Call) else decorator
-        if (isinstance(target, ast.Name) and target.id == "dataclass") or \
-                (isinstance(target, ast.Attribute) and target.attr == "dataclass"):
+        if (isinstance(target, ast.Name) and target.id == "dataclass") or (
+            isinstance(target, ast.Attribute) and target.attr == "dataclass"
+        ):
             return True
     return False
 
@@ -262,8 +286,12 @@ def test_every_config_field_has_a_docstring():
 
     modules = [schema] + [importlib.import_module(info.config.__module__) for info in STAGES.values() if info.config]
     assert len(modules) >= 10
-    classes = [node for module in modules for node in ast.parse(Path(module.__file__).read_text()).body
-               if isinstance(node, ast.ClassDef) and _is_dataclass(node)]
+    classes = [
+        node
+        for module in modules
+        for node in ast.parse(Path(module.__file__).read_text()).body
+        if isinstance(node, ast.ClassDef) and _is_dataclass(node)
+    ]
     assert len(classes) >= 20
     missing = []
     for cls in classes:
@@ -272,8 +300,12 @@ def test_every_config_field_has_a_docstring():
             if not isinstance(statement, ast.AnnAssign):
                 continue
             following = body[index + 1] if index + 1 < len(body) else None
-            documented = (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                          and isinstance(following.value.value, str) and following.value.value.strip())
+            documented = (
+                isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+                and following.value.value.strip()
+            )
             if not documented:
                 missing.append(f"{cls.name}.{statement.target.id}")
     assert missing == [], f"config fields without a docstring: {missing}"
@@ -286,8 +318,15 @@ def test_real_models_get_real_model_settings_and_the_command_line_still_wins():
     assert real.train.micro_batch_size > 0 and real.model.gradient_checkpointing
     assert real.rl.max_completion_length >= 1024 and real.eval.max_new_tokens >= 1024
     assert real.rl.lr < tiny.rl.lr and real.bridge.alpha < tiny.bridge.alpha
-    chosen = compose(["model=hf", "model.name_or_path=org/some-model", "rl.max_completion_length=2048",
-                      "train.micro_batch_size=2", "recipe=rl"])
+    chosen = compose(
+        [
+            "model=hf",
+            "model.name_or_path=org/some-model",
+            "rl.max_completion_length=2048",
+            "train.micro_batch_size=2",
+            "recipe=rl",
+        ]
+    )
     assert chosen.rl.max_completion_length == 2048 and chosen.train.micro_batch_size == 2
 
 

@@ -66,13 +66,17 @@ NEGATIVE_OK = {"hpt.gate": "-1: never switch a prompt to SFT (the rl stage)"}
 OUT_OF_RANGE: dict[str, list] = {
     "rl.importance_sampling_level": ["tokens", "seq"],
     "rl.adv_estimator": ["reinforce_plus_plus", ("rl.adv_estimator=rloo", "rl.scale_rewards=group")],
-    "rl.multi_objective_aggregation": ["sum", ("rl.multi_objective_aggregation=normalize_then_sum",
-                                               "rl.scale_rewards=batch")],
+    "rl.multi_objective_aggregation": [
+        "sum",
+        ("rl.multi_objective_aggregation=normalize_then_sum", "rl.scale_rewards=batch"),
+    ],
     "rl.delta": ["1.1"],
     "rl.top_entropy_quantile": ["0", "1.5"],
     "recipe.stages": ["[]", "[sft,nope]"],
-    "recipe.fractions": [("recipe.fractions=[0,1]", "recipe.stages=[sft,rl]"),
-                         ("recipe.fractions=[1]", "recipe.stages=[sft,rl]")],
+    "recipe.fractions": [
+        ("recipe.fractions=[0,1]", "recipe.stages=[sft,rl]"),
+        ("recipe.fractions=[1]", "recipe.stages=[sft,rl]"),
+    ],
     "recipe.steps": [("recipe.steps=[0,5]", "recipe.stages=[sft,rl]"), ("recipe.steps=[5]", "recipe.stages=[sft,rl]")],
     "task.name": ["nope"],
     "task.modulus": ["0", "1"],
@@ -171,12 +175,19 @@ OUT_OF_RANGE: dict[str, list] = {
 NO_RANGE = {
     "recipe.name": "a label for tables and `compare`",
     "recipe.description": "free text for `bridgectl recipes`",
-    **{f"task.{key}": "a data source, checked when the data loads, before any weights (a missing file exits 2 and "
-       "leaves no run directory: tests/test_bad_inputs.py)" for key in ("path", "sft_path", "rl_path", "eval_sets")},
-    **{f"task.{key}": "a Hub configuration or split name, checked by datasets when the data loads"
-       for key in ("subset", "train_split", "eval_split")},
-    **{f"task.{key}": "a column name, checked against the rows when the data loads (tests/test_bad_inputs.py)"
-       for key in ("question_field", "trace_field", "answer_field")},
+    **{
+        f"task.{key}": "a data source, checked when the data loads, before any weights (a missing file exits 2 and "
+        "leaves no run directory: tests/test_bad_inputs.py)"
+        for key in ("path", "sft_path", "rl_path", "eval_sets")
+    },
+    **{
+        f"task.{key}": "a Hub configuration or split name, checked by datasets when the data loads"
+        for key in ("subset", "train_split", "eval_split")
+    },
+    **{
+        f"task.{key}": "a column name, checked against the rows when the data loads (tests/test_bad_inputs.py)"
+        for key in ("question_field", "trace_field", "answer_field")
+    },
     "task.system_prompt": "free text (refused with task=arith, a check across keys)",
     "model.name_or_path": "a Hub id or directory, checked when the model loads (a missing directory exits 2)",
     **{f"tracker.wandb.{key}": "a W&B name" for key in ("project", "entity", "group")},
@@ -223,8 +234,11 @@ def test_every_key_is_probed_or_listed_with_a_reason():
     named = set(NEGATIVE_OK) | set(OUT_OF_RANGE) | set(NO_RANGE)
     assert named - set(SCHEMA) == set(), "tables name keys the schema lacks"
     assert set(OUT_OF_RANGE) & set(NO_RANGE) == set()
-    unprobed = [key for key, kind in SCHEMA.items()
-                if not is_number(kind) and bare(kind) is not bool and key not in OUT_OF_RANGE and key not in NO_RANGE]
+    unprobed = [
+        key
+        for key, kind in SCHEMA.items()
+        if not is_number(kind) and bare(kind) is not bool and key not in OUT_OF_RANGE and key not in NO_RANGE
+    ]
     assert unprobed == [], f"give these keys out-of-range values in OUT_OF_RANGE or a reason in NO_RANGE: {unprobed}"
     assert len(SCHEMA) > 100 and {key for key, _, _ in CASES} == set(SCHEMA)
 
@@ -239,8 +253,18 @@ def test_bad_value_exits_2_before_anything_is_written(tmp_path, training_started
         assert key in said.split("Hint:", 1)[1], said
 
 
-@pytest.mark.parametrize("override", ["seed=-1", "train.threads=-3", "train.device=tpu", "model.hidden_size=130",
-                                      "+rl.learning_rate=1", "~seed", "lora.target_modules=[[1]]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "seed=-1",
+        "train.threads=-3",
+        "train.device=tpu",
+        "model.hidden_size=130",
+        "+rl.learning_rate=1",
+        "~seed",
+        "lora.target_modules=[[1]]",
+    ],
+)
 def test_dry_run_refuses_what_run_refuses(tmp_path, training_started, override):
     """`--dry-run` goes through the same checks: the same message, exit 2, nothing written."""
     run, said = run_cli(tmp_path, override)
@@ -256,15 +280,18 @@ def test_cuda_on_a_machine_without_it_exits_2(tmp_path, training_started, monkey
     assert "train.device=cpu" in said.split("Hint:")[1]
 
 
-@pytest.mark.parametrize("override, error", [
-    ("+seedx=1", "unknown key 'seedx'"),  # Hydra's + adds a key despite the schema
-    ("+rl.foo=1", "unknown key 'rl.foo'"),
-    ("~seed", "'seed' has no value"),  # and ~ deletes one
-    ("~rl", "'rl.lr' has no value"),
-    ("rl=5", "bad value for 'rl'"),  # a section given a value
-    ("seed=${nope}", "bad value for 'seed'"),  # an interpolation of no key
-    ("seed=${rl.lr}", "bad value for 'seed'"),  # ... or of a value of another type
-])
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("+seedx=1", "unknown key 'seedx'"),  # Hydra's + adds a key despite the schema
+        ("+rl.foo=1", "unknown key 'rl.foo'"),
+        ("~seed", "'seed' has no value"),  # and ~ deletes one
+        ("~rl", "'rl.lr' has no value"),
+        ("rl=5", "bad value for 'rl'"),  # a section given a value
+        ("seed=${nope}", "bad value for 'seed'"),  # an interpolation of no key
+        ("seed=${rl.lr}", "bad value for 'seed'"),  # ... or of a value of another type
+    ],
+)
 @pytest.mark.slow
 def test_odd_overrides_are_refused(tmp_path, training_started, override, error):
     result, said = run_cli(tmp_path, override)
@@ -313,13 +340,16 @@ def test_trl_name_bare_and_in_a_section_hints_bridgectls_key(name):
         assert keys or "no such setting" in hint
 
 
-@pytest.mark.parametrize("override, says", [
-    ("learning_rate=1e-5", ["rl.lr", "sft.lr"]),
-    ("rl.per_device_train_batch_size=4", ["rl.prompts_per_step", "rl.num_generations", "sft.batch_size"]),
-    ("max_prompt_length=512", ["prompts are not truncated"]),
-    ("train.num_train_epochs=3", ["budgets are in steps", "train.max_steps"]),
-    ("use_vllm=true", ["rollout.backend=vllm"]),
-])
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("learning_rate=1e-5", ["rl.lr", "sft.lr"]),
+        ("rl.per_device_train_batch_size=4", ["rl.prompts_per_step", "rl.num_generations", "sft.batch_size"]),
+        ("max_prompt_length=512", ["prompts are not truncated"]),
+        ("train.num_train_epochs=3", ["budgets are in steps", "train.max_steps"]),
+        ("use_vllm=true", ["rollout.backend=vllm"]),
+    ],
+)
 def test_trl_names_through_the_cli(tmp_path, training_started, override, says):
     result, said = run_cli(tmp_path, override)
     assert_refused(result, said, tmp_path, training_started, f"unknown key '{override.split('=')[0]}'")

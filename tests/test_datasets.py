@@ -22,32 +22,44 @@ def verifier():
     v.close()
 
 
-@pytest.mark.parametrize("gold, completion", [
-    ("\\frac{1}{2}", "so the answer is \\boxed{0.5}"),            # fraction vs decimal
-    ("\\frac{3}{4}", "Adding gives \\boxed{\\frac{6}{8}}."),       # unreduced fraction
-    ("0.25", "The answer is 1/4"),                                # plain text fraction
-    ("10", "The side is \\boxed{10\\text{ cm}}."),                 # units
-    ("1000", "\\boxed{1,000}"),                                   # thousands separator
-    ("x^2+1", "\\boxed{1+x^{2}}"),                                # reordered expression
-    ("\\sqrt{2}", "\\boxed{\\frac{2}{\\sqrt{2}}}"),               # equal after simplification
-    ("7", "He has 3 + 4 = 7 apples. The final answer is 7"),      # last number, no box
-])
+@pytest.mark.parametrize(
+    "gold, completion",
+    [
+        ("\\frac{1}{2}", "so the answer is \\boxed{0.5}"),  # fraction vs decimal
+        ("\\frac{3}{4}", "Adding gives \\boxed{\\frac{6}{8}}."),  # unreduced fraction
+        ("0.25", "The answer is 1/4"),  # plain text fraction
+        ("10", "The side is \\boxed{10\\text{ cm}}."),  # units
+        ("1000", "\\boxed{1,000}"),  # thousands separator
+        ("x^2+1", "\\boxed{1+x^{2}}"),  # reordered expression
+        ("\\sqrt{2}", "\\boxed{\\frac{2}{\\sqrt{2}}}"),  # equal after simplification
+        ("7", "He has 3 + 4 = 7 apples. The final answer is 7"),  # last number, no box
+    ],
+)
 def test_verifier_accepts_equivalent_forms(verifier, gold, completion):
     assert verifier.check(gold, completion) == 1.0
 
 
-@pytest.mark.parametrize("gold, completion", [
-    ("\\frac{1}{2}", "\\boxed{0.52}"), ("5", "\\boxed{6}"), ("x^2+1", "\\boxed{x^2-1}"), ("7", "I do not know"),
-    ("12", ""),
-])
+@pytest.mark.parametrize(
+    "gold, completion",
+    [
+        ("\\frac{1}{2}", "\\boxed{0.52}"),
+        ("5", "\\boxed{6}"),
+        ("x^2+1", "\\boxed{x^2-1}"),
+        ("7", "I do not know"),
+        ("12", ""),
+    ],
+)
 def test_verifier_rejects_wrong_answers(verifier, gold, completion):
     assert verifier.check(gold, completion) == 0.0
 
 
 def test_verifier_works_off_the_main_thread_and_in_batches(verifier):
     results = []
-    worker = threading.Thread(target=lambda: results.append(
-        verifier.check_batch([("4", "\\boxed{4}"), ("4", "\\boxed{5}"), ("\\frac{1}{3}", "\\boxed{2/6}")])))
+    worker = threading.Thread(
+        target=lambda: results.append(
+            verifier.check_batch([("4", "\\boxed{4}"), ("4", "\\boxed{5}"), ("\\frac{1}{3}", "\\boxed{2/6}")])
+        )
+    )
     worker.start()
     worker.join()
     assert results == [[1.0, 0.0, 1.0]]
@@ -97,27 +109,48 @@ def test_math_loader_takes_the_answer_field_or_the_last_box(tmp_path):
 def test_jsonl_with_named_fields_and_separate_sources(tmp_path):
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"q": "1+1?", "why": "one and one", "a": "2"}])
     rl = write_jsonl(tmp_path / "rl.jsonl", [{"q": "2+2?", "a": "4"}, {"q": "3+3?", "a": "6"}])
-    task = DatasetTask(task_cfg("jsonl", sft_path=str(sft), rl_path=str(rl), eval_sets={"test": str(rl)},
-                                question_field="q", trace_field="why", answer_field="a",
-                                prompt_template="Q: {question}\nA:"),
-                       format_prompt=lambda text: f"<user>{text}</user>")
+    task = DatasetTask(
+        task_cfg(
+            "jsonl",
+            sft_path=str(sft),
+            rl_path=str(rl),
+            eval_sets={"test": str(rl)},
+            question_field="q",
+            trace_field="why",
+            answer_field="a",
+            prompt_template="Q: {question}\nA:",
+        ),
+        format_prompt=lambda text: f"<user>{text}</user>",
+    )
     assert task.sft[0].question == "<user>Q: 1+1?\nA:</user>"
     assert task.sft[0].trace_completion == "one and one\nThe final answer is \\boxed{2}."
     assert [p.answer for p in task.rl] == ["4", "6"] and all(p.trace == "" for p in task.rl)
     assert not task.rl_has_traces  # so stages that pair prompts with their demonstrations refuse this task
 
 
-@pytest.mark.parametrize("make, fields, message", [
-    (lambda d: d / "missing.jsonl", {}, "does not exist"),
-    (lambda d: write_jsonl(d / "empty.jsonl", []), {}, "is empty"),
-    (lambda d: _text(d / "bad.jsonl", '{"question": "a", "answer": "1"}\n{"question": "b", "answer": \n'), {},
-     "bad.jsonl, line 2: not valid JSON"),
-    (lambda d: _text(d / "list.jsonl", '[1, 2]\n'), {}, "line 1: a JSON list, not an object"),
-    (lambda d: write_jsonl(d / "fields.jsonl", [{"prompt": "x", "solution": "1"}]), {},
-     "has no field(s) question, trace, answer"),
-    (lambda d: write_jsonl(d / "ok.jsonl", [{"question": "x", "trace": "t", "answer": "1"}]),
-     {"answer_field": "gold"}, "has no field(s) gold"),
-])
+@pytest.mark.parametrize(
+    "make, fields, message",
+    [
+        (lambda d: d / "missing.jsonl", {}, "does not exist"),
+        (lambda d: write_jsonl(d / "empty.jsonl", []), {}, "is empty"),
+        (
+            lambda d: _text(d / "bad.jsonl", '{"question": "a", "answer": "1"}\n{"question": "b", "answer": \n'),
+            {},
+            "bad.jsonl, line 2: not valid JSON",
+        ),
+        (lambda d: _text(d / "list.jsonl", "[1, 2]\n"), {}, "line 1: a JSON list, not an object"),
+        (
+            lambda d: write_jsonl(d / "fields.jsonl", [{"prompt": "x", "solution": "1"}]),
+            {},
+            "has no field(s) question, trace, answer",
+        ),
+        (
+            lambda d: write_jsonl(d / "ok.jsonl", [{"question": "x", "trace": "t", "answer": "1"}]),
+            {"answer_field": "gold"},
+            "has no field(s) gold",
+        ),
+    ],
+)
 def test_bad_data_is_a_clear_user_error(tmp_path, make, fields, message):
     path = make(tmp_path)
     with pytest.raises(UserError) as raised:

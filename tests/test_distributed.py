@@ -18,8 +18,16 @@ from bridgectl.training.setup import build_context
 
 pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
-SMALL = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=4",
-         "rl.num_generations=4", "sft.batch_size=8", "eval.n=20", "train.checkpoint_every=0"]
+SMALL = [
+    "train.threads=1",
+    "train.max_steps=3",
+    "train.eval_every=0",
+    "rl.prompts_per_step=4",
+    "rl.num_generations=4",
+    "sft.batch_size=8",
+    "eval.n=20",
+    "train.checkpoint_every=0",
+]
 
 
 def rows(run) -> list[dict]:
@@ -42,9 +50,17 @@ def test_two_processes_match_one(tmp_path, recipe):
     one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two):
-        for key in ("train/rl_loss", "train/sft_loss", "train/reward_mean", "train/reward_std", "bridge/coop_gain",
-                    "train/grad_norm",
-                    "train/zero_std_groups", "eval/test/accuracy", "eval/ood/accuracy"):
+        for key in (
+            "train/rl_loss",
+            "train/sft_loss",
+            "train/reward_mean",
+            "train/reward_std",
+            "bridge/coop_gain",
+            "train/grad_norm",
+            "train/zero_std_groups",
+            "eval/test/accuracy",
+            "eval/ood/accuracy",
+        ):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -64,8 +80,9 @@ def test_a_groups_completions_do_not_depend_on_the_rest_of_the_batch():
 
     def sample(chosen):
         generators = [torch.Generator().manual_seed(100 + i) for i in chosen]
-        return generate(model, tokenizer, [prompts[i] for i in chosen for _ in range(4)], 16,
-                        group_generators=generators).completions
+        return generate(
+            model, tokenizer, [prompts[i] for i in chosen for _ in range(4)], 16, group_generators=generators
+        ).completions
 
     together = sample([0, 1, 2])
     assert sample([1]) == together[4:8] and sample([2, 0]) == together[8:12] + together[0:4]

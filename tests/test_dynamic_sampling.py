@@ -16,8 +16,14 @@ from bridgectl.core.grpo import overlong_penalty, sample_groups
 from bridgectl.errors import UserError
 from bridgectl.training.setup import build_context
 
-SMALL = ["recipe=rl", "rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=12",
-         "train.threads=1", "eval.n=8"]
+SMALL = [
+    "recipe=rl",
+    "rl.prompts_per_step=4",
+    "rl.num_generations=4",
+    "rl.max_completion_length=12",
+    "train.threads=1",
+    "eval.n=8",
+]
 
 
 def constant_groups(ctx, every: int):
@@ -31,9 +37,9 @@ def constant_groups(ctx, every: int):
         values = list(values)
         for group in range(len(values) // size):
             if (seen["groups"] + group) % every == 0:
-                values[group * size:(group + 1) * size] = [1.0] * size
+                values[group * size : (group + 1) * size] = [1.0] * size
             else:  # make sure the others vary: one right, the rest wrong
-                values[group * size:(group + 1) * size] = [1.0] + [0.0] * (size - 1)
+                values[group * size : (group + 1) * size] = [1.0] + [0.0] * (size - 1)
         seen["groups"] += len(values) // size
         return values, means, values
 
@@ -57,8 +63,7 @@ def test_dynamic_sampling_fills_the_batch_with_groups_that_have_reward_variance(
 def test_dynamic_sampling_is_reproducible_and_trains_on_what_it_has_when_the_rounds_run_out():
     batches = []
     for _ in range(2):
-        ctx = build_context(compose([*SMALL, "rl.filter_groups=true", "rl.max_num_gen_batches=1"]),
-                            show_progress=False)
+        ctx = build_context(compose([*SMALL, "rl.filter_groups=true", "rl.max_num_gen_batches=1"]), show_progress=False)
         constant_groups(ctx, every=2)
         batches.append(sample_groups(ctx))
     first, second = batches
@@ -77,10 +82,26 @@ def test_without_any_varied_group_the_step_runs_with_zero_advantages():
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["rl", "bridge"])
 def test_dynamic_sampling_and_the_overlong_penalty_run_and_are_logged(tmp_path, recipe):
-    result = CliRunner().invoke(app, ["run", f"recipe={recipe}", "rl.filter_groups=true", "rl.overlong_buffer_len=4",
-                                      "train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=4",
-                                      "sft.batch_size=4", "eval.n=8", "train.threads=1", "train.eval_every=0",
-                                      "--out", str(tmp_path), "--name", "d"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            f"recipe={recipe}",
+            "rl.filter_groups=true",
+            "rl.overlong_buffer_len=4",
+            "train.max_steps=2",
+            "rl.prompts_per_step=2",
+            "rl.num_generations=4",
+            "sft.batch_size=4",
+            "eval.n=8",
+            "train.threads=1",
+            "train.eval_every=0",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "d",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if row.get("stage") == recipe]

@@ -27,11 +27,15 @@ from bridgectl.core.losses import make_sft_batch
 from bridgectl.core.model import Policy
 from bridgectl.core.rollout import KV_CACHE, Rollouts, completion_mask_from, generate, truncated_rows
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-          "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-          "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 CHARACTERS = list(dict.fromkeys(string.ascii_letters + string.digits + string.punctuation + " \n"))
 
 
@@ -43,8 +47,14 @@ def char_tokenizer(specials: list[str], eos: str, template: str | None, bos: str
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
     others = [token for token in specials if token not in (eos, bos)]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos, bos_token=bos,
-                                        additional_special_tokens=others, padding_side="left")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos,
+        pad_token=eos,
+        bos_token=bos,
+        additional_special_tokens=others,
+        padding_side="left",
+    )
     if template is not None:
         tokenizer.chat_template = template
     return tokenizer
@@ -59,8 +69,14 @@ def qwen_instruct_tokenizer():
 
 
 def llama3_tokenizer():
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
-                "<|eot_id|>"]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eom_id|>",
+        "<|eot_id|>",
+    ]
     return char_tokenizer(specials, "<|end_of_text|>", LLAMA3, bos="<|begin_of_text|>")
 
 
@@ -73,10 +89,18 @@ def ids_of(tokenizer, *tokens: str) -> list[int]:
 # [128001, 128008, 128009])
 SHAPES = {
     "qwen_base": (qwen_base_tokenizer, ["<|endoftext|>"], ["<|endoftext|>", "<|im_end|>"], "<|im_end|>"),
-    "qwen_instruct": (qwen_instruct_tokenizer, ["<|im_end|>", "<|endoftext|>"], ["<|im_end|>", "<|endoftext|>"],
-                      "<|im_end|>"),
-    "llama3": (llama3_tokenizer, ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
-               ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], "<|eot_id|>"),
+    "qwen_instruct": (
+        qwen_instruct_tokenizer,
+        ["<|im_end|>", "<|endoftext|>"],
+        ["<|im_end|>", "<|endoftext|>"],
+        "<|im_end|>",
+    ),
+    "llama3": (
+        llama3_tokenizer,
+        ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+        "<|eot_id|>",
+    ),
 }
 
 
@@ -91,10 +115,20 @@ def shape(name: str):
 
 def tiny_lm(tokenizer, generation_config=None) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    )
     if generation_config is not None:
         model.generation_config.eos_token_id = generation_config.eos_token_id
     return model.eval()
@@ -122,12 +156,15 @@ def test_a_qwen_base_model_adds_the_turn_end_its_config_does_not_declare():
     assert end_tokens_of(tokenizer, config, chat_template=False) == EndTokens(ids=(endoftext,), target=endoftext)
 
 
-@pytest.mark.parametrize("template", [
-    None,  # no template
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}",  # turns closed by a newline
-    "{{ raise_exception('system prompts only') }}",  # a template that refuses the conversation
-    "{% for m in messages %}{{ m['role'] }}{% endfor %}",  # drops the content
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        None,  # no template
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}",  # turns closed by a newline
+        "{{ raise_exception('system prompts only') }}",  # a template that refuses the conversation
+        "{% for m in messages %}{{ m['role'] }}{% endfor %}",  # drops the content
+    ],
+)
 def test_a_template_without_a_turn_end_token_falls_back_to_the_eos(template):
     tokenizer = char_tokenizer(["<pad>", "</s>", "<|im_end|>"], "</s>", template)
     assert turn_end_id(tokenizer) is None
@@ -157,8 +194,16 @@ def test_build_context_finds_the_set_once_and_sft_batches_end_with_the_turn_end(
     tiny_lm(tokenizer, config).save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
-    base = ["model=hf", f"model.name_or_path={model_dir}", "task=gsm8k", f"task.path={data}",
-            f"task.eval_sets={{test:{data}}}", "train.threads=1", "sft.batch_size=2", "recipe=sft"]
+    base = [
+        "model=hf",
+        f"model.name_or_path={model_dir}",
+        "task=gsm8k",
+        f"task.path={data}",
+        f"task.eval_sets={{test:{data}}}",
+        "train.threads=1",
+        "sft.batch_size=2",
+        "recipe=sft",
+    ]
     endoftext, im_end = ids_of(tokenizer, "<|endoftext|>", "<|im_end|>")
     for extra, ends, target in (([], expected, im_end), (["task.chat_template=false"], None, endoftext)):
         ctx = build_context(compose(base + extra), show_progress=False)
@@ -210,8 +255,10 @@ def test_completion_masks_and_truncation_cut_at_the_first_end_token_of_any_kind(
     # the GRPO loss mask with rl.mask_truncated_completions drops exactly the row without an end token
     from bridgectl.core.grpo import loss_mask
 
-    ctx = SimpleNamespace(cfg=SimpleNamespace(rl=SimpleNamespace(mask_truncated_completions=True)),
-                          policy=SimpleNamespace(end_tokens=ends))
+    ctx = SimpleNamespace(
+        cfg=SimpleNamespace(rl=SimpleNamespace(mask_truncated_completions=True)),
+        policy=SimpleNamespace(end_tokens=ends),
+    )
     kept = loss_mask(rollouts, ctx)
     assert kept.tolist() == [[0] * 4 if cut else row for row, cut in zip(masks, truncated)]
 
@@ -279,8 +326,7 @@ def test_the_sampler_stops_a_row_at_each_end_id(name, greedy):
         assert_ended_as_planned(rollouts, plan, prompts, tokenizer.pad_token_id, limit)
         assert truncated_rows(rollouts, ends.ids).tolist() == [end is None for end, _ in plan.values()]
         # stopping at the EOS alone runs every row that ends otherwise to the limit: what this fixes
-        eos_only = generate(model, tokenizer, prompts, limit, end_ids=(tokenizer.eos_token_id,),
-                            **randomness(prompts))
+        eos_only = generate(model, tokenizer, prompts, limit, end_ids=(tokenizer.eos_token_id,), **randomness(prompts))
     # rows that all end: decoding stops at the step the last one ends, each row leaving as it ends
     ending = [prompt for prompt in prompts if plan[len(prompt)][0] is not None]
     last = max(at for end, at in plan.values() if end is not None)
@@ -303,17 +349,20 @@ def test_evaluation_decodes_with_the_policy_end_tokens():
     tokenizer, config, ends = shape("qwen_base")
     model = tiny_lm(tokenizer, config)
     prompts, plan = ending_plan(ends)
-    cfg = OmegaConf.create({"rollout": {"backend": "hf", "cpu_packed_weights": True},
-                            "task": {"name": "gsm8k", "chat_template": True}})
-    ctx = SimpleNamespace(rollout_engine=None, policy=Policy(model=model, tokenizer=tokenizer, end_tokens=ends),
-                          cfg=cfg)
+    cfg = OmegaConf.create(
+        {"rollout": {"backend": "hf", "cpu_packed_weights": True}, "task": {"name": "gsm8k", "chat_template": True}}
+    )
+    ctx = SimpleNamespace(
+        rollout_engine=None, policy=Policy(model=model, tokenizer=tokenizer, end_tokens=ends), cfg=cfg
+    )
     with forced_ends(model, ends.ids, plan):
         with decoding(ctx) as decode:
             assert_ended_as_planned(decode(prompts, 8, None, None), plan, prompts, tokenizer.pad_token_id, 8)
         decode = decoder_for(cfg, model, tokenizer)
         assert_ended_as_planned(decode(prompts, 8, None, None), plan, prompts, tokenizer.pad_token_id, 8)
-        assert_ended_as_planned(decode(prompts, 8, 1.0, torch.Generator().manual_seed(0)), plan, prompts,
-                                tokenizer.pad_token_id, 8)
+        assert_ended_as_planned(
+            decode(prompts, 8, 1.0, torch.Generator().manual_seed(0)), plan, prompts, tokenizer.pad_token_id, 8
+        )
 
 
 def test_the_vllm_sampler_stops_at_the_whole_set(monkeypatch):
@@ -356,8 +405,13 @@ def test_the_export_generation_config_lists_the_whole_set(tmp_path):
     source = tmp_path / "final"
     tiny_lm(tokenizer, config).save_pretrained(source, safe_serialization=True)
     tokenizer.save_pretrained(source)
-    cfg = OmegaConf.create({"model": {"dtype": "float32", "attn_implementation": "sdpa", "trust_remote_code": False},
-                            "task": {"name": "gsm8k", "chat_template": True}, "eval": {"max_new_tokens": 12}})
+    cfg = OmegaConf.create(
+        {
+            "model": {"dtype": "float32", "attn_implementation": "sdpa", "trust_remote_code": False},
+            "task": {"name": "gsm8k", "chat_template": True},
+            "eval": {"max_new_tokens": 12},
+        }
+    )
     staging = tmp_path / "out"
     write_merged(cfg, source, None, torch.device("cpu"), staging)
     written = json.loads((Path(staging) / "generation_config.json").read_text())

@@ -76,8 +76,15 @@ def test_readme_defaults_table_is_the_generated_one():
 def test_defaults_table_reads_bridgectls_column_from_the_config():
     cfg = hf_defaults_config()
     table = defaults_table(cfg)
-    for key in ("rl.lr", "sft.lr", "rl.max_completion_length", "optim.schedule", "lora.rank", "model.finetune",
-                "train.micro_batch_size"):
+    for key in (
+        "rl.lr",
+        "sft.lr",
+        "rl.max_completion_length",
+        "optim.schedule",
+        "lora.rank",
+        "model.finetune",
+        "train.micro_batch_size",
+    ):
         assert f"`{key}=" in table, key
     assert f"`lora.rank={cfg.lora.rank}`" in table
     assert f"= {cfg.rl.prompts_per_step * cfg.rl.num_generations} completions per update" in table
@@ -105,7 +112,10 @@ def test_rewriting_replaces_only_the_marked_block(tmp_path):
     assert write_defaults_table(readme)
     assert readme.read_text() == f"{before}{DEFAULTS_TABLE_START}\n{defaults_table()}{DEFAULTS_TABLE_END}{after}"
     assert not write_defaults_table(readme)  # already up to date: unchanged
-    for broken in ("no markers at all", f"{DEFAULTS_TABLE_END}\n{DEFAULTS_TABLE_START}\n",
-                   f"{DEFAULTS_TABLE_START}\n{DEFAULTS_TABLE_END}\n{DEFAULTS_TABLE_START}\n{DEFAULTS_TABLE_END}\n"):
+    for broken in (
+        "no markers at all",
+        f"{DEFAULTS_TABLE_END}\n{DEFAULTS_TABLE_START}\n",
+        f"{DEFAULTS_TABLE_START}\n{DEFAULTS_TABLE_END}\n{DEFAULTS_TABLE_START}\n{DEFAULTS_TABLE_END}\n",
+    ):
         with pytest.raises(ValueError):
             with_defaults_table(broken, "| t |\n")

@@ -12,13 +12,27 @@ from typer.testing import CliRunner
 
 from bridgectl.cli.app import app
 
-TINY_RUN = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",
-            "rl.num_generations=2", "sft.batch_size=4", "eval.n=20"]
+TINY_RUN = [
+    "train.threads=1",
+    "train.max_steps=3",
+    "train.eval_every=0",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "sft.batch_size=4",
+    "eval.n=20",
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", [["recipe=rl"], ["recipe=rl", "model.finetune=lora"],
-                                    ["recipe=bridge", "model.finetune=lora"], ["recipe=bridge", "bridge.lower=full"]])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        ["recipe=rl"],
+        ["recipe=rl", "model.finetune=lora"],
+        ["recipe=bridge", "model.finetune=lora"],
+        ["recipe=bridge", "bridge.lower=full"],
+    ],
+)
 def test_eval_of_a_run_reproduces_its_final_greedy_accuracy(tmp_path, recipe):
     trained = CliRunner().invoke(app, ["run", *recipe, *TINY_RUN, "--out", str(tmp_path), "--name", "r"])
     assert trained.exit_code == 0, trained.output
@@ -41,20 +55,35 @@ def test_eval_of_a_run_reproduces_its_final_greedy_accuracy(tmp_path, recipe):
 def test_eval_of_a_model_directory_on_a_local_file(tmp_path):
     model = build_hf_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
-    result = CliRunner().invoke(app, ["eval", str(model), "task=gsm8k", f"task.path={data}",
-                                      f"task.eval_sets={{small:{data}}}", "eval.n=4", "eval.max_new_tokens=8",
-                                      "train.threads=1", "--output", str(tmp_path / "e.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(model),
+            "task=gsm8k",
+            f"task.path={data}",
+            f"task.eval_sets={{small:{data}}}",
+            "eval.n=4",
+            "eval.max_new_tokens=8",
+            "train.threads=1",
+            "--output",
+            str(tmp_path / "e.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "e.json").read_text())
     assert list(record["results"]) == ["small"] and record["results"]["small"]["n"] == 4
 
 
-@pytest.mark.parametrize("target, args, message", [
-    ("missing-dir/", [], "does not exist"),
-    ("plain-dir", [], "neither a run directory"),
-    ("run-without-weights", [], "has no checkpoints/final"),
-    ("run-without-weights-ok", ["eval.nn=3"], "unknown key 'eval.nn'"),
-])
+@pytest.mark.parametrize(
+    "target, args, message",
+    [
+        ("missing-dir/", [], "does not exist"),
+        ("plain-dir", [], "neither a run directory"),
+        ("run-without-weights", [], "has no checkpoints/final"),
+        ("run-without-weights-ok", ["eval.nn=3"], "unknown key 'eval.nn'"),
+    ],
+)
 def test_bad_eval_targets_exit_2(tmp_path, target, args, message):
     (tmp_path / "plain-dir").mkdir()
     for name in ("run-without-weights", "run-without-weights-ok"):
@@ -71,13 +100,30 @@ def test_bad_eval_targets_exit_2(tmp_path, target, args, message):
 def test_eval_of_an_intermediate_checkpoint_reproduces_the_periodic_eval(tmp_path, recipe):
     """--checkpoint step-000002: the run's state after step 2 (BRIDGE's upper adapter w included) scores what the
     run's own evaluation at step 2 logged."""
-    trained = CliRunner().invoke(app, ["run", *recipe, *TINY_RUN, "train.max_steps=4", "train.eval_every=2",
-                                       "train.checkpoint_every=2", "--out", str(tmp_path), "--name", "r"])
+    trained = CliRunner().invoke(
+        app,
+        [
+            "run",
+            *recipe,
+            *TINY_RUN,
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "r",
+        ],
+    )
     assert trained.exit_code == 0, trained.output
-    logged = next(json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
-                  if json.loads(line)["step"] == 2)
-    result = CliRunner().invoke(app, ["eval", str(tmp_path / "r"), "--checkpoint", "step-000002",
-                                      "--output", str(tmp_path / "e.json")])
+    logged = next(
+        json.loads(line)
+        for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["step"] == 2
+    )
+    result = CliRunner().invoke(
+        app, ["eval", str(tmp_path / "r"), "--checkpoint", "step-000002", "--output", str(tmp_path / "e.json")]
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "e.json").read_text())
     assert record["checkpoint"] == "step-000002"

@@ -18,8 +18,15 @@ from typer.testing import CliRunner
 
 from bridgectl.cli.app import app
 
-TINY_RUN = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",
-            "rl.num_generations=2", "sft.batch_size=4", "eval.n=12"]
+TINY_RUN = [
+    "train.threads=1",
+    "train.max_steps=3",
+    "train.eval_every=0",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "sft.batch_size=4",
+    "eval.n=12",
+]
 
 # Runs in a fresh interpreter with bridgectl made unimportable: what a user without bridgectl has. Prints the
 # greedy completions of the prompts, decoded with transformers' generate() and the exported generation config.
@@ -52,13 +59,19 @@ def plain_completions(directory: Path, prompts: dict[str, list[str]], adapter: b
     rows = [prompt for split_prompts in prompts.values() for prompt in split_prompts]
     # 48: the tiny model's eval.max_new_tokens, which the merged export's generation config carries itself
     spec = json.dumps({"dir": str(directory), "prompts": rows, "adapter": adapter, "max_new_tokens": 48})
-    done = subprocess.run([sys.executable, "-c", PLAIN_DECODE, spec], capture_output=True, text=True,
-                          cwd=directory, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_DECODE, spec],
+        capture_output=True,
+        text=True,
+        cwd=directory,
+        env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     completions = json.loads(done.stdout.strip().splitlines()[-1])
     out, start = {}, 0
     for split, split_prompts in prompts.items():
-        out[split], start = completions[start:start + len(split_prompts)], start + len(split_prompts)
+        out[split], start = completions[start : start + len(split_prompts)], start + len(split_prompts)
     return out
 
 
@@ -95,11 +108,14 @@ def final_rewards(run: Path) -> dict:
     return {row["split"]: row["rewards"] for row in rows if row["step"] == last}
 
 
-@pytest.mark.parametrize("recipe, adapter_only", [  # full weights: bridge's (its adapter w merged into them)
-    (["recipe=rl", "model.finetune=lora"], True),
-    (["recipe=bridge", "model.finetune=lora"], True),
-    (["recipe=bridge", "bridge.lower=full"], False),
-])
+@pytest.mark.parametrize(
+    "recipe, adapter_only",
+    [  # full weights: bridge's (its adapter w merged into them)
+        (["recipe=rl", "model.finetune=lora"], True),
+        (["recipe=bridge", "model.finetune=lora"], True),
+        (["recipe=bridge", "bridge.lower=full"], False),
+    ],
+)
 @pytest.mark.slow
 def test_export_decodes_what_the_run_evaluated(tmp_path, recipe, adapter_only):
     run = train(tmp_path, recipe)
@@ -120,8 +136,10 @@ def test_export_decodes_what_the_run_evaluated(tmp_path, recipe, adapter_only):
     if adapter_only:  # one peft adapter over the unchanged base, loaded by peft alone, decodes the same
         result = export(run, tmp_path / "adapter", "--adapter-only")
         assert result.exit_code == 0, result.output
-        assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json",
-                                                                       "adapter_model.safetensors"}
+        assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        }
         assert plain_completions(tmp_path / "adapter", prompts, adapter=True) == reference
     else:  # the base weights trained: no adapter form
         result = export(run, tmp_path / "adapter", "--adapter-only")
@@ -139,14 +157,17 @@ def test_stacked_adapter_equals_the_two_adapters(tmp_path):
     run = train(tmp_path, ["recipe=bridge", "model.finetune=lora"])
     final = run / "checkpoints" / "final"
     config, tensors = stacked_adapter(final)
-    parts = [(json.loads((d / "adapter_config.json").read_text()), load_file(str(d / "adapter_model.safetensors")))
-             for d in (final, final / "w")]
+    parts = [
+        (json.loads((d / "adapter_config.json").read_text()), load_file(str(d / "adapter_model.safetensors")))
+        for d in (final, final / "w")
+    ]
     assert config["r"] == sum(c["r"] for c, _ in parts)
-    layers = [key[:-len(".lora_A.weight")] for key in tensors if key.endswith(".lora_A.weight")]
+    layers = [key[: -len(".lora_A.weight")] for key in tensors if key.endswith(".lora_A.weight")]
     assert layers
     for layer in layers:
-        expected = sum(t[f"{layer}.lora_B.weight"] @ t[f"{layer}.lora_A.weight"] * (c["lora_alpha"] / c["r"])
-                       for c, t in parts)
+        expected = sum(
+            t[f"{layer}.lora_B.weight"] @ t[f"{layer}.lora_A.weight"] * (c["lora_alpha"] / c["r"]) for c, t in parts
+        )
         scale = config["lora_alpha"] / config["r"]
         got = tensors[f"{layer}.lora_B.weight"] @ tensors[f"{layer}.lora_A.weight"] * scale
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
@@ -156,8 +177,9 @@ def test_stacked_adapter_equals_the_two_adapters(tmp_path):
 @pytest.mark.parametrize("recipe", [["recipe=bridge", "bridge.lower=full"], ["recipe=rl", "model.finetune=lora"]])
 def test_checkpoint_export_scores_what_eval_of_the_checkpoint_scored(tmp_path, recipe):
     run = train(tmp_path, recipe, "train.max_steps=4", "train.checkpoint_every=2")
-    evaluated = CliRunner().invoke(app, ["eval", str(run), "--checkpoint", "step-000002",
-                                         "--output", str(tmp_path / "e.json")])
+    evaluated = CliRunner().invoke(
+        app, ["eval", str(run), "--checkpoint", "step-000002", "--output", str(tmp_path / "e.json")]
+    )
     assert evaluated.exit_code == 0, evaluated.output
     record = json.loads((tmp_path / "e.json").read_text())["results"]
     result = export(run, tmp_path / "model", "--checkpoint", "step-000002")
@@ -174,7 +196,8 @@ def test_checkpoint_export_scores_what_eval_of_the_checkpoint_scored(tmp_path, r
     exported = plain_completions(tmp_path / "model", prompts)
     for split, rows in problems.items():
         assert task.rewards(exported[split], [p.answer for p in rows]) == pytest.approx(
-            record[split]["per_problem"]["rewards"])
+            record[split]["per_problem"]["rewards"]
+        )
     # the step-2 weights, not the final ones (4 steps): greedy answers may not move in 2 tiny steps, the weights do
     assert export(run, tmp_path / "final").exit_code == 0
     step2, final = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("model", "final"))
@@ -193,10 +216,12 @@ def test_bad_exports_exit_2(tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "x").write_text("")
-    cases = [(tmp_path / "plain", tmp_path / "o1", [], "not a run directory"),
-             (unfinished, tmp_path / "o2", [], "has no checkpoints/final"),
-             (unfinished, full, [], "already exists and is not empty"),
-             (unfinished, tmp_path / "o3", ["--checkpoint", "step-000002"], "has no checkpoint step-000002")]
+    cases = [
+        (tmp_path / "plain", tmp_path / "o1", [], "not a run directory"),
+        (unfinished, tmp_path / "o2", [], "has no checkpoints/final"),
+        (unfinished, full, [], "already exists and is not empty"),
+        (unfinished, tmp_path / "o3", ["--checkpoint", "step-000002"], "has no checkpoint step-000002"),
+    ]
     for run, out, args, message in cases:
         result = export(run, out, *args)
         assert result.exit_code == 2, result.output
@@ -217,8 +242,9 @@ def test_push_to_hub_sends_the_export_to_the_repo(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
-                        lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw))
+    )
 
     def upload_folder(self, *, repo_id, folder_path, **kw):
         files = sorted(p.name for p in Path(folder_path).iterdir())

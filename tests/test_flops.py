@@ -18,17 +18,31 @@ from bridgectl.core import flops
 from bridgectl.stages import STAGES, build_stage
 from bridgectl.training.setup import build_context
 
-SMALL = ["rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=8", "train.threads=1",
-         "model.attn_implementation=eager"]  # eager: torch's counter does not count the CPU SDPA kernel
+SMALL = [
+    "rl.prompts_per_step=2",
+    "rl.num_generations=4",
+    "sft.batch_size=8",
+    "train.threads=1",
+    "model.attn_implementation=eager",
+]  # eager: torch's counter does not count the CPU SDPA kernel
 
 
 def tiny_llama(vocab=40, hidden=16, intermediate=24, layers=2, heads=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                                        max_position_embeddings=64, attn_implementation="eager"))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=64,
+            attn_implementation="eager",
+        )
+    )
 
 
 def test_the_estimate_is_the_hand_count_of_the_matmuls():
@@ -74,11 +88,12 @@ RECIPE_OF = {"sft": "sft", "rl": "rl", "interleaved": "interleaved"}
 # every stage with full weights; with LoRA (a frozen base: no weight gradients, the adapters' products) the stages
 # whose passes differ in kind: SFT only, RL only, BRIDGE's three passes with two adapters, luffy's mixed groups
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, finetune", [(kind, "full") for kind in STAGES]
-                         + [(kind, "lora") for kind in ("sft", "rl", "bridge", "luffy")])
+@pytest.mark.parametrize(
+    "kind, finetune",
+    [(kind, "full") for kind in STAGES] + [(kind, "lora") for kind in ("sft", "rl", "bridge", "luffy")],
+)
 def test_every_stages_step_is_within_ten_percent_of_torchs_counter(kind, finetune):
-    ours, torchs, ledger = one_step([f"recipe={RECIPE_OF.get(kind, kind)}", f"model.finetune={finetune}", *SMALL],
-                                    kind)
+    ours, torchs, ledger = one_step([f"recipe={RECIPE_OF.get(kind, kind)}", f"model.finetune={finetune}", *SMALL], kind)
     assert torchs > 0 and abs(ours - torchs) <= 0.10 * torchs, (ours, torchs)
     assert (ledger.gen_flops > 0) == STAGES[kind].samples_rollouts and ledger.pass_tokens > 0
 
@@ -89,9 +104,21 @@ def test_a_real_architectures_step_with_kl_and_checkpointing_is_within_ten_perce
     from hf_fixtures import build_hf_model
 
     directory = build_hf_model(tmp_path / "m")
-    ours, torchs, _ = one_step(["recipe=rl", "model=hf", f"model.name_or_path={directory}", "task=arith",
-                                "lora.forward=unmerged", "rl.beta=0.04", "model.gradient_checkpointing=true",
-                                "rl.max_completion_length=12", "model.dtype=float32", *SMALL], "rl")
+    ours, torchs, _ = one_step(
+        [
+            "recipe=rl",
+            "model=hf",
+            f"model.name_or_path={directory}",
+            "task=arith",
+            "lora.forward=unmerged",
+            "rl.beta=0.04",
+            "model.gradient_checkpointing=true",
+            "rl.max_completion_length=12",
+            "model.dtype=float32",
+            *SMALL,
+        ],
+        "rl",
+    )
     assert abs(ours - torchs) <= 0.10 * torchs, (ours, torchs)
 
 
@@ -99,8 +126,15 @@ def rows(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-BUDGET = ["train.max_steps=40", "rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=8", "eval.n=8",
-          "train.threads=1", "train.eval_every=0"]
+BUDGET = [
+    "train.max_steps=40",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=4",
+    "sft.batch_size=8",
+    "eval.n=8",
+    "train.threads=1",
+    "train.eval_every=0",
+]
 
 
 @pytest.mark.slow
@@ -108,9 +142,20 @@ def test_a_flop_budget_stops_each_recipe_within_one_step_of_it(tmp_path):
     budget = 4e10
     spent, spent_flops = {}, {}
     for recipe in ("rl", "bridge", "two_stage"):
-        result = CliRunner().invoke(app, ["run", f"recipe={recipe}", *BUDGET, f"train.budget_flops={budget}",
-                                          "train.eval_every_compute=1.5e10", "--out", str(tmp_path),
-                                          "--name", recipe])
+        result = CliRunner().invoke(
+            app,
+            [
+                "run",
+                f"recipe={recipe}",
+                *BUDGET,
+                f"train.budget_flops={budget}",
+                "train.eval_every_compute=1.5e10",
+                "--out",
+                str(tmp_path),
+                "--name",
+                recipe,
+            ],
+        )
         assert result.exit_code == 0, result.output
         steps = [row for row in rows(tmp_path / recipe) if row["stage"] not in ("init", "final")]
         cumulative = [row["compute/cum_flops"] for row in steps]
@@ -135,22 +180,43 @@ def test_a_flop_budget_stops_each_recipe_within_one_step_of_it(tmp_path):
     # the equal-compute view: each run's test accuracy as last evaluated by 2e10 FLOPs (its step-0 value counts)
     from bridgectl.analysis import compare
 
-    groups = {row.group: row for row in compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"],
-                                                        "eval/test/accuracy", "rl", at_flops=2e10)}
+    groups = {
+        row.group: row
+        for row in compare.compare(
+            compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", "rl", at_flops=2e10
+        )
+    }
     for recipe in ("rl", "bridge", "two_stage"):
-        seen = [row["eval/test/accuracy"] for row in rows(tmp_path / recipe)
-                if "eval/test/accuracy" in row and row["compute/cum_flops"] <= 2e10]
+        seen = [
+            row["eval/test/accuracy"]
+            for row in rows(tmp_path / recipe)
+            if "eval/test/accuracy" in row and row["compute/cum_flops"] <= 2e10
+        ]
         summary = groups[recipe].metrics["eval/test/accuracy@2e+10flops"]
         assert summary.mean == pytest.approx(seen[-1]) and summary.metric.header == "test acc @2e+10 FLOPs"
     assert groups["bridge"].time_to_target is not None and groups["rl"].flops == pytest.approx(spent_flops["rl"])
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["compare", str(tmp_path), "--baseline", "rl", "--at-flops", "2e10",
-                                      "--format", "markdown", "--report", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(tmp_path),
+            "--baseline",
+            "rl",
+            "--at-flops",
+            "2e10",
+            "--format",
+            "markdown",
+            "--report",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "@2e+10 FLOPs" in " ".join(result.output.split()) and "equal-cost view" in " ".join(result.output.split())
     for name in ("accuracy_vs_flops.png", "frontier.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"![{name}]({name})" in (
-            out / "report.md").read_text()
+            out / "report.md"
+        ).read_text()
 
 
 def test_fourteen_groups_get_distinct_looks_and_one_panel_per_family():
@@ -158,8 +224,22 @@ def test_fourteen_groups_get_distinct_looks_and_one_panel_per_family():
     the three recipe families, rl drawn in each as the reference."""
     from bridgectl.analysis.report import panels, styles
 
-    recipes = ["sft", "rl", "two_stage", "interleaved", "mix", "bridge", "chord", "luffy", "relift", "hpt", "srft",
-               "uft", "bridge_no_meta", "bridge_no_upper"]
+    recipes = [
+        "sft",
+        "rl",
+        "two_stage",
+        "interleaved",
+        "mix",
+        "bridge",
+        "chord",
+        "luffy",
+        "relift",
+        "hpt",
+        "srft",
+        "uft",
+        "bridge_no_meta",
+        "bridge_no_upper",
+    ]
     looks = styles(recipes)
     assert len({(look["color"], look["linestyle"]) for look in looks.values()}) == 14
     layout = panels(recipes)
@@ -171,9 +251,11 @@ def test_fourteen_groups_get_distinct_looks_and_one_panel_per_family():
 def test_budgets_are_checked():
     from bridgectl.errors import UserError
 
-    for overrides, said in [(["train.budget_flops=1e12", "train.budget_tokens=1e6"], "set one"),
-                            (["train.budget_flops=0"], "train.budget_flops must be positive"),
-                            (["train.eval_every_compute=1e9"], "no budget is set")]:
+    for overrides, said in [
+        (["train.budget_flops=1e12", "train.budget_tokens=1e6"], "set one"),
+        (["train.budget_flops=0"], "train.budget_flops must be positive"),
+        (["train.eval_every_compute=1e9"], "no budget is set"),
+    ]:
         with pytest.raises(UserError, match=said):
             compose(overrides)
 
@@ -184,7 +266,8 @@ def test_an_engines_sampling_is_counted_as_the_built_in_samplers_without_padding
     model = tiny_llama()
     cost = flops.model_cost(model)
     by_loop = flops.pass_flops(cost, 1, 5, 1, grad=False) + sum(
-        flops.pass_flops(cost, 1, 1, 1, grad=False, context=5 + step) for step in range(1, 9))
+        flops.pass_flops(cost, 1, 1, 1, grad=False, context=5 + step) for step in range(1, 9)
+    )
     with flops.counting() as ledger:
         flops.count_engine_sampling(model, [5], [9])
     assert ledger.gen_flops == pytest.approx(by_loop, rel=1e-12)
@@ -196,8 +279,15 @@ def test_each_run_records_the_data_it_saw_and_compare_carries_it(tmp_path):
     rl draws rl.prompts_per_step prompts a step and no SFT example, sft sft.batch_size examples a step."""
     from bridgectl.analysis import compare
 
-    small = ["train.max_steps=3", "rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=4", "eval.n=8",
-             "train.threads=1", "train.eval_every=0"]
+    small = [
+        "train.max_steps=3",
+        "rl.prompts_per_step=2",
+        "rl.num_generations=4",
+        "sft.batch_size=4",
+        "eval.n=8",
+        "train.threads=1",
+        "train.eval_every=0",
+    ]
     for recipe in ("rl", "sft"):
         result = CliRunner().invoke(app, ["run", f"recipe={recipe}", *small, "--out", str(tmp_path), "--name", recipe])
         assert result.exit_code == 0, result.output
@@ -206,14 +296,28 @@ def test_each_run_records_the_data_it_saw_and_compare_carries_it(tmp_path):
     assert rl_data["rl"]["used"] == 6 and 1 <= rl_data["rl"]["distinct"] <= 6 and rl_data["sft"]["used"] == 0
     assert sft_data["sft"]["used"] == 12 and sft_data["rl"]["used"] == 0
     assert rl_data["rl"]["max_uses"] >= 1
-    flat = {row.group: row.flat() for row in compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"],
-                                                             "eval/test/accuracy", None)}
+    flat = {
+        row.group: row.flat()
+        for row in compare.compare(compare.load_runs([str(tmp_path)]), ["recipe"], "eval/test/accuracy", None)
+    }
     assert flat["rl"]["data/rl/used"] == 6 and flat["sft"]["data/sft/used"] == 12
 
 
 def test_a_budget_that_train_max_steps_cuts_short_is_said_and_recorded(tmp_path):
-    result = CliRunner().invoke(app, ["run", "recipe=rl", *BUDGET, "train.max_steps=2", "train.budget_tokens=1e9",
-                                      "--out", str(tmp_path), "--name", "r"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "recipe=rl",
+            *BUDGET,
+            "train.max_steps=2",
+            "train.budget_tokens=1e9",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "r",
+        ],
+    )
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert "Warning: train.max_steps=2 ended the run at" in said and "raise train.max_steps" in said
@@ -232,8 +336,13 @@ def test_a_budgeted_run_killed_mid_stage_resumes_to_the_same_end(tmp_path):
 
     from test_resume import metric_rows, start_run, wait_for_step
 
-    settings = ["recipe=two_stage", *BUDGET, "train.budget_flops=3e10", "train.eval_every_compute=1e10",
-                "train.checkpoint_every=1"]
+    settings = [
+        "recipe=two_stage",
+        *BUDGET,
+        "train.budget_flops=3e10",
+        "train.eval_every_compute=1e10",
+        "train.checkpoint_every=1",
+    ]
     straight = CliRunner().invoke(app, ["run", *settings, "--out", str(tmp_path), "--name", "straight"])
     assert straight.exit_code == 0, straight.output
     steps = [row for row in rows(tmp_path / "straight") if row["stage"] == "rl"]
@@ -241,7 +350,10 @@ def test_a_budgeted_run_killed_mid_stage_resumes_to_the_same_end(tmp_path):
     wait_for_step(tmp_path / "killed", steps[1]["step"], process)  # in the RL stage, a checkpoint behind
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run([sys.executable, "-m", "bridgectl.cli.app", "run", "--resume", str(tmp_path / "killed")],
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "bridgectl.cli.app", "run", "--resume", str(tmp_path / "killed")],
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert metric_rows(tmp_path / "killed") == metric_rows(tmp_path / "straight")

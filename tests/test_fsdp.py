@@ -30,8 +30,9 @@ SHARDED = ["--nproc", "2", "train.fsdp=true"]
 def run_cli(arguments: list[str]) -> subprocess.CompletedProcess:
     """`bridgectl ARGUMENTS` in a subprocess, with what its torchrun workers print (CliRunner sees the launcher's
     output only)."""
-    return subprocess.run([sys.executable, "-m", "bridgectl.cli.app", *arguments], capture_output=True, text=True,
-                          env=os.environ.copy())
+    return subprocess.run(
+        [sys.executable, "-m", "bridgectl.cli.app", *arguments], capture_output=True, text=True, env=os.environ.copy()
+    )
 
 
 def descendants(pid: int) -> list[int]:
@@ -84,9 +85,18 @@ def test_a_sharded_run_matches_one_process(tmp_path, recipe):
     assert [r["step"] for r in one] == [r["step"] for r in two]
     compared = 0
     for a, b in zip(one, two):
-        for key in ("train/rl_loss", "train/sft_loss", "train/reward_mean", "train/grad_norm",
-                    "train/rl_loss_shadow", "bridge/coop_gain", "bridge/grad_norm_w", "bridge/grad_norm_theta_hat",
-                    "eval/test/accuracy", "eval/ood/accuracy"):
+        for key in (
+            "train/rl_loss",
+            "train/sft_loss",
+            "train/reward_mean",
+            "train/grad_norm",
+            "train/rl_loss_shadow",
+            "bridge/coop_gain",
+            "bridge/grad_norm_w",
+            "bridge/grad_norm_theta_hat",
+            "eval/test/accuracy",
+            "eval/ood/accuracy",
+        ):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
                 compared += 1
@@ -108,9 +118,23 @@ def test_a_multi_process_run_killed_after_a_checkpoint_resumes_to_the_same_resul
     assert straight.exit_code == 0, straight.output
 
     run = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "bridgectl.cli.app", "run", *settings, *processes, "--out",
-                                str(tmp_path), "--name", "killed"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env=os.environ.copy())
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bridgectl.cli.app",
+            "run",
+            *settings,
+            *processes,
+            "--out",
+            str(tmp_path),
+            "--name",
+            "killed",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
     wait_for_step(run, 2, process)  # step 2 is logged after step 1's checkpoint was written
     killed = [process.pid, *descendants(process.pid)]  # the launcher, torchrun and both workers, at once
     for pid in killed:

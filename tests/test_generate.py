@@ -44,13 +44,16 @@ def rows_of(rollouts: Rollouts, start: int, end: int, width: int | None = None) 
     nothing (the batch is as wide as its longest row, maybe in another group)."""
     width = width or rollouts.completion_ids.size(1)
     assert (rollouts.completion_mask[start:end, width:] == 0).all()
-    return (rollouts.completion_ids[start:end, :width], rollouts.completion_mask[start:end, :width],
-            rollouts.sampling_logprobs[start:end, :width], rollouts.completions[start:end])
+    return (
+        rollouts.completion_ids[start:end, :width],
+        rollouts.completion_mask[start:end, :width],
+        rollouts.sampling_logprobs[start:end, :width],
+        rollouts.completions[start:end],
+    )
 
 
 def assert_rows_same(part: Rollouts, whole: Rollouts, start: int):
-    ids, mask, logprobs, texts = rows_of(whole, start, start + part.completion_ids.size(0),
-                                         part.completion_ids.size(1))
+    ids, mask, logprobs, texts = rows_of(whole, start, start + part.completion_ids.size(0), part.completion_ids.size(1))
     assert torch.equal(part.completion_ids, ids) and torch.equal(part.completion_mask, mask)
     assert part.completions == texts
     torch.testing.assert_close(part.sampling_logprobs, logprobs, atol=1e-5, rtol=0)
@@ -77,8 +80,9 @@ def controlled(model, eos: int, length_of=None):
             step = mask.size(1) - state["prompt_width"]
             target = length_of(mask.sum(dim=1) - step)
             logits = output.logits[:, -1]
-            logits[:, eos] = torch.where(step >= target - 1, torch.full_like(logits[:, eos], 30.0),
-                                         torch.full_like(logits[:, eos], -math.inf))
+            logits[:, eos] = torch.where(
+                step >= target - 1, torch.full_like(logits[:, eos], 30.0), torch.full_like(logits[:, eos], -math.inf)
+            )
         return output
 
     handle = model.register_forward_hook(hook, with_kwargs=True)
@@ -100,8 +104,9 @@ def test_compaction_samples_the_same_group_tokens(tiny_model, tokenizer, monkeyp
     prompts = grouped(PROMPTS[:4])
 
     def sample() -> Rollouts:
-        return generate(tiny_model, tokenizer, prompts, 60, temperature=1.0,
-                        group_generators=group_generators([7, 8, 9, 10]))
+        return generate(
+            tiny_model, tokenizer, prompts, 60, temperature=1.0, group_generators=group_generators([7, 8, 9, 10])
+        )
 
     monkeypatch.setattr(rollout, "_COMPACT_FRACTION", fraction)
     with controlled(tiny_model, tokenizer.eos_token_id) as seen:
@@ -121,8 +126,10 @@ def test_compaction_greedy_is_unchanged(tiny_model, tokenizer, monkeypatch):
         no_compaction(monkeypatch)
         full = generate(tiny_model, tokenizer, prompts, 40, greedy=True)
     assert_same(compacted, full)
-    assert compacted.lengths.tolist() == long_tail(torch.tensor([len(tokenizer(p)["input_ids"]) for p in prompts])
-                                                   ).clamp(max=40).tolist()
+    assert (
+        compacted.lengths.tolist()
+        == long_tail(torch.tensor([len(tokenizer(p)["input_ids"]) for p in prompts])).clamp(max=40).tolist()
+    )
 
 
 @pytest.mark.parametrize("sampler", ["single", "groups"])
@@ -133,8 +140,11 @@ def test_sampled_logprobs_match_scoring_after_compaction_and_in_chunks(tiny_mode
     prompts = grouped(PROMPTS[:4])
 
     def sample() -> Rollouts:
-        randomness = {"generator": torch.Generator().manual_seed(3)} if sampler == "single" else \
-            {"group_generators": group_generators([1, 2, 3, 4])}
+        randomness = (
+            {"generator": torch.Generator().manual_seed(3)}
+            if sampler == "single"
+            else {"group_generators": group_generators([1, 2, 3, 4])}
+        )
         return generate(tiny_model, tokenizer, prompts, 50, temperature=0.8, rows_per_batch=6, **randomness)
 
     first, again = sample(), sample()
@@ -151,19 +161,32 @@ def test_a_groups_completions_do_not_depend_on_its_batch_or_chunk(tiny_model, to
     whole = generate(tiny_model, tokenizer, grouped(PROMPTS), 50, group_generators=group_generators(seeds))
     assert len(set(whole.lengths.tolist())) > 6  # rows of a group end at different steps
     for group in (1, 4):
-        alone = generate(tiny_model, tokenizer, grouped([PROMPTS[group]]), 50,
-                         group_generators=group_generators([seeds[group]]))
+        alone = generate(
+            tiny_model, tokenizer, grouped([PROMPTS[group]]), 50, group_generators=group_generators([seeds[group]])
+        )
         assert_rows_same(alone, whole, group * GROUP)
     order = [5, 2, 0]
-    others = generate(tiny_model, tokenizer, grouped([PROMPTS[g] for g in order]), 50, rows_per_batch=GROUP,
-                      group_generators=group_generators([seeds[g] for g in order]))
+    others = generate(
+        tiny_model,
+        tokenizer,
+        grouped([PROMPTS[g] for g in order]),
+        50,
+        rows_per_batch=GROUP,
+        group_generators=group_generators([seeds[g] for g in order]),
+    )
     for position, group in enumerate(order):
         ids, mask, logprobs, texts = rows_of(others, position * GROUP, (position + 1) * GROUP)
         assert_rows_same(Rollouts(None, None, ids, mask, logprobs, texts), whole, group * GROUP)
     # rows_per_batch is cut to whole groups: 1 and 6 give chunks of one group, 9 of two
     for rows_per_batch in (1, 6, 9, 12, 100):
-        chunked = generate(tiny_model, tokenizer, grouped(PROMPTS), 50, rows_per_batch=rows_per_batch,
-                           group_generators=group_generators(seeds))
+        chunked = generate(
+            tiny_model,
+            tokenizer,
+            grouped(PROMPTS),
+            50,
+            rows_per_batch=rows_per_batch,
+            group_generators=group_generators(seeds),
+        )
         assert_same(chunked, whole)
 
 
@@ -184,8 +207,24 @@ def test_forward_rows_fall_when_rows_end_early(tiny_model, tokenizer, monkeypatc
     """A long-tailed batch: 2 of 16 rows run to the 48-token limit, the others end after 2 to 5 tokens. Without
     compaction every decoding step runs all 16 rows; with it the steps run the rows still going (plus at most an
     eighth of the batch that has ended since the last compaction)."""
-    prompts = ["1+2=", "4+9*3-5*3=", "7*8-6=", "12*3-45=", "9-8+7=", "6+7*2=", "3*3-3=", "8-1*2=",
-               "3-4=", "5*5-5=", "2+2+2=", "7*7-1=", "6-6*6=", "1+1+1+1=", "9*8+2=", "4-2*3="]
+    prompts = [
+        "1+2=",
+        "4+9*3-5*3=",
+        "7*8-6=",
+        "12*3-45=",
+        "9-8+7=",
+        "6+7*2=",
+        "3*3-3=",
+        "8-1*2=",
+        "3-4=",
+        "5*5-5=",
+        "2+2+2=",
+        "7*7-1=",
+        "6-6*6=",
+        "1+1+1+1=",
+        "9*8+2=",
+        "4-2*3=",
+    ]
     randomness = dict(temperature=1.0, group_generators=group_generators([0, 1, 2, 3]))
     with controlled(tiny_model, tokenizer.eos_token_id, long_tail) as compacted_rows:
         compacted = generate(tiny_model, tokenizer, prompts, 48, **randomness)
@@ -227,15 +266,17 @@ def test_a_sharded_rank_makes_as_many_forward_passes_as_its_peer(tiny_model, tok
     rows have ended) and decodes a stand-in chunk, and its completions are those of an unsharded run."""
     prompts = grouped(["4+9*3-5*3=", "7*8-6=", "12*3-45=", "9-8+7="])
     with controlled(tiny_model, tokenizer.eos_token_id, long_tail):
-        alone = generate(tiny_model, tokenizer, prompts, 40, group_generators=group_generators([5, 6, 7, 8]),
-                         rows_per_batch=8)
+        alone = generate(
+            tiny_model, tokenizer, prompts, 40, group_generators=group_generators([5, 6, 7, 8]), rows_per_batch=8
+        )
     peer = FakePeer(chunks=3, steps=20)
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "is_sharded_model", lambda model: True)
     monkeypatch.setattr(distributed, "any_rank", peer.any_rank)
     with controlled(tiny_model, tokenizer.eos_token_id, long_tail) as seen:
-        sharded = generate(tiny_model, tokenizer, prompts, 40, group_generators=group_generators([5, 6, 7, 8]),
-                           rows_per_batch=8)
+        sharded = generate(
+            tiny_model, tokenizer, prompts, 40, group_generators=group_generators([5, 6, 7, 8]), rows_per_batch=8
+        )
     assert seen["prefill"] == [8, 8, 1]  # two chunks of its own, one stand-in
     assert len(seen["decode"]) == 3 * 19  # the peer's passes: 20 steps a chunk, no pass after the last one
     assert seen["decode"][18] == 1 and seen["decode"][-1] == 1
@@ -258,12 +299,23 @@ def test_rollout_batch_size_bounds_the_rows_decoded_at_once_and_keeps_the_sample
 
     sampled, widest = {}, {}
     for rows in (0, 8):
-        ctx = build_context(compose(["recipe=rl", "rl.prompts_per_step=4", "rl.num_generations=4",
-                                     "rl.max_completion_length=12", "train.threads=1", f"rollout.batch_size={rows}"]),
-                            show_progress=False)
+        ctx = build_context(
+            compose(
+                [
+                    "recipe=rl",
+                    "rl.prompts_per_step=4",
+                    "rl.num_generations=4",
+                    "rl.max_completion_length=12",
+                    "train.threads=1",
+                    f"rollout.batch_size={rows}",
+                ]
+            ),
+            show_progress=False,
+        )
         seen = []
         handle = ctx.policy.model.register_forward_pre_hook(
-            lambda module, args, kwargs: seen.append(kwargs["input_ids"].size(0)), with_kwargs=True)
+            lambda module, args, kwargs: seen.append(kwargs["input_ids"].size(0)), with_kwargs=True
+        )
         sampled[rows] = sample_groups(ctx).rollouts
         handle.remove()
         widest[rows] = max(seen)

@@ -18,8 +18,23 @@ pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast lea
 
 
 def test_gpu_check_runs_rl_and_bridge_on_the_tiny_shape():
-    text = gpu_check.main(["--shape", "tiny", "--steps", "2", "--completion-length", "8", "--micro-batch-size", "3",
-                           "--budget-s", "100000", "--recipes", "rl (LoRA r32)", "bridge lower=lora"])
+    text = gpu_check.main(
+        [
+            "--shape",
+            "tiny",
+            "--steps",
+            "2",
+            "--completion-length",
+            "8",
+            "--micro-batch-size",
+            "3",
+            "--budget-s",
+            "100000",
+            "--recipes",
+            "rl (LoRA r32)",
+            "bridge lower=lora",
+        ]
+    )
     first_table = text.split("ratio against rl")[0]
     rows = {line.split(" | ")[0].lstrip("| "): line for line in first_table.splitlines() if line.startswith("| ")}
     assert {"rl (LoRA r32)", "bridge lower=lora"} <= rows.keys()
@@ -33,8 +48,12 @@ def test_gpu_check_runs_rl_and_bridge_on_the_tiny_shape():
     # compiled CUDA-graph step is measured on CUDA only)
     decoding = text.split("Decoding (")[1]
     assert decoding.startswith("64 rows x 8 tokens")
-    table = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.split("|")[1:-1]]
-                                               for line in decoding.splitlines() if line.startswith("| "))}
+    table = {
+        cells[0]: cells[1:]
+        for cells in (
+            [c.strip() for c in line.split("|")[1:-1]] for line in decoding.splitlines() if line.startswith("| ")
+        )
+    }
     assert float(table["built-in sampler"][0]) > 0 and float(table["model.generate"][0]) > 0
     assert table["model.generate"][2] == "True"
     assert "CUDA only" in decoding

@@ -29,8 +29,14 @@ def hand_batch():
     """4 completions of lengths 5, 2, 4, 1 with log-ratios spread over both sides of the clip range."""
     generator = torch.Generator().manual_seed(3)
     logprobs = (-torch.rand(4, 5, generator=generator) * 3).requires_grad_(True)
-    deltas = torch.tensor([[0.5, -0.5, 0.1, 0.0, 0.3], [0.35, -0.3, 0.0, 0.0, 0.0],
-                           [-0.25, 0.25, 0.05, -0.05, 0.0], [0.3, 0.0, 0.0, 0.0, 0.0]])
+    deltas = torch.tensor(
+        [
+            [0.5, -0.5, 0.1, 0.0, 0.3],
+            [0.35, -0.3, 0.0, 0.0, 0.0],
+            [-0.25, 0.25, 0.05, -0.05, 0.0],
+            [0.3, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
     old = logprobs.detach() - deltas  # ratio r = exp(delta)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     advantages = torch.tensor([1.0, -0.5, 2.0, -1.5])
@@ -65,11 +71,20 @@ def loss_and_grad_by_hand(logprobs, old, mask, advantages, epsilon, epsilon_high
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
 def test_each_loss_type_equals_its_formula_in_value_and_gradient(loss_type, epsilon_high):
     logprobs, old, mask, advantages = hand_batch()
-    loss, stats = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, epsilon_high=epsilon_high,
-                            loss_type=loss_type, max_completion_length=7)
+    loss, stats = grpo_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        epsilon=0.2,
+        epsilon_high=epsilon_high,
+        loss_type=loss_type,
+        max_completion_length=7,
+    )
     loss.backward()
-    expected_loss, expected_grad, n_clipped = loss_and_grad_by_hand(logprobs.detach(), old, mask, advantages, 0.2,
-                                                                    epsilon_high, loss_type, 7)
+    expected_loss, expected_grad, n_clipped = loss_and_grad_by_hand(
+        logprobs.detach(), old, mask, advantages, 0.2, epsilon_high, loss_type, 7
+    )
     assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
     torch.testing.assert_close(logprobs.grad, expected_grad, atol=1e-7, rtol=1e-6)
     # r = e^0.3 (row 0) and e^0.25 (row 2), A > 0, lie between 1 + 0.2 and 1 + 0.4: clipped only without
@@ -81,8 +96,12 @@ def test_each_loss_type_equals_its_formula_in_value_and_gradient(loss_type, epsi
 def test_loss_types_differ_as_their_formulas_say():
     """On-policy (r = 1) with equal advantages per row, the three reductions give three different numbers."""
     logprobs, _, mask, advantages = hand_batch()
-    values = {kind: grpo_loss(logprobs, logprobs.detach(), advantages, mask, epsilon=0.2, loss_type=kind,
-                              max_completion_length=7)[0].item() for kind in ("dapo", "grpo", "dr_grpo")}
+    values = {
+        kind: grpo_loss(
+            logprobs, logprobs.detach(), advantages, mask, epsilon=0.2, loss_type=kind, max_completion_length=7
+        )[0].item()
+        for kind in ("dapo", "grpo", "dr_grpo")
+    }
     lengths, a = [5, 2, 4, 1], advantages.tolist()
     assert values["dapo"] == pytest.approx(-sum(n * x for n, x in zip(lengths, a)) / 12)
     assert values["grpo"] == pytest.approx(-sum(a) / 4)
@@ -99,8 +118,15 @@ def test_micro_batches_with_the_steps_counts_add_up_to_one_pass(loss_type):
     n_tokens, n_sequences = mask.sum().float(), torch.tensor(4.0)
     total, clip_fraction = 0.0, 0.0
     for rows in ([2, 0], [3], [1]):
-        part, stats = grpo_loss(logprobs[rows], old[rows], advantages[rows], mask[rows], n_tokens=n_tokens,
-                                n_sequences=n_sequences, **kwargs)
+        part, stats = grpo_loss(
+            logprobs[rows],
+            old[rows],
+            advantages[rows],
+            mask[rows],
+            n_tokens=n_tokens,
+            n_sequences=n_sequences,
+            **kwargs,
+        )
         part.backward()
         total, clip_fraction = total + part.item(), clip_fraction + stats.clip_fraction
     assert total == pytest.approx(whole.item(), rel=1e-6)
@@ -118,7 +144,7 @@ def test_batch_scaling_divides_by_the_std_of_every_reward():
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 11)  # Bessel-corrected, as torch.std and TRL
     expected = []
     for g in range(3):
-        group = rewards[4 * g:4 * g + 4]
+        group = rewards[4 * g : 4 * g + 4]
         expected += [(r - sum(group) / 4) / (std + 1e-4) for r in group]
     torch.testing.assert_close(group_advantages(REWARDS, 4, "batch"), torch.tensor(expected), atol=1e-6, rtol=1e-6)
 
@@ -127,15 +153,16 @@ def _batch_advantages_on_rank(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    torch.save(group_advantages(REWARDS[6 * rank:6 * rank + 6], 2, "batch"), f"{out}.{rank}")
+    torch.save(group_advantages(REWARDS[6 * rank : 6 * rank + 6], 2, "batch"), f"{out}.{rank}")
     dist.destroy_process_group()
 
 
 def test_batch_scaling_takes_the_std_over_every_process(tmp_path):
     """Two gloo processes with half the groups each give the single-process advantages (the global std)."""
     # forked, not spawned: the children start with everything imported (seconds less on a loaded machine)
-    torch.multiprocessing.start_processes(_batch_advantages_on_rank, nprocs=2, start_method="fork",
-                                          args=(str(tmp_path / "store"), str(tmp_path / "adv")))
+    torch.multiprocessing.start_processes(
+        _batch_advantages_on_rank, nprocs=2, start_method="fork", args=(str(tmp_path / "store"), str(tmp_path / "adv"))
+    )
     together = torch.cat([torch.load(tmp_path / f"adv.{rank}") for rank in range(2)])
     torch.testing.assert_close(together, group_advantages(REWARDS, 2, "batch"), atol=1e-6, rtol=1e-6)
     halves = torch.cat([group_advantages(REWARDS[:6], 2, "batch"), group_advantages(REWARDS[6:], 2, "batch")])
@@ -179,13 +206,12 @@ def full_tempered_logprobs(model, rollouts: Rollouts, temperature: float) -> tor
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
     width = rollouts.completion_ids.size(1)
-    return torch.log_softmax(logits[:, -width - 1:-1].float() / temperature, dim=-1)
+    return torch.log_softmax(logits[:, -width - 1 : -1].float() / temperature, dim=-1)
 
 
 def sample(model, tokenizer, seed: int, temperature: float = 1.0, **truncation) -> Rollouts:
     generators = [torch.Generator().manual_seed(seed + g) for g in range(2)]
-    return generate(model, tokenizer, PROMPTS, 24, temperature=temperature, group_generators=generators,
-                    **truncation)
+    return generate(model, tokenizer, PROMPTS, 24, temperature=temperature, group_generators=generators, **truncation)
 
 
 def test_top_k_one_samples_the_greedy_completions(shipped_model, tokenizer):
@@ -234,8 +260,16 @@ def test_sampling_logprobs_stay_the_untruncated_distributions(shipped_model, tok
 
 
 # ---- mask_truncated_completions, scale_rewards=batch and loss_type in an rl step ---------------------------------
-SMALL = ["recipe=rl", "rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=10",
-         "train.threads=1", "optim.max_grad_norm=0", "rl.epsilon=0.05", "rl.epsilon_high=0.1"]
+SMALL = [
+    "recipe=rl",
+    "rl.prompts_per_step=4",
+    "rl.num_generations=4",
+    "rl.max_completion_length=10",
+    "train.threads=1",
+    "optim.max_grad_norm=0",
+    "rl.epsilon=0.05",
+    "rl.epsilon_high=0.1",
+]
 
 
 def capture_steps(overrides: list[str], monkeypatch, steps: int = 1):
@@ -274,8 +308,9 @@ def hand_loss(logprobs, old, advantages, mask, epsilon, epsilon_high, loss_type,
     a = advantages.unsqueeze(1)
     frozen_high = (a > 0) & (ratio > 1 + epsilon_high)  # the surrogate is the constant (1 + eps_high) A there
     frozen_low = (a < 0) & (ratio < 1 - epsilon)
-    per_token = torch.where(frozen_high, -(1 + epsilon_high) * a, torch.where(frozen_low, -(1 - epsilon) * a,
-                                                                              -ratio * a))
+    per_token = torch.where(
+        frozen_high, -(1 + epsilon_high) * a, torch.where(frozen_low, -(1 - epsilon) * a, -ratio * a)
+    )
     mask = mask.float()
     if loss_type == "grpo":
         return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
@@ -287,13 +322,20 @@ def hand_loss(logprobs, old, advantages, mask, epsilon, epsilon_high, loss_type,
 @pytest.mark.parametrize("loss_type,micro", [("dapo", 0), ("grpo", 3), ("dr_grpo", 1)])
 def test_rl_step_gradient_with_truncated_completions_masked_and_batch_scaling(loss_type, micro, monkeypatch):
     grads, models, scored, cfg, _, ctx = capture_steps(
-        [f"rl.loss_type={loss_type}", f"train.micro_batch_size={micro}", "rl.mask_truncated_completions=true",
-         "rl.scale_rewards=batch"], monkeypatch)
+        [
+            f"rl.loss_type={loss_type}",
+            f"train.micro_batch_size={micro}",
+            "rl.mask_truncated_completions=true",
+            "rl.scale_rewards=batch",
+        ],
+        monkeypatch,
+    )
     scored, model = scored[0], models[0]
     rollouts, eos = scored.rollouts, ctx.policy.tokenizer.eos_token_id
     # truncated by hand: no EOS among a completion's tokens
-    truncated = torch.tensor([eos not in ids[:int(n)] for ids, n in zip(rollouts.completion_ids.tolist(),
-                                                                         rollouts.lengths.tolist())])
+    truncated = torch.tensor(
+        [eos not in ids[: int(n)] for ids, n in zip(rollouts.completion_ids.tolist(), rollouts.lengths.tolist())]
+    )
     assert torch.equal(truncated_rows(rollouts, eos), truncated)
     assert truncated.any() and (~truncated).any()
     assert bool((rollouts.lengths[truncated] == cfg.rl.max_completion_length).all())
@@ -301,34 +343,51 @@ def test_rl_step_gradient_with_truncated_completions_masked_and_batch_scaling(lo
     rewards = scored.rewards.tolist()
     mean = sum(rewards) / 16
     std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 15)
-    advantages = torch.tensor([(r - sum(rewards[4 * (i // 4):4 * (i // 4) + 4]) / 4) / (std + 1e-4)
-                               for i, r in enumerate(rewards)])
+    advantages = torch.tensor(
+        [(r - sum(rewards[4 * (i // 4) : 4 * (i // 4) + 4]) / 4) / (std + 1e-4) for i, r in enumerate(rewards)]
+    )
     torch.testing.assert_close(scored.advantages, advantages, atol=1e-6, rtol=1e-6)
     # both kinds of row carry a signal: masking the truncated ones changes the gradient
     assert advantages[~truncated].abs().max() > 0 and advantages[truncated].abs().max() > 0
 
     kept = rollouts.completion_mask * (~truncated).unsqueeze(1)
     logprobs = direct_logprobs(model, rollouts, cfg.rl.temperature)
-    loss = hand_loss(logprobs, rollouts.sampling_logprobs, advantages, kept, 0.05, 0.1, loss_type,
-                     cfg.rl.max_completion_length)
+    loss = hand_loss(
+        logprobs, rollouts.sampling_logprobs, advantages, kept, 0.05, 0.1, loss_type, cfg.rl.max_completion_length
+    )
     params = [p for p in model.parameters() if p.requires_grad]  # Policy.trainable_parameters, in order
     assert_same_gradients(grads[0], torch.autograd.grad(loss, params))
 
 
 def test_bad_values_and_stages_that_cannot_honour_an_option_are_refused():
-    for bad, words in ((["rl.loss_type=ppo"], "rl.loss_type"), (["rl.scale_rewards=mean"], "rl.scale_rewards"),
-                       (["rl.epsilon_high=0"], "rl.epsilon_high"), (["rl.top_p=0"], "rl.top_p"),
-                       (["rl.top_k=-1"], "rl.top_k"), (["rl.min_p=1"], "rl.min_p"),
-                       (["rl.num_iterations=0"], "rl.num_iterations"),
-                       (["recipe=bridge", "rl.num_iterations=2"], "bridge stage"),
-                       (["recipe=luffy", "rl.num_iterations=2"], "luffy stage"),
-                       (["recipe=luffy", "rl.loss_type=grpo"], "luffy stage"),
-                       (["recipe=srft", "rl.scale_rewards=batch"], "srft stage")):
+    for bad, words in (
+        (["rl.loss_type=ppo"], "rl.loss_type"),
+        (["rl.scale_rewards=mean"], "rl.scale_rewards"),
+        (["rl.epsilon_high=0"], "rl.epsilon_high"),
+        (["rl.top_p=0"], "rl.top_p"),
+        (["rl.top_k=-1"], "rl.top_k"),
+        (["rl.min_p=1"], "rl.min_p"),
+        (["rl.num_iterations=0"], "rl.num_iterations"),
+        (["recipe=bridge", "rl.num_iterations=2"], "bridge stage"),
+        (["recipe=luffy", "rl.num_iterations=2"], "luffy stage"),
+        (["recipe=luffy", "rl.loss_type=grpo"], "luffy stage"),
+        (["recipe=srft", "rl.scale_rewards=batch"], "srft stage"),
+    ):
         with pytest.raises(UserError, match=words):
             compose(bad)
     # stages that honour them, and stages that sample nothing (sft), pass
-    compose(["recipe=two_stage", "rl.num_iterations=3", "rl.loss_type=dr_grpo", "rl.scale_rewards=batch",
-             "rl.mask_truncated_completions=true", "rl.top_p=0.9", "rl.top_k=20", "rl.min_p=0.05"])
+    compose(
+        [
+            "recipe=two_stage",
+            "rl.num_iterations=3",
+            "rl.loss_type=dr_grpo",
+            "rl.scale_rewards=batch",
+            "rl.mask_truncated_completions=true",
+            "rl.top_p=0.9",
+            "rl.top_k=20",
+            "rl.min_p=0.05",
+        ]
+    )
     compose(["recipe=uft", "rl.scale_rewards=batch", "rl.loss_type=grpo", "rl.mask_truncated_completions=true"])
 
 
@@ -345,8 +404,16 @@ def test_second_update_gradient_is_the_clipped_loss_at_the_updated_weights(monke
             assert (ratio - 1).abs().max() < 1e-4
         else:  # the first update moved the policy past both clip bounds on some tokens
             assert (ratio > 1.1).any() and (ratio < 0.95).any()
-        loss = hand_loss(logprobs, rollouts.sampling_logprobs, advantages, rollouts.completion_mask, 0.05, 0.1,
-                         "dapo", cfg.rl.max_completion_length)
+        loss = hand_loss(
+            logprobs,
+            rollouts.sampling_logprobs,
+            advantages,
+            rollouts.completion_mask,
+            0.05,
+            0.1,
+            "dapo",
+            cfg.rl.max_completion_length,
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         assert_same_gradients(grads[update], torch.autograd.grad(loss, params))
     assert outputs[0].metrics["train/clip_fraction"] > 0  # the mean over the two updates: the second one clipped
@@ -362,9 +429,14 @@ def test_one_iteration_is_the_first_update_of_two(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mixed", [["recipe=mix", "mix.lr=1e-3", "mix.mu=0"],
-                                   ["recipe=chord", "chord.lr=1e-3", "chord.mu_peak=0", "chord.mu_valley=0"]],
-                         ids=["mix", "chord"])
+@pytest.mark.parametrize(
+    "mixed",
+    [
+        ["recipe=mix", "mix.lr=1e-3", "mix.mu=0"],
+        ["recipe=chord", "chord.lr=1e-3", "chord.mu_peak=0", "chord.mu_valley=0"],
+    ],
+    ids=["mix", "chord"],
+)
 def test_mixed_stages_with_mu_zero_iterate_exactly_as_the_rl_stage(tmp_path, mixed):
     """mix and chord with mu = 0 are L_rl alone: with rl.num_iterations=2 their weights after two steps (four
     updates on two batches of rollouts) equal the rl stage's, and they differ from one update per batch."""
@@ -373,14 +445,28 @@ def test_mixed_stages_with_mu_zero_iterate_exactly_as_the_rl_stage(tmp_path, mix
 
     from bridgectl.cli.app import app
 
-    common = ["train.max_steps=2", "train.threads=1", "train.eval_every=0", "eval.n=5", "rl.prompts_per_step=2",
-              "rl.num_generations=4", "rl.lr=1e-3", "--out", str(tmp_path)]
-    for name, overrides in (("rl", ["recipe=rl", "rl.num_iterations=2"]),
-                            ("mix", [*mixed, "rl.num_iterations=2"]), ("once", mixed)):
+    common = [
+        "train.max_steps=2",
+        "train.threads=1",
+        "train.eval_every=0",
+        "eval.n=5",
+        "rl.prompts_per_step=2",
+        "rl.num_generations=4",
+        "rl.lr=1e-3",
+        "--out",
+        str(tmp_path),
+    ]
+    for name, overrides in (
+        ("rl", ["recipe=rl", "rl.num_iterations=2"]),
+        ("mix", [*mixed, "rl.num_iterations=2"]),
+        ("once", mixed),
+    ):
         result = CliRunner().invoke(app, ["run", *overrides, *common, "--name", name])
         assert result.exit_code == 0, result.output
-    weights = {name: load_file(str(tmp_path / name / "checkpoints" / "final" / "model.safetensors"))
-               for name in ("rl", "mix", "once")}
+    weights = {
+        name: load_file(str(tmp_path / name / "checkpoints" / "final" / "model.safetensors"))
+        for name in ("rl", "mix", "once")
+    }
     assert weights["rl"].keys() == weights["mix"].keys()
     for key in weights["rl"]:
         torch.testing.assert_close(weights["mix"][key], weights["rl"][key], atol=1e-6, rtol=1e-5)
@@ -394,8 +480,15 @@ def test_train_tokens_leave_out_the_completions_the_loss_masks(monkeypatch, reci
     The first step samples the same rollouts either way, so the two counts differ by the cut-off ones' tokens."""
     counted, sampled = {}, {}
     for masked in (False, True):
-        cfg = compose([*SMALL, f"recipe={recipe}", "rl.max_completion_length=4", "sft.batch_size=4",
-                       f"rl.mask_truncated_completions={str(masked).lower()}"])
+        cfg = compose(
+            [
+                *SMALL,
+                f"recipe={recipe}",
+                "rl.max_completion_length=4",
+                "sft.batch_size=4",
+                f"rl.mask_truncated_completions={str(masked).lower()}",
+            ]
+        )
         ctx = build_context(cfg, show_progress=False)
         module = importlib.import_module(f"bridgectl.stages.{recipe}")
         real_sample, scored = module.sample_groups, []

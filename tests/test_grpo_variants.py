@@ -15,17 +15,29 @@ from bridgectl.cli.app import app
 from bridgectl.config.compose import compose
 from bridgectl.errors import UserError
 
-TINY = ["train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=4", "sft.batch_size=4", "eval.n=8",
-        "train.threads=1", "train.eval_every=0"]
-VARIANTS = ["rl.importance_sampling_level=sequence", "rl.loss_type=cispo", "rl.top_entropy_quantile=0.2",
-            "rl.entropy_coef=0.001"]
+TINY = [
+    "train.max_steps=2",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=4",
+    "sft.batch_size=4",
+    "eval.n=8",
+    "train.threads=1",
+    "train.eval_every=0",
+]
+VARIANTS = [
+    "rl.importance_sampling_level=sequence",
+    "rl.loss_type=cispo",
+    "rl.top_entropy_quantile=0.2",
+    "rl.entropy_coef=0.001",
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["rl", "bridge"])
 def test_the_variants_run_and_log_the_entropy(tmp_path, recipe):
-    result = CliRunner().invoke(app, ["run", f"recipe={recipe}", *VARIANTS, *TINY, "--out", str(tmp_path),
-                                      "--name", "v"])
+    result = CliRunner().invoke(
+        app, ["run", f"recipe={recipe}", *VARIANTS, *TINY, "--out", str(tmp_path), "--name", "v"]
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if row.get("stage") == recipe]
@@ -34,19 +46,37 @@ def test_the_variants_run_and_log_the_entropy(tmp_path, recipe):
     assert "importance_sampling_level: sequence" in saved and "loss_type: cispo" in saved
 
 
-@pytest.mark.parametrize("recipe, options", [
-    ("rl", ["rl.loss_type=luspo", "rl.importance_sampling_level=sequence",
-            "rl.adv_estimator=reinforce_plus_plus_baseline", "rl.scale_rewards=batch"]),
-    ("bridge", ["rl.loss_type=vespo", "rl.off_policy_mask_threshold=0.5", "rl.adv_estimator=reinforce_plus_plus",
-                "rl.scale_rewards=batch"]),
-    ("interleaved", ["rl.loss_type=bnpo", "rl.off_policy_mask_threshold=0.5"]),
-])
+@pytest.mark.parametrize(
+    "recipe, options",
+    [
+        (
+            "rl",
+            [
+                "rl.loss_type=luspo",
+                "rl.importance_sampling_level=sequence",
+                "rl.adv_estimator=reinforce_plus_plus_baseline",
+                "rl.scale_rewards=batch",
+            ],
+        ),
+        (
+            "bridge",
+            [
+                "rl.loss_type=vespo",
+                "rl.off_policy_mask_threshold=0.5",
+                "rl.adv_estimator=reinforce_plus_plus",
+                "rl.scale_rewards=batch",
+            ],
+        ),
+        ("interleaved", ["rl.loss_type=bnpo", "rl.off_policy_mask_threshold=0.5"]),
+    ],
+)
 @pytest.mark.slow
 def test_the_other_loss_types_and_estimators_train(tmp_path, recipe, options):
     """luspo, vespo and bnpo, the off-policy mask and both REINFORCE++ estimators, through `bridgectl run`: the
     steps train (a finite loss and a nonzero gradient) and the config keeps what was asked."""
-    result = CliRunner().invoke(app, ["run", f"recipe={recipe}", *options, *TINY, "--out", str(tmp_path),
-                                      "--name", "v"])
+    result = CliRunner().invoke(
+        app, ["run", f"recipe={recipe}", *options, *TINY, "--out", str(tmp_path), "--name", "v"]
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "train/rl_loss" in row]
@@ -95,9 +125,20 @@ def test_rloo_advantages_reach_the_sampled_groups():
     from bridgectl.core.grpo import sample_groups
     from bridgectl.training.setup import build_context
 
-    ctx = build_context(compose(["recipe=rl", "rl.adv_estimator=rloo", "rl.scale_rewards=none",
-                                 "rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=12",
-                                 "train.threads=1"]), show_progress=False)
+    ctx = build_context(
+        compose(
+            [
+                "recipe=rl",
+                "rl.adv_estimator=rloo",
+                "rl.scale_rewards=none",
+                "rl.prompts_per_step=4",
+                "rl.num_generations=4",
+                "rl.max_completion_length=12",
+                "train.threads=1",
+            ]
+        ),
+        show_progress=False,
+    )
     scored = sample_groups(ctx)
     grouped = scored.rewards.view(-1, 4)
     others = (grouped.sum(dim=1, keepdim=True) - grouped) / 3
@@ -116,12 +157,24 @@ def test_normalize_then_sum_makes_the_advantages_from_each_functions_values(tmp_
     from bridgectl.core.grpo import sample_groups
     from bridgectl.training.setup import build_context
 
-    (tmp_path / "shaped.py").write_text("def short(completions, **kwargs):\n"
-                                        "    return [1.0 / (1 + len(c)) for c in completions]\n")
-    ctx = build_context(compose(["recipe=rl", "rl.multi_objective_aggregation=normalize_then_sum",
-                                 f"task.reward_funcs=[verifier,{tmp_path / 'shaped.py'}:short]",
-                                 "task.reward_weights=[1.0,0.5]", "rl.prompts_per_step=4", "rl.num_generations=4",
-                                 "rl.max_completion_length=12", "train.threads=1"]), show_progress=False)
+    (tmp_path / "shaped.py").write_text(
+        "def short(completions, **kwargs):\n    return [1.0 / (1 + len(c)) for c in completions]\n"
+    )
+    ctx = build_context(
+        compose(
+            [
+                "recipe=rl",
+                "rl.multi_objective_aggregation=normalize_then_sum",
+                f"task.reward_funcs=[verifier,{tmp_path / 'shaped.py'}:short]",
+                "task.reward_weights=[1.0,0.5]",
+                "rl.prompts_per_step=4",
+                "rl.num_generations=4",
+                "rl.max_completion_length=12",
+                "train.threads=1",
+            ]
+        ),
+        show_progress=False,
+    )
     scored = sample_groups(ctx)
     values = torch.tensor(ctx.task.step_reward.last_values).T
     verifier = torch.tensor(ctx.task.rewards(scored.rollouts.completions, [p.answer for p in scored.problems]))

@@ -15,9 +15,18 @@ from bridgectl.config.compose import compose
 from bridgectl.tasks.prompts import prompt_formatter
 from bridgectl.training.setup import build_context
 
-SMALL = ["train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",
-         "rl.num_generations=2", "rl.max_completion_length=12", "sft.batch_size=2", "eval.n=2",
-         "eval.max_new_tokens=12", "eval.batch_size=2"]
+SMALL = [
+    "train.threads=1",
+    "train.max_steps=3",
+    "train.eval_every=0",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "rl.max_completion_length=12",
+    "sft.batch_size=2",
+    "eval.n=2",
+    "eval.max_new_tokens=12",
+    "eval.batch_size=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +41,37 @@ def data(tmp_path_factory):
 
 
 def overrides(hf_dir, data, task="gsm8k", *extra):
-    return ["model=hf", f"model.name_or_path={hf_dir}", f"task={task}", f"task.path={data[task]}",
-            f"task.eval_sets={{test:{data[task]}}}", *SMALL, *extra]
+    return [
+        "model=hf",
+        f"model.name_or_path={hf_dir}",
+        f"task={task}",
+        f"task.path={data[task]}",
+        f"task.eval_sets={{test:{data[task]}}}",
+        *SMALL,
+        *extra,
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, task", [("rl", "gsm8k"), ("sft", "math"), ("bridge", "gsm8k"), ("chord", "gsm8k"),
-                                          ("luffy", "gsm8k"), ("relift", "math"), ("hpt", "gsm8k"),
-                                          ("srft", "math"), ("uft", "gsm8k")])
+@pytest.mark.parametrize(
+    "recipe, task",
+    [
+        ("rl", "gsm8k"),
+        ("sft", "math"),
+        ("bridge", "gsm8k"),
+        ("chord", "gsm8k"),
+        ("luffy", "gsm8k"),
+        ("relift", "math"),
+        ("hpt", "gsm8k"),
+        ("srft", "math"),
+        ("uft", "gsm8k"),
+    ],
+)
 def test_recipes_train_an_hf_model_on_local_files(hf_dir, data, tmp_path, recipe, task):
     extra = ["model.finetune=lora"] if recipe == "bridge" else []
-    result = CliRunner().invoke(app, ["run", *overrides(hf_dir, data, task, f"recipe={recipe}", *extra),
-                                      "--out", str(tmp_path), "--name", "r"])
+    result = CliRunner().invoke(
+        app, ["run", *overrides(hf_dir, data, task, f"recipe={recipe}", *extra), "--out", str(tmp_path), "--name", "r"]
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "r"
     summary = json.loads((run / "summary.json").read_text())
@@ -69,18 +97,33 @@ def test_methods_that_need_paired_demonstrations_refuse_rl_data_without_traces(h
     sft = write_jsonl(tmp_path / "sft.jsonl", [{"question": "What is 1 + 1?", "trace": "1 + 1 = 2", "answer": "2"}])
     for recipe in ("luffy", "relift", "hpt", "srft", "uft"):
         assert STAGES[recipe].needs_traces
-        result = CliRunner().invoke(app, ["run", "model=hf", f"model.name_or_path={hf_dir}", "task=jsonl",
-                                          f"task.rl_path={path}", f"task.sft_path={sft}",
-                                          f"task.eval_sets={{test:{path}}}", *SMALL, f"recipe={recipe}",
-                                          "--out", str(tmp_path / "runs"), "--name", recipe])
+        result = CliRunner().invoke(
+            app,
+            [
+                "run",
+                "model=hf",
+                f"model.name_or_path={hf_dir}",
+                "task=jsonl",
+                f"task.rl_path={path}",
+                f"task.sft_path={sft}",
+                f"task.eval_sets={{test:{path}}}",
+                *SMALL,
+                f"recipe={recipe}",
+                "--out",
+                str(tmp_path / "runs"),
+                "--name",
+                recipe,
+            ],
+        )
         assert result.exit_code == 2, (recipe, result.output)
         assert "demonstration" in result.output and "without a trace" in result.output, result.output
         assert not (tmp_path / "runs" / recipe).exists()  # nothing ran, nothing is kept
 
 
 def test_sft_loss_falls_on_an_hf_model(hf_dir, data, tmp_path):
-    cfg = compose(overrides(hf_dir, data, "gsm8k", "recipe=sft", "model.finetune=full", "sft.lr=3e-3",
-                            "sft.batch_size=4"))
+    cfg = compose(
+        overrides(hf_dir, data, "gsm8k", "recipe=sft", "model.finetune=full", "sft.lr=3e-3", "sft.batch_size=4")
+    )
     from bridgectl.stages.sft import SFTStage
 
     ctx = build_context(cfg, show_progress=False)
@@ -121,14 +164,19 @@ def test_plain_prompt_without_a_chat_template(tmp_path):
     assert ids[0] == plain.bos_token_id and plain.bos_token_id not in ids[1:]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["model=hf"], "model=hf needs model.name_or_path"),
-    (["model=hf", "model.name_or_path=/nonexistent/model"], "does not exist or has no config.json"),
-    (["model=hf", "model.dtype=float8"], "unknown model.dtype"),
-    (["task=gsm8k", "task.path=/nonexistent/train.jsonl", "task.eval_sets={test:/nonexistent/train.jsonl}"],
-     "does not exist"),
-    (["task=jsonl", "task.prompt_template=no placeholder"], "no {question} placeholder"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=hf"], "model=hf needs model.name_or_path"),
+        (["model=hf", "model.name_or_path=/nonexistent/model"], "does not exist or has no config.json"),
+        (["model=hf", "model.dtype=float8"], "unknown model.dtype"),
+        (
+            ["task=gsm8k", "task.path=/nonexistent/train.jsonl", "task.eval_sets={test:/nonexistent/train.jsonl}"],
+            "does not exist",
+        ),
+        (["task=jsonl", "task.prompt_template=no placeholder"], "no {question} placeholder"),
+    ],
+)
 def test_bad_model_and_data_settings_exit_2_and_leave_no_run(tmp_path, args, message):
     result = CliRunner().invoke(app, ["run", *args, *SMALL, "--out", str(tmp_path), "--name", "bad"])
     assert result.exit_code == 2, result.output

@@ -28,8 +28,14 @@ from bridgectl.stages.rl import RLStage
 from bridgectl.tasks.arith import ArithTask
 from bridgectl.training.setup import build_context
 
-SMALL = ["rl.prompts_per_step=8", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
-         "optim.max_grad_norm=0", "train.micro_batch_size=3"]
+SMALL = [
+    "rl.prompts_per_step=8",
+    "rl.num_generations=4",
+    "rl.max_completion_length=16",
+    "train.threads=1",
+    "optim.max_grad_norm=0",
+    "train.micro_batch_size=3",
+]
 # correct rollouts per group: 0, 1, 3, 0, 1, 4, 0, 2
 PATTERN = [0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1]
 
@@ -71,8 +77,9 @@ def nll_by_hand(model, batch):
     mask = batch.attention_mask
     logits = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions(mask)).logits.float()
     labels = batch.labels[:, 1:]
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                             ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100
+    )
 
 
 def grads(loss, model):
@@ -113,8 +120,13 @@ def run(stage_cls, module, overrides, steps, monkeypatch, rewards=None):
 @pytest.mark.parametrize("gate", [0, 1])
 def test_update_is_grpo_on_kept_prompts_plus_sft_on_the_switched_prompts_demonstrations(gate, monkeypatch):
     ctx, captured, models, recorded, outputs = run(
-        HPTStage, hpt_module, ["recipe=hpt", *SMALL, f"hpt.gate={gate}", "hpt.sft_coef=0.5"], 2, monkeypatch,
-        rewards=PATTERN)
+        HPTStage,
+        hpt_module,
+        ["recipe=hpt", *SMALL, f"hpt.gate={gate}", "hpt.sft_coef=0.5"],
+        2,
+        monkeypatch,
+        rewards=PATTERN,
+    )
     rl, group_size = ctx.cfg.rl, ctx.cfg.rl.num_generations
     switched = switched_groups(torch.tensor(PATTERN, dtype=torch.float32), group_size, gate)
     kept_rows = [row for row in range(len(PATTERN)) if not switched[row // group_size]]
@@ -122,8 +134,9 @@ def test_update_is_grpo_on_kept_prompts_plus_sft_on_the_switched_prompts_demonst
         model, scored = models[step], recorded[step]
         # each switched prompt's own demonstration: its question and its trace, one row per prompt
         problems = [scored.problems[group * group_size] for group, to_sft in enumerate(switched) if to_sft]
-        demonstrations = make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems],
-                                        [p.trace_completion for p in problems], ctx.device)
+        demonstrations = make_sft_batch(
+            ctx.policy.tokenizer, [p.question for p in problems], [p.trace_completion for p in problems], ctx.device
+        )
         g_rl = grads(grpo_by_hand(model, scored, rl, kept_rows), model)
         g_sft = grads(nll_by_hand(model, demonstrations), model)
         assert max(float(g.abs().max()) for g in g_rl) > 1e-3 and max(float(g.abs().max()) for g in g_sft) > 1e-3
@@ -143,16 +156,17 @@ def test_update_is_grpo_on_kept_prompts_plus_sft_on_the_switched_prompts_demonst
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [[], ["rl.loss_type=grpo", "rl.mask_truncated_completions=true"],
-                                     ["rl.loss_type=dr_grpo"]])
+@pytest.mark.parametrize(
+    "options", [[], ["rl.loss_type=grpo", "rl.mask_truncated_completions=true"], ["rl.loss_type=dr_grpo"]]
+)
 def test_gate_below_zero_is_exactly_the_rl_stage(options, monkeypatch):
     """No prompt switched: hpt is the rl stage, also with the GRPO options that change the loss's normaliser."""
     same_lr = ["rl.lr=1e-4", "hpt.lr=1e-4", *options]
-    ctx, hpt_grads, _, _, outputs = run(HPTStage, hpt_module, ["recipe=hpt", *SMALL, *same_lr, "hpt.gate=-1"], 2,
-                                        monkeypatch, rewards=PATTERN)
+    ctx, hpt_grads, _, _, outputs = run(
+        HPTStage, hpt_module, ["recipe=hpt", *SMALL, *same_lr, "hpt.gate=-1"], 2, monkeypatch, rewards=PATTERN
+    )
     _, rl_grads, _, _, _ = run(RLStage, rl_module, ["recipe=rl", *SMALL, *same_lr], 2, monkeypatch, rewards=PATTERN)
     assert len(hpt_grads) == len(rl_grads) == 2
     for hpt_step, rl_step in zip(hpt_grads, rl_grads):
         assert all(torch.equal(a, b) for a, b in zip(hpt_step, rl_step))
-    assert all(output.metrics["hpt/sft_prompts"] == 0 and "train/sft_loss" not in output.metrics
-               for output in outputs)
+    assert all(output.metrics["hpt/sft_prompts"] == 0 and "train/sft_loss" not in output.metrics for output in outputs)

@@ -12,8 +12,14 @@ from typer.testing import CliRunner
 
 from bridgectl.cli.app import app
 
-FAST = ["train.threads=1", "eval.n=30", "train.eval_every=0", "rl.prompts_per_step=2", "rl.num_generations=2",
-        "sft.batch_size=8"]
+FAST = [
+    "train.threads=1",
+    "eval.n=30",
+    "train.eval_every=0",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "sft.batch_size=8",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -37,14 +43,20 @@ def final_answers(run: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first", [["recipe=sft", "train.max_steps=15"],
-                                   ["recipe=sft", "train.max_steps=15", "model.finetune=lora"],
-                                   ["recipe=bridge", "train.max_steps=3", "model.finetune=lora"]],
-                         ids=["full", "lora", "bridge-lora"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        ["recipe=sft", "train.max_steps=15"],
+        ["recipe=sft", "train.max_steps=15", "model.finetune=lora"],
+        ["recipe=bridge", "train.max_steps=3", "model.finetune=lora"],
+    ],
+    ids=["full", "lora", "bridge-lora"],
+)
 def test_second_run_starts_where_the_first_ended(tmp_path, first):
     before = train(tmp_path, "first", *first)
-    after = train(tmp_path, "second", "recipe=rl", "train.max_steps=2", "model.finetune=lora",
-                  f"model.init_from={before}")
+    after = train(
+        tmp_path, "second", "recipe=rl", "train.max_steps=2", "model.finetune=lora", f"model.init_from={before}"
+    )
     assert answers(after, 0) == final_answers(before)
     assert answers(after, 0) != answers(before, 0)  # the first run changed its answers: the check can fail
     # the second run's own evaluation reloads its adapter over the same starting weights
@@ -57,8 +69,9 @@ def test_second_run_starts_where_the_first_ended(tmp_path, first):
 @pytest.mark.slow
 def test_adapter_directory_and_model_directory(tmp_path):
     lora = train(tmp_path, "lora", "recipe=sft", "train.max_steps=15", "model.finetune=lora")
-    from_adapter = train(tmp_path, "a", "recipe=rl", "train.max_steps=1",
-                         f"model.init_from={lora / 'checkpoints' / 'final'}")
+    from_adapter = train(
+        tmp_path, "a", "recipe=rl", "train.max_steps=1", f"model.init_from={lora / 'checkpoints' / 'final'}"
+    )
     assert answers(from_adapter, 0) == final_answers(lora)
     merged = next((tmp_path / "cache").glob("init-*"))  # the merge is a plain model directory, reused
     from_model = train(tmp_path, "m", "recipe=rl", "train.max_steps=1", f"model.init_from={merged}")
@@ -69,8 +82,9 @@ def test_adapter_directory_and_model_directory(tmp_path):
 def test_bad_init_from_exits_2_before_writing_anything(tmp_path):
     (tmp_path / "empty").mkdir()
     for source in (tmp_path / "missing", tmp_path / "empty"):
-        result = CliRunner().invoke(app, ["run", f"model.init_from={source}", "--out", str(tmp_path / "runs"),
-                                          "--name", "x"])
+        result = CliRunner().invoke(
+            app, ["run", f"model.init_from={source}", "--out", str(tmp_path / "runs"), "--name", "x"]
+        )
         assert result.exit_code == 2 and "model.init_from" in result.output and "Hint:" in result.output
         assert not (tmp_path / "runs" / "x").exists()
 
@@ -89,8 +103,20 @@ def test_pickled_adapter_weights_are_refused(tmp_path):
     weights = pickled / "adapter_model.safetensors"
     torch.save(load_file(weights), pickled / "adapter_model.bin")
     weights.unlink()
-    result = CliRunner().invoke(app, ["run", "recipe=rl", "train.max_steps=1", f"model.init_from={pickled}", *FAST,
-                                      "--out", str(tmp_path / "runs"), "--name", "x"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "recipe=rl",
+            "train.max_steps=1",
+            f"model.init_from={pickled}",
+            *FAST,
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "x",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert "adapter_model.bin" in result.output and "safetensors" in result.output and "Hint:" in result.output
     assert not (tmp_path / "runs" / "x").exists()

@@ -37,8 +37,9 @@ def test_kl_value_and_gradient_match_the_formula(corrected):
     advantages = torch.tensor([1.0, -0.5, 0.8])
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     logprobs = start.clone().requires_grad_(True)
-    loss, stats = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, beta=0.04, ref_logprobs=ref,
-                            bias_correction_kl=corrected)
+    loss, stats = grpo_loss(
+        logprobs, old, advantages, mask, epsilon=0.2, beta=0.04, ref_logprobs=ref, bias_correction_kl=corrected
+    )
     loss.backward()
     hand_logprobs = [[start[i, j].clone().requires_grad_(True) for j in range(shape[1])] for i in range(shape[0])]
     expected = by_hand(hand_logprobs, old, ref, advantages, mask.tolist(), 0.2, 0.04, corrected)

@@ -15,8 +15,18 @@ import bridgectl
 from bridgectl.stages import STAGES
 
 PACKAGE = Path(bridgectl.__file__).resolve().parent
-LAYERS = [("cli",), ("sweep",), ("training", "analysis", "launch"), ("rundir",), ("models",), ("tasks",), ("config",),
-          ("stages",), ("core",), ("errors",)]
+LAYERS = [
+    ("cli",),
+    ("sweep",),
+    ("training", "analysis", "launch"),
+    ("rundir",),
+    ("models",),
+    ("tasks",),
+    ("config",),
+    ("stages",),
+    ("core",),
+    ("errors",),
+]
 """bridgectl's packages from the top down: a module may import its own package and any layer below its own, never a
 package beside it (training, analysis and launch do not import each other) or above it."""
 LEVEL = {package: depth for depth, packages in enumerate(LAYERS) for package in packages}
@@ -36,8 +46,9 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
             else:
                 module = node.module
             # `from package import name`: the name may be a module of the package (import_graph keeps those)
-            found += [(node.lineno, module)] + [(node.lineno, f"{module}.{alias.name}") for alias in node.names
-                                                if module.startswith("bridgectl")]
+            found += [(node.lineno, module)] + [
+                (node.lineno, f"{module}.{alias.name}") for alias in node.names if module.startswith("bridgectl")
+            ]
     return found
 
 
@@ -129,8 +140,10 @@ def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path):
     two modules importing each other (lazily) are a cycle."""
     core = PACKAGE / "core"
     probe = core / "_probe_upward.py"
-    probe.write_text("from bridgectl.stages import STAGES\n\ndef f():\n    from ..tasks import make_task\n"
-                     "    from bridgectl.training import runner\n")
+    probe.write_text(
+        "from bridgectl.stages import STAGES\n\ndef f():\n    from ..tasks import make_task\n"
+        "    from bridgectl.training import runner\n"
+    )
     try:
         modules = [module for _, module in imported_modules(probe)]
         upward = upward_imports(import_graph())
@@ -138,11 +151,15 @@ def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path):
         probe.unlink()
     assert "bridgectl.stages" in modules and "bridgectl.tasks" in modules and "bridgectl.training.runner" in modules
     assert any(line.startswith("bridgectl.core._probe_upward:4 (core) imports bridgectl.tasks") for line in upward)
-    graph = {"bridgectl.config.a": {"bridgectl.config.b": 1}, "bridgectl.config.b": {"bridgectl.config.a": 9},
-             "bridgectl.config.c": {"bridgectl.config.a": 2}}
+    graph = {
+        "bridgectl.config.a": {"bridgectl.config.b": 1},
+        "bridgectl.config.b": {"bridgectl.config.a": 9},
+        "bridgectl.config.c": {"bridgectl.config.a": 2},
+    }
     assert cycles(graph) == [["bridgectl.config.a", "bridgectl.config.b"]]
     assert upward_imports({"bridgectl.training.x": {"bridgectl.analysis.y": 3}}) == [
-        "bridgectl.training.x:3 (training) imports bridgectl.analysis.y (analysis)"]
+        "bridgectl.training.x:3 (training) imports bridgectl.analysis.y (analysis)"
+    ]
 
 
 def test_each_stage_owns_its_config_section_and_the_shared_schema_holds_none():
@@ -158,19 +175,25 @@ def test_each_stage_owns_its_config_section_and_the_shared_schema_holds_none():
         assert info.config.__module__ == f"bridgectl.stages.{kind}_config", kind  # beside stages/<kind>.py
         assert info.check is not None and info.check.__module__ == info.config.__module__, kind
         assert kind in {item.name for item in fields(schema.Config)}
-    defined = {node.name for module in (config, schema)
-               for node in ast.parse(Path(module.__file__).read_text()).body if isinstance(node, ast.ClassDef)}
+    defined = {
+        node.name
+        for module in (config, schema)
+        for node in ast.parse(Path(module.__file__).read_text()).body
+        if isinstance(node, ast.ClassDef)
+    }
     assert defined.isdisjoint(info.config.__name__ for info in STAGES.values() if info.config)
 
 
 def test_composing_a_config_imports_neither_torch_nor_an_update_rule():
     """Config composition (every `bridgectl` command, sweeps' spec checks) stays fast: the registry and every
     stage's config module are torch-free."""
-    code = ("import sys\nfrom bridgectl.config.compose import compose\n"
-            "for recipe in ('bridge', 'luffy', 'relift', 'uft', 'interleaved'):\n"
-            "    compose([f'recipe={recipe}'])\n"
-            "rules = [m for m in sys.modules if m.startswith('bridgectl.stages.') and not m.endswith('_config')]\n"
-            "print('torch' in sys.modules, rules)")
+    code = (
+        "import sys\nfrom bridgectl.config.compose import compose\n"
+        "for recipe in ('bridge', 'luffy', 'relift', 'uft', 'interleaved'):\n"
+        "    compose([f'recipe={recipe}'])\n"
+        "rules = [m for m in sys.modules if m.startswith('bridgectl.stages.') and not m.endswith('_config')]\n"
+        "print('torch' in sys.modules, rules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False []"
 

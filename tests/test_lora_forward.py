@@ -22,8 +22,17 @@ from bridgectl.training.setup import build_context
 
 def two_adapter_model(dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, attn_implementation="eager"))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            attn_implementation="eager",
+        )
+    )
     targets = ["q_proj", "v_proj", "down_proj"]
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
     model.add_adapter("w", LoraConfig(r=2, lora_alpha=4, lora_dropout=dropout, target_modules=targets))
@@ -38,8 +47,11 @@ def two_adapter_model(dropout: float = 0.0) -> torch.nn.Module:
 
 def loss_and_grads(model, ids, weights=None):
     model.zero_grad(set_to_none=True)
-    call = (lambda: functional_call(model, weights, args=(), kwargs={"input_ids": ids}, strict=False)) \
-        if weights else (lambda: model(input_ids=ids))
+    call = (
+        (lambda: functional_call(model, weights, args=(), kwargs={"input_ids": ids}, strict=False))
+        if weights
+        else (lambda: model(input_ids=ids))
+    )
     logits = call().logits
     loss = logits.log_softmax(-1)[..., 3].mean()
     targets = list(weights.values()) if weights else [p for p in model.parameters()]
@@ -72,8 +84,11 @@ def test_merged_forward_under_functional_call_and_disabled_adapters():
     merged_model = copy.deepcopy(peft_model)
     set_lora_forward(merged_model, merged=True)
     # BRIDGE's shadow: other tensors in place of the "default" adapter, gradients wrt those tensors
-    shadow = {n: (p.detach() + 0.05).requires_grad_(True)
-              for n, p in peft_model.named_parameters() if adapter_of(n) == "default"}
+    shadow = {
+        n: (p.detach() + 0.05).requires_grad_(True)
+        for n, p in peft_model.named_parameters()
+        if adapter_of(n) == "default"
+    }
     shadow_copy = {n: t.detach().clone().requires_grad_(True) for n, t in shadow.items()}
     peft_logits, peft_grads = loss_and_grads(peft_model, ids, shadow)
     merged_logits, merged_grads = loss_and_grads(merged_model, ids, shadow_copy)
@@ -101,9 +116,15 @@ def test_dropout_in_training_falls_back_to_peft():
     assert calls == [1]
 
 
-@pytest.mark.parametrize("mode, parameters, merged", [
-    ("auto", 1_000_000, True), ("auto", 100_000_000, False), ("merged", 100_000_000, True),
-    ("unmerged", 1_000_000, False)])
+@pytest.mark.parametrize(
+    "mode, parameters, merged",
+    [
+        ("auto", 1_000_000, True),
+        ("auto", 100_000_000, False),
+        ("merged", 100_000_000, True),
+        ("unmerged", 1_000_000, False),
+    ],
+)
 def test_auto_merges_only_small_models(mode, parameters, merged):
     assert wants_merged_forward(mode, parameters) is merged
 

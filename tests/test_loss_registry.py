@@ -24,10 +24,10 @@ from bridgectl.core.policy_losses import (
 )
 
 # A fixed batch in float64 (3 completions of 4 tokens), so that the recorded values hold to ~1e-15 on any machine.
-LOGPROBS = torch.tensor([[-0.9, -1.4, -0.3, -2.0], [-0.5, -0.7, -1.1, -0.2], [-1.6, -0.4, -0.8, -1.0]],
-                        dtype=torch.float64)
-OLD = torch.tensor([[-1.0, -1.1, -0.6, -2.3], [-0.2, -0.9, -1.0, -0.1], [-1.2, -0.5, -0.8, -1.5]],
-                   dtype=torch.float64)
+LOGPROBS = torch.tensor(
+    [[-0.9, -1.4, -0.3, -2.0], [-0.5, -0.7, -1.1, -0.2], [-1.6, -0.4, -0.8, -1.0]], dtype=torch.float64
+)
+OLD = torch.tensor([[-1.0, -1.1, -0.6, -2.3], [-0.2, -0.9, -1.0, -0.1], [-1.2, -0.5, -0.8, -1.5]], dtype=torch.float64)
 ADVANTAGES = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
 MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float64)
 EPSILON, MAX_LENGTH = 0.2, 4
@@ -51,21 +51,53 @@ SCALE = {"grpo": "group", "rloo": "none", "reinforce_plus_plus": "batch", "reinf
 RECORDED_ADVANTAGES = {
     # group_advantages(REWARDS, 4, SCALE[estimator], estimator, LENGTHS) by the code before the registry (git 845977b,
     # core/losses.group_advantages with one branch per estimator)
-    "grpo": [0.8658754297607016, -0.8658754297607016, -0.8658754297607016, 0.8658754297607016, 0.7831858496123864,
-             0.7831858496123864, -1.3053097493539774, -0.26106194987079545],
-    "rloo": [0.6666666666666667, -0.6666666666666666, -0.6666666666666666, 0.6666666666666667, 0.5, 0.5,
-             -0.8333333333333334, -0.16666666666666663],
-    "reinforce_plus_plus": [0.8602512339489488, -1.2698946786865433, -1.2698946786865433, 0.8602512339489488,
-                            0.8602512339489488, 0.8602512339489488, -1.2698946786865433, -0.20482172236879728],
-    "reinforce_plus_plus_baseline": [1.0048615895770718, -1.1723385211732504, -1.1723385211732504,
-                                     1.0048615895770718, 0.7327115757332815, 0.7327115757332815,
-                                     -1.4444885350170407, -0.3558884796418796],
+    "grpo": [
+        0.8658754297607016,
+        -0.8658754297607016,
+        -0.8658754297607016,
+        0.8658754297607016,
+        0.7831858496123864,
+        0.7831858496123864,
+        -1.3053097493539774,
+        -0.26106194987079545,
+    ],
+    "rloo": [
+        0.6666666666666667,
+        -0.6666666666666666,
+        -0.6666666666666666,
+        0.6666666666666667,
+        0.5,
+        0.5,
+        -0.8333333333333334,
+        -0.16666666666666663,
+    ],
+    "reinforce_plus_plus": [
+        0.8602512339489488,
+        -1.2698946786865433,
+        -1.2698946786865433,
+        0.8602512339489488,
+        0.8602512339489488,
+        0.8602512339489488,
+        -1.2698946786865433,
+        -0.20482172236879728,
+    ],
+    "reinforce_plus_plus_baseline": [
+        1.0048615895770718,
+        -1.1723385211732504,
+        -1.1723385211732504,
+        1.0048615895770718,
+        0.7327115757332815,
+        0.7327115757332815,
+        -1.4444885350170407,
+        -0.3558884796418796,
+    ],
 }
 
 
 def dispatched(loss_type: str) -> tuple[float, float]:
-    loss, stats = grpo_loss(LOGPROBS, OLD, ADVANTAGES, MASK, EPSILON, loss_type=loss_type,
-                            max_completion_length=MAX_LENGTH)
+    loss, stats = grpo_loss(
+        LOGPROBS, OLD, ADVANTAGES, MASK, EPSILON, loss_type=loss_type, max_completion_length=MAX_LENGTH
+    )
     return loss.item(), stats.clip_fraction
 
 
@@ -106,8 +138,9 @@ def test_each_loss_type_gives_the_value_recorded_before_the_registry(loss_type):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_the_dispatcher_is_the_registered_function_reduced_as_registered(loss_type):
     registered = POLICY_LOSSES[loss_type]
-    per_token, was_clipped = registered.fn(policy_terms(LOGPROBS, OLD, ADVANTAGES, MASK, EPSILON, None,
-                                                        PolicyLossOptions(), None))
+    per_token, was_clipped = registered.fn(
+        policy_terms(LOGPROBS, OLD, ADVANTAGES, MASK, EPSILON, None, PolicyLossOptions(), None)
+    )
     mask = MASK.float()  # the loss takes its mask as float32, whatever its dtype, and so its counts are
     n_tokens, n_sequences = mask.sum(), torch.tensor(float(mask.size(0)))
     weights = loss_token_weights(mask, registered.reduction)

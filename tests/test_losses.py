@@ -12,12 +12,12 @@ from bridgectl.core.losses import make_sft_batch, sft_loss
 from bridgectl.core.policy_losses import grpo_loss
 
 # ---- group_advantages --------------------------------------------------------------------------------------
-REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0,   1.0, 1.0, 1.0, 1.0,   0.0, 0.0, 1.0, 0.0])
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
 
 
 def test_group_advantages_unscaled_by_hand():
     # group means 0.5, 1.0, 0.25
-    expected = torch.tensor([0.5, -0.5, -0.5, 0.5,   0.0, 0.0, 0.0, 0.0,   -0.25, -0.25, 0.75, -0.25])
+    expected = torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0, -0.25, -0.25, 0.75, -0.25])
     assert torch.allclose(group_advantages(REWARDS, 4, "none"), expected, atol=1e-7)
 
 
@@ -25,7 +25,7 @@ def test_group_advantages_scaled_by_hand():
     # group 1: deviations +-0.5, sample std sqrt(4 * 0.25 / 3) = 1/sqrt(3)  -> +-0.5 * sqrt(3)
     # group 3: deviations (-.25, -.25, .75, -.25), sample std sqrt(0.75 / 3) = 0.5  -> (-.5, -.5, 1.5, -.5)
     h = 0.5 * math.sqrt(3)
-    expected = torch.tensor([h, -h, -h, h,   0.0, 0.0, 0.0, 0.0,   -0.5, -0.5, 1.5, -0.5])
+    expected = torch.tensor([h, -h, -h, h, 0.0, 0.0, 0.0, 0.0, -0.5, -0.5, 1.5, -0.5])
     assert torch.allclose(group_advantages(REWARDS, 4, "group"), expected, atol=1e-3)
 
 
@@ -127,8 +127,15 @@ def test_grpo_clipping_gradients_and_clip_fraction():
     loss.backward()
 
     n_tokens = 8
-    expected_grad = torch.tensor([[_reference_surrogate_grad(float(d), float(a), epsilon, n_tokens) * int(m)
-                                   for d, m in zip(deltas, mask_row)] for a, mask_row in zip(advantages, mask)])
+    expected_grad = torch.tensor(
+        [
+            [
+                _reference_surrogate_grad(float(d), float(a), epsilon, n_tokens) * int(m)
+                for d, m in zip(deltas, mask_row)
+            ]
+            for a, mask_row in zip(advantages, mask)
+        ]
+    )
     assert torch.allclose(logprobs.grad, expected_grad, atol=1e-6)
     # spelled out: A>0 with r>1+eps and A<0 with r<1-eps are the clipped (zero-gradient) tokens ...
     assert logprobs.grad[0, 0] == 0.0 and logprobs.grad[1, 1] == 0.0
@@ -169,8 +176,9 @@ def test_grpo_kl_is_zero_when_reference_equals_policy():
     logprobs, mask = _batch()
     advantages = torch.tensor([1.0, -1.0, 0.5])
     plain, _ = grpo_loss(logprobs, logprobs.detach(), advantages, mask, epsilon=0.2)
-    with_kl, stats = grpo_loss(logprobs, logprobs.detach(), advantages, mask, epsilon=0.2, beta=0.5,
-                               ref_logprobs=logprobs.detach().clone())
+    with_kl, stats = grpo_loss(
+        logprobs, logprobs.detach(), advantages, mask, epsilon=0.2, beta=0.5, ref_logprobs=logprobs.detach().clone()
+    )
     assert stats.kl == pytest.approx(0.0, abs=1e-7)
     assert with_kl.item() == pytest.approx(plain.item(), abs=1e-7)
 
@@ -250,8 +258,15 @@ def test_gspo_takes_one_ratio_per_completion_the_exponentiated_mean_log_ratio():
     from bridgectl.core.policy_losses import PolicyLossOptions
 
     logprobs, old, advantages, mask = variant_batch()
-    loss, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="grpo",
-                        options=PolicyLossOptions(importance_sampling_level="sequence"))
+    loss, _ = grpo_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        epsilon=0.2,
+        loss_type="grpo",
+        options=PolicyLossOptions(importance_sampling_level="sequence"),
+    )
     first = math.exp((0.2 - 0.5 + 0.0) / 3)  # 0.905: inside [0.8, 1.2]
     second = math.exp((-0.2 - 0.2) / 2)  # 0.819, advantage -2: -min(-2 s, -2 clip(s)) = 2 max(s, clip(s))
     expected = (-(first * 1.0) + 2 * max(second, min(max(second, 0.8), 1.2))) / 2
@@ -293,8 +308,9 @@ def test_sapo_is_a_soft_gate_and_delta_caps_the_unclipped_ratio():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
     far = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # the second completion's ratios: e^1 = 2.72
-    capped, _ = grpo_loss(far, torch.zeros(2, 3), advantages, mask, epsilon=0.2, loss_type="dapo",
-                          options=PolicyLossOptions(delta=1.5))
+    capped, _ = grpo_loss(
+        far, torch.zeros(2, 3), advantages, mask, epsilon=0.2, loss_type="dapo", options=PolicyLossOptions(delta=1.5)
+    )
     uncapped, _ = grpo_loss(far, torch.zeros(2, 3), advantages, mask, epsilon=0.2, loss_type="dapo")
     assert capped.item() == pytest.approx((-1.0 * 3 + 2 * 1.5 * 2) / 5, rel=1e-6)
     assert uncapped.item() == pytest.approx((-1.0 * 3 + 2 * math.e * 2) / 5, rel=1e-6)
@@ -308,10 +324,18 @@ def test_the_entropy_mask_and_bonus_act_on_the_chosen_tokens_only():
     logprobs, old, advantages, mask = variant_batch()
     entropies = torch.tensor([[0.5, 2.0, 1.0], [3.0, 0.1, 9.0]], requires_grad=True)
     chosen = torch.tensor([[False, True, False], [True, False, False]])
-    loss, stats = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, loss_type="dapo",
-                            options=PolicyLossOptions(entropy_coef=0.1), entropies=entropies, entropy_mask=chosen)
-    plain, _ = grpo_loss(logprobs, old, advantages, mask * chosen, epsilon=0.2, loss_type="dapo",
-                         n_tokens=mask.sum())
+    loss, stats = grpo_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        epsilon=0.2,
+        loss_type="dapo",
+        options=PolicyLossOptions(entropy_coef=0.1),
+        entropies=entropies,
+        entropy_mask=chosen,
+    )
+    plain, _ = grpo_loss(logprobs, old, advantages, mask * chosen, epsilon=0.2, loss_type="dapo", n_tokens=mask.sum())
     assert loss.item() == pytest.approx(plain.item() - 0.1 * (2.0 + 3.0) / 2, rel=1e-6)
     assert stats.entropy == pytest.approx((0.5 + 2.0 + 1.0 + 3.0 + 0.1) / 5)
     loss.backward()
@@ -379,8 +403,10 @@ def test_vespo_weights_each_completion_by_a_gamma_shaped_function_of_its_summed_
     loss.backward()
     assert logprobs.grad[1, :2].tolist() == pytest.approx([-phi[1] * -2.0 / 5] * 2, rel=1e-5)
     options = PolicyLossOptions()
-    at = [vespo_weights(torch.tensor([[1.0]]), torch.tensor([[math.log(x)]]), torch.ones(1, 1), None, options).item()
-          for x in (0.5, 1.0, 2 / 3, 1.5)]
+    at = [
+        vespo_weights(torch.tensor([[1.0]]), torch.tensor([[math.log(x)]]), torch.ones(1, 1), None, options).item()
+        for x in (0.5, 1.0, 2 / 3, 1.5)
+    ]
     assert at[1] == pytest.approx(1.0) and at[2] > at[1] > at[3] and at[2] > at[0]
 
 
@@ -396,8 +422,15 @@ def test_the_off_policy_mask_drops_negative_advantage_completions_that_drifted_t
     kept = off_policy_mask(advantages[:, None], logprobs.detach(), behaviour, mask, threshold=0.15)
     assert kept.flatten().tolist() == [1.0, 0.0]
     assert off_policy_mask(advantages[:, None], logprobs.detach(), behaviour, mask, 0.25).flatten().tolist() == [1, 1]
-    masked, _ = grpo_loss(logprobs, old, advantages, mask, epsilon=0.2, behaviour_logprobs=behaviour,
-                          options=PolicyLossOptions(off_policy_mask_threshold=0.15))
+    masked, _ = grpo_loss(
+        logprobs,
+        old,
+        advantages,
+        mask,
+        epsilon=0.2,
+        behaviour_logprobs=behaviour,
+        options=PolicyLossOptions(off_policy_mask_threshold=0.15),
+    )
     ratio = torch.exp(logprobs.detach() - old)
     first = -torch.min(ratio[0], ratio[0].clamp(0.8, 1.2)).sum() * 1.0
     assert masked.item() == pytest.approx(first.item() / 5, rel=1e-6)  # the second completion's terms are gone
@@ -446,7 +479,6 @@ def test_reinforce_plus_plus_whitens_the_rewards_over_the_steps_tokens():
     centred = rewards - rewards.view(2, 4).mean(1).repeat_interleave(4)
     centred_tokens = torch.cat([torch.full((int(n),), float(r)) for r, n in zip(centred, lengths)])
     baseline = group_advantages(rewards, 4, "batch", "reinforce_plus_plus_baseline", lengths)
-    assert torch.allclose(baseline, (centred - centred_tokens.mean()) / (centred_tokens.var() + 1e-8).sqrt(),
-                          atol=1e-6)
+    assert torch.allclose(baseline, (centred - centred_tokens.mean()) / (centred_tokens.var() + 1e-8).sqrt(), atol=1e-6)
     # token weighting: the long completion of reward 1.5 pulls the mean, unlike a per-completion mean
     assert not torch.allclose(plain, (rewards - rewards.mean()) / rewards.std(), atol=1e-3)

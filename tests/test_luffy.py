@@ -20,8 +20,13 @@ from bridgectl.stages import build_stage
 from bridgectl.stages.luffy import mixed_advantages, shaping
 from bridgectl.training.setup import build_context
 
-SMALL = ["rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
-         "optim.max_grad_norm=0"]
+SMALL = [
+    "rl.prompts_per_step=4",
+    "rl.num_generations=4",
+    "rl.max_completion_length=16",
+    "train.threads=1",
+    "optim.max_grad_norm=0",
+]
 
 
 # ---- advantages and shaping ------------------------------------------------------------------------------------
@@ -97,15 +102,22 @@ def capture_step(overrides: list[str], kind: str, monkeypatch):
 def full_logprobs(model, input_ids, mask, first_scored, temperature):
     """log pi(x_t | x_<t) for t >= first_scored from a float32 log-softmax over the whole vocabulary."""
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits
-    logprobs = torch.log_softmax(logits[:, first_scored - 1:-1].float() / temperature, dim=-1)
+    logprobs = torch.log_softmax(logits[:, first_scored - 1 : -1].float() / temperature, dim=-1)
     return logprobs.gather(2, input_ids[:, first_scored:].unsqueeze(2)).squeeze(2)
 
 
 @pytest.mark.parametrize("off_policy,micro,std", [(1, 0, True), (2, 3, False)])
 def test_one_step_gradient_equals_the_luffy_loss_gradient(off_policy, micro, std, monkeypatch):
     grads, model, mixed, cfg = capture_step(
-        [f"luffy.off_policy={off_policy}", f"train.micro_batch_size={micro}", f"luffy.std_normalize={std}",
-         "luffy.gamma=0.2"], "luffy", monkeypatch)
+        [
+            f"luffy.off_policy={off_policy}",
+            f"train.micro_batch_size={micro}",
+            f"luffy.std_normalize={std}",
+            "luffy.gamma=0.2",
+        ],
+        "luffy",
+        monkeypatch,
+    )
     G, k, gamma, eps, temperature = 4, off_policy, 0.2, cfg.rl.epsilon, cfg.rl.temperature
     rollouts, demos = mixed.scored.rollouts, mixed.demos
     assert rollouts.completion_ids.size(0) == 4 * (G - k) and demos.input_ids.size(0) == 4
@@ -115,8 +127,8 @@ def test_one_step_gradient_equals_the_luffy_loss_gradient(off_policy, micro, std
     assert all(r == 1.0 for r in demo_rewards)  # the built-in task's demonstrations are correct
     on_adv, demo_adv = [], []
     for g in range(4):
-        members = by_hand(on_rewards[g * (G - k):(g + 1) * (G - k)] + [demo_rewards[g]] * k, std)
-        on_adv += members[:G - k]
+        members = by_hand(on_rewards[g * (G - k) : (g + 1) * (G - k)] + [demo_rewards[g]] * k, std)
+        on_adv += members[: G - k]
         demo_adv.append(members[G - k])
     on_adv, demo_adv = torch.tensor(on_adv), torch.tensor(demo_adv)
 
@@ -139,8 +151,9 @@ def test_one_step_gradient_equals_the_luffy_loss_gradient(off_policy, micro, std
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
     # the off-policy term matters: without it the gradient would be far from the one taken
-    off_only = torch.autograd.grad(k * (-demo_adv[:, None] * p / (p + gamma) * labels).sum() / n_tokens, params,
-                                   allow_unused=True)
+    off_only = torch.autograd.grad(
+        k * (-demo_adv[:, None] * p / (p + gamma) * labels).sum() / n_tokens, params, allow_unused=True
+    )
     assert max(float(g.abs().max()) for g in off_only if g is not None) > 1e-3
 
 

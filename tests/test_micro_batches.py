@@ -23,9 +23,16 @@ from bridgectl.training.setup import build_context
 # ---- chunked log-probs ------------------------------------------------------------------------------------------
 def llama(vocab_size: int = 300, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).train()
 
 
@@ -43,7 +50,7 @@ def batch(vocab_size: int, seed: int = 1):
 def reference_logprobs(model, input_ids, mask, first_scored, scored, temperature):
     """The plain computation: a float32 log-softmax over every position and the whole vocabulary."""
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits
-    logprobs = torch.log_softmax(logits[:, first_scored - 1:-1].float() / temperature, dim=-1)
+    logprobs = torch.log_softmax(logits[:, first_scored - 1 : -1].float() / temperature, dim=-1)
     return logprobs.gather(2, input_ids[:, first_scored:].unsqueeze(2)).squeeze(2) * scored
 
 
@@ -84,8 +91,9 @@ def test_sft_loss_equals_cross_entropy_in_value_and_gradient(monkeypatch):
     loss = sft_loss(model, sft_batch)
     grads = torch.autograd.grad(loss, list(model.parameters()))
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits
-    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 300).float(), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100)
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 300).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     expected_grads = torch.autograd.grad(expected, list(model.parameters()))
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
     for grad, expected_grad in zip(grads, expected_grads):
@@ -101,8 +109,16 @@ def test_micro_batches_group_rows_of_similar_length():
 
 
 # ---- a step in micro-batches equals the one-pass step ----------------------------------------------------------
-SMALL = ["rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=16", "sft.batch_size=5",
-         "train.threads=1", "lora.rank=4", "bridge.w_rank=2", "optim.max_grad_norm=0"]
+SMALL = [
+    "rl.prompts_per_step=4",
+    "rl.num_generations=4",
+    "rl.max_completion_length=16",
+    "sft.batch_size=5",
+    "train.threads=1",
+    "lora.rank=4",
+    "bridge.w_rank=2",
+    "optim.max_grad_norm=0",
+]
 
 
 def step_gradients(recipe_overrides: list[str], stage_kind: str, extra: list[str], monkeypatch, steps: int = 1):
@@ -114,6 +130,7 @@ def step_gradients(recipe_overrides: list[str], stage_kind: str, extra: list[str
         def clip(params, *args, **kwargs):
             captured.append([p.grad.detach().clone() if p.grad is not None else None for p in params])
             return real(params, *args, **kwargs)
+
         return clip
 
     monkeypatch.setattr(optim_module, "clip_gradients", spy(optim_module.clip_gradients))
@@ -150,15 +167,44 @@ CASES = {
     "bridge-lora": (["recipe=bridge", "model.finetune=lora"], "bridge", 1),
     "bridge-lookahead": (["recipe=bridge", "model.finetune=lora", "bridge.shadow=lookahead"], "bridge", 1),
     # GSPO's sequence ratio, CISPO, the step's top-entropy tokens and the entropy bonus (core/policy_losses.grpo_loss)
-    "rl-variants": (["recipe=rl", "rl.importance_sampling_level=sequence", "rl.loss_type=cispo",
-                     "rl.epsilon_high=1.1", "rl.top_entropy_quantile=0.3", "rl.entropy_coef=0.01"], "rl", 1),
+    "rl-variants": (
+        [
+            "recipe=rl",
+            "rl.importance_sampling_level=sequence",
+            "rl.loss_type=cispo",
+            "rl.epsilon_high=1.1",
+            "rl.top_entropy_quantile=0.3",
+            "rl.entropy_coef=0.01",
+        ],
+        "rl",
+        1,
+    ),
     "rl-sapo": (["recipe=rl", "rl.loss_type=sapo"], "rl", 1),
-    "rl-vespo-mask": (["recipe=rl", "rl.loss_type=vespo", "rl.off_policy_mask_threshold=0.01",
-                       "rl.adv_estimator=reinforce_plus_plus", "rl.scale_rewards=batch"], "rl", 1),
+    "rl-vespo-mask": (
+        [
+            "recipe=rl",
+            "rl.loss_type=vespo",
+            "rl.off_policy_mask_threshold=0.01",
+            "rl.adv_estimator=reinforce_plus_plus",
+            "rl.scale_rewards=batch",
+        ],
+        "rl",
+        1,
+    ),
     "rl-luspo": (["recipe=rl", "rl.loss_type=luspo", "rl.importance_sampling_level=sequence"], "rl", 1),
     "rl-bnpo": (["recipe=rl", "rl.loss_type=bnpo"], "rl", 1),
-    "bridge-variants": (["recipe=bridge", "model.finetune=lora", "rl.importance_sampling_level=sequence",
-                         "rl.top_entropy_quantile=0.3", "rl.entropy_coef=0.01", "rl.delta=1.5"], "bridge", 1),
+    "bridge-variants": (
+        [
+            "recipe=bridge",
+            "model.finetune=lora",
+            "rl.importance_sampling_level=sequence",
+            "rl.top_entropy_quantile=0.3",
+            "rl.entropy_coef=0.01",
+            "rl.delta=1.5",
+        ],
+        "bridge",
+        1,
+    ),
 }
 
 
@@ -177,8 +223,9 @@ def test_micro_batches_give_the_one_pass_gradients(case, monkeypatch):
 def test_gradient_checkpointing_gives_the_same_gradients(case, monkeypatch):
     overrides, kind, steps = CASES[case]
     plain = step_gradients(overrides, kind, ["train.micro_batch_size=3"], monkeypatch, steps)
-    checkpointed = step_gradients(overrides, kind, ["train.micro_batch_size=3", "model.gradient_checkpointing=true"],
-                                  monkeypatch, steps)
+    checkpointed = step_gradients(
+        overrides, kind, ["train.micro_batch_size=3", "model.gradient_checkpointing=true"], monkeypatch, steps
+    )
     assert_same_gradients(checkpointed, plain)
 
 
@@ -188,8 +235,12 @@ def test_gradient_checkpointing_keeps_fewer_activations():
 
     saved_bytes = {}
     for checkpointing in ("false", "true"):
-        ctx = build_context(compose(["recipe=sft", "sft.batch_size=8", "train.threads=1",
-                                     f"model.gradient_checkpointing={checkpointing}"]), show_progress=False)
+        ctx = build_context(
+            compose(
+                ["recipe=sft", "sft.batch_size=8", "train.threads=1", f"model.gradient_checkpointing={checkpointing}"]
+            ),
+            show_progress=False,
+        )
         batch = next_sft_batch(ctx)
         sft_loss(ctx.policy.model, batch)  # the first pass also checks the head once (logprobs._head_is_separable)
         total = {"bytes": 0}

@@ -35,15 +35,40 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def two_nodes(settings: list[str], out, name: str, directories=(None, None),
-              env: dict | None = None) -> list[subprocess.CompletedProcess]:
+def two_nodes(
+    settings: list[str], out, name: str, directories=(None, None), env: dict | None = None
+) -> list[subprocess.CompletedProcess]:
     """Both nodes' commands, started together (in `directories`, when given: a relative --out is then a
     different directory on each node); each one's exit status and output."""
     port = free_port()
-    command = [sys.executable, "-m", "bridgectl", "run", *settings, "--nnodes", "2", "--nproc", "1",
-               "--rdzv-endpoint", f"127.0.0.1:{port}", "--out", str(out), "--name", name]
-    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=directory,
-                              env={**os.environ, **(env or {})}) for directory in directories]
+    command = [
+        sys.executable,
+        "-m",
+        "bridgectl",
+        "run",
+        *settings,
+        "--nnodes",
+        "2",
+        "--nproc",
+        "1",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--out",
+        str(out),
+        "--name",
+        name,
+    ]
+    nodes = [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=directory,
+            env={**os.environ, **(env or {})},
+        )
+        for directory in directories
+    ]
     done = []
     for node in nodes:
         output, _ = node.communicate(timeout=300)
@@ -58,8 +83,15 @@ def assert_same_training(one: Path, two: Path) -> None:
     assert [r["step"] for r in first] == [r["step"] for r in second]
     for a, b in zip(first, second):
         # (not the FLOPs: each process pads its own rows, so two count fewer padded positions than one)
-        for key in ("train/rl_loss", "train/reward_mean", "train/grad_norm", "eval/test/accuracy",
-                    "eval/ood/accuracy", "compute/gen_tokens", "compute/pass_tokens"):
+        for key in (
+            "train/rl_loss",
+            "train/reward_mean",
+            "train/grad_norm",
+            "eval/test/accuracy",
+            "eval/ood/accuracy",
+            "compute/gen_tokens",
+            "compute/pass_tokens",
+        ):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     w1, w2 = weights(one), weights(two)
@@ -75,14 +107,28 @@ def nodes_running(args: list[str], logs: Path):
     node never blocks on output nobody reads while the test waits for something else). Whatever is still running
     when the block ends is SIGKILLed: a failing test leaves no node behind."""
     port = free_port()
-    command = [sys.executable, "-m", "bridgectl", "run", *args, "--nnodes", "2", "--nproc", "1",
-               "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    command = [
+        sys.executable,
+        "-m",
+        "bridgectl",
+        "run",
+        *args,
+        "--nnodes",
+        "2",
+        "--nproc",
+        "1",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+    ]
     nodes = []
     try:
         for index in range(2):
             with open(f"{logs}-{index}.log", "w") as log:
-                nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                              env=os.environ.copy()))
+                nodes.append(
+                    subprocess.Popen(
+                        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy()
+                    )
+                )
             nodes[-1].log = Path(f"{logs}-{index}.log")
         yield nodes
     finally:
@@ -109,8 +155,9 @@ def kill_node(node: subprocess.Popen) -> None:
 
 
 def outputs(nodes) -> str:
-    return "\n".join(f"--- node {index} (exit {node.returncode}):\n{node.log.read_text()}"
-                     for index, node in enumerate(nodes))
+    return "\n".join(
+        f"--- node {index} (exit {node.returncode}):\n{node.log.read_text()}" for index, node in enumerate(nodes)
+    )
 
 
 def wait_until(condition, nodes, what: str, timeout: float) -> None:
@@ -168,8 +215,10 @@ def test_two_nodes_train_as_one_process_and_a_taken_name_stops_both(tmp_path):
 
 
 def test_nnodes_needs_a_name_and_an_endpoint(tmp_path):
-    for extra, said in [(["--rdzv-endpoint", "127.0.0.1:29500"], "--nnodes needs --name"),
-                        (["--name", "x"], "--nnodes needs --rdzv-endpoint")]:
+    for extra, said in [
+        (["--rdzv-endpoint", "127.0.0.1:29500"], "--nnodes needs --name"),
+        (["--name", "x"], "--nnodes needs --rdzv-endpoint"),
+    ]:
         result = CliRunner().invoke(app, ["run", "recipe=rl", "--nnodes", "2", *extra, "--out", str(tmp_path)])
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
     assert not list(tmp_path.iterdir())
@@ -181,16 +230,24 @@ def test_a_node_that_cannot_see_the_run_directory_stops_both_within_seconds(tmp_
     rank 0 gives its claimed directory back."""
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    nodes = two_nodes(["recipe=rl", *SMALL], "runs", "x", directories=(a, b),
-                      env={"BRIDGECTL_NODE_WAIT_S": "3", "PYTHONPATH": os.pathsep.join(sys.path)})
+    nodes = two_nodes(
+        ["recipe=rl", *SMALL],
+        "runs",
+        "x",
+        directories=(a, b),
+        env={"BRIDGECTL_NODE_WAIT_S": "3", "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert [node.returncode for node in nodes] == [2, 2], [node.stdout for node in nodes]
     for node in nodes:
         assert "is not visible from" in " ".join(node.stdout.split()), node.stdout
     assert not (a / "runs" / "x").exists() and not (b / "runs" / "x").exists()
 
 
-RESUMABLE = [*(s for s in SMALL if not s.startswith(("train.max_steps=", "train.checkpoint_every="))),
-             "train.max_steps=4", "train.checkpoint_every=1"]
+RESUMABLE = [
+    *(s for s in SMALL if not s.startswith(("train.max_steps=", "train.checkpoint_every="))),
+    "train.max_steps=4",
+    "train.checkpoint_every=1",
+]
 """SMALL with a checkpoint after every step, one step more (something is left to do once step 1's is written)."""
 
 
@@ -204,8 +261,9 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("killed_rank", [0, 1])
-def test_a_node_killed_mid_run_stops_the_other_and_both_resume_to_the_uninterrupted_result(tmp_path, killed_rank,
-                                                                                           uninterrupted):
+def test_a_node_killed_mid_run_stops_the_other_and_both_resume_to_the_uninterrupted_result(
+    tmp_path, killed_rank, uninterrupted
+):
     """SIGKILL one node's whole process tree (the one whose worker is rank 0: the run directory's writer; or the
     other) once the run has a checkpoint: the other node ends by itself, non-zero, within 90 s, and
     `bridgectl run --resume RUN --nnodes 2` on both nodes finishes the run with the metrics and weights of a
@@ -245,7 +303,8 @@ def test_a_rank_failing_mid_training_ends_every_node_with_its_status(tmp_path):
     """A reward function that raises on rank 1 alone, at step 2 (step 1 trained and checkpointed): both nodes'
     commands exit 1 within seconds, and the run directory (rank 0's) is kept, status failed, naming the error."""
     rewards = tmp_path / "rank_rewards.py"
-    rewards.write_text(textwrap.dedent("""
+    rewards.write_text(
+        textwrap.dedent("""
         import os
 
         calls = []
@@ -255,7 +314,8 @@ def test_a_rank_failing_mid_training_ends_every_node_with_its_status(tmp_path):
             if os.environ.get("RANK") == "1" and len(calls) == 2:
                 raise ValueError("rank 1 cannot score this batch")
             return [0.0] * len(completions)
-        """))
+        """)
+    )
     run = tmp_path / "two"
     settings = ["recipe=rl", *RESUMABLE, f"task.reward_funcs=[verifier,{rewards}:fails_on_rank_1]"]
     with nodes_running([*settings, "--out", str(tmp_path), "--name", "two"], tmp_path / "node") as nodes:

@@ -25,8 +25,16 @@ from bridgectl.core.rollout import Rollouts
 from bridgectl.tasks.rewards import StepReward
 from bridgectl.training.runner import run
 
-BASE = ["train.threads=1", "train.max_steps=4", "train.eval_every=0", "eval.n=4", "rl.prompts_per_step=2",
-        "rl.num_generations=2", "sft.batch_size=4", "train.checkpoint_every=0"]
+BASE = [
+    "train.threads=1",
+    "train.max_steps=4",
+    "train.eval_every=0",
+    "eval.n=4",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "sft.batch_size=4",
+    "train.checkpoint_every=0",
+]
 MEASURED = {"train/kl", "train/clip_fraction", "train/entropy", "bridge/shadow_clip_frac"}
 """What the passes of a step measure: not logged for a step whose passes were skipped."""
 
@@ -50,8 +58,9 @@ def test_zero_advantages_give_exactly_zero_gradients(tiny_model, loss_type, leve
         logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 4:].unsqueeze(-1)).squeeze(-1)
         # the sampling policy a little off the current one, so ratios differ from 1 and some are clipped
         old = logprobs.detach() + 0.4 * torch.randn(logprobs.shape, generator=generator)
-        loss, _ = grpo_loss(logprobs, old, advantages, mask, 0.2, loss_type=loss_type, max_completion_length=6,
-                            options=options)
+        loss, _ = grpo_loss(
+            logprobs, old, advantages, mask, 0.2, loss_type=loss_type, max_completion_length=6, options=options
+        )
         loss.backward()
         grads = [p.grad.clone() for p in tiny_model.parameters() if p.grad is not None]
         tiny_model.zero_grad(set_to_none=True)
@@ -85,8 +94,14 @@ def scored_rollouts(advantages: list[float]) -> ScoredRollouts:
     last allowed token (not cut)."""
     completion_ids = torch.tensor([[5, END, 0], [5, 6, 7], [5, 6, END], [7, 7, 7]])
     completion_mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]])
-    rollouts = Rollouts(torch.ones(4, 2, dtype=torch.long), torch.ones(4, 2, dtype=torch.long), completion_ids,
-                        completion_mask, torch.zeros(4, 3), ["a", "b", "c", "d"])
+    rollouts = Rollouts(
+        torch.ones(4, 2, dtype=torch.long),
+        torch.ones(4, 2, dtype=torch.long),
+        completion_ids,
+        completion_mask,
+        torch.zeros(4, 3),
+        ["a", "b", "c", "d"],
+    )
     return ScoredRollouts(["p"] * 4, rollouts, torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor(advantages), 1.0)
 
 
@@ -138,11 +153,18 @@ def final_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@pytest.mark.parametrize("recipe, finetune, extra", [
-    ("rl", "full", []), ("bridge", "full", []), ("rl", "lora", []), ("bridge", "lora", []),
-    ("bridge", "full", ["bridge.shadow=lookahead"]),  # theta_hat read off theta's (zero) gradient
-    ("hpt", "full", ["hpt.gate=-1"]),  # rl_backward over hpt's kept rows (here every prompt's)
-], ids=["rl", "bridge", "rl-lora", "bridge-lora", "bridge-lookahead", "hpt"])
+@pytest.mark.parametrize(
+    "recipe, finetune, extra",
+    [
+        ("rl", "full", []),
+        ("bridge", "full", []),
+        ("rl", "lora", []),
+        ("bridge", "lora", []),
+        ("bridge", "full", ["bridge.shadow=lookahead"]),  # theta_hat read off theta's (zero) gradient
+        ("hpt", "full", ["hpt.gate=-1"]),  # rl_backward over hpt's kept rows (here every prompt's)
+    ],
+    ids=["rl", "bridge", "rl-lora", "bridge-lora", "bridge-lookahead", "hpt"],
+)
 @pytest.mark.slow
 def test_skipping_a_step_without_signal_changes_nothing_but_its_cost(tmp_path, recipe, finetune, extra):
     """Steps 2 and 4 have no reward variance. With the skip and with it disabled (every pass run), the runs end
@@ -173,6 +195,7 @@ def test_skipping_a_step_without_signal_changes_nothing_but_its_cost(tmp_path, r
 
         def same(row: dict) -> dict:
             return {k: v for k, v in row.items() if not k.startswith(("perf/", "compute/")) and k != "wall_s"}
+
         assert same(fast) == same(slow)
 
     fast, slow = final_weights(tmp_path / "skip"), final_weights(tmp_path / "passes")
@@ -186,8 +209,11 @@ def test_steps_without_signal_warn_once_naming_the_cause(tmp_path, capsys):
     the text and the counts, and `bridgectl runs` marks the run."""
     with pytest.MonkeyPatch.context() as patch:
         scripted_reward(patch)
-        summary = run(compose(["recipe=rl", *BASE, "train.max_steps=5", "rl.max_completion_length=2"]),
-                      tmp_path / "flat", show_progress=False)
+        summary = run(
+            compose(["recipe=rl", *BASE, "train.max_steps=5", "rl.max_completion_length=2"]),
+            tmp_path / "flat",
+            show_progress=False,
+        )
     said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert said.count("without a learning signal") == 1
     assert (summary["rl_steps"], summary["no_signal_steps"]) == (5, 5)
@@ -203,8 +229,9 @@ def test_steps_without_signal_warn_once_naming_the_cause(tmp_path, capsys):
 
     with pytest.MonkeyPatch.context() as patch:
         scripted_reward(patch)
-        quiet = run(compose(["recipe=rl", *BASE, "train.no_signal_warn_after=0"]), tmp_path / "quiet",
-                    show_progress=False)
+        quiet = run(
+            compose(["recipe=rl", *BASE, "train.no_signal_warn_after=0"]), tmp_path / "quiet", show_progress=False
+        )
     assert "without a learning signal" not in capsys.readouterr().out and "warnings" not in quiet
     assert (quiet["rl_steps"], quiet["no_signal_steps"]) == (4, 4)
 
@@ -281,8 +308,15 @@ def test_two_processes_skip_only_together(tmp_path):
         assert [row["rollout/no_signal"] for row in steps] == [0.0, 1.0, 0.0, 0.0]
         assert ["train/kl" in row for row in steps] == [True, False, True, True]  # step 2 alone skipped
     for a, b in zip(one, two):
-        for key in ("train/rl_loss", "train/grad_norm", "train/reward_mean", "rollout/frac_reward_zero_std",
-                    "rollout/clipped_ratio", "rollout/no_signal", "eval/test/accuracy"):
+        for key in (
+            "train/rl_loss",
+            "train/grad_norm",
+            "train/reward_mean",
+            "rollout/frac_reward_zero_std",
+            "rollout/clipped_ratio",
+            "rollout/no_signal",
+            "eval/test/accuracy",
+        ):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]

@@ -51,8 +51,7 @@ def test_out_on_a_read_only_file_system_is_refused(tmp_path):
 
 @pytest.mark.parametrize("name", ["../escaped", "a/b", "..", ".", "/abs/path", ""])
 def test_name_must_be_one_directory_name(tmp_path, name):
-    assert "is not a plain directory name" in refused(["run", *TINY, "--out", str(tmp_path / "runs"),
-                                                       "--name", name])
+    assert "is not a plain directory name" in refused(["run", *TINY, "--out", str(tmp_path / "runs"), "--name", name])
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "runs").exists()
 
 

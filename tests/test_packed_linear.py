@@ -58,8 +58,12 @@ def test_only_plain_float32_cpu_linear_layers_are_packed():
     class Subclass(torch.nn.Linear):  # as bitsandbytes' quantized layers subclass nn.Linear
         pass
 
-    plain, half, sub, hooked = (torch.nn.Linear(8, 8), torch.nn.Linear(8, 8).to(torch.bfloat16), Subclass(8, 8),
-                                torch.nn.Linear(8, 8))
+    plain, half, sub, hooked = (
+        torch.nn.Linear(8, 8),
+        torch.nn.Linear(8, 8).to(torch.bfloat16),
+        Subclass(8, 8),
+        torch.nn.Linear(8, 8),
+    )
     hooked.forward = lambda x: torch.zeros(x.shape[0], 8)  # as accelerate's offloading hooks set it
     model = torch.nn.ModuleList([plain, half, sub, hooked])
     assert packed_linear.packable_linears(model) == [plain]
@@ -71,9 +75,18 @@ def test_only_plain_float32_cpu_linear_layers_are_packed():
 
 def llama(hidden: int, layers: int, vocab: int) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        pad_token_id=0, eos_token_id=2)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            eos_token_id=2,
+        )
+    ).eval()
 
 
 def test_packed_decoding_samples_the_tokens_of_plain_decoding(tokenizer, monkeypatch):
@@ -84,8 +97,16 @@ def test_packed_decoding_samples_the_tokens_of_plain_decoding(tokenizer, monkeyp
 
     def decode(pack: bool, seeded: bool):
         generators = [torch.Generator().manual_seed(seed) for seed in (1, 2, 3)] if seeded else None
-        return generate(model, tokenizer, prompts, 16, greedy=not seeded, group_generators=generators,
-                        end_ids=[-1], pack_weights=pack)
+        return generate(
+            model,
+            tokenizer,
+            prompts,
+            16,
+            greedy=not seeded,
+            group_generators=generators,
+            end_ids=[-1],
+            pack_weights=pack,
+        )
 
     for seeded in (False, True):
         plain = decode(False, seeded)
@@ -116,9 +137,20 @@ def test_packing_is_used_for_models_where_it_pays(tokenizer, tiny_model, monkeyp
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_rollouts_and_evaluations_follow_rollout_cpu_packed_weights(packed, monkeypatch):
-    ctx = build_context(compose(["recipe=rl", "rl.prompts_per_step=2", "rl.num_generations=2",
-                                 "rl.max_completion_length=6", "train.threads=1", "eval.n=4",
-                                 f"rollout.cpu_packed_weights={str(packed).lower()}"]), show_progress=False)
+    ctx = build_context(
+        compose(
+            [
+                "recipe=rl",
+                "rl.prompts_per_step=2",
+                "rl.num_generations=2",
+                "rl.max_completion_length=6",
+                "train.threads=1",
+                "eval.n=4",
+                f"rollout.cpu_packed_weights={str(packed).lower()}",
+            ]
+        ),
+        show_progress=False,
+    )
     monkeypatch.setattr(packed_linear, "MIN_PARAMETERS", 0)  # as if the built-in model were large enough
     calls = counting_packed_calls(monkeypatch)
     sample_groups(ctx)

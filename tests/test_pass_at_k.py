@@ -61,8 +61,9 @@ def test_sample_split_on_scripted_answers():
     def answer_of(completion):
         return completion[1:] if completion[1:].isdigit() else None
 
-    result = sample_split(decode, problems, rewards, answer_of, k=4, n_samples=4, temperature=1.0,
-                          max_new_tokens=4, batch_size=8)
+    result = sample_split(
+        decode, problems, rewards, answer_of, k=4, n_samples=4, temperature=1.0, max_new_tokens=4, batch_size=8
+    )
     assert result.correct == [1, 1]
     metrics = result.metrics()
     assert metrics["pass@4"] == 1.0 and metrics["pass@1"] == pytest.approx(0.25) == metrics["mean@4"]
@@ -74,13 +75,33 @@ def test_sample_split_on_scripted_answers():
 def test_training_evaluations_record_problems_and_sampled_metrics(tmp_path):
     """eval.k during training: every evaluation logs pass@j/maj@j/mean@n, and eval_problems.jsonl holds, per split
     and eval step, each problem's greedy reward and count of right samples, which add up to the logged numbers."""
-    result = CliRunner().invoke(app, ["run", "recipe=rl", "train.max_steps=4", "train.eval_every=2", "eval.n=12",
-                                      "eval.k=2", "eval.samples=3", "rl.prompts_per_step=2", "rl.num_generations=2",
-                                      "train.threads=1", "--out", str(tmp_path), "--name", "r"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "recipe=rl",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "eval.n=12",
+            "eval.k=2",
+            "eval.samples=3",
+            "rl.prompts_per_step=2",
+            "rl.num_generations=2",
+            "train.threads=1",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "r",
+        ],
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "r"
-    logged = {(row["step"], key.split("/")[1]): row for row in map(json.loads, (run / "metrics.jsonl").open())
-              for key in row if key.endswith("/accuracy")}
+    logged = {
+        (row["step"], key.split("/")[1]): row
+        for row in map(json.loads, (run / "metrics.jsonl").open())
+        for key in row
+        if key.endswith("/accuracy")
+    }
     records = [json.loads(line) for line in (run / "eval_problems.jsonl").open()]
     assert [(r["step"], r["split"]) for r in records] == [(s, split) for s in (0, 2, 4) for split in ("test", "ood")]
     assert len({r["problems"] for r in records if r["split"] == "test"}) == 1  # the same problems every time

@@ -18,8 +18,15 @@ from typer.testing import CliRunner
 from bridgectl.cli.app import app
 from bridgectl.rundir.redaction import MIN_SECRET_LENGTH, is_secret_name, redact, secret_values
 
-BUDGET = ["train.threads=1", "train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=2",
-          "sft.batch_size=4", "eval.n=8", "train.eval_every=0"]
+BUDGET = [
+    "train.threads=1",
+    "train.max_steps=2",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "sft.batch_size=4",
+    "eval.n=8",
+    "train.eval_every=0",
+]
 LONG_SECRET = "hf_Repro0123456789abcdefXYZ"  # an HF-token-like value: long enough to be redacted
 CORRUPT_YAML = "tracker:\n  wandb:\n    entity: ***\n  bad: [\n"  # what the old text redaction could leave
 
@@ -83,14 +90,39 @@ def test_the_reproduction_is_compared_and_its_config_loads_for_eval(repro_run):
     assert checkpoint == run / "checkpoints" / "final"
 
 
-@pytest.mark.parametrize("name", ["MY_API_KEY", "HF_TOKEN", "WANDB_API_KEY", "DB_PASSWORD", "CLIENT_SECRET",
-                                  "authToken", "OPENAI_APIKEY", "HOME_ASSISTANT_TOKEN", "AWS_SECRET_ACCESS_KEY"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MY_API_KEY",
+        "HF_TOKEN",
+        "WANDB_API_KEY",
+        "DB_PASSWORD",
+        "CLIENT_SECRET",
+        "authToken",
+        "OPENAI_APIKEY",
+        "HOME_ASSISTANT_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+    ],
+)
 def test_secret_names(name):
     assert is_secret_name(name)
 
 
-@pytest.mark.parametrize("name", ["TOKENIZER_PATH", "TOKENIZERS_PARALLELISM", "HF_TOKEN_PATH", "SSL_KEY_FILE",
-                                  "KEY_DIR", "SECRETS_HOME", "API_KEY_FILENAME", "MONKEY", "PWD", "PATH"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "TOKENIZER_PATH",
+        "TOKENIZERS_PARALLELISM",
+        "HF_TOKEN_PATH",
+        "SSL_KEY_FILE",
+        "KEY_DIR",
+        "SECRETS_HOME",
+        "API_KEY_FILENAME",
+        "MONKEY",
+        "PWD",
+        "PATH",
+    ],
+)
 def test_names_that_are_not_secrets(name):
     assert not is_secret_name(name)
 
@@ -114,8 +146,11 @@ def test_short_and_common_values_are_not_secrets(monkeypatch):
     monkeypatch.setenv("SECRET_BACKEND", "localhost")
     monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
     assert secret_values({"MY_API_KEY": "abc123", "SECRET_BACKEND": "localhost"}) == []
-    assert redact({"entity": "abc123", "host": "localhost", "k": "0123456789abcdef"}) == \
-        {"entity": "abc123", "host": "localhost", "k": "***"}
+    assert redact({"entity": "abc123", "host": "localhost", "k": "0123456789abcdef"}) == {
+        "entity": "abc123",
+        "host": "localhost",
+        "k": "***",
+    }
 
 
 def test_a_whole_value_secret_is_redacted_and_the_file_keeps_its_structure(tmp_path, monkeypatch):
@@ -126,8 +161,14 @@ def test_a_whole_value_secret_is_redacted_and_the_file_keeps_its_structure(tmp_p
 
     monkeypatch.setenv("WANDB_API_KEY", "&anchor: {not: yaml}")  # redacted text would change the file's meaning
     monkeypatch.setenv("DB_PASSWORD", "12345678")
-    cfg = compose(["recipe=rl", "tracker.wandb.entity='&anchor: {not: yaml}'", "tracker.wandb.project='12345678'",
-                   "recipe.description=plain words"])
+    cfg = compose(
+        [
+            "recipe=rl",
+            "tracker.wandb.entity='&anchor: {not: yaml}'",
+            "tracker.wandb.project='12345678'",
+            "recipe.description=plain words",
+        ]
+    )
     run = RunDir(tmp_path / "r")
     run.write_config(cfg)
     run.close()
@@ -146,14 +187,14 @@ def test_a_secret_inside_free_text_is_redacted_in_every_log(tmp_path, monkeypatc
 
     monkeypatch.setenv("CLIENT_SECRET", LONG_SECRET)
     run = RunDir(tmp_path / "r")
-    run.log_completions(1, [{"prompt": "2+2=", "completion": f"4 \"quoted\" {LONG_SECRET}\n", "reward": 1.0}])
+    run.log_completions(1, [{"prompt": "2+2=", "completion": f'4 "quoted" {LONG_SECRET}\n', "reward": 1.0}])
     run.log_metrics(1, f"rl-{LONG_SECRET}", {"train/loss": 0.5})
     run.log_problems(1, [{"split": "test", "answers": [f"x{LONG_SECRET}"]}])
     run.write_summary({"status": "failed", "error": f"ValueError: token {LONG_SECRET} refused", "steps": 1})
     run.close()
     directory = tmp_path / "r"
     completion = json.loads((directory / "completions.jsonl").read_text())
-    assert completion == {"step": 1, "prompt": "2+2=", "completion": "4 \"quoted\" ***\n", "reward": 1.0}
+    assert completion == {"step": 1, "prompt": "2+2=", "completion": '4 "quoted" ***\n', "reward": 1.0}
     metrics = json.loads((directory / "metrics.jsonl").read_text())
     assert metrics["stage"] == "rl-***" and metrics["train/loss"] == 0.5
     assert json.loads((directory / "eval_problems.jsonl").read_text())["answers"] == ["x***"]
@@ -163,18 +204,30 @@ def test_a_secret_inside_free_text_is_redacted_in_every_log(tmp_path, monkeypatc
 
 
 # ---- readers of a run directory with one damaged config.yaml --------------------------------------------------
-def make_run(root: Path, name: str, seed: int, accuracy: float, config: str | None = None,
-             status: str = "completed") -> Path:
+def make_run(
+    root: Path, name: str, seed: int, accuracy: float, config: str | None = None, status: str = "completed"
+) -> Path:
     """A hand-made run directory: config.yaml (`config`, else a small valid one), summary.json, metrics.jsonl and
     an empty checkpoints/final (eval and export look for it before they read the config)."""
     path = root / name
     (path / "checkpoints" / "final").mkdir(parents=True)
-    (path / "config.yaml").write_text(config if config is not None else
-                                      f"recipe:\n  name: rl\ntask:\n  name: arith\nseed: {seed}\n")
-    (path / "metrics.jsonl").write_text(json.dumps({"step": 2, "stage": "rl", "wall_s": 10.0,
-                                                    "eval/test/accuracy": accuracy}) + "\n")
-    summary = {"status": status, "recipe": "rl", "seed": seed, "task": "arith", "model": "tiny", "wall_s": 10.0,
-               "steps": 2, "stages": [{"kind": "rl", "steps": 2}], "eval": {"test": {"accuracy": accuracy, "n": 8}}}
+    (path / "config.yaml").write_text(
+        config if config is not None else f"recipe:\n  name: rl\ntask:\n  name: arith\nseed: {seed}\n"
+    )
+    (path / "metrics.jsonl").write_text(
+        json.dumps({"step": 2, "stage": "rl", "wall_s": 10.0, "eval/test/accuracy": accuracy}) + "\n"
+    )
+    summary = {
+        "status": status,
+        "recipe": "rl",
+        "seed": seed,
+        "task": "arith",
+        "model": "tiny",
+        "wall_s": 10.0,
+        "steps": 2,
+        "stages": [{"kind": "rl", "steps": 2}],
+        "eval": {"test": {"accuracy": accuracy, "n": 8}},
+    }
     (path / "summary.json").write_text(json.dumps(summary))
     return path
 
@@ -193,8 +246,10 @@ def test_compare_leaves_out_a_run_whose_config_does_not_parse(runs_with_a_corrup
     loaded = compare.load_runs([str(runs_with_a_corrupt_one)])
     assert sorted(run.path.name for run in loaded.runs) == ["good-0", "good-1"]
     assert loaded.left_out == {"unreadable": 1}
-    assert loaded.unreadable == [f"{runs_with_a_corrupt_one / 'corrupt' / 'config.yaml'} does not parse as YAML "
-                                 "(line 3, column 14: expected alphabetic or numeric character, but found '*')"]
+    assert loaded.unreadable == [
+        f"{runs_with_a_corrupt_one / 'corrupt' / 'config.yaml'} does not parse as YAML "
+        "(line 3, column 14: expected alphabetic or numeric character, but found '*')"
+    ]
     result = CliRunner().invoke(app, ["compare", str(runs_with_a_corrupt_one), "--format", "json"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
@@ -219,35 +274,51 @@ def test_runs_reports_the_corrupt_run_and_lists_the_rest(runs_with_a_corrupt_one
     result = CliRunner().invoke(app, ["runs", str(runs_with_a_corrupt_one), "--format", "json"])
     assert result.exit_code == 0, result.output
     found = {run["name"]: run for run in json.loads(result.stdout)}
-    assert [found[name]["status"] for name in ("corrupt", "good-0", "good-1")] == \
-        ["unreadable", "completed", "completed"]
-    assert found["corrupt"]["error"] == ("config.yaml does not parse as YAML (line 3, column 14: expected alphabetic "
-                                         "or numeric character, but found '*')")
+    assert [found[name]["status"] for name in ("corrupt", "good-0", "good-1")] == [
+        "unreadable",
+        "completed",
+        "completed",
+    ]
+    assert found["corrupt"]["error"] == (
+        "config.yaml does not parse as YAML (line 3, column 14: expected alphabetic "
+        "or numeric character, but found '*')"
+    )
     assert found["corrupt"]["seed"] == 2 and found["corrupt"]["eval"] == {"test": 0.9}  # the summary still reads
     assert found["good-1"]["error"] is None and found["good-1"]["eval"] == {"test": 0.75}
     table = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["runs", str(runs_with_a_corrupt_one)])
     assert table.exit_code == 0, table.output
-    shown = {cells[0]: cells[3] for cells in ([c.strip() for c in line.split("│")[1:-1]]
-                                              for line in table.output.splitlines()) if cells}
+    shown = {
+        cells[0]: cells[3]
+        for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in table.output.splitlines())
+        if cells
+    }
     assert shown == {"corrupt": runs.status_cell(found["corrupt"]), "good-0": "completed", "good-1": "completed"}
     assert shown["corrupt"].startswith("unreadable: config.yaml does not parse as YAML (line 3")
 
 
 @pytest.mark.parametrize("command", ["eval", "export", "resume"])
 def test_a_run_whose_config_does_not_parse_is_refused_with_error_and_hint(tmp_path, command):
-    run = make_run(tmp_path, "corrupt", 0, 0.5, config=CORRUPT_YAML,
-                   status="interrupted" if command == "resume" else "completed")
-    args = {"eval": ["eval", str(run)], "export": ["export", str(run), "--out", str(tmp_path / "out")],
-            "resume": ["run", "--resume", str(run)]}[command]
+    run = make_run(
+        tmp_path, "corrupt", 0, 0.5, config=CORRUPT_YAML, status="interrupted" if command == "resume" else "completed"
+    )
+    args = {
+        "eval": ["eval", str(run)],
+        "export": ["export", str(run), "--out", str(tmp_path / "out")],
+        "resume": ["run", "--resume", str(run)],
+    }[command]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     check_user_error(result.output, f"{run / 'config.yaml'} does not parse as YAML", "line 3, column 14")
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content,what", [("- a\n- b\n", "does not hold a mapping of config keys"),
-                                          ("a: 1\na: 2\n", "does not parse as YAML (line 2, column 1: found "
-                                                           "duplicate key a)")])
+@pytest.mark.parametrize(
+    "content,what",
+    [
+        ("- a\n- b\n", "does not hold a mapping of config keys"),
+        ("a: 1\na: 2\n", "does not parse as YAML (line 2, column 1: found duplicate key a)"),
+    ],
+)
 def test_other_unreadable_configs_are_reported_the_same_way(tmp_path, content, what):
     from bridgectl.analysis import compare
     from bridgectl.config.saved import config_problem

@@ -31,8 +31,14 @@ from bridgectl.tasks.arith import ArithTask
 from bridgectl.training.setup import build_context
 
 G = 4  # rollouts per prompt
-SMALL = ["recipe=relift", "rl.prompts_per_step=4", f"rl.num_generations={G}", "rl.max_completion_length=16",
-         "train.threads=1", "optim.max_grad_norm=0"]
+SMALL = [
+    "recipe=relift",
+    "rl.prompts_per_step=4",
+    f"rl.num_generations={G}",
+    "rl.max_completion_length=16",
+    "train.threads=1",
+    "optim.max_grad_norm=0",
+]
 # constructed rewards, by prompt of each step: prompts 0 and 3 are never solved (the hardest), 1 once, 2 always
 PATTERN = [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
 
@@ -97,8 +103,9 @@ def test_the_buffer_collects_exactly_the_prompts_no_rollout_solves(monkeypatch):
 
 @pytest.mark.parametrize("epochs,mini_batch", [(1, 0), (2, 2)], ids=["one-update", "two-epochs-of-two-batches"])
 def test_a_full_buffer_starts_an_sft_round_with_the_gradient_of_sft_loss(epochs, mini_batch, monkeypatch):
-    ctx, stage, spy = make(["relift.buffer_size=3", f"relift.sft_epochs={epochs}",
-                            f"relift.sft_mini_batch_size={mini_batch}"], monkeypatch)
+    ctx, stage, spy = make(
+        ["relift.buffer_size=3", f"relift.sft_epochs={epochs}", f"relift.sft_mini_batch_size={mini_batch}"], monkeypatch
+    )
     first = stage.step()  # 2 hardest prompts: below the buffer size
     assert first.metrics["relift/sft_updates"] == 0 and len(spy.updates) == 1
     second = stage.step()  # 4 hardest prompts: the 3 oldest make an SFT round, the 4th stays
@@ -114,8 +121,7 @@ def test_a_full_buffer_starts_an_sft_round_with_the_gradient_of_sft_loss(epochs,
         assert_same_gradients(grads, expected)
     # the same step's RL update: the GRPO gradient of its rollouts
     weights, grads = spy.updates[1]
-    assert_same_gradients(grads, gradients_at(ctx, stage.params, weights,
-                                              lambda m: rl_loss(m, spy.sampled[1], ctx)[0]))
+    assert_same_gradients(grads, gradients_at(ctx, stage.params, weights, lambda m: rl_loss(m, spy.sampled[1], ctx)[0]))
     # two optimizers: the SFT updates at relift.sft_lr, the RL updates at rl.lr
     assert stage.sft_optimizer.param_groups[0]["lr"] == second.metrics["relift/sft_lr"] == ctx.cfg.relift.sft_lr
     assert stage.optimizer.param_groups[0]["lr"] == second.metrics["train/lr"] == ctx.cfg.rl.lr
@@ -132,15 +138,18 @@ def test_an_unreachable_buffer_size_is_the_rl_stage(monkeypatch):
         weights = [p.detach().clone() for p in stage.params]
         results[kind] = (spy.updates, metrics, weights)
         monkeypatch.undo()
-    (relift_updates, relift_metrics, relift_weights), (rl_updates, rl_metrics, rl_weights) = results["relift"], \
-        results["rl"]
+    (relift_updates, relift_metrics, relift_weights), (rl_updates, rl_metrics, rl_weights) = (
+        results["relift"],
+        results["rl"],
+    )
     assert len(relift_updates) == len(rl_updates) == 2
     for (_, got), (_, expected) in zip(relift_updates, rl_updates):
         assert all(torch.equal(g, e) for g, e in zip(got, expected))
     assert all(torch.equal(a, b) for a, b in zip(relift_weights, rl_weights))
     for got, expected in zip(relift_metrics, rl_metrics):
-        assert {k: v for k, v in got.items() if k in expected and not k.startswith("perf/")} == \
-            {k: v for k, v in expected.items() if not k.startswith("perf/")}
+        assert {k: v for k, v in got.items() if k in expected and not k.startswith("perf/")} == {
+            k: v for k, v in expected.items() if not k.startswith("perf/")
+        }
 
 
 def test_micro_batches_give_the_one_pass_gradients(monkeypatch):
@@ -164,9 +173,15 @@ def test_a_resumed_stage_keeps_the_buffer_and_continues_exactly(tmp_path, monkey
     ctx, stage, _ = make(["relift.buffer_size=3"], monkeypatch, rewards=rewards, total_updates=5)
     for _ in range(2):
         stage.step()
-    checkpoint = save_checkpoint(tmp_path, 2, ctx.policy.model, stage, ctx.sampling_generator,
-                                 {"consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed}},
-                                 keep=1)
+    checkpoint = save_checkpoint(
+        tmp_path,
+        2,
+        ctx.policy.model,
+        stage,
+        ctx.sampling_generator,
+        {"consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed}},
+        keep=1,
+    )
     saved_buffer = list(stage.buffer)
     straight = [stage.step().metrics for _ in range(3)]
 

@@ -25,14 +25,25 @@ import bridgectl.core.grpo as grpo
 from bridgectl.cli.app import app
 from bridgectl.core.checkpoint import list_checkpoints, read_checkpoint, restore, save_checkpoint
 
-SHORT = ["train.threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2",
-         "rl.prompts_per_step=4", "rl.num_generations=4", "sft.batch_size=8", "eval.n=20", "eval.k=2"]
+SHORT = [
+    "train.threads=1",
+    "train.max_steps=6",
+    "train.eval_every=3",
+    "train.checkpoint_every=2",
+    "rl.prompts_per_step=4",
+    "rl.num_generations=4",
+    "sft.batch_size=8",
+    "eval.n=20",
+    "eval.k=2",
+]
 
 
 def metric_rows(run: Path) -> list[dict]:
     """metrics.jsonl without what depends on the clock."""
-    return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/") and k != "wall_s"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.startswith("perf/") and k != "wall_s"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -49,15 +60,22 @@ def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: floa
         assert process.poll() is None, "the run ended before it could be stopped"
         assert time.monotonic() < deadline
         metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line).get("step", 0) >= step and json.loads(line)["stage"] != "init"
-                                    for line in metrics.read_text().splitlines() if line.strip()):
+        if metrics.exists() and any(
+            json.loads(line).get("step", 0) >= step and json.loads(line)["stage"] != "init"
+            for line in metrics.read_text().splitlines()
+            if line.strip()
+        ):
             return
         time.sleep(0.02)
 
 
 def start_run(overrides: list[str], out: Path, name: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli.app", "run", *overrides, "--out", str(out),
-                             "--name", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, "-m", "bridgectl.cli.app", "run", *overrides, "--out", str(out), "--name", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
 
 
 @pytest.mark.slow
@@ -176,8 +194,11 @@ def test_a_nan_stops_the_run_naming_step_and_quantity_and_keeps_the_last_checkpo
     result = CliRunner().invoke(app, ["run", "recipe=rl", *SHORT, "--out", str(tmp_path), "--name", "nan"])
     assert result.exit_code == 1
     summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
-    assert summary["status"] == "failed" and "step 3" in summary["error"] and "norm of the gradients is nan" in \
-        summary["error"]
+    assert (
+        summary["status"] == "failed"
+        and "step 3" in summary["error"]
+        and "norm of the gradients is nan" in summary["error"]
+    )
     assert [read_checkpoint(p)[0]["step"] for p in list_checkpoints(tmp_path / "nan" / "checkpoints")] == [2]
 
     # resuming needs the run's own config, unless a change is allowed
@@ -185,8 +206,9 @@ def test_a_nan_stops_the_run_naming_step_and_quantity_and_keeps_the_last_checkpo
     refused = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "nan"), "rl.lr=5e-5"])
     said = " ".join(refused.output.split())
     assert refused.exit_code == 2 and "change rl.lr" in said and "--allow-change rl.lr" in said
-    allowed = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "nan"), "rl.lr=5e-5",
-                                       "--allow-change", "rl.lr"])
+    allowed = CliRunner().invoke(
+        app, ["run", "--resume", str(tmp_path / "nan"), "rl.lr=5e-5", "--allow-change", "rl.lr"]
+    )
     assert allowed.exit_code == 0, allowed.output
     assert "lr: 5.0e-05" in (tmp_path / "nan" / "config.yaml").read_text()
     done = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "nan")])

@@ -56,26 +56,33 @@ def stopped_copy(trained: Path, where: Path) -> Path:
 def cut_after(text: str, line: str) -> str:
     """`text` up to and including its first line equal to `line`."""
     index = text.index(f"\n{line}\n")
-    return text[:index + len(line) + 2]
+    return text[: index + len(line) + 2]
 
 
 def without_line(text: str, line: str) -> str:
     return text.replace(f"\n{line}\n", "\n", 1)
 
 
-@pytest.mark.parametrize("damage, missing", [
-    (lambda text: cut_after(text, "train:"), "train.max_steps"),  # the issue's reproduction
-    (lambda text: cut_after(text, "tracker:"), "tracker.wandb.mode, tracker.wandb.project"),
-    (lambda text: text[:-len(CONFIG_END) - 1], None),  # only the end line gone: no key missing, still cut short
-    (lambda text: without_line(text, "  max_steps: 2"), "train.max_steps"),  # one key deleted from the middle
-], ids=["after-train-line", "before-tracker", "end-line", "one-key"])
+@pytest.mark.parametrize(
+    "damage, missing",
+    [
+        (lambda text: cut_after(text, "train:"), "train.max_steps"),  # the issue's reproduction
+        (lambda text: cut_after(text, "tracker:"), "tracker.wandb.mode, tracker.wandb.project"),
+        (lambda text: text[: -len(CONFIG_END) - 1], None),  # only the end line gone: no key missing, still cut short
+        (lambda text: without_line(text, "  max_steps: 2"), "train.max_steps"),  # one key deleted from the middle
+    ],
+    ids=["after-train-line", "before-tracker", "end-line", "one-key"],
+)
 def test_a_config_cut_short_or_missing_keys_is_refused_not_filled_with_defaults(trained, tmp_path, damage, missing):
     run = stopped_copy(trained, tmp_path / "r")
     config = damage((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(config)
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "summary.json", "metrics.jsonl")}
-    for args in (["run", "--resume", str(run)], ["eval", str(run)],
-                 ["export", str(run), "--out", str(tmp_path / "exported")]):
+    for args in (
+        ["run", "--resume", str(run)],
+        ["eval", str(run)],
+        ["export", str(run), "--out", str(tmp_path / "exported")],
+    ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         error, hint = error_and_hint(result.output)
@@ -121,11 +128,18 @@ def test_an_older_run_without_a_key_count_still_resumes(trained, tmp_path):
 @pytest.mark.slow
 def test_resuming_a_run_that_is_still_running_is_refused(tmp_path):
     run = tmp_path / "live"
-    process = start_run([*TINY, "train.max_steps=100000", "train.checkpoint_every=0", "--out", str(tmp_path),
-                         "--name", "live"])
+    process = start_run(
+        [*TINY, "train.max_steps=100000", "train.checkpoint_every=0", "--out", str(tmp_path), "--name", "live"]
+    )
     try:
-        wait_for(lambda: (read_json(run / "heartbeat.json") or {}).get("phase") == "training"
-                 and (run / "metrics.jsonl").stat().st_size > 0, process, "training")
+        wait_for(
+            lambda: (
+                (read_json(run / "heartbeat.json") or {}).get("phase") == "training"
+                and (run / "metrics.jsonl").stat().st_size > 0
+            ),
+            process,
+            "training",
+        )
         summary = read_json(run / "summary.json")
         refused = CliRunner().invoke(app, ["run", "--resume", str(run)])
         assert refused.exit_code == 2, refused.output

@@ -16,8 +16,16 @@ from typer.testing import CliRunner
 from bridgectl.cli.app import app
 from bridgectl.tasks.arith import reward as arith_verdict
 
-SMALL = ["train.threads=1", "train.max_steps=2", "train.eval_every=0", "eval.n=4", "rl.prompts_per_step=1",
-         "rl.num_generations=4", "rl.max_completion_length=16", "train.log_completions_every=1"]
+SMALL = [
+    "train.threads=1",
+    "train.max_steps=2",
+    "train.eval_every=0",
+    "eval.n=4",
+    "rl.prompts_per_step=1",
+    "rl.num_generations=4",
+    "rl.max_completion_length=16",
+    "train.log_completions_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +59,20 @@ def scores_by_hand(directory: Path, texts: list[str]) -> list[float]:
 
 @pytest.mark.slow
 def test_a_reward_model_scores_prompt_and_completion_and_adds_to_the_verifier(tmp_path, reward_model_dir):
-    result = CliRunner().invoke(app, ["run", "recipe=rl", *SMALL,
-                                      f"task.reward_funcs=[verifier,{reward_model_dir}]",
-                                      "task.reward_weights=[1.0,0.5]", "--out", str(tmp_path), "--name", "r"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "recipe=rl",
+            *SMALL,
+            f"task.reward_funcs=[verifier,{reward_model_dir}]",
+            "task.reward_weights=[1.0,0.5]",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "r",
+        ],
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "r"
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -66,17 +85,22 @@ def test_a_reward_model_scores_prompt_and_completion_and_adds_to_the_verifier(tm
         scores = scores_by_hand(reward_model_dir, [row["prompt"] + row["completion"] for row in mine])
         assert len(set(round(s, 5) for s in scores)) > 1  # the model tells the completions apart
         verdicts = [arith_verdict(row["completion"], row["gold"]) for row in mine]
-        assert [row["reward"] for row in mine] == pytest.approx([v + 0.5 * s for v, s in zip(verdicts, scores)],
-                                                                abs=1e-4)
+        assert [row["reward"] for row in mine] == pytest.approx(
+            [v + 0.5 * s for v, s in zip(verdicts, scores)], abs=1e-4
+        )
         assert step["train/rewards/tiny-rm"] == pytest.approx(sum(scores) / 4, abs=1e-4)  # TRL's name: the dir's
 
 
 def test_a_directory_without_a_sequence_classification_model_is_refused(tmp_path):
     causal = build_hf_model(tmp_path / "causal")
-    for spec, said in [(str(causal), "is not a sequence-classification model"),
-                       (str(tmp_path / "missing"), "neither a path.py:function nor a model directory")]:
-        result = CliRunner().invoke(app, ["run", "recipe=rl", *SMALL, f"task.reward_funcs=[{spec}]",
-                                          "--out", str(tmp_path / "runs"), "--name", "r"])
+    for spec, said in [
+        (str(causal), "is not a sequence-classification model"),
+        (str(tmp_path / "missing"), "neither a path.py:function nor a model directory"),
+    ]:
+        result = CliRunner().invoke(
+            app,
+            ["run", "recipe=rl", *SMALL, f"task.reward_funcs=[{spec}]", "--out", str(tmp_path / "runs"), "--name", "r"],
+        )
         assert result.exit_code == 2 and said in " ".join(result.output.split()), result.output
         assert not (tmp_path / "runs" / "r").exists()
 

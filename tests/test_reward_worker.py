@@ -29,8 +29,17 @@ from bridgectl.training.runner import run
 
 pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
-SMALL = ["recipe=rl", "train.threads=1", "train.max_steps=2", "rl.prompts_per_step=2", "rl.num_generations=2",
-         "sft.batch_size=4", "eval.n=8", "train.eval_every=0", "rl.max_completion_length=24"]
+SMALL = [
+    "recipe=rl",
+    "train.threads=1",
+    "train.max_steps=2",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "sft.batch_size=4",
+    "eval.n=8",
+    "train.eval_every=0",
+    "rl.max_completion_length=24",
+]
 CATASTROPHIC = "re.match(r'(a+)+$', 'a' * 32 + 'b')"  # 2^32 backtracking steps inside re's C code, GIL held
 BRIDGECTL = str(Path(sys.executable).parent / "bridgectl")
 
@@ -39,6 +48,7 @@ BRIDGECTL = str(Path(sys.executable).parent / "bridgectl")
 def _no_test_hangs():
     """Fails a test still running after 120 s (pytest-timeout is not installed). The trainer only ever waits on
     the worker in select(), so SIGALRM's handler gets to run; the CLI tests run in subprocesses with timeouts."""
+
     def expire(signum, frame):
         raise TimeoutError("test ran past 120 s")
 
@@ -93,8 +103,13 @@ def wait_for(path: Path, seconds: float) -> str:
 
 def cli(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     """The real `bridgectl run` in a subprocess, which `timeout` kills should anything hang."""
-    return subprocess.run([BRIDGECTL, "run", *SMALL, *args, "--out", str(tmp_path / "runs"), "--name", "r"],
-                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    return subprocess.run(
+        [BRIDGECTL, "run", *SMALL, *args, "--out", str(tmp_path / "runs"), "--name", "r"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
 
 
 def summary_of(tmp_path: Path) -> dict:
@@ -103,7 +118,9 @@ def summary_of(tmp_path: Path) -> dict:
 
 def regex_reward(tmp_path: Path) -> Path:
     """A reward that writes "<worker pid> <time>" to started.txt, then runs the catastrophic regex."""
-    return write(tmp_path / "regex_rewards.py", f"""
+    return write(
+        tmp_path / "regex_rewards.py",
+        f"""
         import os, re, time
 
         def catastrophic(prompts, completions, **kwargs):
@@ -111,7 +128,8 @@ def regex_reward(tmp_path: Path) -> Path:
                 out.write(f"{{os.getpid()}} {{time.time()}}\\n")
             {CATASTROPHIC}
             return [0.0] * len(completions)
-        """)
+        """,
+    )
 
 
 # ---- timeouts ---------------------------------------------------------------------------------------------------
@@ -126,8 +144,9 @@ def test_a_regex_holding_the_gil_is_killed_at_the_timeout_and_the_run_fails_nami
     assert 2.0 <= ended - float(started) < 2.0 + 8.0  # the limit, plus writing the summary and exiting
     summary = summary_of(tmp_path)
     assert summary["status"] == "failed"
-    assert summary["error"] == ("RewardFunctionError: step 1 (rl): reward function catastrophic did not return "
-                                "within task.reward_timeout_s=2 s")
+    assert summary["error"] == (
+        "RewardFunctionError: step 1 (rl): reward function catastrophic did not return within task.reward_timeout_s=2 s"
+    )
     assert "catastrophic did not return" in " ".join((result.stdout + result.stderr).split())
     assert not alive(int(worker_pid))
 
@@ -136,9 +155,23 @@ def test_sigterm_stops_a_run_whose_reward_holds_the_gil(tmp_path):
     """The issue's other half: with a long limit, the first SIGTERM asks for a stop after the step and the second
     stops at once, although the reward still spins: status interrupted, the worker killed."""
     file = regex_reward(tmp_path)
-    process = subprocess.Popen([BRIDGECTL, "run", *SMALL, f"task.reward_funcs=[{file}:catastrophic]",
-                                "task.reward_timeout_s=600", "--out", str(tmp_path / "runs"), "--name", "r"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            BRIDGECTL,
+            "run",
+            *SMALL,
+            f"task.reward_funcs=[{file}:catastrophic]",
+            "task.reward_timeout_s=600",
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "r",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         worker_pid = int(wait_for(tmp_path / "started.txt", 100).split()[0])
         process.send_signal(signal.SIGTERM)
@@ -154,7 +187,9 @@ def test_sigterm_stops_a_run_whose_reward_holds_the_gil(tmp_path):
 
 def test_a_timed_out_worker_is_killed_within_the_limit_and_the_next_call_gets_a_new_one(tmp_path):
     marker = tmp_path / "hung-once"
-    file = write(tmp_path / "once.py", f"""
+    file = write(
+        tmp_path / "once.py",
+        f"""
         import os, re
 
         def hangs_once(prompts, completions, **kwargs):
@@ -162,11 +197,15 @@ def test_a_timed_out_worker_is_killed_within_the_limit_and_the_next_call_gets_a_
                 open({str(marker)!r}, "w").close()
                 {CATASTROPHIC}
             return [float(os.getpid())] * len(completions)
-        """)
+        """,
+    )
     reward = step_reward([f"{file}:hangs_once"], timeout_s=1.5)
     started = time.monotonic()
-    with pytest.raises(RewardFunctionError, match=r"^reward function hangs_once did not return within "
-                                                  r"task.reward_timeout_s=1.5 s$"):
+    with pytest.raises(
+        RewardFunctionError,
+        match=r"^reward function hangs_once did not return within "
+        r"task.reward_timeout_s=1.5 s$",
+    ):
         reward(PROBLEMS, COMPLETIONS)
     assert 1.5 <= time.monotonic() - started < 1.5 + 3.0
     assert reward.worker.pid is None  # killed
@@ -209,15 +248,29 @@ def test_a_reward_that_changes_directory_leaves_the_run_where_it_was_asked(tmp_p
     """os.chdir('/') in the reward moves the worker alone: with a relative --out the checkpoints and the summary
     are in the run directory, and the trainer's cwd is unchanged."""
     monkeypatch.chdir(tmp_path)
-    file = write(tmp_path / "wanders.py", """
+    file = write(
+        tmp_path / "wanders.py",
+        """
         import os
 
         def wanders(prompts, completions, **kwargs):
             os.chdir("/")
             return [0.0] * len(completions)
-        """)
-    result = CliRunner().invoke(app, ["run", *SMALL, f"task.reward_funcs=[verifier,{file}:wanders]",
-                                      "train.checkpoint_every=1", "--out", "runs", "--name", "r"])
+        """,
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            *SMALL,
+            f"task.reward_funcs=[verifier,{file}:wanders]",
+            "train.checkpoint_every=1",
+            "--out",
+            "runs",
+            "--name",
+            "r",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert os.getcwd() == str(tmp_path)
     run_dir = tmp_path / "runs" / "r"
@@ -232,8 +285,9 @@ def test_a_relative_run_path_is_made_absolute_before_anything_can_change_the_cwd
     monkeypatch.chdir(tmp_path)
     (tmp_path / "elsewhere").mkdir()
     cfg = compose([o for o in SMALL if not o.startswith("train.eval_every=")] + ["train.eval_every=1"])
-    summary = run(cfg, Path("runs/r"), show_progress=False,
-                  on_eval=lambda step, metrics: os.chdir(tmp_path / "elsewhere"))
+    summary = run(
+        cfg, Path("runs/r"), show_progress=False, on_eval=lambda step, metrics: os.chdir(tmp_path / "elsewhere")
+    )
     assert summary["status"] == "completed" and os.getcwd() == str(tmp_path / "elsewhere")
     run_dir = tmp_path / "runs" / "r"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
@@ -242,21 +296,27 @@ def test_a_relative_run_path_is_made_absolute_before_anything_can_change_the_cwd
 
 
 # ---- values -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("value, shown, reason", [
-    ("float('inf')", "inf", "not a finite number"),
-    ("float('-inf')", "-inf", "not a finite number"),
-    ("float('nan')", "nan", "not a finite number"),
-    ("10 ** 400", "1" + "0" * 76 + "...", "not a finite number"),
-    ("'1.0'", "'1.0'", "not a number or None"),
-    ("[1.0]", "[1.0]", "not a number or None"),
-    ("1j", "1j", "not a number or None"),
-])
+@pytest.mark.parametrize(
+    "value, shown, reason",
+    [
+        ("float('inf')", "inf", "not a finite number"),
+        ("float('-inf')", "-inf", "not a finite number"),
+        ("float('nan')", "nan", "not a finite number"),
+        ("10 ** 400", "1" + "0" * 76 + "...", "not a finite number"),
+        ("'1.0'", "'1.0'", "not a number or None"),
+        ("[1.0]", "[1.0]", "not a number or None"),
+        ("1j", "1j", "not a number or None"),
+    ],
+)
 def test_a_bad_value_fails_naming_the_function_the_value_and_the_completion(tmp_path, value, shown, reason):
     """The second completion's value is bad: refused as it is, not parsed or turned into None."""
-    file = write(tmp_path / "bad.py", f"""
+    file = write(
+        tmp_path / "bad.py",
+        f"""
         def bad(prompts, completions, **kwargs):
             return [0.5, {value}]
-        """)
+        """,
+    )
     reward = step_reward(["verifier", f"{file}:bad"])
     with pytest.raises(RewardFunctionError) as raised:
         reward(PROBLEMS, COMPLETIONS)
@@ -276,39 +336,61 @@ def test_what_counts_as_a_number():
 
 def test_an_infinite_reward_fails_the_run_at_its_step_naming_the_function(tmp_path):
     """Instead of a NaN gradient norm steps later: status failed, the function, the value and the completion."""
-    file = write(tmp_path / "infinite.py", """
+    file = write(
+        tmp_path / "infinite.py",
+        """
         def infinite(prompts, completions, **kwargs):
             return [float("inf")] * len(completions)
-        """)
-    result = CliRunner().invoke(app, ["run", *SMALL, f"task.reward_funcs=[verifier,{file}:infinite]",
-                                      "--out", str(tmp_path / "runs"), "--name", "r"])
+        """,
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            *SMALL,
+            f"task.reward_funcs=[verifier,{file}:infinite]",
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "r",
+        ],
+    )
     assert result.exit_code == 1, result.output
     summary = summary_of(tmp_path)
     assert summary["status"] == "failed"
-    assert summary["error"].startswith("RewardFunctionError: step 1 (rl): reward function infinite returned inf "
-                                       "for completion 0, not a finite number")
+    assert summary["error"].startswith(
+        "RewardFunctionError: step 1 (rl): reward function infinite returned inf for completion 0, not a finite number"
+    )
     assert "gradients" not in summary["error"]
 
 
 def test_the_worker_gives_exactly_the_values_of_calling_the_function_directly(tmp_path):
     """Same keyword arguments (prompts, completions, every column; conversational rows as messages), same values,
     bit for bit, in the weighted sum and the means."""
-    file = write(tmp_path / "shaped.py", """
+    file = write(
+        tmp_path / "shaped.py",
+        """
         def shaped(prompts, completions, level, **kwargs):
             text = [c if isinstance(c, str) else c[0]["content"] for c in completions]
             return [len(t) / 7 + 0.1 * lv + (0.3 if isinstance(p, list) else 0.0) if t != "skip" else None
                     for p, t, lv in zip(prompts, text, level)]
-        """)
+        """,
+    )
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "5+5="}]
-    problems = [*PROBLEMS, Problem("5+5=", "", "10", conversation=chat, columns={"level": 3}),
-                Problem("1+1=", "", "2", columns={"level": 4})]
+    problems = [
+        *PROBLEMS,
+        Problem("5+5=", "", "10", conversation=chat, columns={"level": 3}),
+        Problem("1+1=", "", "2", columns={"level": 4}),
+    ]
     completions = ["4", "five", "ten, I think", "skip"]
     spec = importlib.util.spec_from_file_location("shaped_direct", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    direct = module.shaped(prompts=["2+2=", "3+3=", chat, "1+1="],
-                           completions=["4", "five", [{"role": "assistant", "content": "ten, I think"}], "skip"],
-                           level=[1, 2, 3, 4])
+    direct = module.shaped(
+        prompts=["2+2=", "3+3=", chat, "1+1="],
+        completions=["4", "five", [{"role": "assistant", "content": "ten, I think"}], "skip"],
+        level=[1, 2, 3, 4],
+    )
     reward = step_reward(["verifier", f"{file}:shaped"], [1.0, 0.3])
     total, means, verdicts = reward(problems, completions)
     shaped = [0.0 if v is None else v for v in direct]
@@ -322,7 +404,9 @@ def test_the_worker_gives_exactly_the_values_of_calling_the_function_directly(tm
 def test_one_worker_serves_every_call_and_a_killed_one_is_replaced(tmp_path):
     """A reward that returns its process id: the same, not the trainer's, across calls (and both functions of a
     call run in it); after SIGKILL the next call runs in a new process and still answers."""
-    file = write(tmp_path / "pid.py", """
+    file = write(
+        tmp_path / "pid.py",
+        """
         import os
 
         def pid(prompts, completions, **kwargs):
@@ -330,7 +414,8 @@ def test_one_worker_serves_every_call_and_a_killed_one_is_replaced(tmp_path):
 
         def pid_again(prompts, completions, **kwargs):
             return [float(os.getpid())] * len(completions)
-        """)
+        """,
+    )
     reward = step_reward([f"{file}:pid", f"{file}:pid_again"], [1.0, 0.0])
     first, means, _ = reward(PROBLEMS, COMPLETIONS)
     second, _, _ = reward(PROBLEMS, COMPLETIONS)
@@ -348,7 +433,9 @@ def test_one_worker_serves_every_call_and_a_killed_one_is_replaced(tmp_path):
 
 def test_a_function_that_ends_the_worker_fails_naming_it_and_the_next_call_starts_another(tmp_path):
     marker = tmp_path / "exited-once"
-    file = write(tmp_path / "quits.py", f"""
+    file = write(
+        tmp_path / "quits.py",
+        f"""
         import os
 
         def quits(prompts, completions, **kwargs):
@@ -356,10 +443,14 @@ def test_a_function_that_ends_the_worker_fails_naming_it_and_the_next_call_start
                 open({str(marker)!r}, "w").close()
                 os._exit(3)
             return [1.0] * len(completions)
-        """)
+        """,
+    )
     reward = step_reward([f"{file}:quits"])
-    with pytest.raises(RewardFunctionError, match=r"^reward function quits ended the reward worker process "
-                                                  r"\(exit code 3\)$"):
+    with pytest.raises(
+        RewardFunctionError,
+        match=r"^reward function quits ended the reward worker process "
+        r"\(exit code 3\)$",
+    ):
         reward(PROBLEMS, COMPLETIONS)
     assert reward(PROBLEMS, COMPLETIONS)[0] == [1.0, 1.0]
     reward.close()
@@ -368,7 +459,9 @@ def test_a_function_that_ends_the_worker_fails_naming_it_and_the_next_call_start
 def test_a_raising_function_keeps_the_worker_and_its_state(tmp_path):
     """An exception is reported naming the function; the process survives it (module state included), so the
     following call is answered by the same worker."""
-    file = write(tmp_path / "counts.py", """
+    file = write(
+        tmp_path / "counts.py",
+        """
         calls = []
 
         def counts(prompts, completions, **kwargs):
@@ -376,7 +469,8 @@ def test_a_raising_function_keeps_the_worker_and_its_state(tmp_path):
             if len(calls) == 1:
                 raise ValueError("bad row")
             return [float(len(calls))] * len(completions)
-        """)
+        """,
+    )
     reward = step_reward([f"{file}:counts"])
     with pytest.raises(RewardFunctionError, match=r"^reward function counts raised ValueError: bad row$"):
         reward(PROBLEMS, COMPLETIONS)
@@ -389,16 +483,22 @@ def test_the_worker_imports_module_and_relative_file_specs_from_the_trainers_dir
     """`pkg.module:fn` and `relative/file.py:fn` are found as the trainer found them, and the worker runs in the
     directory they were loaded from."""
     monkeypatch.chdir(tmp_path)
-    write(tmp_path / "local_rewards_xyz.py", """
+    write(
+        tmp_path / "local_rewards_xyz.py",
+        """
         import os
 
         def where(prompts, completions, **kwargs):
             return [float(os.getcwd() == os.path.dirname(os.path.abspath(__file__)))] * len(completions)
-        """)
-    write(tmp_path / "sub" / "rel.py", """
+        """,
+    )
+    write(
+        tmp_path / "sub" / "rel.py",
+        """
         def half(prompts, completions, **kwargs):
             return [0.5] * len(completions)
-        """)
+        """,
+    )
     reward = step_reward(["local_rewards_xyz:where", "sub/rel.py:half"])
     total, means, _ = reward(PROBLEMS, COMPLETIONS)
     assert means == {"where": 1.0, "half": 0.5} and total == [1.5, 1.5]

@@ -64,8 +64,7 @@ def test_completion_mask_from_by_hand():
 def test_sampling_logprobs_match_completion_logprobs(any_model, tokenizer, temperature):
     prompts = PROMPTS * 3
     generator = torch.Generator().manual_seed(11)
-    rollouts = generate(any_model, tokenizer, prompts, max_new_tokens=24, temperature=temperature,
-                        generator=generator)
+    rollouts = generate(any_model, tokenizer, prompts, max_new_tokens=24, temperature=temperature, generator=generator)
     assert rollouts.prompt_mask[:, 0].tolist().count(0) > 0  # some rows really are left-padded
     scored = completion_logprobs(any_model, rollouts, temperature=temperature)
     mask = rollouts.completion_mask.bool()
@@ -93,18 +92,20 @@ def test_completion_mask_and_padding_after_eos(request, tokenizer, model_name):
     model = request.getfixturevalue(model_name)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = PROMPTS * 8
-    rollouts = generate(model, tokenizer, prompts, max_new_tokens=30, temperature=1.0,
-                        generator=torch.Generator().manual_seed(5))
+    rollouts = generate(
+        model, tokenizer, prompts, max_new_tokens=30, temperature=1.0, generator=torch.Generator().manual_seed(5)
+    )
     width = rollouts.completion_ids.size(1)
     ended_early = 0
-    for ids, mask, text in zip(rollouts.completion_ids.tolist(), rollouts.completion_mask.tolist(),
-                               rollouts.completions):
+    for ids, mask, text in zip(
+        rollouts.completion_ids.tolist(), rollouts.completion_mask.tolist(), rollouts.completions
+    ):
         k = first_eos(ids, eos)
         if k is None:
             assert mask == [1] * width
         else:
             assert mask == [1] * (k + 1) + [0] * (width - k - 1)
-            assert ids[k + 1:] == [pad] * (width - k - 1)
+            assert ids[k + 1 :] == [pad] * (width - k - 1)
             ended_early += k < width - 1
         # the decoded text is the generated tokens up to EOS, special tokens removed
         kept = ids[: (k if k is not None else width)]
@@ -115,8 +116,14 @@ def test_completion_mask_and_padding_after_eos(request, tokenizer, model_name):
 
 def test_generation_stops_when_every_row_has_ended(tiny_model, tokenizer):
     eos = tokenizer.eos_token_id
-    rollouts = generate(tiny_model, tokenizer, PROMPTS * 4, max_new_tokens=70, temperature=1.0,
-                        generator=torch.Generator().manual_seed(3))
+    rollouts = generate(
+        tiny_model,
+        tokenizer,
+        PROMPTS * 4,
+        max_new_tokens=70,
+        temperature=1.0,
+        generator=torch.Generator().manual_seed(3),
+    )
     width = rollouts.completion_ids.size(1)
     rows = rollouts.completion_ids.tolist()
     assert width < 70  # stopped early (this seed's rows all end well before 70 tokens) ...
@@ -157,15 +164,22 @@ def test_greedy_matches_full_recompute_reference(request, tokenizer, model_name)
 
 def test_seeded_generator_reproduces_samples(tiny_model, tokenizer):
     def sample(seed: int) -> Rollouts:
-        return generate(tiny_model, tokenizer, PROMPTS * 2, max_new_tokens=16, temperature=1.0,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(
+            tiny_model,
+            tokenizer,
+            PROMPTS * 2,
+            max_new_tokens=16,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     first, second, other = sample(42), sample(42), sample(43)
     assert torch.equal(first.completion_ids, second.completion_ids)
     assert torch.equal(first.sampling_logprobs, second.sampling_logprobs)
     assert first.completions == second.completions
-    assert first.completion_ids.shape != other.completion_ids.shape or \
-        not torch.equal(first.completion_ids, other.completion_ids)
+    assert first.completion_ids.shape != other.completion_ids.shape or not torch.equal(
+        first.completion_ids, other.completion_ids
+    )
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "groups"])
@@ -177,9 +191,17 @@ def test_reading_ended_rows_every_few_tokens_changes_nothing(sharp_model, tokeni
 
     def decoded(check_every: int):
         groups = [torch.Generator().manual_seed(seed) for seed in range(4)] if sampling == "groups" else None
-        return generate(sharp_model, tokenizer, prompts, max_new_tokens=48, temperature=1.0,
-                        greedy=sampling == "greedy", group_generators=groups, check_every=check_every,
-                        end_ids=ids_of(tokenizer, "0123"))
+        return generate(
+            sharp_model,
+            tokenizer,
+            prompts,
+            max_new_tokens=48,
+            temperature=1.0,
+            greedy=sampling == "greedy",
+            group_generators=groups,
+            check_every=check_every,
+            end_ids=ids_of(tokenizer, "0123"),
+        )
 
     every, sparse = decoded(1), decoded(5)
     lengths = every.lengths.tolist()

@@ -17,20 +17,31 @@ from bridgectl.rundir.writer import RunDir
 
 pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
-RUN = ["recipe=rl", "train.max_steps=3", "train.threads=1", "train.eval_every=0", "rl.prompts_per_step=2",
-       "rl.num_generations=2", "eval.n=10"]
+RUN = [
+    "recipe=rl",
+    "train.max_steps=3",
+    "train.threads=1",
+    "train.eval_every=0",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "eval.n=10",
+]
 
 
 def rows_without_clock(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in ("wall_s", "perf/step_s", "perf/gen_tokens_per_s")}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("wall_s", "perf/step_s", "perf/gen_tokens_per_s")}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_two_runs_with_one_name_one_trains_the_other_exits_2(tmp_path):
     # the pre-flight check of the CLI passes for both (neither directory exists yet); the claim decides
     command = [sys.executable, "-m", "bridgectl.cli.app", "run", *RUN, "--out", str(tmp_path), "--name", "same"]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env=os.environ.copy()) for _ in range(2)]
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=600), p.stdout.read()) for p in processes]
     codes = sorted(code for code, _ in results)
     outputs = " ".join(" ".join(output.split()) for _, output in results)

@@ -24,8 +24,14 @@ from bridgectl.analysis import runs
 from bridgectl.cli.app import app
 from bridgectl.rundir import liveness
 
-TINY = ["recipe=rl", "train.threads=1", "rl.prompts_per_step=2", "rl.num_generations=2", "eval.n=4",
-        "train.eval_every=0"]
+TINY = [
+    "recipe=rl",
+    "train.threads=1",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "eval.n=4",
+    "train.eval_every=0",
+]
 
 
 def summary_of(run: Path) -> dict:
@@ -96,13 +102,30 @@ def test_the_table_shows_what_the_json_says(finished):
     assert table.exit_code == 0, table.output
     columns = runs.table_columns(objects)
     splits = runs.eval_splits(objects)
-    assert [header for header, _ in columns] == ["run", "recipe", "seed", "status", "steps",
-                                                 *(f"{s} acc %" for s in splits), "wall s"]
-    shown = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.output.splitlines()
-             if line.startswith("│") and line.split("│")[1].strip() in ("done", "sub/nan")]
+    assert [header for header, _ in columns] == [
+        "run",
+        "recipe",
+        "seed",
+        "status",
+        "steps",
+        *(f"{s} acc %" for s in splits),
+        "wall s",
+    ]
+    shown = [
+        [cell.strip() for cell in line.split("│")[1:-1]]
+        for line in table.output.splitlines()
+        if line.startswith("│") and line.split("│")[1].strip() in ("done", "sub/nan")
+    ]
     done = summary_of(finished / "done")
-    assert shown[0] == ["done", "rl", "0", "completed", "2/2",
-                        *(f"{100 * done['eval'][s]['accuracy']:.1f}" for s in splits), f"{done['wall_s']:.0f}"]
+    assert shown[0] == [
+        "done",
+        "rl",
+        "0",
+        "completed",
+        "2/2",
+        *(f"{100 * done['eval'][s]['accuracy']:.1f}" for s in splits),
+        f"{done['wall_s']:.0f}",
+    ]
     assert shown[1][:5] == ["sub/nan", "rl", "0", runs.status_cell(objects[1]), "1/3"]
     assert shown[1][5:-1] == ["-"] * len(splits)
 
@@ -116,33 +139,43 @@ def test_a_run_mostly_without_signal_is_marked(finished, tmp_path):
     marked = [row["rollout/no_signal"] for row in metric_lines(finished / "done") if row["stage"] == "rl"]
     assert (done["rl_steps"], done["no_signal_steps"]) == (summary["rl_steps"], summary["no_signal_steps"])
     assert (done["rl_steps"], done["no_signal_steps"]) == (len(marked), sum(value == 1.0 for value in marked))
-    cases = {"all": ({"no_signal_steps": 2}, "completed (no signal 2/2)"),
-             "half": ({"no_signal_steps": 1}, "completed"),
-             "old": ({"rl_steps": None, "no_signal_steps": None}, "completed"),
-             "interrupted": ({"no_signal_steps": 2, "status": "interrupted"}, "interrupted (no signal 2/2)"),
-             "failed": ({"no_signal_steps": 2, "status": "failed", "error": "NonFiniteError: x"},
-                        "failed: NonFiniteError: x")}  # the error first: it needs the room
+    cases = {
+        "all": ({"no_signal_steps": 2}, "completed (no signal 2/2)"),
+        "half": ({"no_signal_steps": 1}, "completed"),
+        "old": ({"rl_steps": None, "no_signal_steps": None}, "completed"),
+        "interrupted": ({"no_signal_steps": 2, "status": "interrupted"}, "interrupted (no signal 2/2)"),
+        "failed": (
+            {"no_signal_steps": 2, "status": "failed", "error": "NonFiniteError: x"},
+            "failed: NonFiniteError: x",
+        ),
+    }  # the error first: it needs the room
     for name, (changes, _) in cases.items():
         shutil.copytree(finished / "done", tmp_path / name)
         edited = {key: value for key, value in {**summary, **changes}.items() if value is not None}
         (tmp_path / name / "summary.json").write_text(json.dumps(edited))
     found = by_name(tmp_path)
-    assert {name: runs.status_cell(found[name]) for name in cases} == {name: shown for name, (_, shown) in
-                                                                        cases.items()}
+    assert {name: runs.status_cell(found[name]) for name in cases} == {
+        name: shown for name, (_, shown) in cases.items()
+    }
     assert (found["old"]["rl_steps"], found["old"]["no_signal_steps"]) == (None, None)
     table = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["runs", str(tmp_path)])
     assert table.exit_code == 0 and "completed (no signal 2/2)" in table.output, table.output
 
 
 def start_run(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bridgectl.cli.app", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=os.environ.copy())
+    return subprocess.Popen(
+        [sys.executable, "-m", "bridgectl.cli.app", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
 
 
 def wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not (run / "metrics.jsonl").exists() or not any(
-            row["stage"] != "init" and row["step"] >= step for row in metric_lines(run)):
+        row["stage"] != "init" and row["step"] >= step for row in metric_lines(run)
+    ):
         assert process.poll() is None, process.stdout.read().decode()
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -189,10 +222,12 @@ def test_running_interrupted_resumed_and_killed(tmp_path):
 
 def write_running(run: Path, beat: dict | None) -> None:
     run.mkdir(parents=True)
-    (run / "summary.json").write_text(json.dumps({"status": "running", "recipe": "rl", "seed": 3,
-                                                  "stages": [{"kind": "rl", "steps": 10}]}))
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "stage": "rl", "wall_s": 2.0 * s}) + "\n"
-                                               for s in range(5)))
+    (run / "summary.json").write_text(
+        json.dumps({"status": "running", "recipe": "rl", "seed": 3, "stages": [{"kind": "rl", "steps": 10}]})
+    )
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "stage": "rl", "wall_s": 2.0 * s}) + "\n" for s in range(5))
+    )
     if beat is not None:
         (run / "heartbeat.json").write_text(json.dumps(beat))
 
@@ -222,8 +257,10 @@ def test_only_the_recorded_process_counts_as_alive(tmp_path):
     assert not liveness.process_alive(child.pid)
     child.wait()
     assert not liveness.process_alive(child.pid)
-    write_running(tmp_path / "reused", {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": ticks + 1,
-                                        "time": time.time()})
+    write_running(
+        tmp_path / "reused",
+        {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": ticks + 1, "time": time.time()},
+    )
     assert runs.list_runs(tmp_path)[0]["status"] == "died"
 
 
@@ -254,7 +291,10 @@ def test_the_last_step_is_read_from_the_end_of_the_log(tmp_path):
 
 
 def test_bad_directories_exit_2_with_a_hint(tmp_path):
-    for args in (["runs", str(tmp_path / "absent")], ["runs", str(tmp_path)],
-                 ["runs", str(tmp_path), "--format", "yaml"]):
+    for args in (
+        ["runs", str(tmp_path / "absent")],
+        ["runs", str(tmp_path)],
+        ["runs", str(tmp_path), "--format", "yaml"],
+    ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and "Error:" in result.output and "Hint:" in result.output, result.output

@@ -13,8 +13,9 @@ from bridgectl.training.setup import build_context
 
 
 def policy_with_two_adapters(sampling: str):
-    cfg = compose(["recipe=rl", "model.finetune=lora", "lora.forward=unmerged", f"lora.sampling={sampling}",
-                   "train.threads=1"])  # peft's own forward: its adapter layers run unless merged
+    cfg = compose(
+        ["recipe=rl", "model.finetune=lora", "lora.forward=unmerged", f"lora.sampling={sampling}", "train.threads=1"]
+    )  # peft's own forward: its adapter layers run unless merged
     policy = build_context(cfg).policy
     add_upper_adapter(policy, "w", 4, 8, cfg.lora, train_base=False)
     torch.manual_seed(0)
@@ -28,13 +29,22 @@ def policy_with_two_adapters(sampling: str):
 def sample(policy) -> tuple[torch.Tensor, int]:
     """Greedy completions of a few prompts, and how many times an adapter's A layer ran while decoding them."""
     calls = []
-    hooks = [module.register_forward_hook(lambda *_: calls.append(1))
-             for name, module in policy.model.named_modules() if name.endswith("lora_A.w")]
+    hooks = [
+        module.register_forward_hook(lambda *_: calls.append(1))
+        for name, module in policy.model.named_modules()
+        if name.endswith("lora_A.w")
+    ]
     policy.model.eval()
     try:
         with policy.merged_for_generation() as model:
-            out = generate(model, policy.tokenizer, ["12+7=", "3*4=", "9-5=", "6+6="], 12, greedy=True,
-                           end_ids=policy.end_tokens.ids)
+            out = generate(
+                model,
+                policy.tokenizer,
+                ["12+7=", "3*4=", "9-5=", "6+6="],
+                12,
+                greedy=True,
+                end_ids=policy.end_tokens.ids,
+            )
     finally:
         for hook in hooks:
             hook.remove()
@@ -43,8 +53,9 @@ def sample(policy) -> tuple[torch.Tensor, int]:
 
 def test_merged_sampling_decodes_what_the_adapters_decode_without_running_them():
     merged, unmerged = policy_with_two_adapters("merged"), policy_with_two_adapters("unmerged")
-    assert all(torch.equal(a, b) for a, b in zip(merged.model.state_dict().values(),
-                                                 unmerged.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(merged.model.state_dict().values(), unmerged.model.state_dict().values())
+    )
     weights = {name: param for name, param in merged.model.named_parameters()}
     before = {name: param.detach().clone() for name, param in weights.items()}
     merged_ids, merged_calls = sample(merged)

@@ -29,8 +29,10 @@ SLOW_INITIAL = [*TINY, "eval.n=16", "eval.batch_size=4", "eval.k=2", "eval.sampl
 
 def rows(run: Path, name: str) -> list[dict]:
     """A jsonl log of the run without what depends on the clock."""
-    return [{k: v for k, v in json.loads(line).items() if k != "wall_s" and not k.startswith("perf/")}
-            for line in (run / name).read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "wall_s" and not k.startswith("perf/")}
+        for line in (run / name).read_text().splitlines()
+    ]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -62,8 +64,7 @@ def test_sigterm_during_the_initial_evaluation_ends_interrupted_with_exit_130(tm
 
 # SIGINT here, SIGTERM during the initial evaluation above: one handler takes both (runner.RunSignals)
 @pytest.mark.parametrize("signal_to_send", [signal.SIGINT], ids=["SIGINT"])
-def test_a_signal_during_the_final_evaluation_resumes_to_the_uninterrupted_result(tmp_path, straight,
-                                                                                  signal_to_send):
+def test_a_signal_during_the_final_evaluation_resumes_to_the_uninterrupted_result(tmp_path, straight, signal_to_send):
     run = tmp_path / "r"
     process = start_run([*SLOW_FINAL, "--out", str(tmp_path), "--name", "r"])
     wait_for_phase(run, "the final evaluation", process)

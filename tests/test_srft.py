@@ -21,8 +21,13 @@ from bridgectl.stages import build_stage
 from bridgectl.stages.srft import mean_entropy, rollout_coefficients, sft_weights
 from bridgectl.training.setup import build_context
 
-SMALL = ["rl.prompts_per_step=4", "rl.num_generations=4", "rl.max_completion_length=16", "train.threads=1",
-         "optim.max_grad_norm=0"]
+SMALL = [
+    "rl.prompts_per_step=4",
+    "rl.num_generations=4",
+    "rl.max_completion_length=16",
+    "train.threads=1",
+    "optim.max_grad_norm=0",
+]
 
 
 # ---- entropies and weights -------------------------------------------------------------------------------------
@@ -30,7 +35,7 @@ def direct_entropies(model, input_ids, mask, first_scored, temperature):
     """-sum_v p_v log p_v at every position t >= first_scored from the whole [rows, tokens, vocabulary] softmax."""
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits
-        logprobs = torch.log_softmax(logits[:, first_scored - 1:-1].float() / temperature, dim=-1)
+        logprobs = torch.log_softmax(logits[:, first_scored - 1 : -1].float() / temperature, dim=-1)
         return -(logprobs.exp() * logprobs).sum(dim=-1)
 
 
@@ -38,9 +43,18 @@ def direct_entropies(model, input_ids, mask, first_scored, temperature):
 def test_entropy_weights_equal_a_direct_computation(wrapped, monkeypatch):
     monkeypatch.setattr(logprobs_module, "LOGIT_CHUNK_ELEMENTS", 40 * 3)  # 3 tokens per chunk: several chunks
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                         tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+        )
+    )
     if wrapped:
         model = ScaledLogits(model)
     generator = torch.Generator().manual_seed(1)
@@ -62,9 +76,12 @@ def test_entropy_weights_equal_a_direct_computation(wrapped, monkeypatch):
     torch.testing.assert_close(h, expected_h, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sft_weights(h, 0.5), 0.5 * torch.exp(-expected_h), atol=1e-5, rtol=1e-5)
     rewards = torch.tensor([1.0, 0.0, 1.0])
-    torch.testing.assert_close(rollout_coefficients(h, rewards, 0.1),
-                               torch.stack([0.1 * torch.exp(expected_h[0]), torch.tensor(-1.0),
-                                            0.1 * torch.exp(expected_h[2])]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        rollout_coefficients(h, rewards, 0.1),
+        torch.stack([0.1 * torch.exp(expected_h[0]), torch.tensor(-1.0), 0.1 * torch.exp(expected_h[2])]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_weights_are_detached():
@@ -76,7 +93,7 @@ def test_weights_are_detached():
 # ---- one step against the loss written out -------------------------------------------------------------------
 def full_logprobs(model, input_ids, mask, first_scored, temperature):
     logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask)).logits
-    logprobs = torch.log_softmax(logits[:, first_scored - 1:-1].float() / temperature, dim=-1)
+    logprobs = torch.log_softmax(logits[:, first_scored - 1 : -1].float() / temperature, dim=-1)
     return logprobs.gather(2, input_ids[:, first_scored:].unsqueeze(2)).squeeze(2)
 
 
@@ -90,8 +107,7 @@ def by_hand(members: list[float]) -> list[float]:
 def test_one_step_gradient_equals_the_srft_loss_gradient(micro, monkeypatch):
     updates = record_updates(monkeypatch)
     sampled = record_returns(monkeypatch, srft_module, "sample_mixed_groups")
-    cfg = compose(["recipe=srft", *SMALL, f"train.micro_batch_size={micro}", "srft.sft_coef=0.7",
-                   "srft.rl_coef=0.2"])
+    cfg = compose(["recipe=srft", *SMALL, f"train.micro_batch_size={micro}", "srft.sft_coef=0.7", "srft.rl_coef=0.2"])
     ctx = build_context(cfg, show_progress=False)
     model = copy.deepcopy(ctx.policy.model)
     output = build_stage("srft", ctx, 3).step()
@@ -102,8 +118,9 @@ def test_one_step_gradient_equals_the_srft_loss_gradient(micro, monkeypatch):
 
     # the demonstrations' advantages by hand: each group is its G - 1 rollouts and its demonstration
     on_rewards, demo_rewards = mixed.scored.rewards.tolist(), mixed.demo_rewards.tolist()
-    demo_adv = torch.tensor([by_hand(on_rewards[g * (G - 1):(g + 1) * (G - 1)] + [demo_rewards[g]])[G - 1]
-                             for g in range(4)])
+    demo_adv = torch.tensor(
+        [by_hand(on_rewards[g * (G - 1) : (g + 1) * (G - 1)] + [demo_rewards[g]])[G - 1] for g in range(4)]
+    )
 
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)

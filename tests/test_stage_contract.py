@@ -1,10 +1,10 @@
 """The stage contract (bridgectl/stages/base.py) and checkpoints reading it (core/checkpoint.py):
 
-    every registered stage is a Stage, with nothing abstract left
-    every optimizer and LR scheduler a built stage holds, wherever in its attributes (sub-stages too), is declared
-    by its optimizers(), under the name checkpoints have always saved it under: its attribute path (the format)
-    checkpoints save what optimizers() and state_dict() declare, not what the attributes hold
-    the shared pieces: a counting stage's state is its step counter; a stage that keeps no state refuses some"""
+every registered stage is a Stage, with nothing abstract left
+every optimizer and LR scheduler a built stage holds, wherever in its attributes (sub-stages too), is declared
+by its optimizers(), under the name checkpoints have always saved it under: its attribute path (the format)
+checkpoints save what optimizers() and state_dict() declare, not what the attributes hold
+the shared pieces: a counting stage's state is its step counter; a stage that keeps no state refuses some"""
 
 from __future__ import annotations
 
@@ -19,8 +19,13 @@ from bridgectl.stages import STAGES, build_stage, stage_class
 from bridgectl.stages.base import CountingStage, Stage
 from bridgectl.training.setup import build_context
 
-SMALL = ["train.threads=1", "rl.prompts_per_step=2", "rl.num_generations=4", "rl.max_completion_length=8",
-         "sft.batch_size=4"]
+SMALL = [
+    "train.threads=1",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=4",
+    "rl.max_completion_length=8",
+    "sft.batch_size=4",
+]
 
 ONE = {"optimizer", "scheduler"}
 SAVED_NAMES = {  # the names trainer.pt holds each stage's optimizer and scheduler states under (recorded runs')
@@ -64,14 +69,14 @@ def test_a_stage_declares_every_optimizer_it_holds_under_its_attribute_path(kind
     stage = build_stage(kind, ctx, 4)
     declared = stage.optimizers()
     assert set(declared) == SAVED_NAMES[kind]
-    assert {name: id(item) for name, item in declared.items()} == {path: id(item)
-                                                                   for path, item in held(stage).items()}
+    assert {name: id(item) for name, item in declared.items()} == {path: id(item) for path, item in held(stage).items()}
     entry, _ = stage_state(stage)
     assert set(entry["optimizers"]) == SAVED_NAMES[kind]
 
 
-@pytest.mark.parametrize("overrides, levels", [(["bridge.upper=none"], ("lower",)),
-                                               (["bridge.shadow=lookahead"], ("lower", "upper"))])
+@pytest.mark.parametrize(
+    "overrides, levels", [(["bridge.upper=none"], ("lower",)), (["bridge.shadow=lookahead"], ("lower", "upper"))]
+)
 def test_bridge_declares_only_the_levels_its_configuration_has(overrides, levels):
     stage = build_stage("bridge", build_context(compose(["recipe=bridge", *SMALL, *overrides]), show_progress=False), 4)
     assert set(stage.optimizers()) == {f"{level}_{kind}" for level in levels for kind in ("optimizer", "scheduler")}
@@ -80,6 +85,7 @@ def test_bridge_declares_only_the_levels_its_configuration_has(overrides, levels
 
 class _OneParameterStage(CountingStage):
     """A counting stage over a stand-in context: one parameter, one SGD, and an optimizer it does not declare."""
+
     name = "probe"
 
     def __init__(self) -> None:  # no TrainContext: the contract alone is under test

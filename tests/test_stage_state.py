@@ -1,13 +1,13 @@
 """Stage state survives a checkpoint (core/checkpoint.py saves what a stage declares):
 
-    relift, stopped after a checkpoint that holds a non-empty buffer and resumed, has the buffer and the metrics of
-    a run never stopped (the real `bridgectl run --resume` path)
-    every registered stage, restored into a fresh stage from a checkpoint, equals the original in every attribute
-    (optimizers and schedulers by their state, tensors by value) and takes the same next step: state a stage kept
-    outside its state_dict would show here; a skipped load_state_dict does
-    checkpoints written before stage state was declared (flat attribute paths, optimizer pairs under their old
-    names, relift's buffer as stream positions) still load
-    an optimizer declared in a tuple, or saved state a stage has no load_state_dict for, is refused loudly"""
+relift, stopped after a checkpoint that holds a non-empty buffer and resumed, has the buffer and the metrics of
+a run never stopped (the real `bridgectl run --resume` path)
+every registered stage, restored into a fresh stage from a checkpoint, equals the original in every attribute
+(optimizers and schedulers by their state, tensors by value) and takes the same next step: state a stage kept
+outside its state_dict would show here; a skipped load_state_dict does
+checkpoints written before stage state was declared (flat attribute paths, optimizer pairs under their old
+names, relift's buffer as stream positions) still load
+an optimizer declared in a tuple, or saved state a stage has no load_state_dict for, is refused loudly"""
 
 from __future__ import annotations
 
@@ -36,8 +36,16 @@ from bridgectl.stages import STAGES, build_stage
 from bridgectl.tasks.arith import ArithTask
 from bridgectl.training.setup import build_context
 
-SMALL = ["train.threads=1", "rl.prompts_per_step=2", "rl.num_generations=4", "rl.max_completion_length=8",
-         "sft.batch_size=4", "relift.buffer_size=3", "interleaved.rl_steps=1", "interleaved.sft_steps=1"]
+SMALL = [
+    "train.threads=1",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=4",
+    "rl.max_completion_length=8",
+    "sft.batch_size=4",
+    "relift.buffer_size=3",
+    "interleaved.rl_steps=1",
+    "interleaved.sft_steps=1",
+]
 BUDGET = 6  # updates each stage is built for (its schedules); the tests take fewer
 
 
@@ -55,16 +63,29 @@ def clean(rows: list[dict]) -> list[dict]:
 # ---- relift through `bridgectl run --resume` ---------------------------------------------------------------------
 def buffers(run: Path) -> dict[int, list]:
     """The relift buffer of each checkpoint of a run, by step."""
-    return {read_checkpoint(path)[0]["step"]: read_checkpoint(path)[1]["stage"]["state"]["buffer"]
-            for path in list_checkpoints(run / "checkpoints")}
+    return {
+        read_checkpoint(path)[0]["step"]: read_checkpoint(path)[1]["stage"]["state"]["buffer"]
+        for path in list_checkpoints(run / "checkpoints")
+    }
 
 
 @pytest.mark.slow
-def test_relift_resumed_from_a_checkpoint_keeps_its_buffer_and_continues_as_the_uninterrupted_run(tmp_path,
-                                                                                                monkeypatch):
+def test_relift_resumed_from_a_checkpoint_keeps_its_buffer_and_continues_as_the_uninterrupted_run(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr(ArithTask, "rewards", staticmethod(odd_answers_fail))
-    args = ["recipe=relift", *SMALL, "rl.prompts_per_step=4", "train.max_steps=6", "train.checkpoint_every=2",
-            "train.keep_checkpoints=3", "train.eval_every=0", "eval.n=4", "--out", str(tmp_path)]
+    args = [
+        "recipe=relift",
+        *SMALL,
+        "rl.prompts_per_step=4",
+        "train.max_steps=6",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=3",
+        "train.eval_every=0",
+        "eval.n=4",
+        "--out",
+        str(tmp_path),
+    ]
     straight = CliRunner().invoke(app, ["run", *args, "--name", "straight"])
     assert straight.exit_code == 0, straight.output
 
@@ -87,8 +108,10 @@ def test_relift_resumed_from_a_checkpoint_keeps_its_buffer_and_continues_as_the_
     kept, expected = buffers(tmp_path / "stopped"), buffers(tmp_path / "straight")
     assert kept[2] and kept[2] == expected[2]  # a buffer to keep, the straight run's at step 2
     assert kept[4] == expected[4]  # after the resume: what the uninterrupted run held at step 4
-    rows = {name: clean([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
-            for name in ("straight", "stopped")}
+    rows = {
+        name: clean([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()])
+        for name in ("straight", "stopped")
+    }
     assert rows["stopped"] == rows["straight"]
     sft_rounds = [row["relift/sft_updates"] for row in rows["straight"] if row["stage"] == "relift"]
     assert sum(sft_rounds[2:]) > 0  # the steps after the resume trained on buffered prompts
@@ -150,14 +173,20 @@ def restored(kind: str, checkpoint: Path, monkeypatch):
 
 
 def save(ctx, stage, directory: Path) -> Path:
-    return save_checkpoint(directory, 2, ctx.policy.model, stage, ctx.sampling_generator,
-                           {"consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed}}, keep=1)
+    return save_checkpoint(
+        directory,
+        2,
+        ctx.policy.model,
+        stage,
+        ctx.sampling_generator,
+        {"consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed}},
+        keep=1,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(STAGES))
-def test_a_restored_stage_equals_the_original_in_every_attribute_and_takes_the_same_step(kind, tmp_path,
-                                                                                         monkeypatch):
+def test_a_restored_stage_equals_the_original_in_every_attribute_and_takes_the_same_step(kind, tmp_path, monkeypatch):
     ctx, stage = stage_after_steps(kind, monkeypatch)
     checkpoint = save(ctx, stage, tmp_path)
     before = snapshot(stage)
@@ -178,10 +207,14 @@ def test_a_stage_whose_state_is_not_restored_is_caught(tmp_path, monkeypatch):
 
 
 # ---- checkpoints written before stage state was declared ---------------------------------------------------------
-LEGACY_PAIRS = {"relift": {"rl_opt": ("optimizer", "scheduler"), "sft_opt": ("sft_optimizer", "sft_scheduler")},
-                "bridge": {"lower_opt": ("lower_optimizer", "lower_scheduler"),
-                           "upper_opt": ("upper_optimizer", "upper_scheduler"),
-                           "shadow_opt": ("shadow_optimizer", "shadow_scheduler")}}
+LEGACY_PAIRS = {
+    "relift": {"rl_opt": ("optimizer", "scheduler"), "sft_opt": ("sft_optimizer", "sft_scheduler")},
+    "bridge": {
+        "lower_opt": ("lower_optimizer", "lower_scheduler"),
+        "upper_opt": ("upper_optimizer", "upper_scheduler"),
+        "shadow_opt": ("shadow_optimizer", "shadow_scheduler"),
+    },
+}
 """The (optimizer, scheduler) attribute pairs of those stages then, as the attributes they became."""
 
 
@@ -190,8 +223,11 @@ def legacy_layout(kind: str, entry: dict, tensors: dict, ctx) -> tuple[dict, dic
     of attribute path -> integer or optimizer/scheduler state, pairs as lists under their old names, relift's buffer
     as the positions of its problems in the RL stream (a tensor) and their count."""
     optimizers, state = dict(entry["optimizers"]), dict(entry["state"])
-    flat = {old: [optimizers.pop(a), optimizers.pop(b)] for old, (a, b) in LEGACY_PAIRS.get(kind, {}).items()
-            if a in optimizers}
+    flat = {
+        old: [optimizers.pop(a), optimizers.pop(b)]
+        for old, (a, b) in LEGACY_PAIRS.get(kind, {}).items()
+        if a in optimizers
+    }
     flat.update(optimizers)
     tensors = dict(tensors)
     if kind == "relift":
@@ -199,7 +235,7 @@ def legacy_layout(kind: str, entry: dict, tensors: dict, ctx) -> tuple[dict, dic
         position = {(p.question, p.trace_completion): i for i, p in enumerate(stream)}
         buffer = state.pop("buffer")
         slots = torch.full((BUDGET * ctx.cfg.rl.prompts_per_step,), -1, dtype=torch.long)
-        slots[:len(buffer)] = torch.tensor([position[(d["question"], d["trace_completion"])] for d in buffer])
+        slots[: len(buffer)] = torch.tensor([position[(d["question"], d["trace_completion"])] for d in buffer])
         tensors["stage/buffer/stream_index"] = slots
         state["buffered"] = len(buffer)
     for key, value in state.items():
@@ -249,9 +285,15 @@ class _CounterOnlyStage:
 
 
 def test_state_a_checkpoint_would_miss_or_could_not_give_back_is_refused():
-    with pytest.raises(TypeError, match=r"_PairedStage.optimizers\(\)\['pair'\] is a tuple: declare each optimizer "
-                                        "and scheduler under a name of its own"):
+    with pytest.raises(
+        TypeError,
+        match=r"_PairedStage.optimizers\(\)\['pair'\] is a tuple: declare each optimizer "
+        "and scheduler under a name of its own",
+    ):
         stage_state(_PairedStage())
-    with pytest.raises(TypeError, match=r"holds state \(updates\) for the _CounterOnlyStage, which has no "
-                                        "load_state_dict"):
+    with pytest.raises(
+        TypeError,
+        match=r"holds state \(updates\) for the _CounterOnlyStage, which has no "
+        "load_state_dict",
+    ):
         load_stage_state(_CounterOnlyStage(), {"optimizers": {}, "state": {"updates": 3}}, {})

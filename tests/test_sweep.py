@@ -27,8 +27,10 @@ from bridgectl.training.runner import run
 
 pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
-TINY = ("[recipe=bridge, train.max_steps=2, rl.prompts_per_step=2, rl.num_generations=2, sft.batch_size=4, "
-        "eval.n=10, train.threads=1]")
+TINY = (
+    "[recipe=bridge, train.max_steps=2, rl.prompts_per_step=2, rl.num_generations=2, sft.batch_size=4, "
+    "eval.n=10, train.threads=1]"
+)
 
 
 def write_spec(tmp_path: Path, body: str, name: str = "spec.yaml") -> Path:
@@ -42,8 +44,11 @@ def summaries(sweep_dir: Path) -> list[dict]:
 
 
 def test_grid_sweep_runs_tagged_trials_and_resumes(tmp_path):
-    spec = write_spec(tmp_path, f"name: lam\nbase: {TINY}\nseeds: [0, 1]\nsampler: grid\n"
-                                "params:\n  bridge.lam: {type: float, values: [0.3, 0.7]}\n")
+    spec = write_spec(
+        tmp_path,
+        f"name: lam\nbase: {TINY}\nseeds: [0, 1]\nsampler: grid\n"
+        "params:\n  bridge.lam: {type: float, values: [0.3, 0.7]}\n",
+    )
     result = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     runs = summaries(tmp_path / "out" / "lam")
@@ -62,8 +67,11 @@ def test_grid_sweep_runs_tagged_trials_and_resumes(tmp_path):
 
 def test_a_crashing_trial_is_failed_and_the_sweep_goes_on(tmp_path):
     # test_ops=[1,1] holds fewer than 30 distinct held-out problems: that trial raises at run time
-    spec = write_spec(tmp_path, f"name: crash\nbase: {TINY}\nsampler: grid\n"
-                                "params:\n  task.test_ops: {type: categorical, choices: ['[3,4]', '[1,1]']}\n")
+    spec = write_spec(
+        tmp_path,
+        f"name: crash\nbase: {TINY}\nsampler: grid\n"
+        "params:\n  task.test_ops: {type: categorical, choices: ['[3,4]', '[1,1]']}\n",
+    )
     spec.write_text(spec.read_text().replace("eval.n=10", "eval.n=30"))
     study = sweep.run_sweep(spec, tmp_path / "out", workers=1, storage_url=None)
     states = sorted(t.state.name for t in study.trials)
@@ -76,11 +84,16 @@ def test_two_worker_processes_draw_distinct_params_with_their_own_seeds(tmp_path
     """--workers 2, random sampler, a 2-point space and n_trials 3: the two worker processes run the two points
     once each (never one twice), each trial's sampler seed is recorded and its own, and the sweep says it stopped
     because the space ran out."""
-    spec = write_spec(tmp_path, f"name: par\nbase: {TINY}\nsampler: random\nn_trials: 3\n"
-                                "params:\n  bridge.lam: {type: categorical, choices: [0.3, 0.7]}\n")
+    spec = write_spec(
+        tmp_path,
+        f"name: par\nbase: {TINY}\nsampler: random\nn_trials: 3\n"
+        "params:\n  bridge.lam: {type: categorical, choices: [0.3, 0.7]}\n",
+    )
     study = sweep.run_sweep(spec, tmp_path / "out", workers=2, storage_url=None)
     ran = [t for t in study.trials if not sweep_claims.is_disposed(t)]
-    assert sorted(t.params["bridge.lam"] for t in ran) == [0.3, 0.7] and all(t.state == TrialState.COMPLETE for t in ran)
+    assert sorted(t.params["bridge.lam"] for t in ran) == [0.3, 0.7] and all(
+        t.state == TrialState.COMPLETE for t in ran
+    )
     assert sorted(r["params"]["bridge.lam"] for r in summaries(tmp_path / "out" / "par")) == [0.3, 0.7]
     sampled = [t for t in ran if "replaces" not in t.user_attrs]  # a duplicate draw's replacement has no draw
     assert all(t.user_attrs["sampler_seed"] == sweep_claims.trial_seed("par", t.number) for t in sampled)
@@ -89,8 +102,17 @@ def test_two_worker_processes_draw_distinct_params_with_their_own_seeds(tmp_path
 
 
 def test_stop_run_from_an_eval_callback_ends_the_run_with_its_status(tmp_path):
-    cfg = compose(["recipe=rl", "train.max_steps=4", "train.eval_every=2", "rl.prompts_per_step=2",
-                   "rl.num_generations=2", "eval.n=10", "train.threads=1"])
+    cfg = compose(
+        [
+            "recipe=rl",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "rl.prompts_per_step=2",
+            "rl.num_generations=2",
+            "eval.n=10",
+            "train.threads=1",
+        ]
+    )
     seen = []
 
     def prune(step, metrics):
@@ -103,40 +125,43 @@ def test_stop_run_from_an_eval_callback_ends_the_run_with_its_status(tmp_path):
     assert seen == [(2, True)] and summary["status"] == "pruned" and summary["steps"] == 2
 
 
-@pytest.mark.parametrize("body,message", [
-    ("sampler: annealing\nparams: {seed: {type: int, low: 0, high: 1}}\n", "unknown sampler"),
-    ("pruner: wise\nparams: {seed: {type: int, low: 0, high: 1}}\n", "unknown pruner"),
-    ("params: {bridge.lamda: {type: float, low: 0.1, high: 0.9}}\n", "unknown key 'bridge.lamda'"),
-    ("params: {bridge.lam: {low: 0.1, high: 0.9}}\n", "needs a type"),
-    ("sampler: grid\nparams: {bridge.lam: {type: float, low: 0.1, high: 0.9}}\n", "needs a list of values"),
-    ("n_trials: 0\n", "n_trials must be positive"),
-    ("objective: {metric: train/reward_mean}\n", "unsupported objective metric"),
-    ("colour: blue\n", "unknown key(s) in sweep spec"),
-    ("params: [1, 2\n", "not valid YAML"),
-    ("sampler: tpe\n", "has no params to search"),
-    ("params: {bridge.lam: {type: float, low: 0.9, high: 0.1}}\n", "is not below high"),
-    ("params: {bridge.beta: {type: float, low: 0, high: 0.1, log: true}}\n", "log scale needs low > 0"),
-    ("objective: {metric: eval/valid/accuracy}\nparams: {seed: {type: int, low: 0, high: 1}}\n", "never logged"),
-    # fields of the wrong YAML type: named, with an example, before any value is used
-    ('seeds: "abc"\n', "field 'seeds' must be a list of integers, got a string ('abc')"),
-    ("seeds: 3\n", "field 'seeds' must be a list of integers, got an integer"),
-    ("seeds: [0, 1.5]\n", "field 'seeds' must be a list of integers"),
-    ('n_trials: "x"\n', "field 'n_trials' must be an integer, got a string ('x')"),
-    ("n_trials: true\n", "field 'n_trials' must be an integer, got a boolean"),
-    ("params: [1, 2]\n", "field 'params' must be a mapping of config keys, got a list"),
-    ("objective: 3\n", "field 'objective' must be a mapping, got an integer (3)"),
-    ("objective: {metric: 3}\n", "field 'objective.metric' must be a string"),
-    ("objective: {metrc: eval/test/accuracy}\n", "unknown key(s) in objective: metrc"),
-    ('base: "recipe=bridge"\n', "field 'base' must be a list of overrides, got a string"),
-    ("name: [a, b]\n", "field 'name' must be a string, got a list"),
-    ("sampler: 3\n", "field 'sampler' must be a string"),
-    ("params: {bridge.lam: 0.5}\n", "param 'bridge.lam' must be a mapping, got a number (0.5)"),
-    ("params: {bridge.lam: {type: float, low: a, high: 0.9}}\n", "param 'bridge.lam': low must be a number"),
-    ("params: {rl.num_generations: {type: int, low: 2.5, high: 4}}\n", "low must be an integer"),
-    ("params: {bridge.lam: {type: float, low: 0.1, high: 0.9, log: yes please}}\n", "log must be true or false"),
-    ("params: {lora.rank: {type: categorical, choices: 4}}\n", "choices must be a non-empty list"),
-    ("params: {bridge.lam: {type: float, low: 0.1, high: 0.9, step: 0.1}}\n", "unknown key(s): step"),
-])
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("sampler: annealing\nparams: {seed: {type: int, low: 0, high: 1}}\n", "unknown sampler"),
+        ("pruner: wise\nparams: {seed: {type: int, low: 0, high: 1}}\n", "unknown pruner"),
+        ("params: {bridge.lamda: {type: float, low: 0.1, high: 0.9}}\n", "unknown key 'bridge.lamda'"),
+        ("params: {bridge.lam: {low: 0.1, high: 0.9}}\n", "needs a type"),
+        ("sampler: grid\nparams: {bridge.lam: {type: float, low: 0.1, high: 0.9}}\n", "needs a list of values"),
+        ("n_trials: 0\n", "n_trials must be positive"),
+        ("objective: {metric: train/reward_mean}\n", "unsupported objective metric"),
+        ("colour: blue\n", "unknown key(s) in sweep spec"),
+        ("params: [1, 2\n", "not valid YAML"),
+        ("sampler: tpe\n", "has no params to search"),
+        ("params: {bridge.lam: {type: float, low: 0.9, high: 0.1}}\n", "is not below high"),
+        ("params: {bridge.beta: {type: float, low: 0, high: 0.1, log: true}}\n", "log scale needs low > 0"),
+        ("objective: {metric: eval/valid/accuracy}\nparams: {seed: {type: int, low: 0, high: 1}}\n", "never logged"),
+        # fields of the wrong YAML type: named, with an example, before any value is used
+        ('seeds: "abc"\n', "field 'seeds' must be a list of integers, got a string ('abc')"),
+        ("seeds: 3\n", "field 'seeds' must be a list of integers, got an integer"),
+        ("seeds: [0, 1.5]\n", "field 'seeds' must be a list of integers"),
+        ('n_trials: "x"\n', "field 'n_trials' must be an integer, got a string ('x')"),
+        ("n_trials: true\n", "field 'n_trials' must be an integer, got a boolean"),
+        ("params: [1, 2]\n", "field 'params' must be a mapping of config keys, got a list"),
+        ("objective: 3\n", "field 'objective' must be a mapping, got an integer (3)"),
+        ("objective: {metric: 3}\n", "field 'objective.metric' must be a string"),
+        ("objective: {metrc: eval/test/accuracy}\n", "unknown key(s) in objective: metrc"),
+        ('base: "recipe=bridge"\n', "field 'base' must be a list of overrides, got a string"),
+        ("name: [a, b]\n", "field 'name' must be a string, got a list"),
+        ("sampler: 3\n", "field 'sampler' must be a string"),
+        ("params: {bridge.lam: 0.5}\n", "param 'bridge.lam' must be a mapping, got a number (0.5)"),
+        ("params: {bridge.lam: {type: float, low: a, high: 0.9}}\n", "param 'bridge.lam': low must be a number"),
+        ("params: {rl.num_generations: {type: int, low: 2.5, high: 4}}\n", "low must be an integer"),
+        ("params: {bridge.lam: {type: float, low: 0.1, high: 0.9, log: yes please}}\n", "log must be true or false"),
+        ("params: {lora.rank: {type: categorical, choices: 4}}\n", "choices must be a non-empty list"),
+        ("params: {bridge.lam: {type: float, low: 0.1, high: 0.9, step: 0.1}}\n", "unknown key(s): step"),
+    ],
+)
 def test_bad_specs_exit_2_and_run_nothing(tmp_path, body, message):
     spec = write_spec(tmp_path, body)
     result = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out")])
@@ -159,8 +184,10 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_completed_trials(tmp_pa
     """SIGKILL the real `bridgectl sweep` process while its second trial runs (after that run's first checkpoint),
     then re-run the same command: the retry of the killed trial continues its run from the checkpoint."""
     base = TINY.replace("train.max_steps=2", "train.max_steps=6, train.checkpoint_every=2")
-    spec_path = write_spec(tmp_path, f"name: kill\nbase: {base}\nsampler: grid\n"
-                                     "params:\n  bridge.lam: {type: float, values: [0.2, 0.5, 0.8]}\n")
+    spec_path = write_spec(
+        tmp_path,
+        f"name: kill\nbase: {base}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.2, 0.5, 0.8]}}\n",
+    )
     sweep_dir = tmp_path / "out" / "kill"
     command = [sys.executable, "-m", "bridgectl.cli.app", "sweep", str(spec_path), "--out", str(tmp_path / "out")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
@@ -195,8 +222,10 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_completed_trials(tmp_pa
     assert not (sweep_dir / "trial-001-seed0").exists()  # taken over by the retry, not started again
     retried = json.loads((sweep_dir / f"trial-{retry.number:03d}-seed0" / "summary.json").read_text())
     assert retried["resumed_from_step"] >= 2 and retried["trial"] == retry.number
-    steps = [json.loads(line)["step"] for line in
-             (sweep_dir / f"trial-{retry.number:03d}-seed0" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (sweep_dir / f"trial-{retry.number:03d}-seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == 6  # one history from step 0, no repeats
     assert len([s for s in steps if s == 1]) == 1
 
@@ -204,8 +233,10 @@ def test_a_sweep_killed_midway_resumes_without_rerunning_completed_trials(tmp_pa
 def test_resume_leaves_trials_of_live_workers_alone(tmp_path):
     """A RUNNING trial whose process is alive (here, or on another machine with a fresh heartbeat) is neither
     failed nor queued again, so a second worker can join a running sweep."""
-    spec_path = write_spec(tmp_path, f"name: live\nbase: {TINY}\nsampler: grid\n"
-                                     "params:\n  bridge.lam: {type: float, values: [0.2, 0.8]}\n")
+    spec_path = write_spec(
+        tmp_path,
+        f"name: live\nbase: {TINY}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.2, 0.8]}}\n",
+    )
     spec = sweep_spec.load_spec(spec_path)
     sweep_dir = tmp_path / "out" / "live"
     sweep_dir.mkdir(parents=True)
@@ -214,8 +245,9 @@ def test_resume_leaves_trials_of_live_workers_alone(tmp_path):
     alive = study.ask()  # taken by a worker that is still running
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        study._storage.set_trial_system_attr(alive._trial_id, "heartbeat",
-                                             {"host": socket.gethostname(), "pid": helper.pid, "time": time.time()})
+        study._storage.set_trial_system_attr(
+            alive._trial_id, "heartbeat", {"host": socket.gethostname(), "pid": helper.pid, "time": time.time()}
+        )
         assert not sweep_claims.is_dead(study.trials[alive.number])
         assert sweep_claims.fail_dead(study) == []
         sweep_claims.queue_missing(study, spec)
@@ -237,8 +269,9 @@ def test_heartbeats_from_other_machines_go_stale(host_is_here, beat_age, dead):
 
 
 def test_heartbeat_records_the_process_while_the_trial_runs(tmp_path):
-    spec_path = write_spec(tmp_path, f"name: beat\nbase: {TINY}\nsampler: grid\n"
-                                     "params:\n  bridge.lam: {type: float, values: [0.5]}\n")
+    spec_path = write_spec(
+        tmp_path, f"name: beat\nbase: {TINY}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.5]}}\n"
+    )
     study = sweep.make_study(sweep_spec.load_spec(spec_path), tmp_path, None)
     trial = study.ask()
     with sweep_claims.heartbeat(study._storage, trial._trial_id, interval=0.05):
@@ -250,11 +283,15 @@ def test_heartbeat_records_the_process_while_the_trial_runs(tmp_path):
 
 
 def test_live_view_counts_running_trials_of_every_worker(tmp_path):
-    spec_path = write_spec(tmp_path, f"name: view\nbase: {TINY}\nsampler: random\nn_trials: 2\n"
-                                     "params:\n  bridge.lam: {type: float, low: 0.2, high: 0.8}\n")
+    spec_path = write_spec(
+        tmp_path,
+        f"name: view\nbase: {TINY}\nsampler: random\nn_trials: 2\n"
+        "params:\n  bridge.lam: {type: float, low: 0.2, high: 0.8}\n",
+    )
     seen = []
-    study = sweep.run_sweep(spec_path, tmp_path / "out", workers=2, storage_url=None, on_progress=seen.append,
-                            poll_seconds=0.1)
+    study = sweep.run_sweep(
+        spec_path, tmp_path / "out", workers=2, storage_url=None, on_progress=seen.append, poll_seconds=0.1
+    )
     assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 2
     assert len({t.params["bridge.lam"] for t in study.trials}) == 2  # each worker's trial drew with its own seed
     assert max(p.running for p in seen) >= 1  # trials running in the worker processes were seen live
@@ -262,39 +299,65 @@ def test_live_view_counts_running_trials_of_every_worker(tmp_path):
 
 
 def test_submitit_local_launcher_completes_a_trial(tmp_path):
-    spec_path = write_spec(tmp_path, f"name: jobs\nbase: {TINY}\nsampler: grid\n"
-                                     "params:\n  bridge.lam: {type: float, values: [0.4]}\n")
-    result = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--launcher",
-                                      "submitit-local", "--launcher-opt", "timeout_min=10"])
+    spec_path = write_spec(
+        tmp_path, f"name: jobs\nbase: {TINY}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.4]}}\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            str(spec_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--launcher",
+            "submitit-local",
+            "--launcher-opt",
+            "timeout_min=10",
+        ],
+    )
     assert result.exit_code == 0, result.output
     runs = summaries(tmp_path / "out" / "jobs")
     assert [(r["status"], r["params"]) for r in runs] == [("completed", {"bridge.lam": 0.4})]
     assert any((tmp_path / "out" / "jobs" / "submitit").glob("*_result.pkl"))  # it ran as a submitit job
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--launcher", "pbs"], "unknown launcher 'pbs'"),
-    (["--launcher", "submitit-local", "--launcher-opt", "colour=blue"], "submitit rejected"),
-    (["--launcher", "submitit-local", "--launcher-opt", "timeout_min"], "expects KEY=VALUE"),
-    (["--launcher-opt", "timeout_min=5"], "applies to --launcher slurm"),
-    (["--launcher", "slurm"], "srun"),  # this machine has no Slurm
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--launcher", "pbs"], "unknown launcher 'pbs'"),
+        (["--launcher", "submitit-local", "--launcher-opt", "colour=blue"], "submitit rejected"),
+        (["--launcher", "submitit-local", "--launcher-opt", "timeout_min"], "expects KEY=VALUE"),
+        (["--launcher-opt", "timeout_min=5"], "applies to --launcher slurm"),
+        (["--launcher", "slurm"], "srun"),  # this machine has no Slurm
+    ],
+)
 def test_bad_launcher_settings_exit_2_and_write_nothing(tmp_path, args, message):
-    spec = write_spec(tmp_path, f"name: l\nbase: {TINY}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.5]}}\n")
+    spec = write_spec(
+        tmp_path, f"name: l\nbase: {TINY}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.5]}}\n"
+    )
     result = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out"), *args])
     assert result.exit_code == 2 and "Error:" in result.output and message in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("status, checkpoint, taken", [
-    ("completed", False, True), ("running", True, True), ("interrupted", True, True),
-    ("running", False, False), ("failed", True, False),
-])
+@pytest.mark.parametrize(
+    "status, checkpoint, taken",
+    [
+        ("completed", False, True),
+        ("running", True, True),
+        ("interrupted", True, True),
+        ("running", False, False),
+        ("failed", True, False),
+    ],
+)
 def test_a_retry_takes_over_finished_or_checkpointed_runs_only(tmp_path, status, checkpoint, taken):
     """What a retried trial continues (sweep._continuable_run): the newest attempt of the dead trial's run of that
     seed, when it completed or stopped with a checkpoint; a run that failed on its own starts again."""
-    for name, run_status in (("trial-004-seed1", "running"), ("trial-004-seed1-attempt2", status),
-                             ("trial-004-seed11", "completed")):
+    for name, run_status in (
+        ("trial-004-seed1", "running"),
+        ("trial-004-seed1-attempt2", status),
+        ("trial-004-seed11", "completed"),
+    ):
         (tmp_path / name / "checkpoints").mkdir(parents=True)
         (tmp_path / name / "summary.json").write_text(json.dumps({"status": run_status}))
     if checkpoint:
@@ -308,14 +371,17 @@ def start_sweep(spec: Path, out: Path, *options: str) -> subprocess.Popen:
     """A real `bridgectl sweep` process in its own process group (so end_group can take its workers too), its
     output captured."""
     command = [sys.executable, "-m", "bridgectl.cli.app", "sweep", str(spec), "--out", str(out), *options]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def described(processes: list[subprocess.Popen], outputs: list[str]) -> str:
     """Each ended process's exit status and output, as one string (an assertion shows it whole, not cut)."""
-    return "\n".join(f"--- process {index} (exit {process.returncode}):\n{output}"
-                     for index, (process, output) in enumerate(zip(processes, outputs)))
+    return "\n".join(
+        f"--- process {index} (exit {process.returncode}):\n{output}"
+        for index, (process, output) in enumerate(zip(processes, outputs))
+    )
 
 
 def end_group(process: subprocess.Popen) -> None:
@@ -328,8 +394,10 @@ def end_group(process: subprocess.Popen) -> None:
 def test_two_sweep_processes_on_one_grid_run_every_point_exactly_once(tmp_path):
     """Two `bridgectl sweep` processes started together on one 2-point grid (one journal): every point runs
     once, in one of them; a queue copy either enqueued in the race is disposed, never run."""
-    spec_path = write_spec(tmp_path, f"name: race\nbase: {TINY}\nsampler: grid\n"
-                                     "params:\n  bridge.lam: {type: float, values: [0.2, 0.8]}\n")
+    spec_path = write_spec(
+        tmp_path,
+        f"name: race\nbase: {TINY}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.2, 0.8]}}\n",
+    )
     processes = [start_sweep(spec_path, tmp_path / "out") for _ in range(2)]
     try:
         outputs = [process.communicate(timeout=240)[0] for process in processes]
@@ -355,8 +423,9 @@ def test_a_killed_worker_process_is_reported_and_its_trial_retried(tmp_path):
     import threading
 
     base = TINY.replace("train.max_steps=2", "train.max_steps=6, train.checkpoint_every=2")
-    spec_path = write_spec(tmp_path, f"name: wk\nbase: {base}\nsampler: grid\n"
-                                     "params:\n  bridge.lam: {type: float, values: [0.3, 0.7]}\n")
+    spec_path = write_spec(
+        tmp_path, f"name: wk\nbase: {base}\nsampler: grid\nparams:\n  bridge.lam: {{type: float, values: [0.3, 0.7]}}\n"
+    )
     sweep_dir, spec = tmp_path / "out" / "wk", sweep_spec.load_spec(spec_path)
     ended = {}
     command = ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--workers", "2"]
@@ -390,8 +459,11 @@ def test_a_killed_worker_process_is_reported_and_its_trial_retried(tmp_path):
 def test_a_dead_trial_whose_retry_fails_makes_the_sweep_exit_1(tmp_path):
     """A trial left running by a process that is gone is reported and retried; when the retry does not complete
     (here it fails: fewer than 30 held-out problems) the sweep exits 1 naming the trial."""
-    spec_path = write_spec(tmp_path, f"name: lost\nbase: {TINY}\nsampler: grid\n"
-                                     "params:\n  task.test_ops: {type: categorical, choices: ['[1,1]']}\n")
+    spec_path = write_spec(
+        tmp_path,
+        f"name: lost\nbase: {TINY}\nsampler: grid\n"
+        "params:\n  task.test_ops: {type: categorical, choices: ['[1,1]']}\n",
+    )
     spec_path.write_text(spec_path.read_text().replace("eval.n=10", "eval.n=30"))
     spec, sweep_dir = sweep_spec.load_spec(spec_path), tmp_path / "out" / "lost"
     sweep_dir.mkdir(parents=True)
@@ -400,8 +472,9 @@ def test_a_dead_trial_whose_retry_fails_makes_the_sweep_exit_1(tmp_path):
     held = sweep_claims.claim_queued(study, "elsewhere")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid that no longer exists
-    study._storage.set_trial_system_attr(held._trial_id, "heartbeat",
-                                         {"host": socket.gethostname(), "pid": gone.pid, "time": time.time()})
+    study._storage.set_trial_system_attr(
+        held._trial_id, "heartbeat", {"host": socket.gethostname(), "pid": gone.pid, "time": time.time()}
+    )
     result = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out")])
     said = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
@@ -413,8 +486,17 @@ def test_a_dead_trial_whose_retry_fails_makes_the_sweep_exit_1(tmp_path):
 
 def bare_spec(sampler: str, params: dict, n_trials: int = 2) -> sweep_spec.SweepSpec:
     """A spec for claim tests that run nothing (no config is composed)."""
-    return sweep_spec.SweepSpec(name="claims", base=[], seeds=[0], metric="eval/test/accuracy", direction="maximize",
-                           sampler=sampler, n_trials=n_trials, pruner="none", params=params)
+    return sweep_spec.SweepSpec(
+        name="claims",
+        base=[],
+        seeds=[0],
+        metric="eval/test/accuracy",
+        direction="maximize",
+        sampler=sampler,
+        n_trials=n_trials,
+        pruner="none",
+        params=params,
+    )
 
 
 STORAGES = [None, "sqlite"]
@@ -480,14 +562,22 @@ def test_concurrent_sampled_claims_keep_n_trials_and_distinct_points(tmp_path, m
         return create(study, user_attrs, system_attrs)
 
     monkeypatch.setattr(sweep_claims, "_new_trial", together)
-    monkeypatch.setattr(sweep_claims, "make_sampler",  # every worker's sampler draws rank 4
-                        lambda kind, seed: optuna.samplers.PartialFixedSampler({"lora.rank": 4},
-                                                                               optuna.samplers.RandomSampler(seed)))
+    monkeypatch.setattr(
+        sweep_claims,
+        "make_sampler",  # every worker's sampler draws rank 4
+        lambda kind, seed: optuna.samplers.PartialFixedSampler({"lora.rank": 4}, optuna.samplers.RandomSampler(seed)),
+    )
     url = storage_url(storage, tmp_path)
     sweep.make_study(spec, tmp_path, url)  # created once, before the workers open it
     claimed = {}
-    threads = [threading.Thread(target=lambda i=i: claimed.update({i: sweep_claims.claim_sampled(
-        sweep.make_study(spec, tmp_path, url), spec, f"w{i}")})) for i in range(3)]
+    threads = [
+        threading.Thread(
+            target=lambda i=i: claimed.update(
+                {i: sweep_claims.claim_sampled(sweep.make_study(spec, tmp_path, url), spec, f"w{i}")}
+            )
+        )
+        for i in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -495,8 +585,11 @@ def test_concurrent_sampled_claims_keep_n_trials_and_distinct_points(tmp_path, m
     study = sweep.make_study(spec, tmp_path, url)
     won = [trial for trial in claimed.values() if trial is not None]
     assert sorted(trial.params["lora.rank"] for trial in won) == [4, 8]  # two claims, distinct points
-    reasons = sorted(t.system_attrs[sweep_claims.DISPOSED].split(":")[0].split(" ")[0] for t in study.trials
-                     if sweep_claims.is_disposed(t))
+    reasons = sorted(
+        t.system_attrs[sweep_claims.DISPOSED].split(":")[0].split(" ")[0]
+        for t in study.trials
+        if sweep_claims.is_disposed(t)
+    )
     assert reasons == ["duplicate", "surplus"]
     replacement = next(t for t in study.trials if "replaces" in t.user_attrs)
     assert replacement.params == {"lora.rank": 8} and not sweep_claims.is_disposed(replacement)

@@ -18,19 +18,31 @@ from bridgectl.sweep import study as sweep
 
 pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
-SETTINGS = ["recipe=rl", "train.threads=1", "train.max_steps=2", "train.eval_every=1", "rl.prompts_per_step=2",
-            "rl.num_generations=2", "eval.n=8", "train.checkpoint_every=0", "seed=0"]
+SETTINGS = [
+    "recipe=rl",
+    "train.threads=1",
+    "train.max_steps=2",
+    "train.eval_every=1",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "eval.n=8",
+    "train.checkpoint_every=0",
+    "seed=0",
+]
 
 
 def test_a_trial_of_nproc_2_equals_the_same_run_launched_alone(tmp_path):
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(f"name: np\nbase: [{', '.join(SETTINGS[:-1])}]\nsampler: grid\nnproc: 2\n"
-                         "params:\n  rl.lr: {type: float, values: [2.0e-4]}\n")
+    spec_path.write_text(
+        f"name: np\nbase: [{', '.join(SETTINGS[:-1])}]\nsampler: grid\nnproc: 2\n"
+        "params:\n  rl.lr: {type: float, values: [2.0e-4]}\n"
+    )
     swept = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out")])
     assert swept.exit_code == 0, swept.output
     assert "in 2 processes each" in swept.output
-    alone = CliRunner().invoke(app, ["run", *SETTINGS, "rl.lr=2.0e-4", "--nproc", "2", "--out", str(tmp_path),
-                                     "--name", "alone"])
+    alone = CliRunner().invoke(
+        app, ["run", *SETTINGS, "rl.lr=2.0e-4", "--nproc", "2", "--out", str(tmp_path), "--name", "alone"]
+    )
     assert alone.exit_code == 0, alone.output
 
     trial_dir = tmp_path / "out" / "np" / "trial-000-seed0"
@@ -55,8 +67,19 @@ def test_a_trial_of_nproc_2_equals_the_same_run_launched_alone(tmp_path):
 
     # the same trial over two "nodes": a job of two torchrun tasks (submitit's local executor plays SLURM)
     spec_path.write_text(spec_path.read_text().replace("name: np", "name: nn").replace("nproc: 2", "nnodes: 2"))
-    jobs = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--launcher",
-                                    "submitit-local", "--launcher-opt", "timeout_min=10"])
+    jobs = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            str(spec_path),
+            "--out",
+            str(tmp_path / "out"),
+            "--launcher",
+            "submitit-local",
+            "--launcher-opt",
+            "timeout_min=10",
+        ],
+    )
     assert jobs.exit_code == 0, jobs.output
     assert "as submitit-local jobs of 2 nodes x 1 processes" in " ".join(jobs.output.split())
     job_dir = tmp_path / "out" / "nn" / "trial-000-seed0"
@@ -73,8 +96,10 @@ def test_a_trial_of_nproc_2_equals_the_same_run_launched_alone(tmp_path):
 
 def test_a_batch_that_does_not_split_over_nproc_exits_2_and_writes_nothing(tmp_path):
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(f"name: np\nbase: [{', '.join(SETTINGS[:-1])}]\nsampler: grid\n"
-                         "params:\n  rl.lr: {type: float, values: [2.0e-4]}\n")
+    spec_path.write_text(
+        f"name: np\nbase: [{', '.join(SETTINGS[:-1])}]\nsampler: grid\n"
+        "params:\n  rl.lr: {type: float, values: [2.0e-4]}\n"
+    )
     result = CliRunner().invoke(app, ["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--nproc", "3"])
     assert result.exit_code == 2, result.output
     assert "rl.prompts_per_step=2 does not split evenly over 3 processes" in " ".join(result.output.split())
@@ -101,8 +126,9 @@ def test_a_pruned_torchrun_trial_is_stopped_and_its_run_ends_interrupted(tmp_pat
     run_path = tmp_path / "trial-000-seed0"
     settings = [s.replace("train.max_steps=2", "train.max_steps=40") for s in SETTINGS]
     with pytest.raises(StopRun):
-        sweep._run_under_torchrun(2, settings, run_path, {"study": "p", "trial": 0}, prune, resume=False,
-                                  poll_seconds=0.1)
+        sweep._run_under_torchrun(
+            2, settings, run_path, {"study": "p", "trial": 0}, prune, resume=False, poll_seconds=0.1
+        )
     summary = json.loads((run_path / "summary.json").read_text())
     assert seen == [0] and summary["status"] == "interrupted" and summary["study"] == "p"
     assert max(r["step"] for r in rows(run_path)) < 40

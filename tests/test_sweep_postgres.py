@@ -20,14 +20,19 @@ from bridgectl.sweep import study as sweep
 
 pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
-BASE = ("[recipe=rl, train.max_steps=4, train.checkpoint_every=2, rl.prompts_per_step=2, rl.num_generations=2, "
-        "eval.n=8, train.threads=1]")
+BASE = (
+    "[recipe=rl, train.max_steps=4, train.checkpoint_every=2, rl.prompts_per_step=2, rl.num_generations=2, "
+    "eval.n=8, train.threads=1]"
+)
 RATES = [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4]
 
 
 def test_two_sweep_commands_with_two_workers_each_run_a_grid_once_on_postgresql(tmp_path):
-    spec_path = write_spec(tmp_path, f"name: pg\nbase: {BASE}\nsampler: grid\n"
-                                     "params:\n  rl.lr: {type: float, values: [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4]}\n")
+    spec_path = write_spec(
+        tmp_path,
+        f"name: pg\nbase: {BASE}\nsampler: grid\n"
+        "params:\n  rl.lr: {type: float, values: [1.0e-4, 2.0e-4, 3.0e-4, 4.0e-4]}\n",
+    )
     spec, sweep_dir = sweep_spec.load_spec(spec_path), tmp_path / "out" / "pg"
     with postgres_server() as url:
         commands = [start_sweep(spec_path, tmp_path / "out", "--storage", url, "--workers", "2") for _ in range(2)]
@@ -43,7 +48,8 @@ def test_two_sweep_commands_with_two_workers_each_run_a_grid_once_on_postgresql(
                     if not list((run_dir / "checkpoints").glob("step-*")):
                         continue
                     trial = sweep.make_study(spec, sweep_dir, sweep.storage_url(url, 2)).trials[
-                        int(run_dir.name.split("-")[1])]
+                        int(run_dir.name.split("-")[1])
+                    ]
                     pid = (trial.system_attrs.get("heartbeat") or {}).get("pid")
                     if trial.state == TrialState.RUNNING and pid not in (None, *(c.pid for c in commands)):
                         victim = trial

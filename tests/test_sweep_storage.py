@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 from bridgectl.cli.app import app
 from bridgectl.sweep import study as sweep
 
-SPEC = "name: s\nbase: [recipe=rl, train.max_steps=1]\nsampler: grid\nparams:\n  rl.lr: {type: float, values: [1.0e-4]}\n"
+SPEC = (
+    "name: s\nbase: [recipe=rl, train.max_steps=1]\nsampler: grid\nparams:\n  rl.lr: {type: float, values: [1.0e-4]}\n"
+)
 
 
 def sweep_cli(tmp_path, *args, env=None):
@@ -39,7 +41,8 @@ def test_a_postgresql_url_is_opened_with_psycopg_3_and_a_missing_driver_is_named
     install it) the URL names psycopg 3. A URL whose driver is missing exits 2 naming the package."""
     if importlib.util.find_spec("psycopg2") is None:
         assert sweep.storage_url("postgresql://user@localhost:5432/study", workers=2) == (
-            "postgresql+psycopg://user@localhost:5432/study")
+            "postgresql+psycopg://user@localhost:5432/study"
+        )
     assert sweep.storage_url("postgresql+psycopg://u@h/db", workers=2) == "postgresql+psycopg://u@h/db"
     missing = "mysql+pymysql" if importlib.util.find_spec("pymysql") is None else None
     if missing is not None:

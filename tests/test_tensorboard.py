@@ -22,8 +22,17 @@ from bridgectl.config.compose import compose
 from bridgectl.errors import StopRun
 from bridgectl.training.runner import run as train
 
-SMALL = ["recipe=rl", "train.threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2",
-         "rl.prompts_per_step=2", "rl.num_generations=2", "eval.n=10", "tracker.tensorboard=true"]
+SMALL = [
+    "recipe=rl",
+    "train.threads=1",
+    "train.max_steps=6",
+    "train.eval_every=3",
+    "train.checkpoint_every=2",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "eval.n=10",
+    "tracker.tensorboard=true",
+]
 
 
 def metric_points(run: Path) -> dict[str, list]:
@@ -47,8 +56,10 @@ def tensorboard_points(run: Path) -> dict[str, list]:
     keep_all = plugin_event_accumulator.STORE_EVERYTHING_SIZE_GUIDANCE
     events = plugin_event_accumulator.EventAccumulator(str(run / "tensorboard"), size_guidance=keep_all)
     events.Reload()
-    return {tag: [(event.step, tensor_util.make_ndarray(event.tensor_proto).item()) for event in events.Tensors(tag)]
-            for tag in events.Tags()["tensors"]}
+    return {
+        tag: [(event.step, tensor_util.make_ndarray(event.tensor_proto).item()) for event in events.Tensors(tag)]
+        for tag in events.Tags()["tensors"]
+    }
 
 
 def raw_points(run: Path, tag: str) -> list[int]:

@@ -15,8 +15,14 @@ from bridgectl.core.rollout import generate
 from bridgectl.models import tiny
 from bridgectl.tasks.arith import ArithTask
 
-SMALL = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.pretrain.steps=60",
-         "model.pretrain.batch_size=32", "model.pretrain.lr=1e-2"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_layers=1",
+    "model.num_heads=2",
+    "model.pretrain.steps=60",
+    "model.pretrain.batch_size=32",
+    "model.pretrain.lr=1e-2",
+]
 
 
 def test_default_settings_use_the_shipped_weights():

@@ -12,8 +12,16 @@ from typer.testing import CliRunner
 from bridgectl.cli.app import app
 from bridgectl.rundir.wandb_sink import redact
 
-SMALL = ["recipe=rl", "train.threads=1", "train.max_steps=3", "train.eval_every=0", "rl.prompts_per_step=2",
-         "rl.num_generations=2", "eval.n=10", "train.log_completions_every=1"]
+SMALL = [
+    "recipe=rl",
+    "train.threads=1",
+    "train.max_steps=3",
+    "train.eval_every=0",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "eval.n=10",
+    "train.log_completions_every=1",
+]
 
 
 def wandb_records(path: Path) -> list:
@@ -26,8 +34,8 @@ def wandb_records(path: Path) -> list:
         if block - position % block < 7:  # a block's tail too short for a header is padding
             position += block - position % block
             continue
-        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
-        chunk = data[position + 7:position + 7 + length]
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
+        chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):
@@ -46,8 +54,20 @@ def test_an_offline_wandb_run_holds_config_metrics_completions_and_summary(tmp_p
     secret = "sk-test-0123456789abcdef"
     monkeypatch.setenv("MY_SERVICE_API_KEY", secret)
     # a secret pasted into a value the config keeps: it must be redacted everywhere
-    result = CliRunner().invoke(app, ["run", *SMALL, "tracker.wandb.mode=offline", "tracker.wandb.project=bt",
-                                      f"recipe.description=uses {secret}", "--out", str(tmp_path), "--name", "w"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            *SMALL,
+            "tracker.wandb.mode=offline",
+            "tracker.wandb.project=bt",
+            f"recipe.description=uses {secret}",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "w",
+        ],
+    )
     assert result.exit_code == 0, result.output
     run = tmp_path / "w"
     summary = json.loads((run / "summary.json").read_text())

@@ -44,8 +44,16 @@ def test_sft_loss_falls(tmp_path):
 def test_rl_reward_rises_on_easy_problems(tmp_path):
     # Two-operation problems: the base writes a trace ~30% of the time at temperature 1 and those traces are
     # right ~90% of the time against ~32% for direct answers, so GRPO has a clear signal to follow.
-    cfg = compose(["recipe=rl", "train.max_steps=40", "task.train_ops=[2,2]", "rl.prompts_per_step=8",
-                   "rl.max_completion_length=24", *QUICK])
+    cfg = compose(
+        [
+            "recipe=rl",
+            "train.max_steps=40",
+            "task.train_ops=[2,2]",
+            "rl.prompts_per_step=8",
+            "rl.max_completion_length=24",
+            *QUICK,
+        ]
+    )
     summary = run(cfg, tmp_path / "run", show_progress=False)
     rewards = series(read_metrics(tmp_path / "run"), "train/reward_mean")
     assert sum(rewards[-8:]) / 8 > sum(rewards[:8]) / 8 + 0.15
@@ -57,8 +65,10 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     overrides = ["recipe=rl", "train.max_steps=4", "rl.prompts_per_step=4", "rl.num_generations=4", *QUICK]
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         run(compose([*overrides, f"seed={seed}"]), tmp_path / name, show_progress=False)
+
     def trajectory(name):
         return [(r.get("train/reward_mean"), r.get("train/rl_loss")) for r in read_metrics(tmp_path / name)]
+
     assert trajectory("a") == trajectory("b")
     assert trajectory("a") != trajectory("c")
     weights_a = load_file(tmp_path / "a" / "checkpoints" / "final" / "model.safetensors")
@@ -68,8 +78,20 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
 
 def test_two_stage_run_directory_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["run", "recipe=two_stage", "train.max_steps=6", "rl.prompts_per_step=2", "rl.num_generations=2",
-            "sft.batch_size=8", "eval.n=20", "train.threads=1", "--name", "demo", "--out", "runs"]
+    args = [
+        "run",
+        "recipe=two_stage",
+        "train.max_steps=6",
+        "rl.prompts_per_step=2",
+        "rl.num_generations=2",
+        "sft.batch_size=8",
+        "eval.n=20",
+        "train.threads=1",
+        "--name",
+        "demo",
+        "--out",
+        "runs",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "demo"
@@ -99,24 +121,48 @@ def test_two_stage_run_directory_through_the_cli(tmp_path, monkeypatch):
 
 
 def test_interleaved_alternates_rl_and_sft_updates(tmp_path):
-    cfg = compose(["recipe=interleaved", "train.max_steps=6", "interleaved.rl_steps=2", "interleaved.sft_steps=1",
-                   "rl.prompts_per_step=2", "rl.num_generations=2", "sft.batch_size=8", *QUICK])
+    cfg = compose(
+        [
+            "recipe=interleaved",
+            "train.max_steps=6",
+            "interleaved.rl_steps=2",
+            "interleaved.sft_steps=1",
+            "rl.prompts_per_step=2",
+            "rl.num_generations=2",
+            "sft.batch_size=8",
+            *QUICK,
+        ]
+    )
     run(cfg, tmp_path / "run", show_progress=False)
     rows = [r for r in read_metrics(tmp_path / "run") if r["stage"] == "interleaved"]
     assert [r["interleave/is_rl"] for r in rows] == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
-    assert [("train/rl_loss" in r, "train/sft_loss" in r) for r in rows] == \
-        [(True, False), (True, False), (False, True)] * 2
+    assert [("train/rl_loss" in r, "train/sft_loss" in r) for r in rows] == [
+        (True, False),
+        (True, False),
+        (False, True),
+    ] * 2
 
 
 def test_lora_trains_only_the_adapter(tmp_path):
     cfg = compose(["recipe=sft", "model.finetune=lora", "lora.rank=4", "sft.lr=1e-2", "sft.batch_size=8", *QUICK])
-    policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task, show_progress=False),
-                         torch.device("cpu"), keep_reference=False)
+    policy = load_policy(
+        cfg.model,
+        cfg.lora,
+        base_model_path(cfg.model, cfg.task, show_progress=False),
+        torch.device("cpu"),
+        keep_reference=False,
+    )
     before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
     task = ArithTask(cfg.task)
-    ctx = TrainContext(cfg=cfg, policy=policy, task=task, device=torch.device("cpu"),
-                       sampling_generator=torch.Generator().manual_seed(0), sft_examples=task.sft_examples(0),
-                       rl_problems=task.rl_prompts(0))
+    ctx = TrainContext(
+        cfg=cfg,
+        policy=policy,
+        task=task,
+        device=torch.device("cpu"),
+        sampling_generator=torch.Generator().manual_seed(0),
+        sft_examples=task.sft_examples(0),
+        rl_problems=task.rl_prompts(0),
+    )
     stage = SFTStage(ctx, total_updates=3)
     for _ in range(3):
         stage.step()
@@ -124,16 +170,28 @@ def test_lora_trains_only_the_adapter(tmp_path):
     lora_names = {name for name in before if "lora_" in name}
     assert changed == lora_names  # every adapter matrix moved, no base weight did
 
-    run(compose(["recipe=sft", "train.max_steps=2", "model.finetune=lora", "sft.batch_size=8", *QUICK]),
-        tmp_path / "run", show_progress=False)
+    run(
+        compose(["recipe=sft", "train.max_steps=2", "model.finetune=lora", "sft.batch_size=8", *QUICK]),
+        tmp_path / "run",
+        show_progress=False,
+    )
     final = tmp_path / "run" / "checkpoints" / "final"
     assert all("lora_" in key for key in load_file(final / "adapter_model.safetensors"))
     assert not (final / "model.safetensors").exists()
 
 
 def test_kl_to_reference_is_logged_when_beta_positive(tmp_path):
-    cfg = compose(["recipe=rl", "train.max_steps=3", "rl.beta=0.1", "rl.lr=1e-3", "rl.prompts_per_step=4",
-                   "rl.num_generations=4", *QUICK])
+    cfg = compose(
+        [
+            "recipe=rl",
+            "train.max_steps=3",
+            "rl.beta=0.1",
+            "rl.lr=1e-3",
+            "rl.prompts_per_step=4",
+            "rl.num_generations=4",
+            *QUICK,
+        ]
+    )
     run(cfg, tmp_path / "run", show_progress=False)
     kls = series(read_metrics(tmp_path / "run"), "train/kl")
     assert kls[0] == pytest.approx(0.0, abs=1e-6)  # first update: policy == reference

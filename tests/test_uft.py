@@ -31,8 +31,14 @@ from bridgectl.tasks.arith import ArithTask
 from bridgectl.training.setup import build_context
 
 G = 4  # rollouts per prompt
-SMALL = ["recipe=uft", "rl.prompts_per_step=4", f"rl.num_generations={G}", "rl.max_completion_length=16",
-         "train.threads=1", "optim.max_grad_norm=0"]
+SMALL = [
+    "recipe=uft",
+    "rl.prompts_per_step=4",
+    f"rl.num_generations={G}",
+    "rl.max_completion_length=16",
+    "train.threads=1",
+    "optim.max_grad_norm=0",
+]
 
 
 class Spy:
@@ -77,8 +83,13 @@ def demonstration_ids(ctx, problem) -> list[int]:
 # ---- the schedule and the hint lengths -------------------------------------------------------------------------
 def test_the_hint_schedule_is_the_reference_cosine_then_zero():
     defaults = compose(["recipe=uft"]).uft  # the reference's run.py / ppo_trainer.yaml values
-    assert (defaults.hint_start, defaults.hint_end, defaults.hint_fraction_of_steps, defaults.hint_chunks,
-            defaults.sft_coef) == (0.95, 0.05, 0.6, 5, 0.001)
+    assert (
+        defaults.hint_start,
+        defaults.hint_end,
+        defaults.hint_fraction_of_steps,
+        defaults.hint_chunks,
+        defaults.sft_coef,
+    ) == (0.95, 0.05, 0.6, 5, 0.001)
     total, hint_steps = 50, 30  # T_hint = 0.6 * 50
     for update in range(total):
         t = update + 1  # the reference's timestep counts from 1
@@ -110,7 +121,7 @@ def test_hinted_prompts_are_the_question_and_the_drawn_prefix_of_its_demonstrati
     tokenizer, scored = ctx.policy.tokenizer, spy.sampled[0]
     assert len(spy.lengths) == ctx.cfg.rl.prompts_per_step and 0 < sum(spy.lengths)  # p(1) ~ 0.95: long hints
     for k, length in enumerate(spy.lengths):
-        group = scored.problems[k * G:(k + 1) * G]
+        group = scored.problems[k * G : (k + 1) * G]
         source = group[0].source
         prefix = tokenizer.decode(demonstration_ids(ctx, source)[:length]) if length else ""
         assert all(p.question == source.question + prefix and p.hint == prefix for p in group)
@@ -121,7 +132,8 @@ def test_hinted_prompts_are_the_question_and_the_drawn_prefix_of_its_demonstrati
     assert output.metrics["uft/hint_prob"] == pytest.approx(hint_probability(ctx.cfg.uft, 0, 3))
     lengths = [len(demonstration_ids(ctx, p.source)) for p in scored.problems[::G]]
     assert output.metrics["uft/hint_fraction"] == pytest.approx(
-        sum(h / n for h, n in zip(spy.lengths, lengths)) / len(lengths))
+        sum(h / n for h, n in zip(spy.lengths, lengths)) / len(lengths)
+    )
 
 
 # ---- the update ------------------------------------------------------------------------------------------------
@@ -137,9 +149,11 @@ def hint_nll_batch(ctx, problems, lengths) -> SFTBatch:
         labels.append([-100] * len(prompt) + hint)
     width = max(len(row) for row in rows)
     pad = tokenizer.pad_token_id
-    return SFTBatch(torch.tensor([row + [pad] * (width - len(row)) for row in rows]),
-                    torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
-                    torch.tensor([label + [-100] * (width - len(label)) for label in labels]))
+    return SFTBatch(
+        torch.tensor([row + [pad] * (width - len(row)) for row in rows]),
+        torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+        torch.tensor([label + [-100] * (width - len(label)) for label in labels]),
+    )
 
 
 @pytest.mark.parametrize("sft_coef", [0.5, 0.0])
@@ -149,18 +163,20 @@ def test_one_step_is_grpo_on_the_generated_tokens_plus_the_hint_nll(sft_coef, mo
     ctx, stage, spy = make([f"uft.sft_coef={sft_coef}", "uft.hint_start=0.5", "uft.hint_end=0.5"], monkeypatch)
     stage.step()
     output = stage.step()
-    raw, lengths = spy.sampled[1], spy.lengths[ctx.cfg.rl.prompts_per_step:]
+    raw, lengths = spy.sampled[1], spy.lengths[ctx.cfg.rl.prompts_per_step :]
     # rewards of the completions alone came from sample_and_score; the stage rewards hint + completion
-    rewards = torch.tensor([ctx.task.reward(p.hint + c, p.answer)
-                            for p, c in zip(raw.problems, raw.rollouts.completions)])
+    rewards = torch.tensor(
+        [ctx.task.reward(p.hint + c, p.answer) for p, c in zip(raw.problems, raw.rollouts.completions)]
+    )
     scored = ScoredRollouts(raw.problems, raw.rollouts, rewards, group_advantages(rewards, G, "group"), 0.0)
     assert output.metrics["train/reward_mean"] == pytest.approx(rewards.mean().item())
     batch = hint_nll_batch(ctx, [p.source for p in raw.problems[::G]], lengths)
     assert batch.n_tokens == sum(lengths) > 0
 
     weights, grads = spy.updates[1]
-    expected = gradients_at(ctx, stage.params, weights,
-                            lambda m: rl_loss(m, scored, ctx)[0] + sft_coef * sft_loss(m, batch))
+    expected = gradients_at(
+        ctx, stage.params, weights, lambda m: rl_loss(m, scored, ctx)[0] + sft_coef * sft_loss(m, batch)
+    )
     assert_same_gradients(grads, expected)
     rl_only = gradients_at(ctx, stage.params, weights, lambda m: rl_loss(m, scored, ctx)[0])
     assert max(float(g.abs().max()) for g in rl_only) > 1e-3
@@ -173,14 +189,18 @@ def test_one_step_is_grpo_on_the_generated_tokens_plus_the_hint_nll(sft_coef, mo
         assert "train/sft_loss" not in output.metrics
 
 
-@pytest.mark.parametrize("no_hint", [["uft.hint_fraction_of_steps=0"], ["uft.hint_start=0", "uft.hint_end=0"]],
-                         ids=["no-hint-phase", "zero-hint-share"])
+@pytest.mark.parametrize(
+    "no_hint",
+    [["uft.hint_fraction_of_steps=0"], ["uft.hint_start=0", "uft.hint_end=0"]],
+    ids=["no-hint-phase", "zero-hint-share"],
+)
 def test_no_hint_and_no_hint_term_is_the_rl_stage(no_hint, monkeypatch):
     results = {}
     for kind in ("uft", "rl"):
         spy = Spy(monkeypatch)
-        ctx = build_context(compose([*SMALL, *no_hint, "uft.sft_coef=0", "uft.lr=1e-4", "rl.lr=1e-4"]),
-                            show_progress=False)
+        ctx = build_context(
+            compose([*SMALL, *no_hint, "uft.sft_coef=0", "uft.lr=1e-4", "rl.lr=1e-4"]), show_progress=False
+        )
         stage = UFTStage(ctx, 3) if kind == "uft" else RLStage(ctx, 3)
         metrics = [stage.step().metrics for _ in range(2)]
         results[kind] = (spy.updates, metrics, [p.detach().clone() for p in stage.params])
@@ -192,8 +212,9 @@ def test_no_hint_and_no_hint_term_is_the_rl_stage(no_hint, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(uft_weights, rl_weights))
     for got, expected in zip(uft_metrics, rl_metrics):
         assert got["uft/hint_prob"] == 0.0 and got["uft/hint_fraction"] == 0.0
-        assert {k: v for k, v in got.items() if k in expected and not k.startswith("perf/")} == \
-            {k: v for k, v in expected.items() if not k.startswith("perf/")}
+        assert {k: v for k, v in got.items() if k in expected and not k.startswith("perf/")} == {
+            k: v for k, v in expected.items() if not k.startswith("perf/")
+        }
 
 
 def test_micro_batches_give_the_one_pass_gradients(monkeypatch):
@@ -211,7 +232,13 @@ def test_the_stage_needs_paired_demonstrations_and_valid_settings(monkeypatch):
     monkeypatch.setattr(ArithTask, "rl_has_traces", False)
     with pytest.raises(UserError, match="uft"):  # refused with the context, before weights load
         build_context(compose(SMALL), show_progress=False)
-    for bad in ("uft.hint_start=1.5", "uft.hint_end=-0.1", "uft.hint_fraction_of_steps=2", "uft.hint_chunks=0",
-                "uft.sft_coef=-1", "uft.lr=0"):
+    for bad in (
+        "uft.hint_start=1.5",
+        "uft.hint_end=-0.1",
+        "uft.hint_fraction_of_steps=2",
+        "uft.hint_chunks=0",
+        "uft.sft_coef=-1",
+        "uft.lr=0",
+    ):
         with pytest.raises(UserError, match="uft"):
             compose([*SMALL, bad])

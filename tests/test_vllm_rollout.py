@@ -44,8 +44,9 @@ def policy_with(kind: str, tokenizer) -> Policy:
     lora_cfg = OmegaConf.structured(LoraConfig(rank=8))
     model = shipped()
     if kind == "lora":
-        model = get_peft_model(model, PeftLoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                     task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, PeftLoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
     policy = Policy(model=model, tokenizer=tokenizer)
     if kind in ("lora", "full"):
         add_upper_adapter(policy, "w", 8, 16, lora_cfg, train_base=kind == "full")
@@ -92,8 +93,9 @@ def test_completions_sampled_elsewhere_score_as_the_trainers_own(tokenizer):
     a few rows per pass equal those recorded while sampling."""
     model = shipped()
     torch.manual_seed(0)
-    sampled = generate(model, tokenizer, PROMPTS, max_new_tokens=24, temperature=1.0,
-                       generator=torch.Generator().manual_seed(5))
+    sampled = generate(
+        model, tokenizer, PROMPTS, max_new_tokens=24, temperature=1.0, generator=torch.Generator().manual_seed(5)
+    )
     lengths = sampled.lengths.tolist()
     assert len(set(lengths)) > 1  # rows of different lengths: the padding is exercised
     token_lists = [row[:length].tolist() for row, length in zip(sampled.completion_ids, lengths)]
@@ -122,8 +124,14 @@ def test_a_completion_is_exactly_the_tokens_the_engine_returned(tokenizer):
 
 
 def test_logprob_gap_is_the_mean_absolute_difference():
-    rollouts = Rollouts(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 2), torch.tensor([[1, 1], [1, 0]]),
-                        torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]), ["", ""])
+    rollouts = Rollouts(
+        torch.zeros(2, 1),
+        torch.ones(2, 1),
+        torch.zeros(2, 2),
+        torch.tensor([[1, 1], [1, 0]]),
+        torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]),
+        ["", ""],
+    )
     rollouts.engine_logprobs = engine_logprob_tensor(rollouts, [[-1.5, -2.0], [-0.25]])
     assert logprob_gap(rollouts) == pytest.approx((0.5 + 0.0 + 0.25) / 3)
     rollouts.engine_logprobs = engine_logprob_tensor(rollouts, [[], []])
@@ -142,22 +150,43 @@ def test_the_engines_logprobs_travel_with_the_rollouts_and_correct_the_loss():
     from bridgectl.core.rollout import concat_rollouts
     from bridgectl.training.setup import build_context
 
-    rollouts = Rollouts(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 3), torch.tensor([[1, 1, 1], [1, 0, 0]]),
-                        torch.tensor([[-1.0, -2.0, -0.1], [-0.5, 0.0, 0.0]]), ["", ""])
+    rollouts = Rollouts(
+        torch.zeros(2, 1),
+        torch.ones(2, 1),
+        torch.zeros(2, 3),
+        torch.tensor([[1, 1, 1], [1, 0, 0]]),
+        torch.tensor([[-1.0, -2.0, -0.1], [-0.5, 0.0, 0.0]]),
+        ["", ""],
+    )
     engine = engine_logprob_tensor(rollouts, [[-1.5, -2.0, -0.2], [-0.25]])
     assert engine[0].tolist() == pytest.approx([-1.5, -2.0, -0.2]) and engine[1, 0].item() == -0.25
     assert torch.isnan(engine[1, 1:]).all()
     rollouts.engine_logprobs = engine
     assert torch.equal(rollout_rows(rollouts, [1]).engine_logprobs[:, :1], engine[1:, :1])
-    joined = concat_rollouts([rollouts, Rollouts(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 4),
-                                                 torch.ones(1, 4), torch.zeros(1, 4), [""])], pad_id=0)
+    joined = concat_rollouts(
+        [
+            rollouts,
+            Rollouts(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1, 4), torch.ones(1, 4), torch.zeros(1, 4), [""]),
+        ],
+        pad_id=0,
+    )
     assert joined.engine_logprobs.shape == (3, 4) and torch.isnan(joined.engine_logprobs[2]).all()
 
     for correct in (True, False):
-        ctx = build_context(compose(["recipe=rl", "rl.prompts_per_step=2", "rl.num_generations=4",
-                                     "rl.max_completion_length=8", "train.threads=1",
-                                     f"rl.vllm_importance_sampling_correction={str(correct).lower()}",
-                                     "rl.vllm_importance_sampling_clip_max=1.05"]), show_progress=False)
+        ctx = build_context(
+            compose(
+                [
+                    "recipe=rl",
+                    "rl.prompts_per_step=2",
+                    "rl.num_generations=4",
+                    "rl.max_completion_length=8",
+                    "train.threads=1",
+                    f"rl.vllm_importance_sampling_correction={str(correct).lower()}",
+                    "rl.vllm_importance_sampling_clip_max=1.05",
+                ]
+            ),
+            show_progress=False,
+        )
         scored = sample_groups(ctx)
         trainer = scored.rollouts.sampling_logprobs
         shift = torch.linspace(-0.04, 0.04, trainer.size(0)).unsqueeze(1)  # some completions past the bound
@@ -167,9 +196,11 @@ def test_the_engines_logprobs_travel_with_the_rollouts_and_correct_the_loss():
         ratio, acted = rollout_correction(trainer, trainer - shift, mask, "sequence_mask", None, 1.05)
         assert acted.any() and not acted.all()
         from bridgectl.core.logprobs import completion_logprobs
+
         logprobs = completion_logprobs(ctx.policy.model, scored.rollouts, 1.0)
-        expected, _ = grpo_loss(logprobs, trainer, scored.advantages, mask, 0.2,
-                                rollout_ratio=ratio if correct else None)
+        expected, _ = grpo_loss(
+            logprobs, trainer, scored.advantages, mask, 0.2, rollout_ratio=ratio if correct else None
+        )
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
 
 
@@ -182,8 +213,10 @@ def test_each_completion_gets_its_own_seed_from_its_group():
 
 # ---- the engine itself, where vLLM is installed (`make test-vllm`: vLLM's CPU build in its own environment) ----
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vllm is not installed (make test-vllm runs these with vLLM's CPU build)")
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vllm is not installed (make test-vllm runs these with vLLM's CPU build)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +230,9 @@ def engine_and_policy():
     cfg = compose(["recipe=bridge", "model.finetune=lora", "rollout.backend=vllm", "train.device=cpu"])
     device = torch.device("cpu")
     check_usable(device)
-    policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task), device, keep_reference=False,
-                         finetune="lora")
+    policy = load_policy(
+        cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task), device, keep_reference=False, finetune="lora"
+    )
     ensure_upper_adapter(policy, cfg)  # BRIDGE lower=lora: theta's adapter and w, both folded in
     randomise_adapters(policy.model, seed=0)
     policy.model.eval()
@@ -210,9 +244,11 @@ def greedy_from_engine(engine, policy) -> list[list[int]]:
 
     engine.load_policy_weights(policy)
     ids, mask = encode_prompts(policy.tokenizer, PROMPTS, torch.device("cpu"))
-    outputs = engine.llm.generate([{"prompt_token_ids": p} for p in prompt_token_lists(ids, mask)],
-                                  SamplingParams(temperature=0, max_tokens=24,
-                                                 stop_token_ids=[policy.tokenizer.eos_token_id]), use_tqdm=False)
+    outputs = engine.llm.generate(
+        [{"prompt_token_ids": p} for p in prompt_token_lists(ids, mask)],
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[policy.tokenizer.eos_token_id]),
+        use_tqdm=False,
+    )
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 
@@ -261,9 +297,24 @@ def test_a_bridge_run_samples_through_vllm(tmp_path):
 
     from bridgectl.cli.app import app
 
-    result = CliRunner().invoke(app, ["run", "recipe=bridge", "model.finetune=lora", "bridge.shadow_rollouts=true",
-                                      "rollout.backend=vllm", "train.device=cpu", "train.max_steps=6",
-                                      "train.eval_every=0", "eval.n=50", "--out", str(tmp_path), "--name", "v"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "recipe=bridge",
+            "model.finetune=lora",
+            "bridge.shadow_rollouts=true",
+            "rollout.backend=vllm",
+            "train.device=cpu",
+            "train.max_steps=6",
+            "train.eval_every=0",
+            "eval.n=50",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "v",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "train/rl_loss" in row]
@@ -275,14 +326,14 @@ def test_a_bridge_run_samples_through_vllm(tmp_path):
     # reproduces the final one, and decoding with the trained model instead gives the same greedy accuracy
     final = summary["eval"]["test"]["accuracy"]
     for extra in ([], ["rollout.backend=hf"]):
-        evaluated = CliRunner().invoke(app, ["eval", str(tmp_path / "v"), "--output", str(tmp_path / "e.json"),
-                                             *extra])
+        evaluated = CliRunner().invoke(app, ["eval", str(tmp_path / "v"), "--output", str(tmp_path / "e.json"), *extra])
         assert evaluated.exit_code == 0, evaluated.output
         assert json.loads((tmp_path / "e.json").read_text())["results"]["test"]["greedy_pass@1"] == final
     sampled = []
     for _ in range(2):  # pass@k from the engine's samples, seeded
-        evaluated = CliRunner().invoke(app, ["eval", str(tmp_path / "v"), "eval.k=4", "eval.n=20",
-                                             "--output", str(tmp_path / "k.json")])
+        evaluated = CliRunner().invoke(
+            app, ["eval", str(tmp_path / "v"), "eval.k=4", "eval.n=20", "--output", str(tmp_path / "k.json")]
+        )
         assert evaluated.exit_code == 0, evaluated.output
         sampled.append(json.loads((tmp_path / "k.json").read_text())["results"]["test"])
     assert sampled[0] == sampled[1]
@@ -291,15 +342,42 @@ def test_a_bridge_run_samples_through_vllm(tmp_path):
     from bridgectl.core.vllm_rollout import _open_engine
 
     engine = next(iter(_open_engine.values()))
-    again = CliRunner().invoke(app, ["run", "recipe=rl", "rollout.backend=vllm", "train.device=cpu",
-                                     "train.max_steps=2", "train.eval_every=0", "eval.n=20", "--out", str(tmp_path),
-                                     "--name", "second"])
+    again = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "recipe=rl",
+            "rollout.backend=vllm",
+            "train.device=cpu",
+            "train.max_steps=2",
+            "train.eval_every=0",
+            "eval.n=20",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "second",
+        ],
+    )
     assert again.exit_code == 0, again.output
     assert list(_open_engine.values()) == [engine]
     # other engine settings: the open engine is closed (its memory given back) before a new one starts
-    other = CliRunner().invoke(app, ["run", "recipe=rl", "rollout.backend=vllm", "rollout.gpu_memory_utilization=0.25",
-                                     "train.device=cpu", "train.max_steps=2", "train.eval_every=0", "eval.n=20",
-                                     "--out", str(tmp_path), "--name", "third"])
+    other = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "recipe=rl",
+            "rollout.backend=vllm",
+            "rollout.gpu_memory_utilization=0.25",
+            "train.device=cpu",
+            "train.max_steps=2",
+            "train.eval_every=0",
+            "eval.n=20",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "third",
+        ],
+    )
     assert other.exit_code == 0, other.output
     assert len(_open_engine) == 1 and next(iter(_open_engine.values())) is not engine
     assert not hasattr(engine, "llm")
@@ -316,8 +394,17 @@ def test_two_processes_with_vllm_match_one(tmp_path):
 
     from bridgectl.cli.app import app
 
-    small = ["recipe=rl", "rollout.backend=vllm", "rollout.gpu_memory_utilization=0.1", "train.device=cpu",
-             "train.max_steps=3", "train.eval_every=0", "eval.n=20", "--out", str(tmp_path)]
+    small = [
+        "recipe=rl",
+        "rollout.backend=vllm",
+        "rollout.gpu_memory_utilization=0.1",
+        "train.device=cpu",
+        "train.max_steps=3",
+        "train.eval_every=0",
+        "eval.n=20",
+        "--out",
+        str(tmp_path),
+    ]
     for name, extra in (("one", []), ("two", ["--nproc", "2"])):
         result = CliRunner().invoke(app, ["run", *small, *extra, "--name", name])
         assert result.exit_code == 0, result.output

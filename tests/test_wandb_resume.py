@@ -24,8 +24,17 @@ from bridgectl.training.runner import run as train
 
 pytestmark = pytest.mark.slow  # processes, runs and studies: make test-fast leaves these out
 
-SMALL = ["recipe=rl", "train.threads=1", "train.max_steps=6", "train.eval_every=3", "train.checkpoint_every=2",
-         "rl.prompts_per_step=2", "rl.num_generations=2", "eval.n=10", "tracker.wandb.mode=offline"]
+SMALL = [
+    "recipe=rl",
+    "train.threads=1",
+    "train.max_steps=6",
+    "train.eval_every=3",
+    "train.checkpoint_every=2",
+    "rl.prompts_per_step=2",
+    "rl.num_generations=2",
+    "eval.n=10",
+    "tracker.wandb.mode=offline",
+]
 DETERMINISTIC = ("train/rl_loss", "train/reward_mean", "eval/test/accuracy")  # not the clock's wall_s, perf/*
 
 
@@ -106,8 +115,9 @@ def test_a_killed_and_resumed_run_is_one_wandb_run_with_each_step_once(tmp_path,
     assert [row["_step"] for row in history(logs[0][1])] == held_before  # the killed process's rows stay
     expected = metric_points(run)
     for key in DETERMINISTIC:  # the values metrics.jsonl has, whichever process sent them
-        assert [(row["_step"], row[key]) for row in sorted(rows, key=lambda r: r["_step"]) if key in row] \
-            == expected[key]
+        assert [(row["_step"], row[key]) for row in sorted(rows, key=lambda r: r["_step"]) if key in row] == expected[
+            key
+        ]
     summary = {}
     for record in logs[1][1]:
         if record.WhichOneof("record_type") == "summary":
@@ -149,7 +159,7 @@ def test_reading_a_log_cut_by_a_kill_stops_at_the_last_whole_record(tmp_path, mo
     result = CliRunner().invoke(app, ["run", *SMALL, "train.max_steps=3", "--out", str(tmp_path), "--name", "w"])
     assert result.exit_code == 0, result.output
     wait_for_log(tmp_path / "w")
-    (run_id, records), = offline_runs(tmp_path / "w")
+    ((run_id, records),) = offline_runs(tmp_path / "w")
     log = next((tmp_path / "w" / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
     whole = [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"]
     assert _history_steps(log) == whole == [0, 1, 2, 3]
@@ -158,23 +168,25 @@ def test_reading_a_log_cut_by_a_kill_stops_at_the_last_whole_record(tmp_path, mo
     for size in range(7, len(data), 97):  # cut anywhere: a prefix of the steps, never an error
         cut.write_bytes(data[:size])
         steps = _history_steps(cut)
-        assert steps == whole[:len(steps)]
+        assert steps == whole[: len(steps)]
 
 
 def test_a_sweeps_runs_are_grouped_under_the_study_with_tensorboard_events_per_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
     spec = tmp_path / "spec.yaml"
-    spec.write_text("name: grouped\nbase: [recipe=rl, train.max_steps=2, rl.prompts_per_step=2, rl.num_generations=2,"
-                    " eval.n=10, train.threads=1, tracker.wandb.mode=offline, tracker.tensorboard=true]\n"
-                    "seeds: [0, 1]\nsampler: grid\nparams:\n  rl.lr: {type: float, values: [0.0001]}\n")
+    spec.write_text(
+        "name: grouped\nbase: [recipe=rl, train.max_steps=2, rl.prompts_per_step=2, rl.num_generations=2,"
+        " eval.n=10, train.threads=1, tracker.wandb.mode=offline, tracker.tensorboard=true]\n"
+        "seeds: [0, 1]\nsampler: grid\nparams:\n  rl.lr: {type: float, values: [0.0001]}\n"
+    )
     result = CliRunner().invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     runs = sorted(path.parent for path in (tmp_path / "out" / "grouped").rglob("summary.json"))
     assert [run.name for run in runs] == ["trial-000-seed0", "trial-000-seed1"]
     for run in runs:
         wait_for_log(run)
-        (_, records), = offline_runs(run)
+        ((_, records),) = offline_runs(run)
         header = next(r.run for r in records if r.WhichOneof("record_type") == "run")
         assert header.run_group == "grouped" and header.display_name == run.name
         assert tensorboard_points(run) == metric_points(run)  # `tensorboard --logdir out/grouped`: one per seed

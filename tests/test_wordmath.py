@@ -22,7 +22,7 @@ def test_every_line_of_every_worked_answer_computes_and_chains_to_the_final_answ
             assert len(lines) == steps + 1 and row["steps"] == steps  # one line per step, then `#### N`
             previous = None
             for line in lines[:-1]:
-                (expression, value, shown), = CALCULATION.findall(line)
+                ((expression, value, shown),) = CALCULATION.findall(line)
                 assert int(eval(expression.replace("/", "//"))) == int(value) == int(shown) > 0
                 if "/" in expression:
                     left, right = map(int, expression.split("/"))
@@ -76,8 +76,9 @@ def test_sft_demonstration_keeps_the_answer_line_and_drops_calculator_notes(task
 def test_the_gsm8k_verifier_scores_worked_answers(task):
     problem = task.eval_problems("test", 1)[0]
     wrong = str(int(problem.answer) + 1)
-    assert task.rewards([f"So the answer is\n#### {problem.answer}", f"#### {wrong}"],
-                        [problem.answer, problem.answer]) == [1.0, 0.0]
+    assert task.rewards(
+        [f"So the answer is\n#### {problem.answer}", f"#### {wrong}"], [problem.answer, problem.answer]
+    ) == [1.0, 0.0]
 
 
 def test_task_config_composes_with_its_defaults():

@@ -25,10 +25,25 @@ import numpy as np
 from bridgectl.errors import UserError
 from bridgectl.stages import STAGES
 
-IGNORED_KEYS = ("seed", "recipe.description", "tracker.", "train.threads", "train.device", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.log_completions_every", "train.micro_batch_size", "train.fsdp",
-                "eval.batch_size", "rollout.batch_size", "rollout.cpu_packed_weights",
-                "rollout.gpu_memory_utilization", "rollout.enforce_eager", "lora.forward", "lora.sampling")
+IGNORED_KEYS = (
+    "seed",
+    "recipe.description",
+    "tracker.",
+    "train.threads",
+    "train.device",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.log_completions_every",
+    "train.micro_batch_size",
+    "train.fsdp",
+    "eval.batch_size",
+    "rollout.batch_size",
+    "rollout.cpu_packed_weights",
+    "rollout.gpu_memory_utilization",
+    "rollout.enforce_eager",
+    "lora.forward",
+    "lora.sampling",
+)
 """Keys (a trailing `.`: a whole section) that never change what a run computes: its seed (what seeds vary), where
 and how often it writes, its trackers, threads and device, and how its passes are batched, sharded or fused
 (micro-batches, FSDP, merged LoRA, packed weights, the sampler's rows at once: equal up to float rounding,
@@ -48,8 +63,7 @@ def relevant(flat: dict[str, str]) -> dict[str, str]:
     """The keys of one run's flat_config that can change what it computes: not IGNORED_KEYS, and not the LoRA
     rank and scaling of a full fine-tuning run."""
     full = flat.get("model.finetune") == json.dumps("full")
-    return {key: value for key, value in flat.items()
-            if not ignored(key) and not (full and key in LORA_ONLY_KEYS)}
+    return {key: value for key, value in flat.items() if not ignored(key) and not (full and key in LORA_ONLY_KEYS)}
 
 
 def flat_config(config: dict, prefix: str = "") -> dict[str, str]:
@@ -96,8 +110,11 @@ def mixed_keys(runs: list, by: list[str]) -> dict[str, list[str]]:
     `seed` (`"0 (x2)"`): they are not two seeds."""
     flats = [relevant(flat_config(run.config)) for run in runs]
     common = set.intersection(*(set(flat) for flat in flats)) if flats else set()
-    out = {key: list(dict.fromkeys(flat[key] for flat in flats)) for key in sorted(common)
-           if key not in by and len({flat[key] for flat in flats}) > 1}
+    out = {
+        key: list(dict.fromkeys(flat[key] for flat in flats))
+        for key in sorted(common)
+        if key not in by and len({flat[key] for flat in flats}) > 1
+    }
     seeds = [json.dumps(run.value("seed")) for run in runs]
     repeated = [seed for seed in dict.fromkeys(seeds) if seeds.count(seed) > 1]
     if "seed" not in by and repeated:
@@ -113,8 +130,7 @@ def pooling_error(groups: list[tuple[str, list, dict[str, list[str]]]], pool: li
         refused = {key: values for key, values in mixed.items() if not pooled_keys(key, pool)}
         for key, values in refused.items():
             if key == "seed":
-                lines.append(f"group {label}: several runs of seed {', '.join(map(shown, values))}: re-runs, not "
-                             "seeds")
+                lines.append(f"group {label}: several runs of seed {', '.join(map(shown, values))}: re-runs, not seeds")
                 continue
             flats = [flat_config(run.config) for run in runs]
             which = []
@@ -125,12 +141,17 @@ def pooling_error(groups: list[tuple[str, list, dict[str, list[str]]]], pool: li
     if not lines:
         return None
     keys = sorted({line.split(": ")[1].split(" = ")[0] for line in lines if " = " in line})
-    hint = ("split them with --by " + " --by ".join(keys) + " (beside --by recipe), or pool them on purpose with "
-            "--pool " + " --pool ".join(keys) if keys else "")
+    hint = (
+        "split them with --by " + " --by ".join(keys) + " (beside --by recipe), or pool them on purpose with "
+        "--pool " + " --pool ".join(keys)
+        if keys
+        else ""
+    )
     if any("re-runs" in line for line in lines):
         hint += ("; " if hint else "") + "leave the repeated runs out, or count them as seeds with --pool seed"
-    return UserError("runs with different configs would be pooled as seeds of one group:\n  " + "\n  ".join(lines),
-                     hint)
+    return UserError(
+        "runs with different configs would be pooled as seeds of one group:\n  " + "\n  ".join(lines), hint
+    )
 
 
 # ---- between groups ----------------------------------------------------------------------------------------------
@@ -158,9 +179,14 @@ def group_value(runs: list, key: str) -> str:
     """The group's value of `key` for people; `-` where no run of it has the key or uses it (a stage's own
     section, e.g. bridge.*, when the group's recipe does not run that stage)."""
     stage = own_section(key)
-    values = list(dict.fromkeys(
-        "-" if stage is not None and stage not in (run.value("recipe.stages") or [])
-        else shown(relevant(flat_config(run.config)).get(key)) for run in runs))
+    values = list(
+        dict.fromkeys(
+            "-"
+            if stage is not None and stage not in (run.value("recipe.stages") or [])
+            else shown(relevant(flat_config(run.config)).get(key))
+            for run in runs
+        )
+    )
     return values[0] if len(values) == 1 else "mixed: " + ", ".join(values)
 
 
@@ -201,9 +227,14 @@ def _trains(runs: list) -> str:
     """What trains: full weights, or LoRA rank / alpha on its targets (and BRIDGE's adapter w)."""
     run = runs[0]
     finetune = run.value("model.finetune")
-    text = "full weights" if finetune == "full" else (
-        f"LoRA r={run.value('lora.rank')} alpha={run.value('lora.alpha')} on "
-        f"{','.join(run.value('lora.target_modules') or [])}")
+    text = (
+        "full weights"
+        if finetune == "full"
+        else (
+            f"LoRA r={run.value('lora.rank')} alpha={run.value('lora.alpha')} on "
+            f"{','.join(run.value('lora.target_modules') or [])}"
+        )
+    )
     if "bridge" in (run.value("recipe.stages") or []) and run.value("bridge.upper") != "none":
         text += f" + w r={run.value('bridge.w_rank')}"
     return text
@@ -212,8 +243,9 @@ def _trains(runs: list) -> str:
 def learning_rates(runs: list) -> str:
     """The learning rates the group's stages use (StageInfo.learning_rates), as `key=value`."""
     run = runs[0]
-    keys = dict.fromkeys(key for kind in (run.value("recipe.stages") or []) if kind in STAGES
-                         for key in STAGES[kind].learning_rates)
+    keys = dict.fromkeys(
+        key for kind in (run.value("recipe.stages") or []) if kind in STAGES for key in STAGES[kind].learning_rates
+    )
     return " ".join(f"{key}={_number(run.value(key)) if run.value(key) is not None else '-'}" for key in keys) or "-"
 
 

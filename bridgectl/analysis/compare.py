@@ -98,8 +98,10 @@ def load_runs(paths: list[str]) -> Loaded:
     run never stops the comparison of the rest."""
     run_dirs = find_run_dirs(paths)
     if not run_dirs:
-        raise UserError(f"no run directories under {', '.join(paths)}",
-                        "a run directory holds summary.json; train one with `bridgectl run`, or pass runs/")
+        raise UserError(
+            f"no run directories under {', '.join(paths)}",
+            "a run directory holds summary.json; train one with `bridgectl run`, or pass runs/",
+        )
     loaded = Loaded()
     identities: dict[str, Path] = {}
     for path in run_dirs:
@@ -136,8 +138,16 @@ def load_runs(paths: list[str]) -> Loaded:
                 metrics.append(row)
             except ValueError:
                 loaded.malformed_lines += 1
-        loaded.runs.append(Run(path, config, summary, metrics, final_problem_records(path, summary.get("steps")),
-                               final_problem_records(path, 0)))
+        loaded.runs.append(
+            Run(
+                path,
+                config,
+                summary,
+                metrics,
+                final_problem_records(path, summary.get("steps")),
+                final_problem_records(path, 0),
+            )
+        )
     return loaded
 
 
@@ -203,8 +213,9 @@ def _timed_values(run: Run, metric: str, axis: str = "seconds") -> list[tuple[fl
     """(cost, value) of every logged row that has `metric`, in log order: the cost is the row's wall_s, or with
     `axis` flops or tokens the run's compute so far (compute/cum_flops, compute/cum_tokens; AXES)."""
     field = AXES[axis][0]
-    return [(row[field], row[metric]) for row in run.metrics
-            if row.get(metric) is not None and row.get(field) is not None]
+    return [
+        (row[field], row[metric]) for row in run.metrics if row.get(metric) is not None and row.get(field) is not None
+    ]
 
 
 def time_to_target(run: Run, metric: str, target: float, axis: str = "seconds") -> float | None:
@@ -257,9 +268,13 @@ def _summary(metric: Metric, runs: list[Run], baseline_runs: list[Run] | None) -
         summary.difference = Difference(0.0, of_baseline=True)
     elif base_values:
         test = stats.welch(values, base_values) or {}
-        summary.difference = Difference(float(np.mean(values) - np.mean(base_values)), ci_low=test.get("low"),
-                                        ci_high=test.get("high"), p=test.get("p"),
-                                        seeds_needed=stats.seeds_needed(values, base_values))
+        summary.difference = Difference(
+            float(np.mean(values) - np.mean(base_values)),
+            ci_low=test.get("low"),
+            ci_high=test.get("high"),
+            p=test.get("p"),
+            seeds_needed=stats.seeds_needed(values, base_values),
+        )
         if metric.name == "accuracy" and metric.at is None:  # final greedy accuracy: runs may be paired
             paired = paired_difference(runs, baseline_runs, metric.split)
             if paired is not None:
@@ -278,13 +293,23 @@ def _data_seen(runs: list[Run]) -> dict:
     recorded = [r.summary["data"] for r in runs if isinstance(r.summary.get("data"), dict)]
     if not recorded:
         return {}
-    return {stream: {key: float(np.mean([seen[stream][key] for seen in recorded])) for key in ("used", "distinct")}
-            for stream in recorded[0] if all(stream in seen for seen in recorded)}
+    return {
+        stream: {key: float(np.mean([seen[stream][key] for seen in recorded])) for key in ("used", "distinct")}
+        for stream in recorded[0]
+        if all(stream in seen for seen in recorded)
+    }
 
 
-def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
-            at_seconds: float | None = None, at_flops: float | None = None,
-            at_tokens: float | None = None, pool: list[str] | None = ()) -> list[GroupRow]:
+def compare(
+    loaded: Loaded,
+    by: list[str],
+    metric: str,
+    baseline: str | None,
+    at_seconds: float | None = None,
+    at_flops: float | None = None,
+    at_tokens: float | None = None,
+    pool: list[str] | None = (),
+) -> list[GroupRow]:
     """One row per (task, model, group): the numbers every output format carries. `at_seconds` adds, for every
     eval metric, its value at that wall-clock time (value_at), keyed `<metric>@<S>s`; `at_flops` and `at_tokens`
     its value at that much compute (`<metric>@<X>flops`, `<metric>@<X>tokens`), and compute-to-target beside
@@ -292,24 +317,35 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
     that would pool runs of different configs raises UserError unless `pool` names the keys (None: pool whatever
     differs); what was pooled is on each row (GroupRow.mixed), as are the keys that differ between groups and
     the fairness facts (GroupRow.settings, facts)."""
-    costs = [(axis, at) for axis, at in (("seconds", at_seconds), ("flops", at_flops), ("tokens", at_tokens))
-             if at is not None]
+    costs = [
+        (axis, at)
+        for axis, at in (("seconds", at_seconds), ("flops", at_flops), ("tokens", at_tokens))
+        if at is not None
+    ]
     sections: dict[tuple, dict[tuple, list[Run]]] = {}
     for run in loaded.runs:
         section = (run.summary.get("task", run.value("task.name")), run.summary.get("model", run.value("model.name")))
         sections.setdefault(section, {}).setdefault(tuple(run.value(k) for k in by), []).append(run)
     rows = []
     for (task, model), groups in sections.items():
-        finals = sorted({Metric(split, name) for runs in groups.values() for r in runs
-                         for split, values in r.summary.get("eval", {}).items() for name in values
-                         if name == "accuracy" or name.split("@")[0] in ("pass", "maj", "mean") and "@" in name},
-                        key=lambda m: m.logged)
+        finals = sorted(
+            {
+                Metric(split, name)
+                for runs in groups.values()
+                for r in runs
+                for split, values in r.summary.get("eval", {}).items()
+                for name in values
+                if name == "accuracy" or name.split("@")[0] in ("pass", "maj", "mean") and "@" in name
+            },
+            key=lambda m: m.logged,
+        )
         # the runs' own groups are audited; the base model's pseudo-runs (one per seed, read from runs of any
         # group) trained nothing
         mixed = {key: compare_audit.mixed_keys(runs, by) for key, runs in groups.items()}
         if pool is not None:
-            error = compare_audit.pooling_error([(_label(key), runs, mixed[key]) for key, runs in groups.items()],
-                                                list(pool))
+            error = compare_audit.pooling_error(
+                [(_label(key), runs, mixed[key]) for key, runs in groups.items()], list(pool)
+            )
             if error is not None:
                 raise error
         between = compare_audit.differences({_label(key): runs for key, runs in groups.items()}, by)
@@ -319,22 +355,40 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
                 groups = {(BASE_GROUP,): initial, **groups}
         baseline_runs = next((runs for key, runs in groups.items() if _label(key) == baseline), None)
         if baseline is not None and baseline_runs is None:
-            raise UserError(f"no group '{baseline}' to use as --baseline (task {task}, model {model})",
-                            f"groups by {', '.join(by)}: {', '.join(_label(k) for k in groups)}; "
-                            f"or --baseline {BASE_GROUP}: the base model, from the runs' step-0 evaluations")
+            raise UserError(
+                f"no group '{baseline}' to use as --baseline (task {task}, model {model})",
+                f"groups by {', '.join(by)}: {', '.join(_label(k) for k in groups)}; "
+                f"or --baseline {BASE_GROUP}: the base model, from the runs' step-0 evaluations",
+            )
         # time-to-target: when a run first reaches the baseline's final mean; not for the base model, which every
         # run is at from its step-0 evaluation
-        target = (np.mean([r.final(metric) for r in baseline_runs if r.final(metric) is not None])
-                  if baseline_runs and any(r.metrics for r in baseline_runs) else None)
+        target = (
+            np.mean([r.final(metric) for r in baseline_runs if r.final(metric) is not None])
+            if baseline_runs and any(r.metrics for r in baseline_runs)
+            else None
+        )
         views = finals + [Metric(m.split, m.name, at, axis) for axis, at in costs for m in finals]
         for key, runs in groups.items():
             summaries = [(view, _summary(view, runs, baseline_runs)) for view in views]
-            row = GroupRow(task, model, key, _label(key), len(runs), runs is baseline_runs,
-                           {view.key: summary for view, summary in summaries if summary is not None},
-                           _mean_cost(runs, "wall_s"), _mean_cost(runs, "gen_tokens"), _mean_cost(runs, "peak_mem_mb"),
-                           _mean_cost(runs, "flops"), _data_seen(runs))
-            row.missing = {view.key: [r.path.name for r in runs if _read(r, view) is None]
-                           for view, summary in summaries if summary is not None and summary.n < len(runs)}
+            row = GroupRow(
+                task,
+                model,
+                key,
+                _label(key),
+                len(runs),
+                runs is baseline_runs,
+                {view.key: summary for view, summary in summaries if summary is not None},
+                _mean_cost(runs, "wall_s"),
+                _mean_cost(runs, "gen_tokens"),
+                _mean_cost(runs, "peak_mem_mb"),
+                _mean_cost(runs, "flops"),
+                _data_seen(runs),
+            )
+            row.missing = {
+                view.key: [r.path.name for r in runs if _read(r, view) is None]
+                for view, summary in summaries
+                if summary is not None and summary.n < len(runs)
+            }
             row.mixed = {k: [compare_audit.shown(v) for v in values] for k, values in mixed.get(key, {}).items()}
             row.no_signal = [r.path.name for r in runs if mostly_without_signal(signal_counts(r))]
             if key in mixed:  # the base model's pseudo-runs trained nothing
@@ -344,9 +398,12 @@ def compare(loaded: Loaded, by: list[str], metric: str, baseline: str | None,
             if target is not None and any(r.metrics for r in runs):  # base's pseudo-runs log no curve
                 reached = [t for t in (time_to_target(r, metric, target) for r in runs) if t is not None]
                 in_flops = [f for f in (time_to_target(r, metric, target, "flops") for r in runs) if f is not None]
-                row.time_to_target = TimeToTarget(float(np.mean(reached)) if len(reached) == len(runs) else None,
-                                                  len(reached), len(runs),
-                                                  float(np.mean(in_flops)) if len(in_flops) == len(runs) else None)
+                row.time_to_target = TimeToTarget(
+                    float(np.mean(reached)) if len(reached) == len(runs) else None,
+                    len(reached),
+                    len(runs),
+                    float(np.mean(in_flops)) if len(in_flops) == len(runs) else None,
+                )
             rows.append(row)
     return rows
 
@@ -358,7 +415,7 @@ def paired_difference(runs: list[Run], base_runs: list[Run], split: str) -> dict
     if any(record is None for record in records) or len({record["problems"] for record in records}) != 1:
         return None
     rewards = [np.asarray(record["rewards"], dtype=float) for record in records]
-    return stats.paired_bootstrap(np.stack(rewards[:len(runs)]), np.stack(rewards[len(runs):]))
+    return stats.paired_bootstrap(np.stack(rewards[: len(runs)]), np.stack(rewards[len(runs) :]))
 
 
 # ---- output formats --------------------------------------------------------------------------------------------
@@ -424,7 +481,8 @@ def _target_cell(row: GroupRow) -> str:
     if reach is None:  # the base model: no curve
         return "-"
     return ("never" if reach.seconds is None else _cell(reach.seconds)) + (
-        "" if reach.reached == row.n else f" ({reach.reached}/{reach.runs})")
+        "" if reach.reached == row.n else f" ({reach.reached}/{reach.runs})"
+    )
 
 
 def _shown(metric: Metric, every_metric: set[Metric]) -> bool:
@@ -432,8 +490,11 @@ def _shown(metric: Metric, every_metric: set[Metric]) -> bool:
     the largest k (of its split and view); every other sampled metric is in the csv and json outputs."""
     if metric.kind != "pass":
         return metric.name == "accuracy"
-    return metric.k == max(m.k for m in every_metric
-                           if m.kind == "pass" and (m.split, m.at, m.axis) == (metric.split, metric.at, metric.axis))
+    return metric.k == max(
+        m.k
+        for m in every_metric
+        if m.kind == "pass" and (m.split, m.at, m.axis) == (metric.split, metric.at, metric.axis)
+    )
 
 
 def display_columns(rows: list[GroupRow]) -> list[tuple[str, callable]]:
@@ -448,15 +509,26 @@ def display_columns(rows: list[GroupRow]) -> list[tuple[str, callable]]:
             columns.append((f"Δ {metric.header} pts", lambda r, k=metric.key: _difference_cell(r, k)))
         if any(d.paired_ci_low is not None for d in differences):
             columns.append((f"Δ {metric.header} paired", lambda r, k=metric.key: _paired_cell(r, k)))
-    columns += [("wall s", lambda r: _cell(r.wall_s)), ("gen tokens", lambda r: _cell(r.gen_tokens)),
-                ("peak MB", lambda r: _cell(r.peak_mem_mb))]
+    columns += [
+        ("wall s", lambda r: _cell(r.wall_s)),
+        ("gen tokens", lambda r: _cell(r.gen_tokens)),
+        ("peak MB", lambda r: _cell(r.peak_mem_mb)),
+    ]
     if any(r.flops is not None for r in rows):
         columns.append(("FLOPs", lambda r: _flops_cell(r.flops)))
     if any(r.time_to_target is not None for r in rows):
         columns.append(("to target s", _target_cell))
     if any(r.time_to_target is not None and r.time_to_target.flops is not None for r in rows):
-        columns.append(("to target FLOPs", lambda r: "-" if r.time_to_target is None else
-                        ("never" if r.time_to_target.flops is None else _flops_cell(r.time_to_target.flops))))
+        columns.append(
+            (
+                "to target FLOPs",
+                lambda r: (
+                    "-"
+                    if r.time_to_target is None
+                    else ("never" if r.time_to_target.flops is None else _flops_cell(r.time_to_target.flops))
+                ),
+            )
+        )
     return columns
 
 
@@ -464,43 +536,68 @@ def footnotes(loaded: Loaded, rows: list[GroupRow]) -> list[str]:
     notes = ["Accuracy in %: mean ± std over seeds [95% Student-t interval of the mean, cut to [0, 100]]."]
     differences = [s.difference for r in rows for s in r.metrics.values() if s.difference is not None]
     if differences:
-        notes.append("Δ in points against the baseline: difference of means [95% Welch interval] and Welch's "
-                     "two-sided p; where the interval includes zero the difference is not shown, and ~N seeds is "
-                     "how many per group would make Welch's interval exclude zero if the observed difference and "
-                     "spreads held (about half of studies that size would show it).")
+        notes.append(
+            "Δ in points against the baseline: difference of means [95% Welch interval] and Welch's "
+            "two-sided p; where the interval includes zero the difference is not shown, and ~N seeds is "
+            "how many per group would make Welch's interval exclude zero if the observed difference and "
+            "spreads held (about half of studies that size would show it)."
+        )
     if any(d.paired_ci_low is not None for d in differences):
-        notes.append("Δ paired: 95% percentile interval of a two-level bootstrap over seeds (within each group) and "
-                     "evaluation problems (shared by both groups), 10,000 resamples, for runs evaluated on the same "
-                     "problems; at few seeds its seed level understates seed noise, so Welch's is the headline.")
+        notes.append(
+            "Δ paired: 95% percentile interval of a two-level bootstrap over seeds (within each group) and "
+            "evaluation problems (shared by both groups), 10,000 resamples, for runs evaluated on the same "
+            "problems; at few seeds its seed level understates seed noise, so Welch's is the headline."
+        )
     axes = {s.metric.axis for r in rows for s in r.metrics.values() if s.metric.at is not None}
     if axes:
-        units = {"seconds": "s of wall-clock", "flops": " FLOPs of sampling and training (core/flops.py's estimate)",
-                 "tokens": " tokens generated and trained (once per pass)"}
-        notes.append("@X: each run's value as last evaluated when it had spent X" + " / X".join(
-            units[axis] for axis in sorted(axes)) + " (its final value if it ended before): the equal-cost view.")
+        units = {
+            "seconds": "s of wall-clock",
+            "flops": " FLOPs of sampling and training (core/flops.py's estimate)",
+            "tokens": " tokens generated and trained (once per pass)",
+        }
+        notes.append(
+            "@X: each run's value as last evaluated when it had spent X"
+            + " / X".join(units[axis] for axis in sorted(axes))
+            + " (its final value if it ended before): the equal-cost view."
+        )
     if any(r.time_to_target is not None and r.time_to_target.flops is not None for r in rows):
-        notes.append("to target: wall-clock seconds and FLOPs at which a group's runs first reached the baseline's "
-                     "final mean, interpolated between evaluations (never unless every run did).")
+        notes.append(
+            "to target: wall-clock seconds and FLOPs at which a group's runs first reached the baseline's "
+            "final mean, interpolated between evaluations (never unless every run did)."
+        )
     if any(r.group == BASE_GROUP and r.is_baseline for r in rows):
-        notes.append(f"{BASE_GROUP}: the model the runs started from, as each run evaluated it before its first "
-                     "update (one value per seed).")
+        notes.append(
+            f"{BASE_GROUP}: the model the runs started from, as each run evaluated it before its first "
+            "update (one value per seed)."
+        )
     if any(r.too_few_seeds for r in rows):
-        notes.append(f"* fewer than {stats.FEW_SEEDS} seeds: intervals are wide and only large differences can be "
-                     "shown.")
+        notes.append(
+            f"* fewer than {stats.FEW_SEEDS} seeds: intervals are wide and only large differences can be shown."
+        )
     for row in rows:
         for key, names in row.missing.items():
-            notes.append(f"(n=k): group {row.group}: {len(names)} of {row.n} runs have no {key} "
-                         f"({', '.join(names)}); its mean and intervals are over the other {row.n - len(names)}.")
+            notes.append(
+                f"(n=k): group {row.group}: {len(names)} of {row.n} runs have no {key} "
+                f"({', '.join(names)}); its mean and intervals are over the other {row.n - len(names)}."
+            )
         if row.mixed:
-            notes.append(f"! group {row.group} pools runs of different configs on purpose (--pool): "
-                         + "; ".join(f"{key} = {', '.join(values)}" for key, values in row.mixed.items()) + ".")
+            notes.append(
+                f"! group {row.group} pools runs of different configs on purpose (--pool): "
+                + "; ".join(f"{key} = {', '.join(values)}" for key, values in row.mixed.items())
+                + "."
+            )
         if row.no_signal:
-            notes.append(f"no signal: group {row.group}: {', '.join(row.no_signal)} had every reward of a group equal "
-                         f"(no advantage, no gradient) in over {NO_SIGNAL_SHARE:.0%} of its RL steps: it barely "
-                         "trained, so its numbers say little about the recipe (bridgectl runs shows the counts).")
+            notes.append(
+                f"no signal: group {row.group}: {', '.join(row.no_signal)} had every reward of a group equal "
+                f"(no advantage, no gradient) in over {NO_SIGNAL_SHARE:.0%} of its RL steps: it barely "
+                "trained, so its numbers say little about the recipe (bridgectl runs shows the counts)."
+            )
     if loaded.copies:
-        notes.append(f"Counted once: {len(loaded.copies)} run director(y/ies) copied from another run given ("
-                     + "; ".join(loaded.copies) + ").")
+        notes.append(
+            f"Counted once: {len(loaded.copies)} run director(y/ies) copied from another run given ("
+            + "; ".join(loaded.copies)
+            + ")."
+        )
     if len({(r.task, r.model) for r in rows}) > 1:
         notes.append("Runs of different tasks or models are compared in separate tables, never averaged together.")
     if loaded.left_out:
@@ -521,10 +618,15 @@ def differences_table(section: list[GroupRow]) -> tuple[list[str], list[list[str
     if not groups:
         return [], []
     keys = list(dict.fromkeys(key for row in groups for key in row.settings))
-    lines = [[("! " if key in groups[0].marked else "") + key] + [row.settings.get(key, "-") for row in groups]
-             for key in keys]
-    lines += [[name] + [row.facts.get(name, "-") for row in groups] for name in groups[0].facts
-              if any(row.facts.get(name, "-") != "-" for row in groups)]  # not recorded by any run: left out
+    lines = [
+        [("! " if key in groups[0].marked else "") + key] + [row.settings.get(key, "-") for row in groups]
+        for key in keys
+    ]
+    lines += [
+        [name] + [row.facts.get(name, "-") for row in groups]
+        for name in groups[0].facts
+        if any(row.facts.get(name, "-") != "-" for row in groups)
+    ]  # not recorded by any run: left out
     return [""] + [row.group for row in groups], lines
 
 
@@ -536,8 +638,12 @@ def differences_lines(header: list[str], lines: list[list[str]]) -> list[str]:
         by_value: dict[str, list[str]] = {}
         for group, value in zip(header[1:], values):
             by_value.setdefault(value, []).append(group)
-        out.append(f"{name}: " + "; ".join(value if len(by_value) == 1 else f"{value} ({', '.join(groups)})"
-                                           for value, groups in by_value.items()))
+        out.append(
+            f"{name}: "
+            + "; ".join(
+                value if len(by_value) == 1 else f"{value} ({', '.join(groups)})" for value, groups in by_value.items()
+            )
+        )
     return out
 
 
@@ -552,8 +658,12 @@ def to_markdown(rows: list[GroupRow], notes: list[str]) -> str:
     out = []
     for (task, model), section in sections_of(rows).items():
         columns = display_columns(section)
-        out += [f"**task {task}, model {model}**", "", "| " + " | ".join(h for h, _ in columns) + " |",
-                "|" + "---|" * len(columns)]
+        out += [
+            f"**task {task}, model {model}**",
+            "",
+            "| " + " | ".join(h for h, _ in columns) + " |",
+            "|" + "---|" * len(columns),
+        ]
         out += ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in section]
         out.append("")
         header, lines = differences_table(section)
@@ -578,10 +688,17 @@ def to_json(rows: list[GroupRow], notes: list[str], against: list[dict] | None =
     def clean(items):  # json has no NaN or infinity
         return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in items]
 
-    differences = [{"task": task, "model": model, "key": key, "marked": any(key in row.marked for row in section),
-                    "values": {row.group: row.settings[key] for row in section if key in row.settings}}
-                   for (task, model), section in sections_of(rows).items()
-                   for key in dict.fromkeys(k for row in section for k in row.settings)]
+    differences = [
+        {
+            "task": task,
+            "model": model,
+            "key": key,
+            "marked": any(key in row.marked for row in section),
+            "values": {row.group: row.settings[key] for row in section if key in row.settings},
+        }
+        for (task, model), section in sections_of(rows).items()
+        for key in dict.fromkeys(k for row in section for k in row.settings)
+    ]
     document = {"groups": clean(flatten(rows)), "differences": differences, "notes": notes}
     if against is not None:
         document["against"] = clean(against)
@@ -597,8 +714,10 @@ def load_reference(path: str, by: list[str], metric: str) -> dict:
         try:
             content = read_config(target)
         except UserError as error:  # the run-config hint does not fit a reference file
-            raise UserError(error.message, "it needs `models: {MODEL: {recipe: {metric: value}}}`, as in "
-                            "baselines/paper-bridge-2509.06948.yaml") from None
+            raise UserError(
+                error.message,
+                "it needs `models: {MODEL: {recipe: {metric: value}}}`, as in baselines/paper-bridge-2509.06948.yaml",
+            ) from None
         if not isinstance(content.get("models"), dict):
             raise UserError(f"{path} is not a reference file", "it needs `models: {MODEL: {recipe: {metric: value}}}`")
         return {"kind": "published", "source": content.get("source", path), "models": content["models"]}
@@ -625,8 +744,10 @@ def against_rows(rows: list[GroupRow], reference: dict, metric: str) -> list[dic
         return out
     current = {r.group: r.metrics[metric].mean if metric in r.metrics else None for r in rows}
     for group, value in current.items():
-        entry = {"group": group, f"{metric}/gain_over_rl": None if value is None or current.get("rl") is None
-                 else value - current["rl"]}
+        entry = {
+            "group": group,
+            f"{metric}/gain_over_rl": None if value is None or current.get("rl") is None else value - current["rl"],
+        }
         for model, table in reference["models"].items():
             published = table.get(group, {})
             rl = table.get("rl", {})
@@ -641,8 +762,12 @@ def against_markdown(entries: list[dict], reference: dict) -> str:
     if not entries:
         return f"No group matches the reference {reference['source']}.\n"
     keys = [k for k in dict.fromkeys(k for e in entries for k in e) if k not in ("task", "model", "group", "n")]
-    lines = [f"Against {reference['source']}:", "", "| group | " + " | ".join(keys) + " |",
-             "|" + "---|" * (len(keys) + 1)]
+    lines = [
+        f"Against {reference['source']}:",
+        "",
+        "| group | " + " | ".join(keys) + " |",
+        "|" + "---|" * (len(keys) + 1),
+    ]
     for entry in entries:
         cells = [f"{entry[k]:+.3f}" if isinstance(entry.get(k), float) else str(entry.get(k, "-")) for k in keys]
         lines.append(f"| {entry['group']} | " + " | ".join(cells) + " |")

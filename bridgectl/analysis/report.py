@@ -23,22 +23,27 @@ PLOTS = [
 
 
 def _series(run, metric: str, x_key: str, window: int) -> tuple[np.ndarray, np.ndarray] | None:
-    points = [(row[x_key], row[metric]) for row in run.metrics
-              if isinstance(row.get(metric), (int, float)) and isinstance(row.get(x_key), (int, float))]
+    points = [
+        (row[x_key], row[metric])
+        for row in run.metrics
+        if isinstance(row.get(metric), (int, float)) and isinstance(row.get(x_key), (int, float))
+    ]
     if len(points) < 2:
         return None
     x, y = np.array(points, dtype=float).T
     if window > 1 and len(y) >= window:  # trailing moving average: rewards of single steps are noisy
         y = np.convolve(y, np.ones(window) / window, mode="valid")
-        x = x[window - 1:]
+        x = x[window - 1 :]
     return x, y
 
 
 X_LABELS = {"step": "step", "wall_s": "wall-clock (s)", "compute/cum_flops": "FLOPs (sampling + training)"}
 LINE_STYLES = ["-", "--", ":", "-."]
-FAMILIES = [("SFT, RL and their sequences", ("sft", "rl", "two_stage", "interleaved", "mix")),
-            ("BRIDGE and its ablations", ("bridge", "bridge_no_meta", "bridge_no_upper")),
-            ("single-stage SFT + RL methods", ("chord", "luffy", "relift", "hpt", "srft", "uft"))]
+FAMILIES = [
+    ("SFT, RL and their sequences", ("sft", "rl", "two_stage", "interleaved", "mix")),
+    ("BRIDGE and its ablations", ("bridge", "bridge_no_meta", "bridge_no_upper")),
+    ("single-stage SFT + RL methods", ("chord", "luffy", "relift", "hpt", "srft", "uft")),
+]
 """Panels of the small multiples (a crowded plot is split by recipe family; rl is drawn in every panel)."""
 CROWDED = 7
 """More groups than this in one plot: small multiples."""
@@ -50,8 +55,10 @@ def styles(labels: list[str]) -> dict[str, dict]:
     import matplotlib
 
     colours = matplotlib.colormaps["tab10"].colors
-    return {label: {"color": colours[i % 10], "linestyle": LINE_STYLES[(i // 10) % len(LINE_STYLES)]}
-            for i, label in enumerate(sorted(labels))}
+    return {
+        label: {"color": colours[i % 10], "linestyle": LINE_STYLES[(i // 10) % len(LINE_STYLES)]}
+        for i, label in enumerate(sorted(labels))
+    }
 
 
 def panels(labels: list[str]) -> list[tuple[str, list[str]]]:
@@ -67,7 +74,7 @@ def panels(labels: list[str]) -> list[tuple[str, list[str]]]:
             out.append((title, sorted(set(chosen) | ({"rl"} & set(labels)))))
             left -= set(chosen)
     rest = sorted(left)
-    out += [("", sorted(set(rest[i:i + CROWDED]) | ({"rl"} & set(labels)))) for i in range(0, len(rest), CROWDED)]
+    out += [("", sorted(set(rest[i : i + CROWDED]) | ({"rl"} & set(labels)))) for i in range(0, len(rest), CROWDED)]
     return out
 
 
@@ -94,8 +101,7 @@ def plot(groups: dict[str, list], metric: str, x_key: str, title: str, window: i
         return False
     look = styles(list(groups))
     layout = panels(list(curves))
-    figure, grid_axes = plt.subplots(len(layout), 1, figsize=(8.5, 3.4 * len(layout) + 0.6), squeeze=False,
-                                     sharex=True)
+    figure, grid_axes = plt.subplots(len(layout), 1, figsize=(8.5, 3.4 * len(layout) + 0.6), squeeze=False, sharex=True)
     for (panel_title, labels), axes in zip(layout, grid_axes[:, 0]):
         for label in labels:
             x, mean, std, n = curves[label]
@@ -132,8 +138,15 @@ def plot_frontier(rows: list[GroupRow], metric: str, path: Path) -> bool:
         low = summary.ci_low if summary.ci_low is not None else summary.mean
         high = summary.ci_high if summary.ci_high is not None else summary.mean
         marker = {"-": "o", "--": "s", ":": "^", "-.": "D"}[look[row.group]["linestyle"]]  # colours repeat past 10
-        axes.errorbar(row.flops, summary.mean, yerr=[[summary.mean - low], [high - summary.mean]], fmt=marker,
-                      capsize=3, color=look[row.group]["color"], label=f"{row.group} (n={row.n})")
+        axes.errorbar(
+            row.flops,
+            summary.mean,
+            yerr=[[summary.mean - low], [high - summary.mean]],
+            fmt=marker,
+            capsize=3,
+            color=look[row.group]["color"],
+            label=f"{row.group} (n={row.n})",
+        )
     axes.set_xscale("log")
     axes.set_xlabel("FLOPs per run (sampling + training, mean over seeds)")
     axes.set_ylabel(f"{metric} (final, mean and 95% interval)")
@@ -159,8 +172,15 @@ def plot_differences(rows: list[GroupRow], path: Path) -> bool:
         return difference is not None and difference.ci_low is not None
 
     # final greedy accuracy of each split; not its equal-cost (--at-*) views
-    metrics = sorted({s.metric for r in rows for s in r.metrics.values() if s.metric.name == "accuracy"
-                      and s.metric.at is None and tested(r, s.metric.key)}, key=lambda m: m.key)
+    metrics = sorted(
+        {
+            s.metric
+            for r in rows
+            for s in r.metrics.values()
+            if s.metric.name == "accuracy" and s.metric.at is None and tested(r, s.metric.key)
+        },
+        key=lambda m: m.key,
+    )
     shown = [r for r in rows if not r.is_baseline and any(tested(r, m.key) for m in metrics)]
     if not metrics or not shown:
         return False
@@ -174,15 +194,21 @@ def plot_differences(rows: list[GroupRow], path: Path) -> bool:
             color = "tab:gray" if low <= 0 <= high else ("tab:green" if diff > 0 else "tab:red")
             axis.errorbar(diff, y, xerr=[[diff - low], [high - diff]], fmt="o", color=color, capsize=3)
             if difference.paired_ci_low is not None:
-                axis.plot([100 * difference.paired_ci_low, 100 * difference.paired_ci_high], [y - 0.2] * 2,
-                          color=color, alpha=0.5, linewidth=3)
+                axis.plot(
+                    [100 * difference.paired_ci_low, 100 * difference.paired_ci_high],
+                    [y - 0.2] * 2,
+                    color=color,
+                    alpha=0.5,
+                    linewidth=3,
+                )
         axis.axvline(0, color="black", linewidth=0.8)
         axis.set_yticks(range(len(shown)), [r.group for r in shown])
         axis.set_ylim(len(shown) - 0.5, -0.6)  # first group on top; room for the paired bar under each row
         axis.set_xlabel(f"Δ {metric.split} accuracy (points)")
         axis.grid(axis="x", alpha=0.3)
-    axes[0][0].set_title("difference from the baseline, 95% Welch interval\n(gray: includes 0; thick: paired "
-                         "bootstrap)", fontsize=9)
+    axes[0][0].set_title(
+        "difference from the baseline, 95% Welch interval\n(gray: includes 0; thick: paired bootstrap)", fontsize=9
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -198,8 +224,14 @@ def plot_pass_at_k(rows: list[GroupRow], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     def final_pass_at_k(row: GroupRow, split: str) -> list:  # by k; the --at-seconds views are not final
-        return sorted((s for s in row.metrics.values() if s.metric.kind == "pass" and s.metric.split == split
-                       and s.metric.at is None), key=lambda s: s.metric.k)
+        return sorted(
+            (
+                s
+                for s in row.metrics.values()
+                if s.metric.kind == "pass" and s.metric.split == split and s.metric.at is None
+            ),
+            key=lambda s: s.metric.k,
+        )
 
     splits = sorted({s.metric.split for r in rows for s in r.metrics.values() if s.metric.kind == "pass"})
     if not splits:
@@ -244,14 +276,23 @@ def write_report(loaded: Loaded, rows: list[GroupRow], by: list[str], metric: st
         if plot(groups, plot_metric, x_key, title, window, out_dir / name):
             images.append(name)
             written.append(out_dir / name)
-    for name, draw in (("differences.png", plot_differences), ("pass_at_k.png", plot_pass_at_k),
-                       ("frontier.png", lambda r, path: plot_frontier(r, metric, path))):
+    for name, draw in (
+        ("differences.png", plot_differences),
+        ("pass_at_k.png", plot_pass_at_k),
+        ("frontier.png", lambda r, path: plot_frontier(r, metric, path)),
+    ):
         if draw(rows, out_dir / name):
             images.append(name)
             written.append(out_dir / name)
     notes = footnotes(loaded, rows)
-    report = ["# bridgectl comparison", "", f"Runs grouped by {', '.join(by)}; final greedy pass@1 (methods in the "
-              "notes under the table).", "", to_markdown(rows, notes).strip(), ""]
+    report = [
+        "# bridgectl comparison",
+        "",
+        f"Runs grouped by {', '.join(by)}; final greedy pass@1 (methods in the notes under the table).",
+        "",
+        to_markdown(rows, notes).strip(),
+        "",
+    ]
     report += [f"![{name}]({name})" for name in images]
     (out_dir / "report.md").write_text("\n".join(report) + "\n")
     written.append(out_dir / "report.md")
@@ -266,8 +307,9 @@ def log_to_wandb(rows: list[GroupRow], images: list[Path], by: list[str]) -> str
     import wandb
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "bridgectl"), job_type="compare", mode=mode,
-                     config={"by": by})
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "bridgectl"), job_type="compare", mode=mode, config={"by": by}
+    )
     flat = flatten(rows)  # the csv's columns
     columns = sorted({k for r in flat for k in r}, key=lambda k: (k not in ("task", "model", "group", "n"), k))
     table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in flat])

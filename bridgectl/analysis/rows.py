@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 
 from bridgectl.analysis import stats
 
-AXES = {"seconds": ("wall_s", "s", "s"), "flops": ("compute/cum_flops", " FLOPs", "flops"),
-        "tokens": ("compute/cum_tokens", " tok", "tokens")}
+AXES = {
+    "seconds": ("wall_s", "s", "s"),
+    "flops": ("compute/cum_flops", " FLOPs", "flops"),
+    "tokens": ("compute/cum_tokens", " tok", "tokens"),
+}
 """The views at equal cost: the metrics.jsonl field each reads (bridgectl/training/budget.py), its unit in headers and in
 keys."""
 
@@ -96,9 +99,13 @@ class Difference:
     def flat(self, prefix: str) -> dict:
         if self.of_baseline:
             return {f"{prefix}/diff": self.diff}
-        out = {f"{prefix}/diff": self.diff, f"{prefix}/diff_ci_low": self.ci_low,
-               f"{prefix}/diff_ci_high": self.ci_high, f"{prefix}/diff_p": self.p,
-               f"{prefix}/seeds_needed": self.seeds_needed}
+        out = {
+            f"{prefix}/diff": self.diff,
+            f"{prefix}/diff_ci_low": self.ci_low,
+            f"{prefix}/diff_ci_high": self.ci_high,
+            f"{prefix}/diff_p": self.p,
+            f"{prefix}/seeds_needed": self.seeds_needed,
+        }
         if self.paired_ci_low is not None:
             out[f"{prefix}/paired_ci_low"], out[f"{prefix}/paired_ci_high"] = self.paired_ci_low, self.paired_ci_high
         return out
@@ -126,8 +133,13 @@ class MetricSummary:
 
     def flat(self) -> dict:
         prefix = self.metric.key
-        out = {f"{prefix}/n": self.n, f"{prefix}/mean": self.mean, f"{prefix}/std": self.std, f"{prefix}/ci_low": self.ci_low,
-               f"{prefix}/ci_high": self.ci_high}
+        out = {
+            f"{prefix}/n": self.n,
+            f"{prefix}/mean": self.mean,
+            f"{prefix}/std": self.std,
+            f"{prefix}/ci_low": self.ci_low,
+            f"{prefix}/ci_high": self.ci_high,
+        }
         return out | (self.difference.flat(prefix) if self.difference is not None else {})
 
 
@@ -205,12 +217,22 @@ class GroupRow:
     def flat(self) -> dict:
         """The csv/json form, one key per number: `task`, `group`, `eval/test/accuracy/mean`, ..., in this order
         (json keeps it)."""
-        out = {"task": self.task, "model": self.model, "group": self.group, "n": self.n,
-               "too_few_seeds": self.too_few_seeds, "is_baseline": self.is_baseline}
+        out = {
+            "task": self.task,
+            "model": self.model,
+            "group": self.group,
+            "n": self.n,
+            "too_few_seeds": self.too_few_seeds,
+            "is_baseline": self.is_baseline,
+        }
         for summary in self.metrics.values():
             out |= summary.flat()
-        out |= {"wall_s": self.wall_s, "gen_tokens": self.gen_tokens, "peak_mem_mb": self.peak_mem_mb,
-                "flops": self.flops}
+        out |= {
+            "wall_s": self.wall_s,
+            "gen_tokens": self.gen_tokens,
+            "peak_mem_mb": self.peak_mem_mb,
+            "flops": self.flops,
+        }
         for stream, seen in self.data.items():
             out |= {f"data/{stream}/used": seen["used"], f"data/{stream}/distinct": seen["distinct"]}
         if self.time_to_target is not None:

@@ -53,9 +53,22 @@ def read_run(path: Path, root: Path, now: float | None = None) -> dict:
     except (OSError, ValueError):
         summary = None
     if not isinstance(summary, dict):
-        return {"name": name, "recipe": None, "seed": None, "status": "unreadable", "error": "summary.json is not "
-                "valid JSON", "last_step": None, "steps_done": None, "steps_total": None, "eval": {},
-                "wall_s": None, "host": None, "pid": None, "rl_steps": None, "no_signal_steps": None}
+        return {
+            "name": name,
+            "recipe": None,
+            "seed": None,
+            "status": "unreadable",
+            "error": "summary.json is not valid JSON",
+            "last_step": None,
+            "steps_done": None,
+            "steps_total": None,
+            "eval": {},
+            "wall_s": None,
+            "host": None,
+            "pid": None,
+            "rl_steps": None,
+            "no_signal_steps": None,
+        }
     status = status_of(path, summary, now)
     problem = config_problem(path)
     if problem is not None:  # compare leaves it out, eval/export/--resume refuse it: say so, keep what summary says
@@ -66,7 +79,10 @@ def read_run(path: Path, root: Path, now: float | None = None) -> dict:
     stages = summary.get("stages")
     beat = read_heartbeat(path) if status in ("running", "died") else None
     return {
-        "name": name, "recipe": summary.get("recipe"), "seed": summary.get("seed"), "status": status,
+        "name": name,
+        "recipe": summary.get("recipe"),
+        "seed": summary.get("seed"),
+        "status": status,
         "error": problem or (summary.get("error") if status not in ("completed", "running") else None),
         "last_step": last_step,
         # while running, summary.json still holds a resumed run's counters from before: the log is current
@@ -74,7 +90,8 @@ def read_run(path: Path, root: Path, now: float | None = None) -> dict:
         "steps_total": sum(s["steps"] for s in stages) if isinstance(stages, list) else None,
         "eval": {split: result.get("accuracy") for split, result in (summary.get("eval") or {}).items()},
         "wall_s": summary.get("wall_s") if final else (last or {}).get("wall_s"),
-        "host": beat.get("host") if beat else None, "pid": beat.get("pid") if beat else None,
+        "host": beat.get("host") if beat else None,
+        "pid": beat.get("pid") if beat else None,
         # RL steps, and those without a learning signal (every advantage 0): counted when the run ends
         "rl_steps": summary.get("rl_steps") if final else None,
         "no_signal_steps": summary.get("no_signal_steps") if final else None,
@@ -86,18 +103,23 @@ def list_runs(directory: Path, now: float | None = None) -> list[dict]:
     ordered by name. Raises UserError when the directory does not exist or holds no run."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise UserError(f"no directory {directory}", "give the directory that holds run directories, e.g. "
-                        "bridgectl runs runs/ (bridgectl run --out sets it)")
+        raise UserError(
+            f"no directory {directory}",
+            "give the directory that holds run directories, e.g. bridgectl runs runs/ (bridgectl run --out sets it)",
+        )
     found = find_run_dirs([str(directory)])
     if not found:
-        raise UserError(f"no runs under {directory}", "a run directory holds summary.json; train one with "
-                        "bridgectl run, or give the directory its --out named")
+        raise UserError(
+            f"no runs under {directory}",
+            "a run directory holds summary.json; train one with bridgectl run, or give the directory its --out named",
+        )
     return sorted((read_run(path, directory, now) for path in found), key=lambda run: run["name"])
+
 
 # ---- the table ---------------------------------------------------------------------------------------------------
 def short_error(error: str | None) -> str:
     line = (error or "").strip().splitlines()[0] if error and error.strip() else ""
-    return line if len(line) <= ERROR_CHARS else line[:ERROR_CHARS - 3] + "..."
+    return line if len(line) <= ERROR_CHARS else line[: ERROR_CHARS - 3] + "..."
 
 
 def status_cell(run: dict) -> str:
@@ -122,13 +144,19 @@ def eval_splits(runs: list[dict]) -> list[str]:
 
 def table_columns(runs: list[dict]) -> list[tuple[str, Callable[[dict], str]]]:
     """(header, run -> cell) for the table; every cell is drawn from the run's JSON object."""
+
     def number(value, digits=0):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    columns = [("run", lambda r: r["name"]), ("recipe", lambda r: str(r["recipe"] or "-")),
-               ("seed", lambda r: "-" if r["seed"] is None else str(r["seed"])), ("status", status_cell),
-               ("steps", lambda r: f"{number(r['steps_done'])}/{number(r['steps_total'])}")]
-    columns += [(f"{split} acc %", lambda r, s=split: number(None if r["eval"].get(s) is None
-                                                             else 100 * r["eval"][s], 1))
-                for split in eval_splits(runs)]
+    columns = [
+        ("run", lambda r: r["name"]),
+        ("recipe", lambda r: str(r["recipe"] or "-")),
+        ("seed", lambda r: "-" if r["seed"] is None else str(r["seed"])),
+        ("status", status_cell),
+        ("steps", lambda r: f"{number(r['steps_done'])}/{number(r['steps_total'])}"),
+    ]
+    columns += [
+        (f"{split} acc %", lambda r, s=split: number(None if r["eval"].get(s) is None else 100 * r["eval"][s], 1))
+        for split in eval_splits(runs)
+    ]
     return columns + [("wall s", lambda r: number(r["wall_s"]))]

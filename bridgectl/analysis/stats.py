@@ -51,7 +51,7 @@ def welch(values: list[float], baseline: list[float], level: float = LEVEL) -> d
     # model's step-0 accuracy, the same at every seed); the same Welch-Satterthwaite interval and p
     share_a, share_b = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     se = math.sqrt(share_a + share_b)
-    dof = (share_a + share_b) ** 2 / (share_a ** 2 / (len(a) - 1) + share_b ** 2 / (len(b) - 1))
+    dof = (share_a + share_b) ** 2 / (share_a**2 / (len(a) - 1) + share_b**2 / (len(b) - 1))
     half = float(stats.t.ppf(0.5 + level / 2, dof)) * se
     p = float(2 * stats.t.sf(abs(diff) / se, dof))
     return {"diff": diff, "low": diff - half, "high": diff + half, "p": p}
@@ -69,14 +69,19 @@ def seeds_needed(values: list[float], baseline: list[float], level: float = LEVE
         return None
     for n in range(2, MAX_SEEDS_NEEDED + 1):
         se2 = (var_a + var_b) / n
-        dof = se2 ** 2 / ((var_a / n) ** 2 / (n - 1) + (var_b / n) ** 2 / (n - 1))  # Welch-Satterthwaite
+        dof = se2**2 / ((var_a / n) ** 2 / (n - 1) + (var_b / n) ** 2 / (n - 1))  # Welch-Satterthwaite
         if stats.t.ppf(0.5 + level / 2, dof) * math.sqrt(se2) < diff:
             return n
     return None
 
 
-def paired_bootstrap(per_problem: np.ndarray, per_problem_baseline: np.ndarray, level: float = LEVEL,
-                     resamples: int = PAIRED_RESAMPLES, seed: int = 0) -> dict:
+def paired_bootstrap(
+    per_problem: np.ndarray,
+    per_problem_baseline: np.ndarray,
+    level: float = LEVEL,
+    resamples: int = PAIRED_RESAMPLES,
+    seed: int = 0,
+) -> dict:
     """{diff, low, high}: percentile interval of mean - baseline mean from a two-level bootstrap. Arguments are
     [seeds, problems] arrays of per-problem rewards over the same problems in the same order. Each resample draws
     seeds with replacement within each group and one multiset of problems shared by both; in weight form,
@@ -92,5 +97,8 @@ def paired_bootstrap(per_problem: np.ndarray, per_problem_baseline: np.ndarray, 
     per_resample = (u_a @ a) / n_a - (u_b @ b) / n_b  # [resamples, problems]: resampled seed means per problem
     diffs = (per_resample * w).sum(axis=1) / problems
     tail = (1 - level) / 2 * 100
-    return {"diff": float(a.mean() - b.mean()), "low": float(np.percentile(diffs, tail)),
-            "high": float(np.percentile(diffs, 100 - tail))}
+    return {
+        "diff": float(a.mean() - b.mean()),
+        "low": float(np.percentile(diffs, tail)),
+        "high": float(np.percentile(diffs, 100 - tail)),
+    }

@@ -21,8 +21,15 @@ from bridgectl.config.keys import first_line, translate, unknown_key
 from bridgectl.config.schema import CONF_DIR, Config, group_options, user_recipes
 from bridgectl.errors import UserError
 
-__all__ = ["CONF_DIR", "apply_overrides", "compose", "group_options", "register_recipe_file", "stage_budgets",
-           "validate"]
+__all__ = [
+    "CONF_DIR",
+    "apply_overrides",
+    "compose",
+    "group_options",
+    "register_recipe_file",
+    "stage_budgets",
+    "validate",
+]
 
 DICT_FIELDS = ("task.eval_sets",)  # config keys whose value is a {name: value} mapping
 
@@ -31,14 +38,18 @@ def register_recipe_file(path: Path) -> str:
     """Makes a user's recipe YAML selectable as `recipe=<its stem>`. The file holds `recipe:` (and optionally
     `train:` or any other section), like the shipped recipes; command-line overrides still win over it."""
     if not path.is_file():
-        raise UserError(f"recipe file {path} does not exist", "give a path to a YAML file like bridgectl/conf/recipe/two_stage.yaml")
+        raise UserError(
+            f"recipe file {path} does not exist", "give a path to a YAML file like bridgectl/conf/recipe/two_stage.yaml"
+        )
     try:
         content = OmegaConf.load(path)
     except Exception as error:  # yaml's own errors: any unreadable file is bad input
         raise UserError(f"recipe file {path} is not valid YAML: {first_line(error)}", "check its indentation") from None
     if not isinstance(content, DictConfig) or "recipe" not in content:
-        raise UserError(f"recipe file {path} has no `recipe:` section",
-                        "write `recipe: {name: mine, stages: [sft, rl]}` at the top level")
+        raise UserError(
+            f"recipe file {path} has no `recipe:` section",
+            "write `recipe: {name: mine, stages: [sft, rl]}` at the top level",
+        )
     try:  # check every key and type against the schema before the file becomes selectable
         OmegaConf.merge(OmegaConf.structured(Config), content)
     except OmegaConfBaseException as error:
@@ -57,8 +68,9 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     for group in ("recipe", "task", "model", "experiment"):
         for item in overrides:
             if item.startswith(f"{group}=") and item.split("=", 1)[1] not in group_options(group):
-                raise UserError(f"unknown {group} '{item.split('=', 1)[1]}'",
-                                f"choose one of: {', '.join(group_options(group))}")
+                raise UserError(
+                    f"unknown {group} '{item.split('=', 1)[1]}'", f"choose one of: {', '.join(group_options(group))}"
+                )
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=overrides)
@@ -82,14 +94,18 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except Exception as error:
-        raise UserError(f"bad override: {first_line(error)}", "overrides look like key=value, e.g. eval.n=500") from None
+        raise UserError(
+            f"bad override: {first_line(error)}", "overrides look like key=value, e.g. eval.n=500"
+        ) from None
     for override in parsed:
         key = override.key_or_group
         if key in ("recipe", "task", "model") and isinstance(override.value(), str):  # a config group choice
             chosen, current = override.value(), cfg[key].name
             if chosen != current and Path(chosen).stem != current:
-                raise UserError(f"{key}={chosen} does not match the saved config ({key} {current})",
-                                f"a run keeps its {key}; start a new run for {chosen}")
+                raise UserError(
+                    f"{key}={chosen} does not match the saved config ({key} {current})",
+                    f"a run keeps its {key}; start a new run for {chosen}",
+                )
             continue
         missing = object()
         before = OmegaConf.select(cfg, key, default=missing)
@@ -116,7 +132,7 @@ def stage_budgets(cfg: DictConfig) -> list[int]:
     budgets = [int(share) for share in shares]
     # largest remainder first; ties go to the later stage
     by_remainder = sorted(range(len(shares)), key=lambda i: (shares[i] - budgets[i], i), reverse=True)
-    for i in by_remainder[:total - sum(budgets)]:
+    for i in by_remainder[: total - sum(budgets)]:
         budgets[i] += 1
     for i, budget in enumerate(budgets):  # a stage rounded to zero takes a step from the largest one
         if budget == 0:

@@ -21,15 +21,26 @@ README = Path(__file__).resolve().parents[2] / "docs" / "guides" / "coming-from-
 # (setting, TRL 1.16's default, bridgectl's value, why). In the last two, `{section.key}` becomes `section.key=VALUE`
 # with VALUE read from the composed model=hf config, and `{=section.key*section.key}` the bare product of the values.
 DEFAULTS_THAT_DIFFER: tuple[tuple[str, str, str, str], ...] = (
-    ("RL learning rate", "`learning_rate=1e-6`", "{rl.lr}",
-     "LoRA by default ({model.finetune}, {lora.rank} in every recipe); 1e-6 is for full fine-tuning"),
+    (
+        "RL learning rate",
+        "`learning_rate=1e-6`",
+        "{rl.lr}",
+        "LoRA by default ({model.finetune}, {lora.rank} in every recipe); 1e-6 is for full fine-tuning",
+    ),
     ("SFT learning rate", "`learning_rate=2e-5`", "{sft.lr}", "the same: LoRA"),
-    ("batch", "`per_device_train_batch_size=8` completions",
-     "{rl.prompts_per_step} x {rl.num_generations} = {=rl.prompts_per_step*rl.num_generations} completions per update",
-     "the update is the whole batch; {train.micro_batch_size} bounds memory"),
+    (
+        "batch",
+        "`per_device_train_batch_size=8` completions",
+        "{rl.prompts_per_step} x {rl.num_generations} = {=rl.prompts_per_step*rl.num_generations} completions per update",
+        "the update is the whole batch; {train.micro_batch_size} bounds memory",
+    ),
     ("completion length", "`max_completion_length=512`", "{rl.max_completion_length}", "reasoning traces are long"),
-    ("LR schedule", "`lr_scheduler_type=linear`", "{optim.schedule}",
-     "no decay, so a stage's updates do not depend on its budget; `cosine` is the other choice (no linear)"),
+    (
+        "LR schedule",
+        "`lr_scheduler_type=linear`",
+        "{optim.schedule}",
+        "no decay, so a stage's updates do not depend on its budget; `cosine` is the other choice (no linear)",
+    ),
     ("`min_p`", "`None`", "{rl.min_p}", "the same: off"),
     ("logging", "every 10 steps", "every step", "metrics.jsonl is cheap"),
 )
@@ -59,6 +70,7 @@ def _config_value(cfg: DictConfig, key: str) -> Any:
 
 def _filled(template: str, cfg: DictConfig) -> str:
     """`template` with its placeholders replaced by cfg's values (see DEFAULTS_THAT_DIFFER)."""
+
     def one(match: re.Match[str]) -> str:
         bare, key = match.groups()
         if bare:  # a product of values: the derived number, e.g. completions per update
@@ -67,6 +79,7 @@ def _filled(template: str, cfg: DictConfig) -> str:
                 product *= _config_value(cfg, factor)
             return _yaml_value(product)
         return f"`{key}={_yaml_value(_config_value(cfg, key))}`"
+
     return _PLACEHOLDER.sub(one, template)
 
 
@@ -98,7 +111,7 @@ def with_defaults_table(text: str, table: str) -> str:
 def defaults_table_in(text: str) -> str:
     """The block between the markers as the page holds it (what with_defaults_table wrote there)."""
     start = text.index(DEFAULTS_TABLE_START) + len(DEFAULTS_TABLE_START) + 1
-    return text[start:text.index(DEFAULTS_TABLE_END)]
+    return text[start : text.index(DEFAULTS_TABLE_END)]
 
 
 def write_defaults_table(readme: Path = README) -> bool:

@@ -30,8 +30,9 @@ def translate(error: Exception) -> UserError:
         return unknown_key(full_key)
     if isinstance(cause, ValidationError) and full_key:
         return UserError(f"bad value for '{full_key}': {first_line(cause)}", type_hint(full_key))
-    return UserError(first_line(error),
-                     "overrides look like key=value, e.g. `bridgectl run recipe=rl train.max_steps=40 seed=1`")
+    return UserError(
+        first_line(error), "overrides look like key=value, e.g. `bridgectl run recipe=rl train.max_steps=40 seed=1`"
+    )
 
 
 def unknown_key(full_key: str) -> UserError:
@@ -39,8 +40,9 @@ def unknown_key(full_key: str) -> UserError:
     section, _, rest = full_key.partition(".")
     if section in RENAMED:
         new = RENAMED[section]
-        return UserError(f"unknown key '{full_key}'",
-                         f"the {section} section is now {new}: write {new}.{rest or '<key>'}")
+        return UserError(
+            f"unknown key '{full_key}'", f"the {section} section is now {new}: write {new}.{rest or '<key>'}"
+        )
     parent, _, leaf = full_key.rpartition(".")
     if trl_hint(leaf):
         return UserError(f"unknown key '{full_key}'", trl_hint(leaf))
@@ -72,8 +74,11 @@ def type_hint(full_key: str) -> str:
         key = key.rpartition(".")[0]
     if not key:  # a whole section: model.pretrain=3
         first = next((name for name in schema_types() if name.startswith(f"{full_key}.")), None)
-        return (f"{full_key} is a section: set its keys one by one, e.g. {first}={example(first)}" if first
-                else "`bridgectl run --dry-run` shows every key with a value of the right type")
+        return (
+            f"{full_key} is a section: set its keys one by one, e.g. {first}={example(first)}"
+            if first
+            else "`bridgectl run --dry-run` shows every key with a value of the right type"
+        )
     default = example(key)
     if isinstance(default, (ListConfig, list)):
         written = "[" + ",".join(str(item) for item in default) + "]" if len(default) else ""
@@ -107,12 +112,13 @@ def check_keys(cfg: DictConfig) -> None:
     try:  # resolved: an interpolation (seed=${train.max_steps}) must name a key, and give a value of the right type
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except OmegaConfBaseException as error:
-        raise UserError(f"bad value for '{error.full_key}': {first_line(error)}",
-                        "an interpolation ${key} names an existing key whose value fits, e.g. "
-                        "eval.temperature=${rl.temperature}") from None
+        raise UserError(
+            f"bad value for '{error.full_key}': {first_line(error)}",
+            "an interpolation ${key} names an existing key whose value fits, e.g. eval.temperature=${rl.temperature}",
+        ) from None
     walk(plain, "")
     for key in [key for key in types if key not in seen]:  # schema order: ~rl names rl.lr
-        raise UserError(f"'{key}' has no value (removed with ~?)",
-                        f"every key keeps a value; set it instead, e.g. {key}={example(key)}")
-
-
+        raise UserError(
+            f"'{key}' has no value (removed with ~?)",
+            f"every key keeps a value; set it instead, e.g. {key}={example(key)}",
+        )

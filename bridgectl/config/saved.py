@@ -40,16 +40,23 @@ def config_text(data: dict) -> str:
     """The text of config.yaml for the plain (resolved, redacted) config `data`: its YAML between a first line
     recording how many keys it holds and CONFIG_END, which check_whole reads back."""
     body = OmegaConf.to_yaml(OmegaConf.create(data))
-    return (f"# bridgectl run config: {count_keys(data)} keys; its last line is '{CONFIG_END}' "
-            f"(bridgectl/config/saved.py)\n{body}{CONFIG_END}\n")
+    return (
+        f"# bridgectl run config: {count_keys(data)} keys; its last line is '{CONFIG_END}' "
+        f"(bridgectl/config/saved.py)\n{body}{CONFIG_END}\n"
+    )
 
-DAMAGED_HINT = ("the run's config.yaml is damaged (edited by hand, or written by an older bridgectl that could write "
-                "`***` unquoted): fix the line named, e.g. quote the value as '***', or leave the run out")
+
+DAMAGED_HINT = (
+    "the run's config.yaml is damaged (edited by hand, or written by an older bridgectl that could write "
+    "`***` unquoted): fix the line named, e.g. quote the value as '***', or leave the run out"
+)
 _HEADER = re.compile(r"# bridgectl run config: (\d+) keys\b")
 LAST_KEY = "seed"
 """The last key of every config.yaml any bridgectl version wrote (the schema's last field)."""
-CUT_HINT = ("bridgectl writes config.yaml whole and never fills a run's missing keys with defaults (the run would "
-            "go on with another config): restore the file from a copy of the run directory, or start a new run")
+CUT_HINT = (
+    "bridgectl writes config.yaml whole and never fills a run's missing keys with defaults (the run would "
+    "go on with another config): restore the file from a copy of the run directory, or start a new run"
+)
 
 
 def _present(data: dict, key: str) -> bool:
@@ -69,21 +76,25 @@ def check_whole(path: Path, text: str, data: dict, schema_keys: Iterable[str]) -
     held = count_keys(data)
     if header is not None:
         recorded = int(header.group(1))
-        problems = [] if text.rstrip("\n").rpartition("\n")[2] == CONFIG_END else [f"its last line is not "
-                                                                                  f"'{CONFIG_END}'"]
+        problems = (
+            [] if text.rstrip("\n").rpartition("\n")[2] == CONFIG_END else [f"its last line is not '{CONFIG_END}'"]
+        )
         if held < recorded:
             problems.append(f"it holds {held} of the {recorded} keys its first line records")
     elif not data:
         problems = ["it holds no keys"]
     else:  # written before the count was recorded: only what every version wrote is required
-        problems = [] if list(data)[-1] == LAST_KEY else [f"it does not end with `{LAST_KEY}`, the last key "
-                                                          "bridgectl writes"]
+        problems = (
+            [] if list(data)[-1] == LAST_KEY else [f"it does not end with `{LAST_KEY}`, the last key bridgectl writes"]
+        )
     if not problems:
         return
     missing = [key for key in schema_keys if not _present(data, key)]
     shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-    raise UserError(f"{path} is cut short or has lost keys: {'; '.join(problems)}"
-                    + (f"; missing: {shown}" if missing else ""), CUT_HINT)
+    raise UserError(
+        f"{path} is cut short or has lost keys: {'; '.join(problems)}" + (f"; missing: {shown}" if missing else ""),
+        CUT_HINT,
+    )
 
 
 def unreadable(path: Path, error: Exception) -> UserError:
@@ -151,8 +162,10 @@ def load_saved(path: Path) -> DictConfig:
     try:
         return OmegaConf.merge(OmegaConf.structured(Config), saved)
     except OmegaConfBaseException as error:
-        raise UserError(f"{path} does not match this version's config: {translate(error).message}",
-                        "it was written by another bridgectl version or edited by hand") from None
+        raise UserError(
+            f"{path} does not match this version's config: {translate(error).message}",
+            "it was written by another bridgectl version or edited by hand",
+        ) from None
 
 
 def upgraded(saved: dict) -> dict:

@@ -420,6 +420,7 @@ class TrackerConfig:
 @dataclass
 class SharedConfig:
     """The sections every recipe shares; `Config` adds each registered stage's own section (stages/__init__.py)."""
+
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     """Which stages run, in which order, with which budgets (`recipe=NAME` picks a shipped one)."""
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -452,8 +453,11 @@ def _with_stage_sections() -> type:
     hints = get_type_hints(SharedConfig)
 
     def copied(item):  # a shared field, as make_dataclass takes it
-        default = (field(default_factory=item.default_factory) if item.default_factory is not dataclasses.MISSING
-                   else field(default=item.default))
+        default = (
+            field(default_factory=item.default_factory)
+            if item.default_factory is not dataclasses.MISSING
+            else field(default=item.default)
+        )
         return item.name, hints[item.name], default
 
     shared = [copied(item) for item in fields(SharedConfig)]
@@ -482,6 +486,7 @@ def group_options(group: str) -> list[str]:
 @functools.cache
 def schema_types() -> dict[str, Any]:
     """{dotted key: annotated type} of every leaf key of the schema (a dataclass-typed field is a section)."""
+
     def walk(cls: type, prefix: str):
         hints = get_type_hints(cls)
         for item in fields(cls):
@@ -489,6 +494,7 @@ def schema_types() -> dict[str, Any]:
                 yield from walk(hints[item.name], f"{prefix}{item.name}.")
             else:
                 yield f"{prefix}{item.name}", hints[item.name]
+
     return dict(walk(Config, ""))
 
 

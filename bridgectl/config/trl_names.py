@@ -13,15 +13,23 @@ from __future__ import annotations
 
 TRL_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     # ---- GRPOConfig -----------------------------------------------------------------------------------------
-    "learning_rate": (("rl.lr", "sft.lr"), "of RL and of SFT updates; stages with an optimizer of their own: mix.lr, "
-                      "chord.lr, hpt.lr, luffy.lr, srft.lr, uft.lr, relift.sft_lr, bridge.alpha, bridge.beta"),
-    "per_device_train_batch_size": (("rl.prompts_per_step", "sft.batch_size"),
-                                    "TRL counts completions per device and step; bridgectl counts the whole update: "
-                                    "rl.prompts_per_step prompts x rl.num_generations completions, or sft.batch_size "
-                                    "examples, shared out over --nproc processes"),
-    "gradient_accumulation_steps": ((), "one update always takes the whole batch (rl.prompts_per_step, "
-                                    "sft.batch_size); train.micro_batch_size sets the rows per forward/backward "
-                                    "pass, the update unchanged"),
+    "learning_rate": (
+        ("rl.lr", "sft.lr"),
+        "of RL and of SFT updates; stages with an optimizer of their own: mix.lr, "
+        "chord.lr, hpt.lr, luffy.lr, srft.lr, uft.lr, relift.sft_lr, bridge.alpha, bridge.beta",
+    ),
+    "per_device_train_batch_size": (
+        ("rl.prompts_per_step", "sft.batch_size"),
+        "TRL counts completions per device and step; bridgectl counts the whole update: "
+        "rl.prompts_per_step prompts x rl.num_generations completions, or sft.batch_size "
+        "examples, shared out over --nproc processes",
+    ),
+    "gradient_accumulation_steps": (
+        (),
+        "one update always takes the whole batch (rl.prompts_per_step, "
+        "sft.batch_size); train.micro_batch_size sets the rows per forward/backward "
+        "pass, the update unchanged",
+    ),
     "max_prompt_length": ((), "prompts are not truncated"),
     "max_completion_length": (("rl.max_completion_length",), "eval.max_new_tokens for evaluation answers"),
     "num_generations": (("rl.num_generations",), "the GRPO group size"),
@@ -30,43 +38,59 @@ TRL_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "vllm_gpu_memory_utilization": (("rollout.gpu_memory_utilization",), ""),
     "vllm_max_model_length": (("rollout.max_model_len",), ""),
     "beta": (("rl.beta",), "the KL coefficient (bridge.beta is the learning rate of BRIDGE's adapter w)"),
-    "use_bias_correction_kl": (("rl.use_bias_correction_kl",), "the k3 KL weighted by the importance ratio, "
-                               "on by default as in TRL"),
+    "use_bias_correction_kl": (
+        ("rl.use_bias_correction_kl",),
+        "the k3 KL weighted by the importance ratio, on by default as in TRL",
+    ),
     "epsilon": (("rl.epsilon",), "the PPO clip range"),
     "epsilon_high": (("rl.epsilon_high",), "the upper clip range"),
     "temperature": (("rl.temperature",), "eval.temperature for sampled evaluation"),
     "top_p": (("rl.top_p",), ""),
     "top_k": (("rl.top_k",), ""),
     "min_p": (("rl.min_p",), ""),
-    "loss_type": (("rl.loss_type",), "all of TRL 1.16's: dapo, bnpo, grpo, dr_grpo, luspo, cispo, sapo, vespo; "
-                  "bnpo divides by each process's tokens of the whole step, TRL's by each micro-batch's "
-                  "(train.micro_batch_size never changes an update here)"),
+    "loss_type": (
+        ("rl.loss_type",),
+        "all of TRL 1.16's: dapo, bnpo, grpo, dr_grpo, luspo, cispo, sapo, vespo; "
+        "bnpo divides by each process's tokens of the whole step, TRL's by each micro-batch's "
+        "(train.micro_batch_size never changes an update here)",
+    ),
     "num_iterations": (("rl.num_iterations",), ""),
     "mask_truncated_completions": (("rl.mask_truncated_completions",), ""),
     "scale_rewards": (("rl.scale_rewards",), ""),
     "importance_sampling_level": (("rl.importance_sampling_level",), "token or sequence (GSPO)"),
     "delta": (("rl.delta",), "two-sided clipping"),
-    "top_entropy_quantile": (("rl.top_entropy_quantile",), "the quantile is the whole step's, not each "
-                             "micro-batch's (the same with one micro-batch)"),
+    "top_entropy_quantile": (
+        ("rl.top_entropy_quantile",),
+        "the quantile is the whole step's, not each micro-batch's (the same with one micro-batch)",
+    ),
     "entropy_coef": (("rl.entropy_coef",), "a constant bonus; TRL's adaptive entropy control is not offered"),
-    "multi_objective_aggregation": (("rl.multi_objective_aggregation",), "sum_then_normalize or "
-                                    "normalize_then_sum, with several task.reward_funcs"),
+    "multi_objective_aggregation": (
+        ("rl.multi_objective_aggregation",),
+        "sum_then_normalize or normalize_then_sum, with several task.reward_funcs",
+    ),
     "sapo_temperature_pos": (("rl.sapo_temperature_pos",), "with rl.loss_type=sapo"),
     "sapo_temperature_neg": (("rl.sapo_temperature_neg",), "with rl.loss_type=sapo"),
     "vespo_k_pos": (("rl.vespo_k_pos",), "with rl.loss_type=vespo"),
     "vespo_lambda_pos": (("rl.vespo_lambda_pos",), "with rl.loss_type=vespo"),
     "vespo_k_neg": (("rl.vespo_k_neg",), "with rl.loss_type=vespo"),
     "vespo_lambda_neg": (("rl.vespo_lambda_neg",), "with rl.loss_type=vespo"),
-    "off_policy_mask_threshold": (("rl.off_policy_mask_threshold",), "from the engine's log-probs with "
-                                  "rollout.backend=vllm, else the sampling policy's (as TRL)"),
-    "vllm_importance_sampling_correction": (("rl.vllm_importance_sampling_correction",),
-                                            "on by default as in TRL; acts with rollout.backend=vllm only"),
+    "off_policy_mask_threshold": (
+        ("rl.off_policy_mask_threshold",),
+        "from the engine's log-probs with rollout.backend=vllm, else the sampling policy's (as TRL)",
+    ),
+    "vllm_importance_sampling_correction": (
+        ("rl.vllm_importance_sampling_correction",),
+        "on by default as in TRL; acts with rollout.backend=vllm only",
+    ),
     "vllm_importance_sampling_mode": (("rl.vllm_importance_sampling_mode",), "TRL's four modes and default"),
     "vllm_importance_sampling_clip_min": (("rl.vllm_importance_sampling_clip_min",), ""),
     "vllm_importance_sampling_clip_max": (("rl.vllm_importance_sampling_clip_max",), ""),
     "vllm_importance_sampling_cap": (("rl.vllm_importance_sampling_clip_max",), "TRL's deprecated name"),
-    "reward_funcs": (("task.reward_funcs",), "functions as path.py:function or pkg.module:function, and reward "
-                     "models as a directory (TRL: a model id); a GRPOTrainer argument, not a GRPOConfig field"),
+    "reward_funcs": (
+        ("task.reward_funcs",),
+        "functions as path.py:function or pkg.module:function, and reward "
+        "models as a directory (TRL: a model id); a GRPOTrainer argument, not a GRPOConfig field",
+    ),
     "reward_weights": (("task.reward_weights",), ""),
     # ---- SFTConfig ------------------------------------------------------------------------------------------
     "max_length": ((), "SFT examples are not truncated (train.micro_batch_size bounds the memory)"),
@@ -76,8 +100,10 @@ TRL_NAMES: dict[str, tuple[tuple[str, ...], str]] = {
     "num_train_epochs": ((), "budgets are in steps (train.max_steps, recipe.steps)"),
     "seed": (("seed",), "a top-level key"),
     "gradient_checkpointing": (("model.gradient_checkpointing",), ""),
-    "logging_steps": ((), "every step is written to metrics.jsonl (train.log_completions_every for sampled "
-                      "completions)"),
+    "logging_steps": (
+        (),
+        "every step is written to metrics.jsonl (train.log_completions_every for sampled completions)",
+    ),
     "save_steps": (("train.checkpoint_every",), ""),
     "save_total_limit": (("train.keep_checkpoints",), ""),
     "eval_steps": (("train.eval_every",), ""),

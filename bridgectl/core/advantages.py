@@ -21,8 +21,9 @@ class AdvantageEstimator(Protocol):
     """An estimator: (rewards [N], group size G, rl.scale_rewards, the completions' lengths [N] or None) ->
     advantages [N]."""
 
-    def __call__(self, rewards: torch.Tensor, group_size: int, scale_rewards: str,
-                 lengths: torch.Tensor | None) -> torch.Tensor: ...
+    def __call__(
+        self, rewards: torch.Tensor, group_size: int, scale_rewards: str, lengths: torch.Tensor | None
+    ) -> torch.Tensor: ...
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
@@ -31,11 +32,13 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
     """Decorator: registers the function as rl.adv_estimator `name` (a name registered twice is a mistake)."""
+
     def register(fn: AdvantageEstimator) -> AdvantageEstimator:
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator '{name}' is registered twice")
         ADVANTAGE_ESTIMATORS[name] = fn
         return fn
+
     return register
 
 
@@ -47,8 +50,13 @@ def advantage_estimator(name: str) -> AdvantageEstimator:
         raise ValueError(f"unknown adv_estimator '{name}' (choose from {', '.join(ADVANTAGE_ESTIMATORS)})") from None
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group",
-                     estimator: str = "grpo", lengths: torch.Tensor | None = None) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale_rewards: str = "group",
+    estimator: str = "grpo",
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The advantages [N] of `rewards` [N] by rl.adv_estimator `estimator` (see each registered function), scaled
     by rl.scale_rewards `scale_rewards`; `lengths` are the completions' token counts (the REINFORCE++ estimators
     weight each completion by them)."""
@@ -56,8 +64,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
 
 
 @register_advantage_estimator("grpo")
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str,
-                    lengths: torch.Tensor | None = None) -> torch.Tensor:
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, scale_rewards: str, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """GRPO's outcome-supervision advantage (DeepSeekMath, arXiv 2402.03300, §4.1.2: A_i = (r_i - mean(r)) /
     std(r) over the group): reward minus its group's mean, divided by the group's std (`scale_rewards=group`), by
     the std of every reward of the step (`batch`, TRL's scale_rewards="batch") or by nothing (`none`, Dr. GRPO,
@@ -72,8 +81,9 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str,
 
 
 @register_advantage_estimator("rloo")
-def rloo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str,
-                    lengths: torch.Tensor | None = None) -> torch.Tensor:
+def rloo_advantages(
+    rewards: torch.Tensor, group_size: int, scale_rewards: str, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """REINFORCE leave-one-out (arXiv 2402.14740, Eq. 6; TRL's RLOOTrainer, verl's rloo): reward minus the mean of
     the other G - 1 rewards of its group, = G / (G - 1) x the centred reward. `scale_rewards=none` keeps it (TRL's
     default), `batch` divides it by the std of the step's advantages (+ 1e-4; TRL's normalize_advantages, their
@@ -85,8 +95,9 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str,
 
 
 @register_advantage_estimator("reinforce_plus_plus")
-def reinforce_plus_plus_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str,
-                                   lengths: torch.Tensor | None = None) -> torch.Tensor:
+def reinforce_plus_plus_advantages(
+    rewards: torch.Tensor, group_size: int, scale_rewards: str, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """REINFORCE++ (arXiv 2501.03262, its global advantage normalisation; equation number not checked here; verl's
     reinforce_plus_plus with an outcome reward and gamma 1, so every token's return is its completion's reward):
     the rewards whitened over every completion token of the step, each completion counting its `lengths` tokens
@@ -96,8 +107,9 @@ def reinforce_plus_plus_advantages(rewards: torch.Tensor, group_size: int, scale
 
 
 @register_advantage_estimator("reinforce_plus_plus_baseline")
-def reinforce_plus_plus_baseline_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str,
-                                            lengths: torch.Tensor | None = None) -> torch.Tensor:
+def reinforce_plus_plus_baseline_advantages(
+    rewards: torch.Tensor, group_size: int, scale_rewards: str, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """REINFORCE++-baseline (arXiv 2501.03262; equation number not checked here; verl's
     reinforce_plus_plus_baseline): the group's mean reward subtracted first, then whitened over the step's tokens
     as reinforce_plus_plus is (`scale_rewards=batch` only, as there)."""

@@ -90,8 +90,10 @@ def _fsync_file(path: Path) -> None:
 _OPTIMIZING = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
 
 _RENAMED_PAIRS = {  # (optimizer, scheduler) pairs of legacy checkpoints -> the attributes they became
-    "rl_opt": ("optimizer", "scheduler"), "sft_opt": ("sft_optimizer", "sft_scheduler"),  # relift
-    "lower_opt": ("lower_optimizer", "lower_scheduler"), "upper_opt": ("upper_optimizer", "upper_scheduler"),
+    "rl_opt": ("optimizer", "scheduler"),
+    "sft_opt": ("sft_optimizer", "sft_scheduler"),  # relift
+    "lower_opt": ("lower_optimizer", "lower_scheduler"),
+    "upper_opt": ("upper_optimizer", "upper_scheduler"),
     "shadow_opt": ("shadow_optimizer", "shadow_scheduler"),  # bridge
 }
 
@@ -120,8 +122,10 @@ def stage_optimizers(stage: Checkpointable) -> dict:
     declared = stage.optimizers() if hasattr(stage, "optimizers") else {}
     for name, item in declared.items():
         if not isinstance(item, _OPTIMIZING):
-            raise TypeError(f"{type(stage).__name__}.optimizers()['{name}'] is a {type(item).__name__}: declare each "
-                            "optimizer and scheduler under a name of its own")
+            raise TypeError(
+                f"{type(stage).__name__}.optimizers()['{name}'] is a {type(item).__name__}: declare each "
+                "optimizer and scheduler under a name of its own"
+            )
     return declared
 
 
@@ -129,8 +133,12 @@ def stage_state(stage: Checkpointable) -> tuple[dict, dict[str, torch.Tensor]]:
     """(trainer.pt's entry, weights.safetensors' `stage/...` tensors) of `stage`: see the module docstring."""
     state = stage.state_dict() if hasattr(stage, "state_dict") else {}
     plain = {key: value for key, value in state.items() if not _is_tensor_dict(value)}
-    tensors = {f"stage/{key}/{name}": tensor.detach() for key, value in state.items() if _is_tensor_dict(value)
-               for name, tensor in value.items()}
+    tensors = {
+        f"stage/{key}/{name}": tensor.detach()
+        for key, value in state.items()
+        if _is_tensor_dict(value)
+        for name, tensor in value.items()
+    }
     optimizers = {name: item.state_dict() for name, item in stage_optimizers(stage).items()}
     return {"optimizers": optimizers, "state": plain}, tensors
 
@@ -167,22 +175,27 @@ def load_stage_state(stage: Checkpointable, saved: dict, tensors: dict[str, torc
     state = dict(saved["state"])
     for key, tensor in tensors.items():
         if key.startswith("stage/"):
-            group, name = key[len("stage/"):].split("/", 1)
+            group, name = key[len("stage/") :].split("/", 1)
             state.setdefault(group, {})[name] = tensor
     if hasattr(stage, "load_state_dict"):
         stage.load_state_dict(state)
     elif state:
-        raise TypeError(f"the checkpoint holds state ({', '.join(sorted(state))}) for the {type(stage).__name__}, "
-                        "which has no load_state_dict to take it")
+        raise TypeError(
+            f"the checkpoint holds state ({', '.join(sorted(state))}) for the {type(stage).__name__}, "
+            "which has no load_state_dict to take it"
+        )
 
 
 # ---- RNG -----------------------------------------------------------------------------------------------------
 def rng_state(sampling_generator: torch.Generator) -> dict:
     version, keys, gauss = random.getstate()
     numpy_state = np.random.get_state()
-    state = {"python": [version, list(keys), gauss], "torch": torch.get_rng_state(),
-             "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-             "sampling": sampling_generator.get_state()}
+    state = {
+        "python": [version, list(keys), gauss],
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "sampling": sampling_generator.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -200,8 +213,9 @@ def set_rng_state(state: dict, sampling_generator: torch.Generator) -> None:
 
 
 # ---- writing and reading -------------------------------------------------------------------------------------
-def save_checkpoint(directory: Path, step: int, model, stage, sampling_generator: torch.Generator, meta: dict,
-                    keep: int) -> Path:
+def save_checkpoint(
+    directory: Path, step: int, model, stage, sampling_generator: torch.Generator, meta: dict, keep: int
+) -> Path:
     """Writes checkpoints/step-<step>/ atomically and keeps the `keep` newest; returns its path (None on ranks
     other than 0). Called on every rank under data parallelism: sharded tensors (train.fsdp) are gathered whole
     first, which takes every rank; rank 0 alone writes."""
@@ -296,8 +310,9 @@ def verify(directory: Path) -> None:
         if not path.is_file():
             raise CheckpointError(f"{name}: {relative} is missing")
         if path.stat().st_size != expected["bytes"]:
-            raise CheckpointError(f"{name}: {relative} has {path.stat().st_size} bytes, not the {expected['bytes']} "
-                                  "written")
+            raise CheckpointError(
+                f"{name}: {relative} has {path.stat().st_size} bytes, not the {expected['bytes']} written"
+            )
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{name}: {relative} does not match its sha256 in {MANIFEST} (damaged)")
 
@@ -373,9 +388,10 @@ def list_checkpoints(directory: Path, remove_partial: bool = False) -> list[Path
     if remove_partial:  # step checkpoints and the final weights (runner.py) are both written by written_whole
         for partial in [*directory.glob(f".{PREFIX}*.tmp*"), *directory.glob(".final.tmp*")]:
             shutil.rmtree(partial, ignore_errors=True)
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
@@ -383,16 +399,20 @@ def read_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     Nothing is unpickled beyond tensors and plain values. Raises CheckpointError for anything that keeps it from
     loading, naming the checkpoint and the file."""
     verify(path)
-    loaders = (("meta.json", lambda file: json.loads(file.read_text())),
-               ("trainer.pt", lambda file: torch.load(file, weights_only=True)),
-               ("weights.safetensors", lambda file: load_file(str(file))))
+    loaders = (
+        ("meta.json", lambda file: json.loads(file.read_text())),
+        ("trainer.pt", lambda file: torch.load(file, weights_only=True)),
+        ("weights.safetensors", lambda file: load_file(str(file))),
+    )
     loaded = []
     for name, load in loaders:
         try:
             loaded.append(load(path / name))
         except Exception as error:  # a legacy checkpoint's damage shows only here: any error is the file's
-            raise CheckpointError(f"{path.name}: {name} does not load ({type(error).__name__}: "
-                                  f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
+            raise CheckpointError(
+                f"{path.name}: {name} does not load ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+            ) from None
     meta, trainer, tensors = loaded
     return meta, trainer, tensors
 
@@ -403,8 +423,10 @@ def read_named_checkpoint(path: Path) -> tuple[dict, dict, dict[str, torch.Tenso
     try:
         return read_checkpoint(path)
     except CheckpointError as error:
-        raise UserError(f"checkpoint {error}", f"choose another of the run's checkpoints under {path.parent}, "
-                        "or its final weights (no --checkpoint)") from None
+        raise UserError(
+            f"checkpoint {error}",
+            f"choose another of the run's checkpoints under {path.parent}, or its final weights (no --checkpoint)",
+        ) from None
 
 
 def check_final(directory: Path) -> None:
@@ -416,9 +438,11 @@ def check_final(directory: Path) -> None:
     try:
         verify(directory)
     except CheckpointError as error:
-        raise UserError(f"run {directory.parent.parent}: checkpoints/{error}",
-                        "its final weights are damaged: use one of its step checkpoints (--checkpoint "
-                        "step-NNNNNN), or train it again") from None
+        raise UserError(
+            f"run {directory.parent.parent}: checkpoints/{error}",
+            "its final weights are damaged: use one of its step checkpoints (--checkpoint "
+            "step-NNNNNN), or train it again",
+        ) from None
 
 
 def load_model_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
@@ -427,7 +451,7 @@ def load_model_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in tensors.items():
             if name.startswith("model/"):
-                param = params[name[len("model/"):]]
+                param = params[name[len("model/") :]]
                 param.copy_(distributed.shard_like(value, param))
 
 

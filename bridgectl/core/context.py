@@ -72,25 +72,37 @@ def require_paired_demonstrations(ctx: TrainContext, stage: str) -> None:
 
 def check_paired_demonstrations(task, cfg: DictConfig, stage: str) -> None:
     if not getattr(task, "rl_has_traces", False):
-        raise UserError(f"stage '{stage}' trains on each RL prompt's own demonstration, but task {cfg.task.name} "
-                        "has RL problems without a trace",
-                        "use RL data whose rows carry a worked solution (task.trace_field names it; gsm8k answers "
-                        "and math solutions are traces), or a recipe without paired demonstrations (rl, mix, bridge)")
+        raise UserError(
+            f"stage '{stage}' trains on each RL prompt's own demonstration, but task {cfg.task.name} "
+            "has RL problems without a trace",
+            "use RL data whose rows carry a worked solution (task.trace_field names it; gsm8k answers "
+            "and math solutions are traces), or a recipe without paired demonstrations (rl, mix, bridge)",
+        )
 
 
 def demonstration_batch(ctx: TrainContext, problems: list) -> SFTBatch:
     """The demonstrations (trace and answer) of `problems` as an SFT batch: prompt = the problem's question,
     completion = its trace_completion, tokenised as SFT examples are (ending with the policy's target end token)."""
-    return make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems], [p.trace_completion for p in problems],
-                          ctx.device, end_id=ctx.policy.end_tokens.target)
+    return make_sft_batch(
+        ctx.policy.tokenizer,
+        [p.question for p in problems],
+        [p.trace_completion for p in problems],
+        ctx.device,
+        end_id=ctx.policy.end_tokens.target,
+    )
 
 
 def next_sft_batch(ctx: TrainContext) -> SFTBatch:
     """`sft.batch_size` fresh SFT examples, tokenised with the trace and answer as the completion (this rank's
     share of them under data parallelism), ending with the policy's target end token (core/end_tokens)."""
     problems = distributed.shard([next(ctx.sft_examples) for _ in range(ctx.cfg.sft.batch_size)])
-    return make_sft_batch(ctx.policy.tokenizer, [p.question for p in problems],
-                          [p.trace_completion for p in problems], ctx.device, end_id=ctx.policy.end_tokens.target)
+    return make_sft_batch(
+        ctx.policy.tokenizer,
+        [p.question for p in problems],
+        [p.trace_completion for p in problems],
+        ctx.device,
+        end_id=ctx.policy.end_tokens.target,
+    )
 
 
 @dataclass

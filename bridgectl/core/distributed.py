@@ -74,7 +74,7 @@ def shutdown() -> None:
 def shard(items: list) -> list:
     """This rank's contiguous share of a list whose length the world size divides."""
     size = len(items) // world_size()
-    return items[rank() * size:(rank() + 1) * size]
+    return items[rank() * size : (rank() + 1) * size]
 
 
 def check_batch_split(cfg, processes: int) -> None:
@@ -86,8 +86,10 @@ def check_batch_split(cfg, processes: int) -> None:
     for key in ("rl.prompts_per_step", "sft.batch_size"):
         value = OmegaConf.select(cfg, key)
         if value % processes:
-            raise UserError(f"{key}={value} does not split evenly over {processes} processes",
-                            f"use a multiple of {processes}: the global batch is shared out across processes")
+            raise UserError(
+                f"{key}={value} does not split evenly over {processes} processes",
+                f"use a multiple of {processes}: the global batch is shared out across processes",
+            )
 
 
 def mean_denominator(count: torch.Tensor) -> torch.Tensor:
@@ -109,10 +111,10 @@ def gather_values(values: torch.Tensor) -> torch.Tensor:
     dist.all_gather(sizes, torch.tensor(values.numel(), device=values.device))
     longest = int(max(sizes))
     padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
-    padded[:values.numel()] = values
+    padded[: values.numel()] = values
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:int(size)] for part, size in zip(parts, sizes)])
+    return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
 
 
 def average_gradients(params) -> None:
@@ -168,8 +170,9 @@ def raise_together(error: Exception | None) -> None:
             raise error
         return
     said = [None] * world_size()
-    dist.all_gather_object(said, None if error is None else (str(getattr(error, "message", error)),
-                                                             getattr(error, "hint", None)))
+    dist.all_gather_object(
+        said, None if error is None else (str(getattr(error, "message", error)), getattr(error, "hint", None))
+    )
     first = next(((index, found) for index, found in enumerate(said) if found is not None), None)
     if first is not None:
         index, (message, hint) = first
@@ -263,10 +266,15 @@ def shared_directory_check(path, timeout_s: float | None = None) -> None:
             seen = False
         if not seen:
             time.sleep(0.2)
-    error = None if seen else UserError(
-        f"the run directory {path} is not visible from {socket.gethostname()} (rank {rank()}) within "
-        f"{timeout_s:g} s", "every node must see --out on one shared file system (NFS, Lustre, ...): give --out "
-        "a path there")
+    error = (
+        None
+        if seen
+        else UserError(
+            f"the run directory {path} is not visible from {socket.gethostname()} (rank {rank()}) within "
+            f"{timeout_s:g} s",
+            "every node must see --out on one shared file system (NFS, Lustre, ...): give --out a path there",
+        )
+    )
     try:
         raise_together(error)
     finally:
@@ -305,8 +313,10 @@ def shard_model(policy) -> None:
     if is_main():
         from bridgectl.core.ui import console
 
-        console.print(f"FSDP: {len(units) + 1} units sharded over {world_size()} processes; this process holds "
-                      f"{held:,} of the model's {total:,} parameters")
+        console.print(
+            f"FSDP: {len(units) + 1} units sharded over {world_size()} processes; this process holds "
+            f"{held:,} of the model's {total:,} parameters"
+        )
 
 
 def is_sharded(tensor) -> bool:
@@ -344,5 +354,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         return None
     # a tied weight (embeddings and head) is saved once, under its first name, as transformers saves it
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
-        name for name, _ in model.named_parameters()}
+        name for name, _ in model.named_parameters()
+    }
     return {name: full_tensor(tensor).cpu() for name, tensor in model.state_dict().items() if name not in tied}

@@ -56,8 +56,11 @@ def turn_end_id(tokenizer) -> int | None:
     or what follows it is plain text (a template closing turns with a newline, say): callers then use the EOS."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    conversation = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": _MARKER},
-                    {"role": "user", "content": "2+2?"}]
+    conversation = [
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": _MARKER},
+        {"role": "user", "content": "2+2?"},
+    ]
     try:
         rendered = tokenizer.apply_chat_template(conversation, tokenize=False)
     except Exception:  # a template's own checks (jinja's TemplateError, raise_exception) on a shape it refuses

@@ -24,15 +24,25 @@ def model_decoder(model, tokenizer, end_ids: Collection[int] | None = None, pack
     """Decoding with `model` itself (KV-cached, core/rollout.generate), in eval mode for the duration, stopping a
     row at any of `end_ids` (the policy's end_tokens.ids, as its rollouts stop; default the tokenizer's EOS);
     `pack_weights`: rollout.cpu_packed_weights (core/packed_linear.py)."""
+
     def decode(prompts, max_new_tokens, temperature=None, generator=None) -> Rollouts:
         was_training = model.training
         model.eval()
         try:
-            return generate(model, tokenizer, prompts, max_new_tokens, temperature=temperature or 1.0,
-                            greedy=temperature is None, generator=generator, end_ids=end_ids,
-                            pack_weights=pack_weights)
+            return generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens,
+                temperature=temperature or 1.0,
+                greedy=temperature is None,
+                generator=generator,
+                end_ids=end_ids,
+                pack_weights=pack_weights,
+            )
         finally:
             model.train(was_training)
+
     return decode
 
 
@@ -57,26 +67,34 @@ def problems_fingerprint(problems) -> str:
     return digest.hexdigest()[:16]
 
 
-def evaluate_split(decode: Decode, problems, rewards_fn, max_new_tokens: int, batch_size: int,
-                   n_samples: int = 4) -> SplitResult:
+def evaluate_split(
+    decode: Decode, problems, rewards_fn, max_new_tokens: int, batch_size: int, n_samples: int = 4
+) -> SplitResult:
     """Greedy decoding of every problem; accuracy is the mean verifier reward. `rewards_fn(completions, golds)`
     scores a batch."""
     rewards, lengths, samples, completions = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(problems), batch_size):
-            chunk = problems[start:start + batch_size]
+            chunk = problems[start : start + batch_size]
             rollouts = decode([p.question for p in chunk], max_new_tokens, None, None)
             completions.extend(rollouts.completions)
             chunk_rewards = rewards_fn(rollouts.completions, [p.answer for p in chunk])
             for problem, completion, reward in zip(chunk, rollouts.completions, chunk_rewards):
                 rewards.append(reward)
                 if len(samples) < n_samples:
-                    samples.append({"prompt": problem.question, "completion": completion,
-                                    "reward": reward, "gold": problem.answer})
+                    samples.append(
+                        {"prompt": problem.question, "completion": completion, "reward": reward, "gold": problem.answer}
+                    )
             lengths.extend(rollouts.lengths.tolist())
-    return SplitResult(accuracy=sum(rewards) / len(rewards), n=len(rewards),
-                       mean_length=sum(lengths) / len(lengths), samples=samples, rewards=list(rewards),
-                       problems=problems_fingerprint(problems), completions=completions)
+    return SplitResult(
+        accuracy=sum(rewards) / len(rewards),
+        n=len(rewards),
+        mean_length=sum(lengths) / len(lengths),
+        samples=samples,
+        rewards=list(rewards),
+        problems=problems_fingerprint(problems),
+        completions=completions,
+    )
 
 
 # ---- sampled evaluation: pass@k, maj@k, mean@n ------------------------------------------------------------------
@@ -133,8 +151,18 @@ class SampledResult:
         return out
 
 
-def sample_split(decode: Decode, problems, rewards_fn, answer_fn, k: int, n_samples: int, temperature: float,
-                 max_new_tokens: int, batch_size: int, generator: torch.Generator | None = None) -> SampledResult:
+def sample_split(
+    decode: Decode,
+    problems,
+    rewards_fn,
+    answer_fn,
+    k: int,
+    n_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> SampledResult:
     """`n_samples` (>= k) samples per problem at `temperature`, scored by `rewards_fn`; `answer_fn(completion)` is
     the final answer that maj@k votes on (None: no answer)."""
     if not 1 <= k <= n_samples:
@@ -143,9 +171,10 @@ def sample_split(decode: Decode, problems, rewards_fn, answer_fn, k: int, n_samp
     per_batch = max(1, batch_size // n_samples)
     with torch.no_grad():
         for start in range(0, len(problems), per_batch):
-            chunk = problems[start:start + per_batch]
-            rollouts = decode([p.question for p in chunk for _ in range(n_samples)], max_new_tokens, temperature,
-                              generator)
+            chunk = problems[start : start + per_batch]
+            rollouts = decode(
+                [p.question for p in chunk for _ in range(n_samples)], max_new_tokens, temperature, generator
+            )
             rewards = rewards_fn(rollouts.completions, [p.answer for p in chunk for _ in range(n_samples)])
             for index in range(len(chunk)):
                 own = slice(index * n_samples, (index + 1) * n_samples)
@@ -155,8 +184,13 @@ def sample_split(decode: Decode, problems, rewards_fn, answer_fn, k: int, n_samp
                 answers = [answer_fn(c) for c in completions]
                 for j in majority:
                     majority[j].append(majority_correct(answers[:j], problem_rewards[:j]))
-    return SampledResult(n_samples=n_samples, k=k, correct=correct, majority=majority,
-                         mean_reward=total_reward / (len(problems) * n_samples))
+    return SampledResult(
+        n_samples=n_samples,
+        k=k,
+        correct=correct,
+        majority=majority,
+        mean_reward=total_reward / (len(problems) * n_samples),
+    )
 
 
 def evaluate_all(ctx, eval_problems: dict, step: int = 0) -> dict:
@@ -164,9 +198,12 @@ def evaluate_all(ctx, eval_problems: dict, step: int = 0) -> dict:
     evaluation, drawn from a generator seeded by the run's seed and `step` (so a resumed run samples as an
     uninterrupted one, and training's own random streams are untouched)."""
     with decoding(ctx) as decode:
-        return {split: evaluate_problems(decode, problems, ctx.task, ctx.cfg.eval, ctx.device,
-                                         sample_seed=ctx.cfg.seed * 1_000_003 + step)
-                for split, problems in eval_problems.items()}
+        return {
+            split: evaluate_problems(
+                decode, problems, ctx.task, ctx.cfg.eval, ctx.device, sample_seed=ctx.cfg.seed * 1_000_003 + step
+            )
+            for split, problems in eval_problems.items()
+        }
 
 
 def evaluate_problems(decode: Decode, problems, task, eval_cfg, device: torch.device, sample_seed: int) -> SplitResult:
@@ -175,9 +212,18 @@ def evaluate_problems(decode: Decode, problems, task, eval_cfg, device: torch.de
     `bridgectl eval` both compute for a split."""
     result = evaluate_split(decode, problems, task.rewards, eval_cfg.max_new_tokens, eval_cfg.batch_size)
     if eval_cfg.k > 0:
-        result.sampled = sample_split(decode, problems, task.rewards, task.answer_of, eval_cfg.k,
-                                      eval_cfg.samples or eval_cfg.k, eval_cfg.temperature, eval_cfg.max_new_tokens,
-                                      eval_cfg.batch_size, torch.Generator(device=device).manual_seed(sample_seed))
+        result.sampled = sample_split(
+            decode,
+            problems,
+            task.rewards,
+            task.answer_of,
+            eval_cfg.k,
+            eval_cfg.samples or eval_cfg.k,
+            eval_cfg.temperature,
+            eval_cfg.max_new_tokens,
+            eval_cfg.batch_size,
+            torch.Generator(device=device).manual_seed(sample_seed),
+        )
     return result
 
 
@@ -189,8 +235,9 @@ def decoding(ctx):
         yield ctx.rollout_engine.decoder(ctx.policy)
     else:
         with ctx.policy.merged_for_generation() as model:
-            yield model_decoder(model, ctx.policy.tokenizer, ctx.policy.end_tokens.ids,
-                                ctx.cfg.rollout.cpu_packed_weights)
+            yield model_decoder(
+                model, ctx.policy.tokenizer, ctx.policy.end_tokens.ids, ctx.cfg.rollout.cpu_packed_weights
+            )
 
 
 def eval_metrics(results: dict) -> dict:
@@ -211,8 +258,11 @@ def problem_records(results: dict) -> list[dict]:
     for split, result in results.items():
         row = {"split": split, "problems": result.problems, "rewards": [_compact(r) for r in result.rewards]}
         if result.sampled is not None:
-            row.update(samples=result.sampled.n_samples, correct=result.sampled.correct,
-                       **{f"maj@{result.sampled.k}": [_compact(r) for r in result.sampled.majority[result.sampled.k]]})
+            row.update(
+                samples=result.sampled.n_samples,
+                correct=result.sampled.correct,
+                **{f"maj@{result.sampled.k}": [_compact(r) for r in result.sampled.majority[result.sampled.k]]},
+            )
         rows.append(row)
     return rows
 

@@ -45,6 +45,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 @dataclass
 class Ledger:
     """What one step's passes cost: FLOPs and tokens, sampling and training apart."""
+
     gen_flops: float = 0.0
     """FLOPs of sampling rollouts (prefill and decoding)."""
     train_flops: float = 0.0
@@ -79,6 +80,7 @@ def _ledger() -> Ledger | None:
 @dataclass(frozen=True)
 class ModelCost:
     """The per-token and per-pass matmul FLOPs of one model as its parameters train now (model_cost)."""
+
     forward: float
     """Forward FLOPs per token through the layers (not the head, not attention)."""
     backward: float
@@ -113,13 +115,21 @@ def model_cost(model) -> ModelCost:
         if isinstance(module, LoraLinear) and isinstance(module.base_layer, torch.nn.Linear):
             weight = module.base_layer.weight
             size = weight.shape[0] * weight.shape[1]
-            active = [] if module.disable_adapters or module.merged else [
-                name for name in module.active_adapters if name in module.lora_A]
+            active = (
+                []
+                if module.disable_adapters or module.merged
+                else [name for name in module.active_adapters if name in module.lora_A]
+            )
             adapter_parts.add(module.base_layer)  # counted here, not again as a plain linear
             for name in module.lora_A:
                 adapter_parts.update((module.lora_A[name], module.lora_B[name]))
-            merged = "forward" in module.__dict__ and active and not (  # core/lora_forward's merged forward
-                module.training and any(not isinstance(module.lora_dropout[n], torch.nn.Identity) for n in active))
+            merged = (
+                "forward" in module.__dict__
+                and active
+                and not (  # core/lora_forward's merged forward
+                    module.training and any(not isinstance(module.lora_dropout[n], torch.nn.Identity) for n in active)
+                )
+            )
             trains = weight.requires_grad or any(module.lora_A[n].weight.requires_grad for n in active)
             forward += 2 * size
             backward += 2 * size + (2 * size if weight.requires_grad or (merged and trains) else 0)
@@ -141,15 +151,28 @@ def model_cost(model) -> ModelCost:
     heads = int(getattr(config, "num_attention_heads", 0) or 0)
     head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // max(1, heads))
     head_forward = 2.0 * head.weight.shape[0] * head.weight.shape[1] if head is not None else 0.0
-    return ModelCost(forward=forward, backward=backward, per_pass_forward=per_pass_forward,
-                     per_pass_backward=per_pass_backward, attention_layers=layers,
-                     attention_width=heads * int(head_dim), head_forward=head_forward,
-                     head_trains=head is not None and head.weight.requires_grad,
-                     checkpointed=bool(getattr(base, "is_gradient_checkpointing", False)))
+    return ModelCost(
+        forward=forward,
+        backward=backward,
+        per_pass_forward=per_pass_forward,
+        per_pass_backward=per_pass_backward,
+        attention_layers=layers,
+        attention_width=heads * int(head_dim),
+        head_forward=head_forward,
+        head_trains=head is not None and head.weight.requires_grad,
+        checkpointed=bool(getattr(base, "is_gradient_checkpointing", False)),
+    )
 
 
-def pass_flops(cost: ModelCost, rows: int, width: int, head_positions: int, grad: bool,
-               context: int | None = None, head_recomputed: bool = False) -> float:
+def pass_flops(
+    cost: ModelCost,
+    rows: int,
+    width: int,
+    head_positions: int,
+    grad: bool,
+    context: int | None = None,
+    head_recomputed: bool = False,
+) -> float:
     """FLOPs of one forward pass (and its backward when `grad`) of `rows` x `width` tokens, attending over
     `context` positions (default `width`: no cache), with the head at `head_positions` positions (its forward run
     again in the backward when `head_recomputed`: core/logprobs' checkpointed chunks)."""
@@ -174,8 +197,9 @@ def count_pass(model, rows: int, width: int, head_positions: int, head_recompute
     if ledger is None:
         return
     grad = torch.is_grad_enabled()
-    ledger.train_flops += pass_flops(model_cost(model), rows, width, head_positions, grad,
-                                     head_recomputed=grad and head_recomputed)
+    ledger.train_flops += pass_flops(
+        model_cost(model), rows, width, head_positions, grad, head_recomputed=grad and head_recomputed
+    )
     if grad:
         ledger.pass_tokens += head_positions
 
@@ -183,6 +207,7 @@ def count_pass(model, rows: int, width: int, head_positions: int, head_recompute
 @dataclass
 class DecodeCounter:
     """Counts one decoding loop's passes (core/rollout): the model's cost read once."""
+
     model: object
     cost: ModelCost | None = field(default=None)
 

@@ -88,7 +88,7 @@ def sample_filled(ctx: TrainContext, size: int) -> ScoredRollouts:
         scored = sample_round(ctx, size)
         groups = len(scored.problems) // size
         varied = (scored.rewards.view(-1, size).std(dim=1) > 0).nonzero().flatten().tolist()
-        take = varied[:max(0, share - n_kept)]
+        take = varied[: max(0, share - n_kept)]
         kept.append((scored, take))
         n_kept, n_constant, rounds = n_kept + len(take), n_constant + groups - len(varied), rounds + 1
     rows = [[group * size + member for group in take for member in range(size)] for _, take in kept]
@@ -97,45 +97,70 @@ def sample_filled(ctx: TrainContext, size: int) -> ScoredRollouts:
     chosen_parts = [(scored, chosen) for scored, chosen in parts if chosen]
     if not chosen_parts:  # not one group with reward variance: the last round's first group, all advantages 0
         chosen_parts = [(parts[-1][0], list(range(size)))]
-    rollouts = concat_rollouts([rollout_rows(scored.rollouts, chosen) for scored, chosen in chosen_parts],
-                               ctx.policy.tokenizer.pad_token_id)
+    rollouts = concat_rollouts(
+        [rollout_rows(scored.rollouts, chosen) for scored, chosen in chosen_parts], ctx.policy.tokenizer.pad_token_id
+    )
     index = [(scored, torch.tensor(chosen, device=ctx.device)) for scored, chosen in chosen_parts]
     rewards = torch.cat([scored.rewards[at] for scored, at in index])
     verdicts = None
     if any(scored.verdicts is not None for scored, _ in index):
-        verdicts = torch.cat([(scored.rewards if scored.verdicts is None else scored.verdicts)[at]
-                              for scored, at in index])
+        verdicts = torch.cat(
+            [(scored.rewards if scored.verdicts is None else scored.verdicts)[at] for scored, at in index]
+        )
     problems = [scored.problems[row] for scored, chosen in chosen_parts for row in chosen]
-    advantages = (group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator, rollouts.lengths)
-                  if n_kept else torch.zeros_like(rewards))
+    advantages = (
+        group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator, rollouts.lengths)
+        if n_kept
+        else torch.zeros_like(rewards)
+    )
     sampled_rows = sum(len(scored.problems) for scored, _ in parts)
-    reward_means = {name: sum(scored.reward_means[name] * len(scored.problems) for scored, _ in parts) / sampled_rows
-                    for name in parts[0][0].reward_means}
+    reward_means = {
+        name: sum(scored.reward_means[name] * len(scored.problems) for scored, _ in parts) / sampled_rows
+        for name in parts[0][0].reward_means
+    }
     gaps = [scored.logprob_gap for scored, _ in parts if scored.logprob_gap is not None]
     corrected = [scored.corrected for scored, _ in parts if scored.corrected is not None]
-    return ScoredRollouts(problems, rollouts, rewards, advantages, sum(scored.gen_seconds for scored, _ in parts),
-                          sum(gaps) / len(gaps) if gaps else None, sum(corrected) / len(corrected) if corrected
-                          else None, reward_means, verdicts,
-                          dropped_tokens=sampled_tokens - int(rollouts.lengths.sum()),
-                          sampling={"train/sampling_rounds": rounds, "train/batch_filled": n_kept / share,
-                                    "train/dropped_groups": n_constant})
+    return ScoredRollouts(
+        problems,
+        rollouts,
+        rewards,
+        advantages,
+        sum(scored.gen_seconds for scored, _ in parts),
+        sum(gaps) / len(gaps) if gaps else None,
+        sum(corrected) / len(corrected) if corrected else None,
+        reward_means,
+        verdicts,
+        dropped_tokens=sampled_tokens - int(rollouts.lengths.sum()),
+        sampling={
+            "train/sampling_rounds": rounds,
+            "train/batch_filled": n_kept / share,
+            "train/dropped_groups": n_constant,
+        },
+    )
 
 
 def group_seeds(ctx: TrainContext, n_groups: int) -> list[int]:
     """One seed per prompt group, from the run's sampling generator (saved in checkpoints)."""
-    return torch.randint(0, 2**62, (n_groups,), generator=ctx.sampling_generator,
-                         device=ctx.sampling_generator.device).tolist()
+    return torch.randint(
+        0, 2**62, (n_groups,), generator=ctx.sampling_generator, device=ctx.sampling_generator.device
+    ).tolist()
 
 
 def seeds_per_row(seeds: list[int], rows_per_group: int) -> list[int]:
     """One sampling seed per completion from its group's seed (`seeds`, one per group; for samplers that take a
     seed per row, such as vLLM): a group's completions do not depend on the other groups in the batch."""
-    return [row_seed for seed in seeds for row_seed in
-            torch.randint(0, 2**62, (rows_per_group,), generator=torch.Generator().manual_seed(seed)).tolist()]
+    return [
+        row_seed
+        for seed in seeds
+        for row_seed in torch.randint(
+            0, 2**62, (rows_per_group,), generator=torch.Generator().manual_seed(seed)
+        ).tolist()
+    ]
 
 
-def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None = None,
-                     group_size: int | None = None) -> ScoredRollouts:
+def sample_and_score(
+    ctx: TrainContext, grouped: list, seeds: list[int] | None = None, group_size: int | None = None
+) -> ScoredRollouts:
     """Samples `grouped` (consecutive groups of `group_size` rows, default rl.num_generations), one generator per
     group seeded from `seeds` (fresh seeds when None)."""
     rl, policy = ctx.cfg.rl, ctx.policy
@@ -146,17 +171,34 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
     policy.model.eval()
     questions, logprob_gap = [p.question for p in grouped], None
     if ctx.rollout_engine is not None:
-        rollouts = ctx.rollout_engine.sample(policy, questions, rl.max_completion_length, rl.temperature,
-                                             seeds_per_row(seeds, size), rl.top_k, rl.top_p, rl.min_p)
+        rollouts = ctx.rollout_engine.sample(
+            policy,
+            questions,
+            rl.max_completion_length,
+            rl.temperature,
+            seeds_per_row(seeds, size),
+            rl.top_k,
+            rl.top_p,
+            rl.min_p,
+        )
         logprob_gap = ctx.rollout_engine.last_logprob_gap
     else:
         generators = [torch.Generator(device=ctx.device).manual_seed(seed) for seed in seeds]
         with policy.merged_for_generation() as sampler:
-            rollouts = generate(sampler, policy.tokenizer, questions, rl.max_completion_length,
-                                temperature=rl.temperature, group_generators=generators,
-                                rows_per_batch=ctx.cfg.rollout.batch_size, top_k=rl.top_k, top_p=rl.top_p,
-                                min_p=rl.min_p, end_ids=policy.end_tokens.ids,
-                                pack_weights=ctx.cfg.rollout.cpu_packed_weights)
+            rollouts = generate(
+                sampler,
+                policy.tokenizer,
+                questions,
+                rl.max_completion_length,
+                temperature=rl.temperature,
+                group_generators=generators,
+                rows_per_batch=ctx.cfg.rollout.batch_size,
+                top_k=rl.top_k,
+                top_p=rl.top_p,
+                min_p=rl.min_p,
+                end_ids=policy.end_tokens.ids,
+                pack_weights=ctx.cfg.rollout.cpu_packed_weights,
+            )
     policy.model.train(was_training)
     gen_seconds = time.perf_counter() - started
     # the verifier, or the weighted sum of task.reward_funcs (tasks/rewards.py)
@@ -164,8 +206,9 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
     rewards = torch.tensor(values, device=ctx.device)
     verdicts = None if verdicts is values else torch.tensor(verdicts, device=ctx.device)
     if rl.overlong_buffer_len > 0:
-        penalty = overlong_penalty(rollouts.lengths, rl.max_completion_length, rl.overlong_buffer_len,
-                                   rl.overlong_penalty_factor)
+        penalty = overlong_penalty(
+            rollouts.lengths, rl.max_completion_length, rl.overlong_buffer_len, rl.overlong_penalty_factor
+        )
         verdicts = rewards.clone() if verdicts is None else verdicts  # what the verifier said, before the shaping
         rewards = rewards + penalty
         reward_means = {**reward_means, "overlong": penalty.mean().item()}
@@ -176,8 +219,7 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
         per_function = torch.tensor(ctx.task.step_reward.last_values, device=ctx.device).T  # [N, K]
         if rl.overlong_buffer_len > 0:  # the length penalty is one more objective, weight 1
             per_function = torch.cat([per_function, penalty.unsqueeze(1)], dim=1)
-        weights = torch.tensor(ctx.task.step_reward.weights() + [1.0] * (rl.overlong_buffer_len > 0),
-                               device=ctx.device)
+        weights = torch.tensor(ctx.task.step_reward.weights() + [1.0] * (rl.overlong_buffer_len > 0), device=ctx.device)
         advantages = normalize_then_sum(per_function, weights, size)
     else:
         advantages = group_advantages(rewards, size, rl.scale_rewards, rl.adv_estimator, rollouts.lengths)
@@ -186,8 +228,9 @@ def sample_and_score(ctx: TrainContext, grouped: list, seeds: list[int] | None =
         ratio, acted = correction
         mask = loss_mask(rollouts, ctx).bool()
         corrected = float(acted.float().mean() if ratio.size(1) == 1 else acted[mask].float().mean())
-    return ScoredRollouts(grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, corrected, reward_means,
-                          verdicts)
+    return ScoredRollouts(
+        grouped, rollouts, rewards, advantages, gen_seconds, logprob_gap, corrected, reward_means, verdicts
+    )
 
 
 def rollout_ratio(rollouts: Rollouts, ctx: TrainContext) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -196,9 +239,14 @@ def rollout_ratio(rollouts: Rollouts, ctx: TrainContext) -> tuple[torch.Tensor, 
     rl = ctx.cfg.rl
     if not rl.vllm_importance_sampling_correction or rollouts.engine_logprobs is None:
         return None
-    return rollout_correction(rollouts.sampling_logprobs, rollouts.engine_logprobs, loss_mask(rollouts, ctx),
-                              rl.vllm_importance_sampling_mode, rl.vllm_importance_sampling_clip_min,
-                              rl.vllm_importance_sampling_clip_max)
+    return rollout_correction(
+        rollouts.sampling_logprobs,
+        rollouts.engine_logprobs,
+        loss_mask(rollouts, ctx),
+        rl.vllm_importance_sampling_mode,
+        rl.vllm_importance_sampling_clip_min,
+        rl.vllm_importance_sampling_clip_max,
+    )
 
 
 def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int, factor: float) -> torch.Tensor:
@@ -232,12 +280,18 @@ def trained_tokens(scored: ScoredRollouts, ctx: TrainContext, rows: torch.Tensor
 def loss_options(ctx: TrainContext) -> PolicyLossOptions:
     """The GRPO variants rl.* sets (core/policy_losses.PolicyLossOptions)."""
     rl = ctx.cfg.rl
-    return PolicyLossOptions(importance_sampling_level=rl.importance_sampling_level, delta=rl.delta,
-                             entropy_coef=rl.entropy_coef, sapo_temperature_pos=rl.sapo_temperature_pos,
-                             sapo_temperature_neg=rl.sapo_temperature_neg, vespo_k_pos=rl.vespo_k_pos,
-                             vespo_lambda_pos=rl.vespo_lambda_pos, vespo_k_neg=rl.vespo_k_neg,
-                             vespo_lambda_neg=rl.vespo_lambda_neg,
-                             off_policy_mask_threshold=rl.off_policy_mask_threshold)
+    return PolicyLossOptions(
+        importance_sampling_level=rl.importance_sampling_level,
+        delta=rl.delta,
+        entropy_coef=rl.entropy_coef,
+        sapo_temperature_pos=rl.sapo_temperature_pos,
+        sapo_temperature_neg=rl.sapo_temperature_neg,
+        vespo_k_pos=rl.vespo_k_pos,
+        vespo_lambda_pos=rl.vespo_lambda_pos,
+        vespo_k_neg=rl.vespo_k_neg,
+        vespo_lambda_neg=rl.vespo_lambda_neg,
+        off_policy_mask_threshold=rl.off_policy_mask_threshold,
+    )
 
 
 @dataclass(frozen=True)
@@ -245,12 +299,14 @@ class EntropySelection:
     """rl.top_entropy_quantile's choice for one step (arXiv 2506.01939): the policy term keeps the tokens whose
     entropy is at least `threshold`, the quantile 1 - rl.top_entropy_quantile of all the step's loss tokens (over
     every process), `n_tokens` of them (per process, as the loss's other counts)."""
+
     threshold: torch.Tensor
     n_tokens: torch.Tensor
 
 
-def select_high_entropy(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int],
-                        lengths: list[int]) -> EntropySelection:
+def select_high_entropy(
+    model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int], lengths: list[int]
+) -> EntropySelection:
     """The step's entropy threshold and selected-token count: one no-grad pass over the step's rows (in
     micro-batches of rl_backward's: `lengths` are `rows`' token counts), so every micro-batch keeps the same tokens
     the one-pass loss would (TRL takes the quantile of each micro-batch's own tokens; with one micro-batch, as here,
@@ -272,9 +328,15 @@ def select_high_entropy(model, scored: ScoredRollouts, ctx: TrainContext, rows: 
     return EntropySelection(threshold=threshold, n_tokens=n_tokens)
 
 
-def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | None = None,
-            n_tokens: torch.Tensor | None = None, n_sequences: torch.Tensor | None = None,
-            selection: EntropySelection | None = None) -> tuple[torch.Tensor, GRPOStats]:
+def rl_loss(
+    model,
+    scored: ScoredRollouts,
+    ctx: TrainContext,
+    rows: list[int] | None = None,
+    n_tokens: torch.Tensor | None = None,
+    n_sequences: torch.Tensor | None = None,
+    selection: EntropySelection | None = None,
+) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO loss of `model` (any module with the model's signature) on shared rollouts: of all of them, or of
     `rows` normalised by the whole step's `n_tokens` and `n_sequences` (a micro-batch of rl_backward; which one
     divides is rl.loss_type's choice, core/policy_losses.grpo_loss). The ratio is taken against the sampling policy, so
@@ -295,17 +357,37 @@ def rl_loss(model, scored: ScoredRollouts, ctx: TrainContext, rows: list[int] | 
     mask = loss_mask(rollouts, ctx)
     entropy_mask = None if selection is None else (entropies.detach() >= selection.threshold) & mask.bool()
     correction = rollout_ratio(rollouts, ctx)
-    return grpo_loss(logprobs, rollouts.sampling_logprobs, advantages, mask, rl.epsilon, rl.beta,
-                     ref_logprobs, n_tokens, epsilon_high=rl.epsilon_high, loss_type=rl.loss_type,
-                     n_sequences=n_sequences, max_completion_length=rl.max_completion_length,
-                     bias_correction_kl=rl.use_bias_correction_kl, options=loss_options(ctx), entropies=entropies,
-                     entropy_mask=entropy_mask, n_entropy_tokens=None if selection is None else selection.n_tokens,
-                     rollout_ratio=None if correction is None else correction[0],
-                     behaviour_logprobs=rollouts.engine_logprobs)
+    return grpo_loss(
+        logprobs,
+        rollouts.sampling_logprobs,
+        advantages,
+        mask,
+        rl.epsilon,
+        rl.beta,
+        ref_logprobs,
+        n_tokens,
+        epsilon_high=rl.epsilon_high,
+        loss_type=rl.loss_type,
+        n_sequences=n_sequences,
+        max_completion_length=rl.max_completion_length,
+        bias_correction_kl=rl.use_bias_correction_kl,
+        options=loss_options(ctx),
+        entropies=entropies,
+        entropy_mask=entropy_mask,
+        n_entropy_tokens=None if selection is None else selection.n_tokens,
+        rollout_ratio=None if correction is None else correction[0],
+        behaviour_logprobs=rollouts.engine_logprobs,
+    )
 
 
-def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float = 1.0,
-                n_tokens: torch.Tensor | None = None, rows: list[int] | None = None) -> tuple[float, GRPOStats]:
+def rl_backward(
+    model,
+    scored: ScoredRollouts,
+    ctx: TrainContext,
+    scale: float = 1.0,
+    n_tokens: torch.Tensor | None = None,
+    rows: list[int] | None = None,
+) -> tuple[float, GRPOStats]:
     """Accumulates the gradient of `scale * rl_loss(model, scored, ctx)` into the parameters' `.grad`, in
     micro-batches of `train.micro_batch_size` rows, each normalised by the whole step's token and completion counts
     (rl.loss_type), so the sum equals the one-pass gradient to float rounding; returns the loss and its statistics.
@@ -334,7 +416,7 @@ def rl_backward(model, scored: ScoredRollouts, ctx: TrainContext, scale: float =
     if ctx.cfg.rl.top_entropy_quantile < 1:
         selection = select_high_entropy(model, scored, ctx, rows, lengths)
     total, clip_fraction, kl, entropy = torch.zeros((), device=device), 0.0, 0.0, 0.0
-    for part in (micro_batches(lengths, ctx.cfg.train.micro_batch_size) if rows else []):
+    for part in micro_batches(lengths, ctx.cfg.train.micro_batch_size) if rows else []:
         loss, stats = rl_loss(model, scored, ctx, [rows[i] for i in part], n_tokens, n_sequences, selection)
         backward(scale * loss)
         total += loss.detach()
@@ -371,6 +453,7 @@ def zero_missing_gradients(model) -> None:
 @dataclass(frozen=True)
 class Update:
     """What one optimizer update on a batch of rollouts reports to iterate_updates."""
+
     rl_loss: float
     """The RL loss (rl_backward's)."""
     stats: GRPOStats
@@ -390,18 +473,24 @@ def iterate_updates(n: int, one_update: Callable[[], Update]) -> tuple[dict, GRP
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
-    metrics = {"train/rl_loss": mean([u.rl_loss for u in updates]),
-               "train/grad_norm": mean([u.grad_norm for u in updates])}
+    metrics = {
+        "train/rl_loss": mean([u.rl_loss for u in updates]),
+        "train/grad_norm": mean([u.grad_norm for u in updates]),
+    }
     if updates[0].sft_loss is not None:
         metrics["train/sft_loss"] = mean([u.sft_loss for u in updates])
-    stats = GRPOStats(clip_fraction=mean([u.stats.clip_fraction for u in updates]),
-                      kl=mean([u.stats.kl for u in updates]), entropy=mean([u.stats.entropy for u in updates]),
-                      skipped=all(u.stats.skipped for u in updates))
+    stats = GRPOStats(
+        clip_fraction=mean([u.stats.clip_fraction for u in updates]),
+        kl=mean([u.stats.kl for u in updates]),
+        entropy=mean([u.stats.entropy for u in updates]),
+        skipped=all(u.stats.skipped for u in updates),
+    )
     return metrics, stats
 
 
-def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int, ctx: TrainContext,
-                    other_signal: bool = False) -> dict:
+def rollout_metrics(
+    scored: ScoredRollouts, stats: GRPOStats, group_size: int, ctx: TrainContext, other_signal: bool = False
+) -> dict:
     """The step's metrics of its rollouts, the same for every stage that samples (groups of `group_size`
     consecutive rows of `scored`): rewards, lengths, the RL loss's statistics (none for a step whose passes were
     skipped: nothing was measured), and whether the step had a learning signal at all. A collective: every rank
@@ -411,12 +500,16 @@ def rollout_metrics(scored: ScoredRollouts, stats: GRPOStats, group_size: int, c
     rewards = scored.rewards
     grouped = rewards.view(-1, group_size)
     constant = (grouped == grouped[:, :1]).all(dim=1)  # groups whose rewards are all equal: no advantage
-    stats_metrics = {} if stats.skipped else {"train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction,
-                                              "train/entropy": stats.entropy}
+    stats_metrics = (
+        {}
+        if stats.skipped
+        else {"train/kl": stats.kl, "train/clip_fraction": stats.clip_fraction, "train/entropy": stats.entropy}
+    )
     return {
         # the std of the whole step's rewards, over every data-parallel rank (a collective: every rank logs it); the
         # mean of the ranks' own stds would not be it
-        "train/reward_mean": rewards.mean().item(), "train/reward_std": global_std(rewards).item(),
+        "train/reward_mean": rewards.mean().item(),
+        "train/reward_std": global_std(rewards).item(),
         "train/response_len": scored.rollouts.lengths.float().mean().item(),
         **stats_metrics,
         # groups whose rewards are all equal carry no learning signal: counted, not an error
@@ -441,5 +534,7 @@ def completion_rows(scored: ScoredRollouts, ctx: TrainContext, update: int) -> l
     every, group_size = ctx.cfg.train.log_completions_every, ctx.cfg.rl.num_generations
     if every <= 0 or (update - 1) % every != 0:
         return []
-    return [{"prompt": p.question, "completion": c, "reward": r, "gold": p.answer, "split": "train"}
-            for p, c, r in zip(scored.problems[:group_size], scored.rollouts.completions, scored.rewards.tolist())]
+    return [
+        {"prompt": p.question, "completion": c, "reward": r, "gold": p.answer, "split": "train"}
+        for p, c, r in zip(scored.problems[:group_size], scored.rollouts.completions, scored.rewards.tolist())
+    ]

@@ -41,7 +41,7 @@ def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     if size <= 0 or size >= len(lengths):
         return [list(range(len(lengths)))]
     order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    return [order[start:start + size] for start in range(0, len(order), size)]
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 def rollout_rows(rollouts: Rollouts, rows: list[int]) -> Rollouts:
@@ -50,15 +50,26 @@ def rollout_rows(rollouts: Rollouts, rows: list[int]) -> Rollouts:
     prompt_mask, completion_mask = rollouts.prompt_mask[index], rollouts.completion_mask[index]
     prompt_width = max(1, int(prompt_mask.sum(dim=1).max()))
     completion_width = max(1, int(completion_mask.sum(dim=1).max()))
-    return Rollouts(rollouts.prompt_ids[index, -prompt_width:], prompt_mask[:, -prompt_width:],
-                    rollouts.completion_ids[index, :completion_width], completion_mask[:, :completion_width],
-                    rollouts.sampling_logprobs[index, :completion_width],
-                    [rollouts.completions[row] for row in rows] if rollouts.completions else [],
-                    None if rollouts.engine_logprobs is None else rollouts.engine_logprobs[index, :completion_width])
+    return Rollouts(
+        rollouts.prompt_ids[index, -prompt_width:],
+        prompt_mask[:, -prompt_width:],
+        rollouts.completion_ids[index, :completion_width],
+        completion_mask[:, :completion_width],
+        rollouts.sampling_logprobs[index, :completion_width],
+        [rollouts.completions[row] for row in rows] if rollouts.completions else [],
+        None if rollouts.engine_logprobs is None else rollouts.engine_logprobs[index, :completion_width],
+    )
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_scored: int,
-                   scored: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    first_scored: int,
+    scored: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+):
     """log pi(x_t | x_<t) at `temperature` for the tokens t >= `first_scored` where `scored` [B, T - first_scored]
     is true, as a float32 [B, T - first_scored] tensor with zeros elsewhere (with grad when grad is enabled).
     `with_entropy`: also the entropy of pi(. | x_<t) there, from the same logits (with grad likewise), as a pair."""
@@ -68,16 +79,23 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     rows, width = input_ids.shape
     if _head_is_separable(model):
         decoder, head = _decoder_and_head(model)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         # the hidden state at position t - 1 predicts token t
-        values = chunked_head_logprobs(hidden[:, first_scored - 1:-1][scored], targets, head, temperature,
-                                       with_entropy)
+        values = chunked_head_logprobs(
+            hidden[:, first_scored - 1 : -1][scored], targets, head, temperature, with_entropy
+        )
         flops.count_pass(model, rows, width, targets.numel(), head_recomputed=True)
     else:
         kept = width - first_scored + 1
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False, logits_to_keep=kept).logits[:, :-1]
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=kept,
+        ).logits[:, :-1]
         values = chunked_head_logprobs(logits[scored], targets, None, temperature, with_entropy)
         flops.count_pass(model, rows, width, rows * kept)
 
@@ -87,8 +105,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (placed(values[0]), placed(values[1])) if with_entropy else placed(values)
 
 
-def chunked_head_logprobs(features: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module | None,
-                          temperature: float, with_entropy: bool = False):
+def chunked_head_logprobs(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module | None,
+    temperature: float,
+    with_entropy: bool = False,
+):
     """log softmax(head(features) / temperature)[target] per row of `features` [M, H] (or of logits [M, V] when
     `head` is None), a chunk of rows at a time; under grad each chunk is checkpointed, so its logits are freed
     after the forward and recomputed in the backward. `with_entropy`: also each row's entropy, as a pair."""
@@ -126,8 +149,14 @@ def _target_logprobs_and_entropy(features, targets, head, temperature):
 
 
 @torch.no_grad()
-def token_entropies(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_scored: int,
-                    scored: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_entropies(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    first_scored: int,
+    scored: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Entropy -sum_v p_v log p_v of pi(. | x_<t) at `temperature` at the positions t >= `first_scored` where
     `scored` [B, T - first_scored] is true, as a detached float32 [B, T - first_scored] tensor with zeros elsewhere
     (weights, never differentiated: SRFT's entropy weights). One no-grad forward pass; as in token_logprobs, only
@@ -138,18 +167,26 @@ def token_entropies(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     rows, width = input_ids.shape
     if _head_is_separable(model):
         decoder, head = _decoder_and_head(model)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state
-        features = hidden[:, first_scored - 1:-1][scored]
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        features = hidden[:, first_scored - 1 : -1][scored]
         flops.count_pass(model, rows, width, features.size(0))
     else:
         head = None
-        features = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, logits_to_keep=width - first_scored + 1).logits[:, :-1][scored]
+        features = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=width - first_scored + 1,
+        ).logits[:, :-1][scored]
         flops.count_pass(model, rows, width, rows * (width - first_scored + 1))
     vocabulary = features.size(-1) if head is None else head.weight.size(0)
     chunk = max(1, LOGIT_CHUNK_ELEMENTS // max(1, vocabulary))
-    parts = [_entropy(features[start:start + chunk], head, temperature) for start in range(0, features.size(0), chunk)]
+    parts = [
+        _entropy(features[start : start + chunk], head, temperature) for start in range(0, features.size(0), chunk)
+    ]
     values = torch.cat(parts) if parts else features.new_zeros(0, dtype=torch.float32)
     return torch.zeros(scored.shape, dtype=torch.float32, device=input_ids.device).masked_scatter(scored, values)
 
@@ -200,8 +237,9 @@ def completion_logprobs(model, rollouts: Rollouts, temperature: float = 1.0, wit
     `with_entropy`: and the per-token entropies [N, C], as a pair (token_logprobs)."""
     input_ids = torch.cat([rollouts.prompt_ids, rollouts.completion_ids], dim=1)
     mask = torch.cat([rollouts.prompt_mask, rollouts.completion_mask], dim=1)
-    return token_logprobs(model, input_ids, mask, rollouts.prompt_ids.size(1), rollouts.completion_mask, temperature,
-                          with_entropy)
+    return token_logprobs(
+        model, input_ids, mask, rollouts.prompt_ids.size(1), rollouts.completion_mask, temperature, with_entropy
+    )
 
 
 @torch.no_grad()
@@ -213,6 +251,6 @@ def score_sampled(model, rollouts: Rollouts, temperature: float, rows_per_pass: 
     lengths = (rollouts.prompt_mask.sum(dim=1) + rollouts.completion_mask.sum(dim=1)).tolist()
     for rows in micro_batches(lengths, rows_per_pass):
         part = rollout_rows(rollouts, rows)
-        scores[rows, :part.completion_ids.size(1)] = completion_logprobs(model, part, temperature)
+        scores[rows, : part.completion_ids.size(1)] = completion_logprobs(model, part, temperature)
     rollouts.sampling_logprobs = scores
     return rollouts

@@ -40,10 +40,16 @@ def _merged_weight_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -
     training, DoRA-like variants, per-row adapter names); otherwise one linear with the adapters folded in."""
     active = [name for name in self.active_adapters if name in self.lora_A]
     dropout_active = self.training and any(
-        not isinstance(self.lora_dropout[name], torch.nn.Identity) for name in active)
-    if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or dropout_active
-            or any(name in self.lora_variant for name in active)
-            or not isinstance(self.base_layer, torch.nn.Linear)):
+        not isinstance(self.lora_dropout[name], torch.nn.Identity) for name in active
+    )
+    if (
+        self.disable_adapters
+        or self.merged
+        or kwargs.get("adapter_names") is not None
+        or dropout_active
+        or any(name in self.lora_variant for name in active)
+        or not isinstance(self.base_layer, torch.nn.Linear)
+    ):
         return LoraLinear.forward(self, x, *args, **kwargs)
     weight = self.base_layer.weight
     for name in active:

@@ -32,8 +32,9 @@ class SFTBatch:
         return SFTBatch(self.input_ids[index, :width], self.attention_mask[index, :width], self.labels[index, :width])
 
 
-def make_sft_batch(tokenizer, prompts: list[str], completions: list[str], device,
-                   end_id: int | None = None) -> SFTBatch:
+def make_sft_batch(
+    tokenizer, prompts: list[str], completions: list[str], device, end_id: int | None = None
+) -> SFTBatch:
     """Tokenises (prompt, completion) pairs; the loss will see only the completion and its end token: `end_id`
     (the policy's `end_tokens.target`: the chat template's turn end when prompts use it, so the model learns to
     close its turn as the template does and sampling stops there), by default the tokenizer's EOS."""

@@ -77,12 +77,15 @@ class Policy:
         if not self.has_adapters:
             yield self.model
             return
-        adapted = [(layer, [name for name in layer.active_adapters if name in layer.lora_A])
-                   for layer in self.model.modules() if isinstance(layer, LoraLinear) and not layer.merged
-                   and isinstance(layer.base_layer, torch.nn.Linear)]
+        adapted = [
+            (layer, [name for name in layer.active_adapters if name in layer.lora_A])
+            for layer in self.model.modules()
+            if isinstance(layer, LoraLinear) and not layer.merged and isinstance(layer.base_layer, torch.nn.Linear)
+        ]
         adapted = [(layer, active) for layer, active in adapted if active]
-        copy_bytes = sum(layer.base_layer.weight.numel() * layer.base_layer.weight.element_size()
-                         for layer, _ in adapted)
+        copy_bytes = sum(
+            layer.base_layer.weight.numel() * layer.base_layer.weight.element_size() for layer, _ in adapted
+        )
         if not adapted or not merges_for_sampling(self.sampling, copy_bytes, next(self.model.parameters()).device):
             yield self.model
             return
@@ -111,9 +114,11 @@ def merge_saved_adapters(base: PreTrainedModel, adapter_dir: Path) -> PreTrained
     for directory in [adapter_dir, *subdirectories]:
         if not (directory / "adapter_model.safetensors").is_file():
             found = "adapter_model.bin" if (directory / "adapter_model.bin").is_file() else "no adapter weights"
-            raise UserError(f"adapter directory {directory} holds {found}, not adapter_model.safetensors",
-                            "only safetensors weights are loaded (a pickled .bin can run code): convert it with "
-                            "peft (model.save_pretrained(dir, safe_serialization=True))")
+            raise UserError(
+                f"adapter directory {directory} holds {found}, not adapter_model.safetensors",
+                "only safetensors weights are loaded (a pickled .bin can run code): convert it with "
+                "peft (model.save_pretrained(dir, safe_serialization=True))",
+            )
     model = PeftModel.from_pretrained(base, adapter_dir)
     names = ["default"]
     for sub in subdirectories:
@@ -135,9 +140,11 @@ def tokenizer_from(path: Path | str, model_cfg):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=bool(model_cfg.trust_remote_code))
     except (OSError, ValueError) as error:
-        raise UserError(f"could not load the tokenizer of {path}: {error}",
-                        "check model.name_or_path; without network access only local directories and models "
-                        "already in the Hugging Face cache load") from None
+        raise UserError(
+            f"could not load the tokenizer of {path}: {error}",
+            "check model.name_or_path; without network access only local directories and models "
+            "already in the Hugging Face cache load",
+        ) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -148,16 +155,29 @@ def causal_lm_from(path: Path | str, model_cfg, device: torch.device) -> PreTrai
     """The causal LM saved at `path` (safetensors only), in the dtype and attention kernel of `model_cfg`."""
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=weights_dtype(model_cfg.dtype, device), attn_implementation=model_cfg.attn_implementation,
-            trust_remote_code=bool(model_cfg.trust_remote_code), use_safetensors=True).to(device)
+            path,
+            dtype=weights_dtype(model_cfg.dtype, device),
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=bool(model_cfg.trust_remote_code),
+            use_safetensors=True,
+        ).to(device)
     except (OSError, ValueError) as error:
-        raise UserError(f"could not load the model {path}: {error}",
-                        "check model.name_or_path (safetensors weights are required); without network access only "
-                        "local directories and cached models load") from None
+        raise UserError(
+            f"could not load the model {path}: {error}",
+            "check model.name_or_path (safetensors weights are required); without network access only "
+            "local directories and cached models load",
+        ) from None
 
 
-def load_policy(model_cfg, lora_cfg, path: Path | str, device: torch.device, keep_reference: bool,
-                finetune: str | None = None, chat_template: bool = False) -> Policy:
+def load_policy(
+    model_cfg,
+    lora_cfg,
+    path: Path | str,
+    device: torch.device,
+    keep_reference: bool,
+    finetune: str | None = None,
+    chat_template: bool = False,
+) -> Policy:
     """The model saved at `path` (models/sources.base_model_path: where a config's base weights are) with LoRA
     (`finetune=lora`) or every weight trainable (`full`); `finetune` defaults to model.finetune. `chat_template`:
     whether prompts are put in the tokenizer's chat template (tasks.prompts_use_chat_template), so that its turn
@@ -174,14 +194,26 @@ def load_policy(model_cfg, lora_cfg, path: Path | str, device: torch.device, kee
         enable_activation_checkpointing(model)
     reference = None
     if finetune == "lora":
-        model = get_peft_model(model, PeftLoraConfig(
-            r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-            target_modules=peft_targets(lora_cfg), task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=lora_cfg.rank,
+                lora_alpha=lora_cfg.alpha,
+                lora_dropout=lora_cfg.dropout,
+                target_modules=peft_targets(lora_cfg),
+                task_type="CAUSAL_LM",
+            ),
+        )
         _choose_lora_forward(model, lora_cfg)
     elif keep_reference:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return Policy(model=model, tokenizer=tokenizer, frozen_reference=reference, end_tokens=end_tokens,
-                  sampling=getattr(lora_cfg, "sampling", "auto"))  # a run recorded before the key: auto
+    return Policy(
+        model=model,
+        tokenizer=tokenizer,
+        frozen_reference=reference,
+        end_tokens=end_tokens,
+        sampling=getattr(lora_cfg, "sampling", "auto"),
+    )  # a run recorded before the key: auto
 
 
 def merges_for_sampling(mode: str, copy_bytes: int, device: torch.device) -> bool:
@@ -218,8 +250,13 @@ def peft_targets(lora_cfg) -> list[str] | str:
 def add_upper_adapter(policy: Policy, name: str, rank: int, alpha: int, lora_cfg, train_base: bool) -> None:
     """Adds a LoRA adapter `name` on top of whatever the policy trains and makes every adapter active and
     trainable; the base weights stay trainable only when `train_base` (BRIDGE with full lower-level weights)."""
-    config = PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=lora_cfg.dropout,
-                            target_modules=peft_targets(lora_cfg), task_type="CAUSAL_LM")
+    config = PeftLoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=peft_targets(lora_cfg),
+        task_type="CAUSAL_LM",
+    )
     if policy.has_adapters:
         policy.model.add_adapter(name, config)
         names = list(policy.model.peft_config)
@@ -260,8 +297,9 @@ def save_policy(policy: Policy, path: Path, state_dict: dict[str, torch.Tensor] 
         base_trained = any(p.requires_grad for n, p in policy.model.named_parameters() if adapter_of(n) is None)
         policy.model.save_pretrained(path / "adapters" if base_trained else path, safe_serialization=True, **given)
         if base_trained and state_dict is not None:
-            policy.model.get_base_model().save_pretrained(path, safe_serialization=True,
-                                                          state_dict=merged_state_dict(policy.model, state_dict))
+            policy.model.get_base_model().save_pretrained(
+                path, safe_serialization=True, state_dict=merged_state_dict(policy.model, state_dict)
+            )
         elif base_trained:
             merged = copy.deepcopy(policy.model).merge_and_unload()
             merged.save_pretrained(path, safe_serialization=True)
@@ -276,8 +314,9 @@ def merged_state_dict(model: PeftModel, state_dict: dict[str, torch.Tensor]) -> 
     return dict(merged_weights(model, state_dict))
 
 
-def merged_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_weights(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under the names of its Hugging Face checkpoint (`model.layers.0.mlp.up_proj.weight`),
     one at a time, every active adapter folded into its layer's weight (W + s B A): what a copy of the base
     architecture needs to compute what `model` computes (an inference engine's weights, rollout.backend=vllm).
@@ -289,7 +328,7 @@ def merged_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor] |
     prefix = "base_model.model."
 
     def base_name(name: str) -> str:
-        return (name[len(prefix):] if name.startswith(prefix) else name).replace(".base_layer.", ".")
+        return (name[len(prefix) :] if name.startswith(prefix) else name).replace(".base_layer.", ".")
 
     adapted = {name: layer for name, layer in model.named_modules() if isinstance(layer, LoraLinear)}
     replaced = {f"{name}.base_layer.weight" for name in adapted}

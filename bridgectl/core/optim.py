@@ -12,8 +12,9 @@ from bridgectl.errors import NonFiniteError
 
 def make_optimizer(params, lr: float, optim_cfg, total_updates: int):
     """AdamW over `params` and its LambdaLR scheduler for `total_updates` updates."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=optim_cfg.weight_decay,
-                                  betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2))
+    optimizer = torch.optim.AdamW(
+        params, lr=lr, weight_decay=optim_cfg.weight_decay, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2)
+    )
     warmup, schedule = optim_cfg.warmup_steps, optim_cfg.schedule
 
     def factor(update: int) -> float:

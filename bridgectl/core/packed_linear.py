@@ -41,9 +41,14 @@ def available() -> bool:
 def packable_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """The layers of `model` packing applies to: exactly `nn.Linear` (not a subclass), float32 weights on the
     CPU, without an instance-level forward already set by someone else."""
-    return [module for module in model.modules()
-            if type(module) is torch.nn.Linear and module.weight.device.type == "cpu"
-            and module.weight.dtype == torch.float32 and "forward" not in module.__dict__]
+    return [
+        module
+        for module in model.modules()
+        if type(module) is torch.nn.Linear
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
+        and "forward" not in module.__dict__
+    ]
 
 
 def free_memory_bytes() -> int | None:

@@ -36,6 +36,7 @@ class GRPOStats:
 @dataclass(frozen=True)
 class PolicyLossOptions:
     """The GRPO variants beyond the clipped surrogate's own settings, under TRL 1.16's names (GRPOConfig)."""
+
     importance_sampling_level: str = "token"
     """token: one ratio per token (GRPO); sequence: exp(mean log-ratio over the completion's tokens) for every token
     of it (GSPO, arXiv 2507.18071)."""
@@ -63,6 +64,7 @@ class PolicyLossOptions:
 @dataclass(frozen=True)
 class PolicyTerms:
     """What a policy loss reads, for a batch of N completions of C token positions."""
+
     logprobs: torch.Tensor
     """[N, C] log pi of each sampled token under the policy being trained (with its gradient)."""
     token_log_ratio: torch.Tensor
@@ -90,6 +92,7 @@ PolicyLossFn = Callable[[PolicyTerms], tuple[torch.Tensor, torch.Tensor]]
 @dataclass(frozen=True)
 class PolicyLoss:
     """A registered rl.loss_type."""
+
     fn: PolicyLossFn
     """Its per-token policy terms."""
     reduction: str
@@ -106,8 +109,9 @@ REDUCTIONS = ("dapo", "bnpo", "grpo", "dr_grpo", "luspo")
 """The ways token terms are reduced (loss_denominator)."""
 
 
-def register_policy_loss(name: str, reduction: str,
-                         own_rollout_ratio: bool = False) -> Callable[[PolicyLossFn], PolicyLossFn]:
+def register_policy_loss(
+    name: str, reduction: str, own_rollout_ratio: bool = False
+) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Decorator: registers the function as rl.loss_type `name`, its terms reduced by `reduction`."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction '{reduction}' for loss_type {name} (choose from {', '.join(REDUCTIONS)})")
@@ -117,6 +121,7 @@ def register_policy_loss(name: str, reduction: str,
             raise ValueError(f"loss_type '{name}' is registered twice")
         POLICY_LOSSES[name] = PolicyLoss(fn, reduction, own_rollout_ratio)
         return fn
+
     return register
 
 
@@ -205,14 +210,18 @@ def vespo_loss(terms: PolicyTerms) -> tuple[torch.Tensor, torch.Tensor]:
     """VESPO (arXiv 2602.10693; equation number not checked here; TRL 1.16's vespo): -phi(w) A log pi per token,
     phi the sequence's detached weight (vespo_weights, which takes the rollout correction's ratio in); reduced as
     dapo. Nothing is clipped."""
-    phi = vespo_weights(terms.advantage, terms.token_log_ratio.detach(), terms.mask, terms.rollout_ratio,
-                        terms.options)
+    phi = vespo_weights(terms.advantage, terms.token_log_ratio.detach(), terms.mask, terms.rollout_ratio, terms.options)
     per_token = -phi * terms.advantage * terms.logprobs
     return per_token, torch.zeros_like(terms.ratio, dtype=torch.bool)
 
 
-def vespo_weights(advantage: torch.Tensor, token_log_ratio: torch.Tensor, mask: torch.Tensor,
-                  rollout_ratio: torch.Tensor | None, options: PolicyLossOptions) -> torch.Tensor:
+def vespo_weights(
+    advantage: torch.Tensor,
+    token_log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    rollout_ratio: torch.Tensor | None,
+    options: PolicyLossOptions,
+) -> torch.Tensor:
     """[N, 1] VESPO's weight (arXiv 2602.10693; TRL 1.16's get_gamma_weights) of each completion, detached:
     phi(w) = exp(lambda) w^k exp(-lambda w) (so phi(1) = 1), with w the sequence's importance ratio
     exp(sum of its clamped token log-ratios, times the rollout correction's token ratios when given), k and lambda by
@@ -252,8 +261,9 @@ def loss_token_weights(mask: torch.Tensor, loss_type: str) -> torch.Tensor:
     return mask
 
 
-def loss_denominator(loss_type: str, n_tokens: torch.Tensor, n_sequences: torch.Tensor | None,
-                     max_completion_length: int | None) -> torch.Tensor:
+def loss_denominator(
+    loss_type: str, n_tokens: torch.Tensor, n_sequences: torch.Tensor | None, max_completion_length: int | None
+) -> torch.Tensor:
     """What the weighted token sum is divided by: the step's scored tokens (`dapo`; `bnpo`: this process's own),
     its completions (`grpo`: the mean of the per-sequence means; `luspo`: the mean of the per-sequence sums) or its
     completions times rl.max_completion_length (`dr_grpo`, a constant, so no completion's length changes another's
@@ -272,9 +282,16 @@ def loss_denominator(loss_type: str, n_tokens: torch.Tensor, n_sequences: torch.
     raise ValueError(f"unknown reduction '{loss_type}' (choose from {', '.join(REDUCTIONS)})")
 
 
-def policy_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                 epsilon: float, epsilon_high: float | None, options: PolicyLossOptions,
-                 rollout_ratio: torch.Tensor | None) -> PolicyTerms:
+def policy_terms(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float,
+    epsilon_high: float | None,
+    options: PolicyLossOptions,
+    rollout_ratio: torch.Tensor | None,
+) -> PolicyTerms:
     """The PolicyTerms of a batch: the ratio r = pi / pi_old per token, or with options.importance_sampling_level
     "sequence" GSPO's exp(mean log-ratio over the completion's tokens) (arXiv 2507.18071, Eq. 7) for all its tokens;
     eps_high defaults to `epsilon`. `mask` as a float."""
@@ -282,21 +299,41 @@ def policy_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
     token_log_ratio = logprobs - old_logprobs
     log_ratio = token_log_ratio
     if options.importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1))
-    return PolicyTerms(logprobs=logprobs, token_log_ratio=token_log_ratio, ratio=torch.exp(log_ratio),
-                       advantage=advantages.unsqueeze(1), mask=mask, epsilon=epsilon,
-                       epsilon_high=epsilon if epsilon_high is None else epsilon_high, options=options,
-                       rollout_ratio=rollout_ratio)
+        log_ratio = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return PolicyTerms(
+        logprobs=logprobs,
+        token_log_ratio=token_log_ratio,
+        ratio=torch.exp(log_ratio),
+        advantage=advantages.unsqueeze(1),
+        mask=mask,
+        epsilon=epsilon,
+        epsilon_high=epsilon if epsilon_high is None else epsilon_high,
+        options=options,
+        rollout_ratio=rollout_ratio,
+    )
 
 
-def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              epsilon: float, beta: float = 0.0, ref_logprobs: torch.Tensor | None = None,
-              n_tokens: torch.Tensor | None = None, epsilon_high: float | None = None, loss_type: str = "dapo",
-              n_sequences: torch.Tensor | None = None, max_completion_length: int | None = None,
-              bias_correction_kl: bool = False, options: PolicyLossOptions = PolicyLossOptions(),
-              entropies: torch.Tensor | None = None, entropy_mask: torch.Tensor | None = None,
-              n_entropy_tokens: torch.Tensor | None = None, rollout_ratio: torch.Tensor | None = None,
-              behaviour_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, GRPOStats]:
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    n_tokens: torch.Tensor | None = None,
+    epsilon_high: float | None = None,
+    loss_type: str = "dapo",
+    n_sequences: torch.Tensor | None = None,
+    max_completion_length: int | None = None,
+    bias_correction_kl: bool = False,
+    options: PolicyLossOptions = PolicyLossOptions(),
+    entropies: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
+    n_entropy_tokens: torch.Tensor | None = None,
+    rollout_ratio: torch.Tensor | None = None,
+    behaviour_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, GRPOStats]:
     """The policy loss `loss_type` (a registered function: its per-token terms, over the tokens of `mask`) with
     what every loss type shares, as TRL 1.16's GRPOTrainer._compute_loss:
       - `behaviour_logprobs` (an inference engine's; default `old_logprobs`, the sampling policy's, detached):
@@ -326,8 +363,9 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     per_token, was_clipped = policy.fn(terms)
     if options.off_policy_mask_threshold is not None:
         behaviour = old_logprobs if behaviour_logprobs is None else behaviour_logprobs
-        per_token = per_token * off_policy_mask(terms.advantage, logprobs.detach(), behaviour, mask,
-                                                options.off_policy_mask_threshold)
+        per_token = per_token * off_policy_mask(
+            terms.advantage, logprobs.detach(), behaviour, mask, options.off_policy_mask_threshold
+        )
     if entropy_mask is not None:
         per_token = per_token * entropy_mask.float()
     if rollout_ratio is not None and not policy.own_rollout_ratio:
@@ -355,8 +393,7 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: to
     return loss, GRPOStats(clip_fraction=clip_fraction, kl=kl_value, entropy=entropy_value)
 
 
-def kl_k3(ref_logprobs: torch.Tensor | None, logprobs: torch.Tensor,
-          ratio: torch.Tensor | None = None) -> torch.Tensor:
+def kl_k3(ref_logprobs: torch.Tensor | None, logprobs: torch.Tensor, ratio: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token k3 estimate of KL(pi || pi_ref) (DeepSeekMath, arXiv 2402.03300, Eq. 4): exp(ref - logp) - (ref -
     logp) - 1, times `ratio` when given (TRL's use_bias_correction_kl)."""
     if ref_logprobs is None:
@@ -366,8 +403,13 @@ def kl_k3(ref_logprobs: torch.Tensor | None, logprobs: torch.Tensor,
     return per_token_kl if ratio is None else per_token_kl * ratio
 
 
-def off_policy_mask(advantage: torch.Tensor, logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,
-                    mask: torch.Tensor, threshold: float) -> torch.Tensor:
+def off_policy_mask(
+    advantage: torch.Tensor,
+    logprobs: torch.Tensor,
+    behaviour_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
     """[N, 1] 1.0 for the completions the policy term keeps, as TRL 1.16's get_off_policy_mask: those with a
     non-negative advantage, and the others whose mean over their tokens of (behaviour log-prob - current log-prob)
     (the KL from the sampling policy to the current one, estimated on the sampled tokens; DeepSeek-V3.2, arXiv
@@ -379,8 +421,14 @@ def off_policy_mask(advantage: torch.Tensor, logprobs: torch.Tensor, behaviour_l
 
 
 @torch.no_grad()
-def rollout_correction(trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, mask: torch.Tensor,
-                       mode: str, clip_min: float | None, clip_max: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def rollout_correction(
+    trainer_logprobs: torch.Tensor,
+    engine_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The importance ratio pi_trainer / pi_engine that corrects for an inference engine (vLLM) sampling from
     probabilities its kernels compute slightly differently from the trained model's (TRL 1.16's
     vllm_importance_sampling_correction; "truncated" and "masked" importance sampling, Yao et al. 2025): per token

@@ -83,11 +83,23 @@ path reads every token)."""
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
-             greedy: bool = False, generator: torch.Generator | None = None,
-             group_generators: list[torch.Generator] | None = None, rows_per_batch: int = 0, top_k: int = 0,
-             top_p: float = 1.0, min_p: float = 0.0, end_ids: Collection[int] | None = None,
-             check_every: int | None = None, pack_weights: bool = True) -> Rollouts:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    group_generators: list[torch.Generator] | None = None,
+    rows_per_batch: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    end_ids: Collection[int] | None = None,
+    check_every: int | None = None,
+    pack_weights: bool = True,
+) -> Rollouts:
     """Samples one completion per prompt (repeat prompts for groups), decoding until every row has emitted an end
     token (any of `end_ids`, the policy's `end_tokens.ids`; default the tokenizer's EOS) or `max_new_tokens`.
     Rows that have ended leave the decoding batch (with their KV cache rows), so a batch costs the tokens its rows
@@ -141,12 +153,27 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     pack = pack_weights and device.type == "cpu" and not sharded and packed_linear.worth_packing(model)
     rows = max((end - start for start, end in chunks), default=1)
     with packed_linear.packed_linears(model, rows) if pack else contextlib.nullcontext():
-        decoded = _decode_chunks(model, prompt_ids, prompt_mask, chunks, max_new_tokens, temperature, greedy,
-                                 generator, group_generators, group_size, ends, pad, sharded, (top_k, top_p, min_p),
-                                 check_every)
+        decoded = _decode_chunks(
+            model,
+            prompt_ids,
+            prompt_mask,
+            chunks,
+            max_new_tokens,
+            temperature,
+            greedy,
+            generator,
+            group_generators,
+            group_size,
+            ends,
+            pad,
+            sharded,
+            (top_k, top_p, min_p),
+            check_every,
+        )
     width = max(tokens.size(1) for tokens, _ in decoded)
-    completion_ids = torch.cat([torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad)
-                                for tokens, _ in decoded])
+    completion_ids = torch.cat(
+        [torch.nn.functional.pad(tokens, (0, width - tokens.size(1)), value=pad) for tokens, _ in decoded]
+    )
     logprobs = torch.cat([torch.nn.functional.pad(lp, (0, width - lp.size(1))) for _, lp in decoded])
     completion_mask = completion_mask_from(completion_ids, ends)
     completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)
@@ -155,9 +182,23 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask, sampling_logprobs, texts)
 
 
-def _decode_chunks(model, prompt_ids, prompt_mask, chunks, max_new_tokens, temperature, greedy, generator,
-                   group_generators, group_size, ends, pad, sharded, truncation,
-                   check_every) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _decode_chunks(
+    model,
+    prompt_ids,
+    prompt_mask,
+    chunks,
+    max_new_tokens,
+    temperature,
+    greedy,
+    generator,
+    group_generators,
+    group_size,
+    ends,
+    pad,
+    sharded,
+    truncation,
+    check_every,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(tokens, log-probs) of each chunk of rows (`chunks`, _row_chunks'), decoded one after another by
     _decode_rows."""
     decoded = []
@@ -167,15 +208,43 @@ def _decode_chunks(model, prompt_ids, prompt_mask, chunks, max_new_tokens, tempe
             break
         if mine:
             start, end = chunks[index]
-            groups = group_generators[start // group_size:end // group_size] if group_generators is not None else None
-            decoded.append(_decode_rows(model, prompt_ids[start:end], prompt_mask[start:end], max_new_tokens,
-                                        temperature, greedy, generator, groups, group_size, ends, pad, sharded,
-                                        truncation=truncation, check_every=check_every))
+            groups = group_generators[start // group_size : end // group_size] if group_generators is not None else None
+            decoded.append(
+                _decode_rows(
+                    model,
+                    prompt_ids[start:end],
+                    prompt_mask[start:end],
+                    max_new_tokens,
+                    temperature,
+                    greedy,
+                    generator,
+                    groups,
+                    group_size,
+                    ends,
+                    pad,
+                    sharded,
+                    truncation=truncation,
+                    check_every=check_every,
+                )
+            )
         else:
             # a rank out of chunks while another still has one decodes its first row as already ended (greedily:
             # no generator is touched), and drops it: its forward passes pair with the other rank's
-            _decode_rows(model, prompt_ids[:1], prompt_mask[:1], max_new_tokens, temperature, True, None, None,
-                         group_size, ends, pad, sharded, ended=True)
+            _decode_rows(
+                model,
+                prompt_ids[:1],
+                prompt_mask[:1],
+                max_new_tokens,
+                temperature,
+                True,
+                None,
+                None,
+                group_size,
+                ends,
+                pad,
+                sharded,
+                ended=True,
+            )
     return decoded
 
 
@@ -187,12 +256,23 @@ def _row_chunks(n_rows: int, rows_per_batch: int, group_size: int) -> list[tuple
     return [(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
 
 
-def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
-                 temperature: float, greedy: bool, generator: torch.Generator | None,
-                 group_generators: list[torch.Generator] | None, group_size: int, ends: tuple[int, ...], pad: int,
-                 sharded: bool, ended: bool = False,
-                 truncation: tuple[int, float, float] = (0, 1.0, 0.0),
-                 check_every: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_rows(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    greedy: bool,
+    generator: torch.Generator | None,
+    group_generators: list[torch.Generator] | None,
+    group_size: int,
+    ends: tuple[int, ...],
+    pad: int,
+    sharded: bool,
+    ended: bool = False,
+    truncation: tuple[int, float, float] = (0, 1.0, 0.0),
+    check_every: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decodes one chunk of rows (whole groups with `group_generators`): returns its tokens [n, T] (pad from the
     step after a row's end token, any of `ends`) and their untruncated log-probs [n, T], T the steps taken.
     `ended` starts every row as already ended (a sharded rank's stand-in chunk). `truncation`: (top_k, top_p,
@@ -256,16 +336,20 @@ def _decode_rows(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
                     # batch_select_indices is only on the dynamic layers and leaves a quantized layer's quantized
                     # states unselected
                     cache.reorder_cache(keep)
-                    rows, finished, mask, position, token = (t[keep] for t in
-                                                             (rows, finished, mask, position, token))
+                    rows, finished, mask, position, token = (t[keep] for t in (rows, finished, mask, position, token))
                     known_ended = [known_ended[i] for i in keep.tolist()]
                     if segments is not None:
                         segments = _group_segments(rows, group_size)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         counter.step(token.size(0), mask.size(1))
-        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
-                    **{KV_CACHE: cache})
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{KV_CACHE: cache},
+        )
         cache, next_logits = out[KV_CACHE], out.logits[:, -1]
     width = step + 1  # the steps taken (a sharded rank's: as many as its peers')
     if check_every > 1:  # steps decoded past the end of every row, before the next check, are dropped
@@ -306,15 +390,27 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         extra = tensor.new_full((tensor.size(0), width - tensor.size(1)), fill)
         return torch.cat([extra, tensor] if left else [tensor, extra], dim=1)
 
-    return Rollouts(torch.cat([padded(p.prompt_ids, prompt_width, pad_id, True) for p in parts]),
-                    torch.cat([padded(p.prompt_mask, prompt_width, 0, True) for p in parts]),
-                    torch.cat([padded(p.completion_ids, completion_width, pad_id, False) for p in parts]),
-                    torch.cat([padded(p.completion_mask, completion_width, 0, False) for p in parts]),
-                    torch.cat([padded(p.sampling_logprobs, completion_width, 0.0, False) for p in parts]),
-                    [text for p in parts for text in p.completions],
-                    None if all(p.engine_logprobs is None for p in parts) else torch.cat([padded(
-                        torch.full_like(p.sampling_logprobs, math.nan) if p.engine_logprobs is None
-                        else p.engine_logprobs, completion_width, math.nan, False) for p in parts]))
+    return Rollouts(
+        torch.cat([padded(p.prompt_ids, prompt_width, pad_id, True) for p in parts]),
+        torch.cat([padded(p.prompt_mask, prompt_width, 0, True) for p in parts]),
+        torch.cat([padded(p.completion_ids, completion_width, pad_id, False) for p in parts]),
+        torch.cat([padded(p.completion_mask, completion_width, 0, False) for p in parts]),
+        torch.cat([padded(p.sampling_logprobs, completion_width, 0.0, False) for p in parts]),
+        [text for p in parts for text in p.completions],
+        None
+        if all(p.engine_logprobs is None for p in parts)
+        else torch.cat(
+            [
+                padded(
+                    torch.full_like(p.sampling_logprobs, math.nan) if p.engine_logprobs is None else p.engine_logprobs,
+                    completion_width,
+                    math.nan,
+                    False,
+                )
+                for p in parts
+            ]
+        ),
+    )
 
 
 def truncated_rows(rollouts: Rollouts, end_ids: int | Collection[int]) -> torch.Tensor:
@@ -339,8 +435,9 @@ def _group_segments(rows: torch.Tensor, group_size: int) -> list[tuple[int, int,
     return segments
 
 
-def _gumbel_max_by_group(scaled: torch.Tensor, ended: list[bool], segments: list, group_generators: list,
-                         group_size: int) -> torch.Tensor:
+def _gumbel_max_by_group(
+    scaled: torch.Tensor, ended: list[bool], segments: list, group_generators: list, group_size: int
+) -> torch.Tensor:
     """One token per batch row by Gumbel-max with each group's own generator. A group with a row still decoding
     draws [group_size, vocab] uniforms, whichever of its rows are left, and each row takes its own: the draw
     sequence of a group is fixed by the group alone. A group whose rows have all ended (by `ended`, per batch row,
@@ -350,8 +447,9 @@ def _gumbel_max_by_group(scaled: torch.Tensor, ended: list[bool], segments: list
     for start, end, group, members in segments:
         if all(ended[start:end]):
             continue
-        uniform = torch.rand(group_size, scaled.size(1), generator=group_generators[group], device=scaled.device,
-                             dtype=torch.float64)
+        uniform = torch.rand(
+            group_size, scaled.size(1), generator=group_generators[group], device=scaled.device, dtype=torch.float64
+        )
         draws.append(uniform if members is None else uniform[members])
         drawn.append((start, end))
     token = torch.zeros(scaled.size(0), dtype=torch.long, device=scaled.device)  # ended groups' rows become pad
@@ -372,23 +470,31 @@ def completion_mask_from(completion_ids: torch.Tensor, end_ids: int | Collection
     return (~after_end).long()
 
 
-def rollouts_from_token_ids(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                            completion_token_ids: list[list[int]]) -> Rollouts:
+def rollouts_from_token_ids(
+    tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_token_ids: list[list[int]]
+) -> Rollouts:
     """Completions sampled elsewhere (an inference engine, rollout.backend=vllm) for the left-padded prompts of
     `encode_prompts`, in the form the trained model scores: right-padded, and masked to exactly the tokens the
     engine returned (its stop token included), whichever token it stopped on. `sampling_logprobs` are zero
     until `score_sampled` fills them."""
     device = prompt_ids.device
     width = max(1, max((len(ids) for ids in completion_token_ids), default=0))
-    completion_ids = torch.full((len(completion_token_ids), width), tokenizer.pad_token_id, dtype=torch.long,
-                                device=device)
+    completion_ids = torch.full(
+        (len(completion_token_ids), width), tokenizer.pad_token_id, dtype=torch.long, device=device
+    )
     completion_mask = torch.zeros_like(completion_ids)
     for row, ids in enumerate(completion_token_ids):
-        completion_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
-        completion_mask[row, :len(ids)] = 1
+        completion_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+        completion_mask[row, : len(ids)] = 1
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, completion_mask,
-                    torch.zeros(completion_ids.shape, device=device), texts)
+    return Rollouts(
+        prompt_ids,
+        prompt_mask,
+        completion_ids,
+        completion_mask,
+        torch.zeros(completion_ids.shape, device=device),
+        texts,
+    )
 
 
 def prompt_token_lists(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[list[int]]:

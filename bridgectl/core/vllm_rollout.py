@@ -52,13 +52,16 @@ def check_usable(device: torch.device) -> None:
         import vllm  # noqa: F401
         from vllm.platforms import current_platform
     except ImportError as error:
-        raise UserError(f"rollout.backend=vllm needs the vllm package ({error})",
-                        "pip install 'bridgectl[vllm]' on a CUDA machine, or use rollout.backend=hf") from None
+        raise UserError(
+            f"rollout.backend=vllm needs the vllm package ({error})",
+            "pip install 'bridgectl[vllm]' on a CUDA machine, or use rollout.backend=hf",
+        ) from None
     engine_device = current_platform.device_type or "none"
     if engine_device != device.type:
-        raise UserError(f"the installed vLLM runs on '{engine_device}' but this run trains on '{device.type}'",
-                        "train where vLLM runs (train.device=cuda with vLLM's CUDA build), or use "
-                        "rollout.backend=hf")
+        raise UserError(
+            f"the installed vLLM runs on '{engine_device}' but this run trains on '{device.type}'",
+            "train where vLLM runs (train.device=cuda with vLLM's CUDA build), or use rollout.backend=hf",
+        )
 
 
 _open_engine: dict = {}  # the one engine of this process, by its settings: kept for the next run (a sweep's trials)
@@ -70,8 +73,14 @@ def engine_for(model_path, cfg, policy: Policy) -> VLLMRollouts:
     each claim their share of memory), else a new one, after closing any other. Reusing one is safe: weights are
     loaded before every sampling call and every completion has its own seed."""
     dtype = str(next(policy.model.parameters()).dtype).removeprefix("torch.")
-    key = (str(model_path), dtype, cfg.rollout.gpu_memory_utilization, cfg.rollout.max_model_len,
-           cfg.rollout.enforce_eager, bool(cfg.model.trust_remote_code))
+    key = (
+        str(model_path),
+        dtype,
+        cfg.rollout.gpu_memory_utilization,
+        cfg.rollout.max_model_len,
+        cfg.rollout.enforce_eager,
+        bool(cfg.model.trust_remote_code),
+    )
     if key not in _open_engine:
         for engine in _open_engine.values():
             engine.close()
@@ -89,12 +98,17 @@ class VLLMRollouts:
 
         # under torchrun, every process its own engine on its own device (rank and device from the environment)
         launcher = {"distributed_executor_backend": "external_launcher"} if distributed.active() else {}
-        self.llm = LLM(model=str(model_path), dtype=dtype, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                       **launcher,
-                       max_model_len=cfg.rollout.max_model_len, enforce_eager=cfg.rollout.enforce_eager,
-                       trust_remote_code=bool(cfg.model.trust_remote_code),
-                       # log-probs after temperature scaling, as the trainer computes them (logprob_gap)
-                       logprobs_mode="processed_logprobs")
+        self.llm = LLM(
+            model=str(model_path),
+            dtype=dtype,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            **launcher,
+            max_model_len=cfg.rollout.max_model_len,
+            enforce_eager=cfg.rollout.enforce_eager,
+            trust_remote_code=bool(cfg.model.trust_remote_code),
+            # log-probs after temperature scaling, as the trainer computes them (logprob_gap)
+            logprobs_mode="processed_logprobs",
+        )
         self.last_logprob_gap = float("nan")
         self.scoring_rows = cfg.train.micro_batch_size or SCORING_ROWS
 
@@ -111,22 +125,32 @@ class VLLMRollouts:
         # vLLM's in-place reload takes checkpoint-format weights and redoes whatever processing its kernels
         # applied after loading (the CPU backend repacks linear weights, for one), which a plain
         # model.load_weights would skip
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(policy.model),
-                                                          "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": merged_weights(policy.model), "is_checkpoint_format": True}
+        )
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
 
-    def sample(self, policy: Policy, prompts: list[str], max_new_tokens: int, temperature: float,
-               row_seeds: list[int], top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Rollouts:
+    def sample(
+        self,
+        policy: Policy,
+        prompts: list[str],
+        max_new_tokens: int,
+        temperature: float,
+        row_seeds: list[int],
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+    ) -> Rollouts:
         """Training rollouts from the policy's current weights, with the trainer's sampling log-probs. `top_k`,
         `top_p`, `min_p` truncate the engine's sampling (off at 0, 1.0, 0.0); the log-probs stay the trainer's
         untruncated ones (score_sampled), as the hf sampler records them. The engine's own log-probs are of what
         it sampled from, so with truncation on, rollout/logprob_gap may also hold the truncation's renormalisation,
         not only the engine's numerical gap."""
         self.load_policy_weights(policy)
-        rollouts, completions = self._generate(policy, prompts, max_new_tokens, temperature, row_seeds,
-                                               (top_k, top_p, min_p))
-        flops.count_engine_sampling(policy.model, rollouts.prompt_mask.sum(dim=1).tolist(),
-                                    rollouts.lengths.tolist())
+        rollouts, completions = self._generate(
+            policy, prompts, max_new_tokens, temperature, row_seeds, (top_k, top_p, min_p)
+        )
+        flops.count_engine_sampling(policy.model, rollouts.prompt_mask.sum(dim=1).tolist(), rollouts.lengths.tolist())
         rollouts = score_sampled(policy.model, rollouts, temperature, self.scoring_rows)
         # the engine's own log-probs: for rollout/logprob_gap, and rl.vllm_importance_sampling_correction's ratio
         rollouts.engine_logprobs = engine_logprob_tensor(rollouts, [engine_logprobs(c) for c in completions])
@@ -141,13 +165,26 @@ class VLLMRollouts:
         def decode(prompts, max_new_tokens, temperature=None, generator=None) -> Rollouts:
             seeds = [None] * len(prompts)
             if temperature is not None:
-                seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator,
-                                      device=generator.device if generator is not None else "cpu").tolist()
+                seeds = torch.randint(
+                    0,
+                    2**62,
+                    (len(prompts),),
+                    generator=generator,
+                    device=generator.device if generator is not None else "cpu",
+                ).tolist()
             return self._generate(policy, prompts, max_new_tokens, temperature or 0.0, seeds)[0]
+
         return decode
 
-    def _generate(self, policy: Policy, prompts: list[str], max_new_tokens: int, temperature: float,
-                  row_seeds: list, truncation: tuple[int, float, float] = (0, 1.0, 0.0)) -> tuple[Rollouts, list]:
+    def _generate(
+        self,
+        policy: Policy,
+        prompts: list[str],
+        max_new_tokens: int,
+        temperature: float,
+        row_seeds: list,
+        truncation: tuple[int, float, float] = (0, 1.0, 0.0),
+    ) -> tuple[Rollouts, list]:
         """The engine's completions of `prompts` (temperature 0: greedy) as Rollouts, without log-probs, and vLLM's
         own completion records. `truncation`: (top_k, top_p, min_p), vLLM's SamplingParams of the same names
         (0, 1.0 and 0.0 are vLLM's defaults: no truncation)."""
@@ -157,22 +194,38 @@ class VLLMRollouts:
         device = next(policy.model.parameters()).device
         prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
         requests = [{"prompt_token_ids": ids} for ids in prompt_token_lists(prompt_ids, prompt_mask)]
-        params = [SamplingParams(**sampling_kwargs(max_new_tokens, temperature, seed, truncation,
-                                                   policy.end_tokens.ids)) for seed in row_seeds]
+        params = [
+            SamplingParams(**sampling_kwargs(max_new_tokens, temperature, seed, truncation, policy.end_tokens.ids))
+            for seed in row_seeds
+        ]
         completions = [output.outputs[0] for output in self.llm.generate(requests, params, use_tqdm=False)]
-        rollouts = rollouts_from_token_ids(tokenizer, prompt_ids, prompt_mask,
-                                           [list(c.token_ids) for c in completions])
+        rollouts = rollouts_from_token_ids(tokenizer, prompt_ids, prompt_mask, [list(c.token_ids) for c in completions])
         return rollouts, completions
 
 
-def sampling_kwargs(max_new_tokens: int, temperature: float, seed: int | None,
-                    truncation: tuple[int, float, float], end_ids: tuple[int, ...]) -> dict:
+def sampling_kwargs(
+    max_new_tokens: int,
+    temperature: float,
+    seed: int | None,
+    truncation: tuple[int, float, float],
+    end_ids: tuple[int, ...],
+) -> dict:
     """vLLM SamplingParams of one completion: one sample at `temperature` (0: greedy) with its own `seed`, the
     sampled tokens' log-probs, `truncation` as (top_k, top_p, min_p), and a stop at any of `end_ids` (the policy's
     end_tokens.ids, where the hf sampler stops too). Token ids only: the trainer decodes the text itself."""
     top_k, top_p, min_p = truncation
-    return dict(n=1, temperature=temperature, max_tokens=max_new_tokens, seed=seed, logprobs=0, top_k=top_k,
-                top_p=top_p, min_p=min_p, stop_token_ids=list(end_ids), detokenize=False)
+    return dict(
+        n=1,
+        temperature=temperature,
+        max_tokens=max_new_tokens,
+        seed=seed,
+        logprobs=0,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        stop_token_ids=list(end_ids),
+        detokenize=False,
+    )
 
 
 def engine_logprobs(completion) -> list[float]:
@@ -196,4 +249,3 @@ def logprob_gap(rollouts: Rollouts) -> float:
     gap = (rollouts.engine_logprobs - rollouts.sampling_logprobs.detach()).abs()
     scored = ~torch.isnan(gap)
     return float(gap[scored].mean()) if bool(scored.any()) else float("nan")
-

@@ -40,15 +40,19 @@ def make_executor(launcher: str, folder: Path, options: dict, name: str = "bridg
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     except RuntimeError as error:  # no srun/sbatch on this machine
-        raise UserError(f"--launcher {launcher}: {error}",
-                        "run from a Slurm login node, or start the same bridgectl command on each machine by hand "
-                        "(docs/guides/clusters.md)") from None
+        raise UserError(
+            f"--launcher {launcher}: {error}",
+            "run from a Slurm login node, or start the same bridgectl command on each machine by hand "
+            "(docs/guides/clusters.md)",
+        ) from None
     try:
         executor.update_parameters(name=name, **options)
     except (ValueError, TypeError, NameError) as error:
-        raise UserError(f"submitit rejected the {launcher} launcher settings: {error}",
-                        "--launcher-opt takes submitit's update_parameters names, e.g. timeout_min=120 "
-                        "slurm_partition=gpu gpus_per_node=1") from None
+        raise UserError(
+            f"submitit rejected the {launcher} launcher settings: {error}",
+            "--launcher-opt takes submitit's update_parameters names, e.g. timeout_min=120 "
+            "slurm_partition=gpu gpus_per_node=1",
+        ) from None
     return executor
 
 
@@ -61,8 +65,16 @@ class NodeTask:
     """One task of a run's job: torchrun on this node (submitit pickles it into the job; on preemption
     `checkpoint` returns the task that continues the run)."""
 
-    def __init__(self, nproc: int, nnodes: int, overrides: list[str], run_path: str, resume: bool,
-                 allow_change: list[str], env: dict | None = None) -> None:
+    def __init__(
+        self,
+        nproc: int,
+        nnodes: int,
+        overrides: list[str],
+        run_path: str,
+        resume: bool,
+        allow_change: list[str],
+        env: dict | None = None,
+    ) -> None:
         self.nproc, self.nnodes, self.overrides, self.env = nproc, nnodes, list(overrides), dict(env or {})
         self.run_path, self.resume, self.allow_change = run_path, resume, list(allow_change)
         self._process: subprocess.Popen | None = None
@@ -86,8 +98,9 @@ class NodeTask:
             rendezvous = Rendezvous(self.nnodes, endpoint, f"{run_path.name}-{environment.job_id}")
         # a job SLURM requeued by itself (a node failure) restarts the original task: the run it began continues
         resume = self.resume or (run_path / "summary.json").exists()
-        command = torchrun_command(self.nproc, self.overrides, run_path, run_path if resume else None,
-                                   self.allow_change, rendezvous)
+        command = torchrun_command(
+            self.nproc, self.overrides, run_path, run_path if resume else None, self.allow_change, rendezvous
+        )
         preempt_signal = environment._usr_sig()
 
         def ignore_preemption() -> None:
@@ -96,8 +109,9 @@ class NodeTask:
             signal.signal(preempt_signal, signal.SIG_IGN)
 
         with tempfile.TemporaryDirectory(prefix="bridgectl-exit-") as statuses:
-            self._process = subprocess.Popen(command, env={**os.environ, **self.env, EXIT_DIR: statuses},
-                                             preexec_fn=ignore_preemption)
+            self._process = subprocess.Popen(
+                command, env={**os.environ, **self.env, EXIT_DIR: statuses}, preexec_fn=ignore_preemption
+            )
             # reaped by a thread: submitit's signal handler (checkpoint) runs in this thread and waits for the end
             # too, which it could not while this thread sat inside Popen.wait holding Popen's lock
             self._ended = threading.Event()
@@ -119,20 +133,35 @@ class NodeTask:
         return submitit.helpers.DelayedSubmission(resumed)
 
 
-def submit_run(launcher: str, options: dict, nproc: int, nnodes: int, overrides: list[str], run_path: Path,
-               resume: bool, allow_change: list[str], env: dict | None = None):
+def submit_run(
+    launcher: str,
+    options: dict,
+    nproc: int,
+    nnodes: int,
+    overrides: list[str],
+    run_path: Path,
+    resume: bool,
+    allow_change: list[str],
+    env: dict | None = None,
+):
     """Submits the run's job (its files in <out>/.submitit/<name>/) and returns it: N tasks, one per node (on
     one machine for submitit-local, where the tasks play the nodes); `env` is added to its processes'
     environment."""
     layout = {"nodes": nnodes, "tasks_per_node": 1} if launcher == "slurm" else {"tasks_per_node": nnodes}
-    executor = make_executor(launcher, run_path.parent / ".submitit" / run_path.name, {**layout, **options},
-                             name=f"bridgectl-{run_path.name}")
+    executor = make_executor(
+        launcher,
+        run_path.parent / ".submitit" / run_path.name,
+        {**layout, **options},
+        name=f"bridgectl-{run_path.name}",
+    )
     task = NodeTask(nproc, nnodes, overrides, str(run_path.absolute()), resume, allow_change, env)
     try:
         return executor.submit(task)
     except Exception as error:  # sbatch refused the job (partition, account, limits): the user's settings
-        raise UserError(f"submitting the run's job failed: {error}",
-                        "check --launcher-opt (partition, account, time) against `sinfo`") from None
+        raise UserError(
+            f"submitting the run's job failed: {error}",
+            "check --launcher-opt (partition, account, time) against `sinfo`",
+        ) from None
 
 
 def last_step(run_path: Path) -> int:

@@ -20,6 +20,7 @@ from bridgectl.core.ui import console
 @dataclass(frozen=True)
 class Rendezvous:
     """Where the nodes of a multi-node run meet (torchrun's c10d rendezvous, its option names)."""
+
     nnodes: int
     """Machines in the run; the same command runs on each."""
     endpoint: str
@@ -28,18 +29,37 @@ class Rendezvous:
     """The rendezvous id, the same on every node (the run's name by default)."""
 
     def torchrun_options(self) -> list[str]:
-        return [f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.endpoint}",
-                f"--rdzv-id={self.id}"]
+        return [
+            f"--nnodes={self.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.id}",
+        ]
 
 
-def torchrun_command(nproc: int, overrides: list[str], run_path: Path, resume: Path | None,
-                     allow_change: list[str], rendezvous: Rendezvous | None = None) -> list[str]:
+def torchrun_command(
+    nproc: int,
+    overrides: list[str],
+    run_path: Path,
+    resume: Path | None,
+    allow_change: list[str],
+    rendezvous: Rendezvous | None = None,
+) -> list[str]:
     """The torchrun command line that runs `bridgectl run` with `overrides` in `nproc` processes, on this host alone
     or, with `rendezvous`, as one node of several, into `run_path`, or continuing `resume` with the `allow_change`
     keys."""
     where = ["--standalone"] if rendezvous is None else rendezvous.torchrun_options()
-    command = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}",
-               "-m", "bridgectl.cli.app", "run", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *where,
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "bridgectl.cli.app",
+        "run",
+        *overrides,
+    ]
     if resume is not None:
         command += ["--resume", str(resume), *(f"--allow-change={key}" for key in allow_change)]
     else:  # the name is fixed here: each process would otherwise stamp its own time into the default name
@@ -47,8 +67,14 @@ def torchrun_command(nproc: int, overrides: list[str], run_path: Path, resume: P
     return command
 
 
-def launch_data_parallel(nproc: int, overrides: list[str], run_path: Path, resume: Path | None,
-                         allow_change: list[str], rendezvous: Rendezvous | None = None) -> int:
+def launch_data_parallel(
+    nproc: int,
+    overrides: list[str],
+    run_path: Path,
+    resume: Path | None,
+    allow_change: list[str],
+    rendezvous: Rendezvous | None = None,
+) -> int:
     """Runs `bridgectl run` under torchrun (torchrun_command: each node runs this with the same arguments; the
     ranks are assigned at the rendezvous, and rank 0, wherever it lands, claims and writes the run directory);
     waits for it and returns the workers' exit status (130 when interrupted)."""

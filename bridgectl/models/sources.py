@@ -39,8 +39,10 @@ def base_model_path(model_cfg, task_cfg, show_progress: bool = True) -> Path | s
         source = str(model_cfg.name_or_path)
         looks_local = source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
         if looks_local and not (Path(source).expanduser() / "config.json").exists():
-            raise UserError(f"model directory {source} does not exist or has no config.json",
-                            "give a directory written by save_pretrained, or a Hub id such as Qwen/Qwen2.5-0.5B")
+            raise UserError(
+                f"model directory {source} does not exist or has no config.json",
+                "give a directory written by save_pretrained, or a Hub id such as Qwen/Qwen2.5-0.5B",
+            )
         return Path(source).expanduser() if looks_local else source
     raise ValueError(f"unknown model '{model_cfg.name}'")
 
@@ -57,8 +59,10 @@ def init_model_dir(source: str, show_progress: bool = True) -> Path:
 
         final = path / "checkpoints" / "final"
         if not final.is_dir():
-            raise UserError(f"model.init_from: run {path} has no checkpoints/final",
-                            "give a completed run (or one of its model or adapter directories)")
+            raise UserError(
+                f"model.init_from: run {path} has no checkpoints/final",
+                "give a completed run (or one of its model or adapter directories)",
+            )
         from bridgectl.core.checkpoint import check_final
 
         try:
@@ -74,12 +78,16 @@ def init_model_dir(source: str, show_progress: bool = True) -> Path:
     if (path / "adapter_config.json").is_file():
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base:
-            raise UserError(f"model.init_from: adapter {path} does not name its base model",
-                            "its adapter_config.json needs base_model_name_or_path")
+            raise UserError(
+                f"model.init_from: adapter {path} does not name its base model",
+                "its adapter_config.json needs base_model_name_or_path",
+            )
         return _merged_into_cache(path, base, show_progress)
-    raise UserError(f"model.init_from: {source} is not a run, model or adapter directory",
-                    "give a run directory (config.yaml), a model directory (config.json) or a peft adapter "
-                    "directory (adapter_config.json)")
+    raise UserError(
+        f"model.init_from: {source} is not a run, model or adapter directory",
+        "give a run directory (config.yaml), a model directory (config.json) or a peft adapter "
+        "directory (adapter_config.json)",
+    )
 
 
 def _merged_into_cache(adapter_dir: Path, base: Path | str, show_progress: bool) -> Path:
@@ -94,8 +102,10 @@ def _merged_into_cache(adapter_dir: Path, base: Path | str, show_progress: bool)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
     except (OSError, ValueError) as error:
-        raise UserError(f"model.init_from: could not load the base model {base} of {adapter_dir}: {error}",
-                        "the base must be a local directory or a model already in the Hugging Face cache") from None
+        raise UserError(
+            f"model.init_from: could not load the base model {base} of {adapter_dir}: {error}",
+            "the base must be a local directory or a model already in the Hugging Face cache",
+        ) from None
     merged = merge_saved_adapters(model, adapter_dir)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     merged.save_pretrained(tmp, safe_serialization=True)

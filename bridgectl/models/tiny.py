@@ -45,7 +45,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     # Like Llama tokenizers: BOS is prepended when special tokens are requested.
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         padding_side="left",
     )
 
@@ -53,10 +57,17 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def build_model(model_cfg, vocab_size: int, seed: int) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=model_cfg.hidden_size, intermediate_size=4 * model_cfg.hidden_size,
-        num_hidden_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_heads,
-        num_key_value_heads=model_cfg.num_heads, max_position_embeddings=model_cfg.max_positions,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=4 * model_cfg.hidden_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_heads,
+        num_key_value_heads=model_cfg.num_heads,
+        max_position_embeddings=model_cfg.max_positions,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
@@ -65,10 +76,14 @@ def pretrain_fingerprint(model_cfg, task_cfg) -> dict:
     """Everything the pretrained weights depend on; the cache key is its hash."""
     return {
         "model": {k: getattr(model_cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "max_positions")},
-        "pretrain": asdict(model_cfg.pretrain) if hasattr(model_cfg.pretrain, "__dataclass_fields__")
+        "pretrain": asdict(model_cfg.pretrain)
+        if hasattr(model_cfg.pretrain, "__dataclass_fields__")
         else dict(model_cfg.pretrain),
-        "task": {"modulus": task_cfg.modulus, "max_operand": task_cfg.max_operand,
-                 "pretrain_ops": list(task_cfg.pretrain_ops)},
+        "task": {
+            "modulus": task_cfg.modulus,
+            "max_operand": task_cfg.max_operand,
+            "pretrain_ops": list(task_cfg.pretrain_ops),
+        },
     }
 
 
@@ -88,7 +103,8 @@ def pretrain(model_cfg, task_cfg, out_dir: Path, show_progress: bool = True) -> 
     rng = random.Random(spec.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(  # (steps=0 keeps the random init: for benchmarks at scale)
-        optimizer, max_lr=spec.lr, total_steps=max(1, spec.steps), pct_start=0.05, anneal_strategy="cos")
+        optimizer, max_lr=spec.lr, total_steps=max(1, spec.steps), pct_start=0.05, anneal_strategy="cos"
+    )
     model.train()
     with progress_bar(enabled=show_progress) as progress:
         task_id = progress.add_task("pretraining tiny base", total=spec.steps, info="")
@@ -101,14 +117,20 @@ def pretrain(model_cfg, task_cfg, out_dir: Path, show_progress: bool = True) -> 
                 if not sub_batch:
                     continue
                 # the question is not scored: its digits are random, there is nothing to learn from them
-                batch = make_sft_batch(tokenizer, [p.question for p in sub_batch],
-                                       [p.trace_completion if with_trace else p.direct_completion for p in sub_batch],
-                                       device="cpu")
+                batch = make_sft_batch(
+                    tokenizer,
+                    [p.question for p in sub_batch],
+                    [p.trace_completion if with_trace else p.direct_completion for p in sub_batch],
+                    device="cpu",
+                )
                 input_ids, labels = batch.input_ids, batch.labels
                 logits = model(input_ids=input_ids, attention_mask=batch.attention_mask).logits
                 token_loss = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
-                    ignore_index=-100, reduction="sum")
+                    logits[:, :-1].reshape(-1, logits.size(-1)),
+                    labels[:, 1:].reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
                 loss_total = loss_total + token_loss
                 token_total += int((labels[:, 1:] != -100).sum())
             loss = loss_total / token_total

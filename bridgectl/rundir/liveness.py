@@ -34,7 +34,7 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name, in parentheses, may hold spaces
+    fields = text[text.rindex(")") + 2 :].split()  # the command name, in parentheses, may hold spaces
     return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
 
 
@@ -57,8 +57,9 @@ class Heartbeat:
         self.path, self.beat, self._lock = path, beat, threading.Lock()
         _write_heartbeat(path, beat)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True,
-                                        name="bridgectl-run-heartbeat")
+        self._thread = threading.Thread(
+            target=self._loop, args=(interval,), daemon=True, name="bridgectl-run-heartbeat"
+        )
         self._thread.start()
 
     def _loop(self, interval: float) -> None:
@@ -91,9 +92,14 @@ def start_heartbeat(run_path: Path, interval: float = HEARTBEAT_SECONDS) -> Hear
     Heartbeat, which stops it when called (safe to call twice). A beat that fails to write is skipped: the run only
     looks older."""
     stat = _proc_stat(os.getpid())
-    beat = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": stat[1] if stat else None,
-            "started": time.time()}
+    beat = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "start_ticks": stat[1] if stat else None,
+        "started": time.time(),
+    }
     return Heartbeat(run_path / HEARTBEAT_FILE, beat, interval)
+
 
 # ---- reading: is it alive? -----------------------------------------------------------------------------------
 def process_alive(pid: int, start_ticks: int | None = None) -> bool:
@@ -150,8 +156,10 @@ def refuse_if_running(run_path: Path, summary: dict, now: float | None = None) -
         return
     age = (time.time() if now is None else now) - beat.get("time", 0.0)
     doing = f", {beat['phase']}" if beat.get("phase") else ""
-    raise UserError(f"run {run_path} is still running (pid {beat.get('pid')} on {beat.get('host')}{doing}; "
-                    f"heartbeat {age:.0f} s ago)",
-                    "wait for it to end, or stop it first (SIGINT or SIGTERM: it checkpoints and stops with status "
-                    "interrupted), then resume; a run on another host counts as dead once its heartbeat is "
-                    f"{STALE_AFTER_SECONDS:.0f} s old")
+    raise UserError(
+        f"run {run_path} is still running (pid {beat.get('pid')} on {beat.get('host')}{doing}; "
+        f"heartbeat {age:.0f} s ago)",
+        "wait for it to end, or stop it first (SIGINT or SIGTERM: it checkpoints and stops with status "
+        "interrupted), then resume; a run on another host counts as dead once its heartbeat is "
+        f"{STALE_AFTER_SECONDS:.0f} s old",
+    )

@@ -21,18 +21,23 @@ def writable_directory(path: Path, option: str) -> None:
     if not existing.is_dir():
         raise UserError(f"{option} {path}: {existing} is a file, not a directory", f"give {option} a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {path}: {existing} is not writable (permissions or a read-only file system)",
-                        f"give {option} a directory you can write")
+        raise UserError(
+            f"{option} {path}: {existing} is not writable (permissions or a read-only file system)",
+            f"give {option} a directory you can write",
+        )
 
 
 def new_run_path(out: Path, name: str) -> Path:
     """`out / name` for a new run, after checking that `name` is one directory name (no separator, not `.` or `..`,
     at most NAME_MAX_BYTES bytes), so the run cannot land outside `out`, and that `out` can be written."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
-        raise UserError(f"--name {name!r} is not a plain directory name",
-                        "a name without / or \\, not . or .. (choose where runs go with --out)")
+        raise UserError(
+            f"--name {name!r} is not a plain directory name",
+            "a name without / or \\, not . or .. (choose where runs go with --out)",
+        )
     if len(name.encode()) > NAME_MAX_BYTES:
-        raise UserError(f"--name is {len(name.encode())} bytes long, more than {NAME_MAX_BYTES}",
-                        "choose a shorter --name")
+        raise UserError(
+            f"--name is {len(name.encode())} bytes long, more than {NAME_MAX_BYTES}", "choose a shorter --name"
+        )
     writable_directory(out, "--out")
     return out / name

@@ -31,12 +31,43 @@ from pathlib import Path
 
 REDACTED = "***"
 MIN_SECRET_LENGTH = 8
-SECRET_WORDS = frozenset({"KEY", "KEYS", "APIKEY", "TOKEN", "TOKENS", "PASSWORD", "PASSWORDS", "PASSWD",
-                          "PASSPHRASE", "SECRET", "SECRETS", "CREDENTIAL", "CREDENTIALS"})
-LOCATION_WORDS = frozenset({"PATH", "PATHS", "DIR", "DIRS", "DIRECTORY", "FILE", "FILES", "FILENAME", "HOME",
-                            "FOLDER"})
-COMMON_VALUES = frozenset({"true", "false", "none", "null", "yes", "no", "on", "off", "enabled", "disabled",
-                           "online", "offline", "localhost", "default", "undefined"})
+SECRET_WORDS = frozenset(
+    {
+        "KEY",
+        "KEYS",
+        "APIKEY",
+        "TOKEN",
+        "TOKENS",
+        "PASSWORD",
+        "PASSWORDS",
+        "PASSWD",
+        "PASSPHRASE",
+        "SECRET",
+        "SECRETS",
+        "CREDENTIAL",
+        "CREDENTIALS",
+    }
+)
+LOCATION_WORDS = frozenset({"PATH", "PATHS", "DIR", "DIRS", "DIRECTORY", "FILE", "FILES", "FILENAME", "HOME", "FOLDER"})
+COMMON_VALUES = frozenset(
+    {
+        "true",
+        "false",
+        "none",
+        "null",
+        "yes",
+        "no",
+        "on",
+        "off",
+        "enabled",
+        "disabled",
+        "online",
+        "offline",
+        "localhost",
+        "default",
+        "undefined",
+    }
+)
 
 
 def name_parts(name: str) -> list[str]:

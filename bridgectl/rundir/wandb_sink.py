@@ -34,15 +34,29 @@ class WandbSink:
         self._wandb = wandb
         try:
             self.run = wandb.init(
-                project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode, name=run_name,
-                group=group, tags=[f"recipe:{config['recipe']['name']}", f"task:{config['task']['name']}",
-                                   f"model:{config['model']['name']}"],
-                config=redact(config), dir=str(directory), job_type="train", reinit="create_new",
-                id=run_id, resume="allow" if run_id else None,  # allow: a run never synced starts under this id
-                settings=wandb.Settings(console="off", save_code=False, x_disable_meta=True))
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                mode=wandb_cfg.mode,
+                name=run_name,
+                group=group,
+                tags=[
+                    f"recipe:{config['recipe']['name']}",
+                    f"task:{config['task']['name']}",
+                    f"model:{config['model']['name']}",
+                ],
+                config=redact(config),
+                dir=str(directory),
+                job_type="train",
+                reinit="create_new",
+                id=run_id,
+                resume="allow" if run_id else None,  # allow: a run never synced starts under this id
+                settings=wandb.Settings(console="off", save_code=False, x_disable_meta=True),
+            )
         except Exception as error:  # no credentials for online mode, no network, a bad entity
-            raise UserError(f"W&B could not start a run: {type(error).__name__}: {error}",
-                            "run `wandb login` (or set WANDB_API_KEY), or use tracker.wandb.mode=offline") from None
+            raise UserError(
+                f"W&B could not start a run: {type(error).__name__}: {error}",
+                "run `wandb login` (or set WANDB_API_KEY), or use tracker.wandb.mode=offline",
+            ) from None
         _write_run_id(directory, self.run.id)  # at once: a run killed from here on resumes into this W&B run
         self._completions, self._held_through = [], -1
         if resume:  # RunDir has cut the logs back to the checkpoint: what is left is the run so far
@@ -63,8 +77,9 @@ class WandbSink:
     def finish(self, summary: dict) -> None:
         columns = ["step", "split", "prompt", "completion", "reward", "gold"]
         if self._completions:
-            table = self._wandb.Table(columns=columns, data=[[row.get(c) for c in columns]
-                                                             for row in self._completions])
+            table = self._wandb.Table(
+                columns=columns, data=[[row.get(c) for c in columns] for row in self._completions]
+            )
             self.run.log({"completions": table})
         for key, value in redact(summary).items():
             if isinstance(value, (int, float, str, bool, dict, list)):
@@ -107,10 +122,10 @@ def _history_steps(log: Path) -> list[int]:
         if block - position % block < 7:  # a block's tail too short for a header is padding
             position += block - position % block
             continue
-        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        length, kind = int.from_bytes(data[position + 4 : position + 6], "little"), data[position + 6]
         if kind not in (1, 2, 3, 4) or position + 7 + length > len(data):
             break
-        chunk = data[position + 7:position + 7 + length]
+        chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):

@@ -1,13 +1,13 @@
 """The run directory, source of truth for `compare` and `sweep` (its files are documented in docs/guides/run-directory.md):
 
-    config.yaml        fully resolved config, between a first line recording its key count and an end line
-                       (run_config.check_whole refuses a file cut short or missing keys)
-    metrics.jsonl      one JSON object per logged step: {"step", "stage", "wall_s", <metric>: value, ...}
-    summary.json       {"status", "recipe", "seed", "eval", "eval_initial", "wall_s", "peak_mem_mb", ...}
-    completions.jsonl  sampled rollouts and eval answers: prompt, completion, reward, step
-    checkpoints/       step-NNNNNN/ resumable checkpoints with their manifest (core/checkpoint.py), final/ the weights
-    tensorboard/       with tracker.tensorboard: metrics.jsonl as TensorBoard events (rundir/tensorboard_sink.py)
-    wandb_run.json     with tracker.wandb: the W&B run id, which a resumed run continues (rundir/wandb_sink.py)
+config.yaml        fully resolved config, between a first line recording its key count and an end line
+                   (run_config.check_whole refuses a file cut short or missing keys)
+metrics.jsonl      one JSON object per logged step: {"step", "stage", "wall_s", <metric>: value, ...}
+summary.json       {"status", "recipe", "seed", "eval", "eval_initial", "wall_s", "peak_mem_mb", ...}
+completions.jsonl  sampled rollouts and eval answers: prompt, completion, reward, step
+checkpoints/       step-NNNNNN/ resumable checkpoints with their manifest (core/checkpoint.py), final/ the weights
+tensorboard/       with tracker.tensorboard: metrics.jsonl as TensorBoard events (rundir/tensorboard_sink.py)
+wandb_run.json     with tracker.wandb: the W&B run id, which a resumed run continues (rundir/wandb_sink.py)
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _append(handle, text: str) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[handle.write(view):]
+            view = view[handle.write(view) :]
     except BaseException:
         os.ftruncate(handle.fileno(), start)
         raise
@@ -109,8 +109,15 @@ class RunDir:
     """Appends metrics and completions as training goes, writes the summary at the end. Its `sinks` (W&B,
     TensorBoard: log, log_completions, finish) receive the same rows; the files stay the source of truth."""
 
-    def __init__(self, path: Path, sinks=(), resume_after_step: int | None = None, wall_offset: float = 0.0,
-                 enabled: bool = True, existing: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        sinks=(),
+        resume_after_step: int | None = None,
+        wall_offset: float = 0.0,
+        enabled: bool = True,
+        existing: bool = False,
+    ) -> None:
         """A new run directory; or, with `resume_after_step`, an existing one whose logs are cut back to the rows
         of steps up to that one (the checkpoint a resumed run continues from), with its clock continuing from
         `wall_offset` seconds; or, with `existing` alone, an existing one whose logs open only with cut_back (a
@@ -128,15 +135,16 @@ class RunDir:
             try:  # the claim: one atomic mkdir, before anything is written, so two runs given one name cannot mix
                 self.path.mkdir()
             except FileExistsError:
-                raise UserError(f"run directory {self.path} already exists (another run claimed it first)",
-                                "choose another --name or --out (runs are never overwritten)") from None
+                raise UserError(
+                    f"run directory {self.path} already exists (another run claimed it first)",
+                    "choose another --name or --out (runs are never overwritten)",
+                ) from None
             (self.path / "checkpoints").mkdir()
             self._open_logs()
 
     def _open_logs(self) -> None:
         # unbuffered: each row reaches the file in one write, which _append can take back if it fails
-        self._metrics, self._completions, self._problems = (open(self.path / name, "ab", buffering=0)
-                                                            for name in LOGS)
+        self._metrics, self._completions, self._problems = (open(self.path / name, "ab", buffering=0) for name in LOGS)
 
     def cut_back(self, step: int, wall_offset: float = 0.0, log_bytes: dict | None = None) -> None:
         """Resuming from the checkpoint of `step`: each log is cut back to what it held when that checkpoint was
@@ -160,8 +168,10 @@ class RunDir:
         """The size of each log now (recorded in a checkpoint, for cut_back); None where nothing is written."""
         if not self.enabled or self._metrics is None:
             return None
-        return {name: os.fstat(handle.fileno()).st_size
-                for name, handle in zip(LOGS, (self._metrics, self._completions, self._problems))}
+        return {
+            name: os.fstat(handle.fileno()).st_size
+            for name, handle in zip(LOGS, (self._metrics, self._completions, self._problems))
+        }
 
     @property
     def wall_s(self) -> float:
@@ -198,8 +208,10 @@ class RunDir:
         paired comparisons read."""
         if not self.enabled:
             return
-        _append(self._problems, "".join(json.dumps(redact({"step": step, **row}), separators=(",", ":")) + "\n"
-                                        for row in rows))
+        _append(
+            self._problems,
+            "".join(json.dumps(redact({"step": step, **row}), separators=(",", ":")) + "\n" for row in rows),
+        )
 
     def write_summary(self, summary: dict) -> None:
         self._summary = dict(summary)

@@ -57,8 +57,10 @@ class Stage(abc.ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict returned; a stage that keeps none refuses any (it would be dropped)."""
         if state:
-            raise TypeError(f"the checkpoint holds state ({', '.join(sorted(state))}) for the {type(self).__name__}, "
-                            "which keeps none")
+            raise TypeError(
+                f"the checkpoint holds state ({', '.join(sorted(state))}) for the {type(self).__name__}, "
+                "which keeps none"
+            )
 
 
 class OptimizerStage(Stage):

@@ -97,8 +97,9 @@ def ensure_upper_adapter(policy, cfg) -> None:
     sharded gets it before sharding, train.fsdp) or the ablation bridge.upper=none runs without one."""
     if cfg.bridge.upper == "none" or (policy.has_adapters and UPPER in policy.model.peft_config):
         return
-    add_upper_adapter(policy, UPPER, cfg.bridge.w_rank, cfg.bridge.w_alpha, cfg.lora,
-                      train_base=cfg.model.finetune == "full")
+    add_upper_adapter(
+        policy, UPPER, cfg.bridge.w_rank, cfg.bridge.w_alpha, cfg.lora, train_base=cfg.model.finetune == "full"
+    )
 
 
 def lam_at(settings, update: int, total_updates: int) -> float:
@@ -121,6 +122,7 @@ def _optimizer(params, lr, settings, optim_cfg, total_updates):
 class BridgeStage(Stage):
     """BRIDGE's meta-step (module docstring): one optimizer per level (theta, w, theta_hat); its state is the step
     counter and the persistent shadow theta_hat."""
+
     name = "bridge"
     before_sharding = staticmethod(ensure_upper_adapter)  # bridgectl/training/setup.build_context, train.fsdp
 
@@ -137,24 +139,32 @@ class BridgeStage(Stage):
         persistent = self.cooperative and settings.shadow == "persistent"
         self.shadow = {n: p.detach().clone().requires_grad_(True) for n, p in self.lower.items()} if persistent else {}
         # one optimizer and scheduler per level, named as the level: theta (lower), w (upper), theta_hat (shadow)
-        self.lower_optimizer, self.lower_scheduler = _optimizer(list(self.lower.values()), settings.alpha, settings,
-                                                                optim, total_updates)
+        self.lower_optimizer, self.lower_scheduler = _optimizer(
+            list(self.lower.values()), settings.alpha, settings, optim, total_updates
+        )
         self.upper_optimizer = self.upper_scheduler = self.shadow_optimizer = self.shadow_scheduler = None
         if self.upper:
-            self.upper_optimizer, self.upper_scheduler = _optimizer(list(self.upper.values()), settings.beta,
-                                                                    settings, optim, total_updates)
+            self.upper_optimizer, self.upper_scheduler = _optimizer(
+                list(self.upper.values()), settings.beta, settings, optim, total_updates
+            )
         if self.shadow:
-            self.shadow_optimizer, self.shadow_scheduler = _optimizer(list(self.shadow.values()), settings.alpha,
-                                                                      settings, optim, total_updates)
+            self.shadow_optimizer, self.shadow_scheduler = _optimizer(
+                list(self.shadow.values()), settings.alpha, settings, optim, total_updates
+            )
         self.updates = 0
 
     def optimizers(self) -> dict[str, Optimizing]:
         """Each level's optimizer and scheduler, `lower_`, `upper_` and `shadow_optimizer` / `_scheduler`, those of
         the levels this configuration has (no w with bridge.upper=none, no shadow but the cooperative persistent
         one's)."""
-        levels = {"lower_optimizer": self.lower_optimizer, "lower_scheduler": self.lower_scheduler,
-                  "upper_optimizer": self.upper_optimizer, "upper_scheduler": self.upper_scheduler,
-                  "shadow_optimizer": self.shadow_optimizer, "shadow_scheduler": self.shadow_scheduler}
+        levels = {
+            "lower_optimizer": self.lower_optimizer,
+            "lower_scheduler": self.lower_scheduler,
+            "upper_optimizer": self.upper_optimizer,
+            "upper_scheduler": self.upper_scheduler,
+            "shadow_optimizer": self.shadow_optimizer,
+            "shadow_scheduler": self.shadow_scheduler,
+        }
         return {name: item for name, item in levels.items() if item is not None}
 
     def state_dict(self) -> dict:
@@ -234,8 +244,9 @@ class BridgeStage(Stage):
             norms["bridge/grad_norm_w"] = clip_gradients(upper_params, max_norm, "gradients of w")
             steps.append((self.upper_optimizer, self.upper_scheduler))
         if self.shadow:
-            norms["bridge/grad_norm_theta_hat"] = clip_gradients(list(self.shadow.values()), max_norm,
-                                                                 "gradients of theta_hat")
+            norms["bridge/grad_norm_theta_hat"] = clip_gradients(
+                list(self.shadow.values()), max_norm, "gradients of theta_hat"
+            )
             steps.append((self.shadow_optimizer, self.shadow_scheduler))
         for optimizer, scheduler in steps:
             optimizer.step()
@@ -247,17 +258,22 @@ class BridgeStage(Stage):
         metrics.update({**norms, **rollout_metrics(scored, stats, rl.num_generations, ctx)})
         if shadow_reward is not None:
             metrics["bridge/reward_gap"] = scored.rewards.mean().item() - shadow_reward
-        return StepOutput(metrics=metrics, train_tokens=trained_tokens(scored, ctx) + batch.n_tokens,
-                          gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, ctx, self.updates))
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=trained_tokens(scored, ctx) + batch.n_tokens,
+            gen_tokens=scored.gen_tokens,
+            completions=completion_rows(scored, ctx, self.updates),
+        )
 
     def _lookahead_weights(self, lam: float) -> dict[str, torch.Tensor]:
         """Eq. 10: theta_hat = theta - alpha grad L_rl(theta, w), one RL step from the current theta, a constant
         for w's gradient. The joint branch's RL pass ran unscaled for this, so theta's gradient is exactly
         grad L_rl here: the look-ahead is read off it, then every gradient so far is scaled by lam, which is
         what the scaled pass of the persistent shadow gives."""
-        weights = {n: (p - self.settings.alpha * p.grad).detach() if p.grad is not None else p.detach()
-                   for n, p in self.lower.items()}
+        weights = {
+            n: (p - self.settings.alpha * p.grad).detach() if p.grad is not None else p.detach()
+            for n, p in self.lower.items()
+        }
         for param in [*self.lower.values(), *self.upper.values()]:
             if param.grad is not None:
                 param.grad.mul_(lam)

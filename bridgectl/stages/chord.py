@@ -73,6 +73,7 @@ def chord_mu(cfg, update: int) -> float:
 
 class ChordStage(CountingStage):
     """CHORD's hybrid loss (module docstring): one optimizer (chord.lr), its step counter as its state."""
+
     name = "chord"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -89,16 +90,33 @@ class ChordStage(CountingStage):
             # the gradient of (1 - mu) L_grpo + mu L_sft, accumulated from the micro-batches of each term
             # (train.micro_batch_size), each divided by its own whole token count
             loss_rl, stats = rl_backward(ctx.policy.model, scored, ctx, scale=1 - mu)
-            loss_sft = None if batch is None else sft_backward(
-                ctx.policy.model, batch, ctx.cfg.train.micro_batch_size, scale=mu,
-                loss_fn=phi_sft_loss if cfg.phi else sft_loss)
+            loss_sft = (
+                None
+                if batch is None
+                else sft_backward(
+                    ctx.policy.model,
+                    batch,
+                    ctx.cfg.train.micro_batch_size,
+                    scale=mu,
+                    loss_fn=phi_sft_loss if cfg.phi else sft_loss,
+                )
+            )
             grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
             return Update(rl_loss=loss_rl, stats=stats, sft_loss=loss_sft, grad_norm=grad_norm)
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
-        metrics.update({"chord/mu": mu, **rollout_metrics(scored, stats, rl.num_generations, ctx),
-                        "train/lr": self.scheduler.get_last_lr()[0]})
+        metrics.update(
+            {
+                "chord/mu": mu,
+                **rollout_metrics(scored, stats, rl.num_generations, ctx),
+                "train/lr": self.scheduler.get_last_lr()[0],
+            }
+        )
         train_tokens = trained_tokens(scored, ctx) + (batch.n_tokens if batch is not None else 0)
-        return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * train_tokens, gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, ctx, self.updates))
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=rl.num_iterations * train_tokens,
+            gen_tokens=scored.gen_tokens,
+            completions=completion_rows(scored, ctx, self.updates),
+        )

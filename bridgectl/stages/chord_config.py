@@ -32,9 +32,13 @@ class ChordConfig:
 def check(cfg: DictConfig) -> None:
     """chord.* values no run could use (checked for every config, whatever its recipe)."""
     chord = cfg.chord
-    require(0 <= chord.mu_peak <= 1 and 0 <= chord.mu_valley <= 1,
-            f"chord.mu_peak and chord.mu_valley must be in [0, 1], got {chord.mu_peak} and {chord.mu_valley}",
-            "mu weighs SFT against RL in (1 - mu) L_grpo + mu L_sft: e.g. chord.mu_peak=0.5 chord.mu_valley=0.02")
-    require(chord.mu_warmup_steps >= 0 and chord.mu_decay_steps >= 0 and chord.lr > 0,
-            "chord.mu_warmup_steps and chord.mu_decay_steps must be >= 0 and chord.lr positive",
-            "e.g. chord.mu_warmup_steps=50 chord.mu_decay_steps=100 chord.lr=1e-4")
+    require(
+        0 <= chord.mu_peak <= 1 and 0 <= chord.mu_valley <= 1,
+        f"chord.mu_peak and chord.mu_valley must be in [0, 1], got {chord.mu_peak} and {chord.mu_valley}",
+        "mu weighs SFT against RL in (1 - mu) L_grpo + mu L_sft: e.g. chord.mu_peak=0.5 chord.mu_valley=0.02",
+    )
+    require(
+        chord.mu_warmup_steps >= 0 and chord.mu_decay_steps >= 0 and chord.lr > 0,
+        "chord.mu_warmup_steps and chord.mu_decay_steps must be >= 0 and chord.lr positive",
+        "e.g. chord.mu_warmup_steps=50 chord.mu_decay_steps=100 chord.lr=1e-4",
+    )

@@ -51,6 +51,7 @@ def switched_groups(correct: torch.Tensor, group_size: int, gate: int) -> list[b
 
 class HPTStage(CountingStage):
     """HPT's per-prompt switch (module docstring): one optimizer (hpt.lr), its step counter as its state."""
+
     name = "hpt"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -61,14 +62,21 @@ class HPTStage(CountingStage):
         model = ctx.policy.model
         scored = sample_groups(ctx)
         switched = switched_groups(scored.correct, group_size, cfg.gate)  # the verifier's verdicts
-        rl_rows = [row for group, to_sft in enumerate(switched) if not to_sft
-                   for row in range(group * group_size, (group + 1) * group_size)]
+        rl_rows = [
+            row
+            for group, to_sft in enumerate(switched)
+            if not to_sft
+            for row in range(group * group_size, (group + 1) * group_size)
+        ]
         demonstrated = [scored.problems[group * group_size] for group, to_sft in enumerate(switched) if to_sft]
 
         # the gradient of L_grpo(kept prompts) + sft_coef * L_sft(demonstrations), accumulated in micro-batches
         loss_rl, stats = rl_backward(model, scored, ctx, rows=rl_rows)
-        metrics = {"train/rl_loss": loss_rl, "hpt/sft_prompts": len(demonstrated),
-                   "hpt/rl_prompts": len(switched) - len(demonstrated)}
+        metrics = {
+            "train/rl_loss": loss_rl,
+            "hpt/sft_prompts": len(demonstrated),
+            "hpt/rl_prompts": len(switched) - len(demonstrated),
+        }
         train_tokens = trained_tokens(scored, ctx, torch.tensor(rl_rows, dtype=torch.long, device=ctx.device))
         if demonstrated:
             batch = demonstration_batch(ctx, demonstrated)
@@ -79,8 +87,16 @@ class HPTStage(CountingStage):
         grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
         # prompts switched to demonstrations are learned from whatever their advantages: a signal of the step
-        metrics.update({**rollout_metrics(scored, stats, group_size, ctx, other_signal=bool(demonstrated)),
-                        "train/grad_norm": grad_norm,
-                        "train/lr": self.scheduler.get_last_lr()[0]})
-        return StepOutput(metrics=metrics, train_tokens=train_tokens, gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, ctx, self.updates))
+        metrics.update(
+            {
+                **rollout_metrics(scored, stats, group_size, ctx, other_signal=bool(demonstrated)),
+                "train/grad_norm": grad_norm,
+                "train/lr": self.scheduler.get_last_lr()[0],
+            }
+        )
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=train_tokens,
+            gen_tokens=scored.gen_tokens,
+            completions=completion_rows(scored, ctx, self.updates),
+        )

@@ -24,6 +24,8 @@ class HPTConfig:
 def check(cfg: DictConfig) -> None:
     """hpt.* values no run could use (checked for every config, whatever its recipe)."""
     hpt = cfg.hpt
-    require(hpt.gate >= -1 and hpt.sft_coef >= 0 and hpt.lr > 0,
-            "hpt.gate must be >= -1, hpt.sft_coef >= 0 and hpt.lr positive",
-            "e.g. hpt.gate=0 (SFT for prompts none of whose rollouts is correct) hpt.sft_coef=1.0 hpt.lr=1e-4")
+    require(
+        hpt.gate >= -1 and hpt.sft_coef >= 0 and hpt.lr > 0,
+        "hpt.gate must be >= -1, hpt.sft_coef >= 0 and hpt.lr positive",
+        "e.g. hpt.gate=0 (SFT for prompts none of whose rollouts is correct) hpt.sft_coef=1.0 hpt.lr=1e-4",
+    )

@@ -16,6 +16,7 @@ from bridgectl.stages.sft import SFTStage
 class InterleavedStage(Stage):
     """RL and SFT updates in turn (module docstring): the two rules' optimizers, the step counter and the RL
     rule's own state."""
+
     name = "interleaved"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -27,8 +28,11 @@ class InterleavedStage(Stage):
 
     def optimizers(self) -> dict[str, Optimizing]:
         """Each rule's optimizers and schedulers under `rules.<rule>.` (`rules.rl.optimizer`, ...)."""
-        return {f"rules.{kind}.{name}": item for kind, rule in self.rules.items()
-                for name, item in rule.optimizers().items()}
+        return {
+            f"rules.{kind}.{name}": item
+            for kind, rule in self.rules.items()
+            for name, item in rule.optimizers().items()
+        }
 
     def state_dict(self) -> dict:
         """The training state core/checkpoint.py saves besides the rules' optimizers and schedulers: the step

@@ -83,8 +83,9 @@ def shaping(probs: torch.Tensor, gamma: float) -> torch.Tensor:
     return probs / (probs + gamma)
 
 
-def mixed_advantages(on_rewards: torch.Tensor, demo_rewards: torch.Tensor, copies: int,
-                     std_normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def mixed_advantages(
+    on_rewards: torch.Tensor, demo_rewards: torch.Tensor, copies: int, std_normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-normalised advantages over mixed groups. Group g is the rollouts' rewards on_rewards[g m:(g+1) m]
     (m = rollouts per group, consecutive) and `copies` members scoring demo_rewards[g]; mean and (with
     `std_normalize`) std are over all m + copies members. Returns the rollouts' advantages [len(on_rewards)] and
@@ -95,7 +96,7 @@ def mixed_advantages(on_rewards: torch.Tensor, demo_rewards: torch.Tensor, copie
     advantages = group_advantages(mixed.reshape(-1), mixed.size(1), "group" if std_normalize else "none")
     advantages = advantages.view(groups, -1)
     demo = advantages[:, on.size(1)] if copies > 0 else torch.zeros_like(demo_rewards, dtype=on.dtype)
-    return advantages[:, :on.size(1)].reshape(-1), demo
+    return advantages[:, : on.size(1)].reshape(-1), demo
 
 
 @dataclass
@@ -136,14 +137,16 @@ def sample_mixed_groups(ctx: TrainContext, copies: int, std_normalize: bool) -> 
     if copies > 0:
         demos = demonstration_batch(ctx, problems)
         # the same reward as the rollouts they share a group with (task.reward_funcs too)
-        demo_rewards = torch.tensor(ctx.task.step_reward(problems, [p.trace_completion for p in problems])[0],
-                                    device=ctx.device)
+        demo_rewards = torch.tensor(
+            ctx.task.step_reward(problems, [p.trace_completion for p in problems])[0], device=ctx.device
+        )
     on_advantages, demo_advantages = mixed_advantages(scored.rewards, demo_rewards, copies, std_normalize)
     return MixedGroups(replace(scored, advantages=on_advantages), demos, demo_rewards, demo_advantages, copies)
 
 
-def demo_backward(model, mixed: MixedGroups, ctx: TrainContext, gamma: float,
-                  n_tokens: torch.Tensor) -> tuple[float, float]:
+def demo_backward(
+    model, mixed: MixedGroups, ctx: TrainContext, gamma: float, n_tokens: torch.Tensor
+) -> tuple[float, float]:
     """Accumulates the gradient of the off-policy term, copies * sum_t -A_j f(pi_theta(y_t)) (+ rl.beta k3 KL) over
     the demonstrations' tokens divided by `n_tokens`, in micro-batches of train.micro_batch_size rows; returns the
     term's value and the mean probability pi_theta gives a demonstration token."""
@@ -157,8 +160,7 @@ def demo_backward(model, mixed: MixedGroups, ctx: TrainContext, gamma: float,
         per_token = -mixed.demo_advantages[rows].unsqueeze(1) * shaping(logprobs.exp(), gamma)
         if rl.beta > 0:
             with torch.no_grad(), ctx.policy.reference() as reference:
-                ref_logprobs = token_logprobs(reference, part.input_ids, part.attention_mask, 1, scored,
-                                              rl.temperature)
+                ref_logprobs = token_logprobs(reference, part.input_ids, part.attention_mask, 1, scored, rl.temperature)
             per_token = per_token + rl.beta * kl_k3(ref_logprobs, logprobs)
         loss = mixed.copies * (per_token * scored).sum() / n_tokens.clamp(min=1)
         backward(loss)
@@ -173,8 +175,9 @@ def mixed_metrics(mixed: MixedGroups, stats, group_size: int, ctx: TrainContext,
     `other_signal`: srft's losses need none)."""
     rewards = mixed.scored.rewards
     other_signal = other_signal or bool((mixed.demo_advantages != 0).any())
-    metrics = rollout_metrics(replace(mixed.scored, rewards=mixed.group_rewards().reshape(-1)), stats, group_size,
-                              ctx, other_signal)
+    metrics = rollout_metrics(
+        replace(mixed.scored, rewards=mixed.group_rewards().reshape(-1)), stats, group_size, ctx, other_signal
+    )
     metrics["train/reward_mean"] = rewards.mean().item()
     metrics["train/reward_std"] = rewards.std().item() if rewards.numel() > 1 else 0.0
     return metrics
@@ -182,6 +185,7 @@ def mixed_metrics(mixed: MixedGroups, stats, group_size: int, ctx: TrainContext,
 
 class LuffyStage(CountingStage):
     """LUFFY's mixed-policy GRPO (module docstring): one optimizer (luffy.lr), its step counter as its state."""
+
     name = "luffy"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -203,12 +207,25 @@ class LuffyStage(CountingStage):
 
         # each of a demonstration's k copies is a member of its group, weighted as k identical rows (demo_backward)
         demo_tokens = mixed.copies * mixed.demos.n_tokens if mixed.demos is not None else 0
-        metrics = {"train/rl_loss": loss_on + loss_off, "luffy/on_policy_loss": loss_on,
-                   "luffy/off_policy_loss": loss_off, **mixed_metrics(mixed, stats, rl.num_generations, ctx),
-                   "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
+        metrics = {
+            "train/rl_loss": loss_on + loss_off,
+            "luffy/on_policy_loss": loss_on,
+            "luffy/off_policy_loss": loss_off,
+            **mixed_metrics(mixed, stats, rl.num_generations, ctx),
+            "train/grad_norm": grad_norm,
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
         if mixed.copies:
-            metrics.update({"luffy/demo_reward": mixed.demo_rewards.mean().item(),
-                            "luffy/demo_advantage": mixed.demo_advantages.mean().item(), "luffy/demo_prob": demo_prob})
-        return StepOutput(metrics=metrics, train_tokens=trained_tokens(mixed.scored, ctx) + demo_tokens,
-                          gen_tokens=mixed.scored.gen_tokens,
-                          completions=completion_rows(mixed.scored, ctx, self.updates))
+            metrics.update(
+                {
+                    "luffy/demo_reward": mixed.demo_rewards.mean().item(),
+                    "luffy/demo_advantage": mixed.demo_advantages.mean().item(),
+                    "luffy/demo_prob": demo_prob,
+                }
+            )
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=trained_tokens(mixed.scored, ctx) + demo_tokens,
+            gen_tokens=mixed.scored.gen_tokens,
+            completions=completion_rows(mixed.scored, ctx, self.updates),
+        )

@@ -30,12 +30,17 @@ class LuffyConfig:
 def check(cfg: DictConfig) -> None:
     """luffy.* values no run could use (checked for every config, whatever its recipe)."""
     luffy = cfg.luffy
-    require(0 <= luffy.off_policy < cfg.rl.num_generations,
-            f"luffy.off_policy must be in [0, rl.num_generations), got {luffy.off_policy} with "
-            f"rl.num_generations={cfg.rl.num_generations}",
-            "each group keeps at least one on-policy rollout: e.g. luffy.off_policy=1 rl.num_generations=8")
-    require(luffy.gamma > 0 and luffy.lr > 0, "luffy.gamma and luffy.lr must be positive",
-            "e.g. luffy.gamma=0.1 luffy.lr=1e-4")
+    require(
+        0 <= luffy.off_policy < cfg.rl.num_generations,
+        f"luffy.off_policy must be in [0, rl.num_generations), got {luffy.off_policy} with "
+        f"rl.num_generations={cfg.rl.num_generations}",
+        "each group keeps at least one on-policy rollout: e.g. luffy.off_policy=1 rl.num_generations=8",
+    )
+    require(
+        luffy.gamma > 0 and luffy.lr > 0,
+        "luffy.gamma and luffy.lr must be positive",
+        "e.g. luffy.gamma=0.1 luffy.lr=1e-4",
+    )
 
 
 def pairs_demonstrations(cfg: DictConfig) -> bool:

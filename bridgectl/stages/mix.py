@@ -34,6 +34,7 @@ def linear_mu(cfg, update: int, total_updates: int) -> float:
 
 class MixStage(CountingStage):
     """L_rl + mu L_sft (module docstring): one optimizer (mix.lr), its step counter as its state."""
+
     name = "mix"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -56,9 +57,17 @@ class MixStage(CountingStage):
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
-        metrics.update({"mix/mu": mu, **rollout_metrics(scored, stats, rl.num_generations, ctx),
-                        "train/lr": self.scheduler.get_last_lr()[0]})
+        metrics.update(
+            {
+                "mix/mu": mu,
+                **rollout_metrics(scored, stats, rl.num_generations, ctx),
+                "train/lr": self.scheduler.get_last_lr()[0],
+            }
+        )
         train_tokens = rl.num_iterations * (trained_tokens(scored, ctx) + batch.n_tokens)
-        return StepOutput(metrics=metrics, train_tokens=train_tokens,
-                          gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, ctx, self.updates))
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=train_tokens,
+            gen_tokens=scored.gen_tokens,
+            completions=completion_rows(scored, ctx, self.updates),
+        )

@@ -24,5 +24,8 @@ class MixConfig:
 def check(cfg: DictConfig) -> None:
     """mix.* values no run could use (checked for every config, whatever its recipe)."""
     mix = cfg.mix
-    require(mix.mu >= 0 and (mix.mu_end is None or mix.mu_end >= 0) and mix.lr > 0,
-            "mix.mu and mix.mu_end must be >= 0 and mix.lr positive", "e.g. mix.mu=0.5 mix.mu_end=0.05 mix.lr=2e-4")
+    require(
+        mix.mu >= 0 and (mix.mu_end is None or mix.mu_end >= 0) and mix.lr > 0,
+        "mix.mu and mix.mu_end must be >= 0 and mix.lr positive",
+        "e.g. mix.mu=0.5 mix.mu_end=0.05 mix.lr=2e-4",
+    )

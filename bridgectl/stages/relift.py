@@ -78,6 +78,7 @@ from bridgectl.stages.base import CountingStage, Optimizing
 class Demonstration:
     """A buffered hardest prompt: all its SFT round reads (core/context.demonstration_batch), plain strings that a
     checkpoint saves as they are."""
+
     question: str
     """The prompt as the model sees it."""
     trace_completion: str
@@ -87,15 +88,18 @@ class Demonstration:
 class ReliftStage(CountingStage):
     """ReLIFT (module docstring): the RL optimizer (rl.lr) and the SFT one (relift.sft_lr); its state is the buffer
     and the step counters."""
+
     name = "relift"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
         cfg, world = ctx.cfg.relift, distributed.world_size()
         mini_batch = cfg.sft_mini_batch_size or cfg.buffer_size
         if cfg.buffer_size % world or mini_batch % world:
-            raise UserError(f"relift.buffer_size={cfg.buffer_size} and its SFT mini-batches of {mini_batch} do not "
-                            f"split evenly over {world} processes",
-                            f"use multiples of {world}: each SFT mini-batch is shared out across processes")
+            raise UserError(
+                f"relift.buffer_size={cfg.buffer_size} and its SFT mini-batches of {mini_batch} do not "
+                f"split evenly over {world} processes",
+                f"use multiples of {world}: each SFT mini-batch is shared out across processes",
+            )
         super().__init__(ctx, ctx.cfg.rl.lr, total_updates)  # the RL updates' optimizer
         # the SFT optimizer's schedule (warm-up, cosine) counts SFT updates against the stage's budget in steps
         self.sft_optimizer, self.sft_scheduler = make_optimizer(self.params, cfg.sft_lr, ctx.cfg.optim, total_updates)
@@ -110,8 +114,11 @@ class ReliftStage(CountingStage):
     def state_dict(self) -> dict:
         """The training state core/checkpoint.py saves besides the two optimizers and schedulers: the buffer (as
         plain strings) and the step counters."""
-        return {"buffer": [asdict(example) for example in self.buffer], **super().state_dict(),
-                "sft_updates": self.sft_updates}
+        return {
+            "buffer": [asdict(example) for example in self.buffer],
+            **super().state_dict(),
+            "sft_updates": self.sft_updates,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restores what state_dict returned (core/checkpoint.restore), or what a checkpoint written before the
@@ -119,7 +126,7 @@ class ReliftStage(CountingStage):
         super().load_state_dict(state)
         self.sft_updates = state["sft_updates"]
         if isinstance(state["buffer"], dict):
-            self.buffer = self._legacy_buffer(state["buffer"]["stream_index"][:state["buffered"]].tolist())
+            self.buffer = self._legacy_buffer(state["buffer"]["stream_index"][: state["buffered"]].tolist())
         else:
             self.buffer = [Demonstration(**example) for example in state["buffer"]]
 
@@ -145,11 +152,16 @@ class ReliftStage(CountingStage):
         self.updates += 1
 
         hardest = self._hardest(scored, [position for position, _, _ in mine], len(problems))
-        self.buffer.extend(Demonstration(problems[position].question, problems[position].trace_completion)
-                           for position in hardest)
-        metrics = {"train/rl_loss": loss_rl, **rollout_metrics(scored, stats, rl.num_generations, ctx),
-                   "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
-                   "relift/hard_prompts": len(hardest)}
+        self.buffer.extend(
+            Demonstration(problems[position].question, problems[position].trace_completion) for position in hardest
+        )
+        metrics = {
+            "train/rl_loss": loss_rl,
+            **rollout_metrics(scored, stats, rl.num_generations, ctx),
+            "train/grad_norm": grad_norm,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "relift/hard_prompts": len(hardest),
+        }
         sft_tokens = 0
         if len(self.buffer) >= ctx.cfg.relift.buffer_size:
             round_metrics, sft_tokens = self._fine_tune()
@@ -158,9 +170,12 @@ class ReliftStage(CountingStage):
             metrics["relift/sft_updates"] = 0
         metrics["relift/buffer_size"] = len(self.buffer)
         metrics["relift/sft_updates_total"] = self.sft_updates
-        return StepOutput(metrics=metrics, train_tokens=trained_tokens(scored, ctx) + sft_tokens,
-                          gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, ctx, self.updates))
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=trained_tokens(scored, ctx) + sft_tokens,
+            gen_tokens=scored.gen_tokens,
+            completions=completion_rows(scored, ctx, self.updates),
+        )
 
     # ---- the hardest prompts -------------------------------------------------------------------------------------
     def _hardest(self, scored, positions: list[int], n_prompts: int) -> list[int]:
@@ -178,17 +193,21 @@ class ReliftStage(CountingStage):
         sft_mini_batch_size (0: all of them), one update of the SFT optimizer each."""
         ctx, cfg = self.ctx, self.ctx.cfg.relift
         # first in, first out: the oldest buffer_size leave, the rest stay (the reference's slice)
-        examples, self.buffer = self.buffer[:cfg.buffer_size], self.buffer[cfg.buffer_size:]
+        examples, self.buffer = self.buffer[: cfg.buffer_size], self.buffer[cfg.buffer_size :]
         size = cfg.sft_mini_batch_size or cfg.buffer_size
         losses, norms, tokens = [], [], 0
         for _ in range(cfg.sft_epochs):
             for start in range(0, len(examples), size):
-                batch = demonstration_batch(ctx, distributed.shard(examples[start:start + size]))
+                batch = demonstration_batch(ctx, distributed.shard(examples[start : start + size]))
                 losses.append(sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size))
-                norms.append(take_step(self.params, self.sft_optimizer, self.sft_scheduler,
-                                       ctx.cfg.optim.max_grad_norm))
+                norms.append(
+                    take_step(self.params, self.sft_optimizer, self.sft_scheduler, ctx.cfg.optim.max_grad_norm)
+                )
                 tokens += batch.n_tokens
         self.sft_updates += len(losses)
-        return {"train/sft_loss": sum(losses) / len(losses), "relift/sft_updates": len(losses),
-                "relift/sft_grad_norm": sum(norms) / len(norms),
-                "relift/sft_lr": self.sft_scheduler.get_last_lr()[0]}, tokens
+        return {
+            "train/sft_loss": sum(losses) / len(losses),
+            "relift/sft_updates": len(losses),
+            "relift/sft_grad_norm": sum(norms) / len(norms),
+            "relift/sft_lr": self.sft_scheduler.get_last_lr()[0],
+        }, tokens

@@ -29,7 +29,9 @@ class ReliftConfig:
 def check(cfg: DictConfig) -> None:
     """relift.* values no run could use (checked for every config, whatever its recipe)."""
     relift = cfg.relift
-    require(relift.buffer_size >= 1 and relift.sft_epochs >= 1 and relift.sft_mini_batch_size >= 0
-            and relift.sft_lr > 0, "relift.buffer_size and relift.sft_epochs must be >= 1, "
-            "relift.sft_mini_batch_size >= 0 and relift.sft_lr positive",
-            "e.g. relift.buffer_size=8 relift.sft_epochs=1 relift.sft_mini_batch_size=0 relift.sft_lr=5e-4")
+    require(
+        relift.buffer_size >= 1 and relift.sft_epochs >= 1 and relift.sft_mini_batch_size >= 0 and relift.sft_lr > 0,
+        "relift.buffer_size and relift.sft_epochs must be >= 1, "
+        "relift.sft_mini_batch_size >= 0 and relift.sft_lr positive",
+        "e.g. relift.buffer_size=8 relift.sft_epochs=1 relift.sft_mini_batch_size=0 relift.sft_lr=5e-4",
+    )

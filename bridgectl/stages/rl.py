@@ -37,6 +37,7 @@ from bridgectl.stages.base import CountingStage
 
 class RLStage(CountingStage):
     """GRPO (module docstring): one optimizer (rl.lr), its step counter as its state."""
+
     name = "rl"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -54,8 +55,12 @@ class RLStage(CountingStage):
 
         metrics, stats = iterate_updates(rl.num_iterations, one_update)
         self.updates += 1
-        metrics.update({**rollout_metrics(scored, stats, rl.num_generations, ctx),
-                        "train/lr": self.scheduler.get_last_lr()[0]})
-        return StepOutput(metrics=metrics, train_tokens=rl.num_iterations * trained_tokens(scored, ctx),
-                          gen_tokens=scored.gen_tokens, completions=completion_rows(scored, ctx, self.updates))
-
+        metrics.update(
+            {**rollout_metrics(scored, stats, rl.num_generations, ctx), "train/lr": self.scheduler.get_last_lr()[0]}
+        )
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=rl.num_iterations * trained_tokens(scored, ctx),
+            gen_tokens=scored.gen_tokens,
+            completions=completion_rows(scored, ctx, self.updates),
+        )

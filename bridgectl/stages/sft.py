@@ -14,6 +14,7 @@ from bridgectl.stages.base import OptimizerStage
 
 class SFTStage(OptimizerStage):
     """SFT (module docstring): one optimizer (sft.lr) and no other state (it counts no steps)."""
+
     name = "sft"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -25,7 +26,6 @@ class SFTStage(OptimizerStage):
         loss = sft_backward(ctx.policy.model, batch, ctx.cfg.train.micro_batch_size)
         grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         return StepOutput(
-            metrics={"train/sft_loss": loss, "train/grad_norm": grad_norm,
-                     "train/lr": self.scheduler.get_last_lr()[0]},
+            metrics={"train/sft_loss": loss, "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]},
             train_tokens=batch.n_tokens,
         )

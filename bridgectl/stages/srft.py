@@ -88,6 +88,7 @@ def rollout_coefficients(entropy: torch.Tensor, rewards: torch.Tensor, coef: flo
 
 class SRFTStage(CountingStage):
     """SRFT's single-stage loss (module docstring): one optimizer (srft.lr), its step counter as its state."""
+
     name = "srft"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -105,16 +106,25 @@ class SRFTStage(CountingStage):
         grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
 
-        metrics = {"train/sft_loss": sft_loss, "train/rl_loss": self_loss + demo_loss,
-                   "srft/rl_loss_demo": demo_loss, "srft/rl_loss_self": self_loss,
-                   "srft/sft_weight": sft_weight, "srft/rl_weight": rl_weight,
-                   "srft/demo_reward": mixed.demo_rewards.mean().item(),
-                   # every rollout and demonstration has a loss term of its own, advantage or not: never no signal
-                   **mixed_metrics(mixed, ZERO_STATS, rl.num_generations, ctx, other_signal=True),
-                   "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0]}
-        return StepOutput(metrics=metrics, train_tokens=trained_tokens(mixed.scored, ctx) + mixed.demos.n_tokens,
-                          gen_tokens=mixed.scored.gen_tokens,
-                          completions=completion_rows(mixed.scored, ctx, self.updates))
+        metrics = {
+            "train/sft_loss": sft_loss,
+            "train/rl_loss": self_loss + demo_loss,
+            "srft/rl_loss_demo": demo_loss,
+            "srft/rl_loss_self": self_loss,
+            "srft/sft_weight": sft_weight,
+            "srft/rl_weight": rl_weight,
+            "srft/demo_reward": mixed.demo_rewards.mean().item(),
+            # every rollout and demonstration has a loss term of its own, advantage or not: never no signal
+            **mixed_metrics(mixed, ZERO_STATS, rl.num_generations, ctx, other_signal=True),
+            "train/grad_norm": grad_norm,
+            "train/lr": self.scheduler.get_last_lr()[0],
+        }
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=trained_tokens(mixed.scored, ctx) + mixed.demos.n_tokens,
+            gen_tokens=mixed.scored.gen_tokens,
+            completions=completion_rows(mixed.scored, ctx, self.updates),
+        )
 
     def _rollouts_backward(self, mixed: MixedGroups, n_all: torch.Tensor) -> tuple[float, float]:
         """L_rl^self, micro-batched; returns its value and the mean w_rl of the correct rollouts (nan if none)."""
@@ -129,8 +139,9 @@ class SRFTStage(CountingStage):
             mask = part.completion_mask
             input_ids = torch.cat([part.prompt_ids, part.completion_ids], dim=1)
             attention = torch.cat([part.prompt_mask, part.completion_mask], dim=1)
-            entropy = mean_entropy(token_entropies(model, input_ids, attention, part.prompt_ids.size(1), mask,
-                                                   rl.temperature), mask)
+            entropy = mean_entropy(
+                token_entropies(model, input_ids, attention, part.prompt_ids.size(1), mask, rl.temperature), mask
+            )
             coef = rollout_coefficients(entropy, rewards[rows], self.cfg.rl_coef)
             weights.append(coef[rewards[rows] > 0])
             logprobs = completion_logprobs(model, part, rl.temperature)
@@ -142,8 +153,9 @@ class SRFTStage(CountingStage):
         correct = torch.cat(weights)
         return float(total), correct.mean().item() if correct.numel() else float("nan")
 
-    def _demos_backward(self, mixed: MixedGroups, n_all: torch.Tensor,
-                        n_demo: torch.Tensor) -> tuple[float, float, float]:
+    def _demos_backward(
+        self, mixed: MixedGroups, n_all: torch.Tensor, n_demo: torch.Tensor
+    ) -> tuple[float, float, float]:
         """L_sft^demo and L_rl^demo, from one forward pass per micro-batch of demonstrations; returns both values
         and the mean w_sft."""
         ctx, rl, demos = self.ctx, self.ctx.cfg.rl, mixed.demos
@@ -154,8 +166,9 @@ class SRFTStage(CountingStage):
         for rows in micro_batches(demos.attention_mask.sum(dim=1).tolist(), ctx.cfg.train.micro_batch_size):
             part = demos.rows(rows)
             mask = part.labels[:, 1:] != -100
-            entropy = mean_entropy(token_entropies(model, part.input_ids, part.attention_mask, 1, mask,
-                                                   rl.temperature), mask)
+            entropy = mean_entropy(
+                token_entropies(model, part.input_ids, part.attention_mask, 1, mask, rl.temperature), mask
+            )
             weight = sft_weights(entropy, self.cfg.sft_coef)
             weights.append(weight)
             logprobs = token_logprobs(model, part.input_ids, part.attention_mask, 1, mask, rl.temperature)

@@ -25,6 +25,8 @@ class SRFTConfig:
 def check(cfg: DictConfig) -> None:
     """srft.* values no run could use (checked for every config, whatever its recipe)."""
     srft = cfg.srft
-    require(srft.sft_coef >= 0 and srft.rl_coef >= 0 and srft.lr > 0,
-            "srft.sft_coef and srft.rl_coef must be >= 0 and srft.lr positive",
-            "e.g. srft.sft_coef=0.5 srft.rl_coef=0.1 srft.lr=1e-4")
+    require(
+        srft.sft_coef >= 0 and srft.rl_coef >= 0 and srft.lr > 0,
+        "srft.sft_coef and srft.rl_coef must be >= 0 and srft.lr positive",
+        "e.g. srft.sft_coef=0.5 srft.rl_coef=0.1 srft.lr=1e-4",
+    )

@@ -74,6 +74,7 @@ from bridgectl.stages.base import CountingStage
 class HintedProblem:
     """An RL problem with its hint: `question` is the original question followed by the hint (what is sampled
     from and logged), `source` the problem itself."""
+
     question: str
     answer: str
     hint: str
@@ -125,6 +126,7 @@ def hint_batch(tokenizer, problems: list, hints: list[str], device) -> SFTBatch:
 
 class UFTStage(CountingStage):
     """UFT's hint curriculum (module docstring): one optimizer (uft.lr), its step counter as its state."""
+
     name = "uft"
 
     def __init__(self, ctx: TrainContext, total_updates: int) -> None:
@@ -146,29 +148,41 @@ class UFTStage(CountingStage):
             lengths.append(length)
             fractions.append(length / max(1, len(ids)))
         mine = distributed.shard(list(zip(problems, seeds, hints)))
-        grouped = [HintedProblem(problem.question + hint, problem.answer, hint, problem)
-                   for problem, _, hint in mine for _ in range(rl.num_generations)]
+        grouped = [
+            HintedProblem(problem.question + hint, problem.answer, hint, problem)
+            for problem, _, hint in mine
+            for _ in range(rl.num_generations)
+        ]
         scored = self._score_with_hints(sample_and_score(ctx, grouped, [seed for _, seed, _ in mine]))
 
         loss_rl, stats = rl_backward(model, scored, ctx)  # the generated tokens only (micro-batched)
         loss_hint, hint_tokens = None, 0
         if probability > 0 and cfg.sft_coef > 0:
-            batch = hint_batch(tokenizer, [problem for problem, _, _ in mine], [hint for _, _, hint in mine],
-                               ctx.device)
+            batch = hint_batch(
+                tokenizer, [problem for problem, _, _ in mine], [hint for _, _, hint in mine], ctx.device
+            )
             loss_hint = sft_backward(model, batch, ctx.cfg.train.micro_batch_size, scale=cfg.sft_coef)
             hint_tokens = batch.n_tokens
         grad_norm = take_step(self.params, self.optimizer, self.scheduler, ctx.cfg.optim.max_grad_norm)
         self.updates += 1
 
-        metrics = {"train/rl_loss": loss_rl, **rollout_metrics(scored, stats, rl.num_generations, ctx),
-                   "train/grad_norm": grad_norm, "train/lr": self.scheduler.get_last_lr()[0],
-                   "uft/hint_prob": probability, "uft/hint_fraction": sum(fractions) / len(fractions),
-                   "uft/hint_tokens": sum(lengths) / len(lengths)}
+        metrics = {
+            "train/rl_loss": loss_rl,
+            **rollout_metrics(scored, stats, rl.num_generations, ctx),
+            "train/grad_norm": grad_norm,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "uft/hint_prob": probability,
+            "uft/hint_fraction": sum(fractions) / len(fractions),
+            "uft/hint_tokens": sum(lengths) / len(lengths),
+        }
         if loss_hint is not None:
             metrics["train/sft_loss"] = loss_hint  # the hint tokens' NLL, before uft.sft_coef
-        return StepOutput(metrics=metrics, train_tokens=trained_tokens(scored, ctx) + hint_tokens,
-                          gen_tokens=scored.gen_tokens,
-                          completions=completion_rows(scored, ctx, self.updates))
+        return StepOutput(
+            metrics=metrics,
+            train_tokens=trained_tokens(scored, ctx) + hint_tokens,
+            gen_tokens=scored.gen_tokens,
+            completions=completion_rows(scored, ctx, self.updates),
+        )
 
     def _score_with_hints(self, scored: ScoredRollouts) -> ScoredRollouts:
         """Rewards of hint + completion, as the reference's reward reads prompt and response together (rows without
@@ -178,14 +192,21 @@ class UFTStage(CountingStage):
         ctx = self.ctx
         rewards, verdicts, means = scored.rewards.clone(), scored.verdicts, scored.reward_means
         if any(problem.hint for problem in scored.problems):
-            texts = [problem.hint + completion for problem, completion in
-                     zip(scored.problems, scored.rollouts.completions)]
+            texts = [
+                problem.hint + completion for problem, completion in zip(scored.problems, scored.rollouts.completions)
+            ]
             total, means, judged = ctx.task.step_reward([problem.source for problem in scored.problems], texts)
             rewards = torch.tensor(total, dtype=rewards.dtype, device=rewards.device)
             verdicts = None if judged is total else torch.tensor(judged, device=rewards.device)
         # recomputed on every process, hinted rows or not: rl.scale_rewards=batch takes the std over all processes
         # (a collective each must join); without hints the advantages are those sample_and_score gave
-        advantages = group_advantages(rewards, ctx.cfg.rl.num_generations, ctx.cfg.rl.scale_rewards,
-                                      ctx.cfg.rl.adv_estimator, scored.rollouts.lengths)
-        return dataclasses.replace(scored, rewards=rewards, advantages=advantages, verdicts=verdicts,
-                                   reward_means=means)
+        advantages = group_advantages(
+            rewards,
+            ctx.cfg.rl.num_generations,
+            ctx.cfg.rl.scale_rewards,
+            ctx.cfg.rl.adv_estimator,
+            scored.rollouts.lengths,
+        )
+        return dataclasses.replace(
+            scored, rewards=rewards, advantages=advantages, verdicts=verdicts, reward_means=means
+        )

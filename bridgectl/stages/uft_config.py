@@ -33,15 +33,22 @@ def check(cfg: DictConfig) -> None:
     """uft.* values no run could use (checked for every config, whatever its recipe), and what the stage cannot
     honour when the recipe runs it."""
     uft = cfg.uft
-    require(all(0 <= uft[key] <= 1 for key in ("hint_start", "hint_end", "hint_fraction_of_steps")),
-            f"uft.hint_start, uft.hint_end and uft.hint_fraction_of_steps must be in [0, 1], got {uft.hint_start}, "
-            f"{uft.hint_end} and {uft.hint_fraction_of_steps}",
-            "they are shares of a demonstration and of the stage: e.g. uft.hint_start=0.95 uft.hint_end=0.05 "
-            "uft.hint_fraction_of_steps=0.6")
-    require(uft.hint_chunks >= 1 and uft.sft_coef >= 0 and uft.lr > 0,
-            "uft.hint_chunks must be >= 1, uft.sft_coef >= 0 and uft.lr positive",
-            "e.g. uft.hint_chunks=5 uft.sft_coef=0.001 uft.lr=1e-4")
+    require(
+        all(0 <= uft[key] <= 1 for key in ("hint_start", "hint_end", "hint_fraction_of_steps")),
+        f"uft.hint_start, uft.hint_end and uft.hint_fraction_of_steps must be in [0, 1], got {uft.hint_start}, "
+        f"{uft.hint_end} and {uft.hint_fraction_of_steps}",
+        "they are shares of a demonstration and of the stage: e.g. uft.hint_start=0.95 uft.hint_end=0.05 "
+        "uft.hint_fraction_of_steps=0.6",
+    )
+    require(
+        uft.hint_chunks >= 1 and uft.sft_coef >= 0 and uft.lr > 0,
+        "uft.hint_chunks must be >= 1, uft.sft_coef >= 0 and uft.lr positive",
+        "e.g. uft.hint_chunks=5 uft.sft_coef=0.001 uft.lr=1e-4",
+    )
     if "uft" in cfg.recipe.stages:
-        require(cfg.rl.multi_objective_aggregation == "sum_then_normalize",
-                "rl.multi_objective_aggregation=normalize_then_sum does not apply to the uft stage (it scores hint + "
-                "completion again and makes its own advantages)", "drop rl.multi_objective_aggregation with uft")
+        require(
+            cfg.rl.multi_objective_aggregation == "sum_then_normalize",
+            "rl.multi_objective_aggregation=normalize_then_sum does not apply to the uft stage (it scores hint + "
+            "completion again and makes its own advantages)",
+            "drop rl.multi_objective_aggregation with uft",
+        )

@@ -71,8 +71,11 @@ def is_disposed(trial) -> bool:
 def is_sampled(trial) -> bool:
     """Created to be drawn by the sampler (not a queued point, not the replacement of a duplicate draw): each such
     trial takes one of the spec's n_trials."""
-    return ("fixed_params" not in trial.system_attrs and "claim" not in trial.user_attrs
-            and "replaces" not in trial.user_attrs)
+    return (
+        "fixed_params" not in trial.system_attrs
+        and "claim" not in trial.user_attrs
+        and "replaces" not in trial.user_attrs
+    )
 
 
 def _point_key(point: dict) -> str:
@@ -94,8 +97,11 @@ def _canonical_waiting(trials) -> list:
         first.setdefault(trial.user_attrs.get("claim", f"#{trial.number}"), trial.number)
     from optuna.trial import TrialState
 
-    return [t for t in sorted(trials, key=lambda t: t.number) if t.state == TrialState.WAITING
-            and first[t.user_attrs.get("claim", f"#{t.number}")] == t.number]
+    return [
+        t
+        for t in sorted(trials, key=lambda t: t.number)
+        if t.state == TrialState.WAITING and first[t.user_attrs.get("claim", f"#{t.number}")] == t.number
+    ]
 
 
 def dispose(study, trial_id: int, reason: str) -> None:
@@ -218,8 +224,9 @@ def _first_holder(study, spec: SweepSpec, number: int, point: dict, timeout: flo
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
         lower = [t for t in trials if t.number < number and not is_disposed(t)]
         holder = next((t.number for t in lower if point_of(t) == point), None)
-        drawing = [t for t in lower if t.state == TrialState.RUNNING and not is_complete(point_of(t), spec)
-                   and not is_dead(t)]
+        drawing = [
+            t for t in lower if t.state == TrialState.RUNNING and not is_complete(point_of(t), spec) and not is_dead(t)
+        ]
         if holder is not None or not drawing or time.monotonic() > deadline:
             return holder
         time.sleep(0.05)
@@ -230,8 +237,9 @@ def _new_trial(study, user_attrs: dict, system_attrs: dict) -> int:
     operation, so no reader ever sees it without them)."""
     from optuna.trial import TrialState, create_trial
 
-    template = create_trial(state=TrialState.RUNNING, user_attrs=user_attrs,
-                            system_attrs={**system_attrs, "heartbeat": _beat()})
+    template = create_trial(
+        state=TrialState.RUNNING, user_attrs=user_attrs, system_attrs={**system_attrs, "heartbeat": _beat()}
+    )
     return study._storage.create_new_trial(study._study_id, template_trial=template)
 
 
@@ -279,8 +287,9 @@ def remaining_trials(study, spec: SweepSpec) -> int:
 
     trials = [t for t in study.get_trials(deepcopy=False) if not is_disposed(t)]
     if spec.sampler == "grid":
-        started = [point_of(t) for t in trials
-                   if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)]
+        started = [
+            point_of(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        ]
         return sum(point not in started for point in spec.grid())
     waiting = len(_canonical_waiting(trials))
     left = max(0, spec.n_trials - sum(is_sampled(t) for t in trials))
@@ -293,9 +302,11 @@ def heartbeat(storage, trial_id: int, interval: float = HEARTBEAT_SECONDS):
     """Records {host, pid, time} in the trial's system attributes now and every `interval` seconds until the
     block ends, from a daemon thread (Optuna's own heartbeat exists for RDB storage only; this one works with
     the journal file too)."""
+
     def beat() -> None:
-        storage.set_trial_system_attr(trial_id, "heartbeat",
-                                      {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+        storage.set_trial_system_attr(
+            trial_id, "heartbeat", {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        )
 
     beat()
     with run_every(interval, beat, "bridgectl-heartbeat"):  # a missed beat only makes the trial look older
@@ -343,4 +354,3 @@ def is_dead(trial, now: float | None = None, stale_after: float = STALE_AFTER_SE
     if beat["host"] == socket.gethostname():
         return beat["pid"] != os.getpid() and not _process_alive(beat["pid"])
     return now - beat["time"] > stale_after
-

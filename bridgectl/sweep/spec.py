@@ -62,20 +62,29 @@ def _is_number(value) -> bool:
 
 def _kind(value) -> str:
     """A YAML reader's name for a value's type, for error messages."""
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-             dict: "a mapping", type(None): "empty"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "empty",
+    }
     return names.get(type(value), type(value).__name__)
 
 
 def check_types(raw: dict) -> None:
     """Every field of a sweep spec has the YAML type the format says (sweeps/README.md); a wrong one is bad input
     named with its field, before any value is read."""
+
     def need(ok: bool, field: str, wanted: str, example: str) -> None:
         """Raises the error for `field` (dotted for nested ones) unless `ok`."""
         if not ok:
             value = raw_value(field)
-            raise UserError(f"sweep spec field '{field}' must be {wanted}, got {_kind(value)} ({value!r})",
-                            f"e.g. {example}")
+            raise UserError(
+                f"sweep spec field '{field}' must be {wanted}, got {_kind(value)} ({value!r})", f"e.g. {example}"
+            )
 
     def raw_value(field: str):
         """The raw value of a dotted field, or None."""
@@ -84,48 +93,81 @@ def check_types(raw: dict) -> None:
             value = value.get(part) if isinstance(value, dict) else None
         return value
 
-    fields = {"name": (str, "a string", "name: my_sweep"), "sampler": (str, "a string", "sampler: tpe"),
-              "pruner": (str, "a string", "pruner: median")}
+    fields = {
+        "name": (str, "a string", "name: my_sweep"),
+        "sampler": (str, "a string", "sampler: tpe"),
+        "pruner": (str, "a string", "pruner: median"),
+    }
     for field, (kind, wanted, example) in fields.items():
         need(raw.get(field) is None or isinstance(raw[field], kind), field, wanted, example)
-    need(raw.get("base") is None or (isinstance(raw["base"], list) and all(isinstance(b, str) for b in raw["base"])),
-         "base", "a list of overrides", "base: [recipe=bridge, task=arith]")
-    need(raw.get("seeds") is None or (isinstance(raw["seeds"], list) and all(_is_int(s) for s in raw["seeds"])),
-         "seeds", "a list of integers", "seeds: [0, 1, 2]")
+    need(
+        raw.get("base") is None or (isinstance(raw["base"], list) and all(isinstance(b, str) for b in raw["base"])),
+        "base",
+        "a list of overrides",
+        "base: [recipe=bridge, task=arith]",
+    )
+    need(
+        raw.get("seeds") is None or (isinstance(raw["seeds"], list) and all(_is_int(s) for s in raw["seeds"])),
+        "seeds",
+        "a list of integers",
+        "seeds: [0, 1, 2]",
+    )
     need(raw.get("n_trials") is None or _is_int(raw["n_trials"]), "n_trials", "an integer", "n_trials: 12")
     need(raw.get("nproc") is None or _is_int(raw["nproc"]), "nproc", "an integer", "nproc: 2")
     need(raw.get("nnodes") is None or _is_int(raw["nnodes"]), "nnodes", "an integer", "nnodes: 2")
     objective = raw.get("objective")
-    need(objective is None or isinstance(objective, dict), "objective", "a mapping",
-         "objective: {metric: eval/test/accuracy, direction: maximize}")
+    need(
+        objective is None or isinstance(objective, dict),
+        "objective",
+        "a mapping",
+        "objective: {metric: eval/test/accuracy, direction: maximize}",
+    )
     if isinstance(objective, dict):
         unknown = sorted(set(objective) - {"metric", "direction"})
         if unknown:
-            raise UserError(f"unknown key(s) in objective: {', '.join(map(str, unknown))}",
-                            "keys are: direction, metric")
+            raise UserError(
+                f"unknown key(s) in objective: {', '.join(map(str, unknown))}", "keys are: direction, metric"
+            )
         for field in ("metric", "direction"):
-            need(objective.get(field) is None or isinstance(objective[field], str), f"objective.{field}", "a string",
-                 "objective: {metric: eval/test/accuracy, direction: maximize}")
+            need(
+                objective.get(field) is None or isinstance(objective[field], str),
+                f"objective.{field}",
+                "a string",
+                "objective: {metric: eval/test/accuracy, direction: maximize}",
+            )
     params = raw.get("params")
-    need(params is None or isinstance(params, dict), "params", "a mapping of config keys",
-         "params: {bridge.lam: {type: float, low: 0.1, high: 0.9}}")
+    need(
+        params is None or isinstance(params, dict),
+        "params",
+        "a mapping of config keys",
+        "params: {bridge.lam: {type: float, low: 0.1, high: 0.9}}",
+    )
     for key, param in (params or {}).items():
         if not isinstance(param, dict):
-            raise UserError(f"param '{key}' must be a mapping, got {_kind(param)} ({param!r})",
-                            "e.g. {type: float, low: 0.1, high: 0.9} or {type: categorical, choices: [4, 8]}")
+            raise UserError(
+                f"param '{key}' must be a mapping, got {_kind(param)} ({param!r})",
+                "e.g. {type: float, low: 0.1, high: 0.9} or {type: categorical, choices: [4, 8]}",
+            )
         unknown = sorted(set(param) - set(PARAM_KEYS))
         if unknown:
-            raise UserError(f"param '{key}' has unknown key(s): {', '.join(map(str, unknown))}",
-                            f"keys are: {', '.join(PARAM_KEYS)}")
+            raise UserError(
+                f"param '{key}' has unknown key(s): {', '.join(map(str, unknown))}",
+                f"keys are: {', '.join(PARAM_KEYS)}",
+            )
         for field in ("choices", "values"):
             if field in param and not (isinstance(param[field], list) and param[field]):
-                raise UserError(f"param '{key}': {field} must be a non-empty list, got {_kind(param[field])} "
-                                f"({param[field]!r})", f"e.g. {field}: [4, 8, 16]")
+                raise UserError(
+                    f"param '{key}': {field} must be a non-empty list, got {_kind(param[field])} ({param[field]!r})",
+                    f"e.g. {field}: [4, 8, 16]",
+                )
         integer = param.get("type") == "int"
         for field in ("low", "high"):
             if field in param and not (_is_int if integer else _is_number)(param[field]):
-                raise UserError(f"param '{key}': {field} must be {'an integer' if integer else 'a number'}, got "
-                                f"{_kind(param[field])} ({param[field]!r})", "e.g. {type: float, low: 0.1, high: 0.9}")
+                raise UserError(
+                    f"param '{key}': {field} must be {'an integer' if integer else 'a number'}, got "
+                    f"{_kind(param[field])} ({param[field]!r})",
+                    "e.g. {type: float, low: 0.1, high: 0.9}",
+                )
         if "log" in param and not isinstance(param["log"], bool):
             raise UserError(f"param '{key}': log must be true or false, got {_kind(param['log'])}", "e.g. log: true")
 
@@ -138,23 +180,31 @@ def load_spec(path: Path, nproc: int | None = None, nnodes: int | None = None) -
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as error:  # yaml's own errors: any unreadable file is bad input
-        raise UserError(f"sweep spec {path} is not valid YAML: {str(error).splitlines()[0]}",
-                        "check its indentation") from None
+        raise UserError(
+            f"sweep spec {path} is not valid YAML: {str(error).splitlines()[0]}", "check its indentation"
+        ) from None
     if not isinstance(raw, dict):
         raise UserError(f"sweep spec {path} is not a mapping", "see sweeps/README.md for the format")
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
-        raise UserError(f"unknown key(s) in sweep spec: {', '.join(map(str, unknown))}",
-                        f"keys are: {', '.join(sorted(SPEC_KEYS))}")
+        raise UserError(
+            f"unknown key(s) in sweep spec: {', '.join(map(str, unknown))}", f"keys are: {', '.join(sorted(SPEC_KEYS))}"
+        )
     check_types(raw)
     objective = raw.get("objective") or {}
     spec = SweepSpec(
-        name=str(raw.get("name") or path.stem), base=list(raw.get("base") or []),
-        seeds=list(raw.get("seeds") or [0]), metric=objective.get("metric", "eval/test/accuracy"),
-        direction=objective.get("direction", "maximize"), sampler=raw.get("sampler", "tpe"),
-        n_trials=raw.get("n_trials", 10), pruner=raw.get("pruner", "none"), params=raw.get("params") or {},
+        name=str(raw.get("name") or path.stem),
+        base=list(raw.get("base") or []),
+        seeds=list(raw.get("seeds") or [0]),
+        metric=objective.get("metric", "eval/test/accuracy"),
+        direction=objective.get("direction", "maximize"),
+        sampler=raw.get("sampler", "tpe"),
+        n_trials=raw.get("n_trials", 10),
+        pruner=raw.get("pruner", "none"),
+        params=raw.get("params") or {},
         nproc=nproc if nproc is not None else raw.get("nproc", 1),
-        nnodes=nnodes if nnodes is not None else raw.get("nnodes", 1))
+        nnodes=nnodes if nnodes is not None else raw.get("nnodes", 1),
+    )
     checks = [
         (spec.sampler in SAMPLERS, f"unknown sampler '{spec.sampler}'", f"choose one of: {', '.join(SAMPLERS)}"),
         (spec.pruner in PRUNERS, f"unknown pruner '{spec.pruner}'", f"choose one of: {', '.join(PRUNERS)}"),
@@ -162,15 +212,20 @@ def load_spec(path: Path, nproc: int | None = None, nnodes: int | None = None) -
         (spec.n_trials > 0, f"n_trials must be positive, got {spec.n_trials}", "e.g. n_trials: 12"),
         (spec.nproc > 0, f"nproc must be at least 1, got {spec.nproc}", "e.g. nproc: 2 (or --nproc 2)"),
         (spec.nnodes > 0, f"nnodes must be at least 1, got {spec.nnodes}", "e.g. nnodes: 2 (or --nnodes 2)"),
-        (spec.metric.startswith("eval/") and spec.metric.endswith("/accuracy"), f"unsupported objective metric "
-         f"'{spec.metric}'", "use a final eval metric, e.g. eval/test/accuracy or eval/ood/accuracy"),
+        (
+            spec.metric.startswith("eval/") and spec.metric.endswith("/accuracy"),
+            f"unsupported objective metric '{spec.metric}'",
+            "use a final eval metric, e.g. eval/test/accuracy or eval/ood/accuracy",
+        ),
     ]
     for ok, message, hint in checks:
         if not ok:
             raise UserError(message, hint)
     if not spec.params and spec.sampler != "grid":
-        raise UserError(f"sampler {spec.sampler} has no params to search", "add params, or use sampler: grid to run "
-                        "the base config over seeds")
+        raise UserError(
+            f"sampler {spec.sampler} has no params to search",
+            "add params, or use sampler: grid to run the base config over seeds",
+        )
     for key, param in spec.params.items():
         kind = param.get("type") if isinstance(param, dict) else None
         if kind not in PARAM_TYPES:
@@ -178,8 +233,9 @@ def load_spec(path: Path, nproc: int | None = None, nnodes: int | None = None) -
         if kind == "categorical" and not param.get("choices"):
             raise UserError(f"categorical param '{key}' has no choices", "e.g. choices: [4, 8, 16]")
         if kind != "categorical" and not ({"low", "high"} <= set(param) or param.get("values")):
-            raise UserError(f"param '{key}' needs low and high (or values for a grid)",
-                            "e.g. {type: float, low: 0.1, high: 0.9}")
+            raise UserError(
+                f"param '{key}' needs low and high (or values for a grid)", "e.g. {type: float, low: 0.1, high: 0.9}"
+            )
         if {"low", "high"} <= set(param) and not param["low"] < param["high"]:
             raise UserError(f"param '{key}': low {param['low']} is not below high {param['high']}", "swap them")
         if param.get("log") and {"low", "high"} <= set(param) and param["low"] <= 0:
@@ -195,8 +251,10 @@ def load_spec(path: Path, nproc: int | None = None, nnodes: int | None = None) -
     check_batch_split(cfg, spec.nproc * spec.nnodes)  # a batch that does not split: before any trial
     splits = task_eval_splits(cfg.task)
     if spec.metric.split("/")[1] not in splits:
-        raise UserError(f"objective metric {spec.metric} is never logged by task {cfg.task.name}",
-                        f"its eval splits are: {', '.join(splits)} (e.g. eval/{splits[0]}/accuracy)")
+        raise UserError(
+            f"objective metric {spec.metric} is never logged by task {cfg.task.name}",
+            f"its eval splits are: {', '.join(splits)} (e.g. eval/{splits[0]}/accuracy)",
+        )
     return spec
 
 
@@ -233,4 +291,3 @@ def space_points(spec: SweepSpec, limit: int = ENUMERABLE_POINTS) -> list[dict] 
     if math.prod(len(axis) for axis in axes) > limit:
         return None
     return [dict(zip(spec.params, combo)) for combo in itertools.product(*axes)]
-

@@ -54,6 +54,7 @@ from bridgectl.sweep.spec import SweepSpec, load_spec, space_points, suggest_par
 if TYPE_CHECKING:  # compare (and its numpy) loads only when a sweep compares its trials
     from bridgectl.analysis.rows import GroupRow
 
+
 class DeadWorkers(RuntimeError):
     """Worker processes died and trials they held were not retried to completion (the CLI exits 1)."""
 
@@ -74,16 +75,25 @@ def storage_url(url: str, workers: int) -> str:
     if scheme == "postgresql" and not installed("psycopg2") and installed("psycopg"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
         scheme = "postgresql+psycopg"
-    drivers = {"postgresql": "psycopg2", "postgresql+psycopg2": "psycopg2", "postgresql+psycopg": "psycopg",
-               "mysql": "MySQLdb", "mysql+pymysql": "pymysql"}
+    drivers = {
+        "postgresql": "psycopg2",
+        "postgresql+psycopg2": "psycopg2",
+        "postgresql+psycopg": "psycopg",
+        "mysql": "MySQLdb",
+        "mysql+pymysql": "pymysql",
+    }
     if scheme in drivers and not installed(drivers[scheme]):
-        raise UserError(f"--storage {scheme}:// needs the {drivers[scheme]} package, which is not installed",
-                        "pip install 'psycopg[binary]' for postgresql:// (psycopg 3), or pymysql for "
-                        "mysql+pymysql://; or leave --storage out (a journal file in the sweep directory)")
+        raise UserError(
+            f"--storage {scheme}:// needs the {drivers[scheme]} package, which is not installed",
+            "pip install 'psycopg[binary]' for postgresql:// (psycopg 3), or pymysql for "
+            "mysql+pymysql://; or leave --storage out (a journal file in the sweep directory)",
+        )
     if scheme.startswith("sqlite") and workers > 1:
-        raise UserError("--storage sqlite:// with --workers > 1: SQLite's file locks let concurrent workers lose "
-                        "trials or run one twice", "leave --storage out (the journal file handles concurrent "
-                        "workers), use PostgreSQL, or --workers 1")
+        raise UserError(
+            "--storage sqlite:// with --workers > 1: SQLite's file locks let concurrent workers lose "
+            "trials or run one twice",
+            "leave --storage out (the journal file handles concurrent workers), use PostgreSQL, or --workers 1",
+        )
     return url
 
 
@@ -98,12 +108,20 @@ def make_study(spec: SweepSpec, sweep_dir: Path, storage_url: str | None):
         storage = open_database(storage_url)
     else:
         storage = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna-journal.log")))
-    pruners = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
-               "hyperband": optuna.pruners.HyperbandPruner}
+    pruners = {
+        "none": optuna.pruners.NopPruner,
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+    }
     # the sampler is replaced per sampled trial (claim_sampled) by one seeded from that trial's number
-    return optuna.create_study(study_name=spec.name, storage=storage,
-                               sampler=make_sampler(spec.sampler, trial_seed(spec.name, -1)),
-                               pruner=pruners[spec.pruner](), direction=spec.direction, load_if_exists=True)
+    return optuna.create_study(
+        study_name=spec.name,
+        storage=storage,
+        sampler=make_sampler(spec.sampler, trial_seed(spec.name, -1)),
+        pruner=pruners[spec.pruner](),
+        direction=spec.direction,
+        load_if_exists=True,
+    )
 
 
 def open_database(url: str, tries: int = 8):
@@ -129,9 +147,11 @@ def open_database(url: str, tries: int = 8):
                 login, place = rest.rsplit("@", 1)
                 shown = f"{scheme}://{login.split(':', 1)[0]}@{place}"
             reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-            raise UserError(f"cannot open the study storage {shown}: {reason}",
-                            "check that the database server runs and accepts this user from here (host, port, "
-                            "database name, password in the URL or ~/.pgpass)") from None
+            raise UserError(
+                f"cannot open the study storage {shown}: {reason}",
+                "check that the database server runs and accepts this user from here (host, port, "
+                "database name, password in the URL or ~/.pgpass)",
+            ) from None
 
 
 def objective(trial, spec: SweepSpec, sweep_dir: Path) -> float:
@@ -181,19 +201,25 @@ def _run_seeds(trial, spec: SweepSpec, sweep_dir: Path, params: dict) -> float:
             if spec.run_jobs is not None:
                 summary = _run_as_job(spec, overrides, run_path, tags, report, resume=earlier is not None)
             elif spec.nproc > 1:
-                summary = _run_under_torchrun(spec.nproc, overrides, run_path, tags, report,
-                                              resume=earlier is not None)
+                summary = _run_under_torchrun(spec.nproc, overrides, run_path, tags, report, resume=earlier is not None)
             else:
-                summary = run(compose(overrides), run_path, show_progress=False, on_eval=report, tags=tags,
-                              resume=earlier is not None)
+                summary = run(
+                    compose(overrides),
+                    run_path,
+                    show_progress=False,
+                    on_eval=report,
+                    tags=tags,
+                    resume=earlier is not None,
+                )
         except StopRun:
             raise optuna.TrialPruned() from None
         values.append(summary["eval"][split]["accuracy"])
     return sum(values) / len(values)
 
 
-def _run_under_torchrun(nproc: int, overrides: list[str], run_path: Path, tags: dict, on_eval, resume: bool,
-                        poll_seconds: float = 0.5) -> dict:
+def _run_under_torchrun(
+    nproc: int, overrides: list[str], run_path: Path, tags: dict, on_eval, resume: bool, poll_seconds: float = 0.5
+) -> dict:
     """One seed of a trial as `bridgectl run --nproc N` (torchrun, its own process group) and its summary. Rank 0
     reports through its metrics.jsonl: each periodic evaluation it logs goes to `on_eval` as it appears, and when
     that raises StopRun (pruned) the run is stopped with SIGTERM (its processes checkpoint and end interrupted)
@@ -223,13 +249,13 @@ def _run_under_torchrun(nproc: int, overrides: list[str], run_path: Path, tags: 
         status = workers_status(Path(statuses), process.returncode)
     if status != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"the torchrun run {run_path.name} exited with status {status}; its log "
-                           f"{log_path}:\n{tail}")
+        raise RuntimeError(f"the torchrun run {run_path.name} exited with status {status}; its log {log_path}:\n{tail}")
     return json.loads((run_path / "summary.json").read_text())
 
 
-def _run_as_job(spec: SweepSpec, overrides: list[str], run_path: Path, tags: dict, on_eval, resume: bool,
-                poll_seconds: float = 1.0) -> dict:
+def _run_as_job(
+    spec: SweepSpec, overrides: list[str], run_path: Path, tags: dict, on_eval, resume: bool, poll_seconds: float = 1.0
+) -> dict:
     """One seed of a trial as a cluster job of spec.nnodes torchrun nodes (bridgectl/launch/cluster.py, as `bridgectl run
     --launcher slurm --nnodes N` submits it) and its summary; rank 0's evaluations reach `on_eval` from its
     metrics.jsonl as they are logged, and a pruned run's job is cancelled (its processes get SIGTERM and
@@ -238,8 +264,9 @@ def _run_as_job(spec: SweepSpec, overrides: list[str], run_path: Path, tags: dic
     from bridgectl.launch.torchrun import RUN_TAGS
 
     launcher, options = spec.run_jobs
-    job = submit_run(launcher, options, spec.nproc, spec.nnodes, overrides, run_path, resume, [],
-                     env={RUN_TAGS: json.dumps(tags)})
+    job = submit_run(
+        launcher, options, spec.nproc, spec.nnodes, overrides, run_path, resume, [], env={RUN_TAGS: json.dumps(tags)}
+    )
     seen = 0
     try:
         while not job.done():
@@ -252,8 +279,9 @@ def _run_as_job(spec: SweepSpec, overrides: list[str], run_path: Path, tags: dic
         raise
     status = job_status(job)
     if status != 0:
-        raise RuntimeError(f"the job {job.job_id} of run {run_path.name} exited with status {status}; its log "
-                           f"{job.paths.stdout}")
+        raise RuntimeError(
+            f"the job {job.job_id} of run {run_path.name} exited with status {status}; its log {job.paths.stdout}"
+        )
     return json.loads((run_path / "summary.json").read_text())
 
 
@@ -298,6 +326,7 @@ def _continuable_run(sweep_dir: Path, trial_number: int | None, seed: int) -> Pa
 @dataclass
 class Progress:
     """What the live view shows, read from the study's storage (so it covers every worker process)."""
+
     done: int = 0
     running: int = 0
     pruned: int = 0
@@ -311,8 +340,9 @@ def read_progress(study) -> Progress:
 
     trials = [t for t in study.get_trials(deepcopy=False) if not is_disposed(t)]
     counts = {state: sum(t.state == state for t in trials) for state in TrialState}
-    progress = Progress(counts[TrialState.COMPLETE], counts[TrialState.RUNNING], counts[TrialState.PRUNED],
-                        counts[TrialState.FAIL])
+    progress = Progress(
+        counts[TrialState.COMPLETE], counts[TrialState.RUNNING], counts[TrialState.PRUNED], counts[TrialState.FAIL]
+    )
     if progress.done:
         progress.best = study.best_value
     return progress
@@ -345,11 +375,14 @@ def progress_view(progress, task):
     """An on_progress for run_sweep that shows the study's counts (read from the storage: every worker's trials)
     on `task` of a rich progress bar (bridgectl.core.ui.progress_bar): the trials done or pruned, and the best
     value so far."""
+
     def show(state: Progress) -> None:
         best = f"{state.best:.3f}" if state.best is not None else "-"
-        progress.update(task, completed=state.done + state.pruned,
-                        info=f"done {state.done} running {state.running} pruned {state.pruned} "
-                             f"failed {state.failed} best {best}")
+        progress.update(
+            task,
+            completed=state.done + state.pruned,
+            info=f"done {state.done} running {state.running} pruned {state.pruned} failed {state.failed} best {best}",
+        )
 
     return show
 
@@ -389,8 +422,9 @@ def work(study, spec: SweepSpec, sweep_dir: Path, worker: str) -> int:
         ran += 1
 
 
-def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, index: int,
-            placement: tuple = (None, None, None)) -> None:
+def _worker(
+    spec_path: str, sweep_dir: str, storage_url: str | None, index: int, placement: tuple = (None, None, None)
+) -> None:
     """A worker process or cluster job: its own handle on the study, working until nothing is left.
     `placement`: the command's (nproc, nnodes, run_jobs), which replace the spec's."""
     nproc, nnodes, run_jobs = placement
@@ -402,6 +436,7 @@ def _worker(spec_path: str, sweep_dir: str, storage_url: str | None, index: int,
 @dataclass
 class Death:
     """A worker process that ended with a non-zero exit code."""
+
     index: int
     pid: int
     exitcode: int
@@ -413,8 +448,9 @@ class Death:
         return f"exited with status {self.exitcode}"
 
 
-def _run_local(spec_path: Path, sweep_dir: Path, storage_url: str | None, study, spec: SweepSpec,
-               workers: int) -> list[Death]:
+def _run_local(
+    spec_path: Path, sweep_dir: Path, storage_url: str | None, study, spec: SweepSpec, workers: int
+) -> list[Death]:
     """Runs what is left with up to `workers` workers: in this process when one is enough, else as spawned
     processes (fresh interpreters: no forked torch thread pools). Returns the worker processes that died."""
     count = min(workers, remaining_trials(study, spec))
@@ -425,15 +461,21 @@ def _run_local(spec_path: Path, sweep_dir: Path, storage_url: str | None, study,
         return []
     context = multiprocessing.get_context("spawn")
     placement = (spec.nproc, spec.nnodes, spec.run_jobs)
-    processes = [context.Process(target=_worker, args=(str(spec_path), str(sweep_dir), storage_url, index,
-                                                       placement),
-                                 name=f"bridgectl-sweep-worker-{index}") for index in range(count)]
+    processes = [
+        context.Process(
+            target=_worker,
+            args=(str(spec_path), str(sweep_dir), storage_url, index, placement),
+            name=f"bridgectl-sweep-worker-{index}",
+        )
+        for index in range(count)
+    ]
     for process in processes:
         process.start()
     for process in processes:
         process.join()  # reaped: a dead worker's pid is gone, so is_dead sees its trial at once
-    return [Death(index, process.pid, process.exitcode) for index, process in enumerate(processes)
-            if process.exitcode != 0]
+    return [
+        Death(index, process.pid, process.exitcode) for index, process in enumerate(processes) if process.exitcode != 0
+    ]
 
 
 def _report_deaths(study, deaths: list[Death]) -> list:
@@ -468,9 +510,18 @@ def unretried(study, spec: SweepSpec, dead: list) -> list:
     return [gone for gone in dead if not retried(gone)]
 
 
-def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None, on_progress=None,
-              launcher: str = "local", launcher_options: dict | None = None, poll_seconds: float = 1.0,
-              nproc: int | None = None, nnodes: int | None = None):
+def run_sweep(
+    spec_path: Path,
+    out: Path,
+    workers: int,
+    storage_url: str | None,
+    on_progress=None,
+    launcher: str = "local",
+    launcher_options: dict | None = None,
+    poll_seconds: float = 1.0,
+    nproc: int | None = None,
+    nnodes: int | None = None,
+):
     """Runs the trials still missing; returns the study. Crashing trials are marked failed (with their error in
     their run directory) and the sweep goes on. `launcher`: local (this process, or up to `workers` spawned
     processes) or a submitit executor (slurm, or submitit-local: the same path on this machine) running `workers`
@@ -483,8 +534,10 @@ def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None,
     spec = load_spec(spec_path, nproc, nnodes)
     if spec.nnodes > 1:
         if launcher == "local":
-            raise UserError(f"trials over {spec.nnodes} nodes are cluster jobs", "add --launcher slurm (or "
-                            "submitit-local to try it on this machine)")
+            raise UserError(
+                f"trials over {spec.nnodes} nodes are cluster jobs",
+                "add --launcher slurm (or submitit-local to try it on this machine)",
+            )
         spec = replace(spec, run_jobs=(launcher, launcher_options or {}))
         launcher = "local"  # the workers run here and submit each run as a job
     sweep_dir = out / spec.name
@@ -499,8 +552,15 @@ def run_sweep(spec_path: Path, out: Path, workers: int, storage_url: str | None,
         if launcher != "local":
             count = min(workers, remaining_trials(study, spec))
             if count:
-                _submit_workers(launcher, launcher_options or {}, spec_path, sweep_dir, storage_url, count,
-                                (spec.nproc, spec.nnodes, None))
+                _submit_workers(
+                    launcher,
+                    launcher_options or {},
+                    spec_path,
+                    sweep_dir,
+                    storage_url,
+                    count,
+                    (spec.nproc, spec.nnodes, None),
+                )
         else:
             deaths = _run_local(spec_path, sweep_dir, storage_url, study, spec, workers)
             if deaths:  # one more pass: the dead workers' trials run again, with whatever else is left
@@ -525,8 +585,11 @@ def _note_exhausted(study, spec: SweepSpec) -> None:
     trials = study.get_trials(deepcopy=False)
     sampled = sum(is_sampled(t) for t in trials)
     if sampled < spec.n_trials and free_points(trials, spec) == []:
-        console.print(f"the search space has {len(space_points(spec))} points and every one has a trial: the "
-                      f"sweep stops at {sampled} sampled trials of n_trials {spec.n_trials}", markup=False)
+        console.print(
+            f"the search space has {len(space_points(spec))} points and every one has a trial: the "
+            f"sweep stops at {sampled} sampled trials of n_trials {spec.n_trials}",
+            markup=False,
+        )
 
 
 def trial_comparison(spec: SweepSpec, sweep_dir: Path) -> tuple[list[GroupRow], list[str]] | None:
@@ -554,21 +617,36 @@ def print_outcome(study, spec: SweepSpec) -> None:
     if failed:
         console.print(f"{len(failed)} trial(s) failed; their run directories hold the error in summary.json")
     if any(t.state == TrialState.COMPLETE for t in study.trials):
-        console.print(f"best trial {study.best_trial.number}: {spec.metric} = {study.best_value:.3f} with "
-                      f"{escape(str(study.best_params))}")
+        console.print(
+            f"best trial {study.best_trial.number}: {spec.metric} = {study.best_value:.3f} with "
+            f"{escape(str(study.best_params))}"
+        )
 
 
-def _submit_workers(launcher: str, options: dict, spec_path: Path, sweep_dir: Path, storage_url: str | None,
-                    count: int, placement: tuple = (None, None, None)) -> None:
+def _submit_workers(
+    launcher: str,
+    options: dict,
+    spec_path: Path,
+    sweep_dir: Path,
+    storage_url: str | None,
+    count: int,
+    placement: tuple = (None, None, None),
+) -> None:
     """One submitit job per worker, each joining the shared study; waits for them all. Ctrl-C cancels the jobs
     (the study stays resumable). A job that dies is reported; its trial is retried on the next resume."""
     executor = make_executor(launcher, sweep_dir / "submitit", options, name="bridgectl-sweep")
     try:
-        jobs = [executor.submit(_worker, str(Path(spec_path).resolve()), str(sweep_dir.resolve()), storage_url,
-                                index, placement) for index in range(count)]
+        jobs = [
+            executor.submit(
+                _worker, str(Path(spec_path).resolve()), str(sweep_dir.resolve()), storage_url, index, placement
+            )
+            for index in range(count)
+        ]
     except Exception as error:  # sbatch refused the job (partition, account, limits): the user's settings
-        raise UserError(f"submitting the sweep's worker jobs failed: {error}",
-                        "check --launcher-opt (partition, account, time) against `sinfo`") from None
+        raise UserError(
+            f"submitting the sweep's worker jobs failed: {error}",
+            "check --launcher-opt (partition, account, time) against `sinfo`",
+        ) from None
     try:
         while not all(job.done() for job in jobs):
             time.sleep(1.0)

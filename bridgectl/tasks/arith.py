@@ -160,8 +160,10 @@ class ArithTask:
             if len(seen) == n:
                 return list(seen.values())
             if attempt > 50 * n:  # the held-out space of this many operations is smaller than n
-                raise ValueError(f"only {len(seen)} distinct held-out '{split}' problems exist with "
-                                 f"{ops_range} operations; ask for fewer (eval.n) or more operations")
+                raise ValueError(
+                    f"only {len(seen)} distinct held-out '{split}' problems exist with "
+                    f"{ops_range} operations; ask for fewer (eval.n) or more operations"
+                )
         raise AssertionError("unreachable")
 
     @staticmethod

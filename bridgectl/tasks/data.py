@@ -83,18 +83,24 @@ def check_jsonl(path: Path) -> int:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise UserError(f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column "
-                                f"{error.start + 1})", "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+                raise UserError(
+                    f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})",
+                    "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise UserError(f"{path}, line {number}: not valid JSON ({error.msg})",
-                                "each line of a .jsonl file must be one JSON object") from None
+                raise UserError(
+                    f"{path}, line {number}: not valid JSON ({error.msg})",
+                    "each line of a .jsonl file must be one JSON object",
+                ) from None
             if not isinstance(row, dict):
-                raise UserError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object",
-                                'each line must look like {"question": ..., "answer": ...}')
+                raise UserError(
+                    f"{path}, line {number}: a JSON {type(row).__name__}, not an object",
+                    'each line must look like {"question": ..., "answer": ...}',
+                )
             for key in ("messages", "prompt", "completion"):  # checked here: Arrow refuses mixed types unhelpfully
                 shaped = key in row and (key == "messages" or isinstance(row[key], list))
                 wrong = message_list_error(row[key]) if shaped else None
@@ -104,8 +110,10 @@ def check_jsonl(path: Path) -> int:
     return rows
 
 
-MESSAGES_HINT = 'conversational rows look like {"messages": [{"role": "user", "content": "..."}, ' \
-                '{"role": "assistant", "content": "... #### 42"}]} (or "prompt": [...] instead of "messages")'
+MESSAGES_HINT = (
+    'conversational rows look like {"messages": [{"role": "user", "content": "..."}, '
+    '{"role": "assistant", "content": "... #### 42"}]} (or "prompt": [...] instead of "messages")'
+)
 
 
 def message_list_error(messages) -> str | None:
@@ -115,8 +123,11 @@ def message_list_error(messages) -> str | None:
     if not messages:
         return "is an empty list of messages"
     for position, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
             return f"message {position} is not {{role, content}} with text values"
     return None
 
@@ -134,8 +145,9 @@ def split_conversation(row: dict, where: str) -> tuple[list[dict], str | None]:
     elif isinstance(row.get("prompt"), list):
         key, messages, completion = "prompt", row["prompt"], row.get("completion")
     else:
-        raise UserError(f"{where}: neither a `messages` nor a `prompt` list of messages, in a conversational "
-                        "dataset", MESSAGES_HINT)
+        raise UserError(
+            f"{where}: neither a `messages` nor a `prompt` list of messages, in a conversational dataset", MESSAGES_HINT
+        )
     for name, value in ((key, messages), ("completion", completion)):
         wrong = message_list_error(value) if name == key or isinstance(value, list) else None
         if wrong:
@@ -163,8 +175,9 @@ def load_rows(source: str, split: str, subset: str | None) -> list[dict]:
     looks_local = path.suffix in LOCAL_FORMATS or source.startswith((".", "/", "~"))
     if path.exists() or looks_local:
         if not path.exists():
-            raise UserError(f"dataset file {source} does not exist", "give a .jsonl, .json or .parquet path, "
-                                                                      "or a Hub dataset name")
+            raise UserError(
+                f"dataset file {source} does not exist", "give a .jsonl, .json or .parquet path, or a Hub dataset name"
+            )
         files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS) if path.is_dir() else [path]
         if not files or files[0].suffix not in LOCAL_FORMATS:
             raise UserError(f"{source}: no .jsonl, .json or .parquet file", "point task.path at such a file")
@@ -172,18 +185,21 @@ def load_rows(source: str, split: str, subset: str | None) -> list[dict]:
         if len(counts) == len(files) and sum(counts) == 0:
             raise UserError(f"dataset {source} is empty", "give a file with at least one example")
         try:
-            dataset = datasets.load_dataset(LOCAL_FORMATS[files[0].suffix], data_files=[str(f) for f in files],
-                                            split="train")
+            dataset = datasets.load_dataset(
+                LOCAL_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train"
+            )
         except Exception as error:  # a parquet file that is not one, mixed schemas, ...
-            raise UserError(f"could not read {source}: {type(error).__name__}: {error}",
-                            "check the file's format") from None
+            raise UserError(
+                f"could not read {source}: {type(error).__name__}: {error}", "check the file's format"
+            ) from None
     else:
         try:
             dataset = datasets.load_dataset(source, subset, split=split)
         except Exception as error:
-            raise UserError(f"could not load dataset '{source}' (split {split}): {type(error).__name__}: {error}",
-                            "give a local file, or a Hub name with network access (and task.subset, e.g. "
-                            "main for gsm8k)") from None
+            raise UserError(
+                f"could not load dataset '{source}' (split {split}): {type(error).__name__}: {error}",
+                "give a local file, or a Hub name with network access (and task.subset, e.g. main for gsm8k)",
+            ) from None
     return list(dataset)
 
 
@@ -206,21 +222,26 @@ class DatasetTask:
         self.rl = self._problems(rl_source, cfg.train_split, need_trace=False)
         self.rl_has_traces = all(problem.trace for problem in self.rl)
         """Every RL problem carries its demonstration (methods that pair a prompt with its own trace need it)."""
-        self.evals = {split: self._problems(source, cfg.eval_split, need_trace=False)
-                      for split, source in eval_sources.items()}
+        self.evals = {
+            split: self._problems(source, cfg.eval_split, need_trace=False) for split, source in eval_sources.items()
+        }
         self.eval_split_names = tuple(eval_sources)
 
     def sources(self) -> tuple[str, str, dict[str, str]]:
         """Where SFT examples, RL prompts and each evaluation split come from (checked: none may be missing)."""
         cfg = self.cfg
         if not cfg.eval_sets:
-            raise UserError(f"task {cfg.name} has no evaluation sets",
-                            "give task.eval_sets={test: path/to/test.jsonl} (a split name per source)")
+            raise UserError(
+                f"task {cfg.name} has no evaluation sets",
+                "give task.eval_sets={test: path/to/test.jsonl} (a split name per source)",
+            )
         sources = {"sft": cfg.sft_path or cfg.path, "rl": cfg.rl_path or cfg.path}
         missing = [use for use, source in sources.items() if not source]
         if missing:
-            raise UserError(f"task {cfg.name} needs a data source for {' and '.join(missing)}",
-                            "give task.path=FILE_OR_HUB_NAME (or task.sft_path / task.rl_path)")
+            raise UserError(
+                f"task {cfg.name} needs a data source for {' and '.join(missing)}",
+                "give task.path=FILE_OR_HUB_NAME (or task.sft_path / task.rl_path)",
+            )
         return sources["sft"], sources["rl"], dict(cfg.eval_sets)
 
     def rows(self, source: str, split: str) -> list[dict]:
@@ -231,24 +252,29 @@ class DatasetTask:
         if not rows:
             raise UserError(f"dataset {source} is empty", "give a file with at least one example")
         if is_conversational(rows[0]):  # fields are checked row by row: the answer may be in the demonstration
-            return [self._conversation_problem(row, f"dataset {source}, row {index}", need_trace)
-                    for index, row in enumerate(rows)]
+            return [
+                self._conversation_problem(row, f"dataset {source}, row {index}", need_trace)
+                for index, row in enumerate(rows)
+            ]
         question_field, trace_field, answer_field = self.fields
         needed = [question_field] + ([trace_field] if need_trace else [])
         if self.cfg.name != "math":  # MATH falls back to the solution's last \boxed{} for the answer
             needed.append(answer_field)
         absent = [f for f in dict.fromkeys(needed) if f not in rows[0]]
         if absent:
-            raise UserError(f"dataset {source} has no field(s) {', '.join(absent)} (its fields: "
-                            f"{', '.join(rows[0])})", "name the fields with task.question_field, "
-                            "task.trace_field and task.answer_field")
+            raise UserError(
+                f"dataset {source} has no field(s) {', '.join(absent)} (its fields: {', '.join(rows[0])})",
+                "name the fields with task.question_field, task.trace_field and task.answer_field",
+            )
         problems = []
         for index, row in enumerate(rows):
             problem = self._problem(row, need_trace)
             if problem is None:
-                raise UserError(f"dataset {source}, example {index}: no gold answer could be read",
-                                "gsm8k answers end in '#### <answer>'; math solutions contain \\boxed{...} or the "
-                                "rows have an answer field")
+                raise UserError(
+                    f"dataset {source}, example {index}: no gold answer could be read",
+                    "gsm8k answers end in '#### <answer>'; math solutions contain \\boxed{...} or the "
+                    "rows have an answer field",
+                )
             problems.append(problem)
         return problems
 
@@ -256,8 +282,9 @@ class DatasetTask:
         question_field, trace_field, answer_field = self.fields
         text = self.cfg.prompt_template.format(question=str(row[question_field]))
         system = self.cfg.system_prompt
-        question = self.format_prompt(text if system is None else [{"role": "system", "content": system},
-                                                                   {"role": "user", "content": text}])
+        question = self.format_prompt(
+            text if system is None else [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        )
         trace = str(row.get(trace_field) or "")
         if self.cfg.name in GSM8K_FORMAT:
             answer = gsm8k_gold(str(row[answer_field]))
@@ -281,9 +308,10 @@ class DatasetTask:
         if demonstration is None and isinstance(row.get(trace_field), str):
             demonstration = row[trace_field]  # e.g. a gsm8k `answer` beside a `prompt` list
         if need_trace and not demonstration:
-            raise UserError(f"{where}: no assistant turn to learn from (SFT needs a demonstration)",
-                            "end `messages` with the assistant's answer, or give SFT data with one "
-                            "(task.sft_path)")
+            raise UserError(
+                f"{where}: no assistant turn to learn from (SFT needs a demonstration)",
+                "end `messages` with the assistant's answer, or give SFT data with one (task.sft_path)",
+            )
         demonstration = demonstration or ""
         gold = row.get(answer_field)
         answer = None
@@ -292,11 +320,19 @@ class DatasetTask:
         if answer is None:
             answer = gsm8k_gold(demonstration) or last_boxed(demonstration)
         if answer is None:
-            raise UserError(f"{where}: no gold answer could be read", f"give the rows an `{answer_field}` field, or "
-                            "end the assistant's demonstration with '#### <answer>' or \\boxed{<answer>}")
+            raise UserError(
+                f"{where}: no gold answer could be read",
+                f"give the rows an `{answer_field}` field, or "
+                "end the assistant's demonstration with '#### <answer>' or \\boxed{<answer>}",
+            )
         trace = gsm8k_trace(demonstration) if gsm8k_gold(demonstration) is not None else demonstration
-        return Problem(question=self.format_prompt(prompt), trace=trace.strip(), answer=answer,
-                       conversation=prompt, columns=reward_columns(row))
+        return Problem(
+            question=self.format_prompt(prompt),
+            trace=trace.strip(),
+            answer=answer,
+            conversation=prompt,
+            columns=reward_columns(row),
+        )
 
     @staticmethod
     def _endless(problems: list[Problem], rng: random.Random) -> Iterator[Problem]:

@@ -19,7 +19,7 @@ def prompt_formatter(tokenizer, use_chat_template: bool) -> Callable[[str | list
     def format_prompt(prompt: str | list[dict]) -> str:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return rendered[len(bos):] if adds_bos and rendered.startswith(bos) else rendered
+        return rendered[len(bos) :] if adds_bos and rendered.startswith(bos) else rendered
 
     return format_prompt
 
@@ -37,6 +37,8 @@ def plain_prompt(prompt: str | list[dict]) -> str:
         return prompt
     from bridgectl.errors import UserError
 
-    raise UserError("conversational rows and task.system_prompt need the tokenizer's chat template, and there is "
-                    "none (or task.chat_template=false)",
-                    "use a model whose tokenizer has a chat template, or rows with a plain question field")
+    raise UserError(
+        "conversational rows and task.system_prompt need the tokenizer's chat template, and there is "
+        "none (or task.chat_template=false)",
+        "use a model whose tokenizer has a chat template, or rows with a plain question field",
+    )

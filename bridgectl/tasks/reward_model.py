@@ -48,16 +48,20 @@ class RewardModel:
         try:
             config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as error:
-            raise UserError(f"task.reward_funcs: '{location}' is neither a path.py:function nor a model directory "
-                            f"that loads ({type(error).__name__}: {str(error).splitlines()[0]})",
-                            "give a reward function as path/to/file.py:function or pkg.module:function, or a "
-                            "sequence-classification model directory (saved with save_pretrained)") from None
+            raise UserError(
+                f"task.reward_funcs: '{location}' is neither a path.py:function nor a model directory "
+                f"that loads ({type(error).__name__}: {str(error).splitlines()[0]})",
+                "give a reward function as path/to/file.py:function or pkg.module:function, or a "
+                "sequence-classification model directory (saved with save_pretrained)",
+            ) from None
         architectures = list(getattr(config, "architectures", None) or [])
         if not any(name.endswith("ForSequenceClassification") for name in architectures):
-            raise UserError(f"task.reward_funcs: {location} is not a sequence-classification model (its "
-                            f"architectures: {', '.join(architectures) or 'none recorded'})",
-                            "a reward model is an AutoModelForSequenceClassification with one label, trained to "
-                            "score completions; a causal LM's directory would give untrained scores")
+            raise UserError(
+                f"task.reward_funcs: {location} is not a sequence-classification model (its "
+                f"architectures: {', '.join(architectures) or 'none recorded'})",
+                "a reward model is an AutoModelForSequenceClassification with one label, trained to "
+                "score completions; a causal LM's directory would give untrained scores",
+            )
         self.source = source
         self.__name__ = Path(source).name or location  # train/rewards/<name>, TRL's name for it
         self.model = self.tokenizer = None
@@ -71,8 +75,13 @@ class RewardModel:
 
         cuda = torch.cuda.is_available()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            self.source, num_labels=1, dtype=torch.bfloat16 if cuda else torch.float32).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(
+                self.source, num_labels=1, dtype=torch.bfloat16 if cuda else torch.float32
+            )
+            .to(self.device)
+            .eval()
+        )
         self.tokenizer = AutoTokenizer.from_pretrained(self.source)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -82,8 +91,10 @@ class RewardModel:
     def texts(self, prompts: list, completions: list) -> list[str]:
         """What is scored, as TRL builds it: prompt + completion, or the chat template over the messages."""
         if prompts and isinstance(prompts[0], list):  # conversational: the completion is an assistant message list
-            return [self.tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-                    for prompt, completion in zip(prompts, completions)]
+            return [
+                self.tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+                for prompt, completion in zip(prompts, completions)
+            ]
         return [prompt + completion for prompt, completion in zip(prompts, completions)]
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
@@ -92,8 +103,13 @@ class RewardModel:
         self.prepare()
         texts, scores = self.texts(prompts, completions), []
         for start in range(0, len(texts), SCORING_ROWS):
-            encoded = self.tokenizer(texts[start:start + SCORING_ROWS], return_tensors="pt", padding=True,
-                                     padding_side="right", add_special_tokens=False).to(self.device)
+            encoded = self.tokenizer(
+                texts[start : start + SCORING_ROWS],
+                return_tensors="pt",
+                padding=True,
+                padding_side="right",
+                add_special_tokens=False,
+            ).to(self.device)
             with torch.inference_mode():
                 scores += self.model(**encoded).logits[:, 0].float().tolist()
         return scores

@@ -86,8 +86,10 @@ def load_reward_functions(task_cfg) -> list[RewardFunction]:
         function = None if spec == VERIFIER else _load(spec)
         name = VERIFIER if function is None else getattr(function, "__name__", spec.rpartition(":")[2])
         if any(f.name == name for f in functions):
-            raise UserError(f"task.reward_funcs: two reward functions are named '{name}'",
-                            "each function's mean is logged as train/rewards/<name>: give them distinct names")
+            raise UserError(
+                f"task.reward_funcs: two reward functions are named '{name}'",
+                "each function's mean is logged as train/rewards/<name>: give them distinct names",
+            )
         functions.append(RewardFunction(name, float(weight), function))
     return functions
 
@@ -101,11 +103,15 @@ def _load(spec: str) -> Callable:
         module = _load_file(location) if location.endswith(".py") or "/" in location else _import(location)
         function = getattr(module, attribute, None)
         if function is None:
-            raise UserError(f"reward function '{attribute}' not found in {location}",
-                            f"{location} defines: {', '.join(n for n in dir(module) if not n.startswith('_'))}")
+            raise UserError(
+                f"reward function '{attribute}' not found in {location}",
+                f"{location} defines: {', '.join(n for n in dir(module) if not n.startswith('_'))}",
+            )
         if not callable(function):
-            raise UserError(f"reward function {spec} is a {type(function).__name__}, not a function",
-                            "name a function: def f(prompts, completions, **kwargs) -> list[float]")
+            raise UserError(
+                f"reward function {spec} is a {type(function).__name__}, not a function",
+                "name a function: def f(prompts, completions, **kwargs) -> list[float]",
+            )
         _check_signature(spec, function)
         _loaded[key] = function
     return _loaded[key]
@@ -114,8 +120,10 @@ def _load(spec: str) -> Callable:
 def _load_file(location: str) -> object:
     path = Path(location).expanduser().resolve()
     if not path.is_file():
-        raise UserError(f"reward function file {location} does not exist",
-                        "give path/to/file.py:function (relative to the current directory) or pkg.module:function")
+        raise UserError(
+            f"reward function file {location} does not exist",
+            "give path/to/file.py:function (relative to the current directory) or pkg.module:function",
+        )
     # a name of its own per file, so two files called rewards.py do not replace each other in sys.modules
     name = f"bridgectl_rewards_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -125,8 +133,10 @@ def _load_file(location: str) -> object:
         spec.loader.exec_module(module)
     except Exception as error:
         del sys.modules[name]
-        raise UserError(f"could not load reward function file {location}: {type(error).__name__}: {error}",
-                        "fix the file; it is imported before the run starts") from None
+        raise UserError(
+            f"could not load reward function file {location}: {type(error).__name__}: {error}",
+            "fix the file; it is imported before the run starts",
+        ) from None
     return module
 
 
@@ -138,9 +148,10 @@ def _import(location: str) -> object:
     try:
         return importlib.import_module(location)
     except Exception as error:
-        raise UserError(f"could not import reward function module {location}: {type(error).__name__}: {error}",
-                        "give an importable module (pkg.module:function) or a file (path/to/file.py:function)"
-                        ) from None
+        raise UserError(
+            f"could not import reward function module {location}: {type(error).__name__}: {error}",
+            "give an importable module (pkg.module:function) or a file (path/to/file.py:function)",
+        ) from None
     finally:
         if added:
             sys.path.remove(os.getcwd())
@@ -155,9 +166,11 @@ def _check_signature(spec: str, function: Callable) -> None:
     takes_keywords = any(p.kind is p.VAR_KEYWORD for p in parameters)
     positional_only = [p.name for p in parameters if p.kind is p.POSITIONAL_ONLY and p.default is p.empty]
     if not takes_keywords or positional_only:
-        raise UserError(f"reward function {spec} cannot be called as f(prompts=..., completions=..., **columns)",
-                        "define it as def f(prompts, completions, **kwargs) -> list[float | None] (TRL's "
-                        "convention; every dataset column arrives as a keyword argument)")
+        raise UserError(
+            f"reward function {spec} cannot be called as f(prompts=..., completions=..., **columns)",
+            "define it as def f(prompts, completions, **kwargs) -> list[float | None] (TRL's "
+            "convention; every dataset column arrives as a keyword argument)",
+        )
 
 
 # ---- calling (every RL step) ----------------------------------------------------------------------------------
@@ -206,10 +219,12 @@ class StepReward:
             except UserError as error:  # checked before the run; changed since: the run fails, it is not bad input
                 raise RewardFunctionError(f"{error.message} ({error.hint})") from None
             # the worker loads the same specs from the directory they were loaded from here (relative paths)
-            user = [(spec, f.name) for spec, f in zip(self.task_cfg.reward_funcs, self._functions)
-                    if f.call is not None]
-            self._worker = RewardWorker([spec for spec, _ in user], [name for _, name in user], os.getcwd(),
-                                        self.task_cfg.reward_timeout_s)
+            user = [
+                (spec, f.name) for spec, f in zip(self.task_cfg.reward_funcs, self._functions) if f.call is not None
+            ]
+            self._worker = RewardWorker(
+                [spec for spec, _ in user], [name for _, name in user], os.getcwd(), self.task_cfg.reward_timeout_s
+            )
         return self._functions
 
     def weights(self) -> list[float]:
@@ -226,8 +241,10 @@ class StepReward:
         conversational = [problem.conversation is not None for problem in problems]
         prompts = [p.conversation if chat else p.question for p, chat in zip(problems, conversational)]
         shown = [[{"role": "assistant", "content": c}] if chat else c for c, chat in zip(completions, conversational)]
-        columns = {key: [problem.columns.get(key) for problem in problems]
-                   for key in dict.fromkeys(key for problem in problems for key in problem.columns)}
+        columns = {
+            key: [problem.columns.get(key) for problem in problems]
+            for key in dict.fromkeys(key for problem in problems for key in problem.columns)
+        }
         return self._worker.call(dict(columns, prompts=prompts, completions=shown))
 
     def close(self) -> None:
@@ -285,8 +302,9 @@ class RewardWorker:
         """The next function's values; its error, an overrun or the process's end raised naming it."""
         if not self._connection.poll(self.limit_s):
             self._stop()  # SIGKILL: no Python code of the call has to cooperate
-            raise RewardFunctionError(f"reward function {name} did not return within task.reward_timeout_s="
-                                      f"{self.limit_s:g} s")
+            raise RewardFunctionError(
+                f"reward function {name} did not return within task.reward_timeout_s={self.limit_s:g} s"
+            )
         kind, payload = self._reply(name)
         if kind == "error":
             raise RewardFunctionError(payload)  # the worker answers nothing more for this batch
@@ -302,18 +320,25 @@ class RewardWorker:
             except subprocess.TimeoutExpired:  # it closed its end and lives on: killed below
                 code = None
             self._stop()
-            raise RewardFunctionError(f"reward function {name} ended the reward worker process (exit code "
-                                      f"{code})") from None
+            raise RewardFunctionError(
+                f"reward function {name} ended the reward worker process (exit code {code})"
+            ) from None
 
     def _start(self) -> None:
         """Starts the process and waits until it has loaded every function (not counted in the call's limit)."""
         ours, theirs = socket.socketpair()  # what multiprocessing.Pipe() is on POSIX
-        code = (f"import sys; sys.path[:] = {sys.path!r}; from bridgectl.tasks.rewards import _serve; "
-                f"_serve({theirs.fileno()}, {os.getpid()})")
+        code = (
+            f"import sys; sys.path[:] = {sys.path!r}; from bridgectl.tasks.rewards import _serve; "
+            f"_serve({theirs.fileno()}, {os.getpid()})"
+        )
         try:
-            self._process = subprocess.Popen([sys.executable, "-c", code], cwd=self.directory,
-                                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                cwd=self.directory,
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             theirs.close()
         self._connection = Connection(ours.detach())
@@ -321,8 +346,9 @@ class RewardWorker:
         self._connection.send((self.specs, self.names))
         if not self._connection.poll(self.limit_s + _STARTUP_S):
             self._stop()
-            raise RewardFunctionError(f"the reward worker did not load {', '.join(self.specs)} within "
-                                      f"{self.limit_s + _STARTUP_S:g} s")
+            raise RewardFunctionError(
+                f"the reward worker did not load {', '.join(self.specs)} within {self.limit_s + _STARTUP_S:g} s"
+            )
         kind, payload = self._reply(self.names[0])
         if kind == "error":
             self._stop()
@@ -366,8 +392,9 @@ def _serve(fd: int, parent_pid: int) -> None:
         connection.send(("error", f"{error.message} ({error.hint})"))
         return
     except Exception as error:  # noqa: BLE001 (a reward model that does not load names itself)
-        connection.send(("error", f"could not load a reward model of {', '.join(specs)}: "
-                                  f"{type(error).__name__}: {error}"))
+        connection.send(
+            ("error", f"could not load a reward model of {', '.join(specs)}: {type(error).__name__}: {error}")
+        )
         return
     connection.send(("ready", os.getpid()))
     while True:
@@ -406,13 +433,15 @@ def checked_values(name: str, values, expected: int) -> list[float | None]:
     completion: a string is not parsed, and a NaN or infinity would otherwise surface steps later as a NaN gradient
     norm that names nothing."""
     if isinstance(values, (str, bytes, dict)):  # list() would make characters or keys of them
-        raise RewardFunctionError(f"reward function {name} returned a {type(values).__name__}, not a list of "
-                                  f"{expected} values")
+        raise RewardFunctionError(
+            f"reward function {name} returned a {type(values).__name__}, not a list of {expected} values"
+        )
     try:
         values = list(values)
     except TypeError:
-        raise RewardFunctionError(f"reward function {name} returned a {type(values).__name__}, not a list of "
-                                  f"{expected} values") from None
+        raise RewardFunctionError(
+            f"reward function {name} returned a {type(values).__name__}, not a list of {expected} values"
+        ) from None
     if len(values) != expected:
         raise RewardFunctionError(f"reward function {name} returned {len(values)} values for {expected} completions")
     checked = []
@@ -427,11 +456,14 @@ def checked_values(name: str, values, expected: int) -> list[float | None]:
         except OverflowError:  # an int beyond float's range
             number = math.inf
         except (TypeError, ValueError, RuntimeError):  # RuntimeError: a torch tensor of several elements
-            raise RewardFunctionError(f"reward function {name} returned {_shown(value)} for completion {index}, "
-                                      "not a number or None") from None
+            raise RewardFunctionError(
+                f"reward function {name} returned {_shown(value)} for completion {index}, not a number or None"
+            ) from None
         if not math.isfinite(number):
-            raise RewardFunctionError(f"reward function {name} returned {_shown(value)} for completion {index}, "
-                                      "not a finite number (return None where the function does not apply)")
+            raise RewardFunctionError(
+                f"reward function {name} returned {_shown(value)} for completion {index}, "
+                "not a finite number (return None where the function does not apply)"
+            )
         checked.append(number)
     return checked
 

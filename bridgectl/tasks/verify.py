@@ -43,7 +43,7 @@ def last_boxed(text: str) -> str | None:
     for index in range(open_brace, len(text)):
         depth += {"{": 1, "}": -1}.get(text[index], 0)
         if depth == 0:
-            return text[open_brace + 1:index]
+            return text[open_brace + 1 : index]
     return None
 
 

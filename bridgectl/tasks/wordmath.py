@@ -39,12 +39,32 @@ EVAL_PROBLEMS = 1000
 """Distinct problems generated per evaluation split (eval.n takes the first n)."""
 GENERATOR_SEED = 2509
 
-PEOPLE = [("Mia", "she", "her"), ("Liam", "he", "his"), ("Ava", "she", "her"), ("Noah", "he", "his"),
-          ("Zoe", "she", "her"), ("Omar", "he", "his"), ("Lena", "she", "her"), ("Ravi", "he", "his"),
-          ("Sofia", "she", "her"), ("Jack", "he", "his"), ("Emma", "she", "her"), ("Ben", "he", "his")]
-ITEMS = [("apples", "bags"), ("marbles", "jars"), ("stickers", "packs"), ("pencils", "boxes"),
-         ("cookies", "trays"), ("books", "shelves"), ("coins", "purses"), ("shells", "buckets"),
-         ("cards", "decks"), ("eggs", "cartons")]
+PEOPLE = [
+    ("Mia", "she", "her"),
+    ("Liam", "he", "his"),
+    ("Ava", "she", "her"),
+    ("Noah", "he", "his"),
+    ("Zoe", "she", "her"),
+    ("Omar", "he", "his"),
+    ("Lena", "she", "her"),
+    ("Ravi", "he", "his"),
+    ("Sofia", "she", "her"),
+    ("Jack", "he", "his"),
+    ("Emma", "she", "her"),
+    ("Ben", "he", "his"),
+]
+ITEMS = [
+    ("apples", "bags"),
+    ("marbles", "jars"),
+    ("stickers", "packs"),
+    ("pencils", "boxes"),
+    ("cookies", "trays"),
+    ("books", "shelves"),
+    ("coins", "purses"),
+    ("shells", "buckets"),
+    ("cards", "decks"),
+    ("eggs", "cartons"),
+]
 OTHERS = ["a friend", "a neighbor", "a classmate", "a cousin", "the teacher", "a stranger"]
 
 
@@ -69,8 +89,9 @@ def word_problem(rng: random.Random, steps: int, max_operand: int) -> dict:
         have, more = rng.randint(2, max_operand), rng.randint(2, max_operand)
         total = have + more
         sentences.append(f"{name} has {have} {items}. {Subject} finds {more} more {items}.")
-        lines.append(f"After finding {more} more, {name} has {have} + {more} = <<{have}+{more}={total}>>{total} "
-                     f"{items}.")
+        lines.append(
+            f"After finding {more} more, {name} has {have} + {more} = <<{have}+{more}={total}>>{total} {items}."
+        )
         remaining = steps - 1
     question_end = f"How many {items} does {name} have now?"
     for index in range(remaining):
@@ -84,27 +105,34 @@ def word_problem(rng: random.Random, steps: int, max_operand: int) -> dict:
         if kind == "add":
             more = rng.randint(2, max_operand)
             sentences.append(f"{then} {subject} gets {more} more {items} from {rng.choice(OTHERS)}.")
-            lines.append(f"After getting {more} more, {name} has {total} + {more} = <<{total}+{more}="
-                         f"{total + more}>>{total + more} {items}.")
+            lines.append(
+                f"After getting {more} more, {name} has {total} + {more} = <<{total}+{more}="
+                f"{total + more}>>{total + more} {items}."
+            )
             total += more
         elif kind == "subtract":
             given = rng.randint(2, min(max_operand, total - 1))
             sentences.append(f"{then} {subject} gives {given} {items} to {rng.choice(OTHERS)}.")
-            lines.append(f"After giving {given} away, {name} has {total} - {given} = <<{total}-{given}="
-                         f"{total - given}>>{total - given} {items}.")
+            lines.append(
+                f"After giving {given} away, {name} has {total} - {given} = <<{total}-{given}="
+                f"{total - given}>>{total - given} {items}."
+            )
             total -= given
         elif kind == "multiply":
             factor = rng.choice([2, 3])
             word = {2: "doubles", 3: "triples"}[factor]
             sentences.append(f"{then} {possessive} number of {items} {word}.")
-            lines.append(f"After it {word}, {name} has {total} * {factor} = <<{total}*{factor}="
-                         f"{total * factor}>>{total * factor} {items}.")
+            lines.append(
+                f"After it {word}, {name} has {total} * {factor} = <<{total}*{factor}="
+                f"{total * factor}>>{total * factor} {items}."
+            )
             total *= factor
         else:
             share = rng.choice(divisors)
             sentences.append(f"{then} {subject} shares all of them equally among {share} friends.")
-            lines.append(f"Each friend gets {total} / {share} = <<{total}/{share}={total // share}>>"
-                         f"{total // share} {items}.")
+            lines.append(
+                f"Each friend gets {total} / {share} = <<{total}/{share}={total // share}>>{total // share} {items}."
+            )
             question_end = f"How many {items} does each friend get?"
             total //= share
     question = " ".join(sentences + [question_end])
@@ -123,8 +151,10 @@ def word_problems(seed: int, count: int, steps_range, max_operand: int, held_out
             found.setdefault(row["question"], row)
             if len(found) == count:
                 return list(found.values())
-    raise ValueError(f"only {len(found)} distinct wordmath problems of {list(steps_range)} steps with operands up to "
-                     f"{max_operand} were found; use more steps or a larger task.max_operand")
+    raise ValueError(
+        f"only {len(found)} distinct wordmath problems of {list(steps_range)} steps with operands up to "
+        f"{max_operand} were found; use more steps or a larger task.max_operand"
+    )
 
 
 class WordMathTask(DatasetTask):

@@ -25,8 +25,15 @@ def new_counters() -> dict:
     """A fresh run's counters (saved in every checkpoint, so a resumed run goes on counting; summary.json
     records them). `rl_steps`: the steps that logged rollout/no_signal, `no_signal_steps`: those of them without a
     learning signal (the runner counts both; a checkpoint from before they existed leaves them at 0)."""
-    return {"steps": 0, "train_tokens": 0, "gen_tokens": 0, "pass_tokens": 0, "flops": 0, "rl_steps": 0,
-            "no_signal_steps": 0}
+    return {
+        "steps": 0,
+        "train_tokens": 0,
+        "gen_tokens": 0,
+        "pass_tokens": 0,
+        "flops": 0,
+        "rl_steps": 0,
+        "no_signal_steps": 0,
+    }
 
 
 def budget_unit(cfg: DictConfig) -> str | None:
@@ -57,7 +64,7 @@ def stage_targets(cfg: DictConfig, budgets: list[int]) -> list[float] | None:
     if budget_unit(cfg) is None:
         return None
     total = budget_value(cfg)
-    return [total * sum(budgets[:index + 1]) / sum(budgets) for index in range(len(budgets))]
+    return [total * sum(budgets[: index + 1]) / sum(budgets) for index in range(len(budgets))]
 
 
 def count_step(cfg: DictConfig, counters: dict, output, ledger) -> dict:
@@ -66,19 +73,26 @@ def count_step(cfg: DictConfig, counters: dict, output, ledger) -> dict:
     from bridgectl.core import distributed
 
     train_tokens, gen_tokens, pass_tokens, step_flops = distributed.total(
-        output.train_tokens, output.gen_tokens, ledger.pass_tokens, int(ledger.flops))
+        output.train_tokens, output.gen_tokens, ledger.pass_tokens, int(ledger.flops)
+    )
     counters["train_tokens"] += train_tokens
     counters["gen_tokens"] += gen_tokens
     counters["pass_tokens"] += pass_tokens
     counters["flops"] += step_flops
-    return {"compute/flops": step_flops, "compute/gen_tokens": gen_tokens, "compute/pass_tokens": pass_tokens,
-            **cumulative_metrics(counters)}
+    return {
+        "compute/flops": step_flops,
+        "compute/gen_tokens": gen_tokens,
+        "compute/pass_tokens": pass_tokens,
+        **cumulative_metrics(counters),
+    }
 
 
 def cumulative_metrics(counters: dict) -> dict:
     """The run's totals so far, as every metrics row that can hold an evaluation carries them."""
-    return {"compute/cum_flops": counters["flops"],
-            "compute/cum_tokens": counters["gen_tokens"] + counters["pass_tokens"]}
+    return {
+        "compute/cum_flops": counters["flops"],
+        "compute/cum_tokens": counters["gen_tokens"] + counters["pass_tokens"],
+    }
 
 
 def eval_due(cfg: DictConfig, step: int, before: float, after: float) -> bool:
@@ -108,5 +122,7 @@ def unspent_warning(cfg: DictConfig, counters: dict) -> str | None:
     value, used = budget_value(cfg), spent(cfg, counters)
     if used >= value:
         return None
-    return (f"Warning: train.max_steps={cfg.train.max_steps} ended the run at {used:.3g} of its {value:.3g} "
-            f"{unit} budget ({100 * used / value:.0f}%); raise train.max_steps for a run at the full budget")
+    return (
+        f"Warning: train.max_steps={cfg.train.max_steps} ended the run at {used:.3g} of its {value:.3g} "
+        f"{unit} budget ({100 * used / value:.0f}%); raise train.max_steps for a run at the full budget"
+    )

@@ -43,8 +43,10 @@ def config_for(target: str, overrides: list[str], need_final: bool = True) -> tu
         validate(cfg)
         return cfg, checkpoint
     if run_dir.exists() and not (run_dir / "config.json").is_file():
-        raise UserError(f"{target} is neither a run directory (config.yaml) nor a model directory (config.json)",
-                        "give a run directory made by bridgectl run, or a model directory / Hub id")
+        raise UserError(
+            f"{target} is neither a run directory (config.yaml) nor a model directory (config.json)",
+            "give a run directory made by bridgectl run, or a model directory / Hub id",
+        )
     return compose(["model=hf", f"model.name_or_path={target}", *overrides]), None
 
 
@@ -54,8 +56,9 @@ def load_for_eval(cfg: DictConfig, checkpoint: Path | None, device: torch.device
     from bridgectl.models.sources import base_model_path
 
     if checkpoint is None:
-        policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task), device, keep_reference=False,
-                             finetune="full")
+        policy = load_policy(
+            cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task), device, keep_reference=False, finetune="full"
+        )
         return policy.model.eval(), policy.tokenizer
     tokenizer = tokenizer_from(checkpoint, cfg.model)
     if (checkpoint / "config.json").is_file():  # full weights (adapters already merged when there were any)
@@ -109,8 +112,9 @@ def evaluate(cfg: DictConfig, decode: Decode, task, device: torch.device, show_p
             if greedy.sampled is not None:
                 row.update(greedy.sampled.metrics())
                 row.update(k=cfg.eval.k, samples=greedy.sampled.n_samples, temperature=cfg.eval.temperature)
-            row["per_problem"] = {key: value for key, value in problem_records({split: greedy})[0].items()
-                                  if key != "split"}
+            row["per_problem"] = {
+                key: value for key, value in problem_records({split: greedy})[0].items() if key != "split"
+            }
             results[split] = row
             progress.update(bar, advance=1, info=split)
     return results
@@ -146,8 +150,13 @@ def check_output(output: Path | None, default_directory: Path) -> None:
     writable_directory(output.parent if output is not None else default_directory, "--output")
 
 
-def run_eval(target: str, overrides: list[str], output: Path | None, show_progress: bool = True,
-             checkpoint_name: str | None = None) -> tuple[dict, Path]:
+def run_eval(
+    target: str,
+    overrides: list[str],
+    output: Path | None,
+    show_progress: bool = True,
+    checkpoint_name: str | None = None,
+) -> tuple[dict, Path]:
     """Evaluates and writes the JSON; returns (results, where they were written). `checkpoint_name`: a resumable
     checkpoint of the run (e.g. step-000050) instead of its final weights."""
     from bridgectl.core.checkpoint import list_checkpoints
@@ -167,8 +176,10 @@ def run_eval(target: str, overrides: list[str], output: Path | None, show_progre
     if checkpoint_name is not None:
         found = {p.name: p for p in list_checkpoints(Path(target) / "checkpoints")}
         if checkpoint is None or checkpoint_name not in found:
-            raise UserError(f"{target} has no checkpoint {checkpoint_name}",
-                            f"its checkpoints: {', '.join(found) or 'none'} (give a run directory and one of them)")
+            raise UserError(
+                f"{target} has no checkpoint {checkpoint_name}",
+                f"its checkpoints: {', '.join(found) or 'none'} (give a run directory and one of them)",
+            )
         results = evaluate_training_checkpoint(cfg, found[checkpoint_name], show_progress)
     else:
         task = load_task(cfg, show_progress=show_progress)
@@ -176,11 +187,21 @@ def run_eval(target: str, overrides: list[str], output: Path | None, show_progre
         results = evaluate(cfg, decoder_for(cfg, model, tokenizer), task, device, show_progress=show_progress)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = output or (Path(target) / f"eval-{stamp}.json" if checkpoint is not None else Path(f"eval-{stamp}.json"))
-    record = {"target": str(target), "checkpoint": checkpoint_name or "final", "overrides": overrides,
-              "task": cfg.task.name, "model": cfg.model.name,
-              "eval": {"n": cfg.eval.n, "k": cfg.eval.k, "samples": cfg.eval.samples or cfg.eval.k,
-                       "temperature": cfg.eval.temperature,
-                       "max_new_tokens": cfg.eval.max_new_tokens}, "results": results}
+    record = {
+        "target": str(target),
+        "checkpoint": checkpoint_name or "final",
+        "overrides": overrides,
+        "task": cfg.task.name,
+        "model": cfg.model.name,
+        "eval": {
+            "n": cfg.eval.n,
+            "k": cfg.eval.k,
+            "samples": cfg.eval.samples or cfg.eval.k,
+            "temperature": cfg.eval.temperature,
+            "max_new_tokens": cfg.eval.max_new_tokens,
+        },
+        "results": results,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(redact(record), indent=2) + "\n")  # the overrides may hold a secret
     return results, path

@@ -34,15 +34,21 @@ from pathlib import Path
 from bridgectl.errors import UserError
 
 
-def export_run(run_dir: Path, out: Path, checkpoint_name: str | None = None, adapter_only: bool = False,
-               push_to_hub: str | None = None) -> str:
+def export_run(
+    run_dir: Path,
+    out: Path,
+    checkpoint_name: str | None = None,
+    adapter_only: bool = False,
+    push_to_hub: str | None = None,
+) -> str:
     """Writes the export of `run_dir` into `out` (and uploads it with `push_to_hub`); returns what was written, in
     words. Every check that can fail runs before any weights load."""
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)", "give a directory made by bridgectl run")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty", "give a new or empty --out directory; "
-                        "nothing is overwritten")
+        raise UserError(
+            f"{out} already exists and is not empty", "give a new or empty --out directory; nothing is overwritten"
+        )
     from bridgectl.rundir.paths import writable_directory
 
     writable_directory(out.parent, "--out")  # before the weights are merged, not after
@@ -95,14 +101,18 @@ def weights_source(run_dir: Path, checkpoint_name: str | None) -> Path:
     if checkpoint_name is None:
         final = run_dir / "checkpoints" / "final"
         if not final.is_dir():
-            raise UserError(f"run {run_dir} has no checkpoints/final", "only completed runs have final weights; "
-                            "export one of its resumable checkpoints with --checkpoint step-NNNNNN")
+            raise UserError(
+                f"run {run_dir} has no checkpoints/final",
+                "only completed runs have final weights; "
+                "export one of its resumable checkpoints with --checkpoint step-NNNNNN",
+            )
         check_final(final)  # against its manifest, before anything loads
         return final
     found = {p.name: p for p in list_checkpoints(run_dir / "checkpoints")}
     if checkpoint_name not in found:
-        raise UserError(f"{run_dir} has no checkpoint {checkpoint_name}",
-                        f"its checkpoints: {', '.join(found) or 'none'}")
+        raise UserError(
+            f"{run_dir} has no checkpoint {checkpoint_name}", f"its checkpoints: {', '.join(found) or 'none'}"
+        )
     return found[checkpoint_name]
 
 
@@ -114,15 +124,18 @@ def check_hub(repo: str) -> None:
     try:
         validate_repo_id(repo)
     except ValueError as error:
-        raise UserError(f"--push-to-hub: '{repo}' is not a Hub repo id: {error}",
-                        "e.g. --push-to-hub user/name") from None
+        raise UserError(
+            f"--push-to-hub: '{repo}' is not a Hub repo id: {error}", "e.g. --push-to-hub user/name"
+        ) from None
     if huggingface_hub.is_offline_mode():
-        raise UserError("--push-to-hub needs the network, and HF_HUB_OFFLINE is set",
-                        "unset HF_HUB_OFFLINE, or export without --push-to-hub and upload later with "
-                        "`hf upload REPO DIR`")
+        raise UserError(
+            "--push-to-hub needs the network, and HF_HUB_OFFLINE is set",
+            "unset HF_HUB_OFFLINE, or export without --push-to-hub and upload later with `hf upload REPO DIR`",
+        )
     if not huggingface_hub.get_token():
-        raise UserError("--push-to-hub needs a Hugging Face token, and none is set",
-                        "run `hf auth login` or set HF_TOKEN")
+        raise UserError(
+            "--push-to-hub needs a Hugging Face token, and none is set", "run `hf auth login` or set HF_TOKEN"
+        )
 
 
 # ---- merged model -----------------------------------------------------------------------------------------------
@@ -188,17 +201,20 @@ def write_adapter(cfg, run_dir: Path, source: Path, checkpoint_name: str | None,
     from bridgectl.core.model import adapter_of, tokenizer_from
     from bridgectl.models.sources import base_model_path
 
-    refusal = UserError(f"run {run_dir} trained the base weights themselves (model.finetune=full or "
-                        "bridge.lower=full): they are no adapter over an unchanged base",
-                        "export the merged model (drop --adapter-only)")
+    refusal = UserError(
+        f"run {run_dir} trained the base weights themselves (model.finetune=full or "
+        "bridge.lower=full): they are no adapter over an unchanged base",
+        "export the merged model (drop --adapter-only)",
+    )
     if checkpoint_name is None:
         if (source / "config.json").is_file():  # save_policy writes full weights exactly when the base trained
             raise refusal
         adapter_dir, tokenizer = source, tokenizer_from(source, cfg.model)
     else:
         policy = rebuilt_policy(cfg, source)
-        if not policy.has_adapters or any(p.requires_grad for n, p in policy.model.named_parameters()
-                                          if adapter_of(n) is None):
+        if not policy.has_adapters or any(
+            p.requires_grad for n, p in policy.model.named_parameters() if adapter_of(n) is None
+        ):
             raise refusal
         adapter_dir = staging / ".adapters"
         policy.model.save_pretrained(adapter_dir, safe_serialization=True)  # the default adapter, others in subdirs
@@ -228,14 +244,23 @@ def stacked_adapter(adapter_dir: Path) -> tuple[dict, dict]:
     if len(dirs) == 1:
         return configs[0], tensors[0]
     for directory, config, weights in zip(dirs, configs, tensors):
-        plain = (config.get("peft_type") == "LORA" and not config.get("use_dora") and not config.get("use_rslora")
-                 and not config.get("rank_pattern") and not config.get("alpha_pattern")
-                 and not config.get("modules_to_save") and config.get("bias", "none") == "none"
-                 and not config.get("lora_bias") and set(weights) == set(tensors[0]))
+        plain = (
+            config.get("peft_type") == "LORA"
+            and not config.get("use_dora")
+            and not config.get("use_rslora")
+            and not config.get("rank_pattern")
+            and not config.get("alpha_pattern")
+            and not config.get("modules_to_save")
+            and config.get("bias", "none") == "none"
+            and not config.get("lora_bias")
+            and set(weights) == set(tensors[0])
+        )
         if not plain:
-            raise UserError(f"the adapters of {adapter_dir} cannot be written as one LoRA adapter ({directory.name} "
-                            "differs in kind, layers, or per-module ranks)", "export the merged model (drop "
-                            "--adapter-only)")
+            raise UserError(
+                f"the adapters of {adapter_dir} cannot be written as one LoRA adapter ({directory.name} "
+                "differs in kind, layers, or per-module ranks)",
+                "export the merged model (drop --adapter-only)",
+            )
     scales = [c["lora_alpha"] / c["r"] for c in configs]
     stacked = {}
     for key in tensors[0]:
@@ -260,44 +285,73 @@ def model_card(cfg, run_dir: Path, checkpoint_name: str | None, adapter_only: bo
     if hub_base and not cfg.model.init_from:
         front.append(f"base_model: {cfg.model.name_or_path}")
     front += ["tags:", "- bridgectl", f"- {cfg.recipe.name}", "---", ""]
-    lines = [f"# {run_dir.name}", "",
-             f"Exported by `bridgectl export` from the run `{run_dir.name}`: {what}.", "",
-             f"- recipe: `{cfg.recipe.name}` (stages {', '.join(cfg.recipe.stages)}), task `{cfg.task.name}`, "
-             f"seed {cfg.seed}",
-             f"- base model: {base}"]
+    lines = [
+        f"# {run_dir.name}",
+        "",
+        f"Exported by `bridgectl export` from the run `{run_dir.name}`: {what}.",
+        "",
+        f"- recipe: `{cfg.recipe.name}` (stages {', '.join(cfg.recipe.stages)}), task `{cfg.task.name}`, "
+        f"seed {cfg.seed}",
+        f"- base model: {base}",
+    ]
     if cfg.model.init_from:
         lines.append(f"- initialised from: {cfg.model.init_from}")
     if adapter_only:
         lines.append(f"- adapter over: `{base_model_path(cfg.model, cfg.task, show_progress=False)}`")
     if checkpoint_name is None:
-        lines.append(f"- steps: {summary.get('steps', cfg.train.max_steps)} (final weights, status "
-                     f"{summary.get('status', 'unknown')})")
+        lines.append(
+            f"- steps: {summary.get('steps', cfg.train.max_steps)} (final weights, status "
+            f"{summary.get('status', 'unknown')})"
+        )
         accuracy = {split: row["accuracy"] for split, row in summary.get("eval", {}).items()}
         initial = {split: row["accuracy"] for split, row in summary.get("eval_initial", {}).items()}
     else:
         step = int(checkpoint_name.split("-")[-1])
-        lines.append(f"- steps: {step} (resumable checkpoint {checkpoint_name} of a run of "
-                     f"{summary.get('steps', cfg.train.max_steps)})")
+        lines.append(
+            f"- steps: {step} (resumable checkpoint {checkpoint_name} of a run of "
+            f"{summary.get('steps', cfg.train.max_steps)})"
+        )
         logged = _metrics_at(run_dir / "metrics.jsonl", step)
-        accuracy = {key.split("/")[1]: value for key, value in logged.items()
-                    if key.startswith("eval/") and key.endswith("/accuracy")}
+        accuracy = {
+            key.split("/")[1]: value
+            for key, value in logged.items()
+            if key.startswith("eval/") and key.endswith("/accuracy")
+        }
         initial = {}
     if accuracy:
-        lines += ["", f"Greedy pass@1 (`eval.n={cfg.eval.n}` problems per split, up to "
-                  f"{cfg.eval.max_new_tokens} new tokens), as the run evaluated it:", "",
-                  "| split | before training | these weights |", "|---|---|---|"]
-        lines += [f"| {split} | {_percent(initial.get(split))} | {_percent(value)} |"
-                  for split, value in accuracy.items()]
-    loader = ("from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(DIR)"
-              if adapter_only else "from transformers import AutoModelForCausalLM\n"
-              "model = AutoModelForCausalLM.from_pretrained(DIR)")
-    lines += ["", "## Use", "", "```python", "from transformers import AutoTokenizer", loader,
-              "tokenizer = AutoTokenizer.from_pretrained(DIR)",
-              "inputs = tokenizer([prompt], return_tensors='pt', padding=True)",
-              f"output = model.generate(**inputs, do_sample=False, max_new_tokens={cfg.eval.max_new_tokens})"
-              "  # greedy, as bridgectl eval decodes", "```", "",
-              "Prompts are formatted as in training: the task's prompt template, inside the tokenizer's chat "
-              "template when it has one.", ""]
+        lines += [
+            "",
+            f"Greedy pass@1 (`eval.n={cfg.eval.n}` problems per split, up to "
+            f"{cfg.eval.max_new_tokens} new tokens), as the run evaluated it:",
+            "",
+            "| split | before training | these weights |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {split} | {_percent(initial.get(split))} | {_percent(value)} |" for split, value in accuracy.items()
+        ]
+    loader = (
+        "from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained(DIR)"
+        if adapter_only
+        else "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(DIR)"
+    )
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer",
+        loader,
+        "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+        "inputs = tokenizer([prompt], return_tensors='pt', padding=True)",
+        f"output = model.generate(**inputs, do_sample=False, max_new_tokens={cfg.eval.max_new_tokens})"
+        "  # greedy, as bridgectl eval decodes",
+        "```",
+        "",
+        "Prompts are formatted as in training: the task's prompt template, inside the tokenizer's chat "
+        "template when it has one.",
+        "",
+    ]
     return "\n".join(front + lines)
 
 
@@ -341,9 +395,12 @@ def upload(out: Path, repo: str, run_dir: Path) -> None:
     api = HfApi()
     try:
         api.create_repo(repo, repo_type="model", exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(out), repo_type="model",
-                          commit_message=f"bridgectl export of {run_dir.name}")
+        api.upload_folder(
+            repo_id=repo, folder_path=str(out), repo_type="model", commit_message=f"bridgectl export of {run_dir.name}"
+        )
     except failures as error:
-        raise UserError(f"upload of {out} to {repo} failed: {type(error).__name__}: {error}",
-                        f"the export in {out} is complete; check the network and token, then upload it with "
-                        f"`hf upload {repo} {out}`") from None
+        raise UserError(
+            f"upload of {out} to {repo} failed: {type(error).__name__}: {error}",
+            f"the export in {out} is complete; check the network and token, then upload it with "
+            f"`hf upload {repo} {out}`",
+        ) from None

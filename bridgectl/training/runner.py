@@ -54,8 +54,14 @@ from bridgectl.training.budget import (
 from bridgectl.training.setup import build_context
 
 
-def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict | None = None,
-        on_eval: Callable[[int, dict], None] | None = None, resume: bool = False) -> dict:
+def run(
+    cfg: DictConfig,
+    run_path: Path,
+    show_progress: bool = True,
+    tags: dict | None = None,
+    on_eval: Callable[[int, dict], None] | None = None,
+    resume: bool = False,
+) -> dict:
     """Trains the recipe of `cfg` into a new run directory at `run_path` and returns its summary. `tags` go into
     summary.json (a sweep's study and trial); `on_eval(step, metrics)` is called after each periodic evaluation and
     may raise StopRun to end the run early with that status. Whatever goes wrong, from loading on (a checkpoint
@@ -79,8 +85,9 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
                 if distributed.is_main():
                     refuse_if_running(run_path, summary)  # before this process writes anything there
             # its logs are cut back once the checkpoint is chosen; until then its clock goes on from the summary's
-            run_dir = RunDir(run_path, existing=True, wall_offset=float(summary.get("wall_s") or 0.0),
-                             enabled=distributed.is_main())
+            run_dir = RunDir(
+                run_path, existing=True, wall_offset=float(summary.get("wall_s") or 0.0), enabled=distributed.is_main()
+            )
             summary.update(status="running", **(tags or {}))  # a sweep's retry: its own tags
             summary.pop("error", None)
             distributed.shared_directory_check(run_path)
@@ -94,9 +101,15 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
                     run_dir.close()
                     shutil.rmtree(run_path, ignore_errors=True)
                 raise
-            summary = {"status": "running", "recipe": cfg.recipe.name, "seed": cfg.seed, "task": cfg.task.name,
-                       "model": cfg.model.name, **(tags or {}),
-                       "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)]}
+            summary = {
+                "status": "running",
+                "recipe": cfg.recipe.name,
+                "seed": cfg.seed,
+                "task": cfg.task.name,
+                "model": cfg.model.name,
+                **(tags or {}),
+                "stages": [{"kind": k, "steps": b} for k, b in zip(cfg.recipe.stages, budgets)],
+            }
         # before the summary says "running": `bridgectl runs` tells a live run from a killed one by the heartbeat
         heartbeat = start_heartbeat(run_path) if run_dir.enabled else None
         counters = new_counters()
@@ -110,9 +123,16 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
             if cfg.tracker.wandb.mode != "disabled" and distributed.is_main():
                 from bridgectl.rundir.wandb_sink import WandbSink
 
-                run_dir.sinks.append(WandbSink(cfg.tracker.wandb, run_path.name,
-                                               OmegaConf.to_container(cfg, resolve=True), tags, directory=run_path,
-                                               resume=resume))
+                run_dir.sinks.append(
+                    WandbSink(
+                        cfg.tracker.wandb,
+                        run_path.name,
+                        OmegaConf.to_container(cfg, resolve=True),
+                        tags,
+                        directory=run_path,
+                        resume=resume,
+                    )
+                )
             if cfg.tracker.tensorboard and distributed.is_main():
                 from bridgectl.rundir.tensorboard_sink import TensorBoardSink
 
@@ -128,8 +148,11 @@ def run(cfg: DictConfig, run_path: Path, show_progress: bool = True, tags: dict 
             raise
         except BaseException as error:
             signals.hold()  # a second signal must not cut the summary's last word short
-            status = error.status if isinstance(error, StopRun) else (
-                "interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+            status = (
+                error.status
+                if isinstance(error, StopRun)
+                else ("interrupted" if isinstance(error, KeyboardInterrupt) else "failed")
+            )
             said = f"{type(error).__name__}: {error}"
             if not distributed.is_main():  # for rank 0's summary: it sees only a collective whose peer is gone
                 distributed.leave_error(said)
@@ -151,8 +174,11 @@ def _record_end(run_dir: RunDir, summary: dict) -> None:
     try:
         run_dir.write_summary(summary)
     except Exception as error:  # the run's own error is raised next: this one must not replace it
-        print(f"Error: {run_dir.path / 'summary.json'} could not record status {summary['status']} "
-              f"({type(error).__name__}: {error}); the run ended with {summary['error']}", file=sys.stderr)
+        print(
+            f"Error: {run_dir.path / 'summary.json'} could not record status {summary['status']} "
+            f"({type(error).__name__}: {error}); the run ended with {summary['error']}",
+            file=sys.stderr,
+        )
 
 
 def _resume_point(run_dir: RunDir, summary: dict):
@@ -169,8 +195,10 @@ def _resume_point(run_dir: RunDir, summary: dict):
         except CheckpointError as error:
             damaged.append(str(error))
             if distributed.is_main():
-                console.print(f"[yellow]Warning:[/yellow] checkpoint {escape(str(error))}; "
-                              + ("trying the one before" if path != found[0] else "no checkpoint is left"))
+                console.print(
+                    f"[yellow]Warning:[/yellow] checkpoint {escape(str(error))}; "
+                    + ("trying the one before" if path != found[0] else "no checkpoint is left")
+                )
     if damaged:
         summary["damaged_checkpoints"] = summary.get("damaged_checkpoints", []) + damaged
     if checkpoint is None and damaged:
@@ -186,10 +214,12 @@ def _resume_point(run_dir: RunDir, summary: dict):
 def _phases(signals: RunSignals, heartbeat) -> Callable[[str], None]:
     """The function that records the phase a run enters: in its heartbeat (what `bridgectl runs` and a waiting
     test read) and for the message of a signal that interrupts it."""
+
     def enter(name: str) -> None:
         signals.phase = name
         if heartbeat is not None:
             heartbeat.phase(name)
+
     return enter
 
 
@@ -262,6 +292,7 @@ class RunSignals:
 
 def _save_final(policy, path: Path, whole) -> None:
     """checkpoints/final (save_policy) with its manifest, written whole or not at all (core/checkpoint.py)."""
+
     def write(tmp: Path) -> None:
         save_policy(policy, tmp, whole)
         write_manifest(tmp)
@@ -269,9 +300,18 @@ def _save_final(policy, path: Path, whole) -> None:
     written_whole(path, write)
 
 
-def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], counters: dict,
-           show_progress: bool, on_eval, checkpoint=None, signals: RunSignals | None = None,
-           phase: Callable[[str], None] = lambda name: None) -> None:
+def _train(
+    cfg: DictConfig,
+    run_dir: RunDir,
+    summary: dict,
+    budgets: list[int],
+    counters: dict,
+    show_progress: bool,
+    on_eval,
+    checkpoint=None,
+    signals: RunSignals | None = None,
+    phase: Callable[[str], None] = lambda name: None,
+) -> None:
     signals = signals or RunSignals()
     reset_peak_memory(pick_device(cfg.train.device))
     meta = checkpoint[0] if checkpoint else None
@@ -297,12 +337,24 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
 
     def save(step: int, keep: int) -> None:
         # every rank takes part (train.fsdp gathers sharded tensors whole); rank 0 alone writes
-        save_checkpoint(run_dir.path / "checkpoints", step, policy.model, stage, ctx.sampling_generator,
-                        {"stage_index": index, "stage_step": stage_step, "counters": dict(counters),
-                         "consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed},
-                         "wall_s": run_dir.wall_s, "train_wall_s": train_wall, "log_bytes": run_dir.log_bytes(),
-                         "no_signal": watch.state_dict()},
-                        keep=keep)
+        save_checkpoint(
+            run_dir.path / "checkpoints",
+            step,
+            policy.model,
+            stage,
+            ctx.sampling_generator,
+            {
+                "stage_index": index,
+                "stage_step": stage_step,
+                "counters": dict(counters),
+                "consumed": {"sft": ctx.sft_examples.consumed, "rl": ctx.rl_problems.consumed},
+                "wall_s": run_dir.wall_s,
+                "train_wall_s": train_wall,
+                "log_bytes": run_dir.log_bytes(),
+                "no_signal": watch.state_dict(),
+            },
+            keep=keep,
+        )
 
     phase("training")
     with progress_bar(enabled=show_progress) as progress, signals.after_step():
@@ -316,8 +368,9 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                     restore(policy.model, stage, ctx.sampling_generator, checkpoint[1], checkpoint[2])
                     done_in_stage = meta["stage_step"]
             stage_step = done_in_stage
-            bar = progress.add_task(f"stage {index + 1}/{len(budgets)} {kind}", total=budget,
-                                    completed=done_in_stage, info="")
+            bar = progress.add_task(
+                f"stage {index + 1}/{len(budgets)} {kind}", total=budget, completed=done_in_stage, info=""
+            )
             recent = deque(maxlen=10)
             for stage_step in range(done_in_stage + 1, budget + 1):  # noqa: B007 (save() reads it)
                 if targets is not None and spent(cfg, counters) >= targets[index]:
@@ -362,8 +415,10 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
                     if last:  # its checkpoint is the last step's, written next
                         phase("the final checkpoint")
                         save(step, keep=0)
-                    raise KeyboardInterrupt(f"{signals.requested or 'a stop on another rank'} at step {step}; "
-                                            f"resume with bridgectl run --resume {run_dir.path}")
+                    raise KeyboardInterrupt(
+                        f"{signals.requested or 'a stop on another rank'} at step {step}; "
+                        f"resume with bridgectl run --resume {run_dir.path}"
+                    )
 
     step = counters["steps"]
     last = run_dir.path / "checkpoints" / f"{PREFIX}{step:06d}"
@@ -384,10 +439,15 @@ def _train(cfg: DictConfig, run_dir: RunDir, summary: dict, budgets: list[int], 
         _save_final(policy, run_dir.path / "checkpoints" / "final", whole)
     summary.update(
         status="completed",
-        eval={split: {"accuracy": r.accuracy, "n": r.n, **(r.sampled.metrics() if r.sampled else {})}
-              for split, r in final.items()},
-        wall_s=run_dir.wall_s, train_wall_s=train_wall, peak_mem_mb=peak_memory_mb(device),
-        **counters, **budget_summary(cfg, counters),
+        eval={
+            split: {"accuracy": r.accuracy, "n": r.n, **(r.sampled.metrics() if r.sampled else {})}
+            for split, r in final.items()
+        },
+        wall_s=run_dir.wall_s,
+        train_wall_s=train_wall,
+        peak_mem_mb=peak_memory_mb(device),
+        **counters,
+        **budget_summary(cfg, counters),
         # the data each run saw (this process's streams: every rank draws the same problems and shards them)
         data={"sft": ctx.sft_examples.usage(), "rl": ctx.rl_problems.usage()},
         # what the final model trained (BRIDGE's w included, its shadow copy of theta not): compare sets it side by side
@@ -438,8 +498,14 @@ class SignalWatch:
             return None
         # rollout_metrics leaves the loss's statistics out of a step whose passes it skipped (nothing was measured)
         skipped = "train/clip_fraction" not in metrics
-        self.streak.append({"step": step, "clipped": metrics.get("rollout/clipped_ratio", 0.0),
-                            "reward": metrics.get("train/reward_mean"), "skipped": skipped})
+        self.streak.append(
+            {
+                "step": step,
+                "clipped": metrics.get("rollout/clipped_ratio", 0.0),
+                "reward": metrics.get("train/reward_mean"),
+                "skipped": skipped,
+            }
+        )
         if len(self.streak) < after:
             return None
         self.warned = True
@@ -453,37 +519,52 @@ def no_signal_warning(cfg: DictConfig, streak: list[dict]) -> str:
     causes = []
     clipped = sum(s["clipped"] for s in streak) / n
     if clipped > 0:
-        causes.append(f"{100 * clipped:.0f}% of the completions were cut at rl.max_completion_length={limit} tokens "
-                      "without an end token (rollout/clipped_ratio)")
+        causes.append(
+            f"{100 * clipped:.0f}% of the completions were cut at rl.max_completion_length={limit} tokens "
+            "without an end token (rollout/clipped_ratio)"
+        )
     rewards = [s["reward"] for s in streak if s["reward"] is not None]
     if rewards and all(r == 0 for r in rewards):
         causes.append("every completion scored 0 (train/reward_mean 0: the problems are beyond the model as it is)")
     elif rewards and all(r == 1 for r in rewards):
         causes.append("every completion scored 1 (train/reward_mean 1: the problems are too easy for it)")
     elif rewards:
-        causes.append(f"within each group every completion scored the same (mean train/reward_mean "
-                      f"{sum(rewards) / len(rewards):.3g})")
+        causes.append(
+            f"within each group every completion scored the same (mean train/reward_mean "
+            f"{sum(rewards) / len(rewards):.3g})"
+        )
     skipped = sum(s["skipped"] for s in streak)
-    passes = ("their RL backward passes were skipped and the optimizer stepped on zero gradients" if skipped == n
-              else "their RL backward passes ran (rl.beta's KL or rl.entropy_coef's bonus has a gradient of its own)"
-              if skipped == 0 else f"the RL backward passes of {skipped} of them were skipped")
-    return (f"steps {streak[0]['step']}-{streak[-1]['step']}: {n} RL steps in a row without a learning signal (in "
-            f"every group all completions got the same reward, so every advantage was 0; {passes}). Seen: "
-            f"{'; '.join(causes)}. Remedies: a longer rl.max_completion_length (now {limit}); rl.filter_groups=true "
-            "(DAPO's dynamic sampling: groups without reward variance are dropped and more prompts sampled); an SFT "
-            "stage first (recipe=two_stage) or model.init_from=<an sft run>. summary.json counts such steps "
-            "(no_signal_steps of rl_steps).")
+    passes = (
+        "their RL backward passes were skipped and the optimizer stepped on zero gradients"
+        if skipped == n
+        else "their RL backward passes ran (rl.beta's KL or rl.entropy_coef's bonus has a gradient of its own)"
+        if skipped == 0
+        else f"the RL backward passes of {skipped} of them were skipped"
+    )
+    return (
+        f"steps {streak[0]['step']}-{streak[-1]['step']}: {n} RL steps in a row without a learning signal (in "
+        f"every group all completions got the same reward, so every advantage was 0; {passes}). Seen: "
+        f"{'; '.join(causes)}. Remedies: a longer rl.max_completion_length (now {limit}); rl.filter_groups=true "
+        "(DAPO's dynamic sampling: groups without reward variance are dropped and more prompts sampled); an SFT "
+        "stage first (recipe=two_stage) or model.init_from=<an sft run>. summary.json counts such steps "
+        "(no_signal_steps of rl_steps)."
+    )
 
 
 def _progress_info(recent) -> str:
     """Stage-agnostic progress text: the mean of whatever losses and rewards the recent steps reported."""
+
     def mean(key):
         values = [m[key] for m in recent if m.get(key) is not None]
         return sum(values) / len(values) if values else None
 
     parts = []
-    for key, label in (("train/reward_mean", "reward"), ("train/rl_loss", "rl_loss"),
-                       ("train/sft_loss", "sft_loss"), ("perf/step_s", "s/step")):
+    for key, label in (
+        ("train/reward_mean", "reward"),
+        ("train/rl_loss", "rl_loss"),
+        ("train/sft_loss", "sft_loss"),
+        ("perf/step_s", "s/step"),
+    ):
         value = mean(key)
         if value is not None:
             parts.append(f"{label} {value:.3f}")

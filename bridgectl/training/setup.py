@@ -38,8 +38,15 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
         check_paired_demonstrations(task, cfg, paired)
     keep_reference = cfg.rl.beta > 0 and any(STAGES[stage].samples_rollouts for stage in cfg.recipe.stages)
     # model.finetune alone decides what trains, in every stage (BRIDGE's theta included: bridge_config.check)
-    policy = load_policy(cfg.model, cfg.lora, base_model_path(cfg.model, cfg.task, show_progress), device,
-                         keep_reference, finetune=cfg.model.finetune, chat_template=prompts_use_chat_template(cfg.task))
+    policy = load_policy(
+        cfg.model,
+        cfg.lora,
+        base_model_path(cfg.model, cfg.task, show_progress),
+        device,
+        keep_reference,
+        finetune=cfg.model.finetune,
+        chat_template=prompts_use_chat_template(cfg.task),
+    )
     if cfg.train.fsdp and distributed.active():
         prepare = getattr(stage_class(cfg.recipe.stages[0]), "before_sharding", None)
         if prepare is not None:  # parameters a stage adds (BRIDGE's w) must exist before the model is sharded
@@ -48,7 +55,13 @@ def build_context(cfg: DictConfig, show_progress: bool = True, skip: dict | None
     engine = None
     if cfg.rollout.backend == "vllm":
         engine = vllm_rollout.engine_for(base_model_path(cfg.model, cfg.task, show_progress=False), cfg, policy)
-    return TrainContext(cfg=cfg, policy=policy, task=task, device=device, rollout_engine=engine,
-                        sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
-                        sft_examples=CountingStream(lambda: task.sft_examples(cfg.seed), (skip or {}).get("sft", 0)),
-                        rl_problems=CountingStream(lambda: task.rl_prompts(cfg.seed), (skip or {}).get("rl", 0)))
+    return TrainContext(
+        cfg=cfg,
+        policy=policy,
+        task=task,
+        device=device,
+        rollout_engine=engine,
+        sampling_generator=torch.Generator(device=device).manual_seed(cfg.seed),
+        sft_examples=CountingStream(lambda: task.sft_examples(cfg.seed), (skip or {}).get("sft", 0)),
+        rl_problems=CountingStream(lambda: task.rl_prompts(cfg.seed), (skip or {}).get("rl", 0)),
+    )

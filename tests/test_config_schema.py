@@ -243,7 +243,6 @@ def test_every_key_is_probed_or_listed_with_a_reason():
     assert len(SCHEMA) > 100 and {key for key, _, _ in CASES} == set(SCHEMA)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("key, overrides, check", CASES, ids=[" ".join(o) for _, o, _ in CASES])
 def test_bad_value_exits_2_before_anything_is_written(tmp_path, training_started, key, overrides, check):
     result, said = run_cli(tmp_path, *overrides)
@@ -327,7 +326,6 @@ def section_lacking(name: str) -> str:
     return next(f"{section}.{name}" for section in ("train", "rl", "sft") if f"{section}.{name}" not in SCHEMA)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(TRL_NAMES))
 def test_trl_name_bare_and_in_a_section_hints_bridgectls_key(name):
     keys, note = TRL_NAMES[name]

@@ -36,7 +36,7 @@ def compare_markdown(args: list[str]) -> str:
 def differences_part(markdown: str) -> str:
     """The differences title and table(s) of compare's markdown output: from each title line to the blank line
     after its table."""
-    from bridgectl.analysis.compare import DIFFERENCES_TITLE
+    from bridgectl.analysis.tables import DIFFERENCES_TITLE
 
     out, inside = [], False
     for line in markdown.splitlines():

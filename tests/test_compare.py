@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from bridgectl.analysis import compare
+from bridgectl.analysis import compare, tables
 from bridgectl.analysis.audit import FACTS
 from bridgectl.analysis.rows import Difference, GroupRow, Metric, MetricSummary
 from bridgectl.cli.app import app
@@ -82,7 +82,7 @@ def by_group(rows):
 def results_table(markdown: str) -> list[str]:
     """The lines of compare's results table(s) in its markdown output, without the differences table under them
     (test_readme_differences_are_what_compare_prints checks that one)."""
-    return [line for line in markdown.split(compare.DIFFERENCES_TITLE)[0].splitlines() if line.startswith("|")]
+    return [line for line in markdown.split(tables.DIFFERENCES_TITLE)[0].splitlines() if line.startswith("|")]
 
 
 def test_means_stds_n_and_student_t_intervals(sweep):
@@ -558,7 +558,7 @@ def test_flat_form_has_the_csv_and_json_keys_in_their_order(sweep):
     ]
     assert flat["reached_target"] == "3/3" and flat["time_to_target_s"] == rows["bridge"].time_to_target.seconds
     assert [rows["sft"].flat()[f"eval/test/accuracy/{k}"] for k in WELCH_KEYS[1:4]] == [None] * 3  # one seed
-    document = json.loads(compare.to_json(list(rows.values()), []))
+    document = json.loads(tables.to_json(list(rows.values()), []))
     assert document["groups"] == [row.flat() for row in rows.values()]
     # the paired interval's keys follow Welch's, and only where the runs were paired
     paired = MetricSummary(
@@ -684,7 +684,7 @@ def test_pass_at_k_plot_and_columns_read_the_typed_fields(tmp_path, monkeypatch)
     assert list(lines["rl (n=3)"].get_xdata()) == [1, 2, 4]
     assert list(lines["rl (n=3)"].get_ydata()) == pytest.approx([40.0, 55.0, 70.0])
     assert list(lines["sft (n=1)"].get_xdata()) == [1, 4]
-    headers = [header for header, _ in compare.display_columns(rows)]
+    headers = [header for header, _ in tables.display_columns(rows)]
     assert headers == [
         "group",
         "runs",

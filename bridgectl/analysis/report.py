@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bridgectl.analysis.compare import Loaded, differences_table, footnotes, sections_of, to_csv, to_markdown
+from bridgectl.analysis.compare import Loaded
 from bridgectl.analysis.rows import GroupRow, flatten
+from bridgectl.analysis.tables import differences_table, footnotes, sections_of, to_csv, to_markdown
 
 # (file name, metric, x axis, title, smoothing window in logged steps)
 PLOTS = [

@@ -337,28 +337,28 @@ def recipes() -> None:
 
 def _print_comparison(rows: list, notes: list[str]) -> None:
     """compare.compare's rows (compare_rows.GroupRow) as one table per task and model, then the notes."""
-    from bridgectl.analysis import compare as comparison
+    from bridgectl.analysis import tables
 
-    for (task, model), section in comparison.sections_of(rows).items():
+    for (task, model), section in tables.sections_of(rows).items():
         table = Table(title=f"task {task}, model {model}: final greedy pass@1")
-        columns = comparison.display_columns(section)
+        columns = tables.display_columns(section)
         for header, _ in columns:
             table.add_column(header)
         for row in section:
             table.add_row(*(escape(fn(row)) for _, fn in columns))
         console.print(table)
-        header, lines = comparison.differences_table(section)
+        header, lines = tables.differences_table(section)
         widths = [max(len(cell) for cell in column) for column in zip(header, *lines)] if lines else []
         if lines and sum(widths) + 3 * len(widths) + 1 <= console.width:
-            differences = Table(title=comparison.DIFFERENCES_TITLE, title_justify="left")
+            differences = Table(title=tables.DIFFERENCES_TITLE, title_justify="left")
             for name in header:
                 differences.add_column(escape(name))
             for cells in lines:
                 differences.add_row(*(escape(cell) for cell in cells))
             console.print(differences)
         elif lines:  # one column per group would not fit: a line per key or fact
-            console.print(escape(comparison.DIFFERENCES_TITLE + ":"))
-            for line in comparison.differences_lines(header, lines):
+            console.print(escape(tables.DIFFERENCES_TITLE + ":"))
+            for line in tables.differences_lines(header, lines):
                 console.print("  " + escape(line))
     for note in notes:
         console.print(escape(note))
@@ -407,6 +407,7 @@ def compare_command(
 ) -> None:
     """Compare finished runs side by side: mean, std and 95% t interval per group, Welch differences, costs."""
     from bridgectl.analysis import compare as comparison
+    from bridgectl.analysis import tables
 
     try:
         if output_format not in ("table", "markdown", "csv", "json"):
@@ -432,7 +433,7 @@ def compare_command(
         reference = comparison.load_reference(against, list(by or ["recipe"]), metric) if against else None
     except UserError as error:
         _fail(error.message, error.hint, 2)
-    notes = comparison.footnotes(loaded, rows)
+    notes = tables.footnotes(loaded, rows)
     for reason in loaded.unreadable:  # on stderr: the table, CSV or JSON on stdout stays whole
         typer.echo(f"Warning: left out an unreadable run: {reason}", err=True)
     for copy in loaded.copies:
@@ -440,12 +441,12 @@ def compare_command(
     if loaded.malformed_lines:
         typer.echo(f"Warning: skipped {loaded.malformed_lines} malformed metrics.jsonl line(s)", err=True)
     if output_format == "markdown":
-        typer.echo(comparison.to_markdown(rows, notes), nl=False)
+        typer.echo(tables.to_markdown(rows, notes), nl=False)
     elif output_format == "csv":
-        typer.echo(comparison.to_csv(rows), nl=False)
+        typer.echo(tables.to_csv(rows), nl=False)
     elif output_format == "json":  # one JSON document, the --against deltas inside it
         against_entries = comparison.against_rows(rows, reference, metric) if reference is not None else None
-        typer.echo(comparison.to_json(rows, notes, against_entries))
+        typer.echo(tables.to_json(rows, notes, against_entries))
     else:
         _print_comparison(rows, notes)
     if reference is not None and output_format != "json":

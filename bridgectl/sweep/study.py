@@ -596,6 +596,7 @@ def trial_comparison(spec: SweepSpec, sweep_dir: Path) -> tuple[list[GroupRow], 
     """The `bridgectl compare` rows and footnotes of the sweep's completed runs, grouped by the spec's params (by
     trial when it has none); None when no run has completed."""
     from bridgectl.analysis import compare as comparison
+    from bridgectl.analysis import tables
 
     if not comparison.run_dirs_under(sweep_dir):
         return None
@@ -604,7 +605,7 @@ def trial_comparison(spec: SweepSpec, sweep_dir: Path) -> tuple[list[GroupRow], 
         return None
     # the trial's seeds share the spec's config; whatever else differs is pooled and stated, not a failed sweep
     rows = comparison.compare(loaded, list(spec.params) or ["trial"], spec.metric, None, pool=None)
-    return rows, comparison.footnotes(loaded, rows)
+    return rows, tables.footnotes(loaded, rows)
 
 
 def print_outcome(study, spec: SweepSpec) -> None:

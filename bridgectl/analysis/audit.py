@@ -175,15 +175,16 @@ def own_section(key: str) -> str | None:
     return section if section in STAGES and STAGES[section].config is not None else None
 
 
-def group_value(runs: list, key: str) -> str:
+def group_value(runs: list, key: str, flats: dict[int, dict[str, str]]) -> str:
     """The group's value of `key` for people; `-` where no run of it has the key or uses it (a stage's own
-    section, e.g. bridge.*, when the group's recipe does not run that stage)."""
+    section, e.g. bridge.*, when the group's recipe does not run that stage). `flats`: each run's relevant
+    flat_config, by id(run) (made once per comparison, not once per key)."""
     stage = own_section(key)
     values = list(
         dict.fromkeys(
             "-"
             if stage is not None and stage not in (run.value("recipe.stages") or [])
-            else shown(relevant(flat_config(run.config)).get(key))
+            else shown(flats[id(run)].get(key))
             for run in runs
         )
     )
@@ -195,14 +196,15 @@ def differences(groups: dict[str, list], by: list[str]) -> list[KeyDifference]:
     value."""
     if len(groups) < 2:
         return []
-    keys = sorted({key for runs in groups.values() for run in runs for key in relevant(flat_config(run.config))})
+    flats = {id(run): relevant(flat_config(run.config)) for runs in groups.values() for run in runs}
+    keys = sorted({key for flat in flats.values() for key in flat})
     stages = [{kind for run in runs for kind in (run.value("recipe.stages") or [])} for runs in groups.values()]
     partial = (set.union(*stages) - set.intersection(*stages)) if stages else set()
     out = []
     for key in keys:
-        values = {label: group_value(runs, key) for label, runs in groups.items()}
         if key in ("recipe.name", "recipe.description") and "recipe" in by:
             continue  # the groups' own labels
+        values = {label: group_value(runs, key, flats) for label, runs in groups.items()}
         if len(set(values.values()) - {"-"}) > 1:  # `-`: a group that has no such setting, not another one
             itself = key in by or key.startswith("recipe.") or own_section(key) in partial
             out.append(KeyDifference(key, values, marked=not itself))

@@ -7,7 +7,8 @@ import yaml
 from omegaconf import OmegaConf
 from typer.testing import CliRunner
 
-from bridgectl.cli.app import _print_eval_table, app
+from bridgectl.cli.app import app
+from bridgectl.cli.run import _print_eval_table
 from bridgectl.config.compose import compose
 
 

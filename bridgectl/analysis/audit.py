@@ -86,16 +86,12 @@ def shown(value: str | None) -> str:
     return decoded if isinstance(decoded, str) else value
 
 
-def run_identity(path) -> str:
-    """What makes a run the run it is, wherever its directory lies: summary.json and metrics.jsonl together (their
-    wall-clock times alone tell two runs of one config and seed apart), so a copy of a run directory is the same
-    run."""
-    digest = hashlib.sha256()
-    for name in ("summary.json", "metrics.jsonl"):
-        try:
-            digest.update((path / name).read_bytes())
-        except OSError:
-            digest.update(b"-")
+def run_identity(summary_text: str, metrics: bytes) -> str:
+    """What makes a run the run it is, wherever its directory lies: its summary.json and metrics.jsonl together
+    (their wall-clock times alone tell two runs of one config and seed apart), so a copy of a run directory is the
+    same run. As compare.load_runs read them (an absent metrics.jsonl: b"")."""
+    digest = hashlib.sha256(summary_text.encode())
+    digest.update(b"\0" + metrics)
     return digest.hexdigest()
 
 

@@ -103,14 +103,17 @@ def load_runs(paths: list[str]) -> Loaded:
     identities: dict[str, Path] = {}
     for path in run_dirs:
         try:
-            summary = json.loads((path / "summary.json").read_text())
+            summary_text = (path / "summary.json").read_text()
+            summary = json.loads(summary_text)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             summary = None
         if not isinstance(summary, dict):
             loaded.left_out["unreadable"] = loaded.left_out.get("unreadable", 0) + 1
             loaded.unreadable.append(f"{path / 'summary.json'} is not a JSON object")
             continue
-        identity = compare_audit.run_identity(path)
+        metrics_file = path / "metrics.jsonl"  # read once: for the run's identity, and parsed if it completed
+        metrics_bytes = metrics_file.read_bytes() if metrics_file.exists() else b""
+        identity = compare_audit.run_identity(summary_text, metrics_bytes)
         if identity in identities:  # a copy of a run directory: the same run, counted once
             loaded.copies.append(f"{path} is a copy of {identities[identity]}")
             continue
@@ -126,8 +129,7 @@ def load_runs(paths: list[str]) -> Loaded:
             loaded.unreadable.append(error.message)
             continue
         metrics = []
-        metrics_file = path / "metrics.jsonl"
-        for line in metrics_file.read_text().splitlines() if metrics_file.exists() else []:
+        for line in metrics_bytes.decode().splitlines():
             try:
                 row = json.loads(line)
                 if not isinstance(row, dict):
